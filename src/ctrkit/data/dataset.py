@@ -1,0 +1,210 @@
+"""Encoded datasets on disk (memory-mapped) and a batch iterator with no per-sample Python objects.
+
+Layout of a dataset folder: ``ids.i32`` (int32 [n, n_sparse], already offset into the global id space),
+``dense.f32`` (float32 [n, n_dense], NaN = missing), ``label.f32`` (float32 [n]), optional ``group.i64``
+(int64 [n], a hash of the group/user column, for group AUC) and ``meta.json`` with the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+_FILES = {"ids": ("ids.i32", np.int32), "dense": ("dense.f32", np.float32),
+          "label": ("label.f32", np.float32), "group": ("group.i64", np.int64)}
+
+
+class DatasetWriter:
+    """Appends encoded chunks to the raw files of a dataset folder, then writes ``meta.json``."""
+
+    def __init__(self, path: str | Path, n_sparse: int, n_dense: int, with_group: bool = False) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.n_sparse, self.n_dense, self.with_group = n_sparse, n_dense, with_group
+        self.n = 0
+        names = ["ids", "dense", "label"] + (["group"] if with_group else [])
+        self._fh: dict[str, IO[bytes]] = {k: open(self.path / _FILES[k][0], "wb") for k in names}
+
+    def append(self, ids: np.ndarray, dense: np.ndarray, label: np.ndarray, group: np.ndarray | None = None) -> None:
+        """Write one chunk; shapes are checked so a bad chunk never corrupts the folder silently."""
+        n = len(label)
+        if ids.shape != (n, self.n_sparse) or dense.shape != (n, self.n_dense):
+            raise ValueError(f"chunk shapes ids {ids.shape} dense {dense.shape} do not match "
+                             f"({n}, {self.n_sparse}) / ({n}, {self.n_dense})")
+        self._fh["ids"].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._fh["dense"].write(np.ascontiguousarray(dense, dtype=np.float32).tobytes())
+        self._fh["label"].write(np.ascontiguousarray(label, dtype=np.float32).tobytes())
+        if self.with_group:
+            if group is None:
+                raise ValueError("this dataset has a group column; pass group ids")
+            self._fh["group"].write(np.ascontiguousarray(group, dtype=np.int64).tobytes())
+        self.n += n
+
+    def close(self, extra: dict[str, Any] | None = None) -> EncodedData:
+        """Flush, write ``meta.json`` and return the dataset opened read-only."""
+        for fh in self._fh.values():
+            fh.close()
+        meta = {"n": self.n, "n_sparse": self.n_sparse, "n_dense": self.n_dense, "with_group": self.with_group}
+        meta.update(extra or {})
+        (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
+        return EncodedData.open(self.path)
+
+
+@dataclass
+class EncodedData:
+    """An encoded dataset: numpy arrays (memory-mapped from disk, or in memory) of equal length."""
+
+    ids: np.ndarray
+    dense: np.ndarray
+    label: np.ndarray
+    group: np.ndarray | None = None
+    meta: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.label)
+        if len(self.ids) != n or len(self.dense) != n or (self.group is not None and len(self.group) != n):
+            raise ValueError("ids, dense, label (and group) must have the same number of rows")
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @classmethod
+    def open(cls, path: str | Path) -> EncodedData:
+        """Memory-map a dataset folder written by :class:`DatasetWriter`."""
+        p = Path(path)
+        meta_path = p / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{p} is not an encoded dataset (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        n = meta["n"]
+
+        def load(key: str, width: int | None) -> np.ndarray:
+            name, dtype = _FILES[key]
+            shape = (n,) if width is None else (n, width)
+            if n == 0 or (width == 0):
+                return np.zeros(shape, dtype)
+            return np.memmap(p / name, dtype=dtype, mode="r", shape=shape)
+
+        group = load("group", None) if meta.get("with_group") else None
+        return cls(ids=load("ids", meta["n_sparse"]), dense=load("dense", meta["n_dense"]),
+                   label=load("label", None), group=group, meta=meta)
+
+    def take(self, index: np.ndarray) -> EncodedData:
+        """Rows at ``index`` as an in-memory dataset."""
+        return EncodedData(ids=self.ids[index], dense=self.dense[index], label=self.label[index],
+                           group=None if self.group is None else self.group[index], meta=self.meta)
+
+    def in_memory(self) -> EncodedData:
+        """The same data read fully into RAM (fast random access for shuffling)."""
+        return EncodedData(ids=np.asarray(self.ids).copy(), dense=np.asarray(self.dense).copy(),
+                           label=np.asarray(self.label).copy(),
+                           group=None if self.group is None else np.asarray(self.group).copy(), meta=self.meta)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays (what loading into memory costs)."""
+        return int(self.ids.nbytes + self.dense.nbytes + self.label.nbytes)
+
+
+@dataclass
+class Batch:
+    """One training batch: ``ids`` [B, F] int64/int32, ``dense`` [B, D] float32 (NaN = missing), ``label`` [B]."""
+
+    ids: torch.Tensor
+    dense: torch.Tensor
+    label: torch.Tensor
+
+
+class BatchIterator:
+    """Iterates an :class:`EncodedData` in batches of tensors on ``device``.
+
+    Shuffling is by blocks: the order of ``block_rows``-row blocks is permuted, a window of blocks is read
+    into memory and its rows permuted, so a memory-mapped dataset larger than RAM streams; a dataset that
+    fits in one window is shuffled globally. With ``resident=True`` (the default when the data fits in
+    ``resident_bytes``) the whole dataset is moved to ``device`` once and batches are gathered there, which
+    is the fast path on a GPU and avoids a copy per batch on a CPU.
+    """
+
+    def __init__(self, data: EncodedData, batch_size: int = 4096, shuffle: bool = False, seed: int = 0,
+                 device: str | torch.device = "cpu", drop_last: bool = False, block_rows: int = 1 << 16,
+                 window_blocks: int = 16, resident: bool | None = None,
+                 resident_bytes: int = 4 << 30) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self.device = torch.device(device)
+        self.drop_last, self.block_rows, self.window_blocks = drop_last, block_rows, window_blocks
+        self._rng = np.random.default_rng(seed)
+        self._gen = torch.Generator(device="cpu").manual_seed(seed)
+        if resident is None:
+            resident = data.nbytes <= resident_bytes
+        self.resident = resident
+        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if resident:
+            self._tensors = (torch.from_numpy(np.ascontiguousarray(data.ids)).to(self.device),
+                             torch.from_numpy(np.ascontiguousarray(data.dense)).to(self.device),
+                             torch.from_numpy(np.ascontiguousarray(data.label)).to(self.device))
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._tensors is not None:
+            yield from self._iter_resident()
+        else:
+            yield from self._iter_blocks()
+
+    def _iter_resident(self) -> Iterator[Batch]:
+        assert self._tensors is not None
+        ids, dense, label = self._tensors
+        n, bs = len(label), self.batch_size
+        order = torch.randperm(n, generator=self._gen).to(self.device) if self.shuffle else None
+        stop = n - n % bs if self.drop_last else n
+        for start in range(0, stop, bs):
+            if order is None:
+                sl = slice(start, min(start + bs, n))
+                yield Batch(ids[sl], dense[sl], label[sl])
+            else:
+                idx = order[start:start + bs]
+                yield Batch(ids[idx], dense[idx], label[idx])
+
+    def _iter_blocks(self) -> Iterator[Batch]:
+        n, bs, br = len(self.data), self.batch_size, self.block_rows
+        blocks = np.arange(-(-n // br))
+        if self.shuffle:
+            self._rng.shuffle(blocks)
+        carry: EncodedData | None = None
+        for w in range(0, len(blocks), self.window_blocks):
+            chosen = blocks[w:w + self.window_blocks]
+            if self.shuffle:
+                rows = np.concatenate([np.arange(b * br, min((b + 1) * br, n)) for b in chosen])
+                rows = rows[self._rng.permutation(len(rows))]
+                part = self.data.take(rows)
+            else:
+                lo, hi = int(chosen[0]) * br, min(int(chosen[-1] + 1) * br, n)
+                part = self.data.take(np.arange(lo, hi))
+            if carry is not None:
+                part = EncodedData(np.concatenate([carry.ids, part.ids]), np.concatenate([carry.dense, part.dense]),
+                                   np.concatenate([carry.label, part.label]))
+                carry = None
+            m = len(part)
+            full = m - m % bs
+            for start in range(0, full, bs):
+                yield self._to_batch(part, slice(start, start + bs))
+            if full < m:
+                carry = EncodedData(part.ids[full:], part.dense[full:], part.label[full:])
+        if carry is not None and len(carry) and not self.drop_last:
+            yield self._to_batch(carry, slice(0, len(carry)))
+
+    def _to_batch(self, part: EncodedData, sl: slice) -> Batch:
+        nb = self.device.type == "cuda"
+        return Batch(torch.from_numpy(np.ascontiguousarray(part.ids[sl])).to(self.device, non_blocking=nb),
+                     torch.from_numpy(np.ascontiguousarray(part.dense[sl])).to(self.device, non_blocking=nb),
+                     torch.from_numpy(np.ascontiguousarray(part.label[sl])).to(self.device, non_blocking=nb))

@@ -1,0 +1,452 @@
+"""Encoder: fitted on the training split only, turns typed chunks into ids in one global id space.
+
+Per sparse field f the ids ``offset_f + k`` are: k = 0 missing, k = 1 out-of-vocabulary (vocabulary fields),
+then the vocabulary in order of decreasing training count (ties by value). Hashed fields use k = 1..N for
+their N buckets (a stable CRC32 of the value); bucketized numerics use k = 1..nb for their quantile bins.
+Dense (numeric) fields are scaled with statistics of the training split; a missing value stays NaN and the
+model gives it a learned embedding. The encoder saves as ``encoder.json`` + ``vocab.parquet``: never pickle.
+
+``encode_files`` is the fast path from raw files to encoded datasets: each training row is parsed once.
+Values are matched through polars' 64-bit hash of the string (computed in this process for both the
+vocabulary and the data, never stored), which turns the vocabulary lookup into an integer hash join.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ctrkit.data.dataset import DatasetWriter, EncodedData
+from ctrkit.data.readers import ReadReport, Source, iter_chunks
+from ctrkit.schema import Field, Schema
+
+MISSING, OOV = 0, 1
+ENCODER_FORMAT = 1
+_SAMPLE_PER_CHUNK = 20_000
+_COMPACT_ROWS = 4_000_000
+
+
+class EncoderError(ValueError):
+    """The encoder was used before fitting, or on data it cannot encode."""
+
+
+_SEED = 0x5EED
+
+
+def _hash(col: str) -> pl.Expr:
+    return pl.col(col).hash(seed=_SEED)
+
+
+def _missing(col: str) -> pl.Expr:
+    return pl.col(col).is_null() | (pl.col(col).str.len_bytes() == 0)
+
+
+def _crc_buckets(values: pl.Series, n: int) -> np.ndarray:
+    """Stable bucket 1..n of each string (CRC32, the same in every process and version)."""
+    return np.fromiter((zlib.crc32(v.encode()) % n + 1 for v in values), dtype=np.int64, count=len(values))
+
+
+@dataclass
+class _CatStats:
+    """Running counts for one vocabulary field: (hash, count) and (hash, first string seen)."""
+
+    counts: list[pl.DataFrame] = field(default_factory=list)
+    strings: list[pl.DataFrame] = field(default_factory=list)
+    rows: int = 0
+
+    def compact(self) -> None:
+        if len(self.counts) > 1:
+            self.counts = [pl.concat(self.counts).group_by("h").agg(pl.col("n").sum())]
+            self.strings = [pl.concat(self.strings).unique("h", keep="first", maintain_order=True)]
+            self.rows = self.counts[0].height
+
+
+@dataclass
+class _NumStats:
+    """Running moments of the transformed value and a sample for quantile bins."""
+
+    n: int = 0
+    s1: float = 0.0
+    s2: float = 0.0
+    sample: list[np.ndarray] = field(default_factory=list)
+
+
+def _pre_transform(values: np.ndarray, transform: str) -> np.ndarray:
+    if transform in ("log1p_standardize", "log1p"):
+        return np.sign(values) * np.log1p(np.abs(values))
+    return values
+
+
+class Encoder:
+    """Vocabularies and numeric statistics for a :class:`Schema`, fitted on training data only."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.fitted = False
+        self.vocab: dict[str, pl.Series] = {}
+        self.counts: dict[str, np.ndarray] = {}
+        self.boundaries: dict[str, np.ndarray] = {}
+        self.moments: dict[str, tuple[float, float]] = {}
+        self.sizes: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}
+        self.n_ids = 0
+        self.train_rows = 0
+        self._lut: dict[str, pl.DataFrame] = {}
+        self._cat_stats: dict[str, _CatStats] = {}
+        self._num_stats: dict[str, _NumStats] = {}
+
+    # -- shape ---------------------------------------------------------------------------------------
+    @property
+    def sparse_names(self) -> list[str]:
+        """Sparse field names, in the column order of ``ids``."""
+        return [f.name for f in self.schema.sparse_fields]
+
+    @property
+    def dense_names(self) -> list[str]:
+        """Dense field names, in the column order of ``dense``."""
+        return [f.name for f in self.schema.dense_fields]
+
+    def field_sizes(self) -> list[int]:
+        """Number of ids of each sparse field, in ``ids`` column order."""
+        self._check_fitted()
+        return [self.sizes[n] for n in self.sparse_names]
+
+    def _vocab_fields(self) -> list[Field]:
+        return [f for f in self.schema.fields if f.kind == "categorical" and f.hash_buckets is None]
+
+    # -- fitting -------------------------------------------------------------------------------------
+    def _begin_fit(self) -> None:
+        self._cat_stats = {f.name: _CatStats() for f in self._vocab_fields()}
+        self._num_stats = {f.name: _NumStats() for f in self.schema.fields if f.kind == "numeric"}
+        self.train_rows = 0
+
+    def _observe(self, chunk: pl.DataFrame, hashes: pl.DataFrame, rng: np.random.Generator) -> None:
+        """Update running statistics with one typed chunk (and its precomputed hash columns)."""
+        self.train_rows += chunk.height
+        vf = self._vocab_fields()
+        if vf:
+            hcols = [f"h:{f.name}" for f in vf]
+            agg = hashes.select([e for c in hcols for e in (
+                pl.col(c).value_counts(name="n").implode().alias(f"c{c}"),
+                pl.col(c).arg_unique().implode().alias(f"a{c}"))])
+            for f, c in zip(vf, hcols):
+                st = self._cat_stats[f.name]
+                vc = agg[f"c{c}"][0].struct.unnest().rename({c: "h"}).with_columns(pl.col("n").cast(pl.Int64))
+                first = agg[f"a{c}"][0]
+                firsts = pl.DataFrame({"h": hashes[c].gather(first), "s": chunk[f.name].gather(first)})
+                st.counts.append(vc)
+                st.strings.append(firsts)
+                st.rows += vc.height
+                if st.rows > _COMPACT_ROWS:
+                    st.compact()
+        for name, st in self._num_stats.items():
+            v = chunk[name].drop_nulls().drop_nans().to_numpy()
+            if len(v) == 0:
+                continue
+            f = self.schema.field(name)
+            t = _pre_transform(v, f.transform)
+            st.n += len(t)
+            st.s1 += float(t.sum())
+            st.s2 += float(np.square(t).sum())
+            if f.transform == "bucketize":
+                k = min(len(v), _SAMPLE_PER_CHUNK)
+                st.sample.append(v[rng.choice(len(v), k, replace=False)] if k < len(v) else v.copy())
+
+    def _finish_fit(self) -> None:
+        offset = 0
+        self.vocab, self.counts, self.boundaries, self.moments, self.sizes, self.offsets = {}, {}, {}, {}, {}, {}
+        for f in self.schema.fields:
+            if f.kind == "categorical" and f.hash_buckets is None:
+                st = self._cat_stats[f.name]
+                st.compact()
+                if st.counts:
+                    table = st.counts[0].join(st.strings[0], on="h", how="left")
+                    table = table.filter((pl.col("n") >= f.min_count) & (pl.col("s").str.len_bytes() > 0)).sort(["n", "s"], descending=[True, False])
+                    values, counts = table["s"], table["n"].to_numpy()
+                else:
+                    values, counts = pl.Series("s", [], pl.String), np.zeros(0, np.int64)
+                self.vocab[f.name] = values.rename(f.name)
+                self.counts[f.name] = counts
+                self.sizes[f.name] = 2 + len(values)
+            elif f.kind == "categorical":
+                self.sizes[f.name] = 1 + int(f.hash_buckets or 0)
+            else:
+                st = self._num_stats[f.name]
+                mean = st.s1 / st.n if st.n else 0.0
+                var = max(st.s2 / st.n - mean * mean, 0.0) if st.n else 1.0
+                self.moments[f.name] = (mean, float(np.sqrt(var)) if var > 0 else 1.0)
+                if f.transform == "bucketize":
+                    sample = np.concatenate(st.sample) if st.sample else np.zeros(0)
+                    qs = np.quantile(sample, np.linspace(0, 1, f.n_buckets + 1)[1:-1]) if len(sample) else np.zeros(0)
+                    self.boundaries[f.name] = np.unique(qs)
+                    self.sizes[f.name] = 2 + len(self.boundaries[f.name])
+            if f.is_sparse:
+                self.offsets[f.name] = offset
+                offset += self.sizes[f.name]
+        self.n_ids = offset
+        self._cat_stats, self._num_stats = {}, {}
+        self._build_luts()
+        self.fitted = True
+
+    def _build_luts(self) -> None:
+        """Hash -> global id tables; the hashes of null and "" map to the field's missing id."""
+        self._lut = {}
+        blank = pl.Series("s", [None, ""], dtype=pl.String).hash(seed=_SEED)
+        for name, values in self.vocab.items():
+            off = self.offsets[name]
+            ids = np.arange(2, 2 + len(values), dtype=np.int32) + off
+            self._lut[name] = pl.DataFrame({
+                "h": pl.concat([values.hash(seed=_SEED), blank]),
+                "id": np.concatenate([ids, np.array([off + MISSING, off + MISSING], dtype=np.int32)]),
+            })
+
+    def fit(self, source: Source | Iterable[pl.DataFrame], seed: int = 0, **read_kwargs: Any) -> Encoder:
+        """Fit on a file, a DataFrame or an iterable of typed chunks (the training split only)."""
+        rng = np.random.default_rng(seed)
+        self._begin_fit()
+        chunks = source if _is_chunk_iter(source) else iter_chunks(source, self.schema, **read_kwargs)  # type: ignore[arg-type]
+        for chunk in chunks:
+            self._observe(chunk, self._hashes(chunk), rng)
+        if self.train_rows == 0:
+            raise EncoderError("no training rows to fit the encoder on")
+        self._finish_fit()
+        return self
+
+    # -- transforming --------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise EncoderError("the encoder is not fitted; call fit() first or load a saved one")
+
+    def _string_columns(self) -> list[str]:
+        """Vocabulary fields: once hashed, their strings are only needed for fitting."""
+        return [f.name for f in self._vocab_fields()]
+
+    def _hashes(self, chunk: pl.DataFrame) -> pl.DataFrame:
+        return chunk.select([_hash(f.name).alias(f"h:{f.name}") for f in self._vocab_fields()])
+
+    def _dense_expr(self, f: Field) -> pl.Expr:
+        x = pl.col(f.name).cast(pl.Float64)
+        if f.transform in ("log1p_standardize", "log1p"):
+            x = x.sign() * x.abs().log1p()
+        if f.transform in ("log1p_standardize", "standardize"):
+            mean, std = self.moments[f.name]
+            x = (x - mean) / std
+        return x.cast(pl.Float32).fill_null(float("nan")).alias(f.name)
+
+    def _encode(self, chunk: pl.DataFrame, hashes: pl.DataFrame | None = None,
+                dense_done: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """ids [n, n_sparse] int32 and dense [n, n_dense] float32 of one typed chunk."""
+        self._check_fitted()
+        if hashes is None:
+            hashes = self._hashes(chunk)
+        cols: list[np.ndarray] = []
+        for f in self.schema.sparse_fields:
+            off = self.offsets[f.name]
+            if f.kind == "categorical" and f.hash_buckets is None:
+                hit = hashes.select(pl.col(f"h:{f.name}").alias("h")).join(
+                    self._lut[f.name], on="h", how="left", maintain_order="left")["id"]
+                cols.append(hit.fill_null(off + OOV).to_numpy())
+            elif f.kind == "categorical":
+                uniq = chunk[f.name].drop_nulls().unique()
+                uniq = uniq.filter(uniq.str.len_bytes() > 0)
+                table = pl.DataFrame({f.name: uniq, "id": _crc_buckets(uniq, int(f.hash_buckets or 1)) + off})
+                hit = chunk.select(f.name).join(table, on=f.name, how="left", maintain_order="left")["id"]
+                cols.append(hit.fill_null(off + MISSING).to_numpy())
+            else:
+                v = chunk[f.name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+                b = np.searchsorted(self.boundaries[f.name], v, side="right") + 1
+                cols.append(np.where(np.isnan(v), 0, b) + off)
+        n = chunk.height
+        ids = np.column_stack(cols).astype(np.int32, copy=False) if cols else np.zeros((n, 0), np.int32)
+        dense_fields = self.schema.dense_fields
+        if not dense_fields:
+            return ids, np.zeros((n, 0), np.float32)
+        if dense_done:
+            frame = chunk.select([f.name for f in dense_fields])
+        else:
+            frame = chunk.select([self._dense_expr(f) for f in dense_fields])
+        return ids, np.ascontiguousarray(frame.to_numpy(), dtype=np.float32)
+
+    def transform_frame(self, chunk: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Encode one typed chunk (see :mod:`ctrkit.data.readers`) in memory: (ids, dense)."""
+        return self._encode(chunk)
+
+    def group_ids(self, chunk: pl.DataFrame) -> np.ndarray | None:
+        """int64 ids of the group column (a hash: equal users get equal ids), or None without a group."""
+        g = self.schema.group
+        if not g or g not in chunk.columns:
+            return None
+        return chunk.select(pl.col(g).cast(pl.String).hash(seed=7))[g].to_numpy().view(np.int64)
+
+    def transform(self, source: Source, out_dir: str | Path, report: ReadReport | None = None,
+                  **read_kwargs: Any) -> EncodedData:
+        """Encode a file or frame into a dataset folder, streaming chunk by chunk."""
+        self._check_fitted()
+        report = report if report is not None else ReadReport()
+        writer = DatasetWriter(out_dir, len(self.sparse_names), len(self.dense_names), bool(self.schema.group))
+        for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
+            ids, dense = self._encode(chunk)
+            writer.append(ids, dense, chunk[self.schema.label].to_numpy(), self.group_ids(chunk))
+        return writer.close({"report": report.to_dict(), "encoder": self.fingerprint()})
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Schema fingerprint plus the id space size: a bundle checks that its model matches."""
+        return f"{self.schema.fingerprint()}-{self.n_ids}"
+
+    def save(self, path: str | Path) -> None:
+        """Write ``encoder.json`` and ``vocab.parquet`` into the folder ``path``."""
+        self._check_fitted()
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": ENCODER_FORMAT,
+            "schema": self.schema.to_dict(),
+            "sizes": self.sizes,
+            "offsets": self.offsets,
+            "n_ids": self.n_ids,
+            "train_rows": self.train_rows,
+            "moments": self.moments,
+            "boundaries": {k: v.tolist() for k, v in self.boundaries.items()},
+        }
+        (p / "encoder.json").write_text(json.dumps(meta, indent=1))
+        frames = [pl.DataFrame({"field": pl.Series([k] * len(v), dtype=pl.String), "value": v.rename("value"),
+                                "count": self.counts[k]}) for k, v in self.vocab.items()]
+        vocab = pl.concat(frames) if frames else pl.DataFrame(
+            schema={"field": pl.String, "value": pl.String, "count": pl.Int64})
+        vocab.write_parquet(p / "vocab.parquet")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Encoder:
+        """Read an encoder saved by :meth:`save`; checks that vocabulary sizes agree with the metadata."""
+        p = Path(path)
+        meta_path = p / "encoder.json"
+        if not meta_path.exists():
+            raise EncoderError(f"{p}: no encoder.json")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != ENCODER_FORMAT:
+            raise EncoderError(f"{meta_path}: encoder format {meta.get('format')} is not supported")
+        enc = cls(Schema.from_dict(meta["schema"], source=str(meta_path)))
+        enc.sizes, enc.offsets, enc.n_ids = meta["sizes"], meta["offsets"], meta["n_ids"]
+        enc.train_rows = meta["train_rows"]
+        enc.moments = {k: (float(a), float(b)) for k, (a, b) in meta["moments"].items()}
+        enc.boundaries = {k: np.asarray(v, dtype=np.float64) for k, v in meta["boundaries"].items()}
+        vocab = pl.read_parquet(p / "vocab.parquet")
+        for f in enc._vocab_fields():
+            part = vocab.filter(pl.col("field") == f.name)
+            if part.height + 2 != enc.sizes[f.name]:
+                raise EncoderError(f"{p}: vocabulary of {f.name!r} has {part.height} values, metadata says "
+                                   f"{enc.sizes[f.name] - 2}")
+            enc.vocab[f.name] = part["value"].rename(f.name)
+            enc.counts[f.name] = part["count"].to_numpy()
+        enc._build_luts()
+        enc.fitted = True
+        return enc
+
+
+def _is_chunk_iter(source: object) -> bool:
+    return not isinstance(source, (str, Path, pl.DataFrame))
+
+
+# --- the one-parse path from raw files to encoded datasets -----------------------------------------
+@dataclass
+class EncodeResult:
+    """What :func:`encode_files` produced: the encoder, datasets by split name and read reports."""
+
+    encoder: Encoder
+    data: dict[str, EncodedData]
+    reports: dict[str, ReadReport]
+    seconds: float = 0.0
+    rows: int = 0
+
+
+def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: Source | None = None,
+                 test: Source | None = None, valid_fraction: float = 0.1, seed: int = 0,
+                 bad_rows: str | Path | None = None, **read_kwargs: Any) -> EncodeResult:
+    """Fit an encoder on ``train`` and write encoded ``train``/``valid``/``test`` datasets under ``out_dir``.
+
+    Each training row is parsed once: the fit pass keeps its hash columns in a temporary folder and the
+    transform reads them back. Without ``valid``, the last ``valid_fraction`` of rows by time (or a seeded
+    random fraction when the schema has no time field) is held out as validation and not fitted on.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = Encoder(schema)
+    enc._begin_fit()
+    rng = np.random.default_rng(seed)
+    reports: dict[str, ReadReport] = {"train": ReadReport()}
+    split_by_time = valid is None and bool(schema.time)
+    tmp = Path(tempfile.mkdtemp(prefix="ctrkit-enc-", dir=out))
+    parts: list[Path] = []
+    times: list[np.ndarray] = []
+    try:
+        for i, chunk in enumerate(iter_chunks(train, schema, report=reports["train"], bad_rows=bad_rows,
+                                              **read_kwargs)):
+            hashes = enc._hashes(chunk)
+            keep = chunk.drop(["_line"] + ([] if split_by_time else enc._string_columns()))
+            if valid is None and not split_by_time:
+                keep = keep.with_columns(pl.Series("_valid", rng.random(chunk.height) < valid_fraction))
+            if split_by_time:
+                times.append(chunk[schema.time].to_numpy())
+            elif valid is None:
+                m = ~keep["_valid"]
+                enc._observe(chunk.filter(m), hashes.filter(m), rng)
+            else:
+                enc._observe(chunk, hashes, rng)
+            file = tmp / f"part{i:05d}.arrow"
+            pl.concat([keep, hashes], how="horizontal").write_ipc(file)
+            parts.append(file)
+        if split_by_time:
+            # Decided after the single parse: the last `valid_fraction` of rows by time is validation.
+            t = np.concatenate(times) if times else np.zeros(0)
+            if len(t) == 0:
+                raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
+            cutoff = np.quantile(t, 1.0 - valid_fraction)
+            for file in parts:
+                chunk = pl.read_ipc(file).with_columns(
+                    (pl.col(schema.time) >= cutoff).alias("_valid"))
+                chunk.write_ipc(file)
+                m = ~chunk["_valid"]
+                fit_part = chunk.filter(m)
+                enc._observe(fit_part, fit_part.select([c for c in chunk.columns if c.startswith("h:")]), rng)
+        if enc.train_rows == 0:
+            raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
+        enc._finish_fit()
+        names = ["train", "valid"] if valid is None else ["train"]
+        writers = {k: DatasetWriter(out / k, len(enc.sparse_names), len(enc.dense_names), bool(schema.group))
+                   for k in names}
+        for file in parts:
+            chunk = pl.read_ipc(file)
+            hashes = chunk.select([c for c in chunk.columns if c.startswith("h:")])
+            ids, dense = enc._encode(chunk, hashes)
+            label = chunk[schema.label].to_numpy()
+            group = enc.group_ids(chunk)
+            if valid is None:
+                m = chunk["_valid"].to_numpy()
+                for k, sel in (("train", ~m), ("valid", m)):
+                    writers[k].append(ids[sel], dense[sel], label[sel], None if group is None else group[sel])
+            else:
+                writers["train"].append(ids, dense, label, group)
+            file.unlink()
+        data = {k: w.close({"report": reports["train"].to_dict(), "encoder": enc.fingerprint()})
+                for k, w in writers.items()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, src in (("valid", valid), ("test", test)):
+        if src is not None:
+            reports[name] = ReadReport()
+            data[name] = enc.transform(src, out / name, report=reports[name], **read_kwargs)
+    rows = sum(r.rows for r in reports.values())
+    return EncodeResult(encoder=enc, data=data, reports=reports, seconds=time.perf_counter() - t0, rows=rows)

@@ -1,0 +1,451 @@
+"""Readers: CSV/TSV (header or not), Parquet, libFM/libSVM and in-memory frames, ``.gz`` transparently.
+
+Every reader yields chunks as polars DataFrames with the columns a schema needs, typed the same way:
+categorical fields as String, numeric fields as Float64, the label as Float32 in {0, 1}, the group as String
+and the time as Int64 (epoch microseconds, or the raw number). Files are read in line-aligned byte blocks, so
+a file larger than memory streams. Rows that cannot be parsed (wrong number of fields, a non-number in a
+numeric column, a bad label) are never dropped silently: they are counted in a :class:`ReadReport`, kept
+aside in a file when asked, and the good rows go on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from ctrkit.schema import Schema, SchemaError
+
+BLOCK_BYTES = 64 << 20
+FORMATS = ("csv", "tsv", "parquet", "libfm")
+
+
+class DataError(ValueError):
+    """Input data does not fit the schema; the message names the file, row and field."""
+
+
+@dataclass
+class ReadReport:
+    """What a reader saw: rows read, rows rejected (with the first few reasons) and where they went."""
+
+    source: str = ""
+    rows: int = 0
+    bad_rows: int = 0
+    examples: list[str] = field(default_factory=list)
+    bad_rows_path: str | None = None
+
+    def add_bad(self, line_no: int | None, reason: str) -> None:
+        """Count one rejected row and keep its reason while fewer than five are kept."""
+        self.bad_rows += 1
+        if len(self.examples) < 5:
+            where = f"line {line_no}" if line_no is not None else "row"
+            self.examples.append(f"{self.source} {where}: {reason}")
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        s = f"{self.source}: {self.rows:,} rows read, {self.bad_rows:,} rejected"
+        if self.bad_rows_path:
+            s += f" (written to {self.bad_rows_path})"
+        if self.examples:
+            s += "; e.g. " + "; ".join(self.examples[:3])
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"source": self.source, "rows": self.rows, "bad_rows": self.bad_rows,
+                "examples": self.examples, "bad_rows_path": self.bad_rows_path}
+
+
+class _BadRowSink:
+    """Appends rejected raw lines, each with its reason, to a text file (opened on first use)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._fh: IO[str] | None = None
+
+    def write(self, line_no: int | None, reason: str, text: str) -> None:
+        if self.path is None:
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh.write(f"{line_no if line_no is not None else ''}\t{reason}\t{text}\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+# --- format detection -------------------------------------------------------------------------------
+def detect_format(path: str | Path) -> str:
+    """csv, tsv, parquet or libfm from the file name; a plain ``.txt`` is sniffed from its first line."""
+    name = Path(path).name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".libfm", ".libsvm", ".svm")):
+        return "libfm"
+    if name.endswith(".tsv"):
+        return "tsv"
+    if name.endswith(".csv"):
+        return "csv"
+    first = _first_line(path)
+    if first.count("\t") > first.count(","):
+        return "tsv"
+    tokens = first.split()
+    if len(tokens) > 1 and all(":" in t for t in tokens[1:]):
+        return "libfm"
+    return "csv"
+
+
+def _open_binary(path: str | Path) -> IO[bytes]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    with open(p, "rb") as fh:
+        magic = fh.read(2)
+    return gzip.open(p, "rb") if magic == b"\x1f\x8b" else open(p, "rb")
+
+
+def _first_line(path: str | Path) -> str:
+    with _open_binary(path) as fh:
+        return fh.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def _separator(fmt: str) -> str:
+    return "\t" if fmt == "tsv" else ","
+
+
+# --- chunk coercion (shared by every source) ------------------------------------------------------
+def needed_columns(schema: Schema, with_label: bool = True) -> list[str]:
+    """Columns a reader must deliver: features, then label / time / group when set."""
+    cols = [f.name for f in schema.fields]
+    for c in (schema.label if with_label else None, schema.time, schema.group):
+        if c and c not in cols:
+            cols.append(c)
+    return cols
+
+
+def _label_expr(col: str) -> pl.Expr:
+    v = pl.col(col).cast(pl.Float64, strict=False)
+    return pl.when(v == -1.0).then(0.0).otherwise(v).cast(pl.Float32)
+
+
+def _time_expr(col: str, dtype: pl.DataType) -> pl.Expr:
+    if dtype.is_temporal():
+        return pl.col(col).cast(pl.Datetime("us")).dt.epoch("us")
+    if dtype == pl.String:
+        return pl.col(col).str.to_datetime(strict=False, time_zone="UTC").dt.epoch("us")
+    return pl.col(col).cast(pl.Int64, strict=False)
+
+
+def _as_string(col: str, dtype: pl.DataType) -> pl.Expr:
+    e = pl.col(col)
+    if dtype == pl.String:
+        return e
+    if dtype.is_float():
+        # 3.0 and "3" must give the same category whichever reader produced the value.
+        return pl.when(e == e.floor()).then(e.cast(pl.Int64, strict=False).cast(pl.String)).otherwise(
+            e.cast(pl.String))
+    return e.cast(pl.String)
+
+
+def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Type a raw chunk to the reader contract; returns (good rows, bad rows with a ``_reason`` column).
+
+    A non-number in a numeric field, a label outside {-1, 0, 1} or a missing label makes a row bad; an empty
+    categorical string counts as missing. Columns absent from the chunk raise a DataError naming them.
+    """
+    cols = needed_columns(schema, with_label)
+    absent = [c for c in cols if c not in df.columns]
+    if absent:
+        raise DataError(f"missing columns {absent}; the data has {df.columns}")
+    exprs: list[pl.Expr] = []
+    checks: list[pl.Expr] = []
+    for f in schema.fields:
+        dtype = df.schema[f.name]
+        if f.kind == "categorical":
+            exprs.append(_as_string(f.name, dtype).alias(f.name))
+        else:
+            if dtype == pl.String:
+                raw = pl.col(f.name).str.strip_chars()
+                val = raw.cast(pl.Float64, strict=False)
+                checks.append(pl.when(raw.is_not_null() & (raw != "") & val.is_null())
+                              .then(pl.lit(f"field {f.name!r}: not a number"))
+                              .otherwise(None))
+                exprs.append(val.alias(f.name))
+            elif dtype.is_numeric() or dtype == pl.Boolean:
+                exprs.append(pl.col(f.name).cast(pl.Float64).alias(f.name))
+            else:
+                raise DataError(f"field {f.name!r} is numeric but the data has type {dtype}")
+    if with_label:
+        lab = _label_expr(schema.label)
+        exprs.append(lab.alias(schema.label))
+        checks.append(pl.when(lab.is_null() | ~lab.is_in([0.0, 1.0]))
+                      .then(pl.lit(f"label {schema.label!r}: expected 0/1 or -1/1"))
+                      .otherwise(None))
+    if schema.time and schema.time not in [f.name for f in schema.fields]:
+        exprs.append(_time_expr(schema.time, df.schema[schema.time]).alias(schema.time))
+    if schema.group and schema.group not in [f.name for f in schema.fields]:
+        exprs.append(_as_string(schema.group, df.schema[schema.group]).alias(schema.group))
+    keep = [pl.col("_line")] if "_line" in df.columns else []
+    out = df.select(exprs + keep)
+    if not checks:
+        return out, out.clear().with_columns(pl.lit(None, pl.String).alias("_reason"))
+    reason = pl.coalesce(checks) if len(checks) > 1 else checks[0]
+    tagged = out.with_columns(df.select(reason.alias("_reason"))["_reason"])
+    bad_mask = tagged["_reason"].is_not_null()
+    if not bad_mask.any():
+        return out, tagged.clear()
+    return tagged.filter(~bad_mask).drop("_reason"), tagged.filter(bad_mask)
+
+
+# --- CSV / TSV ----------------------------------------------------------------------------------
+def _byte_blocks(fh: IO[bytes], size: int) -> Iterator[bytes]:
+    rest = b""
+    while True:
+        data = fh.read(size)
+        if not data:
+            if rest.strip():
+                yield rest if rest.endswith(b"\n") else rest + b"\n"
+            return
+        data = rest + data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            rest = data
+            continue
+        rest = data[cut:]
+        yield data[:cut]
+
+
+def _csv_layout(path: str | Path, schema: Schema | None, sep: str,
+                has_header: bool | None) -> tuple[list[str], bool]:
+    """Column names and whether the first line is a header."""
+    first = _first_line(path)
+    tokens = [t.strip().strip('"') for t in first.split(sep)]
+    if schema is not None and schema.columns:
+        if has_header is None:
+            has_header = tokens == list(schema.columns)
+        if len(schema.columns) != len(tokens):
+            raise DataError(f"{path}: the schema lists {len(schema.columns)} columns but line 1 has "
+                            f"{len(tokens)} fields")
+        return list(schema.columns), has_header
+    if has_header is False:
+        raise DataError(f"{path}: a file without a header needs `columns` in the schema")
+    return tokens, True
+
+
+def _parse_block_careful(block: bytes, names: list[str], sep: str, first_line_no: int,
+                         report: ReadReport, sink: _BadRowSink) -> pl.DataFrame:
+    """Slow path: pyarrow with a handler that sets aside rows with a wrong number of fields."""
+    bad_idx: list[tuple[int, str]] = []
+
+    def handler(row: Any) -> str:
+        bad_idx.append((row.number, row.text))
+        return "skip"
+
+    table = pacsv.read_csv(
+        pa.py_buffer(block),
+        read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+        parse_options=pacsv.ParseOptions(delimiter=sep, quote_char='"' if sep == "," else False,
+                                         invalid_row_handler=handler, newlines_in_values=False),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                             strings_can_be_null=True, quoted_strings_can_be_null=True),
+    )
+    for number, text in bad_idx:
+        line_no = first_line_no + number - 1 if number is not None else None
+        reason = f"expected {len(names)} fields, got {len(text.split(sep))}"
+        report.add_bad(line_no, reason)
+        sink.write(line_no, reason, text)
+    df = pl.from_arrow(table)
+    assert isinstance(df, pl.DataFrame)
+    # line numbers of the good rows, for messages about bad values further on
+    lines = np.arange(first_line_no, first_line_no + table.num_rows + len(bad_idx), dtype=np.int64)
+    if bad_idx:
+        skip = np.array([first_line_no + n - 1 for n, _ in bad_idx if n is not None], dtype=np.int64)
+        lines = np.setdiff1d(lines, skip)[: table.num_rows]
+    return df.with_columns(pl.Series("_line", lines[: df.height]))
+
+
+def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadReport, sink: _BadRowSink,
+                has_header: bool | None, block_bytes: int,
+                usecols: list[str] | None) -> Iterator[pl.DataFrame]:
+    sep = _separator(fmt)
+    names, header = _csv_layout(path, schema, sep, has_header)
+    sep_b = sep.encode()
+    num_fields = {f.name for f in schema.fields if f.kind == "numeric"} if schema else set()
+    dtypes = {n: (pl.Float64 if n in num_fields else pl.String) for n in names}
+    proj = [names.index(c) for c in usecols] if usecols else None
+    line_no = 2 if header else 1
+    with _open_binary(path) as fh:
+        if header:
+            fh.readline()
+        for block in _byte_blocks(fh, block_bytes):
+            n_lines = block.count(b"\n")
+            df: pl.DataFrame | None = None
+            quoted = sep == "," and b'"' in block
+            if not quoted and block.count(sep_b) == n_lines * (len(names) - 1):
+                try:
+                    df = pl.read_csv(block, has_header=False, schema=dtypes, separator=sep,
+                                     quote_char=None, columns=proj, raise_if_empty=False)
+                except (pl.exceptions.ComputeError, pl.exceptions.SchemaError):
+                    df = None
+                if df is not None and df.height != n_lines:
+                    df = None  # blank lines or stray carriage returns: let the careful path decide
+                if df is not None:
+                    df = df.with_columns(pl.int_range(line_no, line_no + df.height, dtype=pl.Int64)
+                                         .alias("_line"))
+            if df is None:
+                df = _parse_block_careful(block, names, sep, line_no, report, sink)
+                if usecols:
+                    df = df.select([*usecols, "_line"])
+            line_no += n_lines
+            yield df
+
+
+# --- libFM / libSVM ----------------------------------------------------------------------------------
+def _libfm_chunks(path: str | Path, schema: Schema, report: ReadReport, sink: _BadRowSink,
+                  block_bytes: int) -> Iterator[pl.DataFrame]:
+    """``label idx:val idx:val ...``: the k-th token belongs to the k-th feature field of the schema."""
+    names = [f.name for f in schema.fields]
+    k = len(names)
+    line_no = 1
+    with _open_binary(path) as fh:
+        for block in _byte_blocks(fh, block_bytes):
+            n_lines = block.count(b"\n")
+            lines = pl.Series("line", block.decode("utf-8", errors="replace").split("\n")[:n_lines])
+            df = pl.DataFrame({"line": lines, "_line": np.arange(line_no, line_no + n_lines, dtype=np.int64)})
+            line_no += n_lines
+            df = df.with_columns(pl.col("line").str.strip_chars().str.split(" ").alias("tok"))
+            ok = df["tok"].list.len() == k + 1
+            if not ok.all():
+                for row in df.filter(~ok).iter_rows(named=True):
+                    if row["line"].strip() == "":
+                        continue
+                    reason = f"expected a label and {k} tokens, got {len(row['tok']) - 1}"
+                    report.add_bad(row["_line"], reason)
+                    sink.write(row["_line"], reason, row["line"])
+                df = df.filter(ok)
+            cols = [df["tok"].list.get(0).alias(schema.label)]
+            for i, n in enumerate(names):
+                cols.append(df["tok"].list.get(i + 1).str.split(":").list.get(0).alias(n))
+            yield pl.DataFrame(cols).with_columns(df["_line"])
+
+
+# --- public entry points ---------------------------------------------------------------------------
+Source = str | Path | pl.DataFrame
+
+
+def iter_chunks(source: Source, schema: Schema, *, fmt: str | None = None, has_header: bool | None = None,
+                report: ReadReport | None = None, bad_rows: str | Path | None = None,
+                with_label: bool = True, block_bytes: int = BLOCK_BYTES,
+                chunk_rows: int = 500_000) -> Iterator[pl.DataFrame]:
+    """Yield typed chunks (see module doc) of ``source``; bad rows are counted in ``report``.
+
+    Each chunk also carries ``_line``, the 1-based line (or row) number in the source, for messages.
+    """
+    report = report if report is not None else ReadReport()
+    report.source = report.source or (str(source) if not isinstance(source, pl.DataFrame) else "<frame>")
+    sink = _BadRowSink(bad_rows)
+    report.bad_rows_path = str(bad_rows) if bad_rows else None
+    try:
+        for raw in _raw_chunks(source, schema, fmt, has_header, report, sink, with_label, block_bytes,
+                               chunk_rows):
+            good, bad = coerce_chunk(raw, schema, with_label)
+            if bad.height:
+                for row in bad.select("_line", "_reason").iter_rows():
+                    report.add_bad(row[0], row[1])
+                if sink.path is not None:
+                    for row in bad.with_columns(pl.exclude("_line").cast(pl.String)).iter_rows(named=True):
+                        line, reason = row.pop("_line"), row.pop("_reason")
+                        sink.write(line, reason, "\t".join("" if v is None else v for v in row.values()))
+            report.rows += good.height + bad.height
+            if good.height:
+                yield good
+    finally:
+        sink.close()
+
+
+def _raw_chunks(source: Source, schema: Schema, fmt: str | None, has_header: bool | None, report: ReadReport,
+                sink: _BadRowSink, with_label: bool, block_bytes: int,
+                chunk_rows: int) -> Iterator[pl.DataFrame]:
+    if isinstance(source, pl.DataFrame):
+        for start in range(0, max(source.height, 1), chunk_rows):
+            part = source.slice(start, chunk_rows)
+            yield part.with_columns(pl.int_range(start + 1, start + 1 + part.height, dtype=pl.Int64).alias("_line"))
+        return
+    fmt = fmt or detect_format(source)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(str(source))
+        cols = needed_columns(schema, with_label)
+        have = pf.schema_arrow.names
+        absent = [c for c in cols if c not in have]
+        if absent:
+            raise DataError(f"{source}: missing columns {absent}; the file has {have}")
+        start = 1
+        for batch in pf.iter_batches(batch_size=chunk_rows, columns=cols):
+            df = pl.from_arrow(batch)
+            assert isinstance(df, pl.DataFrame)
+            yield df.with_columns(pl.int_range(start, start + df.height, dtype=pl.Int64).alias("_line"))
+            start += df.height
+        return
+    if fmt == "libfm":
+        yield from _libfm_chunks(source, schema, report, sink, block_bytes)
+        return
+    usecols = needed_columns(schema, with_label)
+    names, _ = _csv_layout(source, schema, _separator(fmt), has_header)
+    absent = [c for c in usecols if c not in names]
+    if absent:
+        raise DataError(f"{source}: missing columns {absent}; the file has {names}")
+    yield from _csv_chunks(source, schema, fmt, report, sink, has_header, block_bytes, usecols)
+
+
+def read_frame(source: Source, schema: Schema, **kwargs: Any) -> tuple[pl.DataFrame, ReadReport]:
+    """Read a whole (small) source into one typed frame, with its report."""
+    report = ReadReport()
+    chunks = list(iter_chunks(source, schema, report=report, **kwargs))
+    if not chunks:
+        raise DataError(f"{report.source}: no usable rows ({report.bad_rows} rejected)")
+    return pl.concat(chunks), report
+
+
+def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
+    """The first ``n_rows`` rows of a file with a header, with types inferred (for schema inference)."""
+    fmt = detect_format(path)
+    if fmt == "parquet":
+        return pl.read_parquet(path, n_rows=n_rows)
+    if fmt == "libfm":
+        raise SchemaError(f"{path}: libFM files have no column names; use --format libfm --fields a,b,...")
+    with _open_binary(path) as fh:
+        head = b"".join(_take_lines(fh, n_rows + 1))
+    return pl.read_csv(io.BytesIO(head), separator=_separator(fmt), infer_schema_length=n_rows)
+
+
+def _take_lines(fh: IO[bytes], n: int) -> Iterator[bytes]:
+    for i, line in enumerate(fh):
+        if i >= n:
+            return
+        yield line
+
+
+def libfm_schema(field_names: list[str], label: str = "label") -> Schema:
+    """The schema of a libFM file whose k-th token is field k (all categorical)."""
+    from ctrkit.schema import Field
+
+    if not field_names:
+        raise SchemaError("--fields needs at least one name")
+    return Schema(fields=[Field(name=n, kind="categorical") for n in field_names], label=label)
