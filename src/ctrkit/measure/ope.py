@@ -1,0 +1,193 @@
+"""Off-policy estimates: "what CTR would policy B have had?" from logs that carry the logging propensity.
+
+The target policy is a table ``keys..., action, propensity`` (π_e(action | keys)), e.g. position × item for a
+context-free ranking policy, or a column of π_e(a_i | x_i) already in the log. The weight of a logged row is
+w = π_e(a|x) / π_0(a|x), optionally clipped at ``max_weight``.
+IPS = mean(w·r); SNIPS = Σw·r / Σw; DR = mean(Σ_a π_e(a|x)·q(x,a) + w·(r − q(x,a_logged))) with q any
+callable ``f(DataFrame) -> pCTR`` (a ctrkit bundle through :func:`bundle_reward_model`, or
+:class:`LogisticRewardModel`). IPS and SNIPS are single SQL aggregates (DuckDB or Spark); DR pulls the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
+
+from ctrkit.measure.engine import Engine, MeasureError
+
+RewardModel = Callable[[pd.DataFrame], np.ndarray]
+
+
+@dataclass
+class Estimate:
+    """One estimate with a normal-approximation interval and weight diagnostics."""
+
+    estimator: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    effective_sample_size: float
+    max_weight: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict."""
+        return asdict(self)
+
+
+def _check_cols(kinds: dict[str, str], cols: list[str], what: str) -> None:
+    missing = [c for c in cols if c not in kinds]
+    if missing:
+        raise MeasureError(f"{what}: no column {missing[0]!r}; columns are {list(kinds)}")
+
+
+def policy_from_log(engine: Engine, view: str, keys: list[str], action: str) -> pd.DataFrame:
+    """The empirical action distribution of a logged policy: share of each action within each key group."""
+    _check_cols(engine.columns(view), keys + [action], view)
+    q = engine.dialect.q
+    k = ", ".join(q(c) for c in keys)
+    part = f"PARTITION BY {k}" if keys else ""
+    sql = (f"SELECT {k + ', ' if keys else ''}{q(action)}, CAST(COUNT(*) AS DOUBLE) / SUM(COUNT(*)) OVER ({part}) "
+           f"AS propensity FROM {view} GROUP BY {k + ', ' if keys else ''}{q(action)}")
+    return engine.query(sql)
+
+
+def _weights_sql(engine: Engine, view: str, logging: str, target: str | pd.DataFrame, keys: list[str],
+                 action: str, max_weight: float | None) -> str:
+    """SQL of the log with ``_w`` (clipped importance weight) and ``_pe`` (target propensity) columns."""
+    q = engine.dialect.q
+    if isinstance(target, str):
+        pe = f"CAST(l.{q(target)} AS DOUBLE)"
+        join = ""
+    else:
+        _check_cols({c: "" for c in target.columns}, keys + [action, "propensity"], "target policy table")
+        engine.register("_target_policy", target[keys + [action, "propensity"]])
+        on = " AND ".join(f"l.{q(c)} = p.{q(c)}" for c in keys + [action])
+        join = f"LEFT JOIN _target_policy p ON {on}"
+        pe = "COALESCE(CAST(p.propensity AS DOUBLE), 0.0)"
+    w = f"{pe} / CAST(l.{q(logging)} AS DOUBLE)"
+    if max_weight is not None:
+        w = f"LEAST({w}, {float(max_weight)})"
+    return f"SELECT l.*, {pe} AS _pe, {w} AS _w FROM {view} l {join}"
+
+
+def ips_snips(engine: Engine, view: str, reward: str, logging: str, target: str | pd.DataFrame,
+              keys: list[str] | None = None, action: str = "item_id", max_weight: float | None = None,
+              alpha: float = 0.05) -> list[Estimate]:
+    """IPS and self-normalised IPS of the target policy's mean reward, from one SQL aggregate."""
+    keys = keys or []
+    kinds = engine.columns(view)
+    _check_cols(kinds, [reward, logging] + ([target] if isinstance(target, str) else keys + [action]), view)
+    q = engine.dialect.q
+    bad = engine.query(f"SELECT COUNT(*) AS n FROM {view} WHERE {q(logging)} IS NULL OR {q(logging)} <= 0 "
+                       f"OR {q(logging)} > 1").iloc[0, 0]
+    if int(bad):
+        raise MeasureError(f"{view}: {int(bad)} rows have a logging propensity {logging!r} outside (0, 1]; "
+                           "IPS needs every logged action's probability")
+    r = f"CAST({q(reward)} AS DOUBLE)"
+    agg = engine.query(
+        f"SELECT COUNT(*) AS n, SUM(_w) AS sw, SUM(_w * _w) AS sw2, SUM(_w * {r}) AS swr, "
+        f"SUM(_w * _w * {r} * {r}) AS sw2r2, SUM(_w * _w * {r}) AS sw2r, MAX(_w) AS wmax "
+        f"FROM ({_weights_sql(engine, view, logging, target, keys, action, max_weight)}) t").iloc[0]
+    n, sw, sw2, swr, sw2r2, sw2r, wmax = (float(agg[c] or 0.0) for c in
+                                          ("n", "sw", "sw2", "swr", "sw2r2", "sw2r", "wmax"))
+    if n == 0 or sw == 0:
+        raise MeasureError("no logged row has a positive target-policy probability: the policies do not overlap")
+    z = float(norm.isf(alpha / 2))
+    ess = sw * sw / sw2 if sw2 > 0 else 0.0
+    ips = swr / n
+    var_ips = max(sw2r2 / n - ips * ips, 0.0) / n
+    snips = swr / sw
+    var_sn = max(sw2r2 - 2 * snips * sw2r + snips * snips * sw2, 0.0) / (sw * sw)
+    return [Estimate("ips", ips, ips - z * np.sqrt(var_ips), ips + z * np.sqrt(var_ips), int(n), ess, wmax),
+            Estimate("snips", snips, snips - z * np.sqrt(var_sn), snips + z * np.sqrt(var_sn), int(n), ess, wmax)]
+
+
+def doubly_robust(engine: Engine, view: str, reward: str, logging: str, target: pd.DataFrame,
+                  reward_model: RewardModel, keys: list[str] | None = None, action: str = "item_id",
+                  max_weight: float | None = None, alpha: float = 0.05, batch_rows: int = 200_000) -> Estimate:
+    """Doubly robust estimate: the reward model's value of the target policy, corrected by weighted residuals."""
+    keys = keys or []
+    if not isinstance(target, pd.DataFrame):
+        raise MeasureError("doubly robust needs the target policy as a table of (keys, action, propensity)")
+    rows = engine.query(_weights_sql(engine, view, logging, target, keys, action, max_weight))
+    if rows.empty:
+        raise MeasureError(f"{view}: no rows")
+    rows = rows.reset_index(drop=True)
+    pol = target[keys + [action, "propensity"]]
+    q_logged = np.asarray(reward_model(rows), dtype=np.float64)
+    dm = np.zeros(len(rows))
+    base = rows.drop(columns=[action]).assign(_row=np.arange(len(rows)))
+    for start in range(0, len(rows), max(1, batch_rows // max(1, len(pol)))):
+        chunk = base.iloc[start:start + max(1, batch_rows // max(1, len(pol)))]
+        cand = chunk.merge(pol, on=keys, how="inner") if keys else chunk.merge(pol, how="cross")
+        if cand.empty:
+            continue
+        pred = np.asarray(reward_model(cand), dtype=np.float64)
+        dm += np.bincount(cand["_row"].to_numpy(), cand["propensity"].to_numpy() * pred, len(rows))
+    w = rows["_w"].to_numpy(np.float64)
+    r = rows[reward].to_numpy(np.float64)
+    terms = dm + w * (r - q_logged)
+    value = float(terms.mean())
+    se = float(terms.std(ddof=1) / np.sqrt(len(terms))) if len(terms) > 1 else float("nan")
+    z = float(norm.isf(alpha / 2))
+    ess = float(w.sum() ** 2 / (w * w).sum()) if (w * w).sum() > 0 else 0.0
+    return Estimate("dr", value, value - z * se, value + z * se, len(rows), ess, float(w.max()))
+
+
+class LogisticRewardModel:
+    """A small pCTR model for DR: one-hot categoricals + numerics -> logistic regression (scikit-learn)."""
+
+    def __init__(self, categorical: list[str], numeric: list[str] | None = None, c: float = 1.0) -> None:
+        self.categorical = list(categorical)
+        self.numeric = list(numeric or [])
+        self.c = c
+        self._pipe: Any = None
+
+    def fit(self, df: pd.DataFrame, reward: str) -> LogisticRewardModel:
+        """Fit on logged rows."""
+        from sklearn.compose import ColumnTransformer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+        parts: list[Any] = [("cat", OneHotEncoder(handle_unknown="ignore"), self.categorical)]
+        if self.numeric:
+            parts.append(("num", StandardScaler(), self.numeric))
+        self._pipe = make_pipeline(ColumnTransformer(parts), LogisticRegression(C=self.c, max_iter=1000))
+        y = df[reward].to_numpy()
+        if len(np.unique(y)) < 2:
+            raise MeasureError(f"the reward column {reward!r} has a single value; a reward model cannot be fitted")
+        self._pipe.fit(self._frame(df), y)
+        return self
+
+    def _frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        out = df[self.categorical + self.numeric].copy()
+        for c in self.categorical:
+            out[c] = out[c].astype(str)
+        return out
+
+    def __call__(self, df: pd.DataFrame) -> np.ndarray:
+        """pCTR per row."""
+        if self._pipe is None:
+            raise MeasureError("LogisticRewardModel: call fit() first")
+        return self._pipe.predict_proba(self._frame(df))[:, 1]
+
+
+def bundle_reward_model(path: str) -> RewardModel:
+    """A ctrkit model bundle as a DR reward model (``Bundle.load(path).predict(frame)``)."""
+    try:
+        from ctrkit.serve.bundle import Bundle
+    except ImportError as exc:
+        raise MeasureError(f"cannot load bundle {path}: ctrkit.serve.bundle is not available ({exc})") from exc
+    bundle = Bundle.load(path)
+
+    def predict(df: pd.DataFrame) -> np.ndarray:
+        return np.asarray(bundle.predict(df), dtype=np.float64)
+
+    return predict
