@@ -55,7 +55,7 @@ def test_impressions_needed_solves_the_power_equation() -> None:
         assert abs(n - ref) / ref < 1e-6
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=30))
 def test_holm_and_bonferroni_match_multipletests(p: list[float]) -> None:
     arr = np.array(p)
