@@ -143,6 +143,7 @@ class Attribution:
         self._validate()
         self.report.roles = dict(self.r)
         self._status_done = False
+        self._bots = 0
         self._build()
 
     # -- validation ---------------------------------------------------------------------------------
@@ -321,6 +322,7 @@ class Attribution:
                 f"SELECT DISTINCT _user FROM (SELECT _user, FLOOR(_cts / 60) AS _m, COUNT(*) AS _n FROM _click_pairs "
                 f"WHERE _user IS NOT NULL AND _cts IS NOT NULL GROUP BY _user, FLOOR(_cts / 60)) t "
                 f"WHERE _n > {int(cfg.max_clicks_per_user_minute)}"))
+            self._bots = int(e.query("SELECT COUNT(*) AS n FROM _bot_users").iloc[0, 0])
         self._delay_histogram()
 
     def _delay_histogram(self) -> None:
@@ -376,11 +378,13 @@ class Attribution:
         if "impression_id" in r:
             rules.append((f"{self.col('impression_id')} IS NULL", "missing_impression_id"))
         if "timestamp" in r:
-            rules.append(("i._ts IS NULL", "bad_timestamp"))
+            unparsed = "i._ts IS NULL" if self.imp_kinds[r["timestamp"]] == STRING else f"{self.col('timestamp')} IS NULL"
+            rules.append((unparsed, "bad_timestamp"))
         if self.has_clicks:
             joins.append(f"LEFT JOIN _click_attr ca ON {self.col('impression_id')} = ca._id")
             click = "CASE WHEN ca._id IS NULL THEN 0 ELSE 1 END"
-            delay, bounce = "ca._click_delay", "COALESCE(CAST(ca._bounce AS INT), 0)"
+            delay = "ca._click_delay"
+            bounce = "COALESCE(CAST(ca._bounce AS INT), 0)" if "bounce" in self.cr else "0"
         else:
             c = self.col("click")
             if self.imp_kinds[r["click"]] == BOOL:
@@ -389,7 +393,7 @@ class Attribution:
             click = f"CASE WHEN {c} = 1 THEN 1 ELSE 0 END"
             delay = "CAST(NULL AS DOUBLE)"
             bounce = f"COALESCE(CAST({self.col('bounce')} AS INT), 0)" if "bounce" in r else "0"
-        if self.has_clicks and cfg.max_clicks_per_user_minute is not None and "user" in r:
+        if self.has_clicks and self._bots and "user" in r:
             joins.append(f"LEFT JOIN _bot_users b ON {self.col('user')} = b._user")
             rules.append(("b._user IS NOT NULL", "bot_click_rate"))
         elif not self.has_clicks and cfg.max_clicks_per_user_minute is not None and "user" in r and "timestamp" in r:
@@ -426,6 +430,11 @@ class Attribution:
             conv = f"COALESCE(CAST({self.col('conversion')} AS INT), 0)" if "conversion" in r else "0"
             conv_click, conv_view = f"({conv}) * ({click})", f"({conv}) * (1 - ({click}))"
             revenue = f"COALESCE(CAST({self.col('revenue')} AS DOUBLE), 0.0)" if "revenue" in r else "0.0"
+        self._constant = set()
+        if conv == "0" and revenue == "0.0":
+            self._constant |= {"_conv", "_conv_click", "_conv_view", "_revenue"}
+        if bounce == "0":
+            self._constant.add("_bounce")
         status = "CASE " + " ".join(f"WHEN {cond} THEN '{name}'" for cond, name in rules) + f" ELSE '{KEPT}' END"
         if not rules:
             status = f"'{KEPT}'"
@@ -456,10 +465,20 @@ class Attribution:
         """The one query over the impression log: counts per status and dimension values."""
         q = self.d.q
         dcols = "".join(f"{q(c)}, " for c in dims)
-        return (f"SELECT _status, {dcols}COUNT(*) AS impressions, CAST(SUM(_click) AS BIGINT) AS clicks, "
-                f"CAST(SUM(_conv) AS BIGINT) AS conversions, CAST(SUM(_conv_click) AS BIGINT) AS click_conversions, "
-                f"CAST(SUM(_conv_view) AS BIGINT) AS view_conversions, CAST(SUM(_revenue) AS DOUBLE) AS revenue, "
-                f"CAST(SUM(_revenue * _revenue) AS DOUBLE) AS revenue_sq, CAST(SUM(_bounce) AS BIGINT) AS bounces "
+
+        def total(expr: str, col: str, typ: str, name: str) -> str:
+            if col in self._constant:
+                return f"CAST(0 AS {typ}) AS {name}"
+            return f"CAST(SUM({expr}) AS {typ}) AS {name}"
+
+        measures = ", ".join([
+            "CAST(SUM(_click) AS BIGINT) AS clicks", total("_conv", "_conv", "BIGINT", "conversions"),
+            total("_conv_click", "_conv_click", "BIGINT", "click_conversions"),
+            total("_conv_view", "_conv_view", "BIGINT", "view_conversions"),
+            total("_revenue", "_revenue", "DOUBLE", "revenue"),
+            total("_revenue * _revenue", "_revenue", "DOUBLE", "revenue_sq"),
+            total("_bounce", "_bounce", "BIGINT", "bounces")])
+        return (f"SELECT _status, {dcols}COUNT(*) AS impressions, {measures} "
                 f"FROM ctr_events GROUP BY _status{''.join(', ' + q(c) for c in dims)}")
 
     def cube(self, dims: list[str]) -> pd.DataFrame:
