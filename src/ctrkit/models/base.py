@@ -1,0 +1,147 @@
+"""Base class, typed configuration and the registry that maps a model name to its class."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ctrkit.nn.embedding import FeatureSpec
+
+
+SMALL_TABLE = 1 << 22  # embedding parameters up to which dense gradients and a whole-table L2 are used
+TABLE_L2, BATCH_L2 = 0.05, 1e-5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters shared by the model zoo; each model reads the ones it uses.
+
+    ``emb_l2`` is an L2 penalty on embeddings. Scope "table": lambda / 2 * ||W||^2 of every embedding table
+    at every step (the classic form; it shrinks rarely seen rows too, which matters on small data, and needs
+    dense gradients). Scope "batch": lambda * ||e||^2 of the rows each sample looks up, averaged over the
+    batch (cost proportional to the batch; works with sparse gradients, for large vocabularies).
+    ``None`` / "auto" values are resolved by :meth:`resolve` from the size of the id space: tables up to
+    ``SMALL_TABLE`` parameters train with dense gradients and a table L2 of 0.05, larger ones with sparse
+    gradients and a batch L2 of 1e-5.
+    """
+
+    embed_dim: int = 16
+    hidden: tuple[int, ...] = (400, 400, 400)
+    dropout: float = 0.0
+    batch_norm: bool = False
+    emb_l2: float | None = None
+    emb_l2_scope: str = "auto"
+    sparse_grad: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden sizes must be >= 1, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.emb_l2 is not None and self.emb_l2 < 0:
+            raise ValueError(f"emb_l2 must be >= 0, got {self.emb_l2}")
+        if self.emb_l2_scope not in ("auto", "batch", "table"):
+            raise ValueError(f"emb_l2_scope must be 'auto', 'batch' or 'table', got {self.emb_l2_scope!r}")
+        if self.emb_l2_scope == "table" and self.sparse_grad:
+            raise ValueError("emb_l2_scope 'table' penalises every row each step, so it needs sparse_grad=False")
+
+    def resolve(self, spec: FeatureSpec) -> ModelConfig:
+        """A copy with every automatic setting decided for this id space."""
+        sparse = self.sparse_grad
+        if sparse is None:
+            sparse = False if self.emb_l2_scope == "table" else spec.n_ids * self.embed_dim > SMALL_TABLE
+        scope = self.emb_l2_scope if self.emb_l2_scope != "auto" else ("batch" if sparse else "table")
+        l2 = self.emb_l2 if self.emb_l2 is not None else (TABLE_L2 if scope == "table" else BATCH_L2)
+        return replace(self, sparse_grad=sparse, emb_l2_scope=scope, emb_l2=l2)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model settings {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "hidden" in d:
+            d["hidden"] = tuple(int(h) for h in d["hidden"])
+        return cls(**d)
+
+
+class CTRModel(nn.Module):
+    """A CTR model: ``forward(ids, dense) -> logits [B]``. The sigmoid lives in the loss and the scorer."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
+        super().__init__()
+        self.spec, self.config = spec, config.resolve(spec)
+        self._penalty: torch.Tensor | None = None
+
+    def _remember_penalty(self, emb: torch.Tensor) -> None:
+        """Keep the L2 term of the rows this batch looked up, for :meth:`regularization`."""
+        if self.training and self.config.emb_l2 and self.config.emb_l2_scope == "batch":
+            self._penalty = self.config.emb_l2 * emb.pow(2).sum(dim=(1, 2)).mean()
+        else:
+            self._penalty = None
+
+    def regularization(self) -> torch.Tensor | None:
+        """The regularisation term to add to the loss of the last training forward pass, or None."""
+        if self.training and self.config.emb_l2 and self.config.emb_l2_scope == "table":
+            tables = [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
+            return 0.5 * self.config.emb_l2 * sum(w.pow(2).sum() for w in tables)
+        return self._penalty
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters with sparse gradients (embedding tables when ``sparse_grad``)."""
+        return [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]
+
+
+_REGISTRY: dict[str, type[CTRModel]] = {}
+
+
+def register(cls: type[CTRModel]) -> type[CTRModel]:
+    """Class decorator: make a model available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def model_names() -> list[str]:
+    """Names accepted by :func:`build_model` and ``ctrkit train --model``."""
+    return sorted(_REGISTRY)
+
+
+def default_config(name: str, **overrides: Any) -> ModelConfig:
+    """The tuned default configuration of a model, with overrides applied."""
+    cls = _model_class(name)
+    base = ModelConfig.from_dict(dict(cls.defaults))
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    if "hidden" in clean:
+        clean["hidden"] = tuple(clean["hidden"])
+    return replace(base, **clean)
+
+
+def _model_class(name: str) -> type[CTRModel]:
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {model_names()}")
+    return _REGISTRY[key]
+
+
+def build_model(name: str, spec: FeatureSpec, config: ModelConfig | None = None, **overrides: Any) -> CTRModel:
+    """Instantiate a registered model for ``spec``; ``config`` defaults to the model's tuned defaults."""
+    cfg = config if config is not None else default_config(name, **overrides)
+    return _model_class(name)(spec, cfg)

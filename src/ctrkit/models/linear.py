@@ -1,0 +1,25 @@
+"""Logistic regression over all features: the first-order term alone."""
+
+from __future__ import annotations
+
+import torch
+
+from ctrkit.models.base import CTRModel, ModelConfig, register
+from ctrkit.nn.embedding import FeatureLinear, FeatureSpec
+
+
+@register
+class LR(CTRModel):
+    """logit = bias + sum of per-id weights + per-numeric-field weights."""
+
+    name = "lr"
+    defaults = {"emb_l2": 0.0}
+
+    def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
+        super().__init__(spec, config)
+        config = self.config
+        self.linear = FeatureLinear(spec, sparse=config.sparse_grad)
+
+    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        self._penalty = None
+        return self.linear(ids, dense)

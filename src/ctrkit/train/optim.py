@@ -1,0 +1,69 @@
+"""Row-wise optimizers for embedding tables with sparse gradients.
+
+A batch touches a few thousand rows of a table that may hold millions. These optimizers sum the batch's
+gradient per distinct row and update only those rows (and their optimizer state), so a step costs what
+the batch touches. Adam here is the "lazy" variant: moments of untouched rows are not decayed, and the
+bias correction uses the global step, as in TensorFlow's LazyAdam and torch's SparseAdam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+RULES = ("adam", "adagrad")
+
+
+class RowSparseOptimizer(torch.optim.Optimizer):
+    """Adam or Adagrad on 2-D parameters whose gradients are sparse COO tensors over rows."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3, rule: str = "adam",
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float | None = None,
+                 initial_accumulator: float = 0.0) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        eps = eps if eps is not None else (1e-8 if rule == "adam" else 1e-10)
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "rule": rule,
+                                  "initial_accumulator": initial_accumulator})
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        """Apply one update to the rows present in each parameter's sparse gradient."""
+        for group in self.param_groups:
+            lr, eps, rule = group["lr"], group["eps"], group["rule"]
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if not g.is_sparse:
+                    raise ValueError("RowSparseOptimizer expects sparse gradients (nn.Embedding(sparse=True))")
+                idx = g._indices()[0]
+                vals = g._values()
+                rows, inverse = torch.unique(idx, return_inverse=True)
+                grad = torch.zeros(len(rows), p.shape[1], dtype=vals.dtype, device=vals.device)
+                grad.index_add_(0, inverse, vals)
+                state = self.state[p]
+                if rule == "adam":
+                    if not state:
+                        state["step"] = 0
+                        state["m"] = torch.zeros_like(p)
+                        state["v"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    t = state["step"]
+                    m = state["m"].index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
+                    v = state["v"].index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                    state["m"].index_copy_(0, rows, m)
+                    state["v"].index_copy_(0, rows, v)
+                    step_size = lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t)
+                    update = m.div_(v.sqrt_().add_(eps)).mul_(step_size)
+                else:
+                    if not state:
+                        state["sum"] = torch.full_like(p, group["initial_accumulator"])
+                    acc = state["sum"].index_select(0, rows).addcmul_(grad, grad)
+                    state["sum"].index_copy_(0, rows, acc)
+                    update = grad.div_(acc.sqrt_().add_(eps)).mul_(lr)
+                p.index_add_(0, rows, update, alpha=-1.0)
