@@ -37,13 +37,14 @@ class DatasetWriter:
         if ids.shape != (n, self.n_sparse) or dense.shape != (n, self.n_dense):
             raise ValueError(f"chunk shapes ids {ids.shape} dense {dense.shape} do not match "
                              f"({n}, {self.n_sparse}) / ({n}, {self.n_dense})")
-        self._fh["ids"].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-        self._fh["dense"].write(np.ascontiguousarray(dense, dtype=np.float32).tobytes())
-        self._fh["label"].write(np.ascontiguousarray(label, dtype=np.float32).tobytes())
+        if self.with_group and group is None:
+            raise ValueError("this dataset has a group column; pass group ids")
+        # contiguous arrays are written straight from their buffers, without an intermediate bytes copy
+        self._fh["ids"].write(np.ascontiguousarray(ids, dtype=np.int32).data)
+        self._fh["dense"].write(np.ascontiguousarray(dense, dtype=np.float32).data)
+        self._fh["label"].write(np.ascontiguousarray(label, dtype=np.float32).data)
         if self.with_group:
-            if group is None:
-                raise ValueError("this dataset has a group column; pass group ids")
-            self._fh["group"].write(np.ascontiguousarray(group, dtype=np.int64).tobytes())
+            self._fh["group"].write(np.ascontiguousarray(group, dtype=np.int64).data)
         self.n += n
 
     def close(self, extra: dict[str, Any] | None = None) -> EncodedData:
@@ -112,6 +113,14 @@ class EncodedData:
         return int(self.ids.nbytes + self.dense.nbytes + self.label.nbytes)
 
 
+def _resident_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The array as a tensor on ``device``, read into RAM: a read-only memory map is never shared with torch."""
+    a = np.ascontiguousarray(array)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a).to(device)
+
+
 @dataclass
 class Batch:
     """One training batch: ``ids`` [B, F] int64/int32, ``dense`` [B, D] float32 (NaN = missing), ``label`` [B]."""
@@ -147,9 +156,8 @@ class BatchIterator:
         self.resident = resident
         self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if resident:
-            self._tensors = (torch.from_numpy(np.ascontiguousarray(data.ids)).to(self.device),
-                             torch.from_numpy(np.ascontiguousarray(data.dense)).to(self.device),
-                             torch.from_numpy(np.ascontiguousarray(data.label)).to(self.device))
+            self._tensors = (_resident_tensor(data.ids, self.device), _resident_tensor(data.dense, self.device),
+                             _resident_tensor(data.label, self.device))
 
     def __len__(self) -> int:
         n = len(self.data)

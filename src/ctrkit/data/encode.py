@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,13 @@ import numpy as np
 import polars as pl
 
 from ctrkit.data.dataset import DatasetWriter, EncodedData
-from ctrkit.data.readers import ReadReport, Source, iter_chunks
+from ctrkit.data.readers import ReadReport, Source, iter_chunks, prefetch
 from ctrkit.schema import Field, Schema
 
 MISSING, OOV = 0, 1
 ENCODER_FORMAT = 1
-_SAMPLE_PER_CHUNK = 20_000
-_COMPACT_ROWS = 4_000_000
+_SAMPLE_SIZE = 200_000
+_COMPACT_ROWS = 1_000_000
 
 
 class EncoderError(ValueError):
@@ -57,33 +57,116 @@ def _crc_buckets(values: pl.Series, n: int) -> np.ndarray:
 
 @dataclass
 class _CatStats:
-    """Running counts for one vocabulary field: (hash, count) and (hash, first string seen)."""
+    """Running counts of one vocabulary field: frames of (hash, count, first string seen), merged now and then.
 
-    counts: list[pl.DataFrame] = field(default_factory=list)
-    strings: list[pl.DataFrame] = field(default_factory=list)
-    rows: int = 0
+    Pending per-chunk frames are merged once they hold more rows than the merged table (and at least
+    ``_COMPACT_ROWS``), so memory stays within a small multiple of the number of distinct values.
+    """
+
+    parts: list[pl.DataFrame] = field(default_factory=list)
+    merged_rows: int = 0
+    pending_rows: int = 0
+
+    def add(self, part: pl.DataFrame) -> None:
+        self.parts.append(part)
+        self.pending_rows += part.height
+        if self.pending_rows > max(_COMPACT_ROWS, self.merged_rows):
+            self.compact()
 
     def compact(self) -> None:
-        if len(self.counts) > 1:
-            self.counts = [pl.concat(self.counts).group_by("h").agg(pl.col("n").sum())]
-            self.strings = [pl.concat(self.strings).unique("h", keep="first", maintain_order=True)]
-            self.rows = self.counts[0].height
+        if len(self.parts) > 1:
+            merged = pl.concat(self.parts).group_by("h").agg(pl.col("n").sum(), pl.col("s").first())
+            self.parts = [merged]
+        self.merged_rows = self.parts[0].height if self.parts else 0
+        self.pending_rows = 0
 
 
 @dataclass
 class _NumStats:
-    """Running moments of the transformed value and a sample for quantile bins."""
+    """Running moments of the transformed value and a bounded sample for quantile bins.
+
+    The sample keeps the values of the ``_SAMPLE_SIZE`` rows with the smallest key, a fixed pseudo-random
+    function of the row's position in the training data, so it does not depend on how the data was chunked.
+    """
 
     n: int = 0
     s1: float = 0.0
     s2: float = 0.0
-    sample: list[np.ndarray] = field(default_factory=list)
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+
+    def add_sample(self, keys: np.ndarray, values: np.ndarray) -> None:
+        k = np.concatenate([self.keys, keys])
+        v = np.concatenate([self.sample, values])
+        if len(k) > _SAMPLE_SIZE:
+            top = np.argpartition(k, _SAMPLE_SIZE - 1)[:_SAMPLE_SIZE]
+            k, v = k[top], v[top]
+        self.keys, self.sample = k, v
+
+
+def _row_keys(start: int, n: int) -> np.ndarray:
+    """A fixed pseudo-random uint64 per training row position (splitmix64 of the position)."""
+    z = np.arange(start, start + n, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def _pre_transform(values: np.ndarray, transform: str) -> np.ndarray:
     if transform in ("log1p_standardize", "log1p"):
         return np.sign(values) * np.log1p(np.abs(values))
     return values
+
+
+class _HashTable:
+    """uint64 key -> int32 id, open addressing with linear probing in numpy arrays, for vectorized lookups.
+
+    Keys are already uniform hashes, so the slot is the key's top bits; the table is kept at most a quarter
+    full, so nearly every lookup ends at its first slot. Unknown keys get ``default``. This is 2-3 times
+    cheaper than a polars join against the same vocabulary, which rebuilds its hash table on every call.
+    """
+
+    def __init__(self, keys: np.ndarray, ids: np.ndarray, default: int) -> None:
+        keys = np.where(keys == 0, np.uint64(1), keys.astype(np.uint64, copy=False))  # 0 marks an empty slot
+        bits = max(int(np.ceil(np.log2(max(len(keys), 1) * 4))), 4)
+        self.shift = np.uint64(64 - bits)
+        self.mask = (1 << bits) - 1
+        self.default = int(default)
+        self.keys = np.zeros(1 << bits, np.uint64)
+        self.ids = np.full(1 << bits, self.default, np.int32)
+        slot = (keys >> self.shift).astype(np.intp)
+        todo = np.arange(len(keys))
+        while len(todo):
+            s = slot[todo]
+            free = self.keys[s] == 0
+            _, first = np.unique(s[free], return_index=True)  # one key per free slot in this round
+            win = todo[free][first]
+            self.keys[slot[win]] = keys[win]
+            self.ids[slot[win]] = ids[win]
+            placed = np.zeros(len(keys), bool)
+            placed[win] = True
+            todo = todo[~placed[todo]]
+            slot[todo] = (slot[todo] + 1) & self.mask
+
+    def lookup(self, query: np.ndarray) -> np.ndarray:
+        """int32 id of each key in ``query`` (``default`` where absent)."""
+        q = np.where(query == 0, np.uint64(1), query)
+        slot = (q >> self.shift).astype(np.intp)
+        found = self.keys[slot]
+        out = self.ids[slot]
+        idx = np.flatnonzero(found != q)
+        if len(idx):
+            out[idx] = self.default
+            idx = idx[found[idx] != 0]  # the first slot holds another key: probe on
+            s = slot[idx]
+            while len(idx):
+                s = (s + 1) & self.mask
+                k = self.keys[s]
+                hit = k == q[idx]
+                out[idx[hit]] = self.ids[s[hit]]
+                more = ~hit & (k != 0)
+                idx, s = idx[more], s[more]
+        return out
 
 
 class Encoder:
@@ -100,9 +183,10 @@ class Encoder:
         self.offsets: dict[str, int] = {}
         self.n_ids = 0
         self.train_rows = 0
-        self._lut: dict[str, pl.DataFrame] = {}
+        self._lut: dict[str, _HashTable] = {}
         self._cat_stats: dict[str, _CatStats] = {}
         self._num_stats: dict[str, _NumStats] = {}
+        self._seed = 0
 
     # -- shape ---------------------------------------------------------------------------------------
     @property
@@ -124,32 +208,31 @@ class Encoder:
         return [f for f in self.schema.fields if f.kind == "categorical" and f.hash_buckets is None]
 
     # -- fitting -------------------------------------------------------------------------------------
-    def _begin_fit(self) -> None:
+    def _begin_fit(self, seed: int = 0) -> None:
+        self._seed = int(seed)
         self._cat_stats = {f.name: _CatStats() for f in self._vocab_fields()}
         self._num_stats = {f.name: _NumStats() for f in self.schema.fields if f.kind == "numeric"}
         self.train_rows = 0
 
-    def _observe(self, chunk: pl.DataFrame, hashes: pl.DataFrame, rng: np.random.Generator) -> None:
+    def _observe(self, chunk: pl.DataFrame, hashes: pl.DataFrame) -> None:
         """Update running statistics with one typed chunk (and its precomputed hash columns)."""
+        first_row = self.train_rows
         self.train_rows += chunk.height
         vf = self._vocab_fields()
         if vf:
-            hcols = [f"h:{f.name}" for f in vf]
-            agg = hashes.select([e for c in hcols for e in (
-                pl.col(c).value_counts(name="n").implode().alias(f"c{c}"),
-                pl.col(c).arg_unique().implode().alias(f"a{c}"))])
-            for f, c in zip(vf, hcols):
-                st = self._cat_stats[f.name]
-                vc = agg[f"c{c}"][0].struct.unnest().rename({c: "h"}).with_columns(pl.col("n").cast(pl.Int64))
-                first = agg[f"a{c}"][0]
-                firsts = pl.DataFrame({"h": hashes[c].gather(first), "s": chunk[f.name].gather(first)})
-                st.counts.append(vc)
-                st.strings.append(firsts)
-                st.rows += vc.height
-                if st.rows > _COMPACT_ROWS:
-                    st.compact()
+            # One group-by per field, run together: count of each hash and the row of its first occurrence.
+            rows = hashes.lazy().with_row_index("_i")
+            per_field = pl.collect_all([
+                rows.group_by(f"h:{f.name}").agg(pl.len().cast(pl.Int64).alias("n"), pl.col("_i").first())
+                for f in vf])
+            for f, counted in zip(vf, per_field):
+                self._cat_stats[f.name].add(pl.DataFrame({
+                    "h": counted[f"h:{f.name}"], "n": counted["n"],
+                    "s": chunk[f.name].gather(counted["_i"]).rename("s")}))
         for name, st in self._num_stats.items():
-            v = chunk[name].drop_nulls().drop_nans().to_numpy()
+            col = chunk[name].cast(pl.Float64).fill_nan(None)
+            ok = col.is_not_null().to_numpy()
+            v = col.drop_nulls().to_numpy()
             if len(v) == 0:
                 continue
             f = self.schema.field(name)
@@ -158,8 +241,7 @@ class Encoder:
             st.s1 += float(t.sum())
             st.s2 += float(np.square(t).sum())
             if f.transform == "bucketize":
-                k = min(len(v), _SAMPLE_PER_CHUNK)
-                st.sample.append(v[rng.choice(len(v), k, replace=False)] if k < len(v) else v.copy())
+                st.add_sample(_row_keys(first_row + (self._seed << 40), chunk.height)[ok], v)
 
     def _finish_fit(self) -> None:
         offset = 0
@@ -168,9 +250,9 @@ class Encoder:
             if f.kind == "categorical" and f.hash_buckets is None:
                 st = self._cat_stats[f.name]
                 st.compact()
-                if st.counts:
-                    table = st.counts[0].join(st.strings[0], on="h", how="left")
-                    table = table.filter((pl.col("n") >= f.min_count) & (pl.col("s").str.len_bytes() > 0)).sort(["n", "s"], descending=[True, False])
+                if st.parts:
+                    table = st.parts[0].filter((pl.col("n") >= f.min_count) & (pl.col("s").str.len_bytes() > 0))
+                    table = table.sort(["n", "s"], descending=[True, False])
                     values, counts = table["s"], table["n"].to_numpy()
                 else:
                     values, counts = pl.Series("s", [], pl.String), np.zeros(0, np.int64)
@@ -185,7 +267,7 @@ class Encoder:
                 var = max(st.s2 / st.n - mean * mean, 0.0) if st.n else 1.0
                 self.moments[f.name] = (mean, float(np.sqrt(var)) if var > 0 else 1.0)
                 if f.transform == "bucketize":
-                    sample = np.concatenate(st.sample) if st.sample else np.zeros(0)
+                    sample = st.sample
                     qs = np.quantile(sample, np.linspace(0, 1, f.n_buckets + 1)[1:-1]) if len(sample) else np.zeros(0)
                     self.boundaries[f.name] = np.unique(qs)
                     self.sizes[f.name] = 2 + len(self.boundaries[f.name])
@@ -200,22 +282,21 @@ class Encoder:
     def _build_luts(self) -> None:
         """Hash -> global id tables; the hashes of null and "" map to the field's missing id."""
         self._lut = {}
-        blank = pl.Series("s", [None, ""], dtype=pl.String).hash(seed=_SEED)
+        blank = pl.Series("s", [None, ""], dtype=pl.String).hash(seed=_SEED).to_numpy()
         for name, values in self.vocab.items():
             off = self.offsets[name]
             ids = np.arange(2, 2 + len(values), dtype=np.int32) + off
-            self._lut[name] = pl.DataFrame({
-                "h": pl.concat([values.hash(seed=_SEED), blank]),
-                "id": np.concatenate([ids, np.array([off + MISSING, off + MISSING], dtype=np.int32)]),
-            })
+            self._lut[name] = _HashTable(
+                np.concatenate([values.hash(seed=_SEED).to_numpy(), blank]),
+                np.concatenate([ids, np.array([off + MISSING, off + MISSING], dtype=np.int32)]),
+                default=off + OOV)
 
     def fit(self, source: Source | Iterable[pl.DataFrame], seed: int = 0, **read_kwargs: Any) -> Encoder:
         """Fit on a file, a DataFrame or an iterable of typed chunks (the training split only)."""
-        rng = np.random.default_rng(seed)
-        self._begin_fit()
+        self._begin_fit(seed)
         chunks = source if _is_chunk_iter(source) else iter_chunks(source, self.schema, **read_kwargs)  # type: ignore[arg-type]
         for chunk in chunks:
-            self._observe(chunk, self._hashes(chunk), rng)
+            self._observe(chunk, self._hashes(chunk))
         if self.train_rows == 0:
             raise EncoderError("no training rows to fit the encoder on")
         self._finish_fit()
@@ -227,8 +308,8 @@ class Encoder:
             raise EncoderError("the encoder is not fitted; call fit() first or load a saved one")
 
     def _string_columns(self) -> list[str]:
-        """Vocabulary fields: once hashed, their strings are only needed for fitting."""
-        return [f.name for f in self._vocab_fields()]
+        """Vocabulary fields: once hashed, their strings are only needed for fitting (the group column stays)."""
+        return [f.name for f in self._vocab_fields() if f.name != self.schema.group]
 
     def _hashes(self, chunk: pl.DataFrame) -> pl.DataFrame:
         return chunk.select([_hash(f.name).alias(f"h:{f.name}") for f in self._vocab_fields()])
@@ -252,9 +333,7 @@ class Encoder:
         for f in self.schema.sparse_fields:
             off = self.offsets[f.name]
             if f.kind == "categorical" and f.hash_buckets is None:
-                hit = hashes.select(pl.col(f"h:{f.name}").alias("h")).join(
-                    self._lut[f.name], on="h", how="left", maintain_order="left")["id"]
-                cols.append(hit.fill_null(off + OOV).to_numpy())
+                cols.append(self._lut[f.name].lookup(hashes[f"h:{f.name}"].to_numpy()))
             elif f.kind == "categorical":
                 uniq = chunk[f.name].drop_nulls().unique()
                 uniq = uniq.filter(uniq.str.len_bytes() > 0)
@@ -293,8 +372,9 @@ class Encoder:
         self._check_fitted()
         report = report if report is not None else ReadReport()
         writer = DatasetWriter(out_dir, len(self.sparse_names), len(self.dense_names), bool(self.schema.group))
-        for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
-            ids, dense = self._encode(chunk)
+        chunks = iter_chunks(source, self.schema, report=report, **read_kwargs)
+        for chunk, hashes in prefetch((c, self._hashes(c)) for c in chunks):
+            ids, dense = self._encode(chunk, hashes)
             writer.append(ids, dense, chunk[self.schema.label].to_numpy(), self.group_ids(chunk))
         return writer.close({"report": report.to_dict(), "encoder": self.fingerprint()})
 
@@ -377,6 +457,9 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     Each training row is parsed once: the fit pass keeps its hash columns in a temporary folder and the
     transform reads them back. Without ``valid``, the last ``valid_fraction`` of rows by time (or a seeded
     random fraction when the schema has no time field) is held out as validation and not fitted on.
+    Rejected rows of ``train`` go to ``bad_rows``; those of ``valid`` / ``test`` to ``<stem>_valid<suffix>`` /
+    ``<stem>_test<suffix>`` next to it. Reading runs one block ahead in a background thread, and the
+    ``valid`` / ``test`` files are parsed while the training rows are being encoded, so both cores stay busy.
     """
     import time
 
@@ -384,17 +467,17 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     enc = Encoder(schema)
-    enc._begin_fit()
+    enc._begin_fit(seed)
     rng = np.random.default_rng(seed)
     reports: dict[str, ReadReport] = {"train": ReadReport()}
     split_by_time = valid is None and bool(schema.time)
     tmp = Path(tempfile.mkdtemp(prefix="ctrkit-enc-", dir=out))
     parts: list[Path] = []
     times: list[np.ndarray] = []
+    stream: Iterator[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
     try:
-        for i, chunk in enumerate(iter_chunks(train, schema, report=reports["train"], bad_rows=bad_rows,
-                                              **read_kwargs)):
-            hashes = enc._hashes(chunk)
+        chunks = iter_chunks(train, schema, report=reports["train"], bad_rows=bad_rows, **read_kwargs)
+        for i, (chunk, hashes) in enumerate(prefetch((c, enc._hashes(c)) for c in chunks)):
             keep = chunk.drop(["_line"] + ([] if split_by_time else enc._string_columns()))
             if valid is None and not split_by_time:
                 keep = keep.with_columns(pl.Series("_valid", rng.random(chunk.height) < valid_fraction))
@@ -402,9 +485,9 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                 times.append(chunk[schema.time].to_numpy())
             elif valid is None:
                 m = ~keep["_valid"]
-                enc._observe(chunk.filter(m), hashes.filter(m), rng)
+                enc._observe(chunk.filter(m), hashes.filter(m))
             else:
-                enc._observe(chunk, hashes, rng)
+                enc._observe(chunk, hashes)
             file = tmp / f"part{i:05d}.arrow"
             pl.concat([keep, hashes], how="horizontal").write_ipc(file)
             parts.append(file)
@@ -420,33 +503,60 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                 chunk.write_ipc(file)
                 m = ~chunk["_valid"]
                 fit_part = chunk.filter(m)
-                enc._observe(fit_part, fit_part.select([c for c in chunk.columns if c.startswith("h:")]), rng)
+                enc._observe(fit_part, fit_part.select([c for c in chunk.columns if c.startswith("h:")]))
         if enc.train_rows == 0:
             raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
+        sources = [(k, src) for k, src in (("valid", valid), ("test", test)) if src is not None]
+        for k, _ in sources:
+            reports[k] = ReadReport()
+        # Reading starts now, in the background, while the vocabularies are finished.
+        stream = prefetch(_second_pass(enc, parts, sources, reports, bad_rows, read_kwargs), depth=2)
         enc._finish_fit()
-        names = ["train", "valid"] if valid is None else ["train"]
+        names = ["train"] + [k for k, _ in sources] + (["valid"] if valid is None else [])
         writers = {k: DatasetWriter(out / k, len(enc.sparse_names), len(enc.dense_names), bool(schema.group))
                    for k in names}
-        for file in parts:
-            chunk = pl.read_ipc(file)
-            hashes = chunk.select([c for c in chunk.columns if c.startswith("h:")])
+        for name, chunk, hashes in stream:
             ids, dense = enc._encode(chunk, hashes)
             label = chunk[schema.label].to_numpy()
             group = enc.group_ids(chunk)
-            if valid is None:
+            if name == "train" and valid is None:
                 m = chunk["_valid"].to_numpy()
                 for k, sel in (("train", ~m), ("valid", m)):
                     writers[k].append(ids[sel], dense[sel], label[sel], None if group is None else group[sel])
             else:
-                writers["train"].append(ids, dense, label, group)
-            file.unlink()
-        data = {k: w.close({"report": reports["train"].to_dict(), "encoder": enc.fingerprint()})
+                writers[name].append(ids, dense, label, group)
+        fingerprint = enc.fingerprint()
+        # a held-out validation split shares the training file's report
+        data = {k: w.close({"report": reports.get(k, reports["train"]).to_dict(), "encoder": fingerprint})
                 for k, w in writers.items()}
     finally:
+        if stream is not None:
+            stream.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    for name, src in (("valid", valid), ("test", test)):
-        if src is not None:
-            reports[name] = ReadReport()
-            data[name] = enc.transform(src, out / name, report=reports[name], **read_kwargs)
     rows = sum(r.rows for r in reports.values())
     return EncodeResult(encoder=enc, data=data, reports=reports, seconds=time.perf_counter() - t0, rows=rows)
+
+
+def _split_bad_rows(bad_rows: str | Path | None, name: str) -> Path | None:
+    """Where rejected rows of the ``name`` split go: ``<stem>_<name><suffix>`` beside the training one."""
+    if bad_rows is None:
+        return None
+    p = Path(bad_rows)
+    return p.with_name(f"{p.stem}_{name}{p.suffix}")
+
+
+def _second_pass(enc: Encoder, parts: list[Path], sources: list[tuple[str, Source]], reports: dict[str, ReadReport],
+                 bad_rows: str | Path | None,
+                 read_kwargs: dict[str, Any]) -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
+    """(split, chunk, hash columns): the other files parsed, then the training parts read back from disk.
+
+    The other files come first so that their parsing, the costly part, overlaps the end of fitting.
+    """
+    for name, src in sources:
+        for chunk in iter_chunks(src, enc.schema, report=reports[name], bad_rows=_split_bad_rows(bad_rows, name),
+                                 **read_kwargs):
+            yield name, chunk, enc._hashes(chunk)
+    for file in parts:
+        chunk = pl.read_ipc(file)
+        file.unlink()
+        yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith("h:")])

@@ -1,0 +1,113 @@
+"""Encoded datasets on disk and the batch iterator: every row exactly once per epoch, seeded order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctrkit.data.dataset import Batch, BatchIterator, DatasetWriter, EncodedData
+
+
+def _data(n: int = 1037, f: int = 3, d: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = (np.arange(n * f, dtype=np.int32).reshape(n, f))
+    dense = np.arange(n * d, dtype=np.float32).reshape(n, d) / 7
+    label = (np.arange(n) % 2).astype(np.float32)
+    return ids, dense, label
+
+
+def _write(path, n: int = 1037, group: bool = False) -> EncodedData:
+    ids, dense, label = _data(n)
+    w = DatasetWriter(path, 3, 2, with_group=group)
+    for lo in range(0, n, 400):
+        hi = min(lo + 400, n)
+        w.append(ids[lo:hi], dense[lo:hi], label[lo:hi], np.arange(lo, hi, dtype=np.int64) if group else None)
+    return w.close({"note": "x"})
+
+
+def test_writer_open_round_trip(tmp_path):
+    data = _write(tmp_path / "d", group=True)
+    ids, dense, label = _data()
+    again = EncodedData.open(tmp_path / "d")
+    for d in (data, again, again.in_memory()):
+        np.testing.assert_array_equal(d.ids, ids)
+        np.testing.assert_array_equal(d.dense, dense)
+        np.testing.assert_array_equal(d.label, label)
+        np.testing.assert_array_equal(d.group, np.arange(1037))
+    assert again.meta["note"] == "x" and len(again) == 1037
+    assert again.nbytes == ids.nbytes + dense.nbytes + label.nbytes
+    part = again.take(np.array([5, 1]))
+    np.testing.assert_array_equal(part.ids, ids[[5, 1]])
+
+
+def test_writer_checks_shapes(tmp_path):
+    w = DatasetWriter(tmp_path / "d", 3, 2, with_group=True)
+    with pytest.raises(ValueError, match="shapes"):
+        w.append(np.zeros((4, 2), np.int32), np.zeros((4, 2), np.float32), np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="group"):
+        w.append(np.zeros((4, 3), np.int32), np.zeros((4, 2), np.float32), np.zeros(4, np.float32))
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        EncodedData.open(tmp_path / "nothing")
+
+
+def test_empty_dataset(tmp_path):
+    data = DatasetWriter(tmp_path / "e", 3, 0).close()
+    assert len(data) == 0 and data.ids.shape == (0, 3)
+    assert list(BatchIterator(data, batch_size=8, shuffle=True)) == []
+
+
+def _rows_seen(batches: list[Batch]) -> np.ndarray:
+    # column 0 of ids is 3 * row number in _data
+    return np.concatenate([b.ids[:, 0].numpy() // 3 for b in batches])
+
+
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_each_row_once_per_epoch(tmp_path, resident, shuffle):
+    data = _write(tmp_path / "d")
+    it = BatchIterator(data, batch_size=100, shuffle=shuffle, seed=3, resident=resident, block_rows=64,
+                       window_blocks=3)
+    assert len(it) == 11
+    for _ in range(2):
+        batches = list(it)
+        rows = _rows_seen(batches)
+        assert sorted(rows.tolist()) == list(range(1037))
+        assert [len(b.label) for b in batches] == [100] * 10 + [37]
+        if not shuffle:
+            assert rows.tolist() == list(range(1037))
+        for b in batches:
+            r = b.ids[:, 0].numpy() // 3
+            np.testing.assert_array_equal(b.label.numpy(), (r % 2).astype(np.float32))
+            np.testing.assert_allclose(b.dense[:, 0].numpy(), (2 * r / 7).astype(np.float32))
+            assert b.ids.dtype == torch.int32 and b.dense.dtype == torch.float32
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_shuffle_is_seeded_and_epochs_differ(tmp_path, resident):
+    data = _write(tmp_path / "d")
+
+    def order(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        it = BatchIterator(data, batch_size=128, shuffle=True, seed=seed, resident=resident, block_rows=64)
+        return _rows_seen(list(it)), _rows_seen(list(it))
+
+    a1, a2 = order(7)
+    b1, b2 = order(7)
+    c1, _ = order(8)
+    np.testing.assert_array_equal(a1, b1)
+    np.testing.assert_array_equal(a2, b2)
+    assert not np.array_equal(a1, a2) and not np.array_equal(a1, c1)
+    assert not np.array_equal(a1, np.arange(1037))
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_drop_last(tmp_path, resident):
+    data = _write(tmp_path / "d")
+    it = BatchIterator(data, batch_size=100, shuffle=True, drop_last=True, resident=resident, block_rows=64)
+    batches = list(it)
+    assert len(it) == len(batches) == 10 and all(len(b.label) == 100 for b in batches)
+    assert len(set(_rows_seen(batches).tolist())) == 1000
+
+
+def test_bad_batch_size(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchIterator(_write(tmp_path / "d"), batch_size=0)

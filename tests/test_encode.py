@@ -1,0 +1,254 @@
+"""Encoder: exact ids on a literal example, fit on train only, persistence, encode_files splits and streaming."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ctrkit.data.dataset import EncodedData
+from ctrkit.data.encode import MISSING, OOV, Encoder, EncoderError, encode_files
+from ctrkit.data.readers import read_frame
+from ctrkit.data.synth import make_click_log, synth_schema
+from ctrkit.schema import Field, Schema
+
+SCHEMA = Schema(fields=[
+    Field("c"),
+    Field("d", min_count=2),
+    Field("h", hash_buckets=4),
+    Field("x", kind="numeric"),
+    Field("b", kind="numeric", transform="bucketize", n_buckets=4),
+], label="y")
+
+TRAIN = pl.DataFrame({
+    "c": ["a", "b", "a", None, "c", "a", "b", ""],
+    "d": ["x", "y", "x", "z", "y", "x", "w", "w"],
+    "h": ["a", "b", "c", None, "", "a", "b", "c"],
+    "x": [0.0, 1.0, 3.0, 7.0, None, 0.0, 1.0, 3.0],
+    "b": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+    "y": [1, 0, 1, 0, 1, 0, 1, 0],
+})
+
+
+def _fit() -> Encoder:
+    return Encoder(SCHEMA).fit(TRAIN)
+
+
+def test_literal_example_exact_ids():
+    enc = _fit()
+    # c: missing 0, OOV 1, then a (3), b (2), c (1); d: x (3), then w and y (2 each, by value); z is rare -> OOV
+    assert enc.vocab["c"].to_list() == ["a", "b", "c"]
+    assert enc.vocab["d"].to_list() == ["x", "w", "y"]
+    assert enc.sparse_names == ["c", "d", "h", "b"] and enc.dense_names == ["x"]
+    assert enc.field_sizes() == [5, 5, 5, 5]
+    assert enc.offsets == {"c": 0, "d": 5, "h": 10, "b": 15}
+    assert enc.n_ids == 20
+    np.testing.assert_allclose(enc.boundaries["b"], [2.75, 4.5, 6.25])
+    frame, _ = read_frame(TRAIN, SCHEMA)
+    ids, dense = enc.transform_frame(frame)
+    # crc32("a") % 4 + 1 == 4, crc32("b") % 4 + 1 == 2, crc32("c") % 4 + 1 == 4: pinned, they never change
+    expected = np.array([
+        [2, 5 + 2, 10 + 4, 15 + 1],
+        [3, 5 + 4, 10 + 2, 15 + 1],
+        [2, 5 + 2, 10 + 4, 15 + 2],
+        [0, 5 + 1, 10 + 0, 15 + 2],
+        [4, 5 + 4, 10 + 0, 15 + 3],
+        [2, 5 + 2, 10 + 4, 15 + 3],
+        [3, 5 + 3, 10 + 2, 15 + 4],
+        [0, 5 + 3, 10 + 4, 15 + 4],
+    ], dtype=np.int32)
+    np.testing.assert_array_equal(ids, expected)
+    assert ids.dtype == np.int32 and dense.dtype == np.float32
+    k = np.array([0, 1, 2, 3, 0, 1, 2])  # log1p(x) / log(2) for the present values
+    mean, std = k.mean() * np.log(2), k.std() * np.log(2)
+    want = (np.log1p(np.array([0, 1, 3, 7, np.nan, 0, 1, 3])) - mean) / std
+    np.testing.assert_allclose(dense[:, 0], want.astype(np.float32), rtol=1e-5, equal_nan=True)
+
+
+def test_unseen_and_missing_values():
+    enc = _fit()
+    frame, _ = read_frame(pl.DataFrame({"c": ["zzz", None, ""], "d": ["z", "w", None], "h": ["q", "", None],
+                                        "x": [None, 1.0, 2.0], "b": [None, 100.0, -5.0], "y": [0, 0, 0]}), SCHEMA)
+    ids, dense = enc.transform_frame(frame)
+    assert ids[:, 0].tolist() == [OOV, MISSING, MISSING]
+    assert ids[:, 1].tolist() == [5 + OOV, 5 + 3, 5 + MISSING]
+    assert ids[:, 2].tolist() == [10 + 4, 10 + MISSING, 10 + MISSING]
+    assert ids[:, 3].tolist() == [15 + MISSING, 15 + 4, 15 + 1]
+    assert np.isnan(dense[0, 0]) and not np.isnan(dense[1, 0])
+
+
+def test_save_load_round_trip(tmp_path):
+    enc = _fit()
+    enc.save(tmp_path / "enc")
+    back = Encoder.load(tmp_path / "enc")
+    frame, _ = read_frame(TRAIN, SCHEMA)
+    for a, b in zip(enc.transform_frame(frame), back.transform_frame(frame)):
+        np.testing.assert_array_equal(a, b)
+    assert back.fingerprint() == enc.fingerprint() and back.field_sizes() == enc.field_sizes()
+    assert back.counts["c"].tolist() == [3, 2, 1]
+
+
+def test_saved_encoder_gives_the_same_ids_in_another_process(tmp_path):
+    enc = _fit()
+    enc.save(tmp_path / "enc")
+    TRAIN.write_parquet(tmp_path / "t.parquet")
+    code = ("import sys, numpy as np; from ctrkit.data.encode import Encoder; from ctrkit.data.readers import read_frame;"
+            "e = Encoder.load(sys.argv[1]); f, _ = read_frame(sys.argv[2], e.schema);"
+            "np.save(sys.argv[3], e.transform_frame(f)[0])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "enc"), str(tmp_path / "t.parquet"),
+                    str(tmp_path / "ids.npy")], check=True)
+    frame, _ = read_frame(TRAIN, SCHEMA)
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), enc.transform_frame(frame)[0])
+
+
+def test_load_checks_files(tmp_path):
+    with pytest.raises(EncoderError, match="no encoder.json"):
+        Encoder.load(tmp_path)
+    enc = _fit()
+    enc.save(tmp_path / "enc")
+    meta = json.loads((tmp_path / "enc" / "encoder.json").read_text())
+    meta["sizes"]["c"] = 9
+    (tmp_path / "enc" / "encoder.json").write_text(json.dumps(meta))
+    with pytest.raises(EncoderError, match="'c'"):
+        Encoder.load(tmp_path / "enc")
+    with pytest.raises(EncoderError, match="not fitted"):
+        Encoder(SCHEMA).field_sizes()
+
+
+def _write_csv(df: pl.DataFrame, path: Path) -> Path:
+    df.with_columns(pl.col(pl.Datetime).dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ")).write_csv(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def log_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("log")
+    df, _ = make_click_log(n_rows=6000, n_users=800, n_items=300, seed=5)
+    df = df.drop("p_click")
+    return {"all": _write_csv(df, d / "all.csv"), "train": _write_csv(df[:5000], d / "train.csv"),
+            "valid": _write_csv(df[5000:], d / "valid.csv"), "frame": df}
+
+
+def test_fit_only_on_train(log_files, tmp_path):
+    s = synth_schema()
+    res = encode_files(s, log_files["train"], tmp_path / "out", valid=log_files["valid"])
+    enc = res.encoder
+    train_users = set(log_files["frame"][:5000]["user_id"].to_list())
+    valid_only = set(log_files["frame"][5000:]["user_id"].to_list()) - train_users
+    assert valid_only, "the fixture should have users seen only in validation"
+    assert not valid_only & set(enc.vocab["user_id"].to_list())
+    assert enc.train_rows == 5000 and len(res.data["train"]) == 5000 and len(res.data["valid"]) == 1000
+    valid_frame, _ = read_frame(log_files["valid"], s)
+    ids, _ = enc.transform_frame(valid_frame)
+    np.testing.assert_array_equal(np.asarray(res.data["valid"].ids), ids)
+    col = enc.sparse_names.index("user_id")
+    is_new = valid_frame["user_id"].is_in(list(valid_only)).to_numpy()
+    assert (ids[is_new, col] == enc.offsets["user_id"] + OOV).all()
+    assert res.rows == 6000 and res.reports["valid"].rows == 1000
+
+
+def test_time_split_holds_out_the_latest_rows(log_files, tmp_path):
+    s = synth_schema()
+    res = encode_files(s, log_files["all"], tmp_path / "out", valid_fraction=0.2)
+    assert len(res.data["train"]) + len(res.data["valid"]) == 6000
+    assert abs(len(res.data["valid"]) - 1200) <= 2
+    assert res.encoder.train_rows == len(res.data["train"])
+    # the held-out rows are the last ones in time: their labels are the tail of the file's
+    labels = log_files["frame"]["click"].to_numpy().astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(res.data["valid"].label), labels[-len(res.data["valid"]):])
+
+
+def test_random_split_is_seeded(log_files, tmp_path):
+    s = Schema(fields=synth_schema().fields, label="click")
+    a = encode_files(s, log_files["all"], tmp_path / "a", valid_fraction=0.25, seed=1)
+    b = encode_files(s, log_files["all"], tmp_path / "b", valid_fraction=0.25, seed=1)
+    c = encode_files(s, log_files["all"], tmp_path / "c", valid_fraction=0.25, seed=2)
+    assert 1300 < len(a.data["valid"]) < 1700
+    np.testing.assert_array_equal(np.asarray(a.data["valid"].ids), np.asarray(b.data["valid"].ids))
+    assert len(c.data["valid"]) != len(a.data["valid"]) or not np.array_equal(
+        np.asarray(a.data["valid"].ids), np.asarray(c.data["valid"].ids))
+
+
+def test_streaming_in_small_blocks_gives_the_same_result(log_files, tmp_path):
+    s = synth_schema()
+    s.fields.append(Field("user_activity_b", kind="numeric", transform="bucketize", n_buckets=5))
+    df = log_files["frame"].with_columns(pl.col("user_activity").alias("user_activity_b"))
+    s.fields[0] = Field("user_id", hash_buckets=97)
+    path = _write_csv(df, tmp_path / "all.csv")
+    one = encode_files(s, path, tmp_path / "one", valid_fraction=0.1)
+    many = encode_files(s, path, tmp_path / "many", valid_fraction=0.1, block_bytes=20_000)
+    assert one.encoder.n_ids == many.encoder.n_ids
+    for k in ("train", "valid"):
+        np.testing.assert_array_equal(np.asarray(one.data[k].ids), np.asarray(many.data[k].ids))
+        np.testing.assert_allclose(np.asarray(one.data[k].dense), np.asarray(many.data[k].dense), rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(one.data[k].label), np.asarray(many.data[k].label))
+
+
+def test_encode_files_matches_transform_and_writes_bad_rows(log_files, tmp_path):
+    text = Path(log_files["valid"]).read_text().splitlines()
+    text.insert(5, "garbage,line")
+    bad_valid = tmp_path / "valid.csv"
+    bad_valid.write_text("\n".join(text) + "\n")
+    s = synth_schema()
+    res = encode_files(s, log_files["train"], tmp_path / "out", valid=bad_valid, test=log_files["valid"],
+                       bad_rows=tmp_path / "bad.tsv")
+    assert res.reports["valid"].bad_rows == 1 and res.reports["valid"].rows == 1001
+    assert (tmp_path / "bad_valid.tsv").read_text().count("\n") == 1
+    assert not (tmp_path / "bad.tsv").exists()
+    np.testing.assert_array_equal(np.asarray(res.data["valid"].ids), np.asarray(res.data["test"].ids))
+    assert EncodedData.open(tmp_path / "out" / "test").meta["report"]["rows"] == 1000
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("ctrkit-enc-")]
+
+
+def test_group_ids_are_stable(log_files):
+    s = synth_schema()
+    frame, _ = read_frame(log_files["valid"], s)
+    enc = Encoder(s).fit(frame)
+    g = enc.group_ids(frame)
+    assert g is not None and g.dtype == np.int64
+    same = frame["user_id"].to_numpy()
+    assert len(set(zip(same.tolist(), g.tolist()))) == frame["user_id"].n_unique()
+
+
+def test_no_training_rows(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("c,d,h,x,b,y\na,b,c,1,2,7\n")
+    with pytest.raises(EncoderError, match="no training rows"):
+        encode_files(SCHEMA, path, tmp_path / "out", valid=path)
+
+
+TEXT = st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["a", "b", "", " ", "é", "日本", "\x00"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(train=st.lists(TEXT, min_size=1, max_size=40), other=st.lists(TEXT, min_size=1, max_size=40),
+       min_count=st.integers(1, 3), buckets=st.sampled_from([None, 1, 7]))
+def test_any_strings_get_ids_in_their_field_range(train, other, min_count, buckets):
+    schema = Schema(fields=[Field("v", min_count=min_count, hash_buckets=buckets), Field("w")], label="y")
+    fit = pl.DataFrame({"v": train, "w": ["k"] * len(train), "y": [0] * len(train)},
+                       schema={"v": pl.String, "w": pl.String, "y": pl.Int64})
+    enc = Encoder(schema).fit(fit)
+    values = train + other
+    frame, _ = read_frame(pl.DataFrame({"v": values, "w": ["k"] * len(values), "y": [1] * len(values)},
+                                       schema={"v": pl.String, "w": pl.String, "y": pl.Int64}), schema)
+    ids, _ = enc.transform_frame(frame)
+    size = enc.field_sizes()[0]
+    assert ((ids[:, 0] >= 0) & (ids[:, 0] < size)).all()
+    assert (ids[:, 1] >= size).all() and (ids[:, 1] < enc.n_ids).all()
+    seen: dict[object, int] = {}
+    for v, i in zip(values, ids[:, 0].tolist()):
+        assert seen.setdefault(v, i) == i
+        if v is None or v == "":
+            assert i == MISSING
+    if buckets is None:
+        counts = pl.Series(train, dtype=pl.String).value_counts()
+        for v, n in counts.iter_rows():
+            if v not in (None, "") and n >= min_count:
+                assert seen[v] >= 2

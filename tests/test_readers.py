@@ -1,0 +1,208 @@
+"""Readers: every format yields the same typed chunks, and no row is lost without being counted."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ctrkit.data.readers import (DataError, ReadReport, coerce_chunk, detect_format, iter_chunks, libfm_schema,
+                                 prefetch, read_frame, read_sample)
+from ctrkit.schema import Field, Schema
+
+CRITEO_DEV = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "criteo_samples" / "wide_resdnn_criteo_dev.tsv"
+CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+
+SCHEMA = Schema(fields=[Field("city"), Field("price", kind="numeric")], label="click")
+GOOD = [("paris", "1.5", "1"), ("rome", "", "0"), ("", "3", "1"), ("oslo", "4", "0")]
+
+
+def _write(path: Path, rows: list[tuple[str, ...]], sep: str = ",", header: bool = True, gz: bool = False,
+           raw_lines: list[str] | None = None) -> Path:
+    lines = ([sep.join(("city", "price", "click"))] if header else []) + [sep.join(r) for r in rows]
+    lines += raw_lines or []
+    data = ("\n".join(lines) + "\n").encode()
+    if gz:
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def _criteo_schema() -> Schema:
+    return Schema(fields=[Field(f"I{i}", kind="numeric") for i in range(1, 14)]
+                  + [Field(f"C{i}", min_count=2) for i in range(1, 27)], label="label", columns=CRITEO_COLUMNS)
+
+
+def test_detect_format(tmp_path):
+    assert detect_format("a.csv") == "csv" and detect_format("a.tsv.gz") == "tsv"
+    assert detect_format("a.parquet") == "parquet" and detect_format("x.libfm") == "libfm"
+    txt = tmp_path / "x.txt"
+    txt.write_text("1 3:1 7:1\n")
+    assert detect_format(txt) == "libfm"
+    txt.write_text("a\tb\n")
+    assert detect_format(txt) == "tsv"
+
+
+@pytest.mark.parametrize("sep, name", [(",", "d.csv"), ("\t", "d.tsv")])
+def test_csv_tsv_with_header_types_and_missing(tmp_path, sep, name):
+    df, rep = read_frame(_write(tmp_path / name, GOOD, sep=sep), SCHEMA)
+    assert df.schema["city"] == pl.String and df.schema["price"] == pl.Float64 and df.schema["click"] == pl.Float32
+    assert df["city"].to_list() == ["paris", "rome", None, "oslo"]
+    assert df["price"].to_list() == [1.5, None, 3.0, 4.0]
+    assert df["click"].to_list() == [1.0, 0.0, 1.0, 0.0]
+    assert df["_line"].to_list() == [2, 3, 4, 5]
+    assert (rep.rows, rep.bad_rows) == (4, 0)
+
+
+def test_gz_is_transparent(tmp_path):
+    plain, _ = read_frame(_write(tmp_path / "d.csv", GOOD), SCHEMA)
+    gz, _ = read_frame(_write(tmp_path / "d.csv.gz", GOOD, gz=True), SCHEMA)
+    assert plain.equals(gz)
+
+
+def test_headerless_needs_columns(tmp_path):
+    path = _write(tmp_path / "d.tsv", GOOD, sep="\t", header=False)
+    with_cols = Schema(fields=SCHEMA.fields, label="click", columns=["city", "price", "click"])
+    df, rep = read_frame(path, with_cols)
+    assert df.height == 4 and df["_line"].to_list() == [1, 2, 3, 4]
+    with pytest.raises(DataError, match="columns"):
+        read_frame(path, SCHEMA, has_header=False)
+
+
+def test_raw_criteo_dev_sample():
+    if not CRITEO_DEV.exists():
+        pytest.skip(f"{CRITEO_DEV} not available")
+    df, rep = read_frame(CRITEO_DEV, _criteo_schema())
+    assert (rep.rows, rep.bad_rows, df.height) == (409, 0, 409)
+    assert df["label"].to_list()[:2] == [0.0, 1.0]
+    assert df["I2"][0] == -1.0 and df["I3"][0] is None
+    assert df["C1"][0] == "8cf07265" and df["C19"][0] is None
+
+
+def test_parquet_matches_csv(tmp_path):
+    csv, _ = read_frame(_write(tmp_path / "d.csv", GOOD), SCHEMA)
+    pq = tmp_path / "d.parquet"
+    pl.DataFrame({"city": ["paris", "rome", None, "oslo"], "price": [1.5, None, 3.0, 4.0], "click": [1, 0, 1, 0],
+                  "unused": [0, 0, 0, 0]}).write_parquet(pq)
+    df, rep = read_frame(pq, SCHEMA)
+    assert df.equals(csv.with_columns(pl.int_range(1, 5, dtype=pl.Int64).alias("_line")))
+    assert rep.rows == 4
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("labels", [("1", "-1"), ("1", "0")])
+def test_libfm(tmp_path, newline, labels):
+    pos, neg = labels
+    path = tmp_path / "f.libfm"
+    path.write_bytes(newline.join([f"{pos} 3:1 10:1", f"{neg} 4:1 11:1", f"{neg} 3:1 12:1"]).encode() + newline.encode())
+    df, rep = read_frame(path, libfm_schema(["user", "item"]))
+    assert df["label"].to_list() == [1.0, 0.0, 0.0]
+    assert df["user"].to_list() == ["3", "4", "3"]
+    assert df["item"].to_list() == ["10", "11", "12"]
+    assert (rep.rows, rep.bad_rows) == (3, 0)
+
+
+BAD_CSV = [
+    ("paris,1,1,extra", "expected 3 fields"),
+    ("rome,2", "expected 3 fields"),
+    ("oslo,abc,1", "'price': not a number"),
+    ("oslo,2,2", "label 'click'"),
+    ("oslo,2,", "label 'click'"),
+    ("oslo,2,yes", "label 'click'"),
+]
+
+
+@pytest.mark.parametrize("sep, gz", [(",", False), ("\t", False), (",", True)])
+@pytest.mark.parametrize("bad, reason", BAD_CSV)
+def test_bad_rows_are_counted_and_kept_aside(tmp_path, sep, gz, bad, reason):
+    name = "d.csv" if sep == "," else "d.tsv"
+    path = _write(tmp_path / (name + (".gz" if gz else "")), GOOD[:2], sep=sep, gz=gz,
+                  raw_lines=[bad.replace(",", sep)] + [sep.join(r) for r in GOOD[2:]])
+    aside = tmp_path / "bad.tsv"
+    report = ReadReport()
+    good = pl.concat(list(iter_chunks(path, SCHEMA, report=report, bad_rows=aside)))
+    assert good.height == 4 and report.bad_rows == 1
+    assert report.rows == good.height + report.bad_rows
+    assert reason in report.examples[0] and "line 4" in report.examples[0]
+    written = aside.read_text().splitlines()
+    assert len(written) == 1
+    line_no, why, text = written[0].split("\t", 2)
+    assert line_no == "4" and reason in why
+    assert good["_line"].to_list() == [2, 3, 5, 6]
+
+
+def test_many_bad_rows_across_blocks(tmp_path):
+    rows = []
+    for i in range(3000):
+        rows.append(f"c{i % 7},{i},{i % 2}" if i % 10 else f"c{i},{'x' if i % 20 else ''},{i % 2},9")
+    path = tmp_path / "many.csv"
+    path.write_text("city,price,click\n" + "\n".join(rows) + "\n")
+    report = ReadReport()
+    got = sum(c.height for c in iter_chunks(path, SCHEMA, report=report, block_bytes=4096))
+    assert report.bad_rows == 300 and got == 2700 and report.rows == 3000
+
+
+def test_libfm_bad_rows(tmp_path):
+    path = tmp_path / "f.libfm"
+    path.write_text("1 3:1 10:1\n0 4:1\nabc 3:1 12:1\n1 5:1 13:1 14:1\n0 6:1 15:1\n")
+    aside = tmp_path / "bad.txt"
+    report = ReadReport()
+    df = pl.concat(list(iter_chunks(path, libfm_schema(["user", "item"]), report=report, bad_rows=aside)))
+    assert df["user"].to_list() == ["3", "6"]
+    assert report.bad_rows == 3 and report.rows == 5
+    assert len(aside.read_text().splitlines()) == 3
+
+
+def test_parquet_bad_rows(tmp_path):
+    pq = tmp_path / "d.parquet"
+    pl.DataFrame({"city": ["a", "b", "c", "d"], "price": ["1", "x", "2", "3"],
+                  "click": [1, 0, 2, None]}).write_parquet(pq)
+    report = ReadReport()
+    df = pl.concat(list(iter_chunks(pq, SCHEMA, report=report)))
+    assert df["city"].to_list() == ["a"]
+    assert report.bad_rows == 3 and report.rows == 4
+
+
+def test_missing_columns_are_named(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("city,click\na,1\n")
+    with pytest.raises(DataError, match="price"):
+        read_frame(path, SCHEMA)
+    with pytest.raises(DataError, match="price"):
+        coerce_chunk(pl.DataFrame({"city": ["a"], "click": [1]}), SCHEMA)
+
+
+def test_frame_source_and_unlabelled(tmp_path):
+    frame = pl.DataFrame({"city": ["a", "b"], "price": [1, 2]})
+    df, rep = read_frame(frame, SCHEMA, with_label=False)
+    assert df.columns == ["city", "price", "_line"] and df.schema["price"] == pl.Float64
+
+
+def test_float_categories_match_integer_text(tmp_path):
+    frame = pl.DataFrame({"city": [3.0, 2.5, None], "price": [1, 2, 3], "click": [0, 1, 0]})
+    df, _ = read_frame(frame, SCHEMA)
+    assert df["city"].to_list() == ["3", "2.5", None]
+
+
+def test_read_sample(tmp_path):
+    path = _write(tmp_path / "d.csv", GOOD)
+    assert read_sample(path, n_rows=2).height == 2
+
+
+def test_prefetch_passes_items_and_errors():
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def boom():
+        yield 1
+        raise RuntimeError("broken source")
+
+    it = prefetch(boom())
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="broken source"):
+        next(it)
+    early = prefetch(iter(range(1000)))
+    assert next(early) == 0
+    early.close()
