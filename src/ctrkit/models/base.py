@@ -35,6 +35,7 @@ class ModelConfig:
     emb_l2: float | None = None
     emb_l2_scope: str = "auto"
     sparse_grad: bool | None = None
+    init_std: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
@@ -83,6 +84,7 @@ class CTRModel(nn.Module):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__()
@@ -101,7 +103,7 @@ class CTRModel(nn.Module):
         if self.training and self.config.emb_l2 and self.config.emb_l2_scope == "table":
             tables = [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
             return 0.5 * self.config.emb_l2 * sum(w.pow(2).sum() for w in tables)
-        return self._penalty
+        return self._penalty if self.training else None
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters with sparse gradients (embedding tables when ``sparse_grad``)."""
@@ -126,15 +128,18 @@ def model_names() -> list[str]:
 
 def default_config(name: str, **overrides: Any) -> ModelConfig:
     """The tuned default configuration of a model, with overrides applied."""
-    cls = _model_class(name)
-    base = ModelConfig.from_dict(dict(cls.defaults))
+    cls = model_class(name)
+    return _with_overrides(ModelConfig.from_dict(dict(cls.defaults)), overrides)
+
+
+def _with_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """``config`` with the non-None ``overrides``; an unknown name is a ValueError that lists the known ones."""
     clean = {k: v for k, v in overrides.items() if v is not None}
-    if "hidden" in clean:
-        clean["hidden"] = tuple(clean["hidden"])
-    return replace(base, **clean)
+    return ModelConfig.from_dict({**config.to_dict(), **clean}) if clean else config
 
 
-def _model_class(name: str) -> type[CTRModel]:
+def model_class(name: str) -> type[CTRModel]:
+    """The registered class for ``name`` (case-insensitive); the error lists the available names."""
     key = name.lower()
     if key not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {model_names()}")
@@ -142,6 +147,9 @@ def _model_class(name: str) -> type[CTRModel]:
 
 
 def build_model(name: str, spec: FeatureSpec, config: ModelConfig | None = None, **overrides: Any) -> CTRModel:
-    """Instantiate a registered model for ``spec``; ``config`` defaults to the model's tuned defaults."""
-    cfg = config if config is not None else default_config(name, **overrides)
-    return _model_class(name)(spec, cfg)
+    """Instantiate a registered model for ``spec``; ``config`` defaults to the model's tuned defaults.
+
+    ``overrides`` apply on top of ``config`` when both are given.
+    """
+    cfg = default_config(name, **overrides) if config is None else _with_overrides(config, overrides)
+    return model_class(name)(spec, cfg)

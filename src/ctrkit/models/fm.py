@@ -15,13 +15,15 @@ class FM(CTRModel):
     """logit = first-order term + sum over field pairs of <e_i, e_j>."""
 
     name = "fm"
-    defaults = {"embed_dim": 16}
+    defaults = {"embed_dim": 16, "emb_l2": 1e-5, "emb_l2_scope": "batch"}
+    train_defaults = {"lr": 0.01}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__(spec, config)
         config = self.config
-        self.linear = FeatureLinear(spec, sparse=config.sparse_grad)
-        self.embedding = FeatureEmbedding(spec, config.embed_dim, sparse=config.sparse_grad)
+        self.linear = FeatureLinear(spec, sparse=bool(config.sparse_grad))
+        self.embedding = FeatureEmbedding(spec, config.embed_dim, sparse=bool(config.sparse_grad),
+                                          init_std=config.init_std)
         self.fm = FactorizationMachine()
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -35,13 +37,14 @@ class DeepFM(CTRModel):
     """FM plus an MLP over the concatenated field embeddings; both share the embedding table."""
 
     name = "deepfm"
-    defaults = {"embed_dim": 16, "hidden": (400, 400, 400), "dropout": 0.2, "batch_norm": True}
+    defaults = {"embed_dim": 16, "hidden": (400, 400), "dropout": 0.2, "batch_norm": True}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__(spec, config)
         config = self.config
-        self.linear = FeatureLinear(spec, sparse=config.sparse_grad)
-        self.embedding = FeatureEmbedding(spec, config.embed_dim, sparse=config.sparse_grad)
+        self.linear = FeatureLinear(spec, sparse=bool(config.sparse_grad))
+        self.embedding = FeatureEmbedding(spec, config.embed_dim, sparse=bool(config.sparse_grad),
+                                          init_std=config.init_std)
         self.fm = FactorizationMachine()
         self.mlp = MLP(spec.n_fields * config.embed_dim, config.hidden, 1, config.dropout, config.batch_norm)
 

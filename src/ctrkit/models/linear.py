@@ -14,11 +14,12 @@ class LR(CTRModel):
 
     name = "lr"
     defaults = {"emb_l2": 0.0}
+    train_defaults = {"lr": 0.01}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__(spec, config)
         config = self.config
-        self.linear = FeatureLinear(spec, sparse=config.sparse_grad)
+        self.linear = FeatureLinear(spec, sparse=bool(config.sparse_grad))
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         self._penalty = None

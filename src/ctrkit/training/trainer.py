@@ -1,8 +1,8 @@
 """Training loop: BCE with logits, Adam or Adagrad, early stopping on validation AUC, restore-best.
 
 The trainer owns the optimizer and the device, not the model. Embedding tables with sparse gradients get
-the sparse variant of the optimizer (SparseAdam, or Adagrad, which takes sparse gradients), so a step costs
-what the batch touches, not what the vocabulary holds.
+the row-sparse variant of the optimizer (:class:`RowSparseOptimizer`: lazy Adam, the update of torch's
+SparseAdam, or Adagrad), so a step costs what the batch touches, not what the vocabulary holds.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from ctrkit.data.dataset import BatchIterator, EncodedData
 from ctrkit.evaluate.metrics import evaluate
 from ctrkit.models.base import CTRModel
-from ctrkit.train.optim import RowSparseOptimizer
+from ctrkit.training.optim import RowSparseOptimizer
 
 OPTIMIZERS = ("adam", "adagrad")
 
@@ -59,6 +59,15 @@ class TrainConfig:
             raise ValueError(f"monitor must be 'auc' or 'logloss', got {self.monitor!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.patience < 1:
+            # with 0 the first epoch, an improvement by definition, would already end training
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.weight_decay < 0 or self.min_lr < 0:
+            raise ValueError(f"weight_decay and min_lr must be >= 0, got {self.weight_decay} and {self.min_lr}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0 when set, got {self.max_seconds}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -173,7 +182,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                     o.step()
                 n_seen += len(batch.label)
                 if step % 20 == 0:
-                    loss_sum = float(loss)
+                    loss_sum = float(loss.detach())
                     elapsed = time.perf_counter() - t0
                     progress.update(task, completed=step + 1,
                                     info=f"loss {loss_sum:.4f}  {n_seen / max(elapsed, 1e-9):,.0f}/s")

@@ -1,0 +1,5 @@
+"""``python -m ctrkit`` runs the command line."""
+
+from ctrkit.cli import main
+
+main()
