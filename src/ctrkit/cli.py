@@ -19,7 +19,7 @@ app = typer.Typer(help="Click-through-rate prediction and measurement.", no_args
                   pretty_exceptions_enable=False, add_completion=False)
 schema_app = typer.Typer(help="Describe the columns of a click log.", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _mount_measure() -> None:

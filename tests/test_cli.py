@@ -1,0 +1,135 @@
+"""The `ctrkit` command line: the contract users and scripts depend on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ctrkit.cli import app
+from ctrkit.data.synth import make_click_log, split_by_time
+from ctrkit.serve.bundle import Bundle
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train/valid/test CSV files of a small synthetic log."""
+    d = tmp_path_factory.mktemp("cli")
+    log, _ = make_click_log(n_rows=4000, n_users=200, n_items=100, seed=11)
+    tr, va, te = split_by_time(log.drop("p_click"))
+    tr.write_csv(d / "train.csv")
+    va.write_csv(d / "valid.csv")
+    te.write_csv(d / "test.csv")
+    te.drop("click").write_parquet(d / "new.parquet")
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(files: Path) -> Path:
+    """`ctrkit schema infer` then `ctrkit train`, as the README tells a user to do."""
+    res = runner.invoke(app, ["schema", "infer", str(files / "train.csv")])
+    assert res.exit_code == 0, res.output
+    (files / "schema.yaml").write_text(res.stdout)
+    out = files / "run"
+    res = runner.invoke(app, ["train", str(files / "train.csv"), "--valid", str(files / "valid.csv"), "--test",
+                              str(files / "test.csv"), "--schema", str(files / "schema.yaml"), "--model", "deepfm",
+                              "--out", str(out), "--epochs", "2", "--batch-size", "512", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_schema_infer_guesses_roles_and_kinds(files: Path, trained: Path) -> None:
+    data = yaml.safe_load((files / "schema.yaml").read_text())
+    assert data["label"] == "click" and data["time"] == "timestamp"
+    assert data["position"] == "position" and data["group"] == "user_id"
+    kinds = {f["name"]: f["kind"] for f in data["fields"]}
+    assert kinds["user_id"] == "categorical" and kinds["genre"] == "categorical"
+    assert kinds["price"] == "numeric" and "timestamp" not in kinds
+
+
+def test_schema_infer_explicit_label_and_errors(files: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["schema", "infer", str(files / "train.csv"), "--label", "nope"])
+    assert res.exit_code == 2 and "label column 'nope' not found" in res.output
+    res = runner.invoke(app, ["schema", "infer", str(tmp_path / "missing.csv")])
+    assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_train_writes_metrics_contract(trained: Path) -> None:
+    m = json.loads((trained / "metrics.json").read_text())
+    for key in ("auc", "logloss", "ece", "pred_actual_ratio", "n", "positives"):
+        assert key in m["test"] and key in m["valid"]
+    for key in ("seconds", "samples_per_s", "epochs"):
+        assert key in m["train"]
+    assert (trained / "bundle" / "weights.safetensors").exists()
+
+
+def test_evaluate_json_matches_training_metrics(files: Path, trained: Path) -> None:
+    res = runner.invoke(app, ["evaluate", str(trained / "bundle"), str(files / "test.csv"), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    saved = json.loads((trained / "metrics.json").read_text())["test"]
+    assert got["auc"] == pytest.approx(saved["auc"], abs=1e-9)
+    assert got["n"] == saved["n"] and got["bad_rows"] == 0
+    res = runner.invoke(app, ["evaluate", str(trained / "bundle"), str(files / "test.csv")])
+    assert res.exit_code == 0 and "logloss" in res.stdout
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_predict_one_row_per_input_in_order(files: Path, trained: Path, suffix: str) -> None:
+    out = files / f"scores{suffix}"
+    res = runner.invoke(app, ["predict", str(trained / "bundle"), str(files / "new.parquet"), "--out", str(out),
+                              "--keep", "user_id"])
+    assert res.exit_code == 0, res.output
+    scores = pl.read_csv(out) if suffix == ".csv" else pl.read_parquet(out)
+    new = pl.read_parquet(files / "new.parquet")
+    assert scores.height == new.height
+    assert scores["user_id"].to_list() == new["user_id"].to_list()
+    expected = Bundle.load(trained / "bundle").predict(new)
+    assert np.max(np.abs(scores["pctr"].to_numpy() - expected)) < 1e-6
+
+
+def test_predict_rejects_bad_output_name(files: Path, trained: Path) -> None:
+    res = runner.invoke(app, ["predict", str(trained / "bundle"), str(files / "new.parquet"), "--out",
+                              str(files / "x.json")])
+    assert res.exit_code == 2 and ".csv or .parquet" in res.output
+
+
+def test_train_without_schema_explains(files: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["train", str(files / "train.csv"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "schema is needed" in res.output
+
+
+def test_train_libfm_with_fields_and_no_valid(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(3000):
+        a, b, c = rng.integers(0, 5), rng.integers(5, 15), rng.integers(15, 20)
+        y = 1 if (a + b) % 3 == 0 else -1
+        lines.append(f"{y} {a}:1 {b}:1 {c}:1\r")
+    path = tmp_path / "toy.libfm"
+    path.write_text("\n".join(lines) + "\n")
+    res = runner.invoke(app, ["train", str(path), "--format", "libfm", "--fields", "a,b,c", "--model", "fm",
+                              "--out", str(tmp_path / "run"), "--epochs", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["valid"]["n"] + m["train"]["rows"] == 3000 and "test" not in m
+    assert m["valid"]["auc"] > 0.6
+
+
+def test_models_command_lists_the_zoo() -> None:
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0
+    for name in ("lr", "fm", "deepfm"):
+        assert name in res.stdout
+
+
+def test_measure_is_mounted() -> None:
+    res = runner.invoke(app, ["measure", "--help"])
+    assert res.exit_code == 0 and "ctr" in res.stdout
