@@ -138,7 +138,7 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
             out: Path = typer.Option(..., help="Output .csv or .parquet: one row per input row, in order."),
             keep: Optional[str] = typer.Option(None, help="Input columns to copy next to the score, comma-separated."),
             fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
-    """Write the calibrated click probability (column `pctr`) of every row of FILE to OUT."""
+    """Write the click probability (column `pctr`) of every row of FILE to OUT."""
     import polars as pl
 
     from ctrkit.data.readers import read_frame
