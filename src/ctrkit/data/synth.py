@@ -68,7 +68,9 @@ class SynthConfig:
     user_zipf: float = 1.05
     item_zipf: float = 1.1
     ctr: float = 0.08
-    interaction_strength: float = 1.6
+    # At 1.6 even the true click model beat its own additive part by only 0.04-0.06 AUC, too little for the
+    # planted interaction to separate FM from LR by a clear margin; at 3.0 that gap is 0.09-0.13.
+    interaction_strength: float = 3.0
     main_effect_scale: float = 0.5
     missing_rate: float = 0.02
     days: int = 14

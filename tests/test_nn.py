@@ -1,0 +1,188 @@
+"""Shared layers against literal, loop-by-loop versions of their formulas (float64, small random input)."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
+from ctrkit.nn.interactions import FactorizationMachine
+from ctrkit.nn.mlp import MLP
+
+SIZES = (4, 3, 5)
+
+
+def make_spec(sizes: tuple[int, ...] = SIZES, n_dense: int = 2) -> FeatureSpec:
+    """A spec whose sparse fields have ``sizes`` ids each, laid out one after another."""
+    return FeatureSpec(n_ids=sum(sizes), field_sizes=tuple(sizes),
+                       sparse_names=tuple(f"c{i}" for i in range(len(sizes))),
+                       dense_names=tuple(f"x{j}" for j in range(n_dense)))
+
+
+def random_inputs(spec: FeatureSpec, batch: int, gen: torch.Generator,
+                  missing: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offset ids (field f's local id plus the sizes of the fields before it) and dense values with NaNs."""
+    offsets = [sum(spec.field_sizes[:f]) for f in range(spec.n_sparse)]
+    ids = torch.zeros(batch, spec.n_sparse, dtype=torch.int64)
+    for f, size in enumerate(spec.field_sizes):
+        ids[:, f] = torch.randint(0, size, (batch,), generator=gen) + offsets[f]
+    dense = torch.randn(batch, spec.n_dense, generator=gen, dtype=torch.float64)
+    dense[torch.rand(batch, spec.n_dense, generator=gen) < missing] = float("nan")
+    return ids, dense
+
+
+def fm_loop(emb: torch.Tensor) -> torch.Tensor:
+    """sum_{i<j} <e_i, e_j> per sample, by the double loop over field pairs."""
+    b, f, _ = emb.shape
+    out = torch.zeros(b, dtype=emb.dtype)
+    for s in range(b):
+        for i in range(f):
+            for j in range(i + 1, f):
+                out[s] += torch.dot(emb[s, i], emb[s, j])
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 5), n_fields=st.integers(1, 7), dim=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_fm_equals_double_loop_over_field_pairs(batch: int, n_fields: int, dim: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(batch, n_fields, dim, generator=gen, dtype=torch.float64) * 3
+    got = FactorizationMachine()(emb)
+    assert got.shape == (batch,)
+    torch.testing.assert_close(got, fm_loop(emb), rtol=0, atol=1e-9)
+    per_dim = FactorizationMachine(reduce_sum=False)(emb)
+    assert per_dim.shape == (batch, dim)
+    for d in range(dim):
+        torch.testing.assert_close(per_dim[:, d], fm_loop(emb[:, :, d:d + 1]), rtol=0, atol=1e-9)
+
+
+def test_fm_single_field_has_no_pairs() -> None:
+    emb = torch.randn(4, 1, 3, dtype=torch.float64)
+    assert torch.equal(FactorizationMachine()(emb), torch.zeros(4, dtype=torch.float64))
+
+
+def test_embedding_looks_up_rows_of_one_table_and_scales_numeric_vectors() -> None:
+    torch.manual_seed(0)
+    spec = make_spec()
+    layer = FeatureEmbedding(spec, dim=4).double()
+    ids, dense = random_inputs(spec, 16, torch.Generator().manual_seed(1))
+    dense[0, 0] = float("nan")
+    dense[1, 1] = 0.0
+    out = layer(ids, dense)
+    assert out.shape == (16, spec.n_fields, 4)
+    table = layer.table.weight
+    assert table.shape == (spec.n_ids, 4)
+    for s in range(16):
+        for f in range(spec.n_sparse):
+            assert torch.equal(out[s, f], table[ids[s, f]])
+        for j in range(spec.n_dense):
+            x = dense[s, j]
+            want = layer.dense_missing[j] if math.isnan(x) else x * layer.dense_vec[j]
+            torch.testing.assert_close(out[s, spec.n_sparse + j], want, rtol=0, atol=1e-12)
+    assert torch.equal(out[1, spec.n_sparse + 1], torch.zeros(4, dtype=torch.float64))
+
+
+def test_embedding_missing_values_keep_gradients_finite() -> None:
+    spec = make_spec()
+    layer = FeatureEmbedding(spec, dim=3)
+    ids, dense = random_inputs(spec, 8, torch.Generator().manual_seed(2), missing=0.5)
+    layer(ids, dense.float()).pow(2).sum().backward()
+    for p in layer.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert layer.dense_missing.grad.abs().sum() > 0
+
+
+def test_embedding_sparse_only_dense_only_and_sparse_gradients() -> None:
+    spec = make_spec(n_dense=0)
+    layer = FeatureEmbedding(spec, dim=5, sparse=True)
+    ids, _ = random_inputs(spec, 6, torch.Generator().manual_seed(3))
+    out = layer(ids, torch.zeros(6, 0))
+    assert out.shape == (6, 3, 5)
+    out.sum().backward()
+    assert layer.table.weight.grad.is_sparse
+
+    dense_only = FeatureSpec(n_ids=0, field_sizes=(), sparse_names=(), dense_names=("a", "b", "c"))
+    layer = FeatureEmbedding(dense_only, dim=2)
+    dense = torch.tensor([[1.0, float("nan"), -2.0]])
+    out = layer(torch.zeros(1, 0, dtype=torch.int64), dense)
+    assert out.shape == (1, 3, 2)
+    assert torch.equal(out[0, 1], layer.dense_missing[1])
+    assert torch.equal(out[0, 2], -2.0 * layer.dense_vec[2])
+
+
+def test_embedding_rejects_bad_dim() -> None:
+    with pytest.raises(ValueError, match="dim"):
+        FeatureEmbedding(make_spec(), dim=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 6), n_dense=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+def test_linear_term_equals_literal_sum(batch: int, n_dense: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    spec = make_spec(n_dense=n_dense)
+    layer = FeatureLinear(spec).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    ids, dense = random_inputs(spec, batch, gen)
+    got = layer(ids, dense)
+    assert got.shape == (batch,)
+    w, wd, wm, b = layer.table.weight[:, 0], layer.dense_w, layer.dense_missing, layer.bias[0]
+    for s in range(batch):
+        want = b + sum(w[ids[s, f]] for f in range(spec.n_sparse))
+        for j in range(n_dense):
+            x = dense[s, j]
+            want = want + (wm[j] if math.isnan(x) else x * wd[j])
+        torch.testing.assert_close(got[s], want, rtol=0, atol=1e-12)
+
+
+def test_linear_starts_at_zero_and_handles_dense_only() -> None:
+    spec = FeatureSpec(n_ids=0, field_sizes=(), sparse_names=(), dense_names=("a",))
+    layer = FeatureLinear(spec)
+    out = layer(torch.zeros(3, 0, dtype=torch.int64), torch.tensor([[1.0], [float("nan")], [2.0]]))
+    assert torch.equal(out, torch.zeros(3))
+
+
+def layer_types(m: nn.Module) -> list[type]:
+    """The classes of a sequential module's children, in order."""
+    return [type(c) for c in m]
+
+
+def test_mlp_layouts() -> None:
+    plain = MLP(8, (16, 4), out_dim=1)
+    assert layer_types(plain) == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert [(c.in_features, c.out_features) for c in plain if isinstance(c, nn.Linear)] == [(8, 16), (16, 4), (4, 1)]
+    assert plain.out_features == 1
+
+    full = MLP(8, (16, 4), out_dim=2, dropout=0.25, batch_norm=True)
+    block = [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout]
+    assert layer_types(full) == block + block + [nn.Linear]
+    assert all(c.p == 0.25 for c in full if isinstance(c, nn.Dropout))
+    assert full(torch.randn(5, 8)).shape == (5, 2)
+
+    body = MLP(8, (16,), out_dim=None)
+    assert layer_types(body) == [nn.Linear, nn.ReLU]
+    assert body.out_features == 16
+    assert MLP(3, (), out_dim=None).out_features == 3
+    assert layer_types(MLP(3, (), out_dim=1)) == [nn.Linear]
+
+
+@pytest.mark.parametrize("kwargs, match", [({"in_dim": 0, "hidden": (4,)}, "input size"),
+                                           ({"in_dim": 4, "hidden": (4,), "dropout": 1.0}, "dropout"),
+                                           ({"in_dim": 4, "hidden": (4,), "dropout": -0.1}, "dropout")])
+def test_mlp_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MLP(**kwargs)
+
+
+def test_feature_spec_round_trip() -> None:
+    spec = make_spec()
+    d = spec.to_dict()
+    assert d["field_sizes"] == list(SIZES)
+    assert FeatureSpec.from_dict(d) == spec
+    assert (spec.n_sparse, spec.n_dense, spec.n_fields) == (3, 2, 5)
