@@ -32,7 +32,7 @@ from ctrkit.schema import Field, Schema
 MISSING, OOV = 0, 1
 ENCODER_FORMAT = 1
 _SAMPLE_SIZE = 200_000
-_COMPACT_ROWS = 1_000_000
+_COMPACT_ROWS = 250_000
 
 
 class EncoderError(ValueError):
@@ -230,16 +230,16 @@ class Encoder:
                     "h": counted[f"h:{f.name}"], "n": counted["n"],
                     "s": chunk[f.name].gather(counted["_i"]).rename("s")}))
         for name, st in self._num_stats.items():
-            col = chunk[name].cast(pl.Float64).fill_nan(None)
-            ok = col.is_not_null().to_numpy()
-            v = col.drop_nulls().to_numpy()
+            raw = chunk[name].cast(pl.Float64).to_numpy()  # nulls become NaN
+            ok = ~np.isnan(raw)
+            v = raw[ok]
             if len(v) == 0:
                 continue
             f = self.schema.field(name)
             t = _pre_transform(v, f.transform)
             st.n += len(t)
             st.s1 += float(t.sum())
-            st.s2 += float(np.square(t).sum())
+            st.s2 += float(np.square(t).sum())  # not np.dot: BLAS threads would spin against polars
             if f.transform == "bucketize":
                 st.add_sample(_row_keys(first_row + (self._seed << 40), chunk.height)[ok], v)
 

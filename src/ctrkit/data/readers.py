@@ -26,7 +26,9 @@ import pyarrow.csv as pacsv
 
 from ctrkit.schema import Schema, SchemaError
 
-BLOCK_BYTES = 64 << 20
+# Blocks under glibc's 32 MiB mmap ceiling are recycled from the heap instead of being mapped (and
+# page-faulted) afresh each time, which halves the cost of reading them; larger blocks make fitting cheaper.
+BLOCK_BYTES = 24 << 20
 FORMATS = ("csv", "tsv", "parquet", "libfm")
 
 

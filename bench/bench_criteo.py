@@ -1,0 +1,251 @@
+"""Criteo-shaped benchmarks of ctrkit against its peers, one function per stage.
+
+``--stage encode``: raw TSV (train/valid/test with a header line, 13 numeric + 26 categorical columns, as
+written by ``shared/peers/gen_synth_criteo.py``) -> encoded datasets with ``ctrkit.data.encode.encode_files``,
+fitted on the train split with min_count 2 (FuxiCTR's setting). Each ctrkit run is a fresh subprocess, so
+its peak memory is its own; the figure is all rows of the three files over the wall time of the call.
+The same runs on the files doubled (every file concatenated with itself) check that memory stays flat.
+FuxiCTR's own preprocessing of the same files runs once in the same invocation, through ``bench/peers.py``.
+Results: a table on stdout and ``bench/results/criteo_encode.json``.
+
+Usage::
+
+    .venv/bin/python bench/bench_criteo.py --stage encode [--data /tmp/peerbench/data] [--out DIR]
+        [--repeats 3] [--no-double] [--no-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SPLITS = ("train", "valid", "test")
+NUMERIC = [f"I{i}" for i in range(1, 14)]
+CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+
+
+def criteo_schema() -> Any:
+    """I1..I13 numeric (log1p + standardize), C1..C26 categorical with min_count 2, label ``label``."""
+    from ctrkit.schema import Field, Schema
+
+    return Schema(fields=[Field(c, kind="numeric") for c in NUMERIC] + [Field(c, min_count=2) for c in CATEGORICAL],
+                  label="label")
+
+
+def _loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def _files(data: Path) -> dict[str, Path]:
+    files = {k: data / f"{k}.tsv" for k in SPLITS}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise SystemExit(f"missing {missing}; make them with: .venv/bin/python ../shared/peers/gen_synth_criteo.py "
+                         f"--out {data}")
+    return files
+
+
+def _double(files: dict[str, Path], out: Path) -> dict[str, Path]:
+    """Each file concatenated with itself (one header line): twice the rows, the same vocabulary shape."""
+    out.mkdir(parents=True, exist_ok=True)
+    doubled = {}
+    for k, src in files.items():
+        dst = out / f"{k}.tsv"
+        if not dst.exists() or dst.stat().st_size != 2 * src.stat().st_size - len(_header(src)):
+            with open(src, "rb") as fh:
+                header = fh.readline()
+                body = fh.read()
+            with open(dst, "wb") as fh:
+                fh.write(header)
+                fh.write(body)
+                fh.write(body)
+        doubled[k] = dst
+    return doubled
+
+
+def _header(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.readline()
+
+
+def _child_encode(args: argparse.Namespace) -> None:
+    """Runs inside the measured subprocess: one encode_files call, then a RESULT line with its figures."""
+    from ctrkit.data.encode import encode_files
+
+    out = Path(args.child_out)
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    res = encode_files(criteo_schema(), args.child_train, out, valid=args.child_valid, test=args.child_test)
+    wall = time.perf_counter() - t0
+    cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
+    bad = sum(r.bad_rows for r in res.reports.values())
+    row = {"rows": res.rows, "bad_rows": bad, "wall_s": wall, "cpu_s": cpu, "rows_per_s": res.rows / wall,
+           "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "n_ids": res.encoder.n_ids,
+           "field_sizes": res.encoder.field_sizes()}
+    shutil.rmtree(out, ignore_errors=True)
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def _ctrkit_run(files: dict[str, Path], out: Path) -> dict[str, Any]:
+    """One encode in a fresh subprocess; peak RSS both from the child itself and sampled from outside."""
+    from bench import peers
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-encode", "--child-out", str(out),
+           "--child-train", str(files["train"]), "--child-valid", str(files["valid"]),
+           "--child-test", str(files["test"])]
+    load = _loadavg()
+    r = peers.run_peer(cmd, {"PYTHONPATH": str(ROOT / "src")}, cwd=ROOT)
+    if r["returncode"] != 0 or not r["results"]:
+        raise SystemExit(f"ctrkit encode failed (rc {r['returncode']}):\n{r['stdout_tail']}")
+    row = dict(r["results"][-1])
+    row["sampled_peak_rss_mb"] = r["peak_rss_mb"]
+    row["process_wall_s"] = r["wall_s"]
+    row["loadavg_1m_before"] = load
+    return row
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"rows": runs[0]["rows"], "runs": len(runs),
+            "rows_per_s_median": median(r["rows_per_s"] for r in runs),
+            "wall_s_median": median(r["wall_s"] for r in runs),
+            "cpu_s_median": median(r["cpu_s"] for r in runs),
+            "peak_rss_mb_max": max(r["maxrss_mb"] for r in runs),
+            "sampled_peak_rss_mb_max": max(r["sampled_peak_rss_mb"] or 0 for r in runs),
+            "all": runs}
+
+
+def _fuxictr(data: Path, out: Path) -> dict[str, Any]:
+    """FuxiCTR's preprocessing of the same files (FeatureProcessor + build_dataset), through bench/peers.py."""
+    from bench import peers
+
+    load = _loadavg()
+    r = peers.fuxictr_preprocess(data, out / "fuxictr", log_path=out / "fuxictr_preprocess.log")
+    if r["returncode"] != 0:
+        return {"error": f"rc {r['returncode']}", "tail": r["stdout_tail"][-2000:]}
+    try:
+        lib_rate = float(peers.result_value(r, "preprocess_rows_per_s"))
+    except KeyError:
+        lib_rate = None
+    rows = _count_rows(data)
+    return {"rows": rows, "wall_s": r["wall_s"], "rows_per_s_process": rows / r["wall_s"],
+            "rows_per_s_library": lib_rate, "peak_rss_mb": r["peak_rss_mb"],
+            "peak_rss_anon_mb": r.get("peak_rss_anon_mb"), "peak_procs": r.get("peak_procs"),
+            "loadavg_1m_before": load, "results": r["results"]}
+
+
+def _count_rows(data: Path) -> int:
+    meta = data / "meta.json"
+    if meta.exists():
+        return int(json.loads(meta.read_text())["rows"])
+    total = 0
+    for k in SPLITS:
+        with open(data / f"{k}.tsv", "rb") as fh:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b"")) - 1
+    return total
+
+
+def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
+    """Time ctrkit's encode on the 2M rows (and doubled), and FuxiCTR's preprocessing of the same files."""
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _files(data)
+    report: dict[str, Any] = {"stage": "encode", "data": str(data), "machine": _machine()}
+    runs = []
+    for i in range(args.repeats):
+        runs.append(_ctrkit_run(files, out / "ctrkit_2x"))
+        print(f"ctrkit run {i + 1}: {runs[-1]['rows_per_s']:,.0f} rows/s, {runs[-1]['wall_s']:.2f} s, "
+              f"peak RSS {runs[-1]['maxrss_mb']:,.0f} MB", flush=True)
+    report["ctrkit"] = _summary(runs)
+    if args.double:
+        doubled = _double(files, out / "doubled")
+        runs2 = []
+        for i in range(args.repeats):
+            runs2.append(_ctrkit_run(doubled, out / "ctrkit_4x"))
+            print(f"ctrkit doubled run {i + 1}: {runs2[-1]['rows_per_s']:,.0f} rows/s, {runs2[-1]['wall_s']:.2f} s, "
+                  f"peak RSS {runs2[-1]['maxrss_mb']:,.0f} MB", flush=True)
+        report["ctrkit_doubled"] = _summary(runs2)
+        if not args.keep_doubled:
+            shutil.rmtree(out / "doubled", ignore_errors=True)
+    if args.peer:
+        print("FuxiCTR preprocessing (about 80-110 s) ...", flush=True)
+        report["fuxictr"] = _fuxictr(data, out)
+    _print_table(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "criteo_encode.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    return report
+
+
+def _machine() -> dict[str, Any]:
+    import polars as pl
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "polars": pl.__version__, "loadavg_1m_start": _loadavg()}
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    lines = [f"{'run':28s} {'rows':>10s} {'rows/s':>12s} {'wall s':>8s} {'peak RSS MB':>12s}"]
+    for key, label in (("ctrkit", "ctrkit encode_files (median)"), ("ctrkit_doubled", "ctrkit, files doubled")):
+        if key in report:
+            s = report[key]
+            lines.append(f"{label:28s} {s['rows']:>10,d} {s['rows_per_s_median']:>12,.0f} {s['wall_s_median']:>8.2f} "
+                         f"{s['peak_rss_mb_max']:>12,.0f}")
+    fx = report.get("fuxictr")
+    if fx and "error" not in fx:
+        lib = fx["rows_per_s_library"]
+        lines.append(f"{'FuxiCTR preprocess':28s} {fx['rows']:>10,d} {fx['rows_per_s_process']:>12,.0f} "
+                     f"{fx['wall_s']:>8.2f} {fx['peak_rss_mb']:>12,.0f}")
+        if lib:
+            lines.append(f"{'  (as FuxiCTR times itself)':28s} {'':>10s} {lib:>12,.0f}")
+        ratio = report["ctrkit"]["rows_per_s_median"] / (lib or fx["rows_per_s_process"])
+        report["speedup_vs_fuxictr"] = ratio
+        lines.append(f"ctrkit / FuxiCTR rows/s: {ratio:.1f}x")
+    elif fx:
+        lines.append(f"FuxiCTR failed: {fx['error']}")
+    if "ctrkit_doubled" in report:
+        a, b = report["ctrkit"]["peak_rss_mb_max"], report["ctrkit_doubled"]["peak_rss_mb_max"]
+        report["peak_rss_ratio_doubled"] = b / a
+        lines.append(f"peak RSS, doubled / single: {b / a:.2f}")
+    print("\n".join(lines))
+
+
+STAGES = {"encode": stage_encode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run the chosen stage."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=sorted(STAGES), default="encode")
+    p.add_argument("--data", default="/tmp/peerbench/data", help="folder with train.tsv, valid.tsv, test.tsv")
+    p.add_argument("--out", default="/tmp/ctrkit_bench", help="scratch folder for outputs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-double", dest="double", action="store_false", help="skip the doubled-files run")
+    p.add_argument("--keep-doubled", action="store_true", help="keep the doubled files for a later run")
+    p.add_argument("--no-peer", dest="peer", action="store_false", help="skip FuxiCTR")
+    p.add_argument("--child-encode", action="store_true", help=argparse.SUPPRESS)
+    for k in ("out", "train", "valid", "test"):
+        p.add_argument(f"--child-{k}", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_encode:
+        _child_encode(args)
+        return 0
+    sys.path.insert(0, str(ROOT))
+    STAGES[args.stage](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
