@@ -24,8 +24,8 @@ class ModelConfig:
     dense gradients). Scope "batch": lambda * ||e||^2 of the rows each sample looks up, averaged over the
     batch (cost proportional to the batch; works with sparse gradients, for large vocabularies).
     ``None`` / "auto" values are resolved by :meth:`resolve` from the size of the id space: tables up to
-    ``SMALL_TABLE`` parameters train with dense gradients and a table L2 of 0.05, larger ones with sparse
-    gradients and a batch L2 of 1e-5.
+    ``SMALL_TABLE`` parameters train with dense gradients and a table L2 (0.05 unless the model sets its
+    own ``auto_l2``), larger ones with sparse gradients and a batch L2 of 1e-5.
     """
 
     embed_dim: int = 16
@@ -51,13 +51,18 @@ class ModelConfig:
         if self.emb_l2_scope == "table" and self.sparse_grad:
             raise ValueError("emb_l2_scope 'table' penalises every row each step, so it needs sparse_grad=False")
 
-    def resolve(self, spec: FeatureSpec) -> ModelConfig:
-        """A copy with every automatic setting decided for this id space."""
+    def resolve(self, spec: FeatureSpec, auto_l2: dict[str, float] | None = None) -> ModelConfig:
+        """A copy with every automatic setting decided for this id space.
+
+        ``auto_l2`` maps a scope ("table" / "batch") to the L2 used when ``emb_l2`` is None; models set it
+        (an FM, with no MLP to rescale its embeddings, wants a far lighter table L2 than DeepFM).
+        """
         sparse = self.sparse_grad
         if sparse is None:
             sparse = False if self.emb_l2_scope == "table" else spec.n_ids * self.embed_dim > SMALL_TABLE
         scope = self.emb_l2_scope if self.emb_l2_scope != "auto" else ("batch" if sparse else "table")
-        l2 = self.emb_l2 if self.emb_l2 is not None else (TABLE_L2 if scope == "table" else BATCH_L2)
+        defaults = {"table": TABLE_L2, "batch": BATCH_L2, **(auto_l2 or {})}
+        l2 = self.emb_l2 if self.emb_l2 is not None else defaults[scope]
         return replace(self, sparse_grad=sparse, emb_l2_scope=scope, emb_l2=l2)
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,10 +90,11 @@ class CTRModel(nn.Module):
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}
+    auto_l2: ClassVar[dict[str, float]] = {}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__()
-        self.spec, self.config = spec, config.resolve(spec)
+        self.spec, self.config = spec, config.resolve(spec, self.auto_l2)
         self._penalty: torch.Tensor | None = None
 
     def _remember_penalty(self, emb: torch.Tensor) -> None:

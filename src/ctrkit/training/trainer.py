@@ -47,6 +47,7 @@ class TrainConfig:
     eval_batch_size: int = 65536
     max_seconds: float | None = None
     progress: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -57,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.monitor not in ("auc", "logloss"):
             raise ValueError(f"monitor must be 'auc' or 'logloss', got {self.monitor!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.patience < 1:
@@ -154,6 +157,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     model.to(device)
     opts = _optimizers(model, cfg)
     lr = cfg.lr
+    bf16 = cfg.precision == "bf16"
     batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
     result = TrainResult()
     best: float | None = None
@@ -171,8 +175,9 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             for step, batch in enumerate(batches):
                 if len(batch.label) < 2:
                     continue  # a single row cannot be batch-normalised; it is one row of one epoch
-                logits = model(batch.ids, batch.dense)
-                loss = F.binary_cross_entropy_with_logits(logits, batch.label)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(batch.ids, batch.dense)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
                 reg = model.regularization()
                 total = loss + reg if reg is not None else loss
                 for o in opts:
