@@ -252,3 +252,19 @@ def test_any_strings_get_ids_in_their_field_range(train, other, min_count, bucke
         for v, n in counts.iter_rows():
             if v not in (None, "") and n >= min_count:
                 assert seen[v] >= 2
+
+
+def test_hash_table_matches_a_dict():
+    from ctrkit.data.encode import _HashTable
+
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(0, 2**64, 5000, dtype=np.uint64))
+    # keys sharing their top bits force probing; 0 is a valid key too
+    keys = np.unique(np.concatenate([keys, np.arange(40, dtype=np.uint64), (keys[:30] | np.uint64(7))]))
+    table = _HashTable(keys[:100], np.arange(100, dtype=np.int32), default=-1)
+    table.insert(keys[100:], np.arange(100, len(keys), dtype=np.int32))  # grows several times
+    want = dict(zip(keys.tolist(), range(len(keys))))
+    query = np.concatenate([keys, rng.integers(0, 2**64, 3000, dtype=np.uint64)])
+    got = table.lookup(query)
+    assert got.tolist() == [want.get(k, -1) for k in query.tolist()]
+    assert 2 * table.n <= len(table.keys)
