@@ -86,8 +86,9 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:
                 topts[key] = value
-        tcfg = TrainConfig(seed=seed, device=device, progress=progress, **topts)
         train_set = enc.data["train"]
+        topts.setdefault("batch_size", default_batch_size(len(train_set)))
+        tcfg = TrainConfig(seed=seed, device=device, progress=progress, **topts)
         valid_set = enc.data.get("valid")
         fits = train_set.nbytes < (8 << 30)
         result = train_model(net, train_set.in_memory() if fits else train_set,
@@ -116,6 +117,13 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                    reports={k: r.to_dict() for k, r in enc.reports.items()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def default_batch_size(n_train: int, largest: int = 4096, steps: int = 32) -> int:
+    """4096, or the power of two that still gives about ``steps`` updates per epoch on small data (>= 64)."""
+    if n_train >= largest * steps:
+        return largest
+    return max(64, 1 << max(int(n_train // steps).bit_length() - 1, 0))
 
 
 def _epoch_line(r: dict[str, Any]) -> str:
