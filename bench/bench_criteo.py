@@ -161,7 +161,8 @@ def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = _files(data)
-    report: dict[str, Any] = {"stage": "encode", "data": str(data), "machine": _machine()}
+    report: dict[str, Any] = {"stage": "encode", "data": str(data), "machine": _machine(),
+                              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     runs = []
     for i in range(args.repeats):
         runs.append(_ctrkit_run(files, out / "ctrkit_2x"))
@@ -178,12 +179,25 @@ def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
         report["ctrkit_doubled"] = _summary(runs2)
         if not args.keep_doubled:
             shutil.rmtree(out / "doubled", ignore_errors=True)
-    if args.peer:
+    if args.twice:
+        # Doubling by concatenation makes every value occur at least twice, so min_count 2 keeps them all and
+        # the vocabulary triples; a fresh draw of twice the rows grows the vocabulary only as the data does.
+        twice = _files(Path(args.twice))
+        runs3 = []
+        for i in range(args.repeats):
+            runs3.append(_ctrkit_run(twice, out / "ctrkit_twice"))
+            print(f"ctrkit twice-the-rows run {i + 1}: {runs3[-1]['rows_per_s']:,.0f} rows/s, "
+                  f"{runs3[-1]['wall_s']:.2f} s, peak RSS {runs3[-1]['maxrss_mb']:,.0f} MB", flush=True)
+        report["ctrkit_twice"] = _summary(runs3)
+    path = RESULTS / "criteo_encode.json"
+    if args.reuse_peer and path.exists() and "fuxictr" in json.loads(path.read_text()):
+        report["fuxictr"] = dict(json.loads(path.read_text())["fuxictr"], reused_from_earlier_run=True)
+    elif args.peer:
         print("FuxiCTR preprocessing (about 80-110 s) ...", flush=True)
         report["fuxictr"] = _fuxictr(data, out)
+        report["fuxictr"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _print_table(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "criteo_encode.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
     return report
@@ -197,28 +211,30 @@ def _machine() -> dict[str, Any]:
 
 
 def _print_table(report: dict[str, Any]) -> None:
-    lines = [f"{'run':28s} {'rows':>10s} {'rows/s':>12s} {'wall s':>8s} {'peak RSS MB':>12s}"]
-    for key, label in (("ctrkit", "ctrkit encode_files (median)"), ("ctrkit_doubled", "ctrkit, files doubled")):
+    lines = [f"{'run':30s} {'rows':>10s} {'rows/s':>12s} {'wall s':>8s} {'peak RSS MB':>12s} {'ids':>10s}"]
+    for key, label in (("ctrkit", "ctrkit encode_files (median)"), ("ctrkit_doubled", "ctrkit, files doubled"),
+                       ("ctrkit_twice", "ctrkit, fresh 2x rows")):
         if key in report:
             s = report[key]
-            lines.append(f"{label:28s} {s['rows']:>10,d} {s['rows_per_s_median']:>12,.0f} {s['wall_s_median']:>8.2f} "
-                         f"{s['peak_rss_mb_max']:>12,.0f}")
+            lines.append(f"{label:30s} {s['rows']:>10,d} {s['rows_per_s_median']:>12,.0f} {s['wall_s_median']:>8.2f} "
+                         f"{s['peak_rss_mb_max']:>12,.0f} {s['all'][0]['n_ids']:>10,d}")
     fx = report.get("fuxictr")
     if fx and "error" not in fx:
         lib = fx["rows_per_s_library"]
-        lines.append(f"{'FuxiCTR preprocess':28s} {fx['rows']:>10,d} {fx['rows_per_s_process']:>12,.0f} "
+        lines.append(f"{'FuxiCTR preprocess':30s} {fx['rows']:>10,d} {fx['rows_per_s_process']:>12,.0f} "
                      f"{fx['wall_s']:>8.2f} {fx['peak_rss_mb']:>12,.0f}")
         if lib:
-            lines.append(f"{'  (as FuxiCTR times itself)':28s} {'':>10s} {lib:>12,.0f}")
+            lines.append(f"{'  (as FuxiCTR times itself)':30s} {'':>10s} {lib:>12,.0f}")
         ratio = report["ctrkit"]["rows_per_s_median"] / (lib or fx["rows_per_s_process"])
         report["speedup_vs_fuxictr"] = ratio
         lines.append(f"ctrkit / FuxiCTR rows/s: {ratio:.1f}x")
     elif fx:
         lines.append(f"FuxiCTR failed: {fx['error']}")
-    if "ctrkit_doubled" in report:
-        a, b = report["ctrkit"]["peak_rss_mb_max"], report["ctrkit_doubled"]["peak_rss_mb_max"]
-        report["peak_rss_ratio_doubled"] = b / a
-        lines.append(f"peak RSS, doubled / single: {b / a:.2f}")
+    for key, label in (("ctrkit_doubled", "doubled"), ("ctrkit_twice", "fresh 2x rows")):
+        if key in report:
+            a, b = report["ctrkit"]["peak_rss_mb_max"], report[key]["peak_rss_mb_max"]
+            report[f"peak_rss_ratio_{key}"] = b / a
+            lines.append(f"peak RSS, {label} / single: {b / a:.2f}")
     print("\n".join(lines))
 
 
@@ -235,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-double", dest="double", action="store_false", help="skip the doubled-files run")
     p.add_argument("--keep-doubled", action="store_true", help="keep the doubled files for a later run")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip FuxiCTR")
+    p.add_argument("--reuse-peer", action="store_true",
+                   help="take FuxiCTR's figures from the previous criteo_encode.json instead of running it again")
+    p.add_argument("--twice", default=None,
+                   help="folder with a fresh draw of twice the rows (gen_synth_criteo.py --rows 4000000 "
+                        "--split 3200000,400000,400000), for a memory check with a vocabulary that grows naturally")
     p.add_argument("--child-encode", action="store_true", help=argparse.SUPPRESS)
     for k in ("out", "train", "valid", "test"):
         p.add_argument(f"--child-{k}", help=argparse.SUPPRESS)

@@ -46,10 +46,6 @@ def _hash(col: str) -> pl.Expr:
     return pl.col(col).hash(seed=_SEED)
 
 
-def _missing(col: str) -> pl.Expr:
-    return pl.col(col).is_null() | (pl.col(col).str.len_bytes() == 0)
-
-
 def _crc_buckets(values: pl.Series, n: int) -> np.ndarray:
     """Stable bucket 1..n of each string (CRC32, the same in every process and version)."""
     return np.fromiter((zlib.crc32(v.encode()) % n + 1 for v in values), dtype=np.int64, count=len(values))
@@ -57,7 +53,7 @@ def _crc_buckets(values: pl.Series, n: int) -> np.ndarray:
 
 class _CatStats:
     """Running counts of one vocabulary field: a hash table from value hash to a dense index, the count of
-    each index and the first string seen for it. Memory follows the number of distinct values."""
+    each index and its string. Memory follows the number of distinct values, not the number of rows."""
 
     def __init__(self) -> None:
         self.table = _HashTable(np.zeros(0, np.uint64), np.zeros(0, np.int32), default=-1)

@@ -421,11 +421,11 @@ def _raw_chunks(source: Source, schema: Schema, fmt: str | None, has_header: boo
     yield from _csv_chunks(source, schema, fmt, report, sink, has_header, block_bytes, usecols)
 
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 _DONE = object()
 
 
-def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+def prefetch(items: Iterable[_T], depth: int = 1) -> Iterator[_T]:
     """Produce ``items`` in a background thread, ``depth`` ahead, so reading the next block overlaps work on this one.
 
     Parsing and encoding run in polars / numpy, which release the GIL, so two cores stay busy. Errors raised
