@@ -18,7 +18,9 @@ import json
 import shutil
 import tempfile
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -526,8 +528,9 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         names = ["train"] + [k for k, _ in sources] + (["valid"] if valid is None else [])
         writers = {k: DatasetWriter(out / k, len(enc.sparse_names), len(enc.dense_names), bool(schema.group))
                    for k in names}
-        for name, chunk, hashes in stream:
-            ids, dense = enc._encode(chunk, hashes)
+
+        def write(name: str, chunk: pl.DataFrame, encoded: Future[tuple[np.ndarray, np.ndarray]]) -> None:
+            ids, dense = encoded.result()
             label = chunk[schema.label].to_numpy()
             group = enc.group_ids(chunk)
             if name == "train" and valid is None:
@@ -536,6 +539,16 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                     writers[k].append(ids[sel], dense[sel], label[sel], None if group is None else group[sel])
             else:
                 writers[name].append(ids, dense, label, group)
+
+        # Two chunks are encoded at a time (numpy and polars release the GIL) and written in order.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctrkit-encode") as pool:
+            pending: deque[tuple[str, pl.DataFrame, Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+            for name, chunk, hashes in stream:
+                pending.append((name, chunk, pool.submit(enc._encode, chunk, hashes)))
+                if len(pending) >= 2:
+                    write(*pending.popleft())
+            while pending:
+                write(*pending.popleft())
         fingerprint = enc.fingerprint()
         # a held-out validation split shares the training file's report
         data = {k: w.close({"report": reports.get(k, reports["train"]).to_dict(), "encoder": fingerprint})
