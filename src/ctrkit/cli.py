@@ -90,6 +90,7 @@ def train(
     embed_dim: Optional[int] = typer.Option(None, help="Embedding size (default per model)."),
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast; faster on CPUs and GPUs with bf16 units)."),
     bad_rows: Optional[Path] = typer.Option(None, help="Write unparseable training rows to this file."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
@@ -101,6 +102,7 @@ def train(
         run = run_train(train_file, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
                         seed=seed, device=device, bad_rows=bad_rows, progress=not quiet,
+                        train_options={"precision": precision},
                         log=None if quiet else err.print)
     except (SchemaError, DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
