@@ -36,12 +36,17 @@ def test_spark_tables_equal_duckdb(spark, tmp_path: Path) -> None:
     for name in ("impressions", "clicks", "conversions"):
         paths[name] = str(tmp_path / f"{name}.parquet")
         pq.write_table(getattr(logs, name), paths[name])
-    results = {}
+    results, sets = {}, {}
     for label, engine in (("duckdb", DuckDBEngine()), ("spark", SparkEngine(spark))):
         att = Attribution(engine, paths["impressions"], paths["clicks"], paths["conversions"])
         cube = att.cube(["position", "variant"])
+        by_pos, by_var = att.cubes([["position"], ["variant"]])
+        sets[label] = [ctr_table(by_pos, ["position"]), ctr_table(by_var, ["variant"], conversions=True)]
         results[label] = (ctr_table(cube, ["position", "variant"], conversions=True), att.report)
     (t_d, r_d), (t_s, r_s) = results["duckdb"], results["spark"]
+    for a, b in zip(sets["duckdb"], sets["spark"]):
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_dtype=False,
+                                      rtol=1e-12)
     pd.testing.assert_frame_equal(t_d.reset_index(drop=True), t_s.reset_index(drop=True), check_dtype=False,
                                   rtol=1e-12)
     steps = lambda r: sorted((s.log.rsplit("/", 1)[-1], s.rule, s.removed) for s in r.steps)  # noqa: E731

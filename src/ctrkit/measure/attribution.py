@@ -38,6 +38,7 @@ DEFAULT_BOT_AGENTS: tuple[str, ...] = ("bot", "crawler", "spider", "slurp", "hea
                                        "curl/", "wget", "scrapy", "phantomjs")
 
 KEPT = "kept"
+BITMAP_MAX_RANGE = 1 << 31
 MEASURES = ("impressions", "clicks", "conversions", "click_conversions", "view_conversions", "revenue",
             "revenue_sq", "bounces")
 
@@ -113,6 +114,17 @@ def resolve_roles(found: dict[str, str], explicit: dict[str, str | None], what: 
                 roles[role] = lower[c]
                 break
     return roles
+
+
+def _as_sets(dims: list[str] | list[list[str]]) -> list[list[str]]:
+    """Normalise one list of columns or several into a list of distinct column lists."""
+    if not dims or isinstance(dims[0], str):
+        return [list(dims)]  # type: ignore[arg-type]
+    out: list[list[str]] = []
+    for d in dims:
+        if set(d) not in [set(o) for o in out]:
+            out.append(list(d))
+    return out
 
 
 class Attribution:
@@ -238,10 +250,12 @@ class Attribution:
         idc = q(self.r["impression_id"]) if "impression_id" in self.r else None
         src = "_imp_src"
         if idc and cfg.dedup_ids:
-            e.materialize("_dup_ids", f"SELECT {idc} AS _id, COUNT(*) AS _n FROM _imp_src WHERE {idc} IS NOT NULL "
-                                      f"GROUP BY {idc} HAVING COUNT(*) > 1")
-            dup = e.query("SELECT COUNT(*) AS g, COALESCE(SUM(_n), 0) AS n FROM _dup_ids").iloc[0]
-            groups, rows = int(dup["g"]), int(dup["n"])
+            groups = rows = 0
+            if self._ids_may_repeat(idc):
+                e.materialize("_dup_ids", f"SELECT {idc} AS _id, COUNT(*) AS _n FROM _imp_src "
+                                          f"WHERE {idc} IS NOT NULL GROUP BY {idc} HAVING COUNT(*) > 1")
+                dup = e.query("SELECT COUNT(*) AS g, COALESCE(SUM(_n), 0) AS n FROM _dup_ids").iloc[0]
+                groups, rows = int(dup["g"]), int(dup["n"])
             if groups:
                 e.view("_imp_dedup", (
                     f"SELECT i.* FROM _imp_src i LEFT JOIN _dup_ids d ON i.{idc} = d._id WHERE d._id IS NULL "
@@ -258,6 +272,26 @@ class Attribution:
         if self.has_convs:
             self._build_conversions(src)
         self._build_events(src)
+
+    def _ids_may_repeat(self, idc: str) -> bool:
+        """False when integer impression ids are proven unique by an exact bitmap of their range (one column scan).
+
+        A bitmap over [min, max] costs (max - min + 1) / 8 bytes per thread and one pass over the id column, against
+        a hash table of every id for the general check; it is used for integer ids whose range fits
+        ``BITMAP_MAX_RANGE`` on an engine that has one (DuckDB ``bitstring_agg``). Otherwise, or when the bitmap
+        finds repeats, the hash aggregate runs and names the repeated ids.
+        """
+        if self.imp_kinds.get(self.r["impression_id"]) != INT or not self.d.has_bitmap:
+            return True
+        lo, hi, n = self.engine.query(f"SELECT MIN({idc}) AS lo, MAX({idc}) AS hi, COUNT({idc}) AS n "
+                                      f"FROM _imp_raw").iloc[0]
+        if pd.isna(lo) or int(n) == 0:
+            return False
+        lo, hi, n = int(lo), int(hi), int(n)
+        if hi - lo + 1 > BITMAP_MAX_RANGE:
+            return True
+        distinct = int(self.engine.query(self.d.bitmap_distinct(idc, lo, hi, "_imp_raw")).iloc[0, 0])
+        return distinct != n
 
     def _pairs(self, raw: str, roles: dict[str, str], kinds: dict[str, str], src: str, window: float,
                extra: str, prefix: str) -> str:
@@ -435,9 +469,10 @@ class Attribution:
             self._constant |= {"_conv", "_conv_click", "_conv_view", "_revenue"}
         if bounce == "0":
             self._constant.add("_bounce")
-        status = "CASE " + " ".join(f"WHEN {cond} THEN '{name}'" for cond, name in rules) + f" ELSE '{KEPT}' END"
+        self._status_names = {0: KEPT} | {k + 1: name for k, (_, name) in enumerate(rules)}
+        status = "CASE " + " ".join(f"WHEN {cond} THEN {k + 1}" for k, (cond, _) in enumerate(rules)) + " ELSE 0 END"
         if not rules:
-            status = f"'{KEPT}'"
+            status = "0"
         e.view("ctr_events", (
             f"SELECT i.*, {status} AS _status, {click} AS _click, {delay} AS _click_delay, {bounce} AS _bounce, "
             f"{conv} AS _conv, {conv_click} AS _conv_click, {conv_view} AS _conv_view, {revenue} AS _revenue "
@@ -461,10 +496,16 @@ class Attribution:
             raise MeasureError(f"{self._names[0]}: no column {missing[0]!r} to group by; "
                                f"columns are {list(self.imp_kinds)}")
 
-    def cube_sql(self, dims: list[str]) -> str:
-        """The one query over the impression log: counts per status and dimension values."""
+    def cube_sql(self, dims: list[str] | list[list[str]]) -> str:
+        """The one query over the impression log: counts per status code and dimension values.
+
+        ``dims`` is one list of columns (a plain GROUP BY) or several (GROUPING SETS, one scan for all of them;
+        the column ``_set`` then says which set a row belongs to).
+        """
         q = self.d.q
-        dcols = "".join(f"{q(c)}, " for c in dims)
+        sets = _as_sets(dims)
+        cols = list(dict.fromkeys(c for d in sets for c in d))
+        dcols = "".join(f"{q(c)}, " for c in cols)
 
         def total(expr: str, col: str, typ: str, name: str) -> str:
             if col in self._constant:
@@ -478,19 +519,44 @@ class Attribution:
             total("_revenue", "_revenue", "DOUBLE", "revenue"),
             total("_revenue * _revenue", "_revenue", "DOUBLE", "revenue_sq"),
             total("_bounce", "_bounce", "BIGINT", "bounces")])
-        return (f"SELECT _status, {dcols}COUNT(*) AS impressions, {measures} "
-                f"FROM ctr_events GROUP BY _status{''.join(', ' + q(c) for c in dims)}")
+        if len(sets) == 1:
+            return (f"SELECT _status, {dcols}COUNT(*) AS impressions, {measures} "
+                    f"FROM ctr_events GROUP BY _status{''.join(', ' + q(c) for c in cols)}")
+        flag = " + ".join(f"GROUPING({q(c)}) * {1 << k}" for k, c in enumerate(cols))
+        grouping = ", ".join("(" + ", ".join(["_status"] + [q(c) for c in d]) + ")" for d in sets)
+        return (f"SELECT _status, {dcols}{flag} AS _set, COUNT(*) AS impressions, {measures} "
+                f"FROM ctr_events GROUP BY GROUPING SETS ({grouping})")
 
     def cube(self, dims: list[str]) -> pd.DataFrame:
         """Counts per dimension values over kept impressions; fills the impression side of the report."""
-        self.dims_check(dims)
-        full = self.engine.query(self.cube_sql(dims))
+        return self.cubes([dims])[0]
+
+    def cubes(self, sets: list[list[str]]) -> list[pd.DataFrame]:
+        """One cube per list of dimensions, all from a single scan of the impression log (GROUPING SETS).
+
+        Grouping the log by a few small sets (say (item, position) for IPS and (variant,) for A/B) is much
+        cheaper than by their union, whose number of cells is the product of theirs.
+        """
+        wanted = [list(d) for d in sets]
+        for d in wanted:
+            self.dims_check(d)
+        uniq = _as_sets(wanted)
+        full = self.engine.query(self.cube_sql(uniq))
         for m in MEASURES:
             full[m] = pd.to_numeric(full[m]).fillna(0)
+        full["_status"] = full["_status"].astype(int).map(self._status_names)
+        cols = list(dict.fromkeys(c for d in uniq for c in d))
+        parts = []
+        for d in wanted:
+            if len(uniq) == 1:
+                part = full
+            else:
+                mask = sum(1 << k for k, c in enumerate(cols) if c not in d)
+                part = full[full["_set"].astype(int) == mask]
+            parts.append(part[["_status"] + d + list(MEASURES)].reset_index(drop=True))
         if not self._status_done:
-            self._fill_report(full)
-        kept = full[full["_status"] == KEPT].drop(columns="_status").reset_index(drop=True)
-        return kept
+            self._fill_report(parts[0])
+        return [p[p["_status"] == KEPT].drop(columns="_status").reset_index(drop=True) for p in parts]
 
     def _fill_report(self, full: pd.DataFrame) -> None:
         by = full.groupby("_status")[["impressions", "clicks", "conversions"]].sum()

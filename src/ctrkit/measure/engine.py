@@ -57,6 +57,18 @@ class Dialect:
             return f"(CAST(unix_micros(try_to_timestamp({expr})) AS DOUBLE) / 1000000.0)"
         return f"epoch(TRY_CAST({expr} AS TIMESTAMPTZ))"
 
+    @property
+    def has_bitmap(self) -> bool:
+        """Whether :meth:`bitmap_distinct` is available (an exact distinct count of integers via a bitmap)."""
+        return self.name == "duckdb"
+
+    def bitmap_distinct(self, expr: str, lo: int, hi: int, source: str) -> str:
+        """SQL for the exact number of distinct integer values of ``expr`` in [lo, hi] over ``source``."""
+        if not self.has_bitmap:
+            raise NotImplementedError(f"{self.name} has no bitmap aggregate")
+        return (f"SELECT bit_count(bitstring_agg({expr}, {int(lo)}, {int(hi)})) AS n FROM {source} "
+                f"WHERE {expr} IS NOT NULL")
+
     def temp_view(self, name: str, sql: str) -> str:
         """DDL for a temporary view."""
         return f"CREATE OR REPLACE TEMPORARY VIEW {self.q(name)} AS {sql}"
@@ -132,6 +144,7 @@ class DuckDBEngine:
 
         self.con = duckdb.connect(database)
         self.con.execute("SET preserve_insertion_order = false")
+        self.con.execute("SET enable_progress_bar = false")
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
         if memory_limit:
