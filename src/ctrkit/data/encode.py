@@ -62,8 +62,8 @@ class _CatStats:
         self.counts = np.zeros(0, np.int64)
         self.strings: list[pl.Series] = []
 
-    def add(self, hashes: np.ndarray, values: pl.Series) -> None:
-        """Count one chunk's values (``hashes`` are their hashes, row by row)."""
+    def add(self, hashes: np.ndarray, values: pl.Series) -> np.ndarray:
+        """Count one chunk's values (``hashes`` are their hashes, row by row); returns each row's dense index."""
         idx = self.table.lookup(hashes)
         miss = np.flatnonzero(idx < 0)
         if len(miss):
@@ -77,11 +77,13 @@ class _CatStats:
             self.strings.append(values.gather(rows))
             self.counts = np.concatenate([self.counts, np.zeros(len(new), np.int64)])
         self.counts += np.bincount(idx, minlength=len(self.counts))
+        return idx
 
     def table_of_counts(self) -> pl.DataFrame:
         """(s, n): every distinct value seen with its count."""
         strings = pl.concat(self.strings) if self.strings else pl.Series("s", [], pl.String)
-        return pl.DataFrame({"s": strings.rename("s"), "n": self.counts})
+        return pl.DataFrame({"s": strings.rename("s"), "n": self.counts,
+                             "i": np.arange(len(self.counts), dtype=np.int32)})
 
 
 @dataclass
@@ -205,6 +207,7 @@ class Encoder:
         self.n_ids = 0
         self.train_rows = 0
         self._lut: dict[str, _HashTable] = {}
+        self._remap: dict[str, np.ndarray] = {}
         self._cat_stats: dict[str, _CatStats] = {}
         self._num_stats: dict[str, _NumStats] = {}
         self._seed = 0
@@ -235,13 +238,16 @@ class Encoder:
         self._num_stats = {f.name: _NumStats() for f in self.schema.fields if f.kind == "numeric"}
         self.train_rows = 0
 
-    def _observe(self, chunk: pl.DataFrame, hashes: pl.DataFrame) -> None:
-        """Update running statistics with one typed chunk (and its precomputed hash columns)."""
+    def _observe(self, chunk: pl.DataFrame, hashes: pl.DataFrame) -> dict[str, np.ndarray]:
+        """Update running statistics with one typed chunk (and its precomputed hash columns).
+
+        Returns, per vocabulary field, each row's dense index in the field's counts; after fitting,
+        ``self._remap[field][index]`` is the row's id, so rows seen while fitting need no second lookup.
+        """
         first_row = self.train_rows
         self.train_rows += chunk.height
-        vf = self._vocab_fields()
-        for f in vf:
-            self._cat_stats[f.name].add(hashes[f"h:{f.name}"].to_numpy(), chunk[f.name])
+        index = {f.name: self._cat_stats[f.name].add(hashes[f"h:{f.name}"].to_numpy(), chunk[f.name])
+                 for f in self._vocab_fields()}
         for name, st in self._num_stats.items():
             raw = chunk[name].cast(pl.Float64).to_numpy()  # nulls become NaN
             ok = ~np.isnan(raw)
@@ -255,20 +261,23 @@ class Encoder:
             st.s2 += float(np.square(t).sum())  # not np.dot: BLAS threads would spin against polars
             if f.transform == "bucketize":
                 st.add_sample(_row_keys(first_row + (self._seed << 40), chunk.height)[ok], v)
+        return index
 
     def _finish_fit(self) -> None:
         offset = 0
+        remaps: dict[str, np.ndarray] = {}
         self.vocab, self.counts, self.boundaries, self.moments, self.sizes, self.offsets = {}, {}, {}, {}, {}, {}
         for f in self.schema.fields:
             if f.kind == "categorical" and f.hash_buckets is None:
                 st = self._cat_stats[f.name]
-                table = st.table_of_counts()
-                if table.height:
-                    table = table.filter((pl.col("n") >= f.min_count) & (pl.col("s").str.len_bytes() > 0))
-                    table = table.sort(["n", "s"], descending=[True, False])
-                    values, counts = table["s"], table["n"].to_numpy()
-                else:
-                    values, counts = pl.Series("s", [], pl.String), np.zeros(0, np.int64)
+                seen = st.table_of_counts()
+                table = seen.filter((pl.col("n") >= f.min_count) & (pl.col("s").str.len_bytes() > 0))
+                table = table.sort(["n", "s"], descending=[True, False])
+                values, counts = table["s"], table["n"].to_numpy()
+                remap = np.full(seen.height, OOV, np.int32)
+                remap[seen.filter(pl.col("s").is_null() | (pl.col("s") == ""))["i"].to_numpy()] = MISSING
+                remap[table["i"].to_numpy()] = np.arange(2, 2 + table.height, dtype=np.int32)
+                remaps[f.name] = remap
                 self.vocab[f.name] = values.rename(f.name)
                 self.counts[f.name] = counts
                 self.sizes[f.name] = 2 + len(values)
@@ -288,6 +297,7 @@ class Encoder:
                 self.offsets[f.name] = offset
                 offset += self.sizes[f.name]
         self.n_ids = offset
+        self._remap = {k: v + self.offsets[k] for k, v in remaps.items()}
         self._cat_stats, self._num_stats = {}, {}
         self._build_luts()
         self.fitted = True
@@ -313,6 +323,7 @@ class Encoder:
         if self.train_rows == 0:
             raise EncoderError("no training rows to fit the encoder on")
         self._finish_fit()
+        self._remap = {}
         return self
 
     # -- transforming --------------------------------------------------------------------------------
@@ -346,7 +357,10 @@ class Encoder:
         for f in self.schema.sparse_fields:
             off = self.offsets[f.name]
             if f.kind == "categorical" and f.hash_buckets is None:
-                cols.append(self._lut[f.name].lookup(hashes[f"h:{f.name}"].to_numpy()))
+                if f"i:{f.name}" in hashes.columns:  # rows seen while fitting: their dense index
+                    cols.append(self._remap[f.name][hashes[f"i:{f.name}"].to_numpy()])
+                else:
+                    cols.append(self._lut[f.name].lookup(hashes[f"h:{f.name}"].to_numpy()))
             elif f.kind == "categorical":
                 uniq = chunk[f.name].drop_nulls().unique()
                 uniq = uniq.filter(uniq.str.len_bytes() > 0)
@@ -500,7 +514,10 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                 m = ~keep["_valid"]
                 enc._observe(chunk.filter(m), hashes.filter(m))
             else:
-                enc._observe(chunk, hashes)
+                # every row is fitted on: keep its dense index (4 bytes) instead of its hash (8 bytes), and
+                # the second pass maps it to an id with one gather instead of a hash-table probe
+                index = enc._observe(chunk, hashes)
+                hashes = pl.DataFrame({f"i:{k}": v for k, v in index.items()})
             file = tmp / f"part{i:05d}.arrow"
             pl.concat([keep, hashes], how="horizontal").write_ipc(file)
             parts.append(file)
@@ -557,6 +574,7 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         if stream is not None:
             stream.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        enc._remap = {}
     rows = sum(r.rows for r in reports.values())
     return EncodeResult(encoder=enc, data=data, reports=reports, seconds=time.perf_counter() - t0, rows=rows)
 
@@ -583,4 +601,4 @@ def _second_pass(enc: Encoder, parts: list[Path], sources: list[tuple[str, Sourc
     for file in parts:
         chunk = pl.read_ipc(file)
         file.unlink()
-        yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith("h:")])
+        yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith(("h:", "i:"))])
