@@ -148,6 +148,9 @@ def test_fit_only_on_train(log_files, tmp_path):
     valid_frame, _ = read_frame(log_files["valid"], s)
     ids, _ = enc.transform_frame(valid_frame)
     np.testing.assert_array_equal(np.asarray(res.data["valid"].ids), ids)
+    # training rows take the dense-index path inside encode_files: the same ids as a plain transform
+    train_frame, _ = read_frame(log_files["train"], s)
+    np.testing.assert_array_equal(np.asarray(res.data["train"].ids), enc.transform_frame(train_frame)[0])
     col = enc.sparse_names.index("user_id")
     is_new = valid_frame["user_id"].is_in(list(valid_only)).to_numpy()
     assert (ids[is_new, col] == enc.offsets["user_id"] + OOV).all()
