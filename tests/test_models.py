@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ctrkit.nn.mlp import Dropout
 from ctrkit.models import ModelConfig, build_model, default_config, model_names
 from ctrkit.models.base import BATCH_L2, SMALL_TABLE, TABLE_L2
 from ctrkit.nn.embedding import FeatureSpec
@@ -179,7 +180,7 @@ def test_deepfm_logit_is_linear_plus_fm_plus_mlp() -> None:
     want = (model.linear(ids, dense) + FactorizationMachine()(emb) + model.mlp(emb.reshape(7, -1))[:, 0])
     torch.testing.assert_close(model(ids, dense), want, rtol=0, atol=1e-10)
     assert model.mlp[0].in_features == spec.n_fields * 4
-    assert isinstance(model.mlp[1], nn.BatchNorm1d) and isinstance(model.mlp[3], nn.Dropout)
+    assert isinstance(model.mlp[1], nn.BatchNorm1d) and isinstance(model.mlp[3], Dropout)
     assert model.embedding.table is not model.linear.table
 
 

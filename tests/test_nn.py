@@ -12,7 +12,7 @@ from torch import nn
 
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
 from ctrkit.nn.interactions import FactorizationMachine
-from ctrkit.nn.mlp import MLP
+from ctrkit.nn.mlp import MLP, Dropout
 
 SIZES = (4, 3, 5)
 
@@ -160,9 +160,9 @@ def test_mlp_layouts() -> None:
     assert plain.out_features == 1
 
     full = MLP(8, (16, 4), out_dim=2, dropout=0.25, batch_norm=True)
-    block = [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout]
+    block = [nn.Linear, nn.BatchNorm1d, nn.ReLU, Dropout]
     assert layer_types(full) == block + block + [nn.Linear]
-    assert all(c.p == 0.25 for c in full if isinstance(c, nn.Dropout))
+    assert all(c.p == 0.25 for c in full if isinstance(c, Dropout))
     assert full(torch.randn(5, 8)).shape == (5, 2)
 
     body = MLP(8, (16,), out_dim=None)
@@ -186,3 +186,20 @@ def test_feature_spec_round_trip() -> None:
     assert d["field_sizes"] == list(SIZES)
     assert FeatureSpec.from_dict(d) == spec
     assert (spec.n_sparse, spec.n_dense, spec.n_fields) == (3, 2, 5)
+
+
+def test_dropout_keeps_rate_and_scales() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(512, 256, requires_grad=True)
+    d = Dropout(0.3).train()
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01
+    assert torch.allclose(y[kept], x[kept] / 0.7)
+    y.sum().backward()
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.7))
+    assert (x.grad[~kept] == 0).all()
+    d.eval()
+    assert d(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)

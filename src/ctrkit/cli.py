@@ -90,7 +90,7 @@ def train(
     embed_dim: Optional[int] = typer.Option(None, help="Embedding size (default per model)."),
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast; faster on CPUs and GPUs with bf16 units)."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
     bad_rows: Optional[Path] = typer.Option(None, help="Write unparseable training rows to this file."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:

@@ -4,7 +4,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class Dropout(nn.Module):
+    """Inverted dropout whose CPU mask costs a quarter of the random draws of ``nn.Dropout``.
+
+    On a CPU, drawing one random number per element dominates a dropout layer (it cost more than the
+    matrix products of a 400-wide MLP). Here each 64-bit draw is split into four 16-bit uniforms and an
+    element is kept when its uniform is at least p (p resolved to 1/65536). On other devices, where random
+    numbers are cheap, it is torch's dropout.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+        self._threshold = round(p * 65536) - 32768
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n = x.numel()
+        bits = torch.randint(-(2**63), 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self._threshold
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class MLP(nn.Sequential):
@@ -24,7 +56,7 @@ class MLP(nn.Sequential):
                 layers.append(nn.BatchNorm1d(h))
             layers.append(nn.ReLU())
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             d = h
         if out_dim is not None:
             layers.append(nn.Linear(d, out_dim))

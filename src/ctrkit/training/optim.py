@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 
 RULES = ("adam", "adagrad")
+MARK_ROWS = 1 << 24
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
@@ -29,6 +30,25 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "rule": rule,
                                   "initial_accumulator": initial_accumulator})
 
+    @staticmethod
+    def _distinct(state: dict, idx: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted distinct rows of ``idx`` and each id's position among them.
+
+        Up to ``MARK_ROWS`` rows this uses a marker array (scatter, nonzero, gather: linear, no sort), which
+        on a CPU is several times cheaper than ``torch.unique``'s sort; larger tables fall back to the sort.
+        """
+        if n_rows > MARK_ROWS:
+            return torch.unique(idx, return_inverse=True)
+        if "mark" not in state:
+            state["mark"] = torch.zeros(n_rows, dtype=torch.bool, device=idx.device)
+            state["pos"] = torch.zeros(n_rows, dtype=torch.int64, device=idx.device)
+        mark, pos = state["mark"], state["pos"]
+        mark[idx] = True
+        rows = mark.nonzero().squeeze(1)
+        mark[rows] = False
+        pos[rows] = torch.arange(len(rows), device=idx.device)
+        return rows, pos[idx]
+
     @torch.no_grad()
     def step(self, closure: object = None) -> None:  # type: ignore[override]
         """Apply one update to the rows present in each parameter's sparse gradient."""
@@ -43,12 +63,12 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     raise ValueError("RowSparseOptimizer expects sparse gradients (nn.Embedding(sparse=True))")
                 idx = g._indices()[0]
                 vals = g._values()
-                rows, inverse = torch.unique(idx, return_inverse=True)
+                state = self.state[p]
+                rows, inverse = self._distinct(state, idx, p.shape[0])
                 grad = torch.zeros(len(rows), p.shape[1], dtype=vals.dtype, device=vals.device)
                 grad.index_add_(0, inverse, vals)
-                state = self.state[p]
                 if rule == "adam":
-                    if not state:
+                    if "m" not in state:
                         state["step"] = 0
                         state["m"] = torch.zeros_like(p)
                         state["v"] = torch.zeros_like(p)
@@ -61,7 +81,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     step_size = lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t)
                     update = m.div_(v.sqrt_().add_(eps)).mul_(step_size)
                 else:
-                    if not state:
+                    if "sum" not in state:
                         state["sum"] = torch.full_like(p, group["initial_accumulator"])
                     acc = state["sum"].index_select(0, rows).addcmul_(grad, grad)
                     state["sum"].index_copy_(0, rows, acc)

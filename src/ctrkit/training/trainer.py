@@ -26,6 +26,27 @@ from ctrkit.models.base import CTRModel
 from ctrkit.training.optim import RowSparseOptimizer
 
 OPTIMIZERS = ("adam", "adagrad")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 autocast on a CPU with native bf16 units (same AUC, fewer seconds) and fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 @dataclass
@@ -47,7 +68,7 @@ class TrainConfig:
     eval_batch_size: int = 65536
     max_seconds: float | None = None
     progress: bool = True
-    precision: str = "fp32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -58,8 +79,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.monitor not in ("auc", "logloss"):
             raise ValueError(f"monitor must be 'auc' or 'logloss', got {self.monitor!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.patience < 1:
@@ -88,6 +109,7 @@ class TrainResult:
     seconds: float = 0.0
     train_seconds: float = 0.0
     samples: int = 0
+    precision: str = "fp32"
 
     @property
     def samples_per_s(self) -> float:
@@ -97,7 +119,7 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         """The ``train`` block of ``metrics.json``."""
         return {"seconds": round(self.seconds, 3), "train_seconds": round(self.train_seconds, 3),
-                "samples_per_s": round(self.samples_per_s, 1), "epochs": self.epochs,
+                "samples_per_s": round(self.samples_per_s, 1), "epochs": self.epochs, "precision": self.precision,
                 "best_epoch": self.best_epoch, "history": self.history}
 
 
@@ -157,9 +179,10 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     model.to(device)
     opts = _optimizers(model, cfg)
     lr = cfg.lr
-    bf16 = cfg.precision == "bf16"
+    precision = resolve_precision(cfg.precision, device)
+    bf16 = precision == "bf16"
     batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
-    result = TrainResult()
+    result = TrainResult(precision=precision)
     best: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs = 0
