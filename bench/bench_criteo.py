@@ -8,10 +8,20 @@ The same runs on the files doubled (every file concatenated with itself) check t
 FuxiCTR's own preprocessing of the same files runs once in the same invocation, through ``bench/peers.py``.
 Results: a table on stdout and ``bench/results/criteo_encode.json``.
 
+``--stage train``: DeepFM (embedding 16, MLP 400-400-400, batch 4096, Adam lr 1e-3, embedding L2 1e-5, no
+dropout or batch norm: the FuxiCTR harness's Criteo settings) for one epoch on the first 1,000,000 train rows,
+then test AUC / logloss on the 200k test rows. Vocabularies are fitted on the whole train split (min_count 2)
+for both libraries. Each ctrkit precision (fp32, bf16 autocast) trains in a fresh subprocess; samples/s is
+measured exactly as for FuxiCTR, with the harness's own ``StepTimer`` (steady-state steps after 10 warm-up
+steps). FuxiCTR trains once in the same invocation, after ctrkit, through ``bench/peers.py``.
+Results: a table on stdout and ``bench/results/criteo_train.json``.
+
 Usage::
 
     .venv/bin/python bench/bench_criteo.py --stage encode [--data /tmp/peerbench/data] [--out DIR]
         [--repeats 3] [--no-double] [--no-peer]
+    .venv/bin/python bench/bench_criteo.py --stage train [--data /tmp/peerbench/data] [--out DIR]
+        [--precisions fp32,bf16] [--no-peer]
 """
 
 from __future__ import annotations
@@ -238,7 +248,122 @@ def _print_table(report: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
-STAGES = {"encode": stage_encode}
+TRAIN_ROWS = 1_000_000
+
+
+def _child_train(args: argparse.Namespace) -> None:
+    """Runs inside the measured subprocess: one epoch of DeepFM at one precision, then a RESULT line."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT.parent / "shared" / "peers"))
+    from benchutil import StepTimer
+
+    from ctrkit.data.dataset import EncodedData
+    from ctrkit.evaluate.metrics import evaluate
+    from ctrkit.models import ModelConfig, build_model
+    from ctrkit.nn.embedding import FeatureSpec
+    from ctrkit.training.trainer import TrainConfig, predict_proba, train
+
+    enc = Path(args.child_out)
+    meta = json.loads((enc / "spec.json").read_text())
+    spec = FeatureSpec.from_dict(meta)
+    full = EncodedData.open(enc / "train")
+    train_set = full.take(np.arange(min(TRAIN_ROWS, len(full))))
+    test_set = EncodedData.open(enc / "test")
+    torch.manual_seed(0)
+    model = build_model("deepfm", spec, ModelConfig(embed_dim=16, hidden=(400, 400, 400), dropout=0.0,
+                                                    batch_norm=False, emb_l2=1e-5))
+    timer = StepTimer(model)
+    cfg = TrainConfig(epochs=1, batch_size=4096, lr=1e-3, progress=False, precision=args.child_precision)
+    t0 = time.perf_counter()
+    res = train(model, train_set, None, cfg)
+    fit_s = time.perf_counter() - t0
+    timer.remove()
+    tp = timer.throughput(4096, warmup=10)
+    p = predict_proba(model, test_set)
+    m = evaluate(np.asarray(test_set.label), p)
+    row = {"precision": args.child_precision, "train_samples_per_s": tp["samples_per_s"],
+           "median_step_ms": tp["median_step_ms"], "epoch_samples_per_s": res.samples_per_s,
+           "fit_wall_s": fit_s, "test_auc": m["auc"], "test_logloss": m["logloss"], "train_rows": len(train_set),
+           "test_rows": len(test_set), "threads": torch.get_num_threads(),
+           "parameters": int(sum(q.numel() for q in model.parameters())),
+           "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def _encode_for_training(files: dict[str, Path], out: Path) -> dict[str, Any]:
+    """Encode the three files once (vocabularies from the train split) and record the feature spec."""
+    from ctrkit.data.encode import encode_files
+    from ctrkit.nn.embedding import FeatureSpec
+
+    shutil.rmtree(out, ignore_errors=True)
+    res = encode_files(criteo_schema(), files["train"], out, valid=files["valid"], test=files["test"])
+    (out / "spec.json").write_text(json.dumps(FeatureSpec.from_encoder(res.encoder).to_dict()))
+    return {"n_ids": res.encoder.n_ids, "seconds": res.seconds, "rows": res.rows}
+
+
+def stage_train(args: argparse.Namespace) -> dict[str, Any]:
+    """One epoch of DeepFM: ctrkit at each precision, then FuxiCTR on the same files, same run."""
+    from bench import peers
+
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _files(data)
+    report: dict[str, Any] = {"stage": "train", "data": str(data), "machine": _machine(),
+                              "setup": "DeepFM emb 16, MLP 400-400-400, batch 4096, Adam 1e-3, emb L2 1e-5, "
+                                       f"1 epoch on the first {TRAIN_ROWS:,} train rows, test on 200k rows"}
+    enc_dir = out / "train_encoded"
+    report["encode"] = _encode_for_training(files, enc_dir)
+    report["ctrkit"] = []
+    for prec in args.precisions.split(","):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-fit", "--child-out", str(enc_dir),
+               "--child-precision", prec]
+        load = _loadavg()
+        r = peers.run_peer(cmd, {"PYTHONPATH": str(ROOT / "src")}, cwd=ROOT)
+        if r["returncode"] != 0 or not r["results"]:
+            raise SystemExit(f"ctrkit train ({prec}) failed:\n{r['stdout_tail']}")
+        row = {**r["results"][-1], "peak_rss_mb": r["peak_rss_mb"], "loadavg_1m_before": load}
+        report["ctrkit"].append(row)
+        print(f"ctrkit {prec}: {row['train_samples_per_s']:,.0f} samples/s, test AUC {row['test_auc']:.4f}, "
+              f"logloss {row['test_logloss']:.4f}", flush=True)
+    if args.peer:
+        fx_work = Path(args.fuxictr_work)
+        if not (fx_work / "data").exists():
+            print("FuxiCTR preprocessing first (about 80-110 s) ...", flush=True)
+            pre = peers.fuxictr_preprocess(data, fx_work)
+            if pre["returncode"] != 0:
+                raise SystemExit(f"FuxiCTR preprocessing failed:\n{pre['stdout_tail']}")
+        print("FuxiCTR DeepFM, one epoch (about 60 s) ...", flush=True)
+        load = _loadavg()
+        r = peers.fuxictr_train(data, fx_work, results_path=out / "fuxictr_train.jsonl",
+                                log_path=out / "fuxictr_train.log")
+        if r["returncode"] != 0:
+            raise SystemExit(f"FuxiCTR training failed:\n{r['stdout_tail']}")
+        get = lambda k: peers.result_value(r, k)  # noqa: E731
+        report["fuxictr"] = {"train_samples_per_s": get("train_samples_per_s"), "fit_wall_s": get("fit_wall_seconds"),
+                             "test_auc": get("test_AUC"), "test_logloss": get("test_logloss"),
+                             "peak_rss_mb": r["peak_rss_mb"], "loadavg_1m_before": load}
+    lines = [f"{'run':22s} {'samples/s':>10s} {'vs FuxiCTR':>10s} {'test AUC':>9s} {'logloss':>8s} {'peak MB':>8s}"]
+    fx = report.get("fuxictr")
+    for row in report["ctrkit"]:
+        ratio = row["train_samples_per_s"] / fx["train_samples_per_s"] if fx else float("nan")
+        row["speedup_vs_fuxictr"] = ratio
+        lines.append(f"{'ctrkit ' + row['precision']:22s} {row['train_samples_per_s']:>10,.0f} {ratio:>9.2f}x "
+                     f"{row['test_auc']:>9.4f} {row['test_logloss']:>8.4f} {row['peak_rss_mb']:>8,.0f}")
+    if fx:
+        lines.append(f"{'FuxiCTR 2.3.10':22s} {fx['train_samples_per_s']:>10,.0f} {1.0:>9.2f}x {fx['test_auc']:>9.4f} "
+                     f"{fx['test_logloss']:>8.4f} {fx['peak_rss_mb']:>8,.0f}")
+    print("\n".join(lines))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "criteo_train.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    shutil.rmtree(enc_dir, ignore_errors=True)
+    return report
+
+
+STAGES = {"encode": stage_encode, "train": stage_train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,12 +381,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--twice", default=None,
                    help="folder with a fresh draw of twice the rows (gen_synth_criteo.py --rows 4000000 "
                         "--split 3200000,400000,400000), for a memory check with a vocabulary that grows naturally")
+    p.add_argument("--precisions", default="fp32,bf16", help="ctrkit precisions for --stage train")
+    p.add_argument("--fuxictr-work", default="/tmp/peerbench/fx", help="FuxiCTR work folder (preprocessed data)")
     p.add_argument("--child-encode", action="store_true", help=argparse.SUPPRESS)
-    for k in ("out", "train", "valid", "test"):
+    p.add_argument("--child-fit", action="store_true", help=argparse.SUPPRESS)
+    for k in ("out", "train", "valid", "test", "precision"):
         p.add_argument(f"--child-{k}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_encode:
         _child_encode(args)
+        return 0
+    if args.child_fit:
+        _child_train(args)
         return 0
     sys.path.insert(0, str(ROOT))
     STAGES[args.stage](args)
