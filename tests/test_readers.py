@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -12,7 +13,6 @@ from ctrkit.data.readers import (DataError, ReadReport, coerce_chunk, detect_for
                                  prefetch, read_frame, read_sample)
 from ctrkit.schema import Field, Schema
 
-CRITEO_DEV = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "criteo_samples" / "wide_resdnn_criteo_dev.tsv"
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 
 SCHEMA = Schema(fields=[Field("city"), Field("price", kind="numeric")], label="click")
@@ -72,14 +72,22 @@ def test_headerless_needs_columns(tmp_path):
         read_frame(path, SCHEMA, has_header=False)
 
 
-def test_raw_criteo_dev_sample():
-    if not CRITEO_DEV.exists():
-        pytest.skip(f"{CRITEO_DEV} not available")
-    df, rep = read_frame(CRITEO_DEV, _criteo_schema())
+def test_raw_criteo_layout(tmp_path):
+    """Raw Criteo lines: no header, label, 13 counts, 26 hex tokens, empty fields for missing values."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(409):
+        ints = ["" if rng.random() < 0.2 else str(int(rng.integers(-2, 500))) for _ in range(13)]
+        cats = ["" if rng.random() < 0.1 else f"{int(rng.integers(0, 2**32)):08x}" for _ in range(26)]
+        lines.append("\t".join([str(i % 2)] + ints + cats))
+    lines[0] = "\t".join(["0", "", "-1", ""] + ["5"] * 10 + ["8cf07265"] + [""] * 17 + ["00ab01cd"] + [""] * 7)
+    path = tmp_path / "train.tsv.gz"
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    df, rep = read_frame(path, _criteo_schema())
     assert (rep.rows, rep.bad_rows, df.height) == (409, 0, 409)
     assert df["label"].to_list()[:2] == [0.0, 1.0]
-    assert df["I2"][0] == -1.0 and df["I3"][0] is None
-    assert df["C1"][0] == "8cf07265" and df["C19"][0] is None
+    assert df["I1"][0] is None and df["I2"][0] == -1.0 and df["I3"][0] is None
+    assert df["C1"][0] == "8cf07265" and df["C2"][0] is None and df["C19"][0] == "00ab01cd"
 
 
 def test_parquet_matches_csv(tmp_path):
