@@ -43,6 +43,7 @@ RESULTS = ROOT / "bench" / "results"
 SPLITS = ("train", "valid", "test")
 NUMERIC = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+QUIET = [0.5, 0.0]  # (load threshold, max wait in seconds) before each timed run; set from the command line
 
 
 def criteo_schema() -> Any:
@@ -55,6 +56,14 @@ def criteo_schema() -> Any:
 
 def _loadavg() -> float:
     return os.getloadavg()[0]
+
+
+def _wait_for_quiet(threshold: float, max_wait: float) -> float:
+    """Wait (at most ``max_wait`` s) until the 1-minute load average is below ``threshold``; return the wait."""
+    t0 = time.monotonic()
+    while _loadavg() >= threshold and time.monotonic() - t0 < max_wait:
+        time.sleep(5)
+    return time.monotonic() - t0
 
 
 def _files(data: Path) -> dict[str, Path]:
@@ -115,6 +124,7 @@ def _ctrkit_run(files: dict[str, Path], out: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-encode", "--child-out", str(out),
            "--child-train", str(files["train"]), "--child-valid", str(files["valid"]),
            "--child-test", str(files["test"])]
+    waited = _wait_for_quiet(QUIET[0], QUIET[1])
     load = _loadavg()
     r = peers.run_peer(cmd, {"PYTHONPATH": str(ROOT / "src")}, cwd=ROOT)
     if r["returncode"] != 0 or not r["results"]:
@@ -123,6 +133,7 @@ def _ctrkit_run(files: dict[str, Path], out: Path) -> dict[str, Any]:
     row["sampled_peak_rss_mb"] = r["peak_rss_mb"]
     row["process_wall_s"] = r["wall_s"]
     row["loadavg_1m_before"] = load
+    row["waited_for_quiet_s"] = round(waited, 1)
     return row
 
 
@@ -140,6 +151,7 @@ def _fuxictr(data: Path, out: Path) -> dict[str, Any]:
     """FuxiCTR's preprocessing of the same files (FeatureProcessor + build_dataset), through bench/peers.py."""
     from bench import peers
 
+    _wait_for_quiet(QUIET[0], QUIET[1])
     load = _loadavg()
     r = peers.fuxictr_preprocess(data, out / "fuxictr", log_path=out / "fuxictr_preprocess.log")
     if r["returncode"] != 0:
@@ -382,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder with a fresh draw of twice the rows (gen_synth_criteo.py --rows 4000000 "
                         "--split 3200000,400000,400000), for a memory check with a vocabulary that grows naturally")
     p.add_argument("--precisions", default="fp32,bf16", help="ctrkit precisions for --stage train")
+    p.add_argument("--quiet-load", type=float, default=0.5,
+                   help="before each timed run, wait until the 1-minute load average is below this")
+    p.add_argument("--max-wait", type=float, default=0.0, help="longest wait for a quiet machine, seconds")
     p.add_argument("--fuxictr-work", default="/tmp/peerbench/fx", help="FuxiCTR work folder (preprocessed data)")
     p.add_argument("--child-encode", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-fit", action="store_true", help=argparse.SUPPRESS)
@@ -395,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         _child_train(args)
         return 0
     sys.path.insert(0, str(ROOT))
+    QUIET[:] = [args.quiet_load, args.max_wait]
     STAGES[args.stage](args)
     return 0
 
