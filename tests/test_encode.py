@@ -270,4 +270,4 @@ def test_hash_table_matches_a_dict():
     query = np.concatenate([keys, rng.integers(0, 2**64, 3000, dtype=np.uint64)])
     got = table.lookup(query)
     assert got.tolist() == [want.get(k, -1) for k in query.tolist()]
-    assert 2 * table.n <= len(table.keys)
+    assert 2 * table.n <= len(table.rec)
