@@ -137,6 +137,16 @@ def _ctrkit_run(files: dict[str, Path], out: Path) -> dict[str, Any]:
     return row
 
 
+def _repeated(files: dict[str, Path], out: Path, label: str, repeats: int) -> dict[str, Any]:
+    """``repeats`` timed encodes of ``files``, each printed as it finishes, and their summary."""
+    runs = []
+    for i in range(repeats):
+        runs.append(_ctrkit_run(files, out))
+        print(f"{label} {i + 1}: {runs[-1]['rows_per_s']:,.0f} rows/s, {runs[-1]['wall_s']:.2f} s, "
+              f"peak RSS {runs[-1]['maxrss_mb']:,.0f} MB", flush=True)
+    return _summary(runs)
+
+
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rows": runs[0]["rows"], "runs": len(runs),
             "rows_per_s_median": median(r["rows_per_s"] for r in runs),
@@ -185,36 +195,19 @@ def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
     files = _files(data)
     report: dict[str, Any] = {"stage": "encode", "data": str(data), "machine": _machine(),
                               "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    runs = []
-    for i in range(args.repeats):
-        runs.append(_ctrkit_run(files, out / "ctrkit_2x"))
-        print(f"ctrkit run {i + 1}: {runs[-1]['rows_per_s']:,.0f} rows/s, {runs[-1]['wall_s']:.2f} s, "
-              f"peak RSS {runs[-1]['maxrss_mb']:,.0f} MB", flush=True)
-    report["ctrkit"] = _summary(runs)
+    report["ctrkit"] = _repeated(files, out / "ctrkit_2x", "ctrkit run", args.repeats)
     if args.double:
         doubled = _double(files, out / "doubled")
-        runs2 = []
-        for i in range(args.repeats):
-            runs2.append(_ctrkit_run(doubled, out / "ctrkit_4x"))
-            print(f"ctrkit doubled run {i + 1}: {runs2[-1]['rows_per_s']:,.0f} rows/s, {runs2[-1]['wall_s']:.2f} s, "
-                  f"peak RSS {runs2[-1]['maxrss_mb']:,.0f} MB", flush=True)
-        report["ctrkit_doubled"] = _summary(runs2)
+        report["ctrkit_doubled"] = _repeated(doubled, out / "ctrkit_4x", "ctrkit doubled run", args.repeats)
         if not args.keep_doubled:
             shutil.rmtree(out / "doubled", ignore_errors=True)
     if args.twice:
         # Doubling by concatenation makes every value occur at least twice, so min_count 2 keeps them all and
         # the vocabulary triples; a fresh draw of twice the rows grows the vocabulary only as the data does.
-        twice = _files(Path(args.twice))
-        runs3 = []
-        for i in range(args.repeats):
-            runs3.append(_ctrkit_run(twice, out / "ctrkit_twice"))
-            print(f"ctrkit twice-the-rows run {i + 1}: {runs3[-1]['rows_per_s']:,.0f} rows/s, "
-                  f"{runs3[-1]['wall_s']:.2f} s, peak RSS {runs3[-1]['maxrss_mb']:,.0f} MB", flush=True)
-        report["ctrkit_twice"] = _summary(runs3)
+        report["ctrkit_twice"] = _repeated(_files(Path(args.twice)), out / "ctrkit_twice",
+                                           "ctrkit twice-the-rows run", args.repeats)
     path = RESULTS / "criteo_encode.json"
-    if args.reuse_peer and path.exists() and "fuxictr" in json.loads(path.read_text()):
-        report["fuxictr"] = dict(json.loads(path.read_text())["fuxictr"], reused_from_earlier_run=True)
-    elif args.peer:
+    if args.peer:
         print("FuxiCTR preprocessing (about 80-110 s) ...", flush=True)
         report["fuxictr"] = _fuxictr(data, out)
         report["fuxictr"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -388,8 +381,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-double", dest="double", action="store_false", help="skip the doubled-files run")
     p.add_argument("--keep-doubled", action="store_true", help="keep the doubled files for a later run")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip FuxiCTR")
-    p.add_argument("--reuse-peer", action="store_true",
-                   help="take FuxiCTR's figures from the previous criteo_encode.json instead of running it again")
     p.add_argument("--twice", default=None,
                    help="folder with a fresh draw of twice the rows (gen_synth_criteo.py --rows 4000000 "
                         "--split 3200000,400000,400000), for a memory check with a vocabulary that grows naturally")

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ctrkit.data.readers import DataError
+from ctrkit.measure.cli import app as measure_app
 from ctrkit.schema import SchemaError
 
 app = typer.Typer(help="Click-through-rate prediction and measurement.", no_args_is_help=True,
@@ -22,13 +23,7 @@ app.add_typer(schema_app, name="schema")
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _mount_measure() -> None:
-    from ctrkit.measure.cli import app as measure_app
-
-    app.add_typer(measure_app, name="measure")
-
-
-_mount_measure()
+app.add_typer(measure_app, name="measure")
 
 
 def _fail(message: str) -> None:

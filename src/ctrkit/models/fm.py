@@ -26,29 +26,29 @@ class FM(CTRModel):
                                           init_std=config.init_std)
         self.fm = FactorizationMachine()
 
-    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def _fm_terms(self, ids: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first-order + pairwise logit, field embeddings), for this model and the ones built on it."""
         emb = self.embedding(ids, dense)
         self._remember_penalty(emb)
-        return self.linear(ids, dense) + self.fm(emb)
+        return self.linear(ids, dense) + self.fm(emb), emb
+
+    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self._fm_terms(ids, dense)[0]
 
 
 @register
-class DeepFM(CTRModel):
+class DeepFM(FM):
     """FM plus an MLP over the concatenated field embeddings; both share the embedding table."""
 
     name = "deepfm"
     defaults = {"embed_dim": 16, "hidden": (400, 400), "dropout": 0.2, "batch_norm": True}
+    train_defaults = {}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__(spec, config)
-        config = self.config
-        self.linear = FeatureLinear(spec, sparse=bool(config.sparse_grad))
-        self.embedding = FeatureEmbedding(spec, config.embed_dim, sparse=bool(config.sparse_grad),
-                                          init_std=config.init_std)
-        self.fm = FactorizationMachine()
-        self.mlp = MLP(spec.n_fields * config.embed_dim, config.hidden, 1, config.dropout, config.batch_norm)
+        cfg = self.config
+        self.mlp = MLP(spec.n_fields * cfg.embed_dim, cfg.hidden, 1, cfg.dropout, cfg.batch_norm)
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        emb = self.embedding(ids, dense)
-        self._remember_penalty(emb)
-        return self.linear(ids, dense) + self.fm(emb) + self.mlp(emb.flatten(1)).squeeze(-1)
+        logit, emb = self._fm_terms(ids, dense)
+        return logit + self.mlp(emb.flatten(1)).squeeze(-1)

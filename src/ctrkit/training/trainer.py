@@ -7,7 +7,6 @@ SparseAdam, or Adagrad), so a step costs what the batch touches, not what the vo
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -254,8 +253,3 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     result.seconds = time.perf_counter() - t_start
     model.eval()
     return result
-
-
-def clone_model(model: CTRModel) -> CTRModel:
-    """An independent copy (weights included)."""
-    return copy.deepcopy(model)
