@@ -90,9 +90,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         topts.setdefault("batch_size", default_batch_size(len(train_set)))
         tcfg = TrainConfig(seed=seed, device=device, progress=progress, **topts)
         valid_set = enc.data.get("valid")
-        fits = train_set.nbytes < (8 << 30)
-        result = train_model(net, train_set.in_memory() if fits else train_set,
-                             valid_set.in_memory() if valid_set is not None else None, tcfg,
+        # the batch iterator decides whether the data becomes resident or streams from the memory map
+        result = train_model(net, train_set, valid_set, tcfg,
                              on_epoch=(lambda r: log(_epoch_line(r))) if log else None)
         metrics: dict[str, Any] = {}
         for name in ("valid", "test"):
