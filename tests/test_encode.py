@@ -194,6 +194,21 @@ def test_streaming_in_small_blocks_gives_the_same_result(log_files, tmp_path):
         np.testing.assert_array_equal(np.asarray(one.data[k].label), np.asarray(many.data[k].label))
 
 
+@pytest.mark.parametrize("valid", [None, "valid"])
+def test_parts_spilled_to_disk_give_the_same_datasets(log_files, tmp_path, monkeypatch, valid):
+    import ctrkit.data.encode as encode
+
+    s = synth_schema()  # with a time field: without `valid` the parts are rewritten once the cutoff is known
+    kw = {"valid": log_files[valid]} if valid else {"valid_fraction": 0.2}
+    held = encode_files(s, log_files["train"], tmp_path / "held", **kw)
+    monkeypatch.setattr(encode, "HOLD_BYTES", 0)
+    spilled = encode_files(s, log_files["train"], tmp_path / "spilled", block_bytes=50_000, **kw)
+    for k in ("train", "valid"):
+        for a in ("ids", "dense", "label"):
+            np.testing.assert_array_equal(np.asarray(getattr(held.data[k], a)), np.asarray(getattr(spilled.data[k], a)))
+    assert not [p for p in (tmp_path / "spilled").iterdir() if p.name.startswith("ctrkit-enc-")]
+
+
 def test_encode_files_matches_transform_and_writes_bad_rows(log_files, tmp_path):
     text = Path(log_files["valid"]).read_text().splitlines()
     text.insert(5, "garbage,line")
@@ -271,3 +286,23 @@ def test_hash_table_matches_a_dict():
     got = table.lookup(query)
     assert got.tolist() == [want.get(k, -1) for k in query.tolist()]
     assert 2 * table.n <= len(table.rec)
+
+
+def test_hash_table_intern_numbers_new_keys_densely():
+    from ctrkit.data.encode import _HashTable
+
+    rng = np.random.default_rng(1)
+    table = _HashTable(np.zeros(0, np.uint64), np.zeros(0, np.int32), default=-1)
+    want: dict[int, int] = {}
+    for size in (50, 3000, 20_000, 10):  # repeats within and across calls; the table grows on the way
+        keys = rng.integers(0, 400, size).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        keys[: size // 10] = np.uint64(0)  # 0 is a key like any other
+        n0 = len(want)
+        ids, first = table.intern(keys)
+        new = set(keys.tolist()) - set(want)
+        # the new keys get exactly the ids n0, n0+1, ...; `first` points at one of each, in id order
+        assert sorted(keys[first].tolist()) == sorted(new) and ids[first].tolist() == list(range(n0, n0 + len(new)))
+        want.update(zip(keys[first].tolist(), ids[first].tolist()))
+        assert ids.tolist() == [want[k] for k in keys.tolist()]
+        assert table.n == len(want) and 2 * table.n <= len(table.rec)
+    assert table.lookup(np.array(list(want), np.uint64)).tolist() == list(want.values())

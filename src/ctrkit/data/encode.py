@@ -64,18 +64,10 @@ class _CatStats:
 
     def add(self, hashes: np.ndarray, values: pl.Series) -> np.ndarray:
         """Count one chunk's values (``hashes`` are their hashes, row by row); returns each row's dense index."""
-        idx = self.table.lookup(hashes)
-        miss = np.flatnonzero(idx < 0)
-        if len(miss):
-            missed = hashes[miss]
-            new = pl.Series(missed).unique().to_numpy()  # hash-based, cheaper than numpy's sort
-            n0 = len(self.counts)
-            self.table.insert(new, np.arange(n0, n0 + len(new), dtype=np.int32))
-            idx[miss] = self.table.lookup(missed)
-            rows = np.empty(len(new), np.intp)
-            rows[idx[miss] - n0] = miss  # one row per new value: equal hashes mean equal strings
-            self.strings.append(values.gather(rows))
-            self.counts = np.concatenate([self.counts, np.zeros(len(new), np.int64)])
+        idx, first = self.table.intern(hashes)
+        if len(first):
+            self.strings.append(values.gather(first))  # one row per new value: equal hashes mean equal strings
+            self.counts = np.concatenate([self.counts, np.zeros(len(first), np.int64)])
         self.counts += np.bincount(idx, minlength=len(self.counts))
         return idx
 
@@ -118,9 +110,19 @@ def _row_keys(start: int, n: int) -> np.ndarray:
 
 
 def _pre_transform(values: np.ndarray, transform: str) -> np.ndarray:
+    """The part of a numeric transform that needs no statistics: signed log1p, NaN stays NaN.
+
+    numpy's log1p is vectorized (several times cheaper than polars' element-wise one), and fitting, encoding
+    and scoring all go through this one function, so training and serving see bit-identical values.
+    """
     if transform in ("log1p_standardize", "log1p"):
-        return np.sign(values) * np.log1p(np.abs(values))
+        return np.copysign(np.log1p(np.abs(values)), values)
     return values
+
+
+def _numeric(chunk: pl.DataFrame, name: str) -> np.ndarray:
+    """float64 values of a numeric column, nulls as NaN."""
+    return chunk[name].cast(pl.Float64).to_numpy()
 
 
 _SLOT = np.dtype([("k", np.uint64), ("id", np.int32), ("used", np.bool_)], align=True)
@@ -154,15 +156,20 @@ class _HashTable:
         """Which slots hold a key."""
         return self.rec["used"]
 
+    def _reserve(self, extra: int) -> None:
+        """Grow (rehashing every key) if ``extra`` more keys would make the table more than half full."""
+        if 2 * (self.n + extra) <= len(self.rec):
+            return
+        old = self.rec[self.rec["used"]]
+        self._alloc(self.n + extra)
+        self.n = 0
+        self.insert(old["k"], old["id"])
+
     def insert(self, keys: np.ndarray, ids: np.ndarray) -> None:
         """Add keys that are distinct and not in the table yet; the table grows to stay at most half full."""
         keys = keys.astype(np.uint64, copy=False)
         ids = np.asarray(ids, dtype=np.int32)
-        if 2 * (self.n + len(keys)) > len(self.rec):
-            old = self.rec[self.rec["used"]]
-            self._alloc(self.n + len(keys))
-            keys, ids = np.concatenate([old["k"], keys]), np.concatenate([old["id"], ids])
-            self.n = 0
+        self._reserve(len(keys))
         rk, rid, rused = self.rec["k"], self.rec["id"], self.rec["used"]
         slot = (keys >> self.shift).astype(np.intp)
         todo = np.arange(len(keys))
@@ -179,6 +186,46 @@ class _HashTable:
             todo = todo[~placed[todo]]
             slot[todo] = (slot[todo] + 1) & self.mask
         self.n += len(keys)
+
+    def intern(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Id of each key, giving unknown keys the next ids, for a table whose ids number its keys 0..n-1.
+
+        Returns the ids and, per new id in order, the position of one key that got it. Repeated unknown keys
+        need no separate de-duplication: equal keys probe the same slots in step and claim one together.
+        """
+        keys = keys.astype(np.uint64, copy=False)
+        ids = self.lookup(keys)
+        miss = np.flatnonzero(ids == self.default)
+        if len(miss) == 0:
+            return ids, miss
+        missed = keys[miss]
+        if 2 * (self.n + len(miss)) > len(self.rec):  # may have to grow: size it for the distinct new keys
+            self._reserve(pl.Series(missed).n_unique())
+        rk, rid, rused = self.rec["k"], self.rec["id"], self.rec["used"]
+        slot = (missed >> self.shift).astype(np.intp)
+        at = np.empty(len(missed), np.intp)
+        todo = np.arange(len(missed))
+        while len(todo):
+            s = slot[todo]
+            k = missed[todo]
+            m = ~rused[s]
+            rk[s[m]] = k[m]  # one key aiming at each free slot survives, and its repeats with it
+            rused[s[m]] = True
+            done = rk[s] == k  # every unknown key is absent, so a match is a slot claimed in this call
+            at[todo[done]] = s[done]
+            todo = todo[~done]
+            slot[todo] = (slot[todo] + 1) & self.mask
+        # number the claimed slots: a position that survives in its slot stands for its key
+        rid[at] = np.arange(len(missed), dtype=np.int32)
+        rep = rid[at]
+        first = np.zeros(len(missed), bool)
+        first[rep] = True
+        new_ids = (np.cumsum(first, dtype=np.int32) - 1 + self.n)[rep]
+        rid[at] = new_ids
+        ids[miss] = new_ids
+        new = np.flatnonzero(first)
+        self.n += len(new)
+        return ids, miss[new]
 
     def lookup(self, query: np.ndarray) -> np.ndarray:
         """int32 id of each key in ``query`` (``default`` where absent)."""
@@ -250,27 +297,31 @@ class Encoder:
     def _observe(self, chunk: pl.DataFrame, hashes: pl.DataFrame) -> dict[str, np.ndarray]:
         """Update running statistics with one typed chunk (and its precomputed hash columns).
 
-        Returns, per vocabulary field, each row's dense index in the field's counts; after fitting,
-        ``self._remap[field][index]`` is the row's id, so rows seen while fitting need no second lookup.
+        Returns, per vocabulary field, ``i:<field>``: each row's dense index in the field's counts (after
+        fitting, ``self._remap[field][index]`` is the row's id, so rows seen while fitting need no second
+        lookup), and per dense field ``t:<field>``: its values with the statistics-free part of the transform
+        applied, so the second pass does not repeat it.
         """
         first_row = self.train_rows
         self.train_rows += chunk.height
-        index = {f.name: self._cat_stats[f.name].add(hashes[f"h:{f.name}"].to_numpy(), chunk[f.name])
-                 for f in self._vocab_fields()}
+        out = {f"i:{f.name}": self._cat_stats[f.name].add(hashes[f"h:{f.name}"].to_numpy(), chunk[f.name])
+               for f in self._vocab_fields()}
         for name, st in self._num_stats.items():
-            raw = chunk[name].cast(pl.Float64).to_numpy()  # nulls become NaN
+            f = self.schema.field(name)
+            raw = _numeric(chunk, name)
+            t = _pre_transform(raw, f.transform)
+            if f.transform != "bucketize":
+                out[f"t:{name}"] = t
             ok = ~np.isnan(raw)
-            v = raw[ok]
+            v = t[ok]
             if len(v) == 0:
                 continue
-            f = self.schema.field(name)
-            t = _pre_transform(v, f.transform)
-            st.n += len(t)
-            st.s1 += float(t.sum())
-            st.s2 += float(np.square(t).sum())  # not np.dot: BLAS threads would spin against polars
+            st.n += len(v)
+            st.s1 += float(v.sum())
+            st.s2 += float(np.einsum("i,i->", v, v))  # not np.dot: BLAS threads would spin against polars
             if f.transform == "bucketize":
-                st.add_sample(_row_keys(first_row + (self._seed << 40), chunk.height)[ok], v)
-        return index
+                st.add_sample(_row_keys(first_row + (self._seed << 40), chunk.height)[ok], raw[ok])
+        return out
 
     def _finish_fit(self) -> None:
         offset = 0
@@ -347,49 +398,43 @@ class Encoder:
     def _hashes(self, chunk: pl.DataFrame) -> pl.DataFrame:
         return chunk.select([_hash(f.name).alias(f"h:{f.name}") for f in self._vocab_fields()])
 
-    def _dense_expr(self, f: Field) -> pl.Expr:
-        x = pl.col(f.name).cast(pl.Float64)
-        if f.transform in ("log1p_standardize", "log1p"):
-            x = x.sign() * x.abs().log1p()
-        if f.transform in ("log1p_standardize", "standardize"):
-            mean, std = self.moments[f.name]
-            x = (x - mean) / std
-        return x.cast(pl.Float32).fill_null(float("nan")).alias(f.name)
+    def _encode(self, chunk: pl.DataFrame, hashes: pl.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """ids [n, n_sparse] int32 and dense [n, n_dense] float32 of one typed chunk.
 
-    def _encode(self, chunk: pl.DataFrame, hashes: pl.DataFrame | None = None,
-                dense_done: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """ids [n, n_sparse] int32 and dense [n, n_dense] float32 of one typed chunk."""
+        ``hashes`` holds per vocabulary field either ``h:<field>`` (value hashes) or ``i:<field>`` (dense
+        indexes from fitting), and optionally ``t:<field>`` (pre-transformed dense values, see ``_observe``).
+        """
         self._check_fitted()
         if hashes is None:
             hashes = self._hashes(chunk)
-        cols: list[np.ndarray] = []
-        for f in self.schema.sparse_fields:
+        n = chunk.height
+        ids = np.empty((n, len(self.schema.sparse_fields)), np.int32)
+        for j, f in enumerate(self.schema.sparse_fields):
             off = self.offsets[f.name]
             if f.kind == "categorical" and f.hash_buckets is None:
                 if f"i:{f.name}" in hashes.columns:  # rows seen while fitting: their dense index
-                    cols.append(self._remap[f.name][hashes[f"i:{f.name}"].to_numpy()])
+                    ids[:, j] = self._remap[f.name][hashes[f"i:{f.name}"].to_numpy()]
                 else:
-                    cols.append(self._lut[f.name].lookup(hashes[f"h:{f.name}"].to_numpy()))
+                    ids[:, j] = self._lut[f.name].lookup(hashes[f"h:{f.name}"].to_numpy())
             elif f.kind == "categorical":
                 uniq = chunk[f.name].drop_nulls().unique()
                 uniq = uniq.filter(uniq.str.len_bytes() > 0)
                 table = pl.DataFrame({f.name: uniq, "id": _crc_buckets(uniq, int(f.hash_buckets or 1)) + off})
                 hit = chunk.select(f.name).join(table, on=f.name, how="left", maintain_order="left")["id"]
-                cols.append(hit.fill_null(off + MISSING).to_numpy())
+                ids[:, j] = hit.fill_null(off + MISSING).to_numpy()
             else:
-                v = chunk[f.name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+                v = _numeric(chunk, f.name)
                 b = np.searchsorted(self.boundaries[f.name], v, side="right") + 1
-                cols.append(np.where(np.isnan(v), 0, b) + off)
-        n = chunk.height
-        ids = np.column_stack(cols).astype(np.int32, copy=False) if cols else np.zeros((n, 0), np.int32)
-        dense_fields = self.schema.dense_fields
-        if not dense_fields:
-            return ids, np.zeros((n, 0), np.float32)
-        if dense_done:
-            frame = chunk.select([f.name for f in dense_fields])
-        else:
-            frame = chunk.select([self._dense_expr(f) for f in dense_fields])
-        return ids, np.ascontiguousarray(frame.to_numpy(), dtype=np.float32)
+                ids[:, j] = np.where(np.isnan(v), 0, b) + off
+        dense = np.empty((n, len(self.schema.dense_fields)), np.float32)
+        for j, f in enumerate(self.schema.dense_fields):
+            t = (hashes[f"t:{f.name}"].to_numpy() if f"t:{f.name}" in hashes.columns
+                 else _pre_transform(_numeric(chunk, f.name), f.transform))
+            if f.transform in ("log1p_standardize", "standardize"):
+                mean, std = self.moments[f.name]
+                t = (t - mean) / std
+            dense[:, j] = t
+        return ids, dense
 
     def transform_frame(self, chunk: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Encode one typed chunk (see :mod:`ctrkit.data.readers`) in memory: (ids, dense)."""
@@ -474,6 +519,53 @@ def _is_chunk_iter(source: object) -> bool:
 
 
 # --- the one-parse path from raw files to encoded datasets -----------------------------------------
+HOLD_BYTES = 256 << 20
+
+
+class _Parts:
+    """What the first pass keeps of each training chunk for the second: in memory up to ``budget`` bytes,
+    then in Arrow IPC files under ``tmp``, so memory stays bounded however large the file is."""
+
+    def __init__(self, tmp: Path, budget: int | None = None) -> None:
+        self.tmp, self.budget, self.held = tmp, HOLD_BYTES if budget is None else budget, 0
+        self.items: list[pl.DataFrame | Path] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def append(self, frame: pl.DataFrame) -> None:
+        """Keep one part, in memory while the budget allows."""
+        size = frame.estimated_size()
+        if self.held + size <= self.budget:
+            self.held += size
+            self.items.append(frame)
+            return
+        file = self.tmp / f"part{len(self.items):05d}.arrow"
+        frame.write_ipc(file)
+        self.items.append(file)
+
+    def __getitem__(self, i: int) -> pl.DataFrame:
+        item = self.items[i]
+        return item if isinstance(item, pl.DataFrame) else pl.read_ipc(item)
+
+    def __setitem__(self, i: int, frame: pl.DataFrame) -> None:
+        item = self.items[i]
+        if isinstance(item, pl.DataFrame):
+            self.held += frame.estimated_size() - item.estimated_size()
+            self.items[i] = frame
+        else:
+            frame.write_ipc(item)
+
+    def drain(self) -> Iterator[pl.DataFrame]:
+        """Every part in order, each released (or its file deleted) once handed out."""
+        for i in range(len(self.items)):
+            frame = self[i]
+            item, self.items[i] = self.items[i], self.tmp
+            if isinstance(item, Path):
+                item.unlink()
+            yield frame
+
+
 @dataclass
 class EncodeResult:
     """What :func:`encode_files` produced: the encoder, datasets by split name and read reports."""
@@ -490,8 +582,8 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                  bad_rows: str | Path | None = None, **read_kwargs: Any) -> EncodeResult:
     """Fit an encoder on ``train`` and write encoded ``train``/``valid``/``test`` datasets under ``out_dir``.
 
-    Each training row is parsed once: the fit pass keeps its hash columns in a temporary folder and the
-    transform reads them back. Without ``valid``, the last ``valid_fraction`` of rows by time (or a seeded
+    Each training row is parsed once: the fit pass keeps what the transform needs of it (hashes or dense
+    indexes, transformed numerics, the label), in memory up to ``HOLD_BYTES`` and in a temporary folder beyond. Without ``valid``, the last ``valid_fraction`` of rows by time (or a seeded
     random fraction when the schema has no time field) is held out as validation and not fitted on.
     Rejected rows of ``train`` go to ``bad_rows``; those of ``valid`` / ``test`` to ``<stem>_valid<suffix>`` /
     ``<stem>_test<suffix>`` next to it. Reading runs one block ahead in a background thread, and the
@@ -508,12 +600,12 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     reports: dict[str, ReadReport] = {"train": ReadReport()}
     split_by_time = valid is None and bool(schema.time)
     tmp = Path(tempfile.mkdtemp(prefix="ctrkit-enc-", dir=out))
-    parts: list[Path] = []
+    parts = _Parts(tmp)
     times: list[np.ndarray] = []
     stream: Iterator[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
     try:
         chunks = iter_chunks(train, schema, report=reports["train"], bad_rows=bad_rows, **read_kwargs)
-        for i, (chunk, hashes) in enumerate(prefetch((c, enc._hashes(c)) for c in chunks)):
+        for chunk, hashes in prefetch((c, enc._hashes(c)) for c in chunks):
             keep = chunk.drop(["_line"] + ([] if split_by_time else enc._string_columns()))
             if valid is None and not split_by_time:
                 keep = keep.with_columns(pl.Series("_valid", rng.random(chunk.height) < valid_fraction))
@@ -524,22 +616,20 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                 enc._observe(chunk.filter(m), hashes.filter(m))
             else:
                 # every row is fitted on: keep its dense index (4 bytes) instead of its hash (8 bytes), and
-                # the second pass maps it to an id with one gather instead of a hash-table probe
-                index = enc._observe(chunk, hashes)
-                hashes = pl.DataFrame({f"i:{k}": v for k, v in index.items()})
-            file = tmp / f"part{i:05d}.arrow"
-            pl.concat([keep, hashes], how="horizontal").write_ipc(file)
-            parts.append(file)
+                # the second pass maps it to an id with one gather instead of a hash-table probe; dense
+                # values are kept already transformed as far as the statistics allow
+                hashes = pl.DataFrame(enc._observe(chunk, hashes))
+                keep = keep.drop(enc.dense_names)
+            parts.append(pl.concat([keep, hashes], how="horizontal"))
         if split_by_time:
             # Decided after the single parse: the last `valid_fraction` of rows by time is validation.
             t = np.concatenate(times) if times else np.zeros(0)
             if len(t) == 0:
                 raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
             cutoff = np.quantile(t, 1.0 - valid_fraction)
-            for file in parts:
-                chunk = pl.read_ipc(file).with_columns(
-                    (pl.col(schema.time) >= cutoff).alias("_valid"))
-                chunk.write_ipc(file)
+            for i in range(len(parts)):
+                chunk = parts[i].with_columns((pl.col(schema.time) >= cutoff).alias("_valid"))
+                parts[i] = chunk
                 m = ~chunk["_valid"]
                 fit_part = chunk.filter(m)
                 enc._observe(fit_part, fit_part.select([c for c in chunk.columns if c.startswith("h:")]))
@@ -596,7 +686,7 @@ def _split_bad_rows(bad_rows: str | Path | None, name: str) -> Path | None:
     return p.with_name(f"{p.stem}_{name}{p.suffix}")
 
 
-def _second_pass(enc: Encoder, parts: list[Path], sources: list[tuple[str, Source]], reports: dict[str, ReadReport],
+def _second_pass(enc: Encoder, parts: _Parts, sources: list[tuple[str, Source]], reports: dict[str, ReadReport],
                  bad_rows: str | Path | None,
                  read_kwargs: dict[str, Any]) -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
     """(split, chunk, hash columns): the other files parsed, then the training parts read back from disk.
@@ -607,7 +697,5 @@ def _second_pass(enc: Encoder, parts: list[Path], sources: list[tuple[str, Sourc
         for chunk in iter_chunks(src, enc.schema, report=reports[name], bad_rows=_split_bad_rows(bad_rows, name),
                                  **read_kwargs):
             yield name, chunk, enc._hashes(chunk)
-    for file in parts:
-        chunk = pl.read_ipc(file)
-        file.unlink()
-        yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith(("h:", "i:"))])
+    for chunk in parts.drain():
+        yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith(("h:", "i:", "t:"))])
