@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from torch import nn
 
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
-from ctrkit.nn.interactions import FactorizationMachine
+from ctrkit.nn.interactions import FactorizationMachine, pairwise_and_squares
 from ctrkit.nn.mlp import MLP, Dropout
 
 SIZES = (4, 3, 5)
@@ -55,10 +55,25 @@ def test_fm_equals_double_loop_over_field_pairs(batch: int, n_fields: int, dim: 
     got = FactorizationMachine()(emb)
     assert got.shape == (batch,)
     torch.testing.assert_close(got, fm_loop(emb), rtol=0, atol=1e-9)
-    per_dim = FactorizationMachine(reduce_sum=False)(emb)
-    assert per_dim.shape == (batch, dim)
-    for d in range(dim):
-        torch.testing.assert_close(per_dim[:, d], fm_loop(emb[:, :, d:d + 1]), rtol=0, atol=1e-9)
+    pair, squares = pairwise_and_squares(emb)
+    torch.testing.assert_close(pair, got, rtol=0, atol=0)
+    torch.testing.assert_close(squares, emb.pow(2).sum(dim=(1, 2)), rtol=0, atol=1e-9)
+
+
+def test_pairwise_and_squares_gradient_matches_finite_differences() -> None:
+    emb = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e: pairwise_and_squares(e), (emb,))
+    # either output alone (the other gets no gradient)
+    assert torch.autograd.gradcheck(lambda e: pairwise_and_squares(e)[0], (emb,))
+    assert torch.autograd.gradcheck(lambda e: pairwise_and_squares(e)[1], (emb,))
+
+
+def test_pairwise_and_squares_stay_float32_under_bf16_autocast() -> None:
+    emb = torch.randn(8, 5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pair, squares = pairwise_and_squares(emb)
+    assert pair.dtype == squares.dtype == torch.float32
+    torch.testing.assert_close(pair, FactorizationMachine()(emb))
 
 
 def test_fm_single_field_has_no_pairs() -> None:

@@ -134,6 +134,31 @@ def test_duplicate_ids_in_a_batch_are_summed(rule: str) -> None:
     torch.testing.assert_close(a.weight[5], want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rule", ["adam", "adagrad"])
+def test_tables_sharing_ids_in_one_optimizer_step_as_if_alone(rule: str) -> None:
+    torch.manual_seed(3)
+    tables = [nn.Embedding(N_ROWS, d, sparse=True).double() for d in (DIM, 1, DIM)]
+    alone = [nn.Embedding(N_ROWS, t.embedding_dim, sparse=True).double() for t in tables]
+    for t, u in zip(tables, alone):
+        with torch.no_grad():
+            u.weight.copy_(t.weight)
+    together = RowSparseOptimizer([t.weight for t in tables], lr=0.05, rule=rule)
+    separate = [RowSparseOptimizer([u.weight], lr=0.05, rule=rule) for u in alone]
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        ids = torch.randint(0, N_ROWS, (6, 3), generator=gen)
+        other = torch.randint(0, N_ROWS, (6, 3), generator=gen)
+        # the first two tables see the same ids (their distinct rows are shared), the third its own
+        for group, opts in ((tables, [together]), (alone, separate)):
+            for o in opts:
+                o.zero_grad()
+            sum(((t(i) - 1.0) ** 3).sum() for t, i in zip(group, (ids, ids, other))).backward()
+            for o in opts:
+                o.step()
+        for t, u in zip(tables, alone):
+            torch.testing.assert_close(t.weight, u.weight, rtol=0, atol=1e-12)
+
+
 def test_dense_gradients_raise_a_clear_error() -> None:
     table = nn.Embedding(4, 2, sparse=False)
     opt = RowSparseOptimizer([table.weight])

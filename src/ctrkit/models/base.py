@@ -97,10 +97,14 @@ class CTRModel(nn.Module):
         self.spec, self.config = spec, config.resolve(spec, self.auto_l2)
         self._penalty: torch.Tensor | None = None
 
-    def _remember_penalty(self, emb: torch.Tensor) -> None:
-        """Keep the L2 term of the rows this batch looked up, for :meth:`regularization`."""
+    def _remember_penalty(self, squares: torch.Tensor) -> None:
+        """Keep the L2 term of the rows this batch looked up, for :meth:`regularization`.
+
+        ``squares`` [B] is each sample's sum of squared embedding entries (``pairwise_and_squares`` gives it
+        alongside an FM term; otherwise ``emb.pow(2).sum(dim=(1, 2))``).
+        """
         if self.training and self.config.emb_l2 and self.config.emb_l2_scope == "batch":
-            self._penalty = self.config.emb_l2 * emb.pow(2).sum(dim=(1, 2)).mean()
+            self._penalty = self.config.emb_l2 * squares.mean()
         else:
             self._penalty = None
 

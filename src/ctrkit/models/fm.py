@@ -6,7 +6,7 @@ import torch
 
 from ctrkit.models.base import CTRModel, ModelConfig, register
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
-from ctrkit.nn.interactions import FactorizationMachine
+from ctrkit.nn.interactions import pairwise_and_squares
 from ctrkit.nn.mlp import MLP
 
 
@@ -24,13 +24,13 @@ class FM(CTRModel):
         self.linear = FeatureLinear(spec, sparse=bool(config.sparse_grad))
         self.embedding = FeatureEmbedding(spec, config.embed_dim, sparse=bool(config.sparse_grad),
                                           init_std=config.init_std)
-        self.fm = FactorizationMachine()
 
     def _fm_terms(self, ids: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(first-order + pairwise logit, field embeddings), for this model and the ones built on it."""
         emb = self.embedding(ids, dense)
-        self._remember_penalty(emb)
-        return self.linear(ids, dense) + self.fm(emb), emb
+        pairwise, squares = pairwise_and_squares(emb)
+        self._remember_penalty(squares)
+        return self.linear(ids, dense) + pairwise, emb
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         return self._fm_terms(ids, dense)[0]

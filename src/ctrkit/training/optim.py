@@ -43,15 +43,18 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             state["mark"] = torch.zeros(n_rows, dtype=torch.bool, device=idx.device)
             state["pos"] = torch.zeros(n_rows, dtype=torch.int64, device=idx.device)
         mark, pos = state["mark"], state["pos"]
-        mark[idx] = True
+        # index_fill_ / index_copy_ / index_select: dedicated kernels, about twice as fast as `t[i] = v`
+        mark.index_fill_(0, idx, True)
         rows = mark.nonzero().squeeze(1)
-        mark[rows] = False
-        pos[rows] = torch.arange(len(rows), device=idx.device)
-        return rows, pos[idx]
+        mark.index_fill_(0, rows, False)
+        pos.index_copy_(0, rows, torch.arange(len(rows), device=idx.device))
+        return rows, pos.index_select(0, idx)
 
     @torch.no_grad()
     def step(self, closure: object = None) -> None:  # type: ignore[override]
         """Apply one update to the rows present in each parameter's sparse gradient."""
+        # tables looked up with the same ids (an FM's first- and second-order tables) share their distinct rows
+        seen: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
             lr, eps, rule = group["lr"], group["eps"], group["rule"]
             b1, b2 = group["betas"]
@@ -64,7 +67,11 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 idx = g._indices()[0]
                 vals = g._values()
                 state = self.state[p]
-                rows, inverse = self._distinct(state, idx, p.shape[0])
+                hit = next(((r, i) for ids, n, r, i in seen
+                            if n == p.shape[0] and ids.shape == idx.shape and torch.equal(ids, idx)), None)
+                rows, inverse = hit if hit is not None else self._distinct(state, idx, p.shape[0])
+                if hit is None:
+                    seen.append((idx, p.shape[0], rows, inverse))
                 grad = torch.zeros(len(rows), p.shape[1], dtype=vals.dtype, device=vals.device)
                 grad.index_add_(0, inverse, vals)
                 if rule == "adam":
@@ -86,4 +93,6 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     acc = state["sum"].index_select(0, rows).addcmul_(grad, grad)
                     state["sum"].index_copy_(0, rows, acc)
                     update = grad.div_(acc.sqrt_().add_(eps)).mul_(lr)
-                p.index_add_(0, rows, update, alpha=-1.0)
+                # rows are distinct, so read-modify-write is exact; on a CPU it is an order of magnitude
+                # faster than index_add_, which walks the rows one at a time
+                p.index_copy_(0, rows, p.index_select(0, rows).sub_(update))
