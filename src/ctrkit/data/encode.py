@@ -116,7 +116,9 @@ def _pre_transform(values: np.ndarray, transform: str) -> np.ndarray:
     and scoring all go through this one function, so training and serving see bit-identical values.
     """
     if transform in ("log1p_standardize", "log1p"):
-        return np.copysign(np.log1p(np.abs(values)), values)
+        t = np.abs(values)
+        np.log1p(t, out=t)
+        return np.copysign(t, values, out=t)
     return values
 
 
