@@ -173,7 +173,7 @@ class _HashTable:
         ids = np.asarray(ids, dtype=np.int32)
         self._reserve(len(keys))
         rk, rid, rused = self.rec["k"], self.rec["id"], self.rec["used"]
-        slot = (keys >> self.shift).astype(np.intp)
+        slot = (keys >> self.shift).view(np.intp)
         todo = np.arange(len(keys))
         while len(todo):
             s = slot[todo]
@@ -204,7 +204,7 @@ class _HashTable:
         if 2 * (self.n + len(miss)) > len(self.rec):  # may have to grow: size it for the distinct new keys
             self._reserve(pl.Series(missed).n_unique())
         rk, rid, rused = self.rec["k"], self.rec["id"], self.rec["used"]
-        slot = (missed >> self.shift).astype(np.intp)
+        slot = (missed >> self.shift).view(np.intp)
         at = np.empty(len(missed), np.intp)
         todo = np.arange(len(missed))
         while len(todo):
@@ -232,7 +232,7 @@ class _HashTable:
     def lookup(self, query: np.ndarray) -> np.ndarray:
         """int32 id of each key in ``query`` (``default`` where absent)."""
         q = query.astype(np.uint64, copy=False)
-        slot = (q >> self.shift).astype(np.intp)
+        slot = (q >> self.shift).view(np.intp)  # the top bits of a key: the sign bit is always clear
         first = self.rec[slot]
         out = first["id"].copy()
         idx = np.flatnonzero(first["k"] != q)
@@ -434,7 +434,8 @@ class Encoder:
                  else _pre_transform(_numeric(chunk, f.name), f.transform))
             if f.transform in ("log1p_standardize", "standardize"):
                 mean, std = self.moments[f.name]
-                t = (t - mean) / std
+                t = np.subtract(t, mean)
+                t /= std
             dense[:, j] = t
         return ids, dense
 
@@ -585,8 +586,9 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     """Fit an encoder on ``train`` and write encoded ``train``/``valid``/``test`` datasets under ``out_dir``.
 
     Each training row is parsed once: the fit pass keeps what the transform needs of it (hashes or dense
-    indexes, transformed numerics, the label), in memory up to ``HOLD_BYTES`` and in a temporary folder beyond. Without ``valid``, the last ``valid_fraction`` of rows by time (or a seeded
-    random fraction when the schema has no time field) is held out as validation and not fitted on.
+    indexes, transformed numerics, the label), in memory up to ``HOLD_BYTES`` and in a temporary folder
+    beyond. Without ``valid``, the last ``valid_fraction`` of rows by time (or a seeded random fraction when
+    the schema has no time field) is held out as validation and not fitted on.
     Rejected rows of ``train`` go to ``bad_rows``; those of ``valid`` / ``test`` to ``<stem>_valid<suffix>`` /
     ``<stem>_test<suffix>`` next to it. Reading runs one block ahead in a background thread, and the
     ``valid`` / ``test`` files are parsed while the training rows are being encoded, so both cores stay busy.
