@@ -102,6 +102,11 @@ def test_embedding_looks_up_rows_of_one_table_and_scales_numeric_vectors() -> No
     assert torch.equal(out[1, spec.n_sparse + 1], torch.zeros(4, dtype=torch.float64))
 
 
+def test_embedding_without_fields_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no fields"):
+        FeatureEmbedding(FeatureSpec(n_ids=0, field_sizes=(), sparse_names=(), dense_names=()), 4)
+
+
 def test_embedding_missing_values_keep_gradients_finite() -> None:
     spec = make_spec()
     layer = FeatureEmbedding(spec, dim=3)

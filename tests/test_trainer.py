@@ -145,6 +145,8 @@ def test_monitor_logloss_and_no_validation(data: tuple[EncodedData, EncodedData]
     assert all("valid" not in r for r in plain.history)
     assert plain.samples == 2 * len(tr) and plain.samples_per_s > 0
     assert set(plain.to_dict()) >= {"seconds", "samples_per_s", "epochs", "best_epoch", "history"}
+    empty = train(fresh("lr"), tr, va.take(np.arange(0)), quiet(epochs=2))
+    assert empty.epochs == empty.best_epoch == 2 and all("valid" not in r for r in empty.history)
 
 
 def test_predict_proba_keeps_row_order_and_length(data: tuple[EncodedData, EncodedData]) -> None:

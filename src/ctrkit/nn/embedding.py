@@ -65,6 +65,8 @@ class FeatureEmbedding(nn.Module):
         super().__init__()
         if dim < 1:
             raise ValueError(f"embedding dim must be >= 1, got {dim}")
+        if spec.n_fields == 0:
+            raise ValueError("the feature spec has no fields: a model needs at least one categorical or numeric field")
         self.spec, self.dim = spec, dim
         self.table = nn.Embedding(max(spec.n_ids, 1), dim, sparse=sparse)
         nn.init.normal_(self.table.weight, std=init_std)

@@ -174,6 +174,8 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Fit ``model`` in place; with validation data, stop early and restore the best epoch's weights."""
     cfg = config or TrainConfig()
+    if valid_data is not None and len(valid_data) == 0:
+        valid_data = None  # nothing to stop on: train every epoch, like without validation
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -225,7 +227,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             result.epochs = epoch
             record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_seconds": round(train_time, 3),
                                       "samples_per_s": round(n_seen / max(train_time, 1e-9), 1)}
-            if valid_data is not None and len(valid_data):
+            if valid_data is not None:
                 p = predict_proba(model, valid_data, cfg.eval_batch_size, device)
                 m = evaluate(np.asarray(valid_data.label), p)
                 record["valid"] = {k: m[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")}
