@@ -560,13 +560,16 @@ class _Parts:
             frame.write_ipc(item)
 
     def drain(self) -> Iterator[pl.DataFrame]:
-        """Every part in order, each released (or its file deleted) once handed out."""
-        for i in range(len(self.items)):
-            frame = self[i]
-            item, self.items[i] = self.items[i], self.tmp
+        """Every part in order, each let go (its file deleted) once handed out; the store is empty after."""
+        items, self.items, self.held = self.items[::-1], [], 0
+        while items:
+            item = items.pop()
             if isinstance(item, Path):
+                frame = pl.read_ipc(item)
                 item.unlink()
-            yield frame
+                yield frame
+            else:
+                yield item
 
 
 @dataclass
@@ -693,7 +696,7 @@ def _split_bad_rows(bad_rows: str | Path | None, name: str) -> Path | None:
 def _second_pass(enc: Encoder, parts: _Parts, sources: list[tuple[str, Source]], reports: dict[str, ReadReport],
                  bad_rows: str | Path | None,
                  read_kwargs: dict[str, Any]) -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
-    """(split, chunk, hash columns): the other files parsed, then the training parts read back from disk.
+    """(split, chunk, hash columns): the other files parsed, then the training parts the first pass kept.
 
     The other files come first so that their parsing, the costly part, overlaps the end of fitting.
     """
