@@ -50,6 +50,33 @@ def test_writer_checks_shapes(tmp_path):
         EncodedData.open(tmp_path / "nothing")
 
 
+def test_rewrite_changes_runs_in_place(tmp_path):
+    w = DatasetWriter(tmp_path / "d", n_sparse=2, n_dense=1)
+    w.append(np.array([[1, 2], [3, 4]], np.int32), np.array([[0.5], [1.5]], np.float32), np.array([0, 1], np.float32))
+    w.append(np.array([[5, 6]], np.int32), np.array([[2.5]], np.float32), np.array([1], np.float32))
+    seen = []
+
+    def update(i: int, ids: np.ndarray, dense: np.ndarray) -> None:
+        seen.append((i, ids.copy()))
+        ids += 10 * (i + 1)
+        dense *= 2
+
+    w.rewrite([2, 1], update)
+    assert [i for i, _ in seen] == [0, 1] and seen[1][1].tolist() == [[5, 6]]
+    d = w.close()
+    assert np.asarray(d.ids).tolist() == [[11, 12], [13, 14], [25, 26]]
+    assert np.asarray(d.dense).ravel().tolist() == [1.0, 3.0, 5.0]
+    assert np.asarray(d.label).tolist() == [0, 1, 1]
+
+
+def test_rewrite_refuses_runs_that_do_not_cover_the_rows(tmp_path):
+    w = DatasetWriter(tmp_path / "d", n_sparse=1, n_dense=0)
+    w.append(np.zeros((3, 1), np.int32), np.zeros((3, 0), np.float32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="runs of 2 rows"):
+        w.rewrite([2], lambda i, ids, dense: None)
+    assert len(w.close()) == 3
+
+
 def test_empty_dataset(tmp_path):
     data = DatasetWriter(tmp_path / "e", 3, 0).close()
     assert len(data) == 0 and data.ids.shape == (0, 3)

@@ -209,6 +209,38 @@ def test_parts_spilled_to_disk_give_the_same_datasets(log_files, tmp_path, monke
     assert not [p for p in (tmp_path / "spilled").iterdir() if p.name.startswith("ctrkit-enc-")]
 
 
+@pytest.mark.parametrize("hold", [None, 0])
+def test_training_rows_completed_in_place_equal_a_plain_transform(tmp_path, monkeypatch, hold):
+    """Every field kind (vocabulary, hashed, bucketized, dense) written by the fit pass and completed after it
+    gives bit-identical ids and dense values to encoding the rows with the finished encoder."""
+    import ctrkit.data.encode as encode
+
+    rng = np.random.default_rng(3)
+    n = 600
+
+    def frame() -> pl.DataFrame:
+        words = np.array(["a", "b", "c", "d", "e", "", "zz"])
+        return pl.DataFrame({
+            "c": rng.choice(words, n), "d": rng.choice(words[:4], n), "h": rng.choice(words, n),
+            "x": np.where(rng.random(n) < 0.1, np.nan, rng.lognormal(0, 2, n)),
+            "b": rng.normal(0, 3, n).round(2), "y": rng.integers(0, 2, n)}).with_columns(
+            pl.col("x").fill_nan(None))
+
+    frame().write_csv(tmp_path / "train.csv")
+    frame().write_csv(tmp_path / "valid.csv")
+    if hold is not None:
+        monkeypatch.setattr(encode, "HOLD_BYTES", hold)
+    res = encode_files(SCHEMA, tmp_path / "train.csv", tmp_path / "out", valid=tmp_path / "valid.csv",
+                       block_bytes=2_000)
+    for k in ("train", "valid"):
+        rows, _ = read_frame(tmp_path / f"{k}.csv", SCHEMA)
+        ids, dense = res.encoder.transform_frame(rows)
+        np.testing.assert_array_equal(np.asarray(res.data[k].ids), ids)
+        np.testing.assert_array_equal(np.asarray(res.data[k].dense), dense)
+        np.testing.assert_array_equal(np.asarray(res.data[k].label), rows["y"].to_numpy())
+    assert len(np.unique(np.asarray(res.data["train"].ids)[:, 3])) > 3  # the bucketized field was binned
+
+
 def test_encode_files_matches_transform_and_writes_bad_rows(log_files, tmp_path):
     text = Path(log_files["valid"]).read_text().splitlines()
     text.insert(5, "garbage,line")
@@ -233,6 +265,21 @@ def test_group_ids_are_stable(log_files):
     assert g is not None and g.dtype == np.int64
     same = frame["user_id"].to_numpy()
     assert len(set(zip(same.tolist(), g.tolist()))) == frame["user_id"].n_unique()
+
+
+def test_encode_files_literal_ids_for_unseen_and_empty_values(tmp_path):
+    """Values never seen in training are OOV and empty ones missing, even where training had no empty value."""
+    schema = Schema(fields=[Field("c"), Field("d", min_count=2)], label="y")
+    (tmp_path / "train.csv").write_text("c,d,y\na,x,1\nb,x,0\na,w,1\n")
+    (tmp_path / "valid.csv").write_text("c,d,y\na,x,0\n,,1\nz,w,0\nb,q,1\n")
+    res = encode_files(schema, tmp_path / "train.csv", tmp_path / "out", valid=tmp_path / "valid.csv")
+    # c: a=2 (count 2), b=3; offsets c 0, d 4 (c has 2 + 2 ids); d: x=2, w below min_count -> OOV
+    np.testing.assert_array_equal(np.asarray(res.data["train"].ids), [[2, 6], [3, 6], [2, 5]])
+    np.testing.assert_array_equal(np.asarray(res.data["valid"].ids),
+                                  [[2, 6], [MISSING, 4 + MISSING], [OOV, 4 + OOV], [3, 4 + OOV]])
+    # the returned encoder (its lookup tables built from the vocabulary alone) agrees
+    frame, _ = read_frame(tmp_path / "valid.csv", schema)
+    np.testing.assert_array_equal(res.encoder.transform_frame(frame)[0], np.asarray(res.data["valid"].ids))
 
 
 def test_no_training_rows(tmp_path):

@@ -8,7 +8,8 @@ Layout of a dataset folder: ``ids.i32`` (int32 [n, n_sparse], already offset int
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +48,33 @@ class DatasetWriter:
             self._fh["group"].write(np.ascontiguousarray(group, dtype=np.int64).data)
         self.n += n
 
+    def rewrite(self, sizes: list[int], update: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
+        """Let ``update(i, ids, dense)`` change in place the i-th run of appended rows (``sizes[i]`` rows each,
+        in order). Each run is read into and written back from one reused buffer, so no fresh memory is touched
+        per run, whatever the number of rows."""
+        if sum(sizes) != self.n:
+            raise ValueError(f"runs of {sum(sizes)} rows in all, but {self.n} rows were appended")
+        widths = {"ids": self.n_sparse, "dense": self.n_dense}
+        top = max(sizes, default=0)
+        bufs = {k: np.empty((top, w), _FILES[k][1]) for k, w in widths.items()}
+        fds: dict[str, int] = {}
+        try:
+            for k in widths:
+                self._fh[k].flush()
+                fds[k] = os.open(self.path / _FILES[k][0], os.O_RDWR)
+            start = 0
+            for i, m in enumerate(sizes):
+                views = {k: bufs[k][:m] for k in widths}
+                for k, v in views.items():
+                    _pread_into(fds[k], v, start * v.itemsize * widths[k])
+                update(i, views["ids"], views["dense"])
+                for k, v in views.items():
+                    _pwrite_from(fds[k], v, start * v.itemsize * widths[k])
+                start += m
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
     def close(self, extra: dict[str, Any] | None = None) -> EncodedData:
         """Flush, write ``meta.json`` and return the dataset opened read-only."""
         for fh in self._fh.values():
@@ -55,6 +83,23 @@ class DatasetWriter:
         meta.update(extra or {})
         (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
         return EncodedData.open(self.path)
+
+
+def _pread_into(fd: int, array: np.ndarray, offset: int) -> None:
+    """Fill a contiguous array with the file's bytes at ``offset``."""
+    view, done = memoryview(array.reshape(-1)).cast("B"), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"file ends {len(view) - done} bytes early")
+        done += n
+
+
+def _pwrite_from(fd: int, array: np.ndarray, offset: int) -> None:
+    """Write a contiguous array's bytes to the file at ``offset``."""
+    view, done = memoryview(array.reshape(-1)).cast("B"), 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
 
 
 @dataclass

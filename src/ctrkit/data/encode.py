@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -53,6 +54,15 @@ def _crc_buckets(values: pl.Series, n: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(v.encode()) % n + 1 for v in values), dtype=np.int64, count=len(values))
 
 
+def _hash_buckets(column: pl.Series, n: int) -> np.ndarray:
+    """Bucket 1..n of each value of a hashed field (0 where null or empty); each distinct value is hashed once."""
+    uniq = column.drop_nulls().unique()
+    uniq = uniq.filter(uniq.str.len_bytes() > 0)
+    table = pl.DataFrame({"v": uniq, "id": _crc_buckets(uniq, n)})
+    hit = column.rename("v").to_frame().join(table, on="v", how="left", maintain_order="left")["id"]
+    return hit.fill_null(MISSING).to_numpy()
+
+
 class _CatStats:
     """Running counts of one vocabulary field: a hash table from value hash to a dense index, the count of
     each index and its string. Memory follows the number of distinct values, not the number of rows."""
@@ -70,6 +80,14 @@ class _CatStats:
             self.counts = np.concatenate([self.counts, np.zeros(len(first), np.int64)])
         self.counts += np.bincount(idx, minlength=len(self.counts))
         return idx
+
+    def add_blanks(self) -> None:
+        """Give null and "" an index without counting them, so that looking them up in ``table`` finds them."""
+        blank = pl.Series("s", [None, ""], dtype=pl.String)
+        _, first = self.table.intern(blank.hash(seed=_SEED).to_numpy())
+        if len(first):
+            self.strings.append(blank.gather(first))
+            self.counts = np.concatenate([self.counts, np.zeros(len(first), np.int64)])
 
     def table_of_counts(self) -> pl.DataFrame:
         """(s, n): every distinct value seen with its count."""
@@ -264,7 +282,9 @@ class Encoder:
         self.offsets: dict[str, int] = {}
         self.n_ids = 0
         self.train_rows = 0
-        self._lut: dict[str, _HashTable] = {}
+        self._luts: dict[str, _HashTable] | None = None
+        self._luts_lock = threading.Lock()
+        self._fit_tables: dict[str, _HashTable] = {}
         self._remap: dict[str, np.ndarray] = {}
         self._cat_stats: dict[str, _CatStats] = {}
         self._num_stats: dict[str, _NumStats] = {}
@@ -301,8 +321,8 @@ class Encoder:
 
         Returns, per vocabulary field, ``i:<field>``: each row's dense index in the field's counts (after
         fitting, ``self._remap[field][index]`` is the row's id, so rows seen while fitting need no second
-        lookup), and per dense field ``t:<field>``: its values with the statistics-free part of the transform
-        applied, so the second pass does not repeat it.
+        lookup; index -1, a value never seen, gives the out-of-vocabulary id), and per dense field
+        ``t:<field>``: its values with the statistics-free part of the transform applied.
         """
         first_row = self.train_rows
         self.train_rows += chunk.height
@@ -332,11 +352,12 @@ class Encoder:
         for f in self.schema.fields:
             if f.kind == "categorical" and f.hash_buckets is None:
                 st = self._cat_stats[f.name]
+                st.add_blanks()
                 seen = st.table_of_counts()
                 table = seen.filter((pl.col("n") >= f.min_count) & (pl.col("s").str.len_bytes() > 0))
                 table = table.sort(["n", "s"], descending=[True, False])
                 values, counts = table["s"], table["n"].to_numpy()
-                remap = np.full(seen.height, OOV, np.int32)
+                remap = np.full(seen.height + 1, OOV, np.int32)  # the last entry: index -1, never seen
                 remap[seen.filter(pl.col("s").is_null() | (pl.col("s") == ""))["i"].to_numpy()] = MISSING
                 remap[table["i"].to_numpy()] = np.arange(2, 2 + table.height, dtype=np.int32)
                 remaps[f.name] = remap
@@ -360,21 +381,32 @@ class Encoder:
                 offset += self.sizes[f.name]
         self.n_ids = offset
         self._remap = {k: v + self.offsets[k] for k, v in remaps.items()}
+        # until _drop_fit_state, values are looked up in the fitting tables (hash -> index) and remapped:
+        # tables for the vocabulary alone would cost as much again to build, in time and memory
+        self._fit_tables = {k: st.table for k, st in self._cat_stats.items()}
         self._cat_stats, self._num_stats = {}, {}
-        self._build_luts()
+        self._luts = None
         self.fitted = True
 
-    def _build_luts(self) -> None:
-        """Hash -> global id tables; the hashes of null and "" map to the field's missing id."""
-        self._lut = {}
-        blank = pl.Series("s", [None, ""], dtype=pl.String).hash(seed=_SEED).to_numpy()
-        for name, values in self.vocab.items():
-            off = self.offsets[name]
-            ids = np.arange(2, 2 + len(values), dtype=np.int32) + off
-            self._lut[name] = _HashTable(
-                np.concatenate([values.hash(seed=_SEED).to_numpy(), blank]),
-                np.concatenate([ids, np.array([off + MISSING, off + MISSING], dtype=np.int32)]),
-                default=off + OOV)
+    def _drop_fit_state(self) -> None:
+        """Let go of what only the fitting pass needs (index remaps and hash tables of every value seen)."""
+        self._remap, self._fit_tables = {}, {}
+
+    def _lookup_tables(self) -> dict[str, _HashTable]:
+        """Hash -> global id of the vocabulary, built on first use; null and "" map to the field's missing id."""
+        with self._luts_lock:
+            if self._luts is None:
+                blank = pl.Series("s", [None, ""], dtype=pl.String).hash(seed=_SEED).to_numpy()
+                luts = {}
+                for name, values in self.vocab.items():
+                    off = self.offsets[name]
+                    ids = np.arange(2, 2 + len(values), dtype=np.int32) + off
+                    luts[name] = _HashTable(
+                        np.concatenate([values.hash(seed=_SEED).to_numpy(), blank]),
+                        np.concatenate([ids, np.array([off + MISSING, off + MISSING], dtype=np.int32)]),
+                        default=off + OOV)
+                self._luts = luts
+            return self._luts
 
     def fit(self, source: Source | Iterable[pl.DataFrame], seed: int = 0, **read_kwargs: Any) -> Encoder:
         """Fit on a file, a DataFrame or an iterable of typed chunks (the training split only)."""
@@ -385,7 +417,7 @@ class Encoder:
         if self.train_rows == 0:
             raise EncoderError("no training rows to fit the encoder on")
         self._finish_fit()
-        self._remap = {}
+        self._drop_fit_state()
         return self
 
     # -- transforming --------------------------------------------------------------------------------
@@ -403,41 +435,80 @@ class Encoder:
     def _encode(self, chunk: pl.DataFrame, hashes: pl.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
         """ids [n, n_sparse] int32 and dense [n, n_dense] float32 of one typed chunk.
 
-        ``hashes`` holds per vocabulary field either ``h:<field>`` (value hashes) or ``i:<field>`` (dense
-        indexes from fitting), and optionally ``t:<field>`` (pre-transformed dense values, see ``_observe``).
+        ``hashes`` holds ``h:<field>``, the value hashes of each vocabulary field (computed when not given).
         """
         self._check_fitted()
         if hashes is None:
             hashes = self._hashes(chunk)
-        n = chunk.height
-        ids = np.empty((n, len(self.schema.sparse_fields)), np.int32)
+        ids = np.empty((chunk.height, len(self.schema.sparse_fields)), np.int32)
         for j, f in enumerate(self.schema.sparse_fields):
             off = self.offsets[f.name]
             if f.kind == "categorical" and f.hash_buckets is None:
-                if f"i:{f.name}" in hashes.columns:  # rows seen while fitting: their dense index
-                    ids[:, j] = self._remap[f.name][hashes[f"i:{f.name}"].to_numpy()]
+                h = hashes[f"h:{f.name}"].to_numpy()
+                if f.name in self._fit_tables:  # inside encode_files: every value seen while fitting is there
+                    ids[:, j] = self._remap[f.name][self._fit_tables[f.name].lookup(h)]
                 else:
-                    ids[:, j] = self._lut[f.name].lookup(hashes[f"h:{f.name}"].to_numpy())
+                    ids[:, j] = self._lookup_tables()[f.name].lookup(h)
             elif f.kind == "categorical":
-                uniq = chunk[f.name].drop_nulls().unique()
-                uniq = uniq.filter(uniq.str.len_bytes() > 0)
-                table = pl.DataFrame({f.name: uniq, "id": _crc_buckets(uniq, int(f.hash_buckets or 1)) + off})
-                hit = chunk.select(f.name).join(table, on=f.name, how="left", maintain_order="left")["id"]
-                ids[:, j] = hit.fill_null(off + MISSING).to_numpy()
+                ids[:, j] = _hash_buckets(chunk[f.name], int(f.hash_buckets or 1)) + off
             else:
-                v = _numeric(chunk, f.name)
-                b = np.searchsorted(self.boundaries[f.name], v, side="right") + 1
-                ids[:, j] = np.where(np.isnan(v), 0, b) + off
-        dense = np.empty((n, len(self.schema.dense_fields)), np.float32)
-        for j, f in enumerate(self.schema.dense_fields):
-            t = (hashes[f"t:{f.name}"].to_numpy() if f"t:{f.name}" in hashes.columns
-                 else _pre_transform(_numeric(chunk, f.name), f.transform))
-            if f.transform in ("log1p_standardize", "standardize"):
-                mean, std = self.moments[f.name]
-                t = np.subtract(t, mean)
-                t /= std
-            dense[:, j] = t
+                ids[:, j] = self._bin(f.name, _numeric(chunk, f.name)) + off
+        dense = self._unscaled_dense(chunk, {})
+        self._scale(dense)
         return ids, dense
+
+    def _bin(self, name: str, values: np.ndarray) -> np.ndarray:
+        """Quantile bin 1..nb of each value of a bucketized field, 0 where missing."""
+        b = np.searchsorted(self.boundaries[name], values, side="right") + 1
+        return np.where(np.isnan(values), MISSING, b)
+
+    def _unscaled_dense(self, chunk: pl.DataFrame, found: dict[str, np.ndarray]) -> np.ndarray:
+        """float32 [n, n_dense]: each dense field's values with the statistics-free part of its transform
+        (taken from ``found["t:<field>"]`` where ``_observe`` computed it)."""
+        dense = np.empty((chunk.height, len(self.schema.dense_fields)), np.float32)
+        for j, f in enumerate(self.schema.dense_fields):
+            t = found.get(f"t:{f.name}")
+            dense[:, j] = _pre_transform(_numeric(chunk, f.name), f.transform) if t is None else t
+        return dense
+
+    def _scale(self, dense: np.ndarray) -> None:
+        """Standardize in place the columns of ``_unscaled_dense`` whose transform asks for it (the others see
+        ``x - 0`` and ``x / 1``, which are exact); encoding and scoring share it, so their values are identical."""
+        if len(self.schema.dense_fields) == 0:
+            return
+        mean, std = np.zeros(dense.shape[1], np.float32), np.ones(dense.shape[1], np.float32)
+        for j, f in enumerate(self.schema.dense_fields):
+            if f.transform in ("log1p_standardize", "standardize"):
+                mean[j], std[j] = self.moments[f.name]
+        dense -= mean
+        dense /= std
+
+    def _fitting_ids(self, chunk: pl.DataFrame, found: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """A training chunk as far as it can be encoded before the fit is finished; ``_finish_ids`` completes it.
+
+        Vocabulary fields hold their dense index from fitting (``found["i:<field>"]``), hashed fields their
+        bucket without the field offset, bucketized numerics 0, dense fields their unscaled values.
+        """
+        ids = np.zeros((chunk.height, len(self.schema.sparse_fields)), np.int32)
+        for j, f in enumerate(self.schema.sparse_fields):
+            if f.kind == "categorical" and f.hash_buckets is None:
+                ids[:, j] = found[f"i:{f.name}"]
+            elif f.kind == "categorical":
+                ids[:, j] = _hash_buckets(chunk[f.name], int(f.hash_buckets or 1))
+        return ids, self._unscaled_dense(chunk, found)
+
+    def _finish_ids(self, ids: np.ndarray, dense: np.ndarray, raw: pl.DataFrame | None) -> None:
+        """Turn ``_fitting_ids`` output into final ids and dense values in place, now that the fit is done;
+        ``raw`` holds the chunk's bucketized numeric fields."""
+        for j, f in enumerate(self.schema.sparse_fields):
+            if f.kind == "categorical" and f.hash_buckets is None:
+                ids[:, j] = self._remap[f.name][ids[:, j]]
+            elif f.kind == "categorical":
+                ids[:, j] += self.offsets[f.name]
+            else:
+                assert raw is not None
+                ids[:, j] = self._bin(f.name, _numeric(raw, f.name)) + self.offsets[f.name]
+        self._scale(dense)
 
     def transform_frame(self, chunk: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Encode one typed chunk (see :mod:`ctrkit.data.readers`) in memory: (ids, dense)."""
@@ -512,7 +583,6 @@ class Encoder:
                                    f"{enc.sizes[f.name] - 2}")
             enc.vocab[f.name] = part["value"].rename(f.name)
             enc.counts[f.name] = part["count"].to_numpy()
-        enc._build_luts()
         enc.fitted = True
         return enc
 
@@ -588,10 +658,12 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                  bad_rows: str | Path | None = None, **read_kwargs: Any) -> EncodeResult:
     """Fit an encoder on ``train`` and write encoded ``train``/``valid``/``test`` datasets under ``out_dir``.
 
-    Each training row is parsed once: the fit pass keeps what the transform needs of it (hashes or dense
-    indexes, transformed numerics, the label), in memory up to ``HOLD_BYTES`` and in a temporary folder
-    beyond. Without ``valid``, the last ``valid_fraction`` of rows by time (or a seeded random fraction when
-    the schema has no time field) is held out as validation and not fitted on.
+    Each training row is parsed once. With ``valid`` given, every training row is fitted on, so the fit pass
+    writes it to the training dataset already, as far as the fit allows (dense indexes, unscaled numerics),
+    and completes the ids in place once the fit is done. Without ``valid``, the last ``valid_fraction`` of rows
+    by time (or a seeded random fraction when the schema has no time field) is held out as validation and not
+    fitted on; the fit pass then keeps what the transform needs of each row (hashes, numerics, the label), in
+    memory up to ``HOLD_BYTES`` and in a temporary folder beyond.
     Rejected rows of ``train`` go to ``bad_rows``; those of ``valid`` / ``test`` to ``<stem>_valid<suffix>`` /
     ``<stem>_test<suffix>`` next to it. Reading runs one block ahead in a background thread, and the
     ``valid`` / ``test`` files are parsed while the training rows are being encoded, so both cores stay busy.
@@ -610,23 +682,30 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     parts = _Parts(tmp)
     times: list[np.ndarray] = []
     stream: Iterator[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
+    n_sparse, n_dense = len(enc.sparse_names), len(enc.dense_names)
+    writers: dict[str, DatasetWriter] = {}
+    written: list[int] = []  # rows of each training chunk written by the fit pass
+    binned = [f.name for f in schema.sparse_fields if f.kind == "numeric"]  # only these need raw values later
     try:
         chunks = iter_chunks(train, schema, report=reports["train"], bad_rows=bad_rows, **read_kwargs)
+        if valid is not None:
+            writers["train"] = DatasetWriter(out / "train", n_sparse, n_dense, bool(schema.group))
         for chunk, hashes in prefetch((c, enc._hashes(c)) for c in chunks):
+            if valid is not None:
+                ids, dense = enc._fitting_ids(chunk, enc._observe(chunk, hashes))
+                writers["train"].append(ids, dense, chunk[schema.label].to_numpy(), enc.group_ids(chunk))
+                written.append(chunk.height)
+                if binned:
+                    parts.append(chunk.select(binned))
+                continue
             keep = chunk.drop(["_line"] + ([] if split_by_time else enc._string_columns()))
             if valid is None and not split_by_time:
                 keep = keep.with_columns(pl.Series("_valid", rng.random(chunk.height) < valid_fraction))
             if split_by_time:
                 times.append(chunk[schema.time].to_numpy())
-            elif valid is None:
+            else:
                 m = ~keep["_valid"]
                 enc._observe(chunk.filter(m), hashes.filter(m))
-            else:
-                # every row is fitted on: keep its dense index (4 bytes) instead of its hash (8 bytes), and
-                # the second pass maps it to an id with one gather instead of a hash-table probe; dense
-                # values are kept already transformed as far as the statistics allow
-                hashes = pl.DataFrame(enc._observe(chunk, hashes))
-                keep = keep.drop(enc.dense_names)
             parts.append(pl.concat([keep, hashes], how="horizontal"))
         if split_by_time:
             # Decided after the single parse: the last `valid_fraction` of rows by time is validation.
@@ -646,11 +725,15 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         for k, _ in sources:
             reports[k] = ReadReport()
         # Reading starts now, in the background, while the vocabularies are finished.
-        stream = prefetch(_second_pass(enc, parts, sources, reports, bad_rows, read_kwargs), depth=2)
+        held = parts if valid is None else None  # with `valid`, the training rows are written already
+        stream = prefetch(_second_pass(enc, held, sources, reports, bad_rows, read_kwargs), depth=2)
         enc._finish_fit()
-        names = ["train"] + [k for k, _ in sources] + (["valid"] if valid is None else [])
-        writers = {k: DatasetWriter(out / k, len(enc.sparse_names), len(enc.dense_names), bool(schema.group))
-                   for k in names}
+        names = [k for k, _ in sources] + (["train", "valid"] if valid is None else [])
+        writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group)) for k in names})
+        raw = parts.drain() if binned else None
+
+        def finish(_: int, ids: np.ndarray, dense: np.ndarray) -> None:
+            enc._finish_ids(ids, dense, None if raw is None else next(raw))
 
         def write(name: str, chunk: pl.DataFrame, encoded: Future[tuple[np.ndarray, np.ndarray]]) -> None:
             ids, dense = encoded.result()
@@ -663,8 +746,10 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
             else:
                 writers[name].append(ids, dense, label, group)
 
-        # Two chunks are encoded at a time (numpy and polars release the GIL) and written in order.
+        # Two chunks are encoded at a time (numpy and polars release the GIL) and written in order, while
+        # the training rows written by the fit pass are completed in place.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctrkit-encode") as pool:
+            completed = pool.submit(writers["train"].rewrite, written, finish) if valid is not None else None
             pending: deque[tuple[str, pl.DataFrame, Future[tuple[np.ndarray, np.ndarray]]]] = deque()
             for name, chunk, hashes in stream:
                 pending.append((name, chunk, pool.submit(enc._encode, chunk, hashes)))
@@ -672,6 +757,8 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                     write(*pending.popleft())
             while pending:
                 write(*pending.popleft())
+            if completed is not None:
+                completed.result()
         fingerprint = enc.fingerprint()
         # a held-out validation split shares the training file's report
         data = {k: w.close({"report": reports.get(k, reports["train"]).to_dict(), "encoder": fingerprint})
@@ -680,7 +767,7 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         if stream is not None:
             stream.close()
         shutil.rmtree(tmp, ignore_errors=True)
-        enc._remap = {}
+        enc._drop_fit_state()
     rows = sum(r.rows for r in reports.values())
     return EncodeResult(encoder=enc, data=data, reports=reports, seconds=time.perf_counter() - t0, rows=rows)
 
@@ -693,7 +780,7 @@ def _split_bad_rows(bad_rows: str | Path | None, name: str) -> Path | None:
     return p.with_name(f"{p.stem}_{name}{p.suffix}")
 
 
-def _second_pass(enc: Encoder, parts: _Parts, sources: list[tuple[str, Source]], reports: dict[str, ReadReport],
+def _second_pass(enc: Encoder, parts: _Parts | None, sources: list[tuple[str, Source]], reports: dict[str, ReadReport],
                  bad_rows: str | Path | None,
                  read_kwargs: dict[str, Any]) -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
     """(split, chunk, hash columns): the other files parsed, then the training parts the first pass kept.
@@ -704,5 +791,5 @@ def _second_pass(enc: Encoder, parts: _Parts, sources: list[tuple[str, Source]],
         for chunk in iter_chunks(src, enc.schema, report=reports[name], bad_rows=_split_bad_rows(bad_rows, name),
                                  **read_kwargs):
             yield name, chunk, enc._hashes(chunk)
-    for chunk in parts.drain():
-        yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith(("h:", "i:", "t:"))])
+    for chunk in parts.drain() if parts is not None else ():
+        yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith("h:")])
