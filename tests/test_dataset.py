@@ -77,6 +77,13 @@ def test_rewrite_refuses_runs_that_do_not_cover_the_rows(tmp_path):
     assert len(w.close()) == 3
 
 
+def test_abort_deletes_what_was_written(tmp_path):
+    w = DatasetWriter(tmp_path / "d", n_sparse=1, n_dense=1, with_group=True)
+    w.append(np.zeros((2, 1), np.int32), np.zeros((2, 1), np.float32), np.zeros(2, np.float32), np.zeros(2, np.int64))
+    w.abort()
+    assert (tmp_path / "d").is_dir() and not list((tmp_path / "d").iterdir())
+
+
 def test_empty_dataset(tmp_path):
     data = DatasetWriter(tmp_path / "e", 3, 0).close()
     assert len(data) == 0 and data.ids.shape == (0, 3)

@@ -287,6 +287,8 @@ def test_no_training_rows(tmp_path):
     path.write_text("c,d,h,x,b,y\na,b,c,1,2,7\n")
     with pytest.raises(EncoderError, match="no training rows"):
         encode_files(SCHEMA, path, tmp_path / "out", valid=path)
+    # the training dataset the fit pass had begun is not left half written
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
 
 
 TEXT = st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["a", "b", "", " ", "é", "日本", "\x00"]))

@@ -75,6 +75,12 @@ class DatasetWriter:
             for fd in fds.values():
                 os.close(fd)
 
+    def abort(self) -> None:
+        """Close and delete the files written so far (the folder stays): a failed encode leaves no partial dataset."""
+        for key, fh in self._fh.items():
+            fh.close()
+            (self.path / _FILES[key][0]).unlink(missing_ok=True)
+
     def close(self, extra: dict[str, Any] | None = None) -> EncodedData:
         """Flush, write ``meta.json`` and return the dataset opened read-only."""
         for fh in self._fh.values():

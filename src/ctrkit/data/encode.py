@@ -763,6 +763,10 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         # a held-out validation split shares the training file's report
         data = {k: w.close({"report": reports.get(k, reports["train"]).to_dict(), "encoder": fingerprint})
                 for k, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
     finally:
         if stream is not None:
             stream.close()
