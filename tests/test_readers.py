@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ctrkit.data.readers import (DataError, ReadReport, coerce_chunk, detect_format, iter_chunks, libfm_schema,
-                                 prefetch, read_frame, read_sample)
+from ctrkit.data.readers import (DataError, Prefetch, ReadReport, coerce_chunk, detect_format, iter_chunks,
+                                 libfm_schema, read_frame, read_sample)
 from ctrkit.schema import Field, Schema
 
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
@@ -201,16 +201,47 @@ def test_read_sample(tmp_path):
 
 
 def test_prefetch_passes_items_and_errors():
-    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+    assert list(Prefetch(iter(range(50)), depth=2)) == list(range(50))
 
     def boom():
         yield 1
         raise RuntimeError("broken source")
 
-    it = prefetch(boom())
+    it = Prefetch(boom())
     assert next(it) == 1
     with pytest.raises(RuntimeError, match="broken source"):
         next(it)
-    early = prefetch(iter(range(1000)))
+    assert list(it) == []  # the error ended the iteration
+    early = Prefetch(iter(range(1000)))
     assert next(early) == 0
     early.close()
+    assert list(early) == []
+
+
+def test_prefetch_starts_producing_before_the_first_item_is_asked_for():
+    import threading
+
+    started = threading.Event()
+
+    def items():
+        started.set()
+        yield "first"
+
+    with Prefetch(items()) as stream:
+        assert started.wait(5)  # work done before the first `next` overlaps the reading
+        assert list(stream) == ["first"]
+
+
+def test_prefetch_close_stops_a_producer_that_is_waiting_on_a_full_queue():
+    produced = []
+
+    def items():
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    stream = Prefetch(items(), depth=1)
+    assert next(stream) == 0
+    stream.close()
+    assert not stream._worker.is_alive()
+    assert len(produced) <= 3  # one handed out, one queued, one waiting to be queued

@@ -14,6 +14,7 @@ integer hash table held in numpy arrays.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from ctrkit.data.dataset import DatasetWriter, EncodedData
-from ctrkit.data.readers import ReadReport, Source, iter_chunks, prefetch
+from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
 from ctrkit.schema import Field, Schema
 
 MISSING, OOV = 0, 1
@@ -528,9 +529,14 @@ class Encoder:
         report = report if report is not None else ReadReport()
         writer = DatasetWriter(out_dir, len(self.sparse_names), len(self.dense_names), bool(self.schema.group))
         chunks = iter_chunks(source, self.schema, report=report, **read_kwargs)
-        for chunk, hashes in prefetch((c, self._hashes(c)) for c in chunks):
-            ids, dense = self._encode(chunk, hashes)
-            writer.append(ids, dense, chunk[self.schema.label].to_numpy(), self.group_ids(chunk))
+        try:
+            with Prefetch((c, self._hashes(c)) for c in chunks) as stream:
+                for chunk, hashes in stream:
+                    ids, dense = self._encode(chunk, hashes)
+                    writer.append(ids, dense, chunk[self.schema.label].to_numpy(), self.group_ids(chunk))
+        except BaseException:
+            writer.abort()
+            raise
         return writer.close({"report": report.to_dict(), "encoder": self.fingerprint()})
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -665,8 +671,9 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     fitted on; the fit pass then keeps what the transform needs of each row (hashes, numerics, the label), in
     memory up to ``HOLD_BYTES`` and in a temporary folder beyond.
     Rejected rows of ``train`` go to ``bad_rows``; those of ``valid`` / ``test`` to ``<stem>_valid<suffix>`` /
-    ``<stem>_test<suffix>`` next to it. Reading runs one block ahead in a background thread, and the
-    ``valid`` / ``test`` files are parsed while the training rows are being encoded, so both cores stay busy.
+    ``<stem>_test<suffix>`` next to it. One background thread reads every file, one block ahead, so the
+    ``valid`` / ``test`` files are parsed while the last training block is fitted on and the vocabularies are
+    finished, then while the training rows are being completed: both cores stay busy.
     """
     import time
 
@@ -676,21 +683,30 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     enc = Encoder(schema)
     enc._begin_fit(seed)
     rng = np.random.default_rng(seed)
-    reports: dict[str, ReadReport] = {"train": ReadReport()}
+    sources = [(k, src) for k, src in (("valid", valid), ("test", test)) if src is not None]
+    reports: dict[str, ReadReport] = {"train": ReadReport(), **{k: ReadReport() for k, _ in sources}}
     split_by_time = valid is None and bool(schema.time)
     tmp = Path(tempfile.mkdtemp(prefix="ctrkit-enc-", dir=out))
     parts = _Parts(tmp)
     times: list[np.ndarray] = []
-    stream: Iterator[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
+    stream: Prefetch[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
+    held = _held_parts(parts) if valid is None else None  # with `valid`, the fit pass writes the training rows
     n_sparse, n_dense = len(enc.sparse_names), len(enc.dense_names)
     writers: dict[str, DatasetWriter] = {}
     written: list[int] = []  # rows of each training chunk written by the fit pass
     binned = [f.name for f in schema.sparse_fields if f.kind == "numeric"]  # only these need raw values later
     try:
         chunks = iter_chunks(train, schema, report=reports["train"], bad_rows=bad_rows, **read_kwargs)
+        # one reader for every file: the other files are parsed while the last training chunk is fitted on
+        # and the vocabularies are finished
+        stream = Prefetch(_read_all(enc, chunks, sources, reports, bad_rows, read_kwargs))
         if valid is not None:
             writers["train"] = DatasetWriter(out / "train", n_sparse, n_dense, bool(schema.group))
-        for chunk, hashes in prefetch((c, enc._hashes(c)) for c in chunks):
+        ahead: list[tuple[str, pl.DataFrame, pl.DataFrame]] = []  # the first chunk of another file
+        for name, chunk, hashes in stream:
+            if name != "train":
+                ahead.append((name, chunk, hashes))
+                break
             if valid is not None:
                 ids, dense = enc._fitting_ids(chunk, enc._observe(chunk, hashes))
                 writers["train"].append(ids, dense, chunk[schema.label].to_numpy(), enc.group_ids(chunk))
@@ -699,7 +715,7 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                     parts.append(chunk.select(binned))
                 continue
             keep = chunk.drop(["_line"] + ([] if split_by_time else enc._string_columns()))
-            if valid is None and not split_by_time:
+            if not split_by_time:
                 keep = keep.with_columns(pl.Series("_valid", rng.random(chunk.height) < valid_fraction))
             if split_by_time:
                 times.append(chunk[schema.time].to_numpy())
@@ -721,12 +737,6 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                 enc._observe(fit_part, fit_part.select([c for c in chunk.columns if c.startswith("h:")]))
         if enc.train_rows == 0:
             raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
-        sources = [(k, src) for k, src in (("valid", valid), ("test", test)) if src is not None]
-        for k, _ in sources:
-            reports[k] = ReadReport()
-        # Reading starts now, in the background, while the vocabularies are finished.
-        held = parts if valid is None else None  # with `valid`, the training rows are written already
-        stream = prefetch(_second_pass(enc, held, sources, reports, bad_rows, read_kwargs), depth=2)
         enc._finish_fit()
         names = [k for k, _ in sources] + (["train", "valid"] if valid is None else [])
         writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group)) for k in names})
@@ -747,11 +757,12 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                 writers[name].append(ids, dense, label, group)
 
         # Two chunks are encoded at a time (numpy and polars release the GIL) and written in order, while
-        # the training rows written by the fit pass are completed in place.
+        # the training rows written by the fit pass are completed in place; the training parts the fit pass
+        # held come after the other files.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctrkit-encode") as pool:
             completed = pool.submit(writers["train"].rewrite, written, finish) if valid is not None else None
             pending: deque[tuple[str, pl.DataFrame, Future[tuple[np.ndarray, np.ndarray]]]] = deque()
-            for name, chunk, hashes in stream:
+            for name, chunk, hashes in itertools.chain(ahead, stream, held or ()):
                 pending.append((name, chunk, pool.submit(enc._encode, chunk, hashes)))
                 if len(pending) >= 2:
                     write(*pending.popleft())
@@ -770,6 +781,8 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     finally:
         if stream is not None:
             stream.close()
+        if held is not None:
+            held.close()
         shutil.rmtree(tmp, ignore_errors=True)
         enc._drop_fit_state()
     rows = sum(r.rows for r in reports.values())
@@ -784,16 +797,23 @@ def _split_bad_rows(bad_rows: str | Path | None, name: str) -> Path | None:
     return p.with_name(f"{p.stem}_{name}{p.suffix}")
 
 
-def _second_pass(enc: Encoder, parts: _Parts | None, sources: list[tuple[str, Source]], reports: dict[str, ReadReport],
-                 bad_rows: str | Path | None,
-                 read_kwargs: dict[str, Any]) -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
-    """(split, chunk, hash columns): the other files parsed, then the training parts the first pass kept.
-
-    The other files come first so that their parsing, the costly part, overlaps the end of fitting.
-    """
+def _read_all(enc: Encoder, train_chunks: Iterable[pl.DataFrame], sources: list[tuple[str, Source]],
+              reports: dict[str, ReadReport], bad_rows: str | Path | None,
+              read_kwargs: dict[str, Any]) -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
+    """(split, chunk, hash columns): the training chunks, then the other files' (value hashes need no fit)."""
+    for chunk in train_chunks:
+        yield "train", chunk, enc._hashes(chunk)
     for name, src in sources:
         for chunk in iter_chunks(src, enc.schema, report=reports[name], bad_rows=_split_bad_rows(bad_rows, name),
                                  **read_kwargs):
             yield name, chunk, enc._hashes(chunk)
-    for chunk in parts.drain() if parts is not None else ():
-        yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith("h:")])
+
+
+def _held_parts(parts: _Parts) -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
+    """("train", part, hash columns) of each part the fit pass held, read one ahead; started once the fit is done."""
+    def items() -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
+        for chunk in parts.drain():
+            yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith("h:")])
+
+    with Prefetch(items()) as stream:
+        yield from stream

@@ -442,46 +442,67 @@ _T = TypeVar("_T")
 _DONE = object()
 
 
-def prefetch(items: Iterable[_T], depth: int = 1) -> Iterator[_T]:
-    """Produce ``items`` in a background thread, ``depth`` ahead, so reading the next block overlaps work on this one.
+class Prefetch(Iterator[_T]):
+    """``items`` produced in a background thread, ``depth`` ahead, so reading the next block overlaps work on this one.
 
-    Parsing and encoding run in polars / numpy, which release the GIL, so two cores stay busy. Errors raised
-    by the producer are re-raised here; closing the iterator early stops the producer.
+    The thread starts at construction, not at the first ``next``: work done before the first item is asked for
+    (finishing a fit, say) overlaps the reading too. Parsing and encoding run in polars / numpy, which release
+    the GIL, so two cores stay busy. Errors raised by the producer are re-raised by ``next``; ``close`` (or
+    leaving a ``with`` block) stops the producer.
     """
-    q: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
-    stop = threading.Event()
 
-    def put(item: Any) -> bool:
-        while not stop.is_set():
+    def __init__(self, items: Iterable[_T], depth: int = 1) -> None:
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._finished = False
+        self._worker = threading.Thread(target=self._produce, args=(items,), name="ctrkit-prefetch", daemon=True)
+        self._worker.start()
+
+    def _put(self, item: tuple[bool, Any]) -> bool:
+        while not self._stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                self._queue.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self, items: Iterable[_T]) -> None:
         try:
             for item in items:
-                if not put((True, item)):
+                if not self._put((True, item)):
                     return
-            put((True, _DONE))
+            self._put((True, _DONE))
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            put((False, exc))
+            self._put((False, exc))
 
-    worker = threading.Thread(target=produce, name="ctrkit-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                raise item
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        stop.set()
-        worker.join()
+    def __next__(self) -> _T:
+        if self._finished:
+            raise StopIteration
+        ok, item = self._queue.get()
+        if not ok:
+            self.close()
+            raise item
+        if item is _DONE:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the producer and wait for it; later ``next`` calls end the iteration."""
+        self._finished = True
+        self._stop.set()
+        if self._worker is not threading.current_thread():
+            self._worker.join()
+
+    def __enter__(self) -> Prefetch[_T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._stop.set()
 
 
 def read_frame(source: Source, schema: Schema, **kwargs: Any) -> tuple[pl.DataFrame, ReadReport]:
