@@ -142,6 +142,20 @@ def test_bad_rows_are_counted_and_kept_aside(tmp_path, sep, gz, bad, reason):
     assert good["_line"].to_list() == [2, 3, 5, 6]
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_bad_rows_after_blank_lines_name_their_own_line(tmp_path, newline):
+    lines = ["city,price,click", "paris,1,0", "", "rome,2,1", "oslo,3", "nice,zz,1", "lyon,4,0", "", "", "pisa,5,1"]
+    path = tmp_path / "blank.csv"
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    aside = tmp_path / "bad.tsv"
+    report = ReadReport()
+    good = pl.concat(list(iter_chunks(path, SCHEMA, report=report, bad_rows=aside)))
+    assert good["city"].to_list() == ["paris", "rome", "lyon", "pisa"]
+    assert good["_line"].to_list() == [2, 4, 7, 10]
+    assert [e.split(": ", 1)[0].rsplit(" ", 2)[1:] for e in report.examples] == [["line", "5"], ["line", "6"]]
+    assert [row.split("\t")[0] for row in aside.read_text().splitlines()] == ["5", "6"]
+
+
 def test_many_bad_rows_across_blocks(tmp_path):
     rows = []
     for i in range(3000):

@@ -281,19 +281,26 @@ def _parse_block_careful(block: bytes, names: list[str], sep: str, first_line_no
         convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                              strings_can_be_null=True, quoted_strings_can_be_null=True),
     )
+    # pyarrow numbers the rows it reads, skipping blank lines: the line of the k-th row is the k-th non-blank one
+    rows = first_line_no + np.flatnonzero(~_blank_lines(block))
     for number, text in bad_idx:
-        line_no = first_line_no + number - 1 if number is not None else None
+        line_no = int(rows[number - 1]) if number is not None else None
         reason = f"expected {len(names)} fields, got {len(text.split(sep))}"
         report.add_bad(line_no, reason)
         sink.write(line_no, reason, text)
     df = pl.from_arrow(table)
     assert isinstance(df, pl.DataFrame)
     # line numbers of the good rows, for messages about bad values further on
-    lines = np.arange(first_line_no, first_line_no + table.num_rows + len(bad_idx), dtype=np.int64)
-    if bad_idx:
-        skip = np.array([first_line_no + n - 1 for n, _ in bad_idx if n is not None], dtype=np.int64)
-        lines = np.setdiff1d(lines, skip)[: table.num_rows]
+    lines = np.delete(rows, [n - 1 for n, _ in bad_idx if n is not None])
     return df.with_columns(pl.Series("_line", lines[: df.height]))
+
+
+def _blank_lines(block: bytes) -> np.ndarray:
+    """Which lines of a block (each ending in a newline) are empty, a lone carriage return counting as empty."""
+    raw = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(raw == 10)
+    length = ends - np.concatenate([[0], ends[:-1] + 1])
+    return (length == 0) | ((length == 1) & (raw[ends - 1] == 13))
 
 
 def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadReport, sink: _BadRowSink,
