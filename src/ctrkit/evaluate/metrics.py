@@ -82,22 +82,37 @@ def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 20, strategy: str = "quantil
 
 
 def group_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> float:
-    """Impression-weighted mean of per-group AUC over groups (users) that have both classes."""
+    """Impression-weighted mean of per-group AUC over groups (users) that have both classes.
+
+    All groups at once (one sort, no loop over groups): each row gets its rank among its group's
+    predictions, ties averaged, and each group's AUC is the Mann-Whitney U of its positives' ranks.
+    """
     y, p = _check(y, p)
     g = np.asarray(group).ravel()
     if len(g) != len(y):
         raise ValueError("group must have one value per row")
+    if len(y) == 0:
+        return float("nan")
     order = np.lexsort((p, g))
     gs, ys, ps = g[order], y[order], p[order]
-    bounds = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1], True])
-    total, weight = 0.0, 0.0
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        yy = ys[a:b]
-        pos = yy.sum()
-        if 0 < pos < len(yy):
-            total += auc(yy, ps[a:b]) * len(yy)
-            weight += len(yy)
-    return total / weight if weight else float("nan")
+    new_group = np.r_[True, gs[1:] != gs[:-1]]
+    group_id = np.cumsum(new_group) - 1
+    group_start = np.flatnonzero(new_group)
+    # runs of equal (group, prediction) share the average of the ranks they span
+    run_start = np.flatnonzero(new_group | np.r_[True, ps[1:] != ps[:-1]])
+    run_end = np.r_[run_start[1:], len(ps)]
+    first_rank = run_start - group_start[group_id[run_start]]  # 0-based rank of the run's first row
+    rank = np.repeat(first_rank + (run_end - run_start + 1) / 2.0, run_end - run_start)
+    size = np.bincount(group_id).astype(np.float64)
+    n_pos = np.bincount(group_id, weights=ys)
+    n_neg = size - n_pos
+    both = (n_pos > 0) & (n_neg > 0)
+    if not both.any():
+        return float("nan")
+    rank_sum = np.bincount(group_id, weights=rank * ys)
+    u = rank_sum[both] - n_pos[both] * (n_pos[both] + 1) / 2.0
+    aucs = u / (n_pos[both] * n_neg[both])
+    return float(np.sum(aucs * size[both]) / size[both].sum())
 
 
 def evaluate(y: np.ndarray, p: np.ndarray, group: np.ndarray | None = None) -> dict[str, Any]:
