@@ -190,7 +190,7 @@ class _HashTable:
         self.n += len(keys)
 
     def _claim(self, keys: np.ndarray) -> np.ndarray:
-        """Claim a free slot for each key, all absent from the table (equal keys share one); returns the slots.
+        """Claim a free slot for each key (none is in the table; equal keys share one) and return the slots.
 
         All keys probe in step: where several aim at one free slot, one survives, with its repeats.
         """
@@ -680,7 +680,7 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     parts = _Parts(tmp)
     times: list[np.ndarray] = []
     stream: Prefetch[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
-    held = _held_parts(parts) if valid is None else None  # with `valid`, the fit pass writes the training rows
+    held = _held_parts(parts) if valid is None else None  # with `valid`, the fit pass writes training rows
     n_sparse, n_dense = len(enc.sparse_names), len(enc.dense_names)
     writers: dict[str, DatasetWriter] = {}
     written: list[int] = []  # rows of each training chunk written by the fit pass
@@ -800,7 +800,7 @@ def _read_all(enc: Encoder, train_chunks: Iterable[pl.DataFrame], sources: list[
 
 
 def _held_parts(parts: _Parts) -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
-    """("train", part, hash columns) of each part the fit pass held, read one ahead; started once the fit is done."""
+    """("train", part, hash columns) of each part the fit pass held, read one ahead (used after the fit)."""
     def items() -> Iterator[tuple[str, pl.DataFrame, pl.DataFrame]]:
         for chunk in parts.drain():
             yield "train", chunk, chunk.select([c for c in chunk.columns if c.startswith("h:")])

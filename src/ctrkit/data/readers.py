@@ -281,7 +281,7 @@ def _parse_block_careful(block: bytes, names: list[str], sep: str, first_line_no
         convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                              strings_can_be_null=True, quoted_strings_can_be_null=True),
     )
-    # pyarrow numbers the rows it reads, skipping blank lines: the line of the k-th row is the k-th non-blank one
+    # pyarrow numbers the rows it reads, skipping blank lines: row k is on the k-th non-blank line
     rows = first_line_no + np.flatnonzero(~_blank_lines(block))
     for number, text in bad_idx:
         line_no = int(rows[number - 1]) if number is not None else None
@@ -454,7 +454,7 @@ _DONE = object()
 
 
 class Prefetch(Iterator[_T]):
-    """``items`` produced in a background thread, ``depth`` ahead, so reading the next block overlaps work on this one.
+    """``items`` produced in a background thread, ``depth`` ahead: reading overlaps the work on what was read.
 
     The thread starts at construction, not at the first ``next``: work done before the first item is asked for
     (finishing a fit, say) overlaps the reading too. Parsing and encoding run in polars / numpy, which release
@@ -466,7 +466,8 @@ class Prefetch(Iterator[_T]):
         self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._finished = False
-        self._worker = threading.Thread(target=self._produce, args=(items,), name="ctrkit-prefetch", daemon=True)
+        self._worker = threading.Thread(target=self._produce, args=(items,), name="ctrkit-prefetch",
+                                        daemon=True)
         self._worker.start()
 
     def _put(self, item: tuple[bool, Any]) -> bool:
