@@ -152,7 +152,7 @@ def test_bad_rows_after_blank_lines_name_their_own_line(tmp_path, newline):
     good = pl.concat(list(iter_chunks(path, SCHEMA, report=report, bad_rows=aside)))
     assert good["city"].to_list() == ["paris", "rome", "lyon", "pisa"]
     assert good["_line"].to_list() == [2, 4, 7, 10]
-    assert [e.split(": ", 1)[0].rsplit(" ", 2)[1:] for e in report.examples] == [["line", "5"], ["line", "6"]]
+    assert "line 5: expected 3 fields" in report.examples[0] and "line 6: field 'price'" in report.examples[1]
     assert [row.split("\t")[0] for row in aside.read_text().splitlines()] == ["5", "6"]
 
 
