@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from ctrkit.data.dataset import Batch, BatchIterator, DatasetWriter, EncodedData
+from ctrkit.data.dataset import Batch, BatchIterator, DatasetWriter, EncodedData, _transfer
 
 
 def _data(n: int = 1037, f: int = 3, d: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,13 +58,13 @@ def test_rewrite_changes_runs_in_place(tmp_path):
     w.append(np.array([[5, 6]], np.int32), np.array([[2.5]], np.float32), np.array([1], np.float32))
     seen = []
 
-    def update(i: int, ids: np.ndarray, dense: np.ndarray) -> None:
-        seen.append((i, ids.copy()))
-        ids += 10 * (i + 1)
+    def update(ids: np.ndarray, dense: np.ndarray) -> None:
+        seen.append(ids.tolist())
+        ids += 10 * len(seen)
         dense *= 2
 
     w.rewrite([2, 1], update)
-    assert [i for i, _ in seen] == [0, 1] and seen[1][1].tolist() == [[5, 6]]
+    assert seen == [[[1, 2], [3, 4]], [[5, 6]]]
     d = w.close()
     assert np.asarray(d.ids).tolist() == [[11, 12], [13, 14], [25, 26]]
     assert np.asarray(d.dense).ravel().tolist() == [1.0, 3.0, 5.0]
@@ -73,7 +75,7 @@ def test_rewrite_refuses_runs_that_do_not_cover_the_rows(tmp_path):
     w = DatasetWriter(tmp_path / "d", n_sparse=1, n_dense=0)
     w.append(np.zeros((3, 1), np.int32), np.zeros((3, 0), np.float32), np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="runs of 2 rows"):
-        w.rewrite([2], lambda i, ids, dense: None)
+        w.rewrite([2], lambda ids, dense: None)
     assert len(w.close()) == 3
 
 
@@ -145,3 +147,18 @@ def test_drop_last(tmp_path, resident):
 def test_bad_batch_size(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         BatchIterator(_write(tmp_path / "d"), batch_size=0)
+
+
+def test_transfer_round_trips_and_refuses_a_short_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\0" * 8)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        _transfer(os.pwritev, fd, np.array([7, 8, 9], np.int32), 4)
+        back = np.empty(3, np.int32)
+        _transfer(os.preadv, fd, back, 4)
+        assert back.tolist() == [7, 8, 9] and path.stat().st_size == 16
+        with pytest.raises(OSError, match="4 bytes short at offset 16"):
+            _transfer(os.preadv, fd, np.empty(5, np.int32), 0)
+    finally:
+        os.close(fd)

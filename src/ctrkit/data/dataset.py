@@ -48,9 +48,9 @@ class DatasetWriter:
             self._fh["group"].write(np.ascontiguousarray(group, dtype=np.int64).data)
         self.n += n
 
-    def rewrite(self, sizes: list[int], update: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
-        """Let ``update(i, ids, dense)`` change in place the i-th run of appended rows (``sizes[i]`` rows each,
-        in order). Each run is read into and written back from one reused buffer, so no fresh memory is touched
+    def rewrite(self, sizes: list[int], update: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """Let ``update(ids, dense)`` change in place each run of appended rows in turn (``sizes[i]`` rows in
+        the i-th). Each run is read into and written back from one reused buffer, so no fresh memory is touched
         per run, whatever the number of rows."""
         if sum(sizes) != self.n:
             raise ValueError(f"runs of {sum(sizes)} rows in all, but {self.n} rows were appended")
@@ -63,13 +63,13 @@ class DatasetWriter:
                 self._fh[k].flush()
                 fds[k] = os.open(self.path / _FILES[k][0], os.O_RDWR)
             start = 0
-            for i, m in enumerate(sizes):
+            for m in sizes:
                 views = {k: bufs[k][:m] for k in widths}
                 for k, v in views.items():
-                    _pread_into(fds[k], v, start * v.itemsize * widths[k])
-                update(i, views["ids"], views["dense"])
+                    _transfer(os.preadv, fds[k], v, start * v.itemsize * widths[k])
+                update(views["ids"], views["dense"])
                 for k, v in views.items():
-                    _pwrite_from(fds[k], v, start * v.itemsize * widths[k])
+                    _transfer(os.pwritev, fds[k], v, start * v.itemsize * widths[k])
                 start += m
         finally:
             for fd in fds.values():
@@ -91,21 +91,15 @@ class DatasetWriter:
         return EncodedData.open(self.path)
 
 
-def _pread_into(fd: int, array: np.ndarray, offset: int) -> None:
-    """Fill a contiguous array with the file's bytes at ``offset``."""
+def _transfer(op: Callable[[int, list[memoryview], int], int], fd: int, array: np.ndarray, offset: int) -> None:
+    """Fill a contiguous array with the file's bytes at ``offset`` (``os.preadv``) or write its bytes there
+    (``os.pwritev``), however many calls that takes."""
     view, done = memoryview(array.reshape(-1)).cast("B"), 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        n = op(fd, [view[done:]], offset + done)
         if n == 0:
-            raise OSError(f"file ends {len(view) - done} bytes early")
+            raise OSError(f"{len(view) - done} bytes short at offset {offset + done}")
         done += n
-
-
-def _pwrite_from(fd: int, array: np.ndarray, offset: int) -> None:
-    """Write a contiguous array's bytes to the file at ``offset``."""
-    view, done = memoryview(array.reshape(-1)).cast("B"), 0
-    while done < len(view):
-        done += os.pwritev(fd, [view[done:]], offset + done)
 
 
 @dataclass

@@ -732,7 +732,7 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group)) for k in names})
         raw = parts.drain() if binned else None
 
-        def finish(_: int, ids: np.ndarray, dense: np.ndarray) -> None:
+        def finish(ids: np.ndarray, dense: np.ndarray) -> None:
             enc._finish_ids(ids, dense, None if raw is None else next(raw))
 
         def write(name: str, chunk: pl.DataFrame, encoded: Future[tuple[np.ndarray, np.ndarray]]) -> None:
