@@ -224,6 +224,7 @@ def test_batch_regularization_is_lambda_mean_squared_norm_of_looked_up_vectors(n
             vec = emb.dense_missing[j] if math.isnan(x) else x * emb.dense_vec[j]
             total = total + vec.pow(2).sum()
     torch.testing.assert_close(reg, 0.3 * total / len(ids))
+    assert model.regularization() is None  # handed over once: the model keeps no graph after
     reg.backward()
     assert emb.table.weight.grad.is_sparse
     model.eval()

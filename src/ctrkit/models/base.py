@@ -109,11 +109,15 @@ class CTRModel(nn.Module):
             self._penalty = None
 
     def regularization(self) -> torch.Tensor | None:
-        """The regularisation term to add to the loss of the last training forward pass, or None."""
+        """The regularisation term to add to the loss of the last training forward pass, or None.
+
+        A batch-scope term is handed over once: the model lets go of it (and of its graph) when asked.
+        """
         if self.training and self.config.emb_l2 and self.config.emb_l2_scope == "table":
             tables = [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
             return 0.5 * self.config.emb_l2 * sum(w.pow(2).sum() for w in tables)
-        return self._penalty if self.training else None
+        penalty, self._penalty = self._penalty, None
+        return penalty if self.training else None
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters with sparse gradients (embedding tables when ``sparse_grad``)."""
