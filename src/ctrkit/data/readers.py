@@ -167,8 +167,9 @@ def _as_string(col: str, dtype: pl.DataType) -> pl.Expr:
 def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Type a raw chunk to the reader contract; returns (good rows, bad rows with a ``_reason`` column).
 
-    A non-number in a numeric field, a label outside {-1, 0, 1} or a missing label makes a row bad; an empty
-    categorical string counts as missing. Columns absent from the chunk raise a DataError naming them.
+    A non-number in a numeric field, a time string that does not parse, a label outside {-1, 0, 1} or a missing
+    label makes a row bad; an empty categorical string counts as missing, and so does an empty time. Columns
+    absent from the chunk raise a DataError naming them.
     """
     cols = needed_columns(schema, with_label)
     absent = [c for c in cols if c not in df.columns]
@@ -199,7 +200,13 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
                       .then(pl.lit(f"label {schema.label!r}: expected 0/1 or -1/1"))
                       .otherwise(None))
     if schema.time and schema.time not in [f.name for f in schema.fields]:
-        exprs.append(_time_expr(schema.time, df.schema[schema.time]).alias(schema.time))
+        time = _time_expr(schema.time, df.schema[schema.time])
+        exprs.append(time.alias(schema.time))
+        if df.schema[schema.time] == pl.String:
+            raw = pl.col(schema.time)
+            checks.append(pl.when(raw.is_not_null() & (raw != "") & time.is_null())
+                          .then(pl.lit(f"time {schema.time!r}: not a date and time"))
+                          .otherwise(None))
     if schema.group and schema.group not in [f.name for f in schema.fields]:
         exprs.append(_as_string(schema.group, df.schema[schema.group]).alias(schema.group))
     keep = [pl.col("_line")] if "_line" in df.columns else []
