@@ -168,6 +168,51 @@ def test_time_split_holds_out_the_latest_rows(log_files, tmp_path):
     np.testing.assert_array_equal(np.asarray(res.data["valid"].label), labels[-len(res.data["valid"]):])
 
 
+def test_time_split_keeps_rows_without_a_time_in_training(log_files, tmp_path):
+    s = synth_schema()
+    gap = pl.int_range(pl.len()) % 10 == 3  # 600 rows without a time, marked by a user of their own
+    df = log_files["frame"].with_columns(pl.when(gap).then(None).otherwise(pl.col(s.time)).alias(s.time),
+                                         pl.when(gap).then(pl.lit("no-time")).otherwise(pl.col("user_id"))
+                                         .alias("user_id"))
+    res = encode_files(s, _write_csv(df, tmp_path / "gaps.csv"), tmp_path / "out", valid_fraction=0.2)
+    assert len(res.data["train"]) + len(res.data["valid"]) == 6000 and res.reports["train"].bad_rows == 0
+    # the cut is the 80% quantile of the times there are
+    times = df[s.time].drop_nulls().dt.epoch("us").to_numpy()
+    assert len(res.data["valid"]) == int((times >= np.quantile(times, 0.8)).sum())
+    enc = res.encoder
+    no_time = enc.offsets["user_id"] + 2 + enc.vocab["user_id"].to_list().index("no-time")
+    col = enc.sparse_names.index("user_id")
+    assert (np.asarray(res.data["train"].ids)[:, col] == no_time).sum() == 600
+    assert (np.asarray(res.data["valid"].ids)[:, col] == no_time).sum() == 0
+
+
+def test_time_split_without_any_time_says_so(log_files, tmp_path):
+    s = synth_schema()
+    df = log_files["frame"].with_columns(pl.lit(None, pl.String).alias(s.time))
+    with pytest.raises(EncoderError, match=f"no row has a value in the time field '{s.time}'"):
+        encode_files(s, _write_csv(df, tmp_path / "none.csv"), tmp_path / "out", valid_fraction=0.2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.integers(-2**52, 2**52), st.integers(0, 6)), max_size=40),
+                min_size=1, max_size=5),
+       st.floats(0, 1), st.integers(1, 30))
+def test_quantile_in_bounded_memory_equals_numpy(columns, q, in_memory):
+    import ctrkit.data.encode as encode
+
+    series = [pl.Series(c, dtype=pl.Int64) for c in columns]
+    values = np.array([v for c in columns for v in c if v is not None], dtype=np.int64)
+    old, encode._SELECT_IN_MEMORY = encode._SELECT_IN_MEMORY, in_memory  # forces the binning passes
+    try:
+        got = encode._quantile(lambda: iter(series), q)
+    finally:
+        encode._SELECT_IN_MEMORY = old
+    if len(values) == 0:
+        assert np.isnan(got)
+    else:
+        assert got == float(np.quantile(values, q))
+
+
 def test_random_split_is_seeded(log_files, tmp_path):
     s = Schema(fields=synth_schema().fields, label="click")
     a = encode_files(s, log_files["all"], tmp_path / "a", valid_fraction=0.25, seed=1)
@@ -202,6 +247,7 @@ def test_parts_spilled_to_disk_give_the_same_datasets(log_files, tmp_path, monke
     kw = {"valid": log_files[valid]} if valid else {"valid_fraction": 0.2}
     held = encode_files(s, log_files["train"], tmp_path / "held", **kw)
     monkeypatch.setattr(encode, "HOLD_BYTES", 0)
+    monkeypatch.setattr(encode, "_SELECT_IN_MEMORY", 100)  # the time cut is found by binning passes over files
     spilled = encode_files(s, log_files["train"], tmp_path / "spilled", block_bytes=50_000, **kw)
     for k in ("train", "valid"):
         for a in ("ids", "dense", "label"):

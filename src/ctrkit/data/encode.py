@@ -21,7 +21,7 @@ import tempfile
 import threading
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -625,6 +625,11 @@ class _Parts:
         else:
             frame.write_ipc(item)
 
+    def column(self, i: int, name: str) -> pl.Series:
+        """One column of the i-th part (read alone from its file when the part is on disk)."""
+        item = self.items[i]
+        return item[name] if isinstance(item, pl.DataFrame) else pl.read_ipc(item, columns=[name])[name]
+
     def drain(self) -> Iterator[pl.DataFrame]:
         """Every part in order, each let go (its file deleted) once handed out; the store is empty after."""
         items, self.items, self.held = self.items[::-1], [], 0
@@ -659,7 +664,8 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     and completes the ids in place once the fit is done. Without ``valid``, the last ``valid_fraction`` of rows
     by time (or a seeded random fraction when the schema has no time field) is held out as validation and not
     fitted on; the fit pass then keeps what the transform needs of each row (hashes, numerics, the label), in
-    memory up to ``HOLD_BYTES`` and in a temporary folder beyond.
+    memory up to ``HOLD_BYTES`` and in a temporary folder beyond. The time cut is the exact quantile of the
+    times there are, found in a few passes over the kept parts; rows without a time are training rows.
     Rejected rows of ``train`` go to ``bad_rows``; those of ``valid`` / ``test`` to ``<stem>_valid<suffix>`` /
     ``<stem>_test<suffix>`` next to it. One background thread reads every file, one block ahead, so the
     ``valid`` / ``test`` files are parsed while the last training block is fitted on and the vocabularies are
@@ -678,7 +684,6 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     split_by_time = valid is None and bool(schema.time)
     tmp = Path(tempfile.mkdtemp(prefix="ctrkit-enc-", dir=out))
     parts = _Parts(tmp)
-    times: list[np.ndarray] = []
     stream: Prefetch[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
     held = _held_parts(parts) if valid is None else None  # with `valid`, the fit pass writes training rows
     n_sparse, n_dense = len(enc.sparse_names), len(enc.dense_names)
@@ -707,20 +712,21 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
             keep = chunk.drop(["_line"] + ([] if split_by_time else enc._string_columns()))
             if not split_by_time:
                 keep = keep.with_columns(pl.Series("_valid", rng.random(chunk.height) < valid_fraction))
-            if split_by_time:
-                times.append(chunk[schema.time].to_numpy())
-            else:
                 m = ~keep["_valid"]
                 enc._observe(chunk.filter(m), hashes.filter(m))
             parts.append(pl.concat([keep, hashes], how="horizontal"))
         if split_by_time:
-            # Decided after the single parse: the last `valid_fraction` of rows by time is validation.
-            t = np.concatenate(times) if times else np.zeros(0)
-            if len(t) == 0:
+            # Decided after the single parse: the last `valid_fraction` of rows by time is validation; rows
+            # without a time are training rows.
+            if len(parts) == 0:
                 raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
-            cutoff = np.quantile(t, 1.0 - valid_fraction)
+            cutoff = _quantile(lambda: (parts.column(i, schema.time) for i in range(len(parts))),
+                               1.0 - valid_fraction)
+            if np.isnan(cutoff):
+                raise EncoderError(f"{train}: no row has a value in the time field {schema.time!r}, so no "
+                                   "validation part can be cut by time; give a validation file")
             for i in range(len(parts)):
-                chunk = parts[i].with_columns((pl.col(schema.time) >= cutoff).alias("_valid"))
+                chunk = parts[i].with_columns((pl.col(schema.time) >= cutoff).fill_null(False).alias("_valid"))
                 parts[i] = chunk
                 m = ~chunk["_valid"]
                 fit_part = chunk.filter(m)
@@ -777,6 +783,43 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         enc._drop_fit_state()
     rows = sum(r.rows for r in reports.values())
     return EncodeResult(encoder=enc, data=data, reports=reports, seconds=time.perf_counter() - t0, rows=rows)
+
+
+_SELECT_IN_MEMORY = 1 << 20
+
+
+def _quantile(columns: Callable[[], Iterable[pl.Series]], q: float) -> float:
+    """``np.quantile`` (linear) of the non-null integers of ``columns()``, each call an iterator over the same
+    columns, holding at most about ``_SELECT_IN_MEMORY`` values at a time however many there are."""
+    n = sum(c.len() - c.null_count() for c in columns())
+    if n == 0:
+        return float("nan")
+    h = (n - 1) * q
+    k = int(np.floor(h))
+    pair = np.array([_kth(columns, k), _kth(columns, min(k + 1, n - 1))])
+    return float(np.quantile(pair, h - k))  # the same interpolation as np.quantile over all the values
+
+
+def _kth(columns: Callable[[], Iterable[pl.Series]], k: int) -> int:
+    """The k-th smallest (0-based) non-null integer of ``columns()``: 65536 bins narrow the range that holds
+    it, one pass each, until the values in the range fit in memory."""
+    present = [(int(c.min()), int(c.max())) for c in columns() if c.null_count() < c.len()]
+    lo, hi = min(a for a, _ in present), max(b for _, b in present)
+
+    def within(c: pl.Series) -> pl.Series:
+        return c.filter((c >= lo) & (c <= hi))
+
+    while True:
+        if lo == hi or sum(within(c).len() for c in columns()) <= _SELECT_IN_MEMORY:
+            values = np.concatenate([within(c).to_numpy() for c in columns()])
+            return int(np.partition(values, k)[k])
+        width = -(-(hi - lo + 1) // 65536)
+        counts = np.zeros(65536, np.int64)
+        for c in columns():
+            counts += np.bincount((within(c).to_numpy() - lo) // width, minlength=65536)
+        b = int(np.searchsorted(np.cumsum(counts), k, side="right"))
+        k -= int(counts[:b].sum())
+        lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
 
 
 def _split_bad_rows(bad_rows: str | Path | None, name: str) -> Path | None:
