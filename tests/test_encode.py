@@ -401,3 +401,28 @@ def test_hash_table_intern_numbers_new_keys_densely():
         assert ids.tolist() == [want[k] for k in keys.tolist()]
         assert table.n == len(want) and 2 * table.n <= len(table.rec)
     assert table.lookup(np.array(list(want), np.uint64)).tolist() == list(want.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(max_size=70)), max_size=60), st.integers(0, 5))
+def test_crc32_equals_zlib(values, cut):
+    import zlib
+
+    from ctrkit.data.encode import _crc32
+
+    series = pl.concat([pl.Series(values[:cut], dtype=pl.String), pl.Series(values[cut:], dtype=pl.String)],
+                       rechunk=False).slice(min(cut, 2))  # several chunks, and an offset into the first
+    want = [zlib.crc32((v or "").encode()) for v in series.to_list()]
+    assert _crc32(series).tolist() == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=12)), max_size=80),
+       st.integers(1, 50))
+def test_hash_buckets_are_crc32_of_each_value(values, n):
+    import zlib
+
+    from ctrkit.data.encode import _hash_buckets
+
+    want = [MISSING if not v else zlib.crc32(v.encode()) % n + 1 for v in values]
+    assert _hash_buckets(pl.Series(values, dtype=pl.String), n).tolist() == want

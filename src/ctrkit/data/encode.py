@@ -19,7 +19,6 @@ import json
 import shutil
 import tempfile
 import threading
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,18 +49,50 @@ def _hash(col: str) -> pl.Expr:
     return pl.col(col).hash(seed=_SEED)
 
 
-def _crc_buckets(values: pl.Series, n: int) -> np.ndarray:
-    """Stable bucket 1..n of each string (CRC32, the same in every process and version)."""
-    return np.fromiter((zlib.crc32(v.encode()) % n + 1 for v in values), dtype=np.int64, count=len(values))
+def _crc_table() -> np.ndarray:
+    t = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        t = np.where(t & 1, (t >> 1) ^ np.uint32(0xEDB88320), t >> 1)
+    return t.astype(np.uint32)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def _crc32(values: pl.Series) -> np.ndarray:
+    """uint32 CRC-32 of each string's UTF-8 bytes, equal to ``zlib.crc32``; null counts as "".
+
+    Byte j of every string at least j + 1 bytes long is folded in at once (strings sorted by length, so those
+    are a prefix), which takes a few numpy operations per byte of the longest string instead of a Python call
+    per string.
+    """
+    arr = values.fill_null("").cast(pl.Binary).rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
+    _, offset_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offset_buf, np.int64)[arr.offset: arr.offset + len(arr) + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    order = np.argsort(-lengths, kind="stable")
+    starts, negative_lengths = offsets[:-1][order], -lengths[order]
+    crc = np.full(len(lengths), 0xFFFFFFFF, np.uint32)
+    for j in range(int(-negative_lengths[0]) if len(lengths) else 0):
+        k = int(np.searchsorted(negative_lengths, -j))  # how many strings are longer than j bytes
+        c = crc[:k]
+        crc[:k] = _CRC_TABLE[(c ^ data[starts[:k] + j]) & 0xFF] ^ (c >> np.uint32(8))
+    out = np.empty_like(crc)
+    out[order] = crc ^ np.uint32(0xFFFFFFFF)
+    return out
 
 
 def _hash_buckets(column: pl.Series, n: int) -> np.ndarray:
-    """Bucket 1..n of each value of a hashed field (0 where null or empty); each distinct value is hashed once."""
-    uniq = column.drop_nulls().unique()
-    uniq = uniq.filter(uniq.str.len_bytes() > 0)
-    table = pl.DataFrame({"v": uniq, "id": _crc_buckets(uniq, n)})
-    hit = column.rename("v").to_frame().join(table, on="v", how="left", maintain_order="left")["id"]
-    return hit.fill_null(MISSING).to_numpy()
+    """Bucket 1..n of each value of a hashed field (0 where null or empty): a stable CRC32 of the value, the
+    same in every process and version, computed once per distinct value (told apart by their 64-bit hash)."""
+    hashes = pl.DataFrame({"h": column.hash(seed=_SEED)})
+    first = hashes.with_row_index("i").group_by("h").agg(pl.col("i").first())
+    values = column.gather(first["i"])
+    buckets = (_crc32(values) % np.uint32(n)).astype(np.int64) + 1
+    buckets[(values.is_null() | (values.str.len_bytes() == 0)).to_numpy()] = MISSING
+    table = pl.DataFrame({"h": first["h"], "b": buckets})
+    return hashes.join(table, on="h", how="left", maintain_order="left")["b"].to_numpy()
 
 
 class _CatStats:
