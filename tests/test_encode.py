@@ -414,6 +414,7 @@ def test_crc32_equals_zlib(values, cut):
                        rechunk=False).slice(min(cut, 2))  # several chunks, and an offset into the first
     want = [zlib.crc32((v or "").encode()) for v in series.to_list()]
     assert _crc32(series).tolist() == want
+    assert _crc32(series, vector_bytes=8).tolist() == want  # strings over 8 bytes go to zlib one by one
 
 
 @settings(max_examples=60, deadline=None)

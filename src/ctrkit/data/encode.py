@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,12 +60,12 @@ def _crc_table() -> np.ndarray:
 _CRC_TABLE = _crc_table()
 
 
-def _crc32(values: pl.Series) -> np.ndarray:
+def _crc32(values: pl.Series, vector_bytes: int = 64) -> np.ndarray:
     """uint32 CRC-32 of each string's UTF-8 bytes, equal to ``zlib.crc32``; null counts as "".
 
-    Byte j of every string at least j + 1 bytes long is folded in at once (strings sorted by length, so those
-    are a prefix), which takes a few numpy operations per byte of the longest string instead of a Python call
-    per string.
+    Byte j of every string of at most ``vector_bytes`` bytes that is at least j + 1 bytes long is folded in at
+    once (strings sorted by length, so those are a slice), a few numpy operations per byte position instead of a
+    Python call per string; the rare longer strings go to ``zlib.crc32`` one by one.
     """
     arr = values.fill_null("").cast(pl.Binary).rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
     _, offset_buf, data_buf = arr.buffers()
@@ -74,10 +75,13 @@ def _crc32(values: pl.Series) -> np.ndarray:
     order = np.argsort(-lengths, kind="stable")
     starts, negative_lengths = offsets[:-1][order], -lengths[order]
     crc = np.full(len(lengths), 0xFFFFFFFF, np.uint32)
-    for j in range(int(-negative_lengths[0]) if len(lengths) else 0):
-        k = int(np.searchsorted(negative_lengths, -j))  # how many strings are longer than j bytes
-        c = crc[:k]
-        crc[:k] = _CRC_TABLE[(c ^ data[starts[:k] + j]) & 0xFF] ^ (c >> np.uint32(8))
+    n_long = int(np.searchsorted(negative_lengths, -vector_bytes))  # longer than vector_bytes: a prefix
+    for i in range(n_long):
+        crc[i] = zlib.crc32(data[starts[i]: starts[i] - negative_lengths[i]].tobytes()) ^ 0xFFFFFFFF
+    for j in range(int(-negative_lengths[n_long]) if n_long < len(lengths) else 0):
+        k = int(np.searchsorted(negative_lengths, -j))  # strings longer than j bytes end at k
+        c = crc[n_long:k]
+        crc[n_long:k] = _CRC_TABLE[(c ^ data[starts[n_long:k] + j]) & 0xFF] ^ (c >> np.uint32(8))
     out = np.empty_like(crc)
     out[order] = crc ^ np.uint32(0xFFFFFFFF)
     return out
