@@ -51,6 +51,7 @@ def _hash(col: str) -> pl.Expr:
 
 
 def _crc_table() -> np.ndarray:
+    """CRC-32's (IEEE, reflected) byte table: each byte value's CRC, without the pre- and post-inversion."""
     t = np.arange(256, dtype=np.uint32)
     for _ in range(8):
         t = np.where(t & 1, (t >> 1) ^ np.uint32(0xEDB88320), t >> 1)
@@ -63,9 +64,9 @@ _CRC_TABLE = _crc_table()
 def _crc32(values: pl.Series, vector_bytes: int = 64) -> np.ndarray:
     """uint32 CRC-32 of each string's UTF-8 bytes, equal to ``zlib.crc32``; null counts as "".
 
-    Byte j of every string of at most ``vector_bytes`` bytes that is at least j + 1 bytes long is folded in at
-    once (strings sorted by length, so those are a slice), a few numpy operations per byte position instead of a
-    Python call per string; the rare longer strings go to ``zlib.crc32`` one by one.
+    Byte j of every string of at most ``vector_bytes`` bytes that is at least j + 1 bytes long is folded in
+    at once (strings sorted by length, so those are a slice), a few numpy operations per byte position instead
+    of a Python call per string; the rare longer strings go to ``zlib.crc32`` one by one.
     """
     arr = values.fill_null("").cast(pl.Binary).rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
     _, offset_buf, data_buf = arr.buffers()
@@ -93,7 +94,7 @@ def _hash_buckets(column: pl.Series, n: int) -> np.ndarray:
     hashes = pl.DataFrame({"h": column.hash(seed=_SEED)})
     first = hashes.with_row_index("i").group_by("h").agg(pl.col("i").first())
     values = column.gather(first["i"])
-    buckets = (_crc32(values) % np.uint32(n)).astype(np.int64) + 1
+    buckets = _crc32(values).astype(np.int64) % n + 1
     buckets[(values.is_null() | (values.str.len_bytes() == 0)).to_numpy()] = MISSING
     table = pl.DataFrame({"h": first["h"], "b": buckets})
     return hashes.join(table, on="h", how="left", maintain_order="left")["b"].to_numpy()
