@@ -149,7 +149,7 @@ def _time_expr(col: str, dtype: pl.DataType) -> pl.Expr:
     if dtype.is_temporal():
         return pl.col(col).cast(pl.Datetime("us")).dt.epoch("us")
     if dtype == pl.String:
-        return pl.col(col).str.to_datetime(strict=False, time_zone="UTC").dt.epoch("us")
+        return pl.col(col).str.strip_chars().str.to_datetime(strict=False, time_zone="UTC").dt.epoch("us")
     return pl.col(col).cast(pl.Int64, strict=False)
 
 
