@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -406,8 +407,6 @@ def test_hash_table_intern_numbers_new_keys_densely():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(st.none(), st.text(max_size=70)), max_size=60), st.integers(0, 5))
 def test_crc32_equals_zlib(values, cut):
-    import zlib
-
     from ctrkit.data.encode import _crc32
 
     series = pl.concat([pl.Series(values[:cut], dtype=pl.String), pl.Series(values[cut:], dtype=pl.String)],
@@ -421,8 +420,6 @@ def test_crc32_equals_zlib(values, cut):
 @given(st.lists(st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=12)), max_size=80),
        st.integers(1, 50))
 def test_hash_buckets_are_crc32_of_each_value(values, n):
-    import zlib
-
     from ctrkit.data.encode import _hash_buckets
 
     want = [MISSING if not v else zlib.crc32(v.encode()) % n + 1 for v in values]
