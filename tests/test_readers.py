@@ -142,11 +142,12 @@ def test_bad_rows_are_counted_and_kept_aside(tmp_path, sep, gz, bad, reason):
     assert good["_line"].to_list() == [2, 3, 5, 6]
 
 
+@pytest.mark.parametrize("sep", [",", "\t"])
 @pytest.mark.parametrize("newline", ["\n", "\r\n"])
-def test_bad_rows_after_blank_lines_name_their_own_line(tmp_path, newline):
+def test_bad_rows_after_blank_lines_name_their_own_line(tmp_path, newline, sep):
     lines = ["city,price,click", "paris,1,0", "", "rome,2,1", "oslo,3", "nice,zz,1", "lyon,4,0", "", "", "pisa,5,1"]
-    path = tmp_path / "blank.csv"
-    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    path = tmp_path / ("blank.csv" if sep == "," else "blank.tsv")
+    path.write_bytes(newline.join(line.replace(",", sep) for line in lines).encode() + newline.encode())
     aside = tmp_path / "bad.tsv"
     report = ReadReport()
     good = pl.concat(list(iter_chunks(path, SCHEMA, report=report, bad_rows=aside)))
@@ -154,6 +155,14 @@ def test_bad_rows_after_blank_lines_name_their_own_line(tmp_path, newline):
     assert good["_line"].to_list() == [2, 4, 7, 10]
     assert "line 5: expected 3 fields" in report.examples[0] and "line 6: field 'price'" in report.examples[1]
     assert [row.split("\t")[0] for row in aside.read_text().splitlines()] == ["5", "6"]
+
+
+def test_control_bytes_in_a_tsv_value_are_kept(tmp_path):
+    path = tmp_path / "ctl.tsv"
+    path.write_bytes(b"city\tprice\tclick\nparis\x01\t1\t0\nro\x08me\t2\t1\n")
+    good, report = read_frame(path, SCHEMA)
+    assert good["city"].to_list() == ["paris\x01", "ro\x08me"] and good["_line"].to_list() == [2, 3]
+    assert report.bad_rows == 0
 
 
 def test_a_time_that_does_not_parse_makes_a_bad_row_and_an_empty_one_is_missing(tmp_path):

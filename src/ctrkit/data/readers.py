@@ -172,13 +172,14 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
     absent from the chunk raise a DataError naming them.
     """
     cols = needed_columns(schema, with_label)
-    absent = [c for c in cols if c not in df.columns]
+    types = df.schema  # once: a frame builds its schema anew on every access
+    absent = [c for c in cols if c not in types]
     if absent:
         raise DataError(f"missing columns {absent}; the data has {df.columns}")
     exprs: list[pl.Expr] = []
     checks: list[pl.Expr] = []
     for f in schema.fields:
-        dtype = df.schema[f.name]
+        dtype = types[f.name]
         if f.kind == "categorical":
             exprs.append(_as_string(f.name, dtype).alias(f.name))
         else:
@@ -200,24 +201,24 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
                       .then(pl.lit(f"label {schema.label!r}: expected 0/1 or -1/1"))
                       .otherwise(None))
     if schema.time and schema.time not in [f.name for f in schema.fields]:
-        time = _time_expr(schema.time, df.schema[schema.time])
+        time = _time_expr(schema.time, types[schema.time])
         exprs.append(time.alias(schema.time))
-        if df.schema[schema.time] == pl.String:
+        if types[schema.time] == pl.String:
             raw = pl.col(schema.time)
             checks.append(pl.when(raw.is_not_null() & (raw != "") & time.is_null())
                           .then(pl.lit(f"time {schema.time!r}: not a date and time"))
                           .otherwise(None))
     if schema.group and schema.group not in [f.name for f in schema.fields]:
-        exprs.append(_as_string(schema.group, df.schema[schema.group]).alias(schema.group))
-    keep = [pl.col("_line")] if "_line" in df.columns else []
-    out = df.select(exprs + keep)
+        exprs.append(_as_string(schema.group, types[schema.group]).alias(schema.group))
+    exprs += [pl.col("_line")] if "_line" in types else []
     if not checks:
+        out = df.select(exprs)
         return out, out.clear().with_columns(pl.lit(None, pl.String).alias("_reason"))
     reason = pl.coalesce(checks) if len(checks) > 1 else checks[0]
-    tagged = out.with_columns(df.select(reason.alias("_reason"))["_reason"])
+    tagged = df.select([*exprs, reason.alias("_reason")])  # one pass for the values and the checks
+    if tagged["_reason"].null_count() == tagged.height:
+        return tagged.drop("_reason"), tagged.clear()
     bad_mask = tagged["_reason"].is_not_null()
-    if not bad_mask.any():
-        return out, tagged.clear()
     return tagged.filter(~bad_mask).drop("_reason"), tagged.filter(bad_mask)
 
 
@@ -310,40 +311,51 @@ def _blank_lines(block: bytes) -> np.ndarray:
     return (length == 0) | ((length == 1) & (raw[ends - 1] == 13))
 
 
+def _parse_block_fast(block: bytes, names: list[str], sep: str, dtypes: dict[str, pl.DataType],
+                      proj: list[int] | None) -> pl.DataFrame | None:
+    """polars' parse of a block, or None where the careful path must decide: a field that does not parse, a row
+    with too few or too many fields, a blank line, a stray carriage return.
+
+    polars fills a short row with nulls and skips blank lines, so the count of separators and line ends is what
+    catches them: each row of a good block has ``len(names) - 1`` separators and one line end.
+    """
+    try:
+        df = pl.read_csv(block, has_header=False, schema=dtypes, separator=sep, quote_char=None, columns=proj,
+                         raise_if_empty=False)
+    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError):
+        return None
+    raw = np.frombuffer(block, dtype=np.uint8)
+    if sep == "\t":  # tab (9) and line end (10) are the only bytes up to 10 in text: one pass counts both
+        ends = int(np.count_nonzero(raw <= 10))
+    else:
+        ends = int(np.count_nonzero(raw == 10)) + int(np.count_nonzero(raw == ord(sep)))
+    return df if ends == df.height * len(names) else None
+
+
 def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadReport, sink: _BadRowSink,
                 has_header: bool | None, block_bytes: int,
                 usecols: list[str] | None) -> Iterator[pl.DataFrame]:
     sep = _separator(fmt)
     names, header = _csv_layout(path, schema, sep, has_header)
-    sep_b = sep.encode()
     # numbers are parsed as numbers on the fast path (a label too: casting its strings later costs more);
     # a block where one does not parse goes to the careful path, which reports the row
     num_fields = {f.name for f in schema.fields if f.kind == "numeric"} | {schema.label} if schema else set()
-    dtypes = {n: (pl.Float64 if n in num_fields else pl.String) for n in names}
+    dtypes: dict[str, pl.DataType] = {n: (pl.Float64() if n in num_fields else pl.String()) for n in names}
     proj = [names.index(c) for c in usecols] if usecols else None
     line_no = 2 if header else 1
     with _open_binary(path) as fh:
         if header:
             fh.readline()
         for block in _byte_blocks(fh, block_bytes):
-            raw = np.frombuffer(block, dtype=np.uint8)
-            n_lines = int(np.count_nonzero(raw == 10))  # 2-3x faster than bytes.count
-            df: pl.DataFrame | None = None
             quoted = sep == "," and b'"' in block
-            # polars fills a short row with nulls, so the separator count is what catches one
-            if not quoted and int(np.count_nonzero(raw == sep_b[0])) == n_lines * (len(names) - 1):
-                try:
-                    df = pl.read_csv(block, has_header=False, schema=dtypes, separator=sep,
-                                     quote_char=None, columns=proj, raise_if_empty=False)
-                except (pl.exceptions.ComputeError, pl.exceptions.SchemaError):
-                    df = None
-                if df is not None and df.height != n_lines:
-                    df = None  # blank lines or stray carriage returns: let the careful path decide
-                if df is not None:
-                    # one contiguous chunk per column: later selects, hashes and joins are ~3x cheaper
-                    df = df.rechunk().with_columns(pl.int_range(line_no, line_no + df.height, dtype=pl.Int64)
-                                                   .alias("_line"))
-            if df is None:
+            df = None if quoted else _parse_block_fast(block, names, sep, dtypes, proj)
+            if df is not None:
+                n_lines = df.height
+                # one contiguous chunk per column: later selects, hashes and joins are ~3x cheaper
+                df = df.rechunk().with_columns(pl.int_range(line_no, line_no + df.height, dtype=pl.Int64)
+                                               .alias("_line"))
+            else:
+                n_lines = block.count(b"\n")
                 df = _parse_block_careful(block, names, sep, line_no, report, sink)
                 if usecols:
                     df = df.select([*usecols, "_line"])
