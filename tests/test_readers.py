@@ -157,6 +157,19 @@ def test_bad_rows_after_blank_lines_name_their_own_line(tmp_path, newline, sep):
     assert [row.split("\t")[0] for row in aside.read_text().splitlines()] == ["5", "6"]
 
 
+@pytest.mark.parametrize("sep", [",", "\t"])
+@pytest.mark.parametrize("extra", ["", "\x01"])
+def test_a_short_row_is_caught_beside_a_blank_line_or_a_control_byte(tmp_path, sep, extra):
+    # one line end or control byte too many and one separator too few: in a sum of the counts they cancel
+    lines = ["city,price,click", f"paris{extra},1,0", "" if not extra else "rome,2,1", "oslo,3", "lyon,4,0"]
+    path = tmp_path / ("d.csv" if sep == "," else "d.tsv")
+    path.write_bytes(("\n".join(line.replace(",", sep) for line in lines) + "\n").encode())
+    report = ReadReport()
+    good = pl.concat(list(iter_chunks(path, SCHEMA, report=report)))
+    assert report.bad_rows == 1 and "line 4: expected 3 fields" in report.examples[0]
+    assert good["_line"].to_list() == ([2, 5] if not extra else [2, 3, 5])
+
+
 def test_control_bytes_in_a_tsv_value_are_kept(tmp_path):
     path = tmp_path / "ctl.tsv"
     path.write_bytes(b"city\tprice\tclick\nparis\x01\t1\t0\nro\x08me\t2\t1\n")

@@ -316,8 +316,9 @@ def _parse_block_fast(block: bytes, names: list[str], sep: str, dtypes: dict[str
     """polars' parse of a block, or None where the careful path must decide: a field that does not parse, a row
     with too few or too many fields, a blank line, a stray carriage return.
 
-    polars fills a short row with nulls and skips blank lines, so the count of separators and line ends is what
-    catches them: each row of a good block has ``len(names) - 1`` separators and one line end.
+    polars fills a short row with nulls and skips blank lines, so the counts of line ends and separators are
+    what catch them: a good block has one line end per row and ``len(names) - 1`` separators per line end. The
+    two are counted apart, since a blank line and a short row would cancel in their sum.
     """
     try:
         df = pl.read_csv(block, has_header=False, schema=dtypes, separator=sep, quote_char=None, columns=proj,
@@ -325,11 +326,10 @@ def _parse_block_fast(block: bytes, names: list[str], sep: str, dtypes: dict[str
     except (pl.exceptions.ComputeError, pl.exceptions.SchemaError):
         return None
     raw = np.frombuffer(block, dtype=np.uint8)
-    if sep == "\t":  # tab (9) and line end (10) are the only bytes up to 10 in text: one pass counts both
-        ends = int(np.count_nonzero(raw <= 10))
-    else:
-        ends = int(np.count_nonzero(raw == 10)) + int(np.count_nonzero(raw == ord(sep)))
-    return df if ends == df.height * len(names) else None
+    n_lines = int(np.count_nonzero(raw == 10))  # 2-3x faster than bytes.count
+    if n_lines != df.height or int(np.count_nonzero(raw == ord(sep))) != n_lines * (len(names) - 1):
+        return None
+    return df
 
 
 def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadReport, sink: _BadRowSink,
