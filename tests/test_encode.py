@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctrkit.data.dataset import EncodedData
-from ctrkit.data.encode import MISSING, OOV, Encoder, EncoderError, encode_files
+from ctrkit.data.encode import MISSING, OOV, Encoder, EncoderError, _numeric, encode_files
 from ctrkit.data.readers import read_frame
 from ctrkit.data.synth import make_click_log, synth_schema
 from ctrkit.schema import Field, Schema
@@ -424,3 +424,22 @@ def test_hash_buckets_are_crc32_of_each_value(values, n):
 
     want = [MISSING if not v else zlib.crc32(v.encode()) % n + 1 for v in values]
     assert _hash_buckets(pl.Series(values, dtype=pl.String), n).tolist() == want
+
+
+def test_numeric_values_literal():
+    frame = pl.DataFrame({"x": [1.5, None, float("nan"), -2.0], "k": [3, None, 1, 0],
+                          "b": [True, None, False, True]})
+    np.testing.assert_array_equal(_numeric(frame, "x"), [1.5, np.nan, np.nan, -2.0])
+    np.testing.assert_array_equal(_numeric(frame, "k"), [3.0, np.nan, 1.0, 0.0])
+    np.testing.assert_array_equal(_numeric(frame, "b"), [1.0, np.nan, 0.0, 1.0])
+    assert _numeric(frame.clear(), "x").shape == (0,)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)), max_size=30),
+                min_size=1, max_size=4), st.integers(0, 9), st.integers(0, 40))
+def test_numeric_values_equal_polars_conversion(parts, start, length):
+    """Nulls become NaN wherever the column starts in its buffers: several chunks, a slice, none missing."""
+    chunks = [pl.Series("x", p, dtype=pl.Float64) for p in parts]
+    column = pl.concat(chunks, rechunk=False).slice(start, length)
+    np.testing.assert_array_equal(_numeric(pl.DataFrame(column), "x"), column.to_numpy())

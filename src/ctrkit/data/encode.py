@@ -178,8 +178,20 @@ def _pre_transform(values: np.ndarray, transform: str) -> np.ndarray:
 
 
 def _numeric(chunk: pl.DataFrame, name: str) -> np.ndarray:
-    """float64 values of a numeric column, nulls as NaN."""
-    return chunk[name].cast(pl.Float64).to_numpy()
+    """float64 values of a numeric column, nulls as NaN.
+
+    Read from the column's Arrow buffers: the values where the validity bit is set, NaN elsewhere, in one
+    pass; polars' own conversion of a column with nulls costs five times more.
+    """
+    arr = chunk[name].cast(pl.Float64).to_arrow()
+    validity, data = arr.buffers()
+    if len(arr) == 0 or data is None:
+        return np.full(len(arr), np.nan)
+    values = np.frombuffer(data, np.float64, count=len(arr), offset=arr.offset * 8)
+    if validity is None or arr.null_count == 0:
+        return values
+    valid = np.unpackbits(np.frombuffer(validity, np.uint8), count=arr.offset + len(arr), bitorder="little")
+    return np.where(valid[arr.offset:].view(np.bool_), values, np.nan)
 
 
 _SLOT = np.dtype([("k", np.uint64), ("v", np.int32), ("used", np.bool_)], align=True)
@@ -362,10 +374,11 @@ class Encoder:
             if f.transform != "bucketize":
                 out[f"t:{name}"] = t
             ok = ~np.isnan(raw)
-            v = t[ok]
-            if len(v) == 0:
+            n_ok = int(np.count_nonzero(ok))
+            if n_ok == 0:
                 continue
-            st.n += len(v)
+            v = np.where(ok, t, 0.0)  # a missing value adds nothing to the sums (cheaper than leaving it out)
+            st.n += n_ok
             st.s1 += float(v.sum())
             st.s2 += float(np.einsum("i,i->", v, v))  # not np.dot: BLAS threads would spin against polars
             if f.transform == "bucketize":
