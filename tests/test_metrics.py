@@ -166,3 +166,65 @@ def test_one_class_and_empty_inputs_give_nan() -> None:
 def test_bad_input_is_rejected(fn: object, y: list, p: list, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         fn(np.array(y), np.array(p))  # type: ignore[operator]
+
+
+@st.composite
+def weighted_scores(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled scores with integer weights 0..3 (so a weight can be checked against repeated rows)."""
+    y, p = draw(labelled_scores(min_size=2, max_size=80))
+    w = np.array(draw(st.lists(st.integers(0, 3), min_size=len(y), max_size=len(y))), dtype=np.float64)
+    return y, p, w
+
+
+@settings(max_examples=60, deadline=None)
+@given(weighted_scores())
+def test_weighted_metrics_equal_sklearn_and_repeated_rows(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    y, p, w = data
+    pos, neg = float(np.dot(w, y)), float(np.dot(w, 1 - y))
+    assume(pos > 0 and neg > 0)
+    assert auc(y, p, w) == pytest.approx(roc_auc_score(y, p, sample_weight=w), abs=1e-12)
+    assert logloss(y, p, w) == pytest.approx(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), sample_weight=w,
+                                                      labels=[0, 1]), rel=1e-10)
+    reps = w.astype(int)
+    yr, pr = np.repeat(y, reps), np.repeat(p, reps)
+    got, want = evaluate(y, p, weight=w), evaluate(yr, pr)
+    for k in ("auc", "logloss", "pred_actual_ratio", "mean_pred", "positive_rate"):
+        assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12)
+    b = calibration_bins(y, p, 1, weight=w)
+    assert b["count"][0] == pytest.approx(w.sum())
+    assert b["mean_pred"][0] == pytest.approx(np.dot(w, p) / w.sum())
+    assert ece(y, p, n_bins=1, weight=w) == pytest.approx(abs(np.dot(w, p) - pos) / w.sum(), abs=1e-12)
+
+
+def weighted_group_auc_loop(y: np.ndarray, p: np.ndarray, g: np.ndarray, w: np.ndarray) -> float:
+    """Per-group pairwise loop: sum over (positive, negative) pairs of w_i w_j [p_i > p_j] (ties 1/2)."""
+    total, mass = 0.0, 0.0
+    for key in sorted(set(g.tolist())):
+        idx = np.flatnonzero(g == key)
+        num = den = 0.0
+        for i in idx:
+            for j in idx:
+                if y[i] == 1 and y[j] == 0:
+                    num += w[i] * w[j] * (1.0 if p[i] > p[j] else 0.5 if p[i] == p[j] else 0.0)
+                    den += w[i] * w[j]
+        if den > 0:
+            total += num / den * w[idx].sum()
+            mass += w[idx].sum()
+    return total / mass if mass else float("nan")
+
+
+@settings(max_examples=40, deadline=None)
+@given(weighted_scores(), st.integers(1, 5), st.randoms(use_true_random=False))
+def test_weighted_group_auc_equals_a_per_group_loop(data: tuple[np.ndarray, np.ndarray, np.ndarray], n_groups: int,
+                                                    rnd: object) -> None:
+    y, p, w = data
+    g = np.array([rnd.randrange(n_groups) for _ in range(len(y))])  # type: ignore[attr-defined]
+    want, got = weighted_group_auc_loop(y, p, g, w), group_auc(y, p, g, w)
+    assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, abs=1e-12)
+
+
+def test_bad_weights_are_rejected() -> None:
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        auc([0, 1], [0.2, 0.4], [1.0, -1.0])
+    with pytest.raises(ValueError, match="weights and labels differ"):
+        logloss([0, 1], [0.2, 0.4], [1.0])

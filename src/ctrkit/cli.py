@@ -87,17 +87,39 @@ def train(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
     bad_rows: Optional[Path] = typer.Option(None, help="Write unparseable training rows to this file."),
+    loss: str = typer.Option("bce", help="bce, weighted (positives count --pos-weight times) or focal."),
+    pos_weight: str = typer.Option("auto", help="--loss weighted: weight of a positive; auto = negatives/positives."),
+    focal_alpha: float = typer.Option(0.25, help="--loss focal: weight of the positive class."),
+    focal_gamma: float = typer.Option(2.0, help="--loss focal: focusing exponent."),
+    neg_sample_rate: float = typer.Option(1.0, help="Keep this fraction of negatives (all positives); the bundle "
+                                                     "corrects the odds exactly."),
+    calibrate: str = typer.Option("auto", help="none, platt, isotonic or auto (lowest cross-validated logloss on "
+                                               "the validation rows)."),
+    split: str = typer.Option("auto", help="How validation is cut from TRAIN without --valid: time, random or "
+                                           "group (auto: time when the schema has one)."),
+    report_by: Optional[str] = typer.Option(None, help="Categorical fields for per-segment AUC and pred/actual "
+                                                       "in report.html, comma-separated."),
+    checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (each epoch always)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoints where a run stopped."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
-    """Train MODEL on TRAIN and write a bundle plus metrics.json to OUT."""
+    """Train MODEL on TRAIN and write a bundle, metrics.json and report.html to OUT."""
     from ctrkit.pipeline import train as run_train
 
     field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     try:
+        pw: float | str = pos_weight if pos_weight == "auto" else float(pos_weight)
+    except ValueError:
+        _fail(f"--pos-weight must be 'auto' or a number, got {pos_weight!r}")
+    try:
         run = run_train(train_file, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
                         seed=seed, device=device, bad_rows=bad_rows, progress=not quiet,
-                        train_options={"precision": precision},
+                        train_options={"precision": precision, "focal_alpha": focal_alpha,
+                                       "focal_gamma": focal_gamma},
+                        loss=loss, pos_weight=pw, neg_sample_rate=neg_sample_rate, calibrate=calibrate,
+                        split=split, report_by=[f.strip() for f in report_by.split(",")] if report_by else None,
+                        checkpoint_every=checkpoint_every, resume=resume,
                         log=None if quiet else err.print)
     except (SchemaError, DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
@@ -105,7 +127,41 @@ def train(
     rows = {k: m[k] for k in ("valid", "test") if k in m}
     Console().print(_metrics_table(rows, f"{model}: {m['train']['epochs']} epochs, best {m['train']['best_epoch']}, "
                                          f"{m['train']['samples_per_s']:,.0f} samples/s"))
-    err.print(f"bundle: {out / 'bundle'}   metrics: {out / 'metrics.json'}")
+    err.print(f"bundle: {out / 'bundle'}   metrics: {out / 'metrics.json'}   report: {out / 'report.html'}")
+
+
+@app.command()
+def calibrate(bundle: Path = typer.Argument(..., help="A bundle folder."),
+              data: Path = typer.Argument(..., help="Newer labelled data in the bundle's schema."),
+              out: Path = typer.Option(..., help="Folder of the new bundle version."),
+              method: str = typer.Option("auto", help="platt, isotonic, none or auto (lowest cross-validated "
+                                                      "logloss)."),
+              fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
+    """Refit BUNDLE's calibrator on DATA and save it as a new bundle version at OUT (weights unchanged)."""
+    from ctrkit.pipeline import recalibrate
+    from ctrkit.serve.bundle import BundleError
+
+    try:
+        new = recalibrate(bundle, data, out, method, **({"fmt": fmt} if fmt else {}))
+    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    r = new.metrics["recalibration"]
+    Console().print(_metrics_table({"before": r["before"], "after (in-sample)": r["after_in_sample"]},
+                                   f"{new.calibrator.method} calibration on {data.name}, version "
+                                   f"{new.info['version']}"))
+    err.print(f"bundle: {out}")
+
+
+@app.command()
+def report(run: Path = typer.Argument(..., help="A training run folder (the --out of ctrkit train).")) -> None:
+    """Re-render RUN/report.html from the run's metrics.json and report_data.npz."""
+    from ctrkit.evaluate.report import render_report
+
+    try:
+        path = render_report(run)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        _fail(str(exc))
+    err.print(f"report: {path}")
 
 
 @app.command()

@@ -24,10 +24,11 @@ from ctrkit.models.base import build_model, default_config, model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
 from ctrkit.serve.bundle import Bundle
-from ctrkit.training.trainer import TrainConfig, TrainResult, predict_proba, train as train_model
-
-TEST_KEYS = ("auc", "logloss", "ece", "pred_actual_ratio", "n", "positives")
-
+from ctrkit.data.dataset import EncodedData
+from ctrkit.evaluate.calibrate import CHOICES as CALIBRATE_CHOICES, Calibrator, fit_calibrator
+from ctrkit.evaluate.report import render_report, save_report_data
+from ctrkit.training.sampling import downsample_negatives, logit_shift
+from ctrkit.training.trainer import TrainConfig, TrainResult, predict_logits, train as train_model
 
 @dataclass
 class Run:
@@ -58,49 +59,82 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
           batch_size: int | None = None, lr: float | None = None, embed_dim: int | None = None,
           seed: int = 0, device: str = "cpu", bad_rows: str | Path | None = None, progress: bool = True,
           model_options: dict[str, Any] | None = None, train_options: dict[str, Any] | None = None,
-          log: Any = None) -> Run:
-    """Encode ``train_data`` (fitting the encoder on it only), train ``model``, evaluate, and save a bundle.
+          loss: str = "bce", pos_weight: float | str = "auto", neg_sample_rate: float = 1.0,
+          calibrate: str = "auto", split: str = "auto", report_by: list[str] | None = None,
+          resume: bool = False, checkpoint_every: int = 0, log: Any = None) -> Run:
+    """Encode ``train_data`` (fitting the encoder on it only), train ``model``, calibrate, evaluate, save.
 
-    Without ``valid`` a validation part is cut from the training data (by time when the schema has a time
-    field). With ``out``, writes ``out/bundle/`` and ``out/metrics.json``.
+    Without ``valid`` a validation part is cut from the training data (``split``: by time when the schema has
+    a time field, else at random, or by group). ``neg_sample_rate`` W < 1 keeps every positive and a fraction
+    W of the negatives for training; the bundle corrects the odds exactly. The calibrator (``calibrate``) is
+    fitted on the validation rows only, so the test figures are untouched by it. With ``out``, writes
+    ``out/bundle/``, ``out/metrics.json``, ``out/report.html`` and checkpoints under ``out/checkpoints/``.
     """
     t0 = time.perf_counter()
     sch = _resolve_schema(schema, fmt, fields)
     cls = model_class(model)
+    if calibrate not in CALIBRATE_CHOICES:
+        raise ValueError(f"--calibrate must be one of {CALIBRATE_CHOICES}, got {calibrate!r}")
+    for name in report_by or []:
+        if name not in [f.name for f in sch.sparse_fields]:
+            raise ValueError(f"--report-by {name!r}: not a categorical field of the schema "
+                             f"({[f.name for f in sch.sparse_fields]})")
+    if resume and not out:
+        raise ValueError("--resume needs --out, where the checkpoints of the run are")
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
+    if valid is None and split == "random" and sch.time and log:
+        log(f"[yellow]warning:[/] --split random although the schema has a time field ({sch.time!r}): "
+            "validation rows from the same period as training rows overstate what the model will do on "
+            "tomorrow's traffic; --split time is the honest choice for a click log")
     work = Path(tempfile.mkdtemp(prefix="ctrkit-data-", dir=str(out) if out else None))
     try:
         enc = encode_files(sch, train_data, work, valid=valid, test=test, seed=seed, bad_rows=bad_rows,
-                           **read_kwargs)
+                           split=split, **read_kwargs)
         if log:
             for name, rep in enc.reports.items():
                 log(f"{name}: {rep.summary()}")
             log(f"encoded {enc.rows:,} rows in {enc.seconds:.1f}s; {enc.encoder.n_ids:,} ids")
         spec = FeatureSpec.from_encoder(enc.encoder)
-        mcfg = default_config(model, embed_dim=embed_dim, **(model_options or {}))
+        full_train = enc.data["train"]
+        train_set = downsample_negatives(full_train, neg_sample_rate, seed)
+        labels = np.asarray(train_set.label, dtype=np.float64)
+        weights = None if train_set.weight is None else np.asarray(train_set.weight, dtype=np.float64)
+        w = np.ones_like(labels) if weights is None else weights
+        pos_mass, neg_mass = float(np.dot(w, labels)), float(np.dot(w, 1 - labels))
+        if pos_weight == "auto":
+            pw = neg_mass / pos_mass if loss == "weighted" and pos_mass > 0 else 1.0
+        else:
+            pw = float(pos_weight)
+        shift = logit_shift(neg_sample_rate, pw if loss == "weighted" else 1.0)
+        auto = adaptive_settings(model, len(full_train), int(np.asarray(full_train.label).sum()),
+                                 enc.encoder.n_ids)
+        mcfg = default_config(model, embed_dim=embed_dim, **{**auto["model"], **(model_options or {})})
         torch.manual_seed(seed)
         net = build_model(model, spec, mcfg)
-        topts = {**cls.train_defaults, **(train_options or {})}
+        topts = {**cls.train_defaults, **auto["train"], **(train_options or {})}
         for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:
                 topts[key] = value
-        train_set = enc.data["train"]
         topts.setdefault("batch_size", default_batch_size(len(train_set)))
-        tcfg = TrainConfig(seed=seed, device=device, progress=progress, **topts)
+        tcfg = TrainConfig(seed=seed, device=device, progress=progress, loss=loss, pos_weight=pw,
+                           logit_shift=shift, resume=resume, checkpoint_every=checkpoint_every,
+                           checkpoint_dir=str(Path(out) / "checkpoints") if out else None, **topts)
         valid_set = enc.data.get("valid")
         # the batch iterator decides whether the data becomes resident or streams from the memory map
         result = train_model(net, train_set, valid_set, tcfg,
                              on_epoch=(lambda r: log(_epoch_line(r))) if log else None)
-        metrics: dict[str, Any] = {}
-        for name in ("valid", "test"):
-            data = enc.data.get(name)
-            if data is not None and len(data):
-                p = predict_proba(net, data, device=device)
-                m = evaluate(np.asarray(data.label), p, None if data.group is None else np.asarray(data.group))
-                metrics[name] = m
-        metrics["train"] = {**result.to_dict(), "rows": len(train_set), "config": tcfg.to_dict()}
+        outputs = {name: _outputs(net, d, device) for name in ("valid", "test")
+                   if (d := enc.data.get(name)) is not None and len(d)}
+        calibrator = _fit_calibration(calibrate, outputs.get("valid"), shift, seed)
+        if log:
+            log(f"calibration: {calibrator.method} (asked: {calibrate}), fitted on the validation rows")
+        metrics: dict[str, Any] = {name: served_metrics(o, calibrator) for name, o in outputs.items()}
+        metrics["train"] = {**result.to_dict(), "rows": len(train_set), "config": tcfg.to_dict(),
+                            "rows_before_sampling": len(full_train), "neg_sample_rate": neg_sample_rate,
+                            "positives": int(labels.sum()), "auto": auto}
+        metrics["calibration"] = calibrator.to_dict()
         metrics["encode"] = {"seconds": round(enc.seconds, 3), "rows": enc.rows, "n_ids": enc.encoder.n_ids,
                              "rows_per_s": round(enc.rows / enc.seconds, 1) if enc.seconds else None}
         metrics["data"] = {k: r.to_dict() for k, r in enc.reports.items()}
@@ -108,14 +142,77 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                             "parameters": int(sum(p.numel() for p in net.parameters()))}
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         net.to("cpu")
-        bundle = Bundle(sch, enc.encoder, net, model, metrics)
+        bundle = Bundle(sch, enc.encoder, net, model, metrics, {"version": 1}, calibrator)
         if out:
             bundle.save(Path(out) / "bundle")
             (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+            save_report_data(Path(out), outputs, calibrator, enc.encoder, report_by or [])
+            render_report(Path(out))
         return Run(bundle=bundle, metrics=metrics, result=result, out=Path(out) if out else None,
                    reports={k: r.to_dict() for k, r in enc.reports.items()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _outputs(net: torch.nn.Module, data: EncodedData, device: str) -> dict[str, np.ndarray | None]:
+    """What evaluation and the report need of one split: logits, labels, weights, groups, ids."""
+    return {"logits": predict_logits(net, data, device=device), "label": np.asarray(data.label, np.float64),
+            "weight": None if data.weight is None else np.asarray(data.weight, np.float64),
+            "group": None if data.group is None else np.asarray(data.group), "ids": np.asarray(data.ids)}
+
+
+def _fit_calibration(method: str, valid: dict[str, Any] | None, shift: float, seed: int) -> Calibrator:
+    """The calibrator asked for, fitted on the validation outputs; only the exact shift without them."""
+    if method == "none" or valid is None:
+        if method not in ("none", "auto"):
+            raise ValueError(f"--calibrate {method} needs validation rows to fit on")
+        return Calibrator("none", shift)
+    y = valid["label"]
+    if y.min() == y.max():
+        if method != "auto":
+            raise ValueError(f"--calibrate {method}: the validation rows hold one class only")
+        return Calibrator("none", shift)
+    return fit_calibrator(method, valid["logits"], y, valid["weight"], shift=shift, seed=seed)
+
+
+def served_metrics(o: dict[str, Any], calibrator: Calibrator) -> dict[str, Any]:
+    """Metrics of the served probabilities, plus ``logloss_raw``, ``ece_raw``, ``pred_actual_ratio_raw``
+    (and ``auc_raw``) of the network's own sigmoid, before any correction or calibration."""
+    m = evaluate(o["label"], calibrator(o["logits"]), o["group"], o["weight"])
+    raw = evaluate(o["label"], 1.0 / (1.0 + np.exp(-o["logits"])), None, o["weight"])
+    m.update({f"{k}_raw": raw[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")})
+    return m
+
+
+def recalibrate(bundle: str | Path, data: Source, out: str | Path, method: str = "auto", seed: int = 0,
+                **read_kwargs: Any) -> Bundle:
+    """Refit the calibrator of ``bundle`` on newer labelled ``data`` and save a new bundle version at ``out``.
+
+    The exact downsampling / class-weight shift is kept; the weights, encoder and schema are unchanged.
+    """
+    b = Bundle.load(bundle)
+    d = b.labelled_logits(data, **read_kwargs)
+    cal = _fit_calibration(method, d, b.calibrator.shift, seed)
+    cal.info["fitted_on"] = str(data) if isinstance(data, (str, Path)) else "frame"
+    version = int(b.info.get("version", 1)) + 1
+    metrics = {**b.metrics, "recalibration": {"data": cal.info["fitted_on"], "method": cal.method,
+                                              "before": served_metrics(d, b.calibrator),
+                                              "after_in_sample": served_metrics(d, cal)}}
+    new = Bundle(b.schema, b.encoder, b.model, b.model_name, metrics,
+                 {**b.info, "version": version, "parent": str(bundle)}, cal)
+    new.save(out)
+    return new
+
+
+def adaptive_settings(model: str, rows: int, positives: int, n_ids: int) -> dict[str, Any]:
+    """Training and model settings chosen from the data: rows, positives and the size of the id space.
+
+    Explicit options override them; docs/training.md explains each rule. Returns ``{"train": ..., "model":
+    ..., "reasons": [...]}``; the reasons go into metrics.json and the report.
+    """
+    train: dict[str, Any] = {}
+    reasons: list[str] = []
+    return {"train": train, "model": {}, "reasons": reasons}
 
 
 def default_batch_size(n_train: int, largest: int = 4096, steps: int = 32) -> int:

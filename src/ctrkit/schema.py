@@ -84,6 +84,9 @@ class Field:
 class Schema:
     """All columns of a log: the feature fields, the label and the optional time / position / group columns.
 
+    ``weight`` names an optional column of sample weights (e.g. 1/propensity): training losses and metrics
+    count a row of weight w as w rows; a missing or negative weight makes the row bad.
+
     ``columns`` is the full column order of files without a header line (a raw Criteo TSV); it may list
     columns that are neither features nor roles, which are then read and ignored.
     """
@@ -95,6 +98,7 @@ class Schema:
     group: str | None = None
     columns: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    weight: str | None = None
 
     def __post_init__(self) -> None:
         self.fields = [f if isinstance(f, Field) else Field(**f) for f in self.fields]
@@ -108,8 +112,10 @@ class Schema:
             raise SchemaError("a schema needs a label column")
         if self.label in names:
             raise SchemaError(f"the label {self.label!r} cannot also be a feature field")
+        if self.weight and self.weight in names + [self.label]:
+            raise SchemaError(f"the weight column {self.weight!r} cannot also be a feature field or the label")
         if self.columns is not None:
-            needed = set(names) | {c for c in (self.label, self.time, self.position, self.group) if c}
+            needed = set(names) | set(self.role_columns)
             missing = sorted(needed - set(self.columns))
             if missing:
                 raise SchemaError(f"`columns` does not list {missing}, which the schema uses")
@@ -139,14 +145,14 @@ class Schema:
 
     @property
     def role_columns(self) -> list[str]:
-        """Label, time, position and group columns that are set."""
-        return [c for c in (self.label, self.time, self.position, self.group) if c]
+        """Label, time, position, group and weight columns that are set."""
+        return [c for c in (self.label, self.time, self.position, self.group, self.weight) if c]
 
     # -- persistence -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A plain dict, the YAML layout."""
         out: dict[str, Any] = {"label": self.label}
-        for role in ("time", "position", "group"):
+        for role in ("time", "position", "group", "weight"):
             if getattr(self, role):
                 out[role] = getattr(self, role)
         out["fields"] = [f.to_dict() for f in self.fields]
@@ -161,7 +167,7 @@ class Schema:
         """Build from the YAML layout; unknown keys are an error that names them."""
         if not isinstance(data, dict):
             raise SchemaError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"label", "time", "position", "group", "fields", "columns", "extra"}
+        known = {"label", "time", "position", "group", "weight", "fields", "columns", "extra"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SchemaError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
@@ -184,6 +190,7 @@ class Schema:
             time=data.get("time"),
             position=data.get("position"),
             group=data.get("group"),
+            weight=data.get("weight"),
             columns=data.get("columns"),
             extra=data.get("extra") or {},
         )

@@ -2,7 +2,8 @@
 
 Layout of a dataset folder: ``ids.i32`` (int32 [n, n_sparse], already offset into the global id space),
 ``dense.f32`` (float32 [n, n_dense], NaN = missing), ``label.f32`` (float32 [n]), optional ``group.i64``
-(int64 [n], a hash of the group/user column, for group AUC) and ``meta.json`` with the shapes.
+(int64 [n], a hash of the group/user column, for group AUC), optional ``weight.f32`` (float32 [n], sample
+weights) and ``meta.json`` with the shapes.
 """
 
 from __future__ import annotations
@@ -18,21 +19,24 @@ import numpy as np
 import torch
 
 _FILES = {"ids": ("ids.i32", np.int32), "dense": ("dense.f32", np.float32),
-          "label": ("label.f32", np.float32), "group": ("group.i64", np.int64)}
+          "label": ("label.f32", np.float32), "group": ("group.i64", np.int64),
+          "weight": ("weight.f32", np.float32)}
 
 
 class DatasetWriter:
     """Appends encoded chunks to the raw files of a dataset folder, then writes ``meta.json``."""
 
-    def __init__(self, path: str | Path, n_sparse: int, n_dense: int, with_group: bool = False) -> None:
+    def __init__(self, path: str | Path, n_sparse: int, n_dense: int, with_group: bool = False,
+                 with_weight: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.n_sparse, self.n_dense, self.with_group = n_sparse, n_dense, with_group
+        self.n_sparse, self.n_dense, self.with_group, self.with_weight = n_sparse, n_dense, with_group, with_weight
         self.n = 0
-        names = ["ids", "dense", "label"] + (["group"] if with_group else [])
+        names = ["ids", "dense", "label"] + (["group"] if with_group else []) + (["weight"] if with_weight else [])
         self._fh: dict[str, IO[bytes]] = {k: open(self.path / _FILES[k][0], "wb") for k in names}
 
-    def append(self, ids: np.ndarray, dense: np.ndarray, label: np.ndarray, group: np.ndarray | None = None) -> None:
+    def append(self, ids: np.ndarray, dense: np.ndarray, label: np.ndarray, group: np.ndarray | None = None,
+               weight: np.ndarray | None = None) -> None:
         """Write one chunk; shapes are checked so a bad chunk never corrupts the folder silently."""
         n = len(label)
         if ids.shape != (n, self.n_sparse) or dense.shape != (n, self.n_dense):
@@ -40,12 +44,16 @@ class DatasetWriter:
                              f"({n}, {self.n_sparse}) / ({n}, {self.n_dense})")
         if self.with_group and group is None:
             raise ValueError("this dataset has a group column; pass group ids")
+        if self.with_weight and weight is None:
+            raise ValueError("this dataset has a weight column; pass weights")
         # contiguous arrays are written straight from their buffers, without an intermediate bytes copy
         self._fh["ids"].write(np.ascontiguousarray(ids, dtype=np.int32).data)
         self._fh["dense"].write(np.ascontiguousarray(dense, dtype=np.float32).data)
         self._fh["label"].write(np.ascontiguousarray(label, dtype=np.float32).data)
         if self.with_group:
             self._fh["group"].write(np.ascontiguousarray(group, dtype=np.int64).data)
+        if self.with_weight:
+            self._fh["weight"].write(np.ascontiguousarray(weight, dtype=np.float32).data)
         self.n += n
 
     def rewrite(self, sizes: list[int], update: Callable[[np.ndarray, np.ndarray], None]) -> None:
@@ -85,7 +93,8 @@ class DatasetWriter:
         """Flush, write ``meta.json`` and return the dataset opened read-only."""
         for fh in self._fh.values():
             fh.close()
-        meta = {"n": self.n, "n_sparse": self.n_sparse, "n_dense": self.n_dense, "with_group": self.with_group}
+        meta = {"n": self.n, "n_sparse": self.n_sparse, "n_dense": self.n_dense, "with_group": self.with_group,
+                "with_weight": self.with_weight}
         meta.update(extra or {})
         (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
         return EncodedData.open(self.path)
@@ -111,11 +120,13 @@ class EncodedData:
     label: np.ndarray
     group: np.ndarray | None = None
     meta: dict[str, Any] | None = None
+    weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.label)
-        if len(self.ids) != n or len(self.dense) != n or (self.group is not None and len(self.group) != n):
-            raise ValueError("ids, dense, label (and group) must have the same number of rows")
+        if len(self.ids) != n or len(self.dense) != n or any(
+                a is not None and len(a) != n for a in (self.group, self.weight)):
+            raise ValueError("ids, dense, label (and group, weight) must have the same number of rows")
 
     def __len__(self) -> int:
         return len(self.label)
@@ -138,19 +149,22 @@ class EncodedData:
             return np.memmap(p / name, dtype=dtype, mode="r", shape=shape)
 
         group = load("group", None) if meta.get("with_group") else None
+        weight = load("weight", None) if meta.get("with_weight") else None
         return cls(ids=load("ids", meta["n_sparse"]), dense=load("dense", meta["n_dense"]),
-                   label=load("label", None), group=group, meta=meta)
+                   label=load("label", None), group=group, meta=meta, weight=weight)
 
     def take(self, index: np.ndarray) -> EncodedData:
         """Rows at ``index`` as an in-memory dataset."""
         return EncodedData(ids=self.ids[index], dense=self.dense[index], label=self.label[index],
-                           group=None if self.group is None else self.group[index], meta=self.meta)
+                           group=None if self.group is None else self.group[index], meta=self.meta,
+                           weight=None if self.weight is None else self.weight[index])
 
     def in_memory(self) -> EncodedData:
         """The same data read fully into RAM (fast random access for shuffling)."""
         return EncodedData(ids=np.asarray(self.ids).copy(), dense=np.asarray(self.dense).copy(),
                            label=np.asarray(self.label).copy(),
-                           group=None if self.group is None else np.asarray(self.group).copy(), meta=self.meta)
+                           group=None if self.group is None else np.asarray(self.group).copy(), meta=self.meta,
+                           weight=None if self.weight is None else np.asarray(self.weight).copy())
 
     @property
     def nbytes(self) -> int:
@@ -211,10 +225,11 @@ class BatchIterator:
         if resident is None:
             resident = data.nbytes <= resident_bytes
         self.resident = resident
-        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         if resident:
             self._tensors = (_resident_tensor(data.ids, self.device), _resident_tensor(data.dense, self.device),
-                             _resident_tensor(data.label, self.device))
+                             _resident_tensor(data.label, self.device),
+                             None if data.weight is None else _resident_tensor(data.weight, self.device))
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -228,17 +243,22 @@ class BatchIterator:
 
     def _iter_resident(self) -> Iterator[Batch]:
         assert self._tensors is not None
-        ids, dense, label = self._tensors
+        ids, dense, label, weight = self._tensors
         n, bs = len(label), self.batch_size
         order = torch.randperm(n, generator=self._gen).to(self.device) if self.shuffle else None
         stop = n - n % bs if self.drop_last else n
         for start in range(0, stop, bs):
-            if order is None:
-                sl = slice(start, min(start + bs, n))
-                yield Batch(ids[sl], dense[sl], label[sl])
-            else:
-                idx = order[start:start + bs]
-                yield Batch(ids[idx], dense[idx], label[idx])
+            idx = slice(start, min(start + bs, n)) if order is None else order[start:start + bs]
+            yield Batch(ids[idx], dense[idx], label[idx], None if weight is None else weight[idx])
+
+    def rng_state(self) -> dict[str, Any]:
+        """The shuffling state (what the next epoch's order depends on), for checkpoints."""
+        return {"numpy": self._rng.bit_generator.state, "torch": self._gen.get_state()}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`rng_state`: the next epoch is shuffled as it was then."""
+        self._rng.bit_generator.state = state["numpy"]
+        self._gen.set_state(state["torch"])
 
     def _iter_blocks(self) -> Iterator[Batch]:
         n, bs, br = len(self.data), self.batch_size, self.block_rows
@@ -257,19 +277,24 @@ class BatchIterator:
                 part = self.data.take(np.arange(lo, hi))
             if carry is not None:
                 part = EncodedData(np.concatenate([carry.ids, part.ids]), np.concatenate([carry.dense, part.dense]),
-                                   np.concatenate([carry.label, part.label]))
+                                   np.concatenate([carry.label, part.label]),
+                                   weight=None if part.weight is None
+                                   else np.concatenate([carry.weight, part.weight]))
                 carry = None
             m = len(part)
             full = m - m % bs
             for start in range(0, full, bs):
                 yield self._to_batch(part, slice(start, start + bs))
             if full < m:
-                carry = EncodedData(part.ids[full:], part.dense[full:], part.label[full:])
+                carry = part.take(np.arange(full, m))
         if carry is not None and len(carry) and not self.drop_last:
             yield self._to_batch(carry, slice(0, len(carry)))
 
     def _to_batch(self, part: EncodedData, sl: slice) -> Batch:
         nb = self.device.type == "cuda"
-        return Batch(torch.from_numpy(np.ascontiguousarray(part.ids[sl])).to(self.device, non_blocking=nb),
-                     torch.from_numpy(np.ascontiguousarray(part.dense[sl])).to(self.device, non_blocking=nb),
-                     torch.from_numpy(np.ascontiguousarray(part.label[sl])).to(self.device, non_blocking=nb))
+
+        def move(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[sl])).to(self.device, non_blocking=nb)
+
+        return Batch(move(part.ids), move(part.dense), move(part.label),
+                     None if part.weight is None else move(part.weight))

@@ -561,18 +561,24 @@ class Encoder:
             return None
         return chunk.select(pl.col(g).cast(pl.String).hash(seed=7))[g].to_numpy().view(np.int64)
 
+    def weights(self, chunk: pl.DataFrame) -> np.ndarray | None:
+        """The sample weights of a typed chunk, or None when the schema has no weight column."""
+        return chunk[self.schema.weight].to_numpy() if self.schema.weight else None
+
     def transform(self, source: Source, out_dir: str | Path, report: ReadReport | None = None,
                   **read_kwargs: Any) -> EncodedData:
         """Encode a file or frame into a dataset folder, streaming chunk by chunk."""
         self._check_fitted()
         report = report if report is not None else ReadReport()
-        writer = DatasetWriter(out_dir, len(self.sparse_names), len(self.dense_names), bool(self.schema.group))
+        writer = DatasetWriter(out_dir, len(self.sparse_names), len(self.dense_names), bool(self.schema.group),
+                               bool(self.schema.weight))
         chunks = iter_chunks(source, self.schema, report=report, **read_kwargs)
         try:
             with Prefetch((c, self._hashes(c)) for c in chunks) as stream:
                 for chunk, hashes in stream:
                     ids, dense = self._encode(chunk, hashes)
-                    writer.append(ids, dense, chunk[self.schema.label].to_numpy(), self.group_ids(chunk))
+                    writer.append(ids, dense, chunk[self.schema.label].to_numpy(), self.group_ids(chunk),
+                                  self.weights(chunk))
         except BaseException:
             writer.abort()
             raise
@@ -703,15 +709,21 @@ class EncodeResult:
     rows: int = 0
 
 
+SPLITS = ("auto", "time", "random", "group")
+
+
 def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: Source | None = None,
                  test: Source | None = None, valid_fraction: float = 0.1, seed: int = 0,
-                 bad_rows: str | Path | None = None, **read_kwargs: Any) -> EncodeResult:
+                 bad_rows: str | Path | None = None, split: str = "auto", **read_kwargs: Any) -> EncodeResult:
     """Fit an encoder on ``train`` and write encoded ``train``/``valid``/``test`` datasets under ``out_dir``.
 
     Each training row is parsed once. With ``valid`` given, every training row is fitted on, so the fit pass
     writes it to the training dataset already, as far as the fit allows (dense indexes, unscaled numerics),
     and completes the ids in place once the fit is done. Without ``valid``, the last ``valid_fraction`` of rows
-    by time (or a seeded random fraction when the schema has no time field) is held out as validation and not
+    by time (``split`` "time", the default when the schema has a time field), a seeded random fraction
+    ("random", the default otherwise) or every row of a fixed fraction of the groups/users, chosen by a hash of
+    the group ("group", so no user is in both parts), is held
+    out as validation and not
     fitted on; the fit pass then keeps what the transform needs of each row (hashes, numerics, the label), in
     memory up to ``HOLD_BYTES`` and in a temporary folder beyond. The time cut is the exact quantile of the
     times there are, found in a few passes over the kept parts; rows without a time are training rows.
@@ -730,7 +742,13 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     rng = np.random.default_rng(seed)
     sources = [(k, src) for k, src in (("valid", valid), ("test", test)) if src is not None]
     reports: dict[str, ReadReport] = {"train": ReadReport(), **{k: ReadReport() for k, _ in sources}}
-    split_by_time = valid is None and bool(schema.time)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    split = ("time" if schema.time else "random") if split == "auto" else split
+    for role in ("time", "group"):
+        if split == role and not getattr(schema, role):
+            raise EncoderError(f"--split {role} needs a `{role}` column in the schema")
+    split_by_time = valid is None and split == "time"
     tmp = Path(tempfile.mkdtemp(prefix="ctrkit-enc-", dir=out))
     parts = _Parts(tmp)
     stream: Prefetch[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
@@ -745,7 +763,8 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         # and the vocabularies are finished
         stream = Prefetch(_read_all(enc, chunks, sources, reports, bad_rows, read_kwargs))
         if valid is not None:
-            writers["train"] = DatasetWriter(out / "train", n_sparse, n_dense, bool(schema.group))
+            writers["train"] = DatasetWriter(out / "train", n_sparse, n_dense, bool(schema.group),
+                                             bool(schema.weight))
         ahead: list[tuple[str, pl.DataFrame, pl.DataFrame]] = []  # the first chunk of another file
         for name, chunk, hashes in stream:
             if name != "train":
@@ -753,14 +772,19 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                 break
             if valid is not None:
                 ids, dense = enc._fitting_ids(chunk, enc._observe(chunk, hashes))
-                writers["train"].append(ids, dense, chunk[schema.label].to_numpy(), enc.group_ids(chunk))
+                writers["train"].append(ids, dense, chunk[schema.label].to_numpy(), enc.group_ids(chunk),
+                                        enc.weights(chunk))
                 written.append(chunk.height)
                 if binned:
                     parts.append(chunk.select(binned))
                 continue
             keep = chunk.drop(["_line"] + ([] if split_by_time else enc._string_columns()))
             if not split_by_time:
-                keep = keep.with_columns(pl.Series("_valid", rng.random(chunk.height) < valid_fraction))
+                if split == "group":
+                    held_out = enc.group_ids(chunk).view(np.uint64) % 10_000 < valid_fraction * 10_000
+                else:
+                    held_out = rng.random(chunk.height) < valid_fraction
+                keep = keep.with_columns(pl.Series("_valid", held_out))
                 m = ~keep["_valid"]
                 enc._observe(chunk.filter(m), hashes.filter(m))
             parts.append(pl.concat([keep, hashes], how="horizontal"))
@@ -784,7 +808,8 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
             raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
         enc._finish_fit()
         names = [k for k, _ in sources] + (["train", "valid"] if valid is None else [])
-        writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group)) for k in names})
+        writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group), bool(schema.weight))
+                        for k in names})
         raw = parts.drain() if binned else None
 
         def finish(ids: np.ndarray, dense: np.ndarray) -> None:
@@ -793,13 +818,14 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         def write(name: str, chunk: pl.DataFrame, encoded: Future[tuple[np.ndarray, np.ndarray]]) -> None:
             ids, dense = encoded.result()
             label = chunk[schema.label].to_numpy()
-            group = enc.group_ids(chunk)
+            group, weight = enc.group_ids(chunk), enc.weights(chunk)
             if name == "train" and valid is None:
                 m = chunk["_valid"].to_numpy()
                 for k, sel in (("train", ~m), ("valid", m)):
-                    writers[k].append(ids[sel], dense[sel], label[sel], None if group is None else group[sel])
+                    writers[k].append(ids[sel], dense[sel], label[sel], None if group is None else group[sel],
+                                      None if weight is None else weight[sel])
             else:
-                writers[name].append(ids, dense, label, group)
+                writers[name].append(ids, dense, label, group, weight)
 
         # Two chunks are encoded at a time (numpy and polars release the GIL) and written in order, while
         # the training rows written by the fit pass are completed in place; the training parts the fit pass

@@ -134,7 +134,8 @@ def _separator(fmt: str) -> str:
 def needed_columns(schema: Schema, with_label: bool = True) -> list[str]:
     """Columns a reader must deliver: features, then label / time / group when set."""
     cols = [f.name for f in schema.fields]
-    for c in (schema.label if with_label else None, schema.time, schema.group):
+    for c in (schema.label if with_label else None, schema.time, schema.group,
+              schema.weight if with_label else None):
         if c and c not in cols:
             cols.append(c)
     return cols
@@ -168,7 +169,8 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
     """Type a raw chunk to the reader contract; returns (good rows, bad rows with a ``_reason`` column).
 
     A non-number in a numeric field, a time string that does not parse, a label outside {-1, 0, 1} or a missing
-    label makes a row bad; an empty categorical string counts as missing, and so does an empty time. Columns
+    label, or a missing, negative or non-numeric weight makes a row bad; an empty categorical string counts as
+    missing, and so does an empty time. Columns
     absent from the chunk raise a DataError naming them.
     """
     cols = needed_columns(schema, with_label)
@@ -210,6 +212,13 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
                           .otherwise(None))
     if schema.group and schema.group not in [f.name for f in schema.fields]:
         exprs.append(_as_string(schema.group, types[schema.group]).alias(schema.group))
+    if with_label and schema.weight:
+        raw_w = pl.col(schema.weight)
+        w = (raw_w.str.strip_chars() if types[schema.weight] == pl.String else raw_w).cast(pl.Float64, strict=False)
+        exprs.append(w.alias(schema.weight))
+        checks.append(pl.when(w.is_null() | w.is_nan() | w.is_infinite() | (w < 0))
+                      .then(pl.lit(f"weight {schema.weight!r}: missing, negative or not a number"))
+                      .otherwise(None))
     exprs += [pl.col("_line")] if "_line" in types else []
     if not checks:
         out = df.select(exprs)

@@ -1,4 +1,8 @@
-"""Evaluation metrics for predicted click probabilities: AUC, logloss, group AUC and calibration."""
+"""Evaluation metrics for predicted click probabilities: AUC, logloss, group AUC and calibration.
+
+Every metric takes optional sample weights (``weight``, one non-negative number per row, e.g. 1/propensity):
+a row of weight w counts as w rows. Without weights each row counts once.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import numpy as np
 EPS = 1e-7
 
 
-def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check(y: np.ndarray, p: np.ndarray,
+           weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y = np.asarray(y, dtype=np.float64).ravel()
     p = np.asarray(p, dtype=np.float64).ravel()
     if y.shape != p.shape:
@@ -18,42 +23,70 @@ def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("labels must be 0 or 1")
     if len(p) and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
         raise ValueError("predictions must be probabilities in [0, 1] without NaN")
-    return y, p
+    if weight is None:
+        return y, p, np.ones_like(y)
+    w = np.asarray(weight, dtype=np.float64).ravel()
+    if w.shape != y.shape:
+        raise ValueError(f"weights and labels differ in length: {len(w)} vs {len(y)}")
+    if len(w) and not (np.isfinite(w).all() and w.min() >= 0):
+        raise ValueError("weights must be finite and >= 0")
+    return y, p, w
 
 
-def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN with one class only."""
-    y, p = _check(y, p)
-    n_pos = y.sum()
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ps, ys = p[order], y[order]
-    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
-    ends = np.r_[starts[1:], len(ps)]
-    avg_rank = (starts + ends + 1) / 2.0
-    ranks = np.repeat(avg_rank, ends - starts)
-    return float((ranks[ys == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+def _grouped_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray,
+                 g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(AUC, total weight) of every group with both classes: one sort, no loop over groups.
+
+    Within a group, each run of equal predictions adds its positive weight times the negative weight ranked
+    below it plus half the negative weight tied with it (the weighted Mann-Whitney U).
+    """
+    order = np.lexsort((p, g))
+    gs, ys, ps, ws = g[order], y[order], p[order], w[order]
+    new_group = np.r_[True, gs[1:] != gs[:-1]]
+    boundary = new_group | np.r_[True, ps[1:] != ps[:-1]]
+    run_start = np.flatnonzero(boundary)
+    run_id = np.cumsum(boundary) - 1
+    group_of_run = np.cumsum(new_group)[run_start] - 1
+    pos_run = np.bincount(run_id, weights=ws * ys)
+    neg_run = np.bincount(run_id, weights=ws * (1 - ys))
+    neg_before = np.cumsum(neg_run) - neg_run  # negative weight in all earlier runs
+    first_run = np.flatnonzero(np.r_[True, group_of_run[1:] != group_of_run[:-1]])
+    neg_before -= np.repeat(neg_before[first_run], np.diff(np.r_[first_run, len(run_start)]))
+    n_groups = int(group_of_run[-1]) + 1
+    u = np.bincount(group_of_run, weights=pos_run * (neg_before + 0.5 * neg_run), minlength=n_groups)
+    w_pos = np.bincount(group_of_run, weights=pos_run, minlength=n_groups)
+    w_neg = np.bincount(group_of_run, weights=neg_run, minlength=n_groups)
+    both = (w_pos > 0) & (w_neg > 0)
+    return u[both] / (w_pos[both] * w_neg[both]), (w_pos + w_neg)[both]
 
 
-def logloss(y: np.ndarray, p: np.ndarray) -> float:
-    """Mean binary cross-entropy, with probabilities clipped to [1e-7, 1 - 1e-7]."""
-    y, p = _check(y, p)
+def auc(y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count one half); NaN with one class only."""
+    y, p, w = _check(y, p, weight)
     if len(y) == 0:
         return float("nan")
+    aucs, _ = _grouped_auc(y, p, w, np.zeros(len(y), dtype=np.int64))
+    return float(aucs[0]) if len(aucs) else float("nan")
+
+
+def logloss(y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Mean binary cross-entropy, with probabilities clipped to [1e-7, 1 - 1e-7]."""
+    y, p, w = _check(y, p, weight)
+    if len(y) == 0 or w.sum() == 0:
+        return float("nan")
     q = np.clip(p, EPS, 1 - EPS)
-    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    return float(-np.sum(w * (y * np.log(q) + (1 - y) * np.log(1 - q))) / w.sum())
 
 
-def calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 20,
-                     strategy: str = "quantile") -> dict[str, np.ndarray]:
-    """Per-bin count, mean prediction and observed rate; bins of equal mass ("quantile") or width ("uniform").
+def calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 20, strategy: str = "quantile",
+                     weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-bin (weighted) count, mean prediction and observed rate; bins of equal mass ("quantile") or width
+    ("uniform").
 
     Equal-mass bins are the default because click probabilities crowd near zero, where equal-width bins
     would put nearly every impression into the first bin.
     """
-    y, p = _check(y, p)
+    y, p, w = _check(y, p, weight)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     if strategy == "quantile":
@@ -64,16 +97,17 @@ def calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 20,
         raise ValueError(f"strategy must be 'quantile' or 'uniform', got {strategy!r}")
     idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, max(len(edges) - 2, 0))
     k = max(len(edges) - 1, 1)
-    count = np.bincount(idx, minlength=k).astype(np.float64)
-    sum_p = np.bincount(idx, weights=p, minlength=k)
-    sum_y = np.bincount(idx, weights=y, minlength=k)
+    count = np.bincount(idx, weights=w, minlength=k)
+    sum_p = np.bincount(idx, weights=w * p, minlength=k)
+    sum_y = np.bincount(idx, weights=w * y, minlength=k)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"count": count, "mean_pred": sum_p / count, "rate": sum_y / count, "edges": edges}
 
 
-def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 20, strategy: str = "quantile") -> float:
+def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 20, strategy: str = "quantile",
+        weight: np.ndarray | None = None) -> float:
     """Expected calibration error: impression-weighted mean |observed rate - mean prediction| over bins."""
-    b = calibration_bins(y, p, n_bins, strategy)
+    b = calibration_bins(y, p, n_bins, strategy, weight)
     ok = b["count"] > 0
     if not ok.any():
         return float("nan")
@@ -81,54 +115,40 @@ def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 20, strategy: str = "quantil
     return float(np.sum(b["count"][ok] * gap) / b["count"][ok].sum())
 
 
-def group_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> float:
-    """Impression-weighted mean of per-group AUC over groups (users) that have both classes.
-
-    All groups at once (one sort, no loop over groups): each row gets its rank among its group's
-    predictions, ties averaged, and each group's AUC is the Mann-Whitney U of its positives' ranks.
-    """
-    y, p = _check(y, p)
+def group_auc(y: np.ndarray, p: np.ndarray, group: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Impression-weighted mean of per-group AUC over groups (users) that have both classes."""
+    y, p, w = _check(y, p, weight)
     g = np.asarray(group).ravel()
     if len(g) != len(y):
         raise ValueError("group must have one value per row")
     if len(y) == 0:
         return float("nan")
-    order = np.lexsort((p, g))
-    gs, ys, ps = g[order], y[order], p[order]
-    new_group = np.r_[True, gs[1:] != gs[:-1]]
-    group_id = np.cumsum(new_group) - 1
-    group_start = np.flatnonzero(new_group)
-    # runs of equal (group, prediction) share the average of the ranks they span
-    run_start = np.flatnonzero(new_group | np.r_[True, ps[1:] != ps[:-1]])
-    run_end = np.r_[run_start[1:], len(ps)]
-    first_rank = run_start - group_start[group_id[run_start]]  # 0-based rank of the run's first row
-    rank = np.repeat(first_rank + (run_end - run_start + 1) / 2.0, run_end - run_start)
-    size = np.bincount(group_id).astype(np.float64)
-    n_pos = np.bincount(group_id, weights=ys)
-    n_neg = size - n_pos
-    both = (n_pos > 0) & (n_neg > 0)
-    if not both.any():
+    aucs, size = _grouped_auc(y, p, w, g)
+    if not len(aucs) or size.sum() == 0:
         return float("nan")
-    rank_sum = np.bincount(group_id, weights=rank * ys)
-    u = rank_sum[both] - n_pos[both] * (n_pos[both] + 1) / 2.0
-    aucs = u / (n_pos[both] * n_neg[both])
-    return float(np.sum(aucs * size[both]) / size[both].sum())
+    return float(np.sum(aucs * size) / size.sum())
 
 
-def evaluate(y: np.ndarray, p: np.ndarray, group: np.ndarray | None = None) -> dict[str, Any]:
-    """The standard report: auc, logloss, ece, pred_actual_ratio, n, positives (+ gauc with groups)."""
-    y, p = _check(y, p)
+def evaluate(y: np.ndarray, p: np.ndarray, group: np.ndarray | None = None,
+             weight: np.ndarray | None = None) -> dict[str, Any]:
+    """The standard report: auc, logloss, ece, pred_actual_ratio, n, positives (+ gauc with groups).
+
+    With weights, every figure but ``n`` and ``positives`` (row counts) is weighted.
+    """
+    y, p, w = _check(y, p, weight)
     n, pos = len(y), float(y.sum())
+    wsum, wpos = float(w.sum()), float(np.dot(w, y))
+    mean_pred = float(np.dot(w, p) / wsum) if wsum else float("nan")
     out: dict[str, Any] = {
-        "auc": auc(y, p),
-        "logloss": logloss(y, p),
-        "ece": ece(y, p),
-        "pred_actual_ratio": float(p.mean() / (pos / n)) if n and pos else float("nan"),
-        "mean_pred": float(p.mean()) if n else float("nan"),
-        "positive_rate": pos / n if n else float("nan"),
+        "auc": auc(y, p, w),
+        "logloss": logloss(y, p, w),
+        "ece": ece(y, p, weight=w),
+        "pred_actual_ratio": mean_pred / (wpos / wsum) if wsum and wpos else float("nan"),
+        "mean_pred": mean_pred,
+        "positive_rate": wpos / wsum if wsum else float("nan"),
         "n": int(n),
         "positives": int(pos),
     }
     if group is not None:
-        out["gauc"] = group_auc(y, p, group)
+        out["gauc"] = group_auc(y, p, group, w)
     return out

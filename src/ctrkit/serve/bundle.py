@@ -1,4 +1,4 @@
-"""Bundle: schema + encoder + model weights + metrics + versions in one folder, the unit of deployment.
+"""Bundle: schema, encoder, weights, calibrator, metrics and versions in one folder, the unit of deployment.
 
 A bundle scores raw records (dicts or a DataFrame): unseen categories get the field's OOV id, missing
 optional values its missing id. A required field that is absent, a value of the wrong type, or input with the
@@ -24,6 +24,7 @@ import ctrkit
 from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
 from ctrkit.data.readers import DataError, ReadReport, Source, coerce_chunk, iter_chunks
+from ctrkit.evaluate.calibrate import Calibrator
 from ctrkit.evaluate.metrics import evaluate
 from ctrkit.models.base import CTRModel, ModelConfig, build_model
 from ctrkit.nn.embedding import FeatureSpec
@@ -59,7 +60,8 @@ class Bundle:
     """A trained model with everything needed to score raw records."""
 
     def __init__(self, schema: Schema, encoder: Encoder, model: CTRModel, model_name: str,
-                 metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> None:
+                 metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
+                 calibrator: Calibrator | None = None) -> None:
         if encoder.schema.fingerprint() != schema.fingerprint():
             raise BundleError("the encoder was fitted for another schema")
         if model.spec.n_ids != encoder.n_ids or list(model.spec.sparse_names) != encoder.sparse_names:
@@ -67,6 +69,8 @@ class Bundle:
         self.schema, self.encoder, self.model, self.model_name = schema, encoder, model, model_name
         self.metrics = metrics or {}
         self.info = info or {}
+        # raw logit -> served probability: the exact downsampling / class-weight correction, then Platt or isotonic
+        self.calibrator = calibrator or Calibrator()
         # Scoring reads the feature columns only: time, group and label are not needed to score.
         self._features = Schema(fields=schema.fields, label=schema.label, columns=schema.columns)
         self.model.eval()
@@ -86,6 +90,7 @@ class Bundle:
                 "info": self.info}
         (p / "model.json").write_text(json.dumps(meta, indent=1))
         (p / "metrics.json").write_text(json.dumps(self.metrics, indent=1, default=float))
+        self.calibrator.save(p / "calibration.json")
         return p
 
     @classmethod
@@ -119,7 +124,11 @@ class Bundle:
         model.load_state_dict(state)
         model.to(device)
         metrics = json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").exists() else {}
-        return cls(schema, encoder, model, meta["model"], metrics, meta.get("info"))
+        try:
+            calibrator = Calibrator.load(p / "calibration.json") if (p / "calibration.json").exists() else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{p / 'calibration.json'}: {exc}") from None
+        return cls(schema, encoder, model, meta["model"], metrics, meta.get("info"), calibrator)
 
     # -- scoring -------------------------------------------------------------------------------------
     def _frame(self, records: Records) -> pl.DataFrame:
@@ -179,15 +188,18 @@ class Bundle:
                     raise DataError(f"row {nulls[line_col][0]}: required field {f.name!r} is missing")
 
     @torch.no_grad()
-    def _score(self, df: pl.DataFrame, batch_size: int) -> np.ndarray:
+    def _logits(self, df: pl.DataFrame, batch_size: int = 65536) -> np.ndarray:
         device = next(self.model.parameters()).device
         out = np.empty(df.height, dtype=np.float64)
         for start in range(0, df.height, batch_size):
             part = df.slice(start, batch_size)
             ids, dense = self.encoder.transform_frame(part)
             logits = self.model(Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device)))
-            out[start:start + part.height] = torch.sigmoid(logits).double().cpu().numpy()
+            out[start:start + part.height] = logits.double().cpu().numpy()
         return out
+
+    def _score(self, df: pl.DataFrame, batch_size: int) -> np.ndarray:
+        return self.calibrator(self._logits(df, batch_size))
 
     def predict_file(self, source: Source, **read_kwargs: Any) -> np.ndarray:
         """Score every row of a file, in order; any unparseable row is an error naming its line."""
@@ -202,17 +214,26 @@ class Bundle:
         self._check_required(chunk)
         return self._score(chunk, 65536)
 
-    def evaluate(self, source: Source, **read_kwargs: Any) -> tuple[dict[str, Any], ReadReport]:
-        """Metrics of the bundle on a labelled file or frame; bad rows are counted and reported."""
-        report = ReadReport()
-        ys, ps, gs = [], [], []
+    def labelled_logits(self, source: Source, report: ReadReport | None = None,
+                        **read_kwargs: Any) -> dict[str, np.ndarray | None]:
+        """Raw model logits of a labelled file or frame with its ``label``, ``weight`` and ``group`` columns
+        (None when the schema has no such column); bad rows are counted in ``report``."""
+        report = report if report is not None else ReadReport()
+        cols: dict[str, list[np.ndarray]] = {"logits": [], "label": [], "weight": [], "group": []}
         for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
-            ps.append(self._score_checked(chunk))
-            ys.append(chunk[self.schema.label].to_numpy())
-            g = self.encoder.group_ids(chunk)
-            if g is not None:
-                gs.append(g)
-        if not ys:
+            self._check_required(chunk)
+            cols["logits"].append(self._logits(chunk))
+            cols["label"].append(chunk[self.schema.label].to_numpy())
+            for key, values in (("weight", self.encoder.weights(chunk)), ("group", self.encoder.group_ids(chunk))):
+                if values is not None:
+                    cols[key].append(values)
+        if not cols["label"]:
             raise DataError(f"{report.source}: no rows to evaluate ({report.bad_rows} rejected)")
-        group = np.concatenate(gs) if gs else None
-        return evaluate(np.concatenate(ys), np.concatenate(ps), group), report
+        return {k: np.concatenate(v) if v else None for k, v in cols.items()}
+
+    def evaluate(self, source: Source, **read_kwargs: Any) -> tuple[dict[str, Any], ReadReport]:
+        """Metrics of the served probabilities on a labelled file or frame (weighted when the schema has a
+        weight column); bad rows are counted and reported."""
+        report = ReadReport()
+        d = self.labelled_logits(source, report, **read_kwargs)
+        return evaluate(d["label"], self.calibrator(d["logits"]), d["group"], d["weight"]), report

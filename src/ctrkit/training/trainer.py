@@ -1,4 +1,4 @@
-"""Training loop: BCE with logits, Adam or Adagrad, early stopping on validation AUC, restore-best.
+"""Training loop: BCE-family losses, Adam or Adagrad, early stopping on validation, restore-best, checkpoints.
 
 The trainer owns the optimizer and the device, not the model. Embedding tables with sparse gradients get
 the row-sparse variant of the optimizer (:class:`RowSparseOptimizer`: lazy Adam, the update of torch's
@@ -10,19 +10,22 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctrkit.data.dataset import BatchIterator, EncodedData
 from ctrkit.evaluate.metrics import evaluate
 from ctrkit.models.base import CTRModel
+from ctrkit.training.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from ctrkit.training.losses import make_loss
 from ctrkit.training.optim import RowSparseOptimizer
+from ctrkit.training.sampling import init_output_bias, prior_logit
 
 OPTIMIZERS = ("adam", "adagrad")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -48,9 +51,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
+MONITORS = ("auto", "auc", "logloss", "auc-logloss")
+FEW_POSITIVES = 300  # below this many validation positives, "auto" stops on logloss: AUC is too noisy
+
+
 @dataclass
 class TrainConfig:
-    """How to train. The defaults are a well-tuned starting point for the model zoo's defaults."""
+    """How to train. The defaults are a well-tuned starting point for the model zoo's defaults.
+
+    ``loss``: "bce", "weighted" (positives count ``pos_weight`` times) or "focal" (``focal_alpha``,
+    ``focal_gamma``). ``monitor``: what early stopping watches on validation; "auto" is logloss when the
+    validation rows hold fewer than ``FEW_POSITIVES`` positives and AUC otherwise. ``logit_shift`` is added to
+    the model's logit before validation metrics (the exact correction of downsampling and class weights), so
+    the monitor sees what will be served. ``init_bias`` starts the output bias at the log-odds the loss expects
+    from the training labels. With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every``
+    steps (0: none within an epoch) and after each epoch; ``resume`` continues from the one there.
+    """
 
     epochs: int = 30
     batch_size: int = 4096
@@ -61,13 +77,22 @@ class TrainConfig:
     lr_decay: float = 0.1
     min_lr: float = 1e-6
     restore_best: bool = True
-    monitor: str = "auc"
+    monitor: str = "auto"
     seed: int = 0
     device: str = "cpu"
     eval_batch_size: int = 65536
     max_seconds: float | None = None
     progress: bool = True
     precision: str = "auto"
+    loss: str = "bce"
+    pos_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    logit_shift: float = 0.0
+    init_bias: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -76,8 +101,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.monitor not in ("auc", "logloss"):
-            raise ValueError(f"monitor must be 'auc' or 'logloss', got {self.monitor!r}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 < self.lr_decay <= 1:
@@ -91,6 +116,11 @@ class TrainConfig:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0 when set, got {self.max_seconds}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume needs a checkpoint folder (checkpoint_dir)")
+        make_loss(self.loss, self.pos_weight, self.focal_alpha, self.focal_gamma)  # validates the loss settings
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -109,6 +139,7 @@ class TrainResult:
     train_seconds: float = 0.0
     samples: int = 0
     precision: str = "fp32"
+    monitor: str = "auc"
 
     @property
     def samples_per_s(self) -> float:
@@ -119,7 +150,7 @@ class TrainResult:
         """The ``train`` block of ``metrics.json``."""
         return {"seconds": round(self.seconds, 3), "train_seconds": round(self.train_seconds, 3),
                 "samples_per_s": round(self.samples_per_s, 1), "epochs": self.epochs, "precision": self.precision,
-                "best_epoch": self.best_epoch, "history": self.history}
+                "best_epoch": self.best_epoch, "monitor": self.monitor, "history": self.history}
 
 
 def seed_everything(seed: int) -> None:
@@ -147,32 +178,67 @@ def _optimizers(model: CTRModel, cfg: TrainConfig) -> list[torch.optim.Optimizer
 
 
 @torch.no_grad()
-def predict_proba(model: CTRModel, data: EncodedData, batch_size: int = 65536,
-                  device: str | torch.device = "cpu") -> np.ndarray:
-    """Click probabilities for every row of ``data`` (eval mode, no gradients), in row order."""
+def predict_logits(model: CTRModel, data: EncodedData, batch_size: int = 65536,
+                   device: str | torch.device = "cpu") -> np.ndarray:
+    """The model's logits for every row of ``data`` (eval mode, no gradients), in row order."""
     was_training = model.training
     model.eval()
     out = np.empty(len(data), dtype=np.float64)
     pos = 0
     for batch in BatchIterator(data, batch_size=batch_size, shuffle=False, device=device, resident=False,
                                block_rows=batch_size, window_blocks=1):
-        p = torch.sigmoid(model(batch)).double().cpu().numpy()
-        out[pos:pos + len(p)] = p
-        pos += len(p)
+        z = model(batch).double().cpu().numpy()
+        out[pos:pos + len(z)] = z
+        pos += len(z)
     model.train(was_training)
     return out
 
 
-def _better(metric: str, new: float, best: float | None) -> bool:
+def predict_proba(model: CTRModel, data: EncodedData, batch_size: int = 65536,
+                  device: str | torch.device = "cpu", logit_shift: float = 0.0) -> np.ndarray:
+    """Click probabilities for every row of ``data``, in row order; ``logit_shift`` is added to each logit."""
+    z = predict_logits(model, data, batch_size, device) + logit_shift
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+def resolve_monitor(monitor: str, valid_positives: int) -> str:
+    """"auto" is logloss with fewer than ``FEW_POSITIVES`` validation positives (their AUC is noise), else AUC."""
+    if monitor != "auto":
+        return monitor
+    return "logloss" if valid_positives < FEW_POSITIVES else "auc"
+
+
+def _score(monitor: str, m: dict[str, Any]) -> float:
+    """The monitored figure, oriented so that higher is better."""
+    if monitor == "auc":
+        return m["auc"]
+    if monitor == "logloss":
+        return -m["logloss"]
+    return m["auc"] - m["logloss"]
+
+
+def _better(new: float, best: float | None) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(new)
-    return new > best if metric == "auc" else new < best
+    return new > best
+
+
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | None = None,
           config: TrainConfig | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Fit ``model`` in place; with validation data, stop early and restore the best epoch's weights."""
+    """Fit ``model`` in place; with validation data, stop early and restore the best epoch's weights.
+
+    A loss that becomes NaN or infinite raises :class:`TrainingDiverged` before any checkpoint could hold
+    the damaged weights.
+    """
     cfg = config or TrainConfig()
     if valid_data is not None and len(valid_data) == 0:
         valid_data = None  # nothing to stop on: train every epoch, like without validation
@@ -180,33 +246,111 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma)
+    if cfg.init_bias and cfg.loss != "focal":
+        init_output_bias(model, prior_logit(train_data.label, train_data.weight,
+                                            cfg.pos_weight if cfg.loss == "weighted" else 1.0))
     model.to(device)
     opts = _optimizers(model, cfg)
     lr = cfg.lr
     precision = resolve_precision(cfg.precision, device)
     bf16 = precision == "bf16"
     batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
-    result = TrainResult(precision=precision)
+    monitor = resolve_monitor(cfg.monitor, 0 if valid_data is None else int(np.asarray(valid_data.label).sum()))
+    result = TrainResult(precision=precision, monitor=monitor)
     best: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs = 0
+    first_epoch, skip, global_step = 1, 0, 0
+    loss_sum, loss_rows, n_seen = 0.0, 0, 0
+    in_epoch: list[Any] = [0.0, 0, 0]  # a resumed epoch's running loss and rows
+    epoch_rng = batches.rng_state()  # the shuffling state at the start of the current epoch
+    ckpt_dir = cfg.checkpoint_dir
+    last_ckpt = "none"
+
+    def checkpoint(epoch: int, step: int, done: bool) -> None:
+        nonlocal last_ckpt
+        if ckpt_dir is None:
+            return
+        save_checkpoint(ckpt_dir, {
+            "epoch": epoch, "step": step, "epoch_done": done, "global_step": global_step,
+            "model": _cpu_copy(model.state_dict()), "optimizers": [o.state_dict() for o in opts],
+            "rng": rng_states(), "batches_rng": batches.rng_state() if done else epoch_rng,
+            "in_epoch": [loss_sum, loss_rows, n_seen], "best": best, "best_state": best_state, "bad_epochs": bad_epochs, "lr": lr,
+            "result": {"history": result.history, "best_epoch": result.best_epoch,
+                       "best_valid": result.best_valid, "epochs": result.epochs,
+                       "train_seconds": result.train_seconds, "samples": result.samples},
+            "n_train": len(train_data), "config": {k: v for k, v in cfg.to_dict().items()
+                                                   if k in ("batch_size", "seed", "loss", "optimizer")}})
+        last_ckpt = f"{Path(ckpt_dir) / 'last.pt'} (epoch {epoch}, step {step})"
+
+    if cfg.resume:
+        state = load_checkpoint(ckpt_dir)  # type: ignore[arg-type]
+        if state is not None:
+            saved = state["config"]
+            now = {k: v for k, v in cfg.to_dict().items() if k in saved}
+            if saved != now or state["n_train"] != len(train_data):
+                raise RuntimeError(f"the checkpoint in {ckpt_dir} belongs to another run (settings {saved}, "
+                                   f"{state['n_train']} training rows); now {now}, {len(train_data)} rows")
+            model.load_state_dict(state["model"])
+            for o, s in zip(opts, state["optimizers"]):
+                o.load_state_dict(s)
+            best, best_state, bad_epochs, lr = state["best"], state["best_state"], state["bad_epochs"], state["lr"]
+            for k, v in state["result"].items():
+                setattr(result, k, v)
+            global_step = state["global_step"]
+            batches.set_rng_state(state["batches_rng"])
+            epoch_rng = state["batches_rng"]
+            if state["epoch_done"]:
+                first_epoch = state["epoch"] + 1
+            else:
+                first_epoch, skip = state["epoch"], state["step"]
+            resumed_rng, in_epoch = state["rng"], state["in_epoch"]
+            last_ckpt = f"{Path(ckpt_dir) / 'last.pt'} (epoch {state['epoch']}, step {state['step']})"  # type: ignore[arg-type]
+            if first_epoch > cfg.epochs or (state["epoch_done"] and valid_data is not None
+                                            and bad_epochs >= cfg.patience):
+                first_epoch = cfg.epochs + 1  # the run had finished: only restore the best weights
+            set_rng_states(resumed_rng)
     t_start = time.perf_counter()
+    check_every = 1 if device.type == "cpu" else 20  # a finiteness check costs a device sync
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not cfg.progress, transient=True)
+
+    def check_finite(epoch: int) -> None:
+        g = int(bad_step)
+        if g >= 0:
+            raise TrainingDiverged(f"the training loss is NaN or infinite at step {g} (epoch {epoch}); "
+                                   f"stopped. Last good checkpoint: {last_ckpt}. Lower --lr, or look for "
+                                   "extreme values in the data")
+
     with progress:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(first_epoch, cfg.epochs + 1):
             model.train()
             task = progress.add_task(f"epoch {epoch}", total=len(batches), info="")
             t0 = time.perf_counter()
-            loss_sum, n_seen = 0.0, 0
-            for step, batch in enumerate(batches):
+            loss_sum, loss_rows, n_seen = in_epoch if skip else (0.0, 0, 0)
+            if skip == 0:
+                epoch_rng = batches.rng_state()
+            stream = iter(batches)
+            if skip:
+                rng_now = rng_states()  # skipping batches draws from no global generator, but be exact anyway
+                for _ in range(skip):
+                    next(stream)
+                set_rng_states(rng_now)
+            for step, batch in enumerate(stream, start=skip):
                 if len(batch.label) < 2:
                     continue  # a single row cannot be batch-normalised; it is one row of one epoch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = model(batch)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
+                loss = loss_fn(logits.float(), batch.label, batch.weight)
                 reg = model.regularization()
                 total = loss + reg if reg is not None else loss
+                global_step += 1
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total.detach()),
+                                       torch.tensor(global_step, device=device), bad_step)
+                if global_step % check_every == 0:
+                    check_finite(epoch)
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 total.backward()
@@ -214,29 +358,37 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                     o.step()
                 n_seen += len(batch.label)
                 if step % 20 == 0:
-                    loss_sum = float(loss.detach())
+                    loss_now = float(loss.detach())
+                    loss_sum, loss_rows = loss_sum + loss_now * len(batch.label), loss_rows + len(batch.label)
                     elapsed = time.perf_counter() - t0
                     progress.update(task, completed=step + 1,
-                                    info=f"loss {loss_sum:.4f}  {n_seen / max(elapsed, 1e-9):,.0f}/s")
+                                    info=f"loss {loss_now:.4f}  {n_seen / max(elapsed, 1e-9):,.0f}/s")
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < len(batches):
+                    check_finite(epoch)
+                    checkpoint(epoch, step + 1, False)
                 if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
                     break
+            skip = 0
+            check_finite(epoch)
             train_time = time.perf_counter() - t0
             progress.remove_task(task)
             result.train_seconds += train_time
             result.samples += n_seen
             result.epochs = epoch
             record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_seconds": round(train_time, 3),
-                                      "samples_per_s": round(n_seen / max(train_time, 1e-9), 1)}
+                                      "samples_per_s": round(n_seen / max(train_time, 1e-9), 1),
+                                      "train_loss": loss_sum / loss_rows if loss_rows else float("nan")}
             if valid_data is not None:
-                p = predict_proba(model, valid_data, cfg.eval_batch_size, device)
-                m = evaluate(np.asarray(valid_data.label), p)
+                p = predict_proba(model, valid_data, cfg.eval_batch_size, device, cfg.logit_shift)
+                m = evaluate(np.asarray(valid_data.label), p,
+                             weight=None if valid_data.weight is None else np.asarray(valid_data.weight))
                 record["valid"] = {k: m[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")}
-                score = m[cfg.monitor]
-                if _better(cfg.monitor, score, best):
+                score = _score(monitor, m)
+                if _better(score, best):
                     best, bad_epochs = score, 0
                     result.best_epoch, result.best_valid = epoch, m
                     if cfg.restore_best:
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                        best_state = _cpu_copy(model.state_dict())
                 else:
                     bad_epochs += 1
                     if cfg.lr_decay < 1.0 and lr > cfg.min_lr:
@@ -245,6 +397,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                             for g in o.param_groups:
                                 g["lr"] = lr
             result.history.append(record)
+            checkpoint(epoch, len(batches), True)
             if on_epoch is not None:
                 on_epoch(record)
             if valid_data is not None and bad_epochs >= cfg.patience:

@@ -1,0 +1,69 @@
+"""Training losses on logits: plain, class-weighted and focal binary cross-entropy, all honouring sample weights.
+
+Each loss is a pure function ``loss(logits, label, weight) -> scalar``: the weighted mean over the batch,
+sum(w_i * l_i) / sum(w_i), so the scale of the weights does not change the step size. ``weight=None`` means
+every row weighs 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("bce", "weighted", "focal")
+Loss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _weighted_mean(per_row: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return per_row.mean()
+    return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """-[y log p + (1 - y) log(1 - p)], p = sigmoid(logit)."""
+    return _weighted_mean(F.binary_cross_entropy_with_logits(logits, label, reduction="none"), weight)
+
+
+def weighted_bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None, *,
+                 pos_weight: float = 1.0) -> torch.Tensor:
+    """-[pos_weight * y log p + (1 - y) log(1 - p)]: positives count ``pos_weight`` times.
+
+    The optimum is the odds multiplied by ``pos_weight``; the bundle divides them back (see
+    :func:`ctrkit.training.sampling.logit_shift`), so served probabilities stay unbiased.
+    """
+    per_row = F.binary_cross_entropy_with_logits(logits, label, reduction="none",
+                                                 pos_weight=torch.tensor(pos_weight, dtype=logits.dtype,
+                                                                      device=logits.device))
+    return _weighted_mean(per_row, weight)
+
+
+def focal(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None, *,
+          alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (Lin et al., 2017): -[alpha y (1-p)^gamma log p + (1-alpha)(1-y) p^gamma log(1-p)].
+
+    It down-weights easy rows; its probabilities are not calibrated, so pair it with ``--calibrate``.
+    """
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    p_true = label * p + (1 - label) * (1 - p)
+    a = label * alpha + (1 - label) * (1 - alpha)
+    return _weighted_mean(a * (1 - p_true).pow(gamma) * ce, weight)
+
+
+def make_loss(name: str, pos_weight: float = 1.0, alpha: float = 0.25, gamma: float = 2.0) -> Loss:
+    """The loss called ``name`` with its settings bound."""
+    if name == "bce":
+        return bce
+    if name == "weighted":
+        if pos_weight <= 0:
+            raise ValueError(f"pos_weight must be > 0, got {pos_weight}")
+        return partial(weighted_bce, pos_weight=pos_weight)
+    if name == "focal":
+        if not 0 < alpha < 1 or gamma < 0:
+            raise ValueError(f"focal loss needs 0 < alpha < 1 and gamma >= 0, got alpha={alpha}, gamma={gamma}")
+        return partial(focal, alpha=alpha, gamma=gamma)
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
