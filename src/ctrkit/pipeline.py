@@ -110,7 +110,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         shift = logit_shift(neg_sample_rate, pw if loss == "weighted" else 1.0)
         auto = adaptive_settings(model, len(full_train), int(np.asarray(full_train.label).sum()),
                                  enc.encoder.n_ids)
-        mcfg = default_config(model, embed_dim=embed_dim, **{**auto["model"], **(model_options or {})})
+        mopts = {**auto["model"], **(model_options or {})}
+        if embed_dim is not None:
+            mopts["embed_dim"] = embed_dim
+        mcfg = default_config(model, **mopts)
         torch.manual_seed(seed)
         net = build_model(model, spec, mcfg)
         topts = {**cls.train_defaults, **auto["train"], **(train_options or {})}

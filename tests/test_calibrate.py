@@ -1,0 +1,141 @@
+"""Calibration: fitted maps against scikit-learn, JSON round trip through the bundle, the served figures in
+metrics.json, downsampling corrected to the true rate, `ctrkit calibrate` and `ctrkit report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.isotonic import IsotonicRegression
+from typer.testing import CliRunner
+
+import ctrkit
+from ctrkit.cli import app
+from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
+from ctrkit.evaluate.calibrate import Calibrator, fit_calibrator
+from ctrkit.evaluate.metrics import ece, logloss
+from ctrkit.evaluate.report import PLOTS
+from ctrkit.serve.bundle import Bundle, BundleError
+
+runner = CliRunner()
+
+
+def _miscalibrated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose sigmoid is twice too confident and shifted: the true logit is z / 2 - 1."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(z / 2 - 1)))).astype(np.float64)
+    return z, y
+
+
+def test_platt_and_isotonic_fit_the_literal_maps_and_lower_ece_on_new_rows() -> None:
+    z, y = _miscalibrated(20_000, 0)
+    zt, yt = _miscalibrated(20_000, 1)
+    platt = fit_calibrator("platt", z, y)
+    assert platt.params["a"] == pytest.approx(0.5, abs=0.05) and platt.params["b"] == pytest.approx(-1, abs=0.08)
+    iso = fit_calibrator("isotonic", z, y)
+    ref = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(z, y)
+    assert np.allclose(iso(zt), np.clip(ref.predict(zt), 1e-6, 1 - 1e-6))
+    raw = 1 / (1 + np.exp(-zt))
+    for cal in (platt, iso):
+        assert ece(yt, cal(zt)) < ece(yt, raw) / 3
+    auto = fit_calibrator("auto", z, y)
+    assert auto.method in ("platt", "isotonic") and set(auto.info["cv_logloss"]) == {"none", "platt", "isotonic"}
+    assert logloss(yt, auto(zt)) < logloss(yt, raw)
+
+
+def test_auto_keeps_a_calibrated_model_and_the_shift_comes_first() -> None:
+    rng = np.random.default_rng(2)
+    z = rng.normal(-2, 1, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-z))).astype(float)
+    cal = fit_calibrator("auto", z - np.log(0.1), y, shift=np.log(0.1))
+    assert cal.method in ("none", "platt")
+    assert np.allclose(Calibrator("none", np.log(0.1))(z - np.log(0.1)), 1 / (1 + np.exp(-z)))
+
+
+def test_calibrator_json_round_trip_and_bad_input() -> None:
+    cal = Calibrator("isotonic", -0.5, {"x": [-1.0, 1.0], "y": [0.1, 0.7]})
+    again = Calibrator.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert np.array_equal(again(np.array([-3.0, 0.5, 3.0])), cal(np.array([-3.0, 0.5, 3.0])))
+    with pytest.raises(ValueError, match="lacks"):
+        Calibrator.from_dict({"method": "platt", "params": {"a": 1.0}})
+    with pytest.raises(ValueError, match="calibration method"):
+        Calibrator("beta")
+    with pytest.raises(ValueError, match="both classes"):
+        fit_calibrator("platt", np.zeros(5), np.zeros(5))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2%-CTR synthetic log (train / valid / test CSVs) with its schema."""
+    d = tmp_path_factory.mktemp("cal")
+    log, _ = make_click_log(n_rows=60_000, n_users=600, n_items=200, ctr=0.02, seed=3)
+    for name, part in zip(("train", "valid", "test"), split_by_time(log.drop("p_click"))):
+        part.write_csv(d / f"{name}.csv")
+    synth_schema().save(d / "schema.yaml")
+    return d
+
+
+def _train(files: Path, out: Path | None, **kw: object) -> ctrkit.pipeline.Run:
+    return ctrkit.train(files / "train.csv", schema=files / "schema.yaml", valid=files / "valid.csv",
+                        test=files / "test.csv", model="lr", out=out, progress=False, epochs=4, **kw)
+
+
+def test_downsampled_negatives_are_corrected_to_the_true_rate(files: Path) -> None:
+    full = _train(files, None, calibrate="none")
+    down = _train(files, None, calibrate="none", neg_sample_rate=0.05)
+    t_full, t_down = full.metrics["test"], down.metrics["test"]
+    assert down.metrics["train"]["rows"] < 0.1 * full.metrics["train"]["rows"]
+    # served (corrected) probabilities keep the rate; the uncorrected network overshoots it about 1/W-fold
+    assert abs(t_down["pred_actual_ratio"] - t_full["pred_actual_ratio"]) < 0.1
+    assert t_down["pred_actual_ratio_raw"] > 8
+    assert t_down["logloss"] < 1.05 * t_full["logloss"]
+    assert down.bundle.calibrator.shift == pytest.approx(np.log(0.05))
+
+
+def test_bundle_serves_calibrated_probabilities_and_recalibrates(files: Path, tmp_path: Path) -> None:
+    run = _train(files, tmp_path / "run", calibrate="platt", report_by=["device", "genre"])
+    test = run.metrics["test"]
+    for key in ("auc", "logloss", "ece", "pred_actual_ratio", "logloss_raw", "ece_raw", "pred_actual_ratio_raw"):
+        assert np.isfinite(test[key])
+    b = Bundle.load(tmp_path / "run" / "bundle")
+    assert b.calibrator.method == "platt" and b.calibrator.to_dict() == run.bundle.calibrator.to_dict()
+    frame = pl.read_csv(files / "test.csv")
+    assert np.allclose(b.predict(frame), run.bundle.predict(frame))
+    served, _ = b.evaluate(files / "test.csv")
+    assert served["logloss"] == pytest.approx(test["logloss"], rel=1e-6)
+    res = runner.invoke(app, ["calibrate", str(tmp_path / "run" / "bundle"), str(files / "test.csv"), "--out",
+                              str(tmp_path / "v2"), "--method", "isotonic"])
+    assert res.exit_code == 0, res.output
+    v2 = Bundle.load(tmp_path / "v2")
+    assert v2.calibrator.method == "isotonic" and v2.info["version"] == 2
+    assert v2.metrics["recalibration"]["method"] == "isotonic"
+    (tmp_path / "v2" / "calibration.json").write_text('{"method": "platt", "params": {}}')
+    with pytest.raises(BundleError, match="calibration.json"):
+        Bundle.load(tmp_path / "v2")
+
+
+def test_report_has_every_plot_and_rerenders(files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _train(files, out, neg_sample_rate=0.2, report_by=["device"])
+    page = (out / "report.html").read_text()
+    for name in PLOTS:
+        assert f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,' in page
+    assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
+    assert "correction shift -1.6094" in page and "mobile" in page
+    (out / "report.html").unlink()
+    res = runner.invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "report.html").read_text().count("<figure") == page.count("<figure")
+    res = runner.invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "metrics.json is missing" in res.output
+
+
+def test_calibrate_and_report_by_errors_are_named(files: Path) -> None:
+    with pytest.raises(ValueError, match="--calibrate must be one of"):
+        _train(files, None, calibrate="beta")
+    with pytest.raises(ValueError, match="--report-by 'price'"):
+        _train(files, None, report_by=["price"])
