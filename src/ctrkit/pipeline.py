@@ -20,7 +20,7 @@ from ctrkit.data.encode import encode_files
 from ctrkit.data.readers import Source, libfm_schema
 from ctrkit.evaluate.metrics import evaluate
 import ctrkit.models  # noqa: F401  (registers the model zoo)
-from ctrkit.models.base import build_model, default_config, model_class
+from ctrkit.models.base import SMALL_TABLE, build_model, default_config, model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
 from ctrkit.serve.bundle import Bundle
@@ -108,8 +108,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         else:
             pw = float(pos_weight)
         shift = logit_shift(neg_sample_rate, pw if loss == "weighted" else 1.0)
-        auto = adaptive_settings(model, len(full_train), int(np.asarray(full_train.label).sum()),
-                                 enc.encoder.n_ids)
+        auto = adaptive_settings(model, len(train_set), int(labels.sum()), enc.encoder.n_ids)
         mopts = {**auto["model"], **(model_options or {})}
         if embed_dim is not None:
             mopts["embed_dim"] = embed_dim
@@ -120,7 +119,6 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:
                 topts[key] = value
-        topts.setdefault("batch_size", default_batch_size(len(train_set)))
         tcfg = TrainConfig(seed=seed, device=device, progress=progress, loss=loss, pos_weight=pw,
                            logit_shift=shift, resume=resume, checkpoint_every=checkpoint_every,
                            checkpoint_dir=str(Path(out) / "checkpoints") if out else None, **topts)
@@ -213,12 +211,28 @@ def adaptive_settings(model: str, rows: int, positives: int, n_ids: int) -> dict
     Explicit options override them; docs/training.md explains each rule. Returns ``{"train": ..., "model":
     ..., "reasons": [...]}``; the reasons go into metrics.json and the report.
     """
-    train: dict[str, Any] = {}
-    reasons: list[str] = []
-    return {"train": train, "model": {}, "reasons": reasons}
+    train: dict[str, Any] = {"batch_size": default_batch_size(rows)}
+    reasons = [f"batch {train['batch_size']}: about {SMALL_STEPS} updates per epoch on {rows:,} rows (4096 at most)"]
+    cfg = default_config(model)
+    mopts: dict[str, Any] = {}
+    if cfg.emb_l2 == 0.0 and cfg.emb_l2_scope in ("auto", "table") and n_ids * cfg.embed_dim <= SMALL_TABLE:
+        mopts["emb_l2"] = LR_L2_ROWS / max(rows, 1)
+        reasons.append(f"L2 {mopts['emb_l2']:.2g} on the first-order weights ({LR_L2_ROWS:g} / rows): an "
+                       "unregularised weight per id overfits ids seen a few times")
+    if rows < SMALL_LOG and "hidden" in model_class(model).defaults:  # a model with an MLP
+        mopts.update({"hidden": SMALL_HIDDEN, "dropout": SMALL_DROPOUT})
+        reasons.append(f"MLP {'-'.join(map(str, SMALL_HIDDEN))}, dropout {SMALL_DROPOUT}: fewer than "
+                       f"{SMALL_LOG:,} training rows ({positives:,} clicks) cannot feed a 400-400 MLP")
+    return {"train": train, "model": mopts, "reasons": reasons}
 
 
-def default_batch_size(n_train: int, largest: int = 4096, steps: int = 32) -> int:
+SMALL_STEPS = 32  # updates per epoch that a small log still gets
+LR_L2_ROWS = 20.0  # first-order L2 = LR_L2_ROWS / training rows (sklearn's C of about 0.05)
+SMALL_LOG = 100_000  # training rows below which an MLP is made small and strongly regularised
+SMALL_HIDDEN, SMALL_DROPOUT = (64, 64), 0.5
+
+
+def default_batch_size(n_train: int, largest: int = 4096, steps: int = SMALL_STEPS) -> int:
     """4096, or the power of two that still gives about ``steps`` updates per epoch on small data (>= 64)."""
     if n_train >= largest * steps:
         return largest

@@ -191,19 +191,21 @@ def render_report(run: str | Path) -> Path:
     parts.append("<h2>Held-out metrics</h2>" + _table(rows, ["split", "AUC", "logloss", "ECE", "pred/actual",
                                                             "logloss raw", "ECE raw", "pred/actual raw", "rows",
                                                             "clicks"]))
-    parts.append(f"<p>Served = the bundle's probabilities (correction shift {cal.shift:+.4f} in logit, then "
-                 f"{html.escape(cal.method)} calibration fitted on the validation rows); raw = the network's own "
-                 "sigmoid. Validation figures of the served probabilities are in-sample for the calibrator; the "
-                 "test rows were used by nothing.</p>")
+    fitted = (f"then a {html.escape(cal.method)} map fitted on the validation rows" if cal.method != "none"
+              else "no calibration map")
+    parts.append(f"<p>Served = the bundle's probabilities (correction shift {cal.shift:+.4f} in logit, {fitted}); "
+                 "raw = the network's own sigmoid. Validation figures of the served probabilities are in-sample "
+                 "for a calibration map; the test rows were used by nothing.</p>")
     parts.append("<h2>Learning curves</h2>" + _img("learning-curves", _learning_curves(
         tr.get("history", []), tr.get("best_epoch", 0)),
         f"early stopping monitored {tr.get('monitor', '?')}; the best epoch's weights were kept"))
     y, z = data[f"{split}/label"], data[f"{split}/logits"]
     w = data[f"{split}/weight"] if f"{split}/weight" in data.files else None
     served, raw = cal(z), 1.0 / (1.0 + np.exp(-z))
-    curves = {"raw network": raw, "served (calibrated)": served}
-    if cal.shift:
-        curves = {"raw network": raw, "corrected only": cal.raw(z), "served (calibrated)": served}
+    curves = {"raw network": raw}
+    if cal.shift and cal.method != "none":
+        curves["corrected only"] = cal.raw(z)
+    curves[f"served ({cal.method})"] = served
     parts.append(f"<h2>Reliability on the {split} rows</h2>"
                  + _img("reliability", _reliability(y, curves, w), "observed click rate against mean prediction")
                  + _img("pctr-histogram", _histogram(y, served), f"served pCTR of the {split} rows by label"))
