@@ -212,7 +212,8 @@ def adaptive_settings(model: str, rows: int, positives: int, n_ids: int) -> dict
     ..., "reasons": [...]}``; the reasons go into metrics.json and the report.
     """
     train: dict[str, Any] = {"batch_size": default_batch_size(rows)}
-    reasons = [f"batch {train['batch_size']}: about {SMALL_STEPS} updates per epoch on {rows:,} rows (4096 at most)"]
+    reasons = [f"batch {train['batch_size']}: about {SMALL_STEPS} updates per epoch on {rows:,} rows "
+               "(4096 at most)"]
     cfg = default_config(model)
     mopts: dict[str, Any] = {}
     if cfg.emb_l2 == 0.0 and cfg.emb_l2_scope in ("auto", "table") and n_ids * cfg.embed_dim <= SMALL_TABLE:

@@ -180,7 +180,8 @@ def render_report(run: str | Path) -> Path:
             raise FileNotFoundError(f"{run} is not a training run folder: {part} is missing")
     metrics = json.loads((run / "metrics.json").read_text())
     cal = Calibrator.from_dict(metrics.get("calibration") or {})
-    names = json.loads((run / "report_segments.json").read_text()) if (run / "report_segments.json").exists() else {}
+    seg_file = run / "report_segments.json"
+    names = json.loads(seg_file.read_text()) if seg_file.exists() else {}
     data = np.load(run / "report_data.npz", allow_pickle=False)
     split = "test" if "test/label" in data.files else "valid"
     tr = metrics.get("train", {})
@@ -226,7 +227,8 @@ def render_report(run: str | Path) -> Path:
     parts.append("<h2>Settings</h2>" + _table(settings, ["setting", "value"]))
     parts.append("<h2>Data</h2>" + _table(data_rows, ["file", "rows read", "bad rows"])
                  + f"<p>training rows {tr.get('rows_before_sampling', tr.get('rows'))} "
-                 f"({tr.get('rows')} after sampling, {tr.get('positives')} clicks); ids {metrics.get('encode', {}).get('n_ids')}; "
+                 f"({tr.get('rows')} after sampling, {tr.get('positives')} clicks); "
+                 f"ids {metrics.get('encode', {}).get('n_ids')}; "
                  f"{tr.get('epochs')} epochs in {tr.get('seconds')} s.</p>")
     style = ("body{font-family:sans-serif;max-width:1180px;margin:24px auto;color:#222}"
              "table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ccc;"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -276,13 +275,14 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             "epoch": epoch, "step": step, "epoch_done": done, "global_step": global_step,
             "model": _cpu_copy(model.state_dict()), "optimizers": [o.state_dict() for o in opts],
             "rng": rng_states(), "batches_rng": batches.rng_state() if done else epoch_rng,
-            "in_epoch": [loss_sum, loss_rows, n_seen], "best": best, "best_state": best_state, "bad_epochs": bad_epochs, "lr": lr,
+            "in_epoch": [loss_sum, loss_rows, n_seen], "best": best, "best_state": best_state,
+            "bad_epochs": bad_epochs, "lr": lr,
             "result": {"history": result.history, "best_epoch": result.best_epoch,
                        "best_valid": result.best_valid, "epochs": result.epochs,
                        "train_seconds": result.train_seconds, "samples": result.samples},
             "n_train": len(train_data), "config": {k: v for k, v in cfg.to_dict().items()
                                                    if k in ("batch_size", "seed", "loss", "optimizer")}})
-        last_ckpt = f"{Path(ckpt_dir) / 'last.pt'} (epoch {epoch}, step {step})"
+        last_ckpt = f"{ckpt_dir}/last.pt (epoch {epoch}, step {step})"
 
     if cfg.resume:
         state = load_checkpoint(ckpt_dir)  # type: ignore[arg-type]
@@ -306,7 +306,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             else:
                 first_epoch, skip = state["epoch"], state["step"]
             resumed_rng, in_epoch = state["rng"], state["in_epoch"]
-            last_ckpt = f"{Path(ckpt_dir) / 'last.pt'} (epoch {state['epoch']}, step {state['step']})"  # type: ignore[arg-type]
+            last_ckpt = f"{ckpt_dir}/last.pt (epoch {state['epoch']}, step {state['step']})"
             if first_epoch > cfg.epochs or (state["epoch_done"] and valid_data is not None
                                             and bad_epochs >= cfg.patience):
                 first_epoch = cfg.epochs + 1  # the run had finished: only restore the best weights
