@@ -168,6 +168,39 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
 
 
 @app.command()
+def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
+          host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+          port: int = typer.Option(8000, help="TCP port."),
+          events: Optional[Path] = typer.Option(None, help="Event log folder: shown items, clicks, conversions."),
+          token: Optional[str] = typer.Option(None, envvar="CTRKIT_TOKEN",
+                                              help="Require 'Authorization: Bearer TOKEN' on every route but /health."),
+          segments: Optional[str] = typer.Option(None, help="Fields to monitor pred/actual by, comma-separated."),
+          max_batch: int = typer.Option(10_000, help="Most records or candidates per request."),
+          seed: Optional[int] = typer.Option(None, help="Seed of the exploration draws."),
+          threads: int = typer.Option(1, help="Torch threads per request (1 suits many concurrent requests)."),
+          log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
+    """Serve BUNDLE over HTTP: /score, /rank, /events, /health, /metrics, /admin/reload (docs at /docs)."""
+    try:
+        import uvicorn
+        import torch
+
+        from ctrkit.serve.app import ServerConfig, create_app
+        from ctrkit.serve.bundle import BundleError
+        from ctrkit.serve.events import EventLogError
+    except ImportError as exc:
+        _fail(str(exc))
+    torch.set_num_threads(threads)
+    seg = tuple(s.strip() for s in segments.split(",") if s.strip()) if segments else ()
+    try:
+        api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
+                                      segments=seg, seed=seed))
+    except (BundleError, EventLogError, SchemaError, DataError) as exc:
+        _fail(str(exc))
+    err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
+    uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
+
+
+@app.command()
 def models() -> None:
     """List the available models with their default settings."""
     import ctrkit.models  # noqa: F401
