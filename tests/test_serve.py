@@ -221,3 +221,33 @@ _record = st.dictionaries(_fields, st.none() | st.booleans() | st.integers() | s
 def test_no_client_input_gives_a_500(client: TestClient, route: str, body: object) -> None:
     r = client.post(route, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"})
     assert r.status_code < 500, (route, body, r.text)
+
+
+def test_measure_and_train_read_the_event_log(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame],
+                                              tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctrkit.cli import app
+    from ctrkit.serve.events import attributed_impressions
+
+    recs = _records(bundles[2], 40)
+    shown = []
+    for start in range(0, 40, 10):
+        r = client.post("/rank", json={"candidates": recs[start:start + 10], "k": 4}).json()
+        shown += r["items"]
+    clicked = [it["impression_id"] for it in shown[::3]]
+    evs = [{"event_id": f"c-{i}", "kind": "click", "impression_id": i} for i in clicked]
+    assert client.post("/events", json={"events": evs}).json()["stored"] == len(clicked)
+    res = CliRunner().invoke(app, ["measure", "ctr", str(tmp_path / "log"), "--by", "position", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {row["position"]: row for row in json.loads(res.stdout)}
+    assert set(rows) == {1, 2, 3, 4} and sum(r["clicks"] for r in rows.values()) == len(clicked)
+    assert sum(r["impressions"] for r in rows.values()) == 16
+    data = attributed_impressions(tmp_path / "log")
+    assert data.height == 16 and data["click"].sum() == len(clicked)
+    assert set(data.filter(pl.col("click") == 1)["impression_id"]) == set(clicked)
+    out = tmp_path / "retrained"
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "log"), "--schema", str(bundles[0] / "schema.yaml"),
+                                   "--model", "lr", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "metrics.json").read_text())["train"]["rows"] > 0

@@ -69,9 +69,19 @@ def schema_infer(file: Path = typer.Argument(..., help="CSV/TSV/Parquet file wit
     sys.stdout.write(sch.to_yaml())
 
 
+def _event_log_rows(path: Path, schema: Path | None) -> Any:
+    """A `ctrkit serve` event log as training rows (impressions with their attributed clicks), else the path."""
+    from ctrkit.schema import Schema
+    from ctrkit.serve.events import attributed_impressions, is_event_log
+
+    if not is_event_log(path):
+        return path
+    return attributed_impressions(path, label=Schema.load(schema).label if schema else "click")
+
+
 @app.command()
 def train(
-    train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training data (CSV/TSV/Parquet/libFM, .gz ok)."),
+    train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training data (CSV/TSV/Parquet/libFM, .gz ok, or a `ctrkit serve` event log)."),
     valid: Optional[Path] = typer.Option(None, help="Validation file; if omitted, cut from TRAIN (by time if the schema has one)."),
     test: Optional[Path] = typer.Option(None, help="Test file, evaluated once at the end."),
     schema: Optional[Path] = typer.Option(None, help="Schema YAML (see `ctrkit schema infer`)."),
@@ -94,7 +104,8 @@ def train(
 
     field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     try:
-        run = run_train(train_file, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
+        data = _event_log_rows(train_file, schema)
+        run = run_train(data, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
                         seed=seed, device=device, bad_rows=bad_rows, progress=not quiet,
                         train_options={"precision": precision},

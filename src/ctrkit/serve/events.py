@@ -246,6 +246,11 @@ class EventLog:
         self.close()
 
 
+def _drop_empty(df: pl.DataFrame, keep: tuple[str, ...] = ("event_id", "kind")) -> pl.DataFrame:
+    """Without the columns that only other kinds of event fill."""
+    return df.select([c for c in df.columns if c in keep or df[c].null_count() < df.height])
+
+
 def read_events(path: str | Path, kind: str | None = None) -> pl.DataFrame:
     """Every stored event of a log folder (Parquet parts and open segments), optionally of one kind.
 
@@ -263,20 +268,33 @@ def read_events(path: str | Path, kind: str | None = None) -> pl.DataFrame:
             if events:
                 frames.append(_frame(events))
     df = pl.concat(frames, how="diagonal_relaxed") if frames else _frame([])
-    if kind is not None:
-        df = df.filter(pl.col("kind") == kind)
-        df = df.select([c for c in df.columns if df[c].null_count() < df.height or c in ("event_id", "kind")])
-    return df
+    return df if kind is None else _drop_empty(df.filter(pl.col("kind") == kind))
 
 
 def measure_frames(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:
     """(impressions, clicks, conversions) of a log, shaped for :class:`ctrkit.measure.attribution.Attribution`."""
     df = read_events(path)
-    parts: list[pl.DataFrame | None] = []
-    for kind in KINDS:
-        part = df.filter(pl.col("kind") == kind)
-        part = part.select([c for c in part.columns if part[c].null_count() < part.height or c == "event_id"])
-        parts.append(part if part.height or kind == "impression" else None)
-    if parts[0] is None or parts[0].height == 0:
+    imps, clicks, convs = (_drop_empty(df.filter(pl.col("kind") == k)) for k in KINDS)
+    if imps.height == 0:
         raise DataError(f"{path}: the event log has no impressions yet")
-    return parts[0], parts[1], parts[2]
+    return imps, clicks if clicks.height else None, convs if convs.height else None
+
+
+def attributed_impressions(path: str | Path, config: Any = None, label: str = "click") -> pl.DataFrame:
+    """Impressions that survive attribution (dedup, bot and window rules of ``ctrkit.measure``), each with
+    ``label`` 0/1 (a click) joined from the click events by ``ctrkit.measure.attribution``; every feature column kept."""
+    from ctrkit.measure.attribution import Attribution
+    from ctrkit.measure.engine import make_engine
+
+    imps, clicks, convs = measure_frames(path)
+    if clicks is None:  # no click yet: every impression is a non-click
+        clicks = pl.DataFrame({"event_id": ["-"], "impression_id": ["-"], "timestamp": [0.0]}).clear()
+    engine = make_engine("duckdb", threads=2)
+    try:
+        Attribution(engine, imps, clicks, convs, config, {"impression_id": "impression_id", "timestamp": "timestamp"})
+        out = pl.from_pandas(engine.query("SELECT * FROM ctr_events WHERE _status = 0 ORDER BY _ts, position"))
+    finally:
+        engine.close()
+    keep = [c for c in out.columns if not c.startswith("_") and c not in ("kind", "event_id", label)]
+    stamp = pl.from_epoch((pl.col("timestamp") * 1e6).round().cast(pl.Int64), "us").dt.replace_time_zone("UTC")
+    return out.select([*keep, pl.col("_click").cast(pl.Int8).alias(label)]).with_columns(stamp.alias("timestamp"))
