@@ -211,6 +211,27 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
 
 
+@app.command("export")
+def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
+               onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write the model as ONNX."),
+               out: Optional[Path] = typer.Option(None, help="Folder for model.onnx (default: the bundle folder)."),
+               valid: Optional[Path] = typer.Option(None, help="Labelled rows: INT8 is kept only if AUC holds."),
+               max_auc_drop: float = typer.Option(0.0005, help="Largest AUC loss INT8 may cost."),
+               fmt: Optional[str] = typer.Option(None, "--format", help="Format of --valid.")) -> None:
+    """Export BUNDLE's model to ONNX (pre-encoded ids/dense in, pCTR out), plus INT8 when it keeps AUC."""
+    if not onnx:
+        _fail("nothing to export: --onnx is the only export format")
+    try:
+        from ctrkit.serve.bundle import BundleError
+        from ctrkit.serve.export import export_bundle
+
+        res = export_bundle(bundle, out, valid, max_auc_drop, **({"fmt": fmt} if fmt else {}))
+    except (ImportError, BundleError, SchemaError, DataError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    err.print(res.decision)
+    sys.stdout.write(json.dumps(res.to_dict(), indent=1) + "\n")
+
+
 @app.command()
 def models() -> None:
     """List the available models with their default settings."""

@@ -34,9 +34,23 @@ def categorical_text(value: Any) -> str | None:
     return str(value)
 
 
+_TEXT = {str, type(None)}
+_NUMBERS = {int, float, type(None)}
+
+
+def _categorical_series(name: str, values: list[Any]) -> pl.Series:
+    """Text as is (the common case, built in one call); other values through :func:`categorical_text`."""
+    if set(map(type, values)) <= _TEXT:
+        return pl.Series(name, values, dtype=pl.String)
+    return pl.Series(name, [categorical_text(v) for v in values], dtype=pl.String)
+
+
 def _numeric_series(name: str, values: list[Any]) -> pl.Series:
     """Numbers stay Float64; any text makes a String column that the reader's number check parses."""
-    if any(isinstance(v, str) for v in values):
+    types = set(map(type, values))
+    if types <= _NUMBERS:
+        return pl.Series(name, values, dtype=pl.Float64, strict=False)
+    if str in types:
         return pl.Series(name, [None if v is None else v if isinstance(v, str) else repr(float(v))
                                 for v in values], dtype=pl.String)
     return pl.Series(name, [None if v is None else float(v) for v in values], dtype=pl.Float64)
@@ -63,10 +77,7 @@ def records_frame(schema: Schema, records: Sequence[Mapping[str, Any]],
     for f in schema.fields:
         default = ctx.get(f.name)
         values = [r.get(f.name, default) for r in records]
-        if f.kind == "categorical":
-            data[f.name] = pl.Series(f.name, [categorical_text(v) for v in values], dtype=pl.String)
-        else:
-            data[f.name] = _numeric_series(f.name, values)
+        data[f.name] = (_categorical_series if f.kind == "categorical" else _numeric_series)(f.name, values)
     return pl.DataFrame(data, height=n)
 
 
