@@ -211,6 +211,68 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
 
 
+@app.command()
+def monitor(log: Path = typer.Argument(..., help="An event log folder written by `ctrkit serve --events`."),
+            bundle: Path = typer.Option(..., help="The bundle served: its validation pCTR is the PSI reference."),
+            segments: Optional[str] = typer.Option(None, help="Columns to break pred/actual down by, comma-separated."),
+            windows: int = typer.Option(10, help="Equal time windows over the log."),
+            min_clicks: int = typer.Option(30, help="Clicks a ratio needs before it can raise an alert."),
+            out: Path = typer.Option(Path("monitor.html"), help="HTML report to write."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.")) -> None:
+    """Rolling pred/actual (alerts outside [0.8, 1.2]) and PSI of pCTR against training, from an event log."""
+    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.serve.monitor import html_report, monitor_log
+
+    seg = [s.strip() for s in segments.split(",") if s.strip()] if segments else []
+    if windows < 1:
+        _fail(f"--windows must be >= 1, got {windows}")
+    try:
+        res = monitor_log(log, Bundle.load(bundle), seg, windows, min_clicks)
+    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    html_report(res, out)
+    if as_json:
+        sys.stdout.write(json.dumps(_clean(res), indent=1) + "\n")
+    else:
+        t = res["total"]
+        table = Table(title=f"{log}: {res['impressions']:,} impressions, {res['clicks']:,} clicks")
+        for col in ("window", "impressions", "clicks", "pred/actual", "PSI", "alert"):
+            table.add_column(col, justify="right")
+        for r in res["windows"]:
+            table.add_row(str(r["window"]), f"{r['impressions']:,}", f"{r['clicks']:,}", f"{r['ratio']:.3f}",
+                          "-" if r["psi"] is None else f"{r['psi']:.3f}", "ALERT" if r["alert"] else "")
+        Console().print(table)
+        psi_text = "-" if t["psi"] is None else f"{t['psi']:.3f}"
+        Console().print(f"overall pred/actual {t['overall']['ratio']:.3f}, PSI {psi_text}")
+        for line in res["alerts"]:
+            err.print(f"[bold red]alert:[/] {line}")
+    err.print(f"report: {out}")
+
+
+@app.command()
+def retrain(events: Path = typer.Option(..., help="Event log folder written by `ctrkit serve --events`."),
+            base: Path = typer.Option(..., help="The bundle being served."),
+            out: Path = typer.Option(..., help="Where the new bundle goes if it is promoted."),
+            holdout: float = typer.Option(0.2, help="Most recent share of the log kept aside to compare on."),
+            ips: bool = typer.Option(False, "--ips/--no-ips", help="Weight rows by 1 / logged propensity."),
+            max_weight: float = typer.Option(20.0, help="Clip of the IPS weights."),
+            epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
+            seed: int = typer.Option(0, help="Random seed.")) -> None:
+    """Train on the served traffic, compare with BASE on the recent window, promote only if better."""
+    from ctrkit.serve.bundle import BundleError
+    from ctrkit.serve.retrain import retrain as run_retrain
+
+    try:
+        res = run_retrain(events, base, out, holdout=holdout, ips=ips, max_weight=max_weight, epochs=epochs,
+                          seed=seed)
+    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    Console().print(_metrics_table({"base": res.base, "candidate": res.candidate}, "held-out recent window"))
+    err.print(res.reason)
+    if res.promoted:
+        err.print(f"new bundle: {out}  (hot swap: POST /admin/reload {{\"path\": \"{out}\"}})")
+
+
 @app.command("export")
 def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
                onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write the model as ONNX."),

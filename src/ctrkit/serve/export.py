@@ -21,7 +21,7 @@ from ctrkit.evaluate.metrics import evaluate
 from ctrkit.serve.bundle import Bundle
 
 MAX_AUC_DROP = 0.0005
-OPSET = 17
+OPSET = 18
 
 
 def _need_onnx() -> Any:
