@@ -43,6 +43,17 @@ def test_live_monitor_window_ratio_and_alerts() -> None:
     assert math.isclose(snap["overall"]["ratio"], 0.5) and snap["overall"]["alert"]
     assert set(snap["segments"]["device"]) == {"mobile", "desktop"}
     assert any("overall pred/actual 0.500" in a for a in snap["alerts"])
+    assert snap["psi"] is None and snap["scored"] == 0
+    ref = reference_distribution(np.linspace(0.01, 0.3, 1000))
+    drift = LiveMonitor(window=50, reference=ref)
+    drift.scored(np.linspace(0.01, 0.3, 120))  # wraps around the ring: the last 50 are kept
+    assert drift.snapshot()["scored"] == 50
+    assert math.isclose(drift.snapshot()["psi"], psi(ref, np.linspace(0.01, 0.3, 120)[-50:]))
+    more = np.random.default_rng(0).uniform(0.0, 0.05, 40)  # a different distribution: PSI must see it
+    drift.scored(more)
+    kept = np.concatenate([np.linspace(0.01, 0.3, 120)[-10:], more])  # the last 50 values
+    assert math.isclose(drift.snapshot()["psi"], psi(ref, kept))
+    assert not math.isclose(psi(ref, kept), psi(ref, np.concatenate([np.linspace(0.01, 0.3, 120)[-20:-10], more])))
     quiet = LiveMonitor(window=10, min_clicks=5)
     quiet.impression("a", 0.5, {})
     quiet.click("a")

@@ -299,6 +299,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         cur: _Live = state["live"]
         p = cur.bundle.predict(records_frame(cur.bundle.schema, req.records)) if req.records else np.zeros(0)
         metrics.scored.inc(len(p))
+        monitor.scored(p)
         return {"pctr": p.tolist(), "bundle": cur.version}
 
     @app.post("/rank", response_model=RankResponse)
@@ -309,6 +310,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         frame = records_frame(cur.bundle.schema, req.candidates, req.context, allowed_extra=RESERVED)
         pctr = cur.bundle.predict(frame)
         metrics.scored.inc(len(pctr))
+        monitor.scored(pctr)
         bids = _reserved(req.candidates, "bid", None if req.objective == "pctr" else "required")
         quality = _reserved(req.candidates, "quality", 1.0)
         scores = objective_scores(pctr, req.objective, bids, quality)

@@ -64,7 +64,8 @@ class _Imp:
 
 
 class LiveMonitor:
-    """The last ``window`` impressions served, their pCTR and whether they were clicked; thread-safe."""
+    """The last ``window`` impressions served (pCTR, clicked or not) and the last ``window`` pCTRs scored;
+    thread-safe."""
 
     def __init__(self, window: int = 100_000, segments: Sequence[str] = (),
                  reference: Mapping[str, Sequence[float]] | None = None, min_clicks: int = 30,
@@ -74,7 +75,19 @@ class LiveMonitor:
         self.window, self.segments, self.reference = window, tuple(segments), reference
         self.min_clicks, self.band = min_clicks, band
         self._imps: OrderedDict[str, _Imp] = OrderedDict()
+        self._scored = np.zeros(window)
+        self._n_scored = 0
         self._lock = threading.Lock()
+
+    def scored(self, pctr: np.ndarray) -> None:
+        """Remember the pCTR of every scored record (shown or not): PSI compares these with training, since
+        the shown items are a selection and would differ from the training distribution by design."""
+        p = np.asarray(pctr, dtype=np.float64)
+        with self._lock:
+            end = self._n_scored + len(p)
+            keep = min(len(p), self.window)  # value number j lives in slot j % window
+            self._scored[np.arange(end - keep, end) % self.window] = p[len(p) - keep:]
+            self._n_scored = end
 
     def impression(self, impression_id: str, pctr: float, record: Mapping[str, Any]) -> None:
         """Remember a served impression (the oldest falls out of the window)."""
@@ -97,6 +110,7 @@ class LiveMonitor:
         """pred/actual overall and per segment value, PSI against the reference, alerts."""
         with self._lock:
             imps = list(self._imps.values())
+            scored = self._scored[:min(self._n_scored, self.window)].copy()
         p = np.fromiter((i.pctr for i in imps), np.float64, len(imps))
         c = np.fromiter((i.clicked for i in imps), np.float64, len(imps))
         out: dict[str, Any] = {"overall": ratio_row(p.sum(), c.sum(), len(imps), self.min_clicks, self.band),
@@ -107,7 +121,8 @@ class LiveMonitor:
                 groups.setdefault(i.segment[j], []).append(k)
             out["segments"][name] = {v: ratio_row(p[ix].sum(), c[ix].sum(), len(ix), self.min_clicks, self.band)
                                      for v, ix in sorted(groups.items())}
-        out["psi"] = psi(self.reference, p) if self.reference and len(p) else None
+        out["scored"] = len(scored)
+        out["psi"] = psi(self.reference, scored) if self.reference and len(scored) else None
         out["alerts"] = alerts(out)
         return out
 
