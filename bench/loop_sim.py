@@ -200,11 +200,11 @@ def main() -> None:
                     e["covers_realised"] = e["ci_low"] <= rnd["greedy_slot1_ctr"] <= e["ci_high"]
                 row["ope_of_this_model"] = pending_ope
             if not last:
-                naive = retrain(log, current, work / f"naive{r}", epochs=5, seed=r)
-                ips = retrain(log, current, work / f"ips{r}", ips=True, epochs=5, seed=r)
+                naive = retrain(log, current, work / f"naive{r}", epochs=5, seed=r, keep_candidate=True)
+                ips = retrain(log, current, work / f"ips{r}", ips=True, epochs=5, seed=r, keep_candidate=True)
                 row["retrain"] = {"naive": naive.reason, "ips": ips.reason}
-                row["tau_naive"] = item_tau(work / f"naive{r}", world) if naive.promoted else None
-                row["tau_ips"] = item_tau(work / f"ips{r}", world) if ips.promoted else None
+                row["tau_naive"] = item_tau(Path(str(naive.candidate_path)), world)
+                row["tau_ips"] = item_tau(Path(str(ips.candidate_path)), world)
                 if naive.promoted:
                     pending_ope = ope_of(work / f"naive{r}", world, rnd)
                     client.post("/admin/reload", json={"path": str(work / f"naive{r}")}).raise_for_status()
@@ -219,6 +219,7 @@ def main() -> None:
         "ctr_rises_round_over_round": all(b > a for a, b in zip(ctrs, ctrs[1:])),
         "tau_naive": [r.get("tau_naive") for r in rounds[:-1]],
         "tau_ips": [r.get("tau_ips") for r in rounds[:-1]],
+        "ips_tau_above_naive": [r["tau_ips"] > r["tau_naive"] for r in rounds[:-1]],
         "monitor_alerts_on_shift": bool(rounds[-1]["monitor"]["alerts"]),
         "monitor_quiet_before_shift": not rounds[-2]["monitor"]["alerts"],
         "ope_covers_realised": [e["covers_realised"] for r in rounds for e in r.get("ope_of_this_model", [])],

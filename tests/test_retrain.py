@@ -15,7 +15,7 @@ from ctrkit.data.readers import DataError
 from ctrkit.data.synth import make_click_log, synth_schema
 from ctrkit.pipeline import train
 from ctrkit.serve.events import EventLog
-from ctrkit.serve.retrain import ips_resample
+from ctrkit.serve.retrain import examination, ips_resample, ips_weights
 
 
 def _log_from(df: pl.DataFrame, path: Path, shuffle_clicks: bool = False) -> None:
@@ -75,12 +75,24 @@ def test_retrain_keeps_the_base_when_the_candidate_is_worse(world: tuple[Path, p
     assert not report["promoted"] and not (out / "worse").exists() and "kept the base" in res.output
 
 
-def test_ips_resample_follows_inverse_propensity() -> None:
-    rows = pl.DataFrame({"propensity": [1.0] * 500 + [0.25] * 500, "i": range(1000)})
-    drawn = ips_resample(rows, seed=1)
-    share_low = (drawn["propensity"] == 0.25).mean()
-    assert drawn.height == 1000 and abs(share_low - 0.8) < 0.05  # weights 4 vs 1
+def test_ips_weights_follow_propensity_and_examination() -> None:
+    rng = np.random.default_rng(3)
+    n = 40000
+    pos = rng.integers(1, 5, n)
+    explored = rng.random(n) < 0.5
+    exam = 1.0 / pos
+    click = (rng.random(n) < 0.3 * exam).astype(np.int8)  # relevance 0.3 everywhere: CTR_k / CTR_1 = 1 / k
+    rows = pl.DataFrame({"position": pos, "explored": explored, "click": click,
+                         "propensity": np.where(explored, 0.25, 1.0)})
+    est = examination(rows, "click")
+    assert est[1] == 1.0 and all(abs(est[k] - 1.0 / k) < 0.06 for k in (2, 3, 4))
+    w = ips_weights(rows, "click", max_weight=100.0)
+    k4 = (pos == 4) & (click == 1) & ~explored
+    assert np.allclose(w[k4], 1.0 / est[4]) and np.allclose(w[(click == 0) & explored], 4.0)
+    drawn = ips_resample(rows, w, seed=1)
+    assert drawn.height == n and (drawn["propensity"] == 0.25).mean() > 0.7
+    assert examination(rows.drop("explored"), "click") == {}
     with pytest.raises(DataError, match="propensity"):
-        ips_resample(rows.drop("propensity"))
+        ips_weights(rows.drop("propensity"), "click")
     with pytest.raises(DataError, match=r"\(0, 1\]"):
-        ips_resample(pl.DataFrame({"propensity": [0.0, 0.5]}))
+        ips_weights(rows.with_columns(pl.lit(0.0).alias("propensity")), "click")
