@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from ctrkit.data.readers import coerce_chunk
 from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle
+from ctrkit.serve.process import free_port, start_server
 from ctrkit.serve.rank import choose, records_frame
 
 GEN = Path("/work/shared/peers/gen_synth_criteo.py")
@@ -90,29 +90,6 @@ def candidates(test: Path, n: int) -> list[dict[str, Any]]:
     return df.drop("label").to_dicts()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(bundle: Path, events: Path, port: int, cpus: str | None) -> subprocess.Popen:
-    import httpx2 as httpx
-
-    cmd = [sys.executable, "-m", "ctrkit", "serve", str(bundle), "--port", str(port), "--events", str(events)]
-    if cpus:
-        cmd = ["taskset", "-c", cpus] + cmd
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-
-
 async def open_loop(url: str, body: bytes, rate: float, seconds: float, reload_at: float | None = None,
                     reload_body: bytes | None = None) -> dict[str, Any]:
     """Requests at a fixed rate for ``seconds``; latency from each scheduled send time."""
@@ -148,7 +125,8 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, reload_a
             tasks.append(asyncio.create_task(reload()))
         await asyncio.gather(*tasks)
     out: dict[str, Any] = {"rate": rate, "seconds": seconds, "requests": len(lat), "errors": len(errors),
-                           "error_examples": errors[:3], **stats(lat)}
+                           "error_examples": errors[:3], **stats(lat),
+                           "req_per_s": round(len(lat) / seconds, 1)}  # offered and served, not 1 / latency
     if swap:
         out["hot_swap"] = swap
     return out
@@ -208,7 +186,7 @@ def main() -> None:
 
     port = free_port()
     events = Path(tempfile.mkdtemp(prefix="events-", dir=args.work))
-    server = start_server(bundle_path, events, port, args.server_cpus)
+    server = start_server(bundle_path, port, events, args.server_cpus)
     url = f"http://127.0.0.1:{port}"
     body = json.dumps({"candidates": recs, "k": 10}).encode()
     result["request_bytes"] = len(body)

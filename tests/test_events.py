@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +15,7 @@ import pytest
 
 from ctrkit.data.readers import DataError
 from ctrkit.serve.events import EventLog, EventLogError, measure_frames, read_events
+from ctrkit.serve.process import free_port, start_server
 
 
 def _clicks(lo: int, hi: int) -> list[dict]:
@@ -78,28 +76,6 @@ def test_bad_events_and_folders_name_the_problem(tmp_path: Path) -> None:
         measure_frames(tmp_path / "log")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(bundle: Path, log: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "ctrkit", "serve", str(bundle), "--events", str(log),
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    import httpx2 as httpx
-
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"server did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-
-
 @pytest.mark.slow
 def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
     httpx = pytest.importorskip("httpx2", reason="the test client needs the 'test' extra")
@@ -108,8 +84,8 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
 
     df, _ = make_click_log(n_rows=1500, n_users=50, n_items=30, seed=1)
     train(df.drop("p_click"), schema=synth_schema(), model="lr", out=tmp_path / "m", epochs=1, progress=False)
-    bundle, log, port = tmp_path / "m" / "bundle", tmp_path / "log", _free_port()
-    proc = _start(bundle, log, port)
+    bundle, log, port = tmp_path / "m" / "bundle", tmp_path / "log", free_port()
+    proc = start_server(bundle, port, log)
     acked: list[str] = []
     sent: list[list[dict]] = []
     stop = threading.Event()
@@ -136,7 +112,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
     proc.wait()
     stop.set()
     t.join()
-    proc = _start(bundle, log, port)
+    proc = start_server(bundle, port, log)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
             for batch in sent:  # the client retries everything it is not sure of, and more
