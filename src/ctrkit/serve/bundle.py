@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ctrkit
+from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
 from ctrkit.data.readers import DataError, ReadReport, Source, coerce_chunk, iter_chunks
 from ctrkit.evaluate.metrics import evaluate
@@ -184,7 +185,7 @@ class Bundle:
         for start in range(0, df.height, batch_size):
             part = df.slice(start, batch_size)
             ids, dense = self.encoder.transform_frame(part)
-            logits = self.model(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device))
+            logits = self.model(Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device)))
             out[start:start + part.height] = torch.sigmoid(logits).double().cpu().numpy()
         return out
 
