@@ -36,6 +36,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import coerce_chunk
 from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
@@ -157,12 +158,12 @@ def main() -> None:
     good, _ = coerce_chunk(frame.with_columns(pl.int_range(0, frame.height).alias("_line")), bundle._features,
                            with_label=False)
     ids, dense = bundle.encoder.transform_frame(good)
-    t_ids, t_dense = torch.from_numpy(ids), torch.from_numpy(dense)
+    batch = Batch(torch.from_numpy(ids), torch.from_numpy(dense))
     rows: dict[str, Any] = {}
 
     @torch.no_grad()
     def model_only() -> None:
-        bundle.model(t_ids, t_dense)
+        bundle.model(batch)
 
     rows["model only (torch, pre-encoded)"] = timed(model_only, args.reps)
     try:

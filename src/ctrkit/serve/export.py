@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import Source, iter_chunks
 from ctrkit.evaluate.metrics import evaluate
 from ctrkit.serve.bundle import Bundle
@@ -42,7 +43,7 @@ class _Probability(nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(ids, dense))
+        return torch.sigmoid(self.model(Batch(ids, dense)))
 
 
 @dataclass
