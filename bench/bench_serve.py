@@ -15,7 +15,7 @@ Then the load test: short open-loop trials at rising rates find the highest rate
 and a 60 s run at that rate reloads the bundle (POST /admin/reload) halfway and counts failed requests.
 Latency in the load test is measured from each request's scheduled send time (no coordinated omission).
 
-    python bench/bench_serve.py --out bench_serve.json
+    python bench/bench_serve.py            # writes bench/results/bench_serve.json
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--trial-seconds", type=float, default=5.0)
     ap.add_argument("--p99-budget-ms", type=float, default=25.0)
     ap.add_argument("--server-cpus", default=None, help="taskset CPU list for the server process")
-    ap.add_argument("--out", type=Path, default=Path("bench_serve.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/bench_serve.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -222,6 +222,7 @@ def main() -> None:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     result["machine"]["load_avg_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{'stage':45s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
     for name, s in rows.items():

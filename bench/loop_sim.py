@@ -19,13 +19,14 @@ Measured per round, all printed and written as JSON:
                       retrained on its own served impressions was validated on shown items only, a selection
                       of the candidates, so its PSI reads high without any drift (printed, not judged)
 
-    python bench/loop_sim.py --out loop_sim.json
+    python bench/loop_sim.py               # writes bench/results/loop_sim.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -174,7 +175,7 @@ def main() -> None:
     ap.add_argument("--seed-rows", type=int, default=1500)
     ap.add_argument("--shift", type=float, default=0.4, help="click-rate multiplier of the last round")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("loop_sim.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/loop_sim.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ctrkit-loop-"))
     world = World(args.users, args.items, args.k, args.eta, 0.1, args.seed)
@@ -229,9 +230,11 @@ def main() -> None:
         "psi_by_round": [r["monitor"]["psi"] for r in rounds],
         "ope_covers_realised": [e["covers_realised"] for r in rounds for e in r.get("ope_of_this_model", [])],
     }
-    (args.out).write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rounds": rounds,
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rounds": rounds,
                                       "summary": summary}, indent=1, default=float))
     print(json.dumps(summary, indent=1, default=float))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
