@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -160,7 +161,6 @@ class ServerConfig:
     segments: tuple[str, ...] = ()
     monitor_window: int = 100_000
     seed: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -187,14 +187,14 @@ class _Metrics:
 
 
 class _Guard:
-    """ASGI middleware: token check, body size limit, request count and latency per route."""
+    """ASGI middleware: token check, body size limit (by Content-Length), request count and latency per route."""
 
     def __init__(self, app: Any, token: str | None, max_body: int, metrics: _Metrics) -> None:
         self.app, self.max_body, self.metrics = app, max_body, metrics
         self.token = token.encode() if token else None
 
     async def _reply(self, send: Any, status: int, text: str) -> None:
-        body = ('{"detail":"' + text + '"}').encode()
+        body = json.dumps({"detail": text}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
