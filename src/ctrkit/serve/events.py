@@ -261,12 +261,18 @@ def read_events(path: str | Path, kind: str | None = None) -> pl.DataFrame:
         raise DataError(f"{p} is not a ctrkit event log (no {MARKER}); `ctrkit serve --events {p}` writes one")
     if kind is not None and kind not in KINDS:
         raise DataError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    frames = [pl.read_parquet(f) for f in sorted((p / "parquet").glob("*.parquet"))]
+    # Segments first, Parquet after: a segment compacted in between is then found as Parquet and its JSON
+    # lines, already read, are skipped, so a live reader sees every event once.
+    segments: dict[str, list[dict[str, Any]]] = {}
     for seg in sorted((p / "segments").glob("*.jsonl")):
-        if not (p / "parquet" / f"{seg.stem}.parquet").exists():
-            events, _ = _read_lines(seg)
-            if events:
-                frames.append(_frame(events))
+        try:
+            segments[seg.stem] = _read_lines(seg)[0]
+        except FileNotFoundError:
+            continue
+    parts = sorted((p / "parquet").glob("*.parquet"))
+    frames = [pl.read_parquet(f) for f in parts]
+    done = {f.stem for f in parts}
+    frames += [_frame(ev) for stem, ev in segments.items() if ev and stem not in done]
     df = pl.concat(frames, how="diagonal_relaxed") if frames else _frame([])
     return df if kind is None else _drop_empty(df.filter(pl.col("kind") == kind))
 
