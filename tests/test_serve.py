@@ -251,3 +251,33 @@ def test_measure_and_train_read_the_event_log(client: TestClient, bundles: tuple
                                    "--model", "lr", "--epochs", "1", "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "metrics.json").read_text())["train"]["rows"] > 0
+
+
+def test_hot_swap_fails_no_request_in_flight(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]
+                                             ) -> None:
+    import threading
+
+    recs = _records(bundles[2], 200)
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            r = client.post("/score", json={"records": recs})
+            statuses.append(r.status_code)
+            versions.add(r.json().get("bundle", "?"))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    served = {client.get("/health").json()["bundle"]}
+    for path in (bundles[1], bundles[0], bundles[1]):
+        r = client.post("/admin/reload", json={"path": str(path)})
+        assert r.status_code == 200
+        served.add(r.json()["bundle"])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert statuses and set(statuses) == {200}
+    assert versions <= served and len(served) == 2  # every answer came from one of the two bundles
