@@ -228,7 +228,8 @@ def main() -> None:
         "pred_actual_alert_on_shift": not 0.8 <= rounds[-1]["monitor"]["pred_actual"] <= 1.2,
         "pred_actual_quiet_before_shift": 0.8 <= rounds[-2]["monitor"]["pred_actual"] <= 1.2,
         "psi_by_round": [r["monitor"]["psi"] for r in rounds],
-        "ope_covers_realised": [e["covers_realised"] for r in rounds for e in r.get("ope_of_this_model", [])],
+        "ope_covers_realised": [e["covers_realised"] for r in rounds if not r["shifted"]  # the shift moves
+                                for e in r.get("ope_of_this_model", [])],  # the truth the estimate was of
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rounds": rounds,
