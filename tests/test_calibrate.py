@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from sklearn.isotonic import IsotonicRegression
 from typer.testing import CliRunner
 
@@ -54,6 +55,17 @@ def test_auto_keeps_a_calibrated_model_and_the_shift_comes_first() -> None:
     cal = fit_calibrator("auto", z - np.log(0.1), y, shift=np.log(0.1))
     assert cal.method in ("none", "platt")
     assert np.allclose(Calibrator("none", np.log(0.1))(z - np.log(0.1)), 1 / (1 + np.exp(-z)))
+
+
+@pytest.mark.parametrize("method", ["none", "platt", "isotonic"])
+def test_the_torch_map_equals_the_numpy_map(method: str) -> None:
+    z, y = _miscalibrated(3000, 4)
+    cal = fit_calibrator(method, z, y, shift=0.3)
+    if method == "isotonic":  # a step (two equal breakpoints) as well as ramps
+        cal.params = {"x": [-2.0, 0.0, 0.0, 1.5], "y": [0.1, 0.2, 0.5, 0.9]}
+    zt = np.r_[np.linspace(-8, 8, 401), [-2.0, 1.5]]
+    got = cal.torch(torch.tensor(zt, dtype=torch.float64)).numpy()
+    assert np.allclose(got, cal(zt), atol=1e-12)
 
 
 def test_calibrator_json_round_trip_and_bad_input() -> None:

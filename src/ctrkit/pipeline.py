@@ -27,6 +27,7 @@ from ctrkit.serve.bundle import Bundle
 from ctrkit.data.dataset import EncodedData
 from ctrkit.evaluate.calibrate import CHOICES as CALIBRATE_CHOICES, Calibrator, fit_calibrator
 from ctrkit.evaluate.report import render_report, save_report_data
+from ctrkit.serve.monitor import reference_distribution
 from ctrkit.training.sampling import downsample_negatives, logit_shift
 from ctrkit.training.trainer import TrainConfig, TrainResult, predict_logits, train as train_model
 
@@ -132,6 +133,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         if log:
             log(f"calibration: {calibrator.method} (asked: {calibrate}), fitted on the validation rows")
         metrics: dict[str, Any] = {name: served_metrics(o, calibrator) for name, o in outputs.items()}
+        if "valid" in outputs:  # what live pCTR is compared with for drift (PSI): the served probabilities
+            metrics["pctr_reference"] = reference_distribution(calibrator(outputs["valid"]["logits"]))
         metrics["train"] = {**result.to_dict(), "rows": len(train_set), "config": tcfg.to_dict(),
                             "rows_before_sampling": len(full_train), "neg_sample_rate": neg_sample_rate,
                             "positives": int(labels.sum()), "auto": auto}

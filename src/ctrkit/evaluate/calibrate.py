@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ctrkit.evaluate.metrics import logloss
 
@@ -50,6 +51,25 @@ class Calibrator:
         else:
             p = _sigmoid(z)
         return np.clip(p, P_MIN, 1 - P_MIN) if self.method != "none" else p
+
+    def torch(self, logits: torch.Tensor) -> torch.Tensor:
+        """The same map in torch operations only (elementwise, exportable to ONNX): isotonic interpolation is
+        written as a sum of clamped ramps between its breakpoints, with steps where two breakpoints coincide."""
+        z = logits.double() + self.shift
+        if self.method == "platt":
+            p = torch.sigmoid(self.params["a"] * z + self.params["b"])
+        elif self.method == "isotonic":
+            x = torch.tensor(self.params["x"], dtype=torch.float64, device=z.device)
+            y = torch.tensor(self.params["y"], dtype=torch.float64, device=z.device)
+            dx, dy = x[1:] - x[:-1], y[1:] - y[:-1]
+            ramp = torch.minimum(torch.clamp(z.unsqueeze(-1) - x[:-1], min=0.0), dx)
+            flat = dx == 0
+            slope = torch.where(flat, torch.zeros_like(dy), dy / torch.where(flat, torch.ones_like(dx), dx))
+            step = torch.where(flat, dy, torch.zeros_like(dy)) * (z.unsqueeze(-1) > x[:-1]).double()
+            p = y[0] + (ramp * slope + step).sum(-1)
+        else:
+            p = torch.sigmoid(z)
+        return (p.clamp(P_MIN, 1 - P_MIN) if self.method != "none" else p).to(logits.dtype)
 
     def raw(self, logits: np.ndarray) -> np.ndarray:
         """Probabilities with the exact shift only (what the model says, corrected for sampling)."""
