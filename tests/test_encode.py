@@ -297,7 +297,7 @@ def test_encode_files_matches_transform_and_writes_bad_rows(log_files, tmp_path)
     res = encode_files(s, log_files["train"], tmp_path / "out", valid=bad_valid, test=log_files["valid"],
                        bad_rows=tmp_path / "bad.tsv")
     assert res.reports["valid"].bad_rows == 1 and res.reports["valid"].rows == 1001
-    assert (tmp_path / "bad_valid.tsv").read_text().count("\n") == 1
+    assert (tmp_path / "bad_valid.tsv").read_text().count("\n") == 2  # the header and the row
     assert not (tmp_path / "bad.tsv").exists()
     np.testing.assert_array_equal(np.asarray(res.data["valid"].ids), np.asarray(res.data["test"].ids))
     assert EncodedData.open(tmp_path / "out" / "test").meta["report"]["rows"] == 1000

@@ -47,6 +47,12 @@ class Field:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise SchemaError(f"field name must be a non-empty string, got {self.name!r}")
+        for key in ("min_count", "n_buckets", "hash_buckets"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SchemaError(f"field {self.name!r}: {key} must be an integer, got {value!r}")
+        if not isinstance(self.required, bool):
+            raise SchemaError(f"field {self.name!r}: required must be true or false, got {self.required!r}")
         if self.kind not in KINDS:
             raise SchemaError(f"field {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.transform not in TRANSFORMS:
@@ -85,7 +91,9 @@ class Schema:
     """All columns of a log: the feature fields, the label and the optional time / position / group columns.
 
     ``columns`` is the full column order of files without a header line (a raw Criteo TSV); it may list
-    columns that are neither features nor roles, which are then read and ignored.
+    columns that are neither features nor roles, which are then read and ignored. ``time_format`` says how the
+    time column is written: a strftime format (``%Y-%m-%d %H:%M:%S``), ``epoch_s`` or ``epoch_ms``; without
+    it, ISO dates and times are parsed and plain integers kept as they are.
     """
 
     fields: list[Field]
@@ -95,6 +103,7 @@ class Schema:
     group: str | None = None
     columns: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    time_format: str | None = None
 
     def __post_init__(self) -> None:
         self.fields = [f if isinstance(f, Field) else Field(**f) for f in self.fields]
@@ -104,8 +113,18 @@ class Schema:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SchemaError(f"duplicate field names: {dup}")
-        if not self.label:
-            raise SchemaError("a schema needs a label column")
+        if not self.label or not isinstance(self.label, str):
+            raise SchemaError(f"a schema needs a label column name, got {self.label!r}")
+        for role in ("time", "position", "group"):
+            value = getattr(self, role)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise SchemaError(f"`{role}` must be a column name, got {value!r}")
+        if self.time_format is not None:
+            if not self.time:
+                raise SchemaError("`time_format` is set but the schema has no `time` column")
+            if self.time_format not in ("epoch_s", "epoch_ms") and "%" not in str(self.time_format):
+                raise SchemaError(f"time_format must be a strftime format (with %), epoch_s or epoch_ms, "
+                                  f"got {self.time_format!r}")
         if self.label in names:
             raise SchemaError(f"the label {self.label!r} cannot also be a feature field")
         if self.columns is not None:
@@ -146,7 +165,7 @@ class Schema:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict, the YAML layout."""
         out: dict[str, Any] = {"label": self.label}
-        for role in ("time", "position", "group"):
+        for role in ("time", "time_format", "position", "group"):
             if getattr(self, role):
                 out[role] = getattr(self, role)
         out["fields"] = [f.to_dict() for f in self.fields]
@@ -161,7 +180,7 @@ class Schema:
         """Build from the YAML layout; unknown keys are an error that names them."""
         if not isinstance(data, dict):
             raise SchemaError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"label", "time", "position", "group", "fields", "columns", "extra"}
+        known = {"label", "time", "time_format", "position", "group", "fields", "columns", "extra"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SchemaError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
@@ -169,6 +188,8 @@ class Schema:
             raise SchemaError(f"{source}: needs both `label` and `fields`")
         field_keys = {f.name for f in fields(Field)}
         parsed = []
+        if not isinstance(data["fields"], list):
+            raise SchemaError(f"{source}: `fields` must be a list, got {type(data['fields']).__name__}")
         for i, item in enumerate(data["fields"]):
             if isinstance(item, str):
                 item = {"name": item}
@@ -182,6 +203,7 @@ class Schema:
             fields=parsed,
             label=data["label"],
             time=data.get("time"),
+            time_format=data.get("time_format"),
             position=data.get("position"),
             group=data.get("group"),
             columns=data.get("columns"),
