@@ -183,11 +183,9 @@ def records_frame(records: Records, schema: Schema) -> pl.DataFrame:
 
 
 def check_labels(label: np.ndarray, schema: Schema, source: str, split: str = "training") -> None:
-    """A label that never varies, or a split without positives, trains nothing: an error that says so."""
+    """A label that never varies trains and measures nothing (no AUC, no early stopping): an error saying so."""
     n = len(label)
     pos = int(np.count_nonzero(label > 0.5))
-    if n and pos == 0:
-        raise DataError(f"{source}: the {split} rows have no positive {schema.label!r} (all {n:,} are 0)")
-    if n and pos == n:
-        raise DataError(f"{source}: the label {schema.label!r} is 1 in every one of the {n:,} {split} rows; "
-                        "a constant label cannot be learnt")
+    if n and pos in (0, n):
+        raise DataError(f"{source}: the label {schema.label!r} is {int(pos == n)} in all {n:,} {split} rows; "
+                        f"a model needs both clicks and non-clicks (is {schema.label!r} the right column?)")

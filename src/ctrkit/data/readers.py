@@ -29,8 +29,8 @@ import pyarrow.csv as pacsv
 from ctrkit.schema import Schema, SchemaError
 from ctrkit.validate import DataError, coerce_chunk, needed_columns
 
-__all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "iter_chunks",
-           "libfm_schema", "needed_columns", "read_frame", "read_sample"]
+__all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "has_header_line",
+           "iter_chunks", "libfm_schema", "needed_columns", "read_frame", "read_sample"]
 
 # Blocks under glibc's 32 MiB mmap ceiling are recycled from the heap instead of being mapped (and
 # page-faulted) afresh each time, which halves the cost of reading them; larger blocks make fitting cheaper.
@@ -520,15 +520,55 @@ def read_frame(source: Source, schema: Schema, **kwargs: Any) -> tuple[pl.DataFr
 
 
 def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
-    """The first ``n_rows`` rows of a file with a header, with types inferred (for schema inference)."""
+    """The first ``n_rows`` rows of a file, with types inferred (for schema inference).
+
+    A text file whose first line holds data rather than names (a raw Criteo TSV, see :func:`has_header_line`)
+    gets the columns ``c1..cN``.
+    """
     fmt = detect_format(path)
-    if fmt == "parquet":
-        return pl.read_parquet(path, n_rows=n_rows)
-    if fmt == "libfm":
-        raise SchemaError(f"{path}: libFM files have no column names; use --format libfm --fields a,b,...")
-    with _open_binary(path) as fh:
-        head = b"".join(_take_lines(fh, n_rows + 1))
-    return pl.read_csv(io.BytesIO(head), separator=_separator(fmt), infer_schema_length=n_rows)
+    try:
+        if fmt == "parquet":
+            return pl.read_parquet(path, n_rows=n_rows)
+        if fmt == "libfm":
+            raise SchemaError(f"{path}: libFM files have no column names; use --format libfm --fields a,b,...")
+        with _open_binary(path) as fh:
+            head = b"".join(_take_lines(fh, n_rows + 1))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(_gzip_message(path, exc)) from None
+    except (pa.ArrowException, OSError, pl.exceptions.PolarsError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise DataError(f"{path}: cannot be read as {fmt}: {exc}") from None
+    if not head.strip():
+        raise DataError(f"{path}: the file is empty")
+    if b"\x00" in head[:65536]:
+        raise DataError(f"{path}: this is not a text (CSV/TSV) file; binary data found in its first bytes")
+    sep = _separator(fmt)
+    header = has_header_line(path, sep)
+    try:
+        df = pl.read_csv(io.BytesIO(head), separator=sep, infer_schema_length=n_rows, has_header=header,
+                         quote_char='"' if sep == "," else None, encoding="utf8-lossy")
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from None
+    if header:
+        _csv_layout(path, None, sep, True)  # names each column once
+    else:
+        df.columns = [f"c{i + 1}" for i in range(df.width)]
+    return df
+
+
+def has_header_line(path: str | Path, sep: str) -> bool:
+    """Whether the first line of a text file names columns: every token non-empty and none a number."""
+    tokens = [t.strip().strip('"') for t in _first_line(path).split(sep)]
+    for t in tokens:
+        if not t:
+            return False
+        try:
+            float(t)
+            return False
+        except ValueError:
+            continue
+    return True
 
 
 def _take_lines(fh: IO[bytes], n: int) -> Iterator[bytes]:
