@@ -144,11 +144,11 @@ def evaluate(bundle: Path = typer.Argument(..., help="A bundle folder."),
         metrics, report = b.evaluate(file, **({"fmt": fmt} if fmt else {}))
     except USER_ERRORS as exc:
         _fail(str(exc))
+    err.print(report.summary(), markup=False, highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(_clean({**metrics, "bad_rows": report.bad_rows}), indent=1) + "\n")
         return
     Console().print(_metrics_table({file.name: metrics}, f"{b.model_name} on {file.name}"))
-    err.print(report.summary(), markup=False, highlight=False)
 
 
 @app.command()

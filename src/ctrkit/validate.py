@@ -41,7 +41,8 @@ def _label_expr(col: str) -> pl.Expr:
 
 def _time_expr(col: str, dtype: pl.DataType, time_format: str | None) -> pl.Expr:
     """Epoch microseconds of a time column: dates and times (strftime ``time_format`` or ISO), epoch seconds or
-    milliseconds with ``time_format: epoch_s / epoch_ms``; without a format, a plain integer stays as it is."""
+    milliseconds with ``time_format: epoch_s / epoch_ms``; numbers of a typed (Parquet, frame) column without a
+    format stay as they are."""
     e = pl.col(col)
     if dtype.is_temporal():
         return e.cast(pl.Datetime("us")).dt.epoch("us")
@@ -49,9 +50,7 @@ def _time_expr(col: str, dtype: pl.DataType, time_format: str | None) -> pl.Expr
         v = (e.str.strip_chars() if dtype == pl.String else e).cast(pl.Float64, strict=False)
         return pl.when(v.is_finite()).then(v * EPOCH_UNITS[time_format]).otherwise(None).cast(pl.Int64)
     if dtype == pl.String:
-        text = e.str.strip_chars()
-        parsed = text.str.to_datetime(format=time_format, strict=False, time_zone="UTC").dt.epoch("us")
-        return parsed if time_format else pl.coalesce(parsed, text.cast(pl.Int64, strict=False))
+        return e.str.strip_chars().str.to_datetime(format=time_format, strict=False, time_zone="UTC").dt.epoch("us")
     return e.cast(pl.Int64, strict=False)
 
 
@@ -111,7 +110,8 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
         exprs.append(time.alias(schema.time))
         raw = pl.col(schema.time)
         present = raw.is_not_null() & (raw != "") if types[schema.time] == pl.String else raw.is_not_null()
-        expected = schema.time_format or "a date and time"
+        expected = (f"a time in the format {schema.time_format}" if schema.time_format else
+                    "a date and time (for epoch numbers set time_format: epoch_s or epoch_ms)")
         checks.append(pl.when(present & time.is_null())
                       .then(pl.lit(f"time {schema.time!r}: not {expected}"))
                       .otherwise(None))

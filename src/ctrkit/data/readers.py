@@ -66,7 +66,8 @@ class ReadReport:
         """One line for logs and the CLI: rows read and rejected, the top reasons, the first bad line."""
         s = f"{self.source}: {self.rows:,} rows read, {self.bad_rows:,} rejected"
         if self.bad_rows:
-            s += f" ({self.top_reasons()}; first at {self.examples[0].removeprefix(self.source).strip()})"
+            first = self.examples[0].removeprefix(self.source).strip().split(":", 1)[0]
+            s += f" ({self.top_reasons()}; first at {first})"
         if self.bad_rows_path and self.bad_rows:
             s += f", kept in {self.bad_rows_path}"
         return s
@@ -189,6 +190,10 @@ def _csv_layout(path: str | Path, schema: Schema | None, sep: str,
                 has_header: bool | None) -> tuple[list[str], bool]:
     """Column names and whether the first line is a header."""
     first = _first_line(path)
+    if not first.strip():
+        with _open_binary(path) as fh:
+            if not fh.read(1 << 16).strip():
+                raise DataError(f"{path}: the file is empty")
     tokens = [t.strip().strip('"') for t in first.split(sep)]
     if schema is not None and schema.columns:
         if has_header is None:
@@ -233,7 +238,8 @@ def _parse_block_careful(block: bytes, names: list[str], sep: str, first_line_no
         read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
         parse_options=pacsv.ParseOptions(delimiter=sep, quote_char='"' if sep == "," else False,
                                          invalid_row_handler=handler, newlines_in_values=False),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+        # only an empty field is missing, as on the fast path: pyarrow would also read "nan", "NA", "null" as null
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, null_values=[""],
                                              strings_can_be_null=True, quoted_strings_can_be_null=True),
     )
     # pyarrow numbers the rows it reads, skipping blank lines: row k is on the k-th non-blank line
