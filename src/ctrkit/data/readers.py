@@ -216,13 +216,18 @@ def _parse_block_careful(block: bytes, names: list[str], sep: str, first_line_no
     not UTF-8 text)."""
     try:
         block.decode("utf-8")
+        stray_cr = b"\r" in block.replace(b"\r\n", b"")
     except UnicodeDecodeError:
+        stray_cr = True
+    if stray_cr:  # pyarrow would split a line at a lone carriage return; such lines are set aside whole
         lines = block.split(b"\n")
         for i, line in enumerate(lines[:-1]):
             try:
                 line.decode("utf-8")
+                reason = "a carriage return inside the line" if b"\r" in line.removesuffix(b"\r") else None
             except UnicodeDecodeError:
                 reason = "not UTF-8 text"
+            if reason:
                 report.add_bad(first_line_no + i, reason)
                 sink.write(first_line_no + i, reason, line.decode("utf-8", errors="replace"))
                 lines[i] = b""
