@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ctrkit.data.dataset import Batch
 from ctrkit.nn.mlp import Dropout
 from ctrkit.models import ModelConfig, build_model, default_config, model_names
 from ctrkit.models.base import BATCH_L2, SMALL_TABLE, TABLE_L2
@@ -134,11 +135,11 @@ def test_every_model_returns_one_logit_per_row(name: str, kind: str) -> None:
     ids, dense = make_batch(spec)
     for mode in (True, False):
         model.train(mode)
-        out = model(ids, dense)
+        out = model(Batch(ids, dense))
         assert out.shape == (7,) and out.dtype == torch.float32
         assert torch.isfinite(out).all()
     model.train()
-    model(ids, dense).sum().backward()
+    model(Batch(ids, dense)).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
@@ -147,7 +148,7 @@ def test_lr_logit_is_the_linear_term() -> None:
     model = build_model("lr", spec)
     randomise(model)
     ids, dense = make_batch(spec)
-    assert torch.equal(model(ids, dense), model.linear(ids, dense))
+    assert torch.equal(model(Batch(ids, dense)), model.linear(Batch(ids, dense)))
     assert not any(isinstance(m, nn.Embedding) and m.embedding_dim > 1 for m in model.modules())
 
 
@@ -157,12 +158,13 @@ def test_fm_logit_is_linear_plus_pairwise_loop() -> None:
     randomise(model)
     ids, dense = make_batch(spec)
     dense = dense.double()
-    emb = model.embedding(ids, dense)
+    emb = model.embedding(Batch(ids, dense))
     pairs = torch.zeros(len(ids), dtype=torch.float64)
     for i in range(spec.n_fields):
         for j in range(i + 1, spec.n_fields):
             pairs += (emb[:, i] * emb[:, j]).sum(dim=1)
-    torch.testing.assert_close(model(ids, dense), model.linear(ids, dense) + pairs, rtol=0, atol=1e-10)
+    batch = Batch(ids, dense)
+    torch.testing.assert_close(model(batch), model.linear(batch) + pairs, rtol=0, atol=1e-10)
 
 
 def test_deepfm_logit_is_linear_plus_fm_plus_mlp() -> None:
@@ -173,12 +175,12 @@ def test_deepfm_logit_is_linear_plus_fm_plus_mlp() -> None:
     ids, dense = make_batch(spec)
     dense = dense.double()
     model.train()
-    model(ids, dense)  # a training pass moves the batch-norm running statistics away from their start
+    model(Batch(ids, dense))  # a training pass moves the batch-norm running statistics away from their start
     model.eval()
-    emb = model.embedding(ids, dense)
+    emb = model.embedding(Batch(ids, dense))
     assert emb.shape == (7, spec.n_fields, 4)
-    want = (model.linear(ids, dense) + FactorizationMachine()(emb) + model.mlp(emb.reshape(7, -1))[:, 0])
-    torch.testing.assert_close(model(ids, dense), want, rtol=0, atol=1e-10)
+    want = model.linear(Batch(ids, dense)) + FactorizationMachine()(emb) + model.mlp(emb.reshape(7, -1))[:, 0]
+    torch.testing.assert_close(model(Batch(ids, dense)), want, rtol=0, atol=1e-10)
     assert model.mlp[0].in_features == spec.n_fields * 4
     assert isinstance(model.mlp[1], nn.BatchNorm1d) and isinstance(model.mlp[3], Dropout)
     assert model.embedding.table is not model.linear.table
@@ -191,7 +193,7 @@ def test_table_regularization_is_half_lambda_squared_norm_of_every_table(name: s
     randomise(model)
     ids, dense = make_batch(spec)
     model.train()
-    model(ids, dense)
+    model(Batch(ids, dense))
     reg = model.regularization()
     want = 0.5 * 0.2 * (model.embedding.table.weight.pow(2).sum() + model.linear.table.weight.pow(2).sum())
     torch.testing.assert_close(reg, want)
@@ -212,7 +214,7 @@ def test_batch_regularization_is_lambda_mean_squared_norm_of_looked_up_vectors(n
     randomise(model)
     ids, dense = make_batch(spec)
     model.train()
-    model(ids, dense)
+    model(Batch(ids, dense))
     reg = model.regularization()
     emb = model.embedding
     total = torch.zeros(())
@@ -229,7 +231,7 @@ def test_batch_regularization_is_lambda_mean_squared_norm_of_looked_up_vectors(n
     assert emb.table.weight.grad.is_sparse
     model.eval()
     assert model.regularization() is None
-    model(ids, dense)
+    model(Batch(ids, dense))
     assert model.regularization() is None
 
 
@@ -238,7 +240,7 @@ def test_no_regularization_when_lambda_is_zero_or_for_lr() -> None:
     ids, dense = make_batch(spec)
     for model in (build_model("fm", spec, ModelConfig(emb_l2=0.0)), build_model("lr", spec)):
         model.train()
-        model(ids, dense)
+        model(Batch(ids, dense))
         assert model.regularization() is None
 
 

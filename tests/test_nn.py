@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
+from ctrkit.data.dataset import Batch
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
 from ctrkit.nn.interactions import FactorizationMachine, pairwise_and_squares
 from ctrkit.nn.mlp import MLP, Dropout
@@ -88,7 +89,7 @@ def test_embedding_looks_up_rows_of_one_table_and_scales_numeric_vectors() -> No
     ids, dense = random_inputs(spec, 16, torch.Generator().manual_seed(1))
     dense[0, 0] = float("nan")
     dense[1, 1] = 0.0
-    out = layer(ids, dense)
+    out = layer(Batch(ids, dense))
     assert out.shape == (16, spec.n_fields, 4)
     table = layer.table.weight
     assert table.shape == (spec.n_ids, 4)
@@ -111,7 +112,7 @@ def test_embedding_missing_values_keep_gradients_finite() -> None:
     spec = make_spec()
     layer = FeatureEmbedding(spec, dim=3)
     ids, dense = random_inputs(spec, 8, torch.Generator().manual_seed(2), missing=0.5)
-    layer(ids, dense.float()).pow(2).sum().backward()
+    layer(Batch(ids, dense.float())).pow(2).sum().backward()
     for p in layer.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
     assert layer.dense_missing.grad.abs().sum() > 0
@@ -121,7 +122,7 @@ def test_embedding_sparse_only_dense_only_and_sparse_gradients() -> None:
     spec = make_spec(n_dense=0)
     layer = FeatureEmbedding(spec, dim=5, sparse=True)
     ids, _ = random_inputs(spec, 6, torch.Generator().manual_seed(3))
-    out = layer(ids, torch.zeros(6, 0))
+    out = layer(Batch(ids, torch.zeros(6, 0)))
     assert out.shape == (6, 3, 5)
     out.sum().backward()
     assert layer.table.weight.grad.is_sparse
@@ -129,7 +130,7 @@ def test_embedding_sparse_only_dense_only_and_sparse_gradients() -> None:
     dense_only = FeatureSpec(n_ids=0, field_sizes=(), sparse_names=(), dense_names=("a", "b", "c"))
     layer = FeatureEmbedding(dense_only, dim=2)
     dense = torch.tensor([[1.0, float("nan"), -2.0]])
-    out = layer(torch.zeros(1, 0, dtype=torch.int64), dense)
+    out = layer(Batch(torch.zeros(1, 0, dtype=torch.int64), dense))
     assert out.shape == (1, 3, 2)
     assert torch.equal(out[0, 1], layer.dense_missing[1])
     assert torch.equal(out[0, 2], -2.0 * layer.dense_vec[2])
@@ -150,7 +151,7 @@ def test_linear_term_equals_literal_sum(batch: int, n_dense: int, seed: int) -> 
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
     ids, dense = random_inputs(spec, batch, gen)
-    got = layer(ids, dense)
+    got = layer(Batch(ids, dense))
     assert got.shape == (batch,)
     w, wd, wm, b = layer.table.weight[:, 0], layer.dense_w, layer.dense_missing, layer.bias[0]
     for s in range(batch):
@@ -164,7 +165,7 @@ def test_linear_term_equals_literal_sum(batch: int, n_dense: int, seed: int) -> 
 def test_linear_starts_at_zero_and_handles_dense_only() -> None:
     spec = FeatureSpec(n_ids=0, field_sizes=(), sparse_names=(), dense_names=("a",))
     layer = FeatureLinear(spec)
-    out = layer(torch.zeros(3, 0, dtype=torch.int64), torch.tensor([[1.0], [float("nan")], [2.0]]))
+    out = layer(Batch(torch.zeros(3, 0, dtype=torch.int64), torch.tensor([[1.0], [float("nan")], [2.0]])))
     assert torch.equal(out, torch.zeros(3))
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctrkit.data.dataset import Batch
 from ctrkit.data.dataset import EncodedData
 from ctrkit.data.encode import encode_files
 from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
@@ -160,7 +161,7 @@ def test_predict_proba_keeps_row_order_and_length(data: tuple[EncodedData, Encod
     assert p.shape == (1003,) and p.dtype == np.float64
     model.eval()
     with torch.no_grad():
-        want = torch.sigmoid(model(torch.from_numpy(rows.ids), torch.from_numpy(rows.dense))).double().numpy()
+        want = torch.sigmoid(model(Batch(torch.from_numpy(rows.ids), torch.from_numpy(rows.dense)))).double().numpy()
     np.testing.assert_allclose(p, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(predict_proba(model, rows.take(np.arange(1002, -1, -1)), batch_size=7), p[::-1],
                                rtol=0, atol=1e-6)

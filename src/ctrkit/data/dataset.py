@@ -168,11 +168,23 @@ def _resident_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class Batch:
-    """One training batch: ``ids`` [B, F] int64/int32, ``dense`` [B, D] float32 (NaN = missing), ``label`` [B]."""
+    """What a model sees: one small typed object, the same on every path (training, scoring, GPU, export).
+
+    ``ids`` [B, Fs] int32/int64, already offset into the global id space; ``dense`` [B, Fd] float32 (NaN =
+    missing); ``label`` [B] (one head) or [B, T] (T heads), absent when scoring; ``weight`` [B] sample weights;
+    ``seq`` [B, Fq, L] ids of sequence and multi-valued fields with ``seq_len`` [B, Fq] (positions at or past a
+    row's length are padding). Models read what they use and ignore the rest.
+    """
 
     ids: torch.Tensor
     dense: torch.Tensor
-    label: torch.Tensor
+    label: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    seq: torch.Tensor | None = None
+    seq_len: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
 
 
 class BatchIterator:

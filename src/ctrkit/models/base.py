@@ -85,7 +85,11 @@ class ModelConfig:
 
 
 class CTRModel(nn.Module):
-    """A CTR model: ``forward(ids, dense) -> logits [B]``. The sigmoid lives in the loss and the scorer."""
+    """A CTR model: ``forward(batch) -> logits [B]`` (or [B, T] for T heads).
+
+    The sigmoid lives in the loss and the scorer; a model reads the parts of the
+    :class:`~ctrkit.data.dataset.Batch` it uses, so trainer, scorer and GPU path never branch on a model's name.
+    """
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}

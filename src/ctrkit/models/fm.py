@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ctrkit.data.dataset import Batch
 from ctrkit.models.base import CTRModel, ModelConfig, register
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
 from ctrkit.nn.interactions import pairwise_and_squares
@@ -25,15 +26,15 @@ class FM(CTRModel):
         self.embedding = FeatureEmbedding(spec, config.embed_dim, sparse=bool(config.sparse_grad),
                                           init_std=config.init_std)
 
-    def _fm_terms(self, ids: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fm_terms(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(first-order + pairwise logit, field embeddings), for this model and the ones built on it."""
-        emb = self.embedding(ids, dense)
+        emb = self.embedding(batch)
         pairwise, squares = pairwise_and_squares(emb)
         self._remember_penalty(squares)
-        return self.linear(ids, dense) + pairwise, emb
+        return self.linear(batch) + pairwise, emb
 
-    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return self._fm_terms(ids, dense)[0]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self._fm_terms(batch)[0]
 
 
 @register
@@ -49,6 +50,6 @@ class DeepFM(FM):
         cfg = self.config
         self.mlp = MLP(spec.n_fields * cfg.embed_dim, cfg.hidden, 1, cfg.dropout, cfg.batch_norm)
 
-    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        logit, emb = self._fm_terms(ids, dense)
+    def forward(self, batch: Batch) -> torch.Tensor:
+        logit, emb = self._fm_terms(batch)
         return logit + self.mlp(emb.flatten(1)).squeeze(-1)

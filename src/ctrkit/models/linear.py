@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ctrkit.data.dataset import Batch
 from ctrkit.models.base import CTRModel, ModelConfig, register
 from ctrkit.nn.embedding import FeatureLinear, FeatureSpec
 
@@ -21,6 +22,6 @@ class LR(CTRModel):
         config = self.config
         self.linear = FeatureLinear(spec, sparse=bool(config.sparse_grad))
 
-    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
         self._penalty = None
-        return self.linear(ids, dense)
+        return self.linear(batch)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ctrkit.data.dataset import Batch
+
 
 @dataclass(frozen=True)
 class FeatureSpec:
@@ -55,7 +57,7 @@ class FeatureSpec:
 
 
 class FeatureEmbedding(nn.Module):
-    """ids [B, Fs] + dense [B, Fd] (NaN = missing) -> embeddings [B, Fs + Fd, dim].
+    """A batch's ids [B, Fs] + dense [B, Fd] (NaN = missing) -> embeddings [B, Fs + Fd, dim].
 
     ``sparse=True`` makes the table's gradient sparse (only the rows in the batch), which keeps an
     optimizer step proportional to the batch instead of to the vocabulary.
@@ -73,7 +75,8 @@ class FeatureEmbedding(nn.Module):
         self.dense_vec = nn.Parameter(torch.randn(spec.n_dense, dim) * init_std)
         self.dense_missing = nn.Parameter(torch.randn(spec.n_dense, dim) * init_std)
 
-    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
+        ids, dense = batch.ids, batch.dense
         parts = []
         if self.spec.n_sparse:
             parts.append(self.table(ids))
@@ -96,7 +99,8 @@ class FeatureLinear(nn.Module):
         self.dense_missing = nn.Parameter(torch.zeros(spec.n_dense))
         self.bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
+        ids, dense = batch.ids, batch.dense
         out = self.bias.expand(ids.shape[0] if ids.dim() == 2 else dense.shape[0])
         if self.spec.n_sparse:
             out = out + self.table(ids).squeeze(-1).sum(dim=1)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import ctrkit
+from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
 from ctrkit.data.readers import ReadReport, Source, iter_chunks
 from ctrkit.evaluate.metrics import evaluate
@@ -239,7 +240,7 @@ class Bundle:
         for start in range(0, df.height, batch_size):
             part = df.slice(start, batch_size)
             ids, dense = self.encoder.transform_frame(part)
-            logits = self.model(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device))
+            logits = self.model(Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device)))
             out[start:start + part.height] = torch.sigmoid(logits).double().cpu().numpy()
         if not np.isfinite(out).all():
             first = int(np.flatnonzero(~np.isfinite(out))[0])

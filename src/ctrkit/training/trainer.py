@@ -156,7 +156,7 @@ def predict_proba(model: CTRModel, data: EncodedData, batch_size: int = 65536,
     pos = 0
     for batch in BatchIterator(data, batch_size=batch_size, shuffle=False, device=device, resident=False,
                                block_rows=batch_size, window_blocks=1):
-        p = torch.sigmoid(model(batch.ids, batch.dense)).double().cpu().numpy()
+        p = torch.sigmoid(model(batch)).double().cpu().numpy()
         out[pos:pos + len(p)] = p
         pos += len(p)
     model.train(was_training)
@@ -203,7 +203,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 if len(batch.label) < 2:
                     continue  # a single row cannot be batch-normalised; it is one row of one epoch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(batch.ids, batch.dense)
+                    logits = model(batch)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
                 reg = model.regularization()
                 total = loss + reg if reg is not None else loss
