@@ -98,6 +98,7 @@ def train(
     quiet: bool = typer.Option(False, help="No progress bars; only the one-line report of rejected rows."),
 ) -> None:
     """Train MODEL on TRAIN and write a bundle plus metrics.json to OUT."""
+    from ctrkit.data.readers import ReadReport
     from ctrkit.pipeline import train as run_train
 
     field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
@@ -112,7 +113,7 @@ def train(
     if quiet:
         reports = run.reports.values()
         rejected = [r for r in reports if r["bad_rows"]]
-        line = "; ".join(_report_line(r) for r in rejected) if rejected else \
+        line = "; ".join(ReadReport.from_dict(r).summary() for r in rejected) if rejected else \
             f"{sum(r['rows'] for r in reports):,} rows read, none rejected"
         err.print(line, markup=False, highlight=False)
     m = run.metrics
@@ -120,15 +121,6 @@ def train(
     Console().print(_metrics_table(rows, f"{model}: {m['train']['epochs']} epochs, best {m['train']['best_epoch']}, "
                                          f"{m['train']['samples_per_s']:,.0f} samples/s"))
     err.print(f"bundle: {out / 'bundle'}   metrics: {out / 'metrics.json'}")
-
-
-def _report_line(rep: dict[str, Any]) -> str:
-    from ctrkit.data.readers import ReadReport
-
-    r = ReadReport(source=rep["source"], rows=rep["rows"], bad_rows=rep["bad_rows"], examples=rep["examples"],
-                   bad_rows_path=rep["bad_rows_path"])
-    r.reasons.update(rep.get("reasons", {}))
-    return r.summary()
 
 
 @app.command()

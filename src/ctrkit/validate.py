@@ -58,6 +58,8 @@ def _as_string(col: str, dtype: pl.DataType) -> pl.Expr:
     e = pl.col(col)
     if dtype == pl.String:
         return e
+    if dtype == pl.Boolean:  # as a dict's True and False are read: 1 and 0
+        return e.cast(pl.Int8).cast(pl.String)
     if dtype.is_float():
         # 3.0 and "3" must give the same category whichever reader produced the value.
         return pl.when(e == e.floor()).then(e.cast(pl.Int64, strict=False).cast(pl.String)).otherwise(

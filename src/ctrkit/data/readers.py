@@ -78,6 +78,13 @@ class ReadReport:
                 "reasons": dict(self.reasons.most_common()), "examples": self.examples,
                 "bad_rows_path": self.bad_rows_path}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReadReport:
+        """The report :meth:`to_dict` wrote."""
+        return cls(source=data["source"], rows=data["rows"], bad_rows=data["bad_rows"],
+                   examples=list(data["examples"]), bad_rows_path=data["bad_rows_path"],
+                   reasons=Counter(data.get("reasons", {})))
+
 
 class _BadRowSink:
     """Writes rejected rows as read (the original line of a text file), each with its line number and reason,
