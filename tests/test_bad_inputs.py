@@ -563,6 +563,11 @@ def test_schema_infer_judges_columns_like_a_careful_user(tmp_path):
     assert "# left out: constant: constant ('web' in every sampled row that has a value)" in text
     assert "# left out: purchase: a second label-like 0/1 column beside 'click'" in text
     assert "# note: genres looks multi-valued (values joined by '|')" in text
+    code, out = _cli(["schema", "infer", tmp_path / "log.csv"])  # the summary a person reads on stderr
+    assert code == 0
+    assert ("600 rows sampled; label: click; time: timestamp (epoch_s), group: user_id "
+            "5 categorical (user_id, item_id, hour, country, genres), 1 numeric (views)") in out
+    assert "left out purchase: a second label-like 0/1 column" in out
 
 
 def test_schema_infer_proposes_min_count_from_the_frequency_profile(tmp_path):

@@ -285,10 +285,9 @@ class Inference:
         cat = [f.name for f in s.fields if f.kind == "categorical"]
         num = [f.name for f in s.fields if f.kind == "numeric"]
         rare = [f.name for f in s.fields if f.kind == "categorical" and f.min_count > 1]
-        roles = ", ".join(f"{r}: {getattr(s, r)}" for r in ("time", "position", "group") if getattr(s, r))
-        lines = [f"{self.source}: {self.sampled:,} rows sampled; label: {s.label}"
-                 + (f"; {roles}" if roles else "")
-                 + (f" (time_format {s.time_format})" if s.time_format else ""),
+        roles = ", ".join(f"{r}: {getattr(s, r)}" + (f" ({s.time_format})" if r == "time" and s.time_format else "")
+                          for r in ("time", "position", "group") if getattr(s, r))
+        lines = [f"{self.source}: {self.sampled:,} rows sampled; label: {s.label}" + (f"; {roles}" if roles else ""),
                  f"{len(cat)} categorical ({', '.join(cat[:8])}{', ...' if len(cat) > 8 else ''}), "
                  f"{len(num)} numeric ({', '.join(num[:8])}{', ...' if len(num) > 8 else ''})"]
         if rare:
