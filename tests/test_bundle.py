@@ -265,6 +265,18 @@ def test_other_schema_in_bundle_is_refused(trained: tuple[Path, pl.DataFrame, Bu
         Bundle.load(swapped)
 
 
+def test_saving_over_a_bundle_replaces_its_files(trained: tuple[Path, pl.DataFrame, Bundle],
+                                                 tmp_path: Path) -> None:
+    out, test_df, _ = trained
+    folder = tmp_path / "b"
+    shutil.copytree(out / "bundle", folder)
+    (folder / "calibrator.json").write_text("{}")  # a part of an older save
+    b = Bundle.load(out / "bundle")
+    b.save(folder)
+    assert not (folder / "calibrator.json").exists()
+    assert np.allclose(Bundle.load(folder).predict(test_df.head(5)), b.predict(test_df.head(5)))
+
+
 def test_non_finite_weights_are_not_saved(trained: tuple[Path, pl.DataFrame, Bundle], tmp_path: Path) -> None:
     out, _, _ = trained
     b = Bundle.load(out / "bundle")

@@ -132,7 +132,10 @@ class Bundle:
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         _check_finite(state, f"cannot save {p}")
         p.mkdir(parents=True, exist_ok=True)
-        (p / MANIFEST).unlink(missing_ok=True)
+        if (p / MANIFEST).exists():  # saving over a bundle: its files go, so none of them outlives it unlisted
+            for name in _bundle_files(p):
+                (p / name).unlink()
+            (p / MANIFEST).unlink()
         self.schema.save(p / "schema.yaml")
         self.encoder.save(p / "encoder")
         save_file(state, str(p / "weights.safetensors"), metadata={"run": self.run})
