@@ -407,10 +407,12 @@ def test_epoch_seconds_train_with_a_time_format(work, tmp_path):
 def test_keep_a_column_that_is_not_a_feature(work, tmp_path):
     rows = work["rows"][:30]
     path = _write(tmp_path / "p.csv", [[f"r{i}"] + r for i, r in enumerate(rows)], header="id," + HEADER)
-    code, out = _cli(["predict", work["bundle"], path, "--out", tmp_path / "s.csv", "--keep", "id,user"])
+    code, out = _cli(["predict", work["bundle"], path, "--out", tmp_path / "s.csv", "--keep", "id,user,click"])
     assert code == 0, out
     scored = pl.read_csv(tmp_path / "s.csv")
-    assert scored.columns == ["id", "user", "pctr"] and scored["id"].to_list() == [f"r{i}" for i in range(30)]
+    assert scored.columns == ["id", "user", "click", "pctr"]
+    assert scored["id"].to_list() == [f"r{i}" for i in range(30)]
+    assert scored["click"].to_list() == [int(r[-1]) for r in rows]
     code, out = _cli(["predict", work["bundle"], path, "--out", tmp_path / "s2.csv", "--keep", "nope"])
     assert code == 2 and "--keep: " in out and "missing columns ['nope']" in out
 

@@ -171,7 +171,9 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
         frame = pl.DataFrame({"pctr": p})
         if cols:
             # the kept columns as text, row for row with the scores (every row was scored, or none)
-            sch = Schema(fields=[Field(name=c) for c in cols], label=b.schema.label, columns=b.schema.columns)
+            # with_label=False reads no label; the schema still names one that is not among the kept columns
+            label = next((c for c in [b.schema.label, *(b.schema.columns or [])] if c not in cols), "_label")
+            sch = Schema(fields=[Field(name=c) for c in cols], label=label, columns=b.schema.columns)
             parts = [c.drop("_line") for c in iter_chunks(file, sch, with_label=False, **kwargs)]
             kept = pl.concat(parts) if parts else pl.DataFrame(schema={c: pl.String for c in cols})
             frame = pl.concat([kept.select(cols), frame], how="horizontal")
