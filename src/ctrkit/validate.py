@@ -9,6 +9,7 @@ field (a missing or misspelled key is an error naming it, as a frame with a miss
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,6 +82,10 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
         raise DataError(f"missing columns {absent}; the data has {df.columns}")
     exprs: list[pl.Expr] = []
     checks: list[pl.Expr] = []
+    # a float column whose sum is finite holds no inf or NaN: only the others are checked row by row
+    floats = [f.name for f in schema.fields if f.kind == "numeric" and types[f.name].is_float()]
+    sums = df.select(pl.col(c).sum() for c in floats).row(0) if floats and df.height else ()
+    suspect = {c for c, v in zip(floats, sums) if v is not None and not math.isfinite(v)}
     for f in schema.fields:
         dtype = types[f.name]
         if f.kind == "categorical":
@@ -96,7 +101,7 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
             val = pl.col(f.name).cast(pl.Float64)
         else:
             raise DataError(f"field {f.name!r} is numeric but the data has type {dtype}")
-        if not dtype.is_integer() and dtype != pl.Boolean:
+        if dtype == pl.String or f.name in suspect:
             checks.append(pl.when(~val.is_finite())
                           .then(pl.lit(f"field {f.name!r}: not a finite number"))
                           .otherwise(None))
