@@ -78,12 +78,22 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _attribution(engine: Engine, impressions: Path, clicks: Path | None, conversions: Path | None,
                  cfg: AttributionConfig, cols: list[str] | None) -> Attribution:
+    from ctrkit.serve.events import is_event_log, measure_frames
+
     for other, what in ((clicks, "--clicks"), (conversions, "--conversions")):
         if other is not None and _same_file(impressions, other):
             raise MeasureError(f"{what} {other} is the impression log itself; give the {what[2:]} log")
-    att = Attribution(engine, str(impressions), str(clicks) if clicks else None,
-                      str(conversions) if conversions else None, cfg, _columns(cols),
-                      names=(str(impressions), str(clicks), str(conversions)))
+    if is_event_log(impressions) and clicks is None and conversions is None:  # a `ctrkit serve` event log
+        try:
+            imps, clk, cnv = measure_frames(impressions)
+        except ValueError as exc:
+            raise MeasureError(str(exc)) from exc
+        att = Attribution(engine, imps, clk, cnv, cfg, _columns(cols),
+                          names=(f"{impressions} impressions", f"{impressions} clicks", f"{impressions} conversions"))
+    else:
+        att = Attribution(engine, str(impressions), str(clicks) if clicks else None,
+                          str(conversions) if conversions else None, cfg, _columns(cols),
+                          names=(str(impressions), str(clicks), str(conversions)))
     _check_values(att, str(impressions))
     return att
 
