@@ -192,6 +192,7 @@ def _everything_but_weights_of_other_run(b: Path, other: Path) -> None:
 def _deleted(name: str):  # noqa: ANN202 - a small factory of tamperings
     def tamper(b: Path, other: Path) -> None:
         (b / name).unlink()
+    tamper.__name__ = f"deleted_{name}"
     return tamper
 
 
@@ -200,6 +201,7 @@ def _manifest_names(name: str):  # noqa: ANN202
         manifest = json.loads((b / "manifest.json").read_text())
         manifest["files"][name] = "0" * 64
         (b / "manifest.json").write_text(json.dumps(manifest))
+    tamper.__name__ = f"manifest_names_{name}"
     return tamper
 
 
