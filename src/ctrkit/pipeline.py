@@ -30,6 +30,7 @@ from ctrkit.evaluate.report import render_report, save_report_data
 from ctrkit.serve.monitor import reference_distribution
 from ctrkit.training.sampling import downsample_negatives, logit_shift
 from ctrkit.training.trainer import TrainConfig, TrainResult, predict_logits, train as train_model
+from ctrkit.validate import DataError, check_labels
 
 @dataclass
 class Run:
@@ -46,6 +47,9 @@ def _resolve_schema(schema: Schema | str | Path | None, fmt: str | None, fields:
     if isinstance(schema, Schema):
         return schema
     if schema is not None:
+        if fields:
+            raise ValueError("--fields names the tokens of a libFM file without a schema; with --schema, list "
+                             "the fields in the schema instead")
         return Schema.load(schema)
     if fmt == "libfm":
         if not fields:
@@ -83,10 +87,13 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     if resume and not out:
         raise ValueError("--resume needs --out, where the checkpoints of the run are")
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
+    created = bool(out) and not Path(out).exists()
     if out:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise DataError(f"--out {out} exists and is not a folder")
         Path(out).mkdir(parents=True, exist_ok=True)
     if valid is None and split == "random" and sch.time and log:
-        log(f"[yellow]warning:[/] --split random although the schema has a time field ({sch.time!r}): "
+        log(f"warning: --split random although the schema has a time field ({sch.time!r}): "
             "validation rows from the same period as training rows overstate what the model will do on "
             "tomorrow's traffic; --split time is the honest choice for a click log")
     work = Path(tempfile.mkdtemp(prefix="ctrkit-data-", dir=str(out) if out else None))
@@ -97,6 +104,13 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             for name, rep in enc.reports.items():
                 log(f"{name}: {rep.summary()}")
             log(f"encoded {enc.rows:,} rows in {enc.seconds:.1f}s; {enc.encoder.n_ids:,} ids")
+        sources = {"train": train_data, "valid": train_data if valid is None else valid, "test": test}
+        for name, part in (("train", "training"), ("valid", "validation"), ("test", "test")):
+            data = enc.data.get(name)
+            if data is not None:
+                src = sources[name]
+                check_labels(np.asarray(data.label), sch, str(src) if isinstance(src, (str, Path)) else "<frame>",
+                             part)
         spec = FeatureSpec.from_encoder(enc.encoder)
         full_train = enc.data["train"]
         train_set = downsample_negatives(full_train, neg_sample_rate, seed)
@@ -154,6 +168,11 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             render_report(Path(out))
         return Run(bundle=bundle, metrics=metrics, result=result, out=Path(out) if out else None,
                    reports={k: r.to_dict() for k, r in enc.reports.items()})
+    except BaseException:
+        # a failed run leaves no half-written output folder behind, unless a checkpoint to resume from is there
+        if created and not (Path(out) / "checkpoints" / "last.pt").exists():  # type: ignore[arg-type]
+            shutil.rmtree(out, ignore_errors=True)  # type: ignore[arg-type]
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
