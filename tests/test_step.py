@@ -15,7 +15,7 @@ from ctrkit.data.dataset import Batch
 from ctrkit.models import build_model
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.training.optim import RowSparseOptimizer, cowclip
-from ctrkit.training.step import BASE_BATCH, LargeBatchRule, TrainStep, large_batch_rule
+from ctrkit.training.step import BASE_BATCH, LargeBatchRule, TrainStep, cpu_threads, large_batch_rule
 
 SIZES = (40, 25, 7)
 SPEC = FeatureSpec(n_ids=sum(SIZES), field_sizes=SIZES, sparse_names=("a", "b", "c"), dense_names=("x", "z"))
@@ -175,3 +175,17 @@ def test_bad_settings_are_named() -> None:
         TrainStep(model(), CPU, compile="yes")
     with pytest.raises(ValueError, match="CUDA graphs need"):
         TrainStep(model(), CPU, graphs=True)
+
+
+def test_cpu_threads_never_exceed_the_cpus_of_the_process() -> None:
+    import os
+
+    n = cpu_threads()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n + 3)
+        TrainStep(model(), CPU)
+        assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,6 @@
 """The inner training step: forward, loss, backward and the optimizer updates, on a CPU or a GPU.
 
-On a CPU the step runs eagerly: embedding tables with sparse gradients get :class:`RowSparseOptimizer`, the
+On a CPU the step runs eagerly, with no more threads than the process has CPUs: embedding tables with sparse gradients get :class:`RowSparseOptimizer`, the
 other weights fused Adam (or Adagrad). On a GPU it is built for the hardware: bf16 autocast for the dense
 layers over fp32 master weights, the forward and backward compiled with torch.compile, each embedding table
 updated only at the rows the batch reads (lazy Adam / Adagrad over static shapes, so nothing waits for the
@@ -13,9 +13,11 @@ A batch ``scale`` times larger than :data:`BASE_BATCH` can get CowClip's rule (:
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,18 @@ from torch import nn
 from ctrkit.data.dataset import Batch
 from ctrkit.models.base import CTRModel
 from ctrkit.training.optim import RowSparseOptimizer, cowclip, update_rows_
+
+
+def cpu_threads() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup (container) CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 BASE_BATCH = 4096
@@ -102,6 +116,8 @@ class TrainStep:
             raise ValueError(f"compile must be one of {COMPILE}, got {compile!r}")
         self.model, self.device, self.bf16, self.rule, self.loss = model, device, bf16, rule, loss
         self.cuda = device.type == "cuda"
+        if device.type == "cpu" and torch.get_num_threads() > cpu_threads():
+            torch.set_num_threads(cpu_threads())  # more threads than CPUs only adds switching
         self.graphs = self.cuda if graphs is None else graphs
         if self.graphs and not (self.cuda and (row_updates is None or row_updates)):
             raise ValueError("CUDA graphs need device='cuda' and row updates")
@@ -221,13 +237,13 @@ class TrainStep:
             lr = scale if self.optimizer == "adam" else self._lr_rows
             update_rows_(m.weight, rows, grad, state, self.optimizer, lr, b1, b2, self.eps)
 
-    def _run(self, batch: Batch) -> None:
+    def _run(self, batch: Batch, compiled: bool = True) -> None:
         """Forward, backward and every update, as plain device work (what the CUDA graph records)."""
         for o in self.opts:
             o.zero_grad(set_to_none=True)
         for m in self._tables:
             m.weight.grad = None
-        loss, total = self._forward(batch)
+        loss, total = (self._forward if compiled else self._forward_loss)(batch)
         total.backward()
         if not self._checked and self._tables:
             self._check_rows(batch)
@@ -253,8 +269,8 @@ class TrainStep:
             self._graph.replay()  # type: ignore[union-attr]
         elif self._static is None and self._calls > WARMUP_STEPS:
             self._capture(batch)
-        else:
-            self._run(batch)  # warm-up, or a batch of another shape (the last of an epoch)
+        else:  # warm-up, or a batch of another shape (the last of an epoch): eager, so nothing recompiles
+            self._run(batch, compiled=self._static is None)
 
     def _fits(self, batch: Batch) -> bool:
         s = self._static
