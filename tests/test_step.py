@@ -4,6 +4,7 @@ large-batch rule, compiled against eager, and the asynchronous loss."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -189,3 +190,20 @@ def test_cpu_threads_never_exceed_the_cpus_of_the_process() -> None:
         assert torch.get_num_threads() == n
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_failed_compile_warns_and_trains_eagerly() -> None:
+    m = model()
+    step = TrainStep(m, CPU, lr=0.05, compile="on", row_updates=True)
+
+    def broken(batch: Batch) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    step._compiled = broken
+    before = m.embedding.table.weight.detach().clone()
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler.*training eagerly"):
+        step(batches(1, 16, seed=6)[0])
+    assert not torch.equal(before, m.embedding.table.weight.detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the step stays eager
+        step(batches(1, 16, seed=7)[0])

@@ -162,7 +162,8 @@ class TrainStep:
         self._pending = 0
         self._checked = False
         want_compile = compile == "on" or (compile == "auto" and self.cuda)
-        self._forward = torch.compile(self._forward_loss, dynamic=False) if want_compile else self._forward_loss
+        self._compiled = torch.compile(self._forward_loss, dynamic=False) if want_compile else None
+        self._compiled_once = False
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: Batch | None = None
 
@@ -197,6 +198,23 @@ class TrainStep:
         reg = self.model.regularization()
         total = loss + self._l2_factor * reg if reg is not None else loss
         return loss.detach(), total
+
+    def _forward_compiled(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled forward; if compiling fails (no compiler toolchain, an op it cannot trace), say so once
+        and train eagerly: an error of the model itself then surfaces from the eager call."""
+        if self._compiled is None:
+            return self._forward_loss(batch)
+        if self._compiled_once:
+            return self._compiled(batch)
+        try:
+            out = self._compiled(batch)
+        except Exception as err:  # noqa: BLE001 - any compiler failure; the eager call below re-raises real errors
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training eagerly",
+                          stacklevel=3)
+            self._compiled = None
+            return self._forward_loss(batch)
+        self._compiled_once = True
+        return out
 
     def _row_ids(self, batch: Batch, weight: torch.Tensor) -> torch.Tensor:
         """The rows of a table this batch can read: every id of the batch (sequence ids too)."""
@@ -243,7 +261,7 @@ class TrainStep:
             o.zero_grad(set_to_none=True)
         for m in self._tables:
             m.weight.grad = None
-        loss, total = (self._forward if compiled else self._forward_loss)(batch)
+        loss, total = self._forward_compiled(batch) if compiled else self._forward_loss(batch)
         total.backward()
         if not self._checked and self._tables:
             self._check_rows(batch)
