@@ -164,6 +164,7 @@ class TrainStep:
         want_compile = compile == "on" or (compile == "auto" and self.cuda)
         self._compiled = torch.compile(self._forward_loss, dynamic=False) if want_compile else None
         self._compiled_once = False
+        self._widest = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: Batch | None = None
 
@@ -285,10 +286,17 @@ class TrainStep:
         if self._static is not None and self._fits(batch):
             self._copy_in(batch)
             self._graph.replay()  # type: ignore[union-attr]
-        elif self._static is None and self._calls > WARMUP_STEPS:
-            self._capture(batch)
-        else:  # warm-up, or a batch of another shape (the last of an epoch): eager, so nothing recompiles
-            self._run(batch, compiled=self._static is None)
+        elif self._static is None and self._calls > WARMUP_STEPS and len(batch) >= self._widest:
+            self._capture(batch)  # the shape of a full batch, not of an epoch's last one
+        elif self._static is None:  # warm-up on a side stream, as CUDA graph capture wants it
+            self._widest = max(self._widest, len(batch))
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._run(batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:  # a batch of another shape (the last of an epoch): eager, so that nothing recompiles
+            self._run(batch, compiled=False)
 
     def _fits(self, batch: Batch) -> bool:
         s = self._static
