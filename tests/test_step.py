@@ -207,3 +207,42 @@ def test_a_failed_compile_warns_and_trains_eagerly() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning: the step stays eager
         step(batches(1, 16, seed=7)[0])
+
+
+@pytest.mark.parametrize("row_updates", [False, True])
+def test_a_step_restored_from_its_state_continues_exactly(row_updates: bool) -> None:
+    bs = batches(5, 32, seed=8)
+    rule = LargeBatchRule(scale=2.0, warmup_steps=4)
+
+    def make() -> tuple[torch.nn.Module, TrainStep]:
+        m = model("deepfm", dropout=0.0)
+        return m, TrainStep(m, CPU, lr=0.02, rule=rule, row_updates=row_updates)
+
+    m1, s1 = make()
+    for b in bs[:3]:
+        s1(b)
+    weights, state = {k: v.clone() for k, v in m1.state_dict().items()}, s1.state_dict()
+    for b in bs[3:]:
+        s1(b)
+    m2, s2 = make()
+    m2.load_state_dict(weights)
+    s2.load_state_dict(state)
+    for b in bs[3:]:
+        s2(b)
+    for k, v in m1.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="belongs to a step with other"):
+        TrainStep(model(), CPU, optimizer="adam", row_updates=row_updates).load_state_dict(
+            {**state, "opts": state["opts"][:1]} if len(state["opts"]) > 1 else {**state, "opts": []})
+
+
+def test_the_first_nonfinite_step_is_kept() -> None:
+    step = TrainStep(model(), CPU, lr=0.01)
+    bs = batches(4, 16, seed=9)
+    step(bs[0])
+    assert step.first_nonfinite() is None
+    bad = Batch(ids=bs[1].ids, dense=bs[1].dense.clone(), label=bs[1].label)
+    bad.dense[0, 0] = float("inf")  # inf * weight - inf ... makes the loss NaN
+    step(bad)
+    step(bs[2])
+    assert step.first_nonfinite() == 2

@@ -93,6 +93,13 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         pos.index_copy_(0, rows, torch.arange(len(rows), device=idx.device))
         return rows, pos.index_select(0, idx)
 
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Restore moments and step counts; the scratch buffers of :meth:`_distinct` are rebuilt on use."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            st.pop("mark", None)
+            st.pop("pos", None)
+
     @torch.no_grad()
     def step(self, closure: object = None) -> None:  # type: ignore[override]
         """Apply one update to the rows present in each parameter's sparse gradient."""

@@ -12,11 +12,13 @@ A batch ``scale`` times larger than :data:`BASE_BATCH` can get CowClip's rule (:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -156,6 +158,8 @@ class TrainStep:
             if dense:
                 self.opts.append(self._dense_optimizer(dense, self._dense_lr, weight_decay))
         self._loss_sum = torch.zeros((), device=device)
+        self._step_no = torch.zeros((), dtype=torch.int64, device=device)
+        self._bad = torch.full((), -1, dtype=torch.int64, device=device)
         self._loss_n = 0
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
@@ -272,6 +276,8 @@ class TrainStep:
             for o in self.opts:
                 o.step()
             self._loss_sum += loss
+            self._step_no += 1
+            self._bad.copy_(torch.where((self._bad < 0) & ~torch.isfinite(total.detach()), self._step_no, self._bad))
 
     # ---- the public step ---------------------------------------------------------------------------------------
 
@@ -381,6 +387,36 @@ class TrainStep:
             self._loss_sum.zero_()
             self._pending, self._loss_n = self._loss_n, 0
         return value
+
+    def first_nonfinite(self) -> int | None:
+        """The first step (1-based, counted since this step was built) whose loss was NaN or infinite, or None.
+
+        Kept on the device and read here, with one sync: call it every few steps, not every step.
+        """
+        bad = int(self._bad)
+        return bad if bad >= 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of everything the updates remember (optimizer states, row moments, step counts), for a
+        checkpoint."""
+        rows = [[t.detach().cpu().clone() for t in st] for st in self._row_state] if self.row_updates else []
+        return {"opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "rows": rows, "calls": self._calls,
+                "t": float(self._t) if self.row_updates else 0.0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a step built the same way."""
+        if len(state["opts"]) != len(self.opts) or len(state["rows"]) != (len(self._row_state)
+                                                                         if self.row_updates else 0):
+            raise ValueError("the saved training state belongs to a step with other optimizers or tables")
+        for o, s in zip(self.opts, state["opts"], strict=True):
+            o.load_state_dict(s)
+        if self.row_updates:
+            for st, saved in zip(self._row_state, state["rows"], strict=True):
+                for t, v in zip(st, saved, strict=True):
+                    t.copy_(v)
+            self._t.fill_(state["t"])
+        self._calls = state["calls"]
+        self._set_dense_lr(self._base_lr * self._warmup_factor(self._calls + 1))
 
     def close(self) -> None:
         """Wait for the queued steps, drop the graph and give the tables back their sparse gradients."""
