@@ -179,8 +179,8 @@ def main() -> None:
     names = (tuple(gen.CAT), tuple(gen.NUM))
     spec = FeatureSpec(n_ids=sum(field_sizes), field_sizes=field_sizes, sparse_names=names[0], dense_names=names[1])
     out["n_ids"] = spec.n_ids
-    parts_np = {k: split(arrays, *b) for k, b in
-                (("train", (0, args.rows)), ("valid", (args.rows, args.rows + n_va)), ("test", (args.rows + n_va, total)))}
+    bounds = {"train": (0, args.rows), "valid": (args.rows, args.rows + n_va), "test": (args.rows + n_va, total)}
+    parts_np = {k: split(arrays, *b) for k, b in bounds.items()}
     data = {k: EncodedData(**v) for k, v in parts_np.items()}
     model = None
 

@@ -1,11 +1,12 @@
 """The inner training step: forward, loss, backward and the optimizer updates, on a CPU or a GPU.
 
-On a CPU the step runs eagerly, with no more threads than the process has CPUs: embedding tables with sparse gradients get :class:`RowSparseOptimizer`, the
-other weights fused Adam (or Adagrad). On a GPU it is built for the hardware: bf16 autocast for the dense
-layers over fp32 master weights, the forward and backward compiled with torch.compile, each embedding table
-updated only at the rows the batch reads (lazy Adam / Adagrad over static shapes, so nothing waits for the
-host), fused capturable Adam for the dense weights, and the whole step (copy-in, forward, backward, updates)
-captured once in a CUDA graph and replayed. The loss is summed on the device and read asynchronously.
+On a CPU the step runs eagerly, with no more threads than the process has CPUs: embedding tables with sparse
+gradients get :class:`RowSparseOptimizer`, the other weights fused Adam (or Adagrad). On a GPU it is built
+for the hardware: bf16 autocast for the dense layers over fp32 master weights, the forward and backward
+compiled with torch.compile, each embedding table updated only at the rows the batch reads (lazy Adam /
+Adagrad over static shapes, so nothing waits for the host), fused capturable Adam for the dense weights, and
+the whole step (copy-in, forward, backward, updates) captured once in a CUDA graph and replayed. The loss is
+summed on the device and read asynchronously.
 
 A batch ``scale`` times larger than :data:`BASE_BATCH` can get CowClip's rule (:class:`LargeBatchRule`).
 """
@@ -18,8 +19,8 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ def cpu_threads() -> int:
     except (OSError, ValueError):
         pass
     return n
+
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 BASE_BATCH = 4096
@@ -101,13 +103,13 @@ def _tables(model: nn.Module) -> list[nn.Embedding]:
 
 
 class TrainStep:
-    """``step(batch)`` trains ``model`` on one batch and returns the loss as a device tensor (no host sync).
+    """``step(batch)`` trains ``model`` on one batch; on a GPU nothing in it waits for the device.
 
     ``lr``, ``optimizer`` ("adam" / "adagrad") and ``weight_decay`` apply to every weight; ``rule`` is the
     large-batch rule or None; ``compile`` ("auto" = on a GPU) compiles the forward and backward; ``graphs``
     captures the step in a CUDA graph and ``row_updates`` updates tables from dense gradients at the batch's
-    rows instead of through sparse gradients (both default to on a GPU). :meth:`loss_mean` reads the mean loss since the
-    last read without waiting for the device; :meth:`close` gives the model back as it was built.
+    rows instead of through sparse gradients (both default to on a GPU). :meth:`loss_mean` reads the mean loss
+    since the last read without waiting for the device; :meth:`close` gives the model back as it was built.
     """
 
     def __init__(self, model: CTRModel, device: torch.device, lr: float = 1e-3, optimizer: str = "adam",
@@ -145,7 +147,7 @@ class TrainStep:
             self._counts = [torch.zeros(m.weight.shape[0], device=device) for m in tables] if rule else []
             if optimizer == "adam" and self.cuda:  # a device-side learning rate, so a captured step sees changes
                 self._lr_dense = torch.tensor(self._dense_lr, device=device)
-            else:
+            elif self.cuda:
                 self.graphs = False  # torch's Adagrad cannot be captured
             if dense:
                 self.opts.append(self._dense_optimizer(dense, self._lr_dense if self._lr_dense is not None
