@@ -281,7 +281,7 @@ def _child_train(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT.parent / "shared" / "peers"))
+    sys.path.insert(0, os.environ.get("PEERS_HARNESS", str(ROOT.parent / "shared" / "peers")))
     from benchutil import StepTimer
 
     from ctrkit.data.dataset import EncodedData
