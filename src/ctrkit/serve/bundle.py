@@ -25,7 +25,7 @@ from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
 from ctrkit.data.readers import DataError, ReadReport, Source, coerce_chunk, iter_chunks
 from ctrkit.evaluate.metrics import evaluate
-from ctrkit.models.base import CTRModel, ModelConfig, build_model
+from ctrkit.models.base import CTRModel, build_model, model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
 
@@ -105,15 +105,15 @@ class Bundle:
             raise BundleError(f"{p}: the encoder ({encoder.fingerprint()}) is not the one the model was "
                               f"trained with ({meta['encoder']})")
         spec = FeatureSpec.from_dict(meta["spec"])
-        model = build_model(meta["model"], spec, ModelConfig.from_dict(meta["config"]))
+        model = build_model(meta["model"], spec, model_class(meta["model"]).config_class.from_dict(meta["config"]))
         state = load_file(str(p / "weights.safetensors"))
         expected = model.state_dict()
         if set(state) != set(expected):
             raise BundleError(f"{p}: weights do not match model {meta['model']!r} "
                               f"(missing {sorted(set(expected) - set(state))[:5]}, "
                               f"unexpected {sorted(set(state) - set(expected))[:5]})")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
+        for k, v in state.items():  # a module's extra state (fitted trees as bytes) has the length it has
+            if v.shape != expected[k].shape and not k.endswith("_extra_state"):
                 raise BundleError(f"{p}: weight {k} has shape {tuple(v.shape)}, the model expects "
                                   f"{tuple(expected[k].shape)}")
         model.load_state_dict(state)
