@@ -77,7 +77,7 @@ def train(
     schema: Optional[Path] = typer.Option(None, help="Schema YAML (see `ctrkit schema infer`)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm (default: from the file name)."),
     fields: Optional[str] = typer.Option(None, help="libFM: the field of each token, comma-separated."),
-    model: str = typer.Option("deepfm", help="Model name: lr, fm, deepfm."),
+    model: str = typer.Option("deepfm", help="Model name (see the README's model table): lr, fm, ffm, deepfm, dcnv2, ..."),
     out: Path = typer.Option(..., help="Output folder: bundle/ and metrics.json are written there."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default 4096)."),
@@ -165,6 +165,42 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
     else:
         frame.write_parquet(out)
     err.print(f"{len(p):,} rows scored -> {out}")
+
+
+@app.command()
+def explain(bundle: Path = typer.Argument(..., help="A bundle folder."),
+            file: Path = typer.Argument(..., help="Records in the bundle's schema (the label is not needed)."),
+            rows: int = typer.Option(100_000, help="Explain the first ROWS rows."),
+            top: int = typer.Option(10, help="How many field pairs to list."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+            fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
+    """Rank the fields (and field pairs) by what the model shows: AutoInt / FAT attention, FiBiNET's SENet
+    gates, DCN's cross weights."""
+    from ctrkit.evaluate.explain import explain_bundle
+    from ctrkit.serve.bundle import Bundle, BundleError
+
+    try:
+        result = explain_bundle(Bundle.load(bundle), file, max_rows=rows, top=top, **({"fmt": fmt} if fmt else {}))
+    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=1) + "\n")
+        return
+    table = Table(title=f"{result.model}: {result.kind}, {result.rows:,} rows")
+    table.add_column("rank", justify="right")
+    table.add_column("field")
+    table.add_column("score", justify="right")
+    for rank, (name, score) in enumerate(result.fields, 1):
+        table.add_row(str(rank), name, f"{score:.4f}")
+    Console().print(table)
+    if result.pairs:
+        pairs = Table(title="top field pairs")
+        pairs.add_column("rank", justify="right")
+        pairs.add_column("pair")
+        pairs.add_column("score", justify="right")
+        for rank, (a, b, score) in enumerate(result.pairs, 1):
+            pairs.add_row(str(rank), f"{a} x {b}", f"{score:.4f}")
+        Console().print(pairs)
 
 
 @app.command()

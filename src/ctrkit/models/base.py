@@ -131,6 +131,12 @@ class CTRModel(nn.Module):
         penalty, self._penalty = self._penalty, None
         return penalty if self.training else None
 
+    def explain(self, batch: Any) -> dict[str, torch.Tensor]:
+        """What the model can show about a batch: "fields" [B, F] weights and / or "pairs" [B, F, F] scores
+        (row i's weight on field j). Models without such weights say so."""
+        shows = sorted(n for n, c in _REGISTRY.items() if c.explain is not CTRModel.explain)
+        raise ValueError(f"model {self.name!r} has no field weights to show; models that do: {shows}")
+
     def fit_features(self, data: Any) -> None:
         """Learn whatever the model derives from the training data before the first step (an
         :class:`~ctrkit.data.dataset.EncodedData`); most models derive nothing."""

@@ -57,6 +57,22 @@ class _CrossModel(CTRModel):
         h = torch.cat([crossed, self.mlp(x0)], dim=1) if self.parallel else self.mlp(crossed)
         return self.out(h).squeeze(-1)
 
+    def explain(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The cross layers' weights by field, the same for every row: DCN's |w_l| per field block ("fields"),
+        DCN-V2's |W_l| per (output field, input field) block ("pairs"; for the mixture, sum_e |U_e C_e V_e^T|,
+        the experts without their tanh), averaged over layers."""
+        f, d, b = self.spec.n_fields, self.config.embed_dim, len(batch)
+        if isinstance(self.cross, CrossNet):
+            w = self.cross.weight.detach().view(-1, f, d)
+            return {"fields": w.norm(dim=2).mean(dim=0).expand(b, f)}
+        if isinstance(self.cross, CrossNetV2):
+            w = torch.stack([layer.weight.detach() for layer in self.cross.layers])
+        else:
+            m = self.cross
+            w = torch.einsum("leds,lers,lefr->ledf", m.u.detach(), m.c.detach(), m.v.detach()).abs().sum(dim=1)
+        blocks = w.view(-1, f, d, f, d).norm(dim=(2, 4)).mean(dim=0)
+        return {"pairs": blocks.expand(b, f, f)}
+
 
 @register
 class DCN(_CrossModel):
