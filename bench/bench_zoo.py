@@ -88,6 +88,19 @@ def summarise(rows: list[dict], models: list[str], datasets: Path) -> list[dict]
     return table
 
 
+def markdown(table: list[dict]) -> str:
+    """The table as the Markdown BENCHMARKS.md holds."""
+    lines = ["| model | seeds | test AUC mean (spread) | test logloss mean (spread) | parameters | s / epoch | "
+             "step ms | step / DeepFM's | BARS AUC | mean >= BARS - 0.001 |", "|" + "---|" * 10]
+    for t in table:
+        rel = f"{t['step_vs_deepfm']:.2f}" if t["step_vs_deepfm"] is not None else ""
+        ok = "" if t["meets_bars"] is None else ("yes" if t["meets_bars"] else "**no**")
+        lines.append(f"| {t['model']} | {t['seeds']} | {t['auc_mean']:.5f} ({t['auc_spread']:.5f}) | "
+                     f"{t['logloss_mean']:.5f} ({t['logloss_spread']:.5f}) | {t['parameters']:,} | "
+                     f"{t['epoch_seconds']:.1f} | {t['step_ms']:.0f} | {rel} | {t['bars_auc'] or ''} | {ok} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Run the missing (model, seed) pairs, then print and write the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,6 +142,7 @@ def main() -> None:
         print(f"{t['model']:13} {t['seeds']:5d} {t['auc_mean']:9.5f} {t['auc_spread']:7.5f} {t['logloss_mean']:8.5f} "
               f"{t['logloss_spread']:7.5f} {t['parameters']:10,d} {t['epoch_seconds']:8.2f} {t['step_ms']:8.1f} "
               f"{rel:>8} {bars:>7}  {ok}")
+    print("\n" + markdown(table))
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
               "command": "python bench/bench_zoo.py " + " ".join(sys.argv[1:]), "table": table, "rows": rows}
