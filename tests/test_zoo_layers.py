@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 
 from ctrkit.nn.attention import FieldAwareAttention, FieldSelfAttention
-from ctrkit.nn.gating import BilinearFusion, FactorizedInteraction, FeatureGate, FieldGate, FinalBlock
+from ctrkit.nn.gating import BilinearFusion, FactorizedInteraction, FeatureGate, FieldGate
+from ctrkit.nn.mlp import MLP
 from ctrkit.nn.interactions import (CIN, BilinearInteraction, CrossNet, CrossNetMix, CrossNetV2, DotInteraction,
                                     FieldAwareInteraction, SENet, field_pairs)
 
@@ -242,8 +243,7 @@ def test_finalnet_block_pieces_equal_their_formulas() -> None:
     for s in range(4):
         h2, h1 = w[:3] @ x[s] + bias[:3], w[3:] @ x[s] + bias[3:]
         close(fi(x)[s], h2 + h1 * h2)
-    block = randomised(FinalBlock(5, (3, 2), batch_norm=False))
+    block = randomised(MLP(5, (3, 2), None, layer=FactorizedInteraction))
     layers = [m for m in block if isinstance(m, FactorizedInteraction)]
+    assert len(layers) == 2
     close(block(x), torch.relu(layers[1](torch.relu(layers[0](x)))))
-    with pytest.raises(ValueError, match="at least one layer"):
-        FinalBlock(5, ())

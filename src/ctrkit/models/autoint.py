@@ -9,7 +9,7 @@ from torch import nn
 
 from ctrkit.data.dataset import Batch
 from ctrkit.models.base import CTRModel, ModelConfig, register
-from ctrkit.nn.attention import FieldSelfAttention
+from ctrkit.nn.attention import FieldSelfAttention, attend
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureSpec
 from ctrkit.nn.mlp import MLP
 
@@ -51,22 +51,14 @@ class AutoInt(CTRModel):
         self.out = nn.Linear(spec.n_fields * d, 1)
         self.mlp = MLP(spec.n_fields * cfg.embed_dim, cfg.hidden, 1, cfg.dropout, cfg.batch_norm) if self.deep else None
 
-    def attend(self, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(output of the last interacting layer [B, F, d], attention of every layer [B, heads, F, F])."""
-        x, maps = emb, []
-        for layer in self.attention:
-            x, a = layer(x)
-            maps.append(a)
-        return x, maps
-
     def forward(self, batch: Batch) -> torch.Tensor:
         emb = self.embed_fields(batch)
-        logit = self.out(self.attend(emb)[0].flatten(1)).squeeze(-1)
+        logit = self.out(attend(self.attention, emb)[0].flatten(1)).squeeze(-1)
         return logit if self.mlp is None else logit + self.mlp(emb.flatten(1)).squeeze(-1)
 
     def explain(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Attention of the first interacting layer, averaged over heads: pairs [B, F, F] (row i attends to j)."""
-        return {"pairs": self.attend(self.embedding(batch))[1][0].mean(dim=1)}
+        return {"pairs": attend(self.attention, self.embedding(batch))[1][0].mean(dim=1)}
 
 
 @register

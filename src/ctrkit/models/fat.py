@@ -20,7 +20,7 @@ from torch import nn
 
 from ctrkit.data.dataset import Batch
 from ctrkit.models.base import CTRModel, ModelConfig, register
-from ctrkit.nn.attention import FieldAwareAttention
+from ctrkit.nn.attention import FieldAwareAttention, attend
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureSpec
 from ctrkit.nn.mlp import MLP
 
@@ -60,17 +60,9 @@ class FAT(CTRModel):
                                     for _ in range(cfg.attn_layers))
         self.mlp = MLP(f * d, cfg.hidden, 1, cfg.dropout, cfg.batch_norm)
 
-    def attend(self, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(output of the last block [B, F, D], attention of every block [B, heads, F, F])."""
-        x, maps = emb, []
-        for block in self.blocks:
-            x, a = block(x)
-            maps.append(a)
-        return x, maps
-
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.mlp(self.attend(self.embed_fields(batch))[0].flatten(1)).squeeze(-1)
+        return self.mlp(attend(self.blocks, self.embed_fields(batch))[0].flatten(1)).squeeze(-1)
 
     def explain(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Attention of the first block, averaged over heads: pairs [B, F, F] (row i attends to j)."""
-        return {"pairs": self.attend(self.embedding(batch))[1][0].mean(dim=1)}
+        return {"pairs": attend(self.blocks, self.embedding(batch))[1][0].mean(dim=1)}

@@ -10,7 +10,7 @@ from torch import nn
 from ctrkit.data.dataset import Batch
 from ctrkit.models.base import CTRModel, ModelConfig, register
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureSpec
-from ctrkit.nn.gating import BilinearFusion, FeatureGate, FieldGate, FinalBlock
+from ctrkit.nn.gating import BilinearFusion, FactorizedInteraction, FeatureGate, FieldGate
 from ctrkit.nn.mlp import MLP
 
 
@@ -74,9 +74,9 @@ class FinalNetConfig(ModelConfig):
 
 @register
 class FinalNet(CTRModel):
-    """logit = w^T FinalBlock([E, g * E]) (averaged with a second block over E when ``hidden2`` is set).
+    """logit = w^T block([E, g * E]) (averaged with a second block over E when ``hidden2`` is set).
 
-    A FinalBlock replaces each linear layer of an MLP with a factorized interaction h2 + h1 * h2, which
+    A block is an MLP that replaces each linear layer of an MLP with a factorized interaction h2 + h1 * h2, which
     adds second-order terms at every depth.
     """
 
@@ -89,16 +89,15 @@ class FinalNet(CTRModel):
         f, d = spec.n_fields, cfg.embed_dim
         self.embedding = FeatureEmbedding(spec, d, sparse=bool(cfg.sparse_grad), init_std=cfg.init_std)
         self.gate = FieldGate(f) if cfg.field_gate else None
-        self.block1 = FinalBlock((2 * f if cfg.field_gate else f) * d, cfg.hidden or (d,), cfg.dropout,
-                                 cfg.batch_norm)
-        self.out1 = nn.Linear(self.block1.out_features, 1)
-        self.block2 = FinalBlock(f * d, cfg.hidden2, cfg.dropout, cfg.batch_norm) if cfg.hidden2 else None
-        self.out2 = nn.Linear(self.block2.out_features, 1) if self.block2 is not None else None
+        self.block1 = MLP((2 * f if cfg.field_gate else f) * d, cfg.hidden or (d,), 1, cfg.dropout, cfg.batch_norm,
+                          layer=FactorizedInteraction)
+        self.block2 = (MLP(f * d, cfg.hidden2, 1, cfg.dropout, cfg.batch_norm, layer=FactorizedInteraction)
+                       if cfg.hidden2 else None)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         emb = self.embed_fields(batch)
         gated = self.gate(emb) if self.gate is not None else emb
-        logit = self.out1(self.block1(gated.flatten(1))).squeeze(-1)
-        if self.block2 is None or self.out2 is None:
+        logit = self.block1(gated.flatten(1)).squeeze(-1)
+        if self.block2 is None:
             return logit
-        return 0.5 * (logit + self.out2(self.block2(emb.flatten(1))).squeeze(-1))
+        return 0.5 * (logit + self.block2(emb.flatten(1)).squeeze(-1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,15 @@ class FieldSelfAttention(nn.Module):
         if self.res is not None:
             out = out + self.res(x)
         return F.relu(out), attn
+
+
+def attend(blocks: Iterable[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run attention blocks one after the other: (last output, each block's attention [B, heads, F, F])."""
+    maps = []
+    for block in blocks:
+        x, a = block(x)
+        maps.append(a)
+    return x, maps
 
 
 def _per_field(n_fields: int, d_in: int, d_out: int) -> nn.Parameter:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ctrkit.nn.mlp import MLP, Dropout
+from ctrkit.nn.mlp import MLP
 
 
 class FeatureGate(nn.Module):
@@ -58,7 +58,10 @@ class FieldGate(nn.Module):
 
 
 class FactorizedInteraction(nn.Module):
-    """FinalNet's replacement of a linear layer: [h2, h1] = W x + b, out = h2 + h1 * h2 (second-order terms)."""
+    """FinalNet's replacement of a linear layer: [h2, h1] = W x + b, out = h2 + h1 * h2 (second-order terms).
+
+    FinalNet's block is ``MLP(..., layer=FactorizedInteraction)``: this map, batch norm, ReLU, dropout per layer.
+    """
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -67,23 +70,3 @@ class FactorizedInteraction(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h2, h1 = self.linear(x).chunk(2, dim=-1)
         return h2 + h1 * h2
-
-
-class FinalBlock(nn.Sequential):
-    """FinalNet's block: FactorizedInteraction -> [BatchNorm] -> ReLU -> [Dropout] per layer -> [B, hidden[-1]]."""
-
-    def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0, batch_norm: bool = True) -> None:
-        if not hidden:
-            raise ValueError("a FinalNet block needs at least one layer")
-        layers: list[nn.Module] = []
-        d = in_dim
-        for h in hidden:
-            layers.append(FactorizedInteraction(d, h))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(h))
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(Dropout(dropout))
-            d = h
-        super().__init__(*layers)
-        self.out_features = d
