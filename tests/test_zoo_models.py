@@ -175,3 +175,24 @@ def test_gbdt_lr_leaves_are_fields_of_an_lr() -> None:
     restored = build_model("gbdt_lr", SPEC, trees=5, leaves=4, min_child_samples=5)
     restored.load_state_dict(model.state_dict())
     torch.testing.assert_close(restored(batch), model(batch))
+
+
+def test_cli_set_passes_typed_model_settings(log: tuple, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctrkit.cli import app
+
+    tr, va, _ = log
+    tr.write_csv(tmp_path / "train.csv")
+    va.write_csv(tmp_path / "valid.csv")
+    synth_schema().save(tmp_path / "schema.yaml")
+    args = ["train", str(tmp_path / "train.csv"), "--valid", str(tmp_path / "valid.csv"), "--schema",
+            str(tmp_path / "schema.yaml"), "--model", "deepfm", "--epochs", "1", "--quiet", "--embed-dim", "4"]
+    out = CliRunner().invoke(app, args + ["--out", str(tmp_path / "a"), "--set", "fm=false", "--set", "hidden=[8]"])
+    assert out.exit_code == 0, out.output
+    config = json.loads((tmp_path / "a" / "bundle" / "model.json").read_text())["config"]
+    assert config["fm"] is False and config["hidden"] == [8]
+    out = CliRunner().invoke(app, args + ["--out", str(tmp_path / "b"), "--set", "fm"])
+    assert out.exit_code == 2 and "KEY=VALUE" in out.output
+    out = CliRunner().invoke(app, args + ["--out", str(tmp_path / "c"), "--set", "depth=3"])
+    assert out.exit_code == 2 and "unknown model settings ['depth']" in out.output

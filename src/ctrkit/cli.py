@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -83,6 +84,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default 4096)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per model)."),
     embed_dim: Optional[int] = typer.Option(None, help="Embedding size (default per model)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="A model setting KEY=VALUE (a YAML value), "
+                                                 "repeatable: --set fm=false --set hidden=[256,128]."),
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
@@ -93,10 +96,16 @@ def train(
     from ctrkit.pipeline import train as run_train
 
     field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
+    options = {}
+    for item in settings or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set fm=false")
+        options[key.strip()] = yaml.safe_load(value)
     try:
         run = run_train(train_file, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
-                        seed=seed, device=device, bad_rows=bad_rows, progress=not quiet,
+                        seed=seed, device=device, bad_rows=bad_rows, progress=not quiet, model_options=options,
                         train_options={"precision": precision},
                         log=None if quiet else err.print)
     except (SchemaError, DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
