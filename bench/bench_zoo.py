@@ -10,7 +10,9 @@ an interrupted invocation resumes. `--peers` adds FuxiCTR's DCNv2 and FinalMLP w
     python bench/bench_zoo.py --models deepfm,fibinet --seeds 0
 
 Prints the table (test AUC / logloss mean and spread, parameters, seconds per epoch, training step time relative
-to DeepFM's, BARS target) and writes bench/results/zoo.json.
+to DeepFM's, BARS target) and writes bench/results/zoo.json. The step times come from one interleaved timing at the
+end: every model with its defaults takes one training step on the same Frappe-shaped batch in turn (so they share
+whatever load the machine has), and the median over 12 steps is kept.
 """
 
 from __future__ import annotations
@@ -64,11 +66,59 @@ def run_one(model: str, seed: int, work: Path) -> dict:
     return row
 
 
-def summarise(rows: list[dict], models: list[str], datasets: Path) -> list[dict]:
-    """One line per model: means and spreads over its seeds, step time relative to DeepFM's."""
+def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: int = 4096) -> dict[str, float]:
+    """Median seconds of one training step (forward, loss, backward, optimizer) of each model with its defaults on
+    Frappe-shaped random batches, the models taking turns step by step so that they share the machine's load."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ctrkit.data.dataset import Batch, EncodedData
+    from ctrkit.models import build_model
+    from ctrkit.nn.embedding import FeatureSpec
+    from ctrkit.training.trainer import TrainConfig, _optimizers, cpu_has_bf16
+
+    spec = FeatureSpec.from_dict(json.loads(spec_json.read_text())["spec"])
+    gen = np.random.default_rng(0)
+    offsets = np.cumsum((0,) + spec.field_sizes[:-1])
+    ids = (gen.integers(0, np.array(spec.field_sizes), (20 * batch_size, spec.n_sparse)) + offsets).astype(np.int32)
+    label = gen.integers(0, 2, len(ids)).astype(np.float32)
+    data = EncodedData(ids, np.zeros((len(ids), 0), np.float32), label)
+    bf16 = cpu_has_bf16()
+    nets = {}
+    for m in models:
+        torch.manual_seed(0)
+        net = build_model(m, spec)
+        net.fit_features(data)
+        net.train()
+        nets[m] = (net, _optimizers(net, TrainConfig()))
+    times: dict[str, list[float]] = {m: [] for m in models}
+    for step in range(steps + 2):
+        rows = gen.integers(0, len(ids), batch_size)
+        batch = Batch(torch.from_numpy(ids[rows]), torch.zeros(batch_size, 0), torch.from_numpy(label[rows]))
+        for m, (net, opts) in nets.items():
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = net(batch)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
+            reg = net.regularization()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            (loss + reg if reg is not None else loss).backward()
+            for o in opts:
+                o.step()
+            if step >= 2:  # two warm-up steps
+                times[m].append(time.perf_counter() - t0)
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def summarise(rows: list[dict], models: list[str], datasets: Path, steps: dict[str, float] | None = None) -> list[dict]:
+    """One line per model: means and spreads over its seeds, step time relative to DeepFM's (from ``steps``, the
+    interleaved step timing, when given; else from the runs' own throughput)."""
     targets = bars_targets(datasets)
     step = {m: statistics.median(step_seconds(r) for r in rows if r["model"] == m) for m in models
             if any(r["model"] == m for r in rows)}
+    step.update(steps or {})
     base = step.get("deepfm")
     table = []
     for m in models:
@@ -83,6 +133,7 @@ def summarise(rows: list[dict], models: list[str], datasets: Path) -> list[dict]
                       "epoch_seconds": statistics.median(r["epoch_seconds"] for r in rs),
                       "epochs": statistics.median(r["epochs"] for r in rs),
                       "step_ms": 1000 * step[m], "step_vs_deepfm": step[m] / base if base else None,
+                     "timed_step": bool(steps and m in steps),
                       "bars_auc": target, "meets_bars": None if target is None else
                       statistics.mean(auc) >= target - 0.001})
     return table
@@ -106,6 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="comma-separated (default: every registered model)")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--no-step-timing", dest="step_timing", action="store_false",
+                    help="skip the interleaved step timing (step times then come from each run's throughput)")
     ap.add_argument("--datasets", type=Path, default=DATASETS, help="the shared datasets folder")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "zoo", help="scratch folder and resume log")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "zoo.json")
@@ -132,7 +185,12 @@ def main() -> None:
             print(f"{model} seed {seed}: test AUC {row['test_auc']:.5f} logloss {row['test_logloss']:.5f} "
                   f"({row['epochs']} epochs, {row['train_seconds']:.1f}s)", flush=True)
     rows = [r for r in rows if r["model"] in models and r["seed"] in seeds]
-    table = summarise(rows, models, args.datasets)
+    steps = None
+    spec_json = args.work / f"seed{seeds[0]}" / "deepfm" / "bundle" / "model.json"
+    if args.step_timing and spec_json.exists():
+        steps = step_times(sorted(set(models) | {"deepfm"}), spec_json)
+        print("training step, median ms: " + ", ".join(f"{m} {1000 * t:.1f}" for m, t in steps.items()))
+    table = summarise(rows, models, args.datasets, steps)
     print(f"\n{'model':13} {'seeds':>5} {'AUC mean':>9} {'spread':>7} {'logloss':>8} {'spread':>7} {'params':>10} "
           f"{'s/epoch':>8} {'step ms':>8} {'x DeepFM':>8} {'BARS':>7}  ok")
     for t in table:
