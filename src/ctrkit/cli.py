@@ -200,7 +200,7 @@ def explain(bundle: Path = typer.Argument(..., help="A bundle folder."),
     table.add_column("field")
     table.add_column("score", justify="right")
     for rank, (name, score) in enumerate(result.fields, 1):
-        table.add_row(str(rank), name, f"{score:.4g}")
+        table.add_row(str(rank), name, f"{score:.6g}")
     Console().print(table)
     if result.pairs:
         pairs = Table(title="top field pairs")
@@ -208,7 +208,7 @@ def explain(bundle: Path = typer.Argument(..., help="A bundle folder."),
         pairs.add_column("pair")
         pairs.add_column("score", justify="right")
         for rank, (a, b, score) in enumerate(result.pairs, 1):
-            pairs.add_row(str(rank), f"{a} x {b}", f"{score:.4g}")
+            pairs.add_row(str(rank), f"{a} x {b}", f"{score:.6g}")
         Console().print(pairs)
 
 
