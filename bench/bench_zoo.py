@@ -159,6 +159,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--no-step-timing", dest="step_timing", action="store_false",
                     help="skip the interleaved step timing (step times then come from each run's throughput)")
+    ap.add_argument("--summary-only", action="store_true", help="train nothing: summarise the rows already run")
+    ap.add_argument("--steps-from", type=Path, default=None,
+                    help="take the interleaved step times from an earlier zoo.json instead of timing again")
     ap.add_argument("--datasets", type=Path, default=DATASETS, help="the shared datasets folder")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "zoo", help="scratch folder and resume log")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "zoo.json")
@@ -176,7 +179,7 @@ def main() -> None:
     done = {(r["model"], r["seed"]) for r in rows}
     for seed in seeds:
         for model in models:
-            if (model, seed) in done:
+            if (model, seed) in done or args.summary_only:
                 continue
             row = run_one(model, seed, args.work)
             rows.append(row)
@@ -187,7 +190,11 @@ def main() -> None:
     rows = [r for r in rows if r["model"] in models and r["seed"] in seeds]
     steps = None
     spec_json = args.work / f"seed{seeds[0]}" / "deepfm" / "bundle" / "model.json"
-    if args.step_timing and spec_json.exists():
+    if args.steps_from:
+        steps = {t["model"]: t["step_ms"] / 1000 for t in json.loads(args.steps_from.read_text())["table"]
+                 if t.get("timed_step")}
+        print(f"step times of {args.steps_from} ({sorted(steps)})")
+    elif args.step_timing and spec_json.exists():
         steps = step_times(sorted(set(models) | {"deepfm"}), spec_json)
         print("training step, median ms: " + ", ".join(f"{m} {1000 * t:.1f}" for m, t in steps.items()))
     table = summarise(rows, models, args.datasets, steps)
