@@ -191,8 +191,7 @@ def main() -> None:
     steps = None
     spec_json = args.work / f"seed{seeds[0]}" / "deepfm" / "bundle" / "model.json"
     if args.steps_from:
-        steps = {t["model"]: t["step_ms"] / 1000 for t in json.loads(args.steps_from.read_text())["table"]
-                 if t.get("timed_step")}
+        steps = {m: ms / 1000 for m, ms in json.loads(args.steps_from.read_text())["step_ms"].items()}
         print(f"step times of {args.steps_from} ({sorted(steps)})")
     elif args.step_timing and spec_json.exists():
         steps = step_times(sorted(set(models) | {"deepfm"}), spec_json)
@@ -210,7 +209,8 @@ def main() -> None:
     print("\n" + markdown(table))
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-              "command": "python bench/bench_zoo.py " + " ".join(sys.argv[1:]), "table": table, "rows": rows}
+              "command": "python bench/bench_zoo.py " + " ".join(sys.argv[1:]), "table": table, "rows": rows,
+              "step_ms": {m: 1000 * t for m, t in (steps or {}).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")
