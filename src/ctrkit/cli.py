@@ -261,8 +261,6 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         import torch
 
         from ctrkit.serve.app import ServerConfig, create_app
-        from ctrkit.serve.bundle import BundleError
-        from ctrkit.serve.events import EventLogError
     except ImportError as exc:
         _fail(str(exc))
     torch.set_num_threads(threads)
@@ -270,7 +268,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     try:
         api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
                                       segments=seg, seed=seed))
-    except (BundleError, EventLogError, SchemaError, DataError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
     uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
@@ -285,7 +283,7 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
             out: Path = typer.Option(Path("monitor.html"), help="HTML report to write."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.")) -> None:
     """Rolling pred/actual (alerts outside [0.8, 1.2]) and PSI of pCTR against training, from an event log."""
-    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.serve.bundle import Bundle
     from ctrkit.serve.monitor import html_report, monitor_log
 
     seg = [s.strip() for s in segments.split(",") if s.strip()] if segments else []
@@ -293,7 +291,7 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
         _fail(f"--windows must be >= 1, got {windows}")
     try:
         res = monitor_log(log, Bundle.load(bundle), seg, windows, min_clicks)
-    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     html_report(res, out)
     if as_json:
@@ -324,13 +322,12 @@ def retrain(events: Path = typer.Option(..., help="Event log folder written by `
             epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
             seed: int = typer.Option(0, help="Random seed.")) -> None:
     """Train on the served traffic, compare with BASE on the recent window, promote only if better."""
-    from ctrkit.serve.bundle import BundleError
     from ctrkit.serve.retrain import retrain as run_retrain
 
     try:
         res = run_retrain(events, base, out, holdout=holdout, ips=ips, max_weight=max_weight, epochs=epochs,
                           seed=seed)
-    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     Console().print(_metrics_table({"base": res.base, "candidate": res.candidate}, "held-out recent window"))
     err.print(res.reason)
@@ -349,11 +346,10 @@ def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
     if not onnx:
         _fail("nothing to export: --onnx is the only export format")
     try:
-        from ctrkit.serve.bundle import BundleError
         from ctrkit.serve.export import export_bundle
 
         res = export_bundle(bundle, out, valid, max_auc_drop, **({"fmt": fmt} if fmt else {}))
-    except (ImportError, BundleError, SchemaError, DataError, FileNotFoundError) as exc:
+    except (ImportError, *USER_ERRORS) as exc:
         _fail(str(exc))
     err.print(res.decision)
     sys.stdout.write(json.dumps(res.to_dict(), indent=1) + "\n")
