@@ -46,7 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
-ZOO = ("dcnv2", "xdeepfm", "finalmlp", "autoint", "din")
+ZOO = ("dcnv2", "xdeepfm", "finalmlp", "autoint_plus", "din")
 
 
 def encode(d: dict[str, Any], n_train: int, gen: Any) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from ctrkit.data.readers import DataError
 from ctrkit.measure.cli import app as measure_app
-from ctrkit.schema import SchemaError
+
+# what a user can get wrong (files, values, settings): all of ctrkit's own errors are ValueErrors
+USER_ERRORS = (ValueError, OSError, RuntimeError)
 
 app = typer.Typer(help="Click-through-rate prediction and measurement.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -27,7 +30,7 @@ app.add_typer(measure_app, name="measure")
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -60,13 +63,17 @@ def schema_infer(file: Path = typer.Argument(..., help="CSV/TSV/Parquet file wit
                  label: Optional[str] = typer.Option(None, help="The label column (guessed if omitted)."),
                  rows: int = typer.Option(100_000, help="Rows to sample.")) -> None:
     """Guess a schema from a sample of FILE and print it as YAML (edit it, then pass it to train)."""
-    from ctrkit.schema import infer_schema
+    from ctrkit.schema import infer
 
+    if rows < 1:
+        _fail(f"--rows must be >= 1, got {rows}")
     try:
-        sch = infer_schema(file, label=label, sample_rows=rows)
-    except (SchemaError, DataError, FileNotFoundError) as exc:
+        found = infer(file, label=label, sample_rows=rows)
+    except USER_ERRORS as exc:
         _fail(str(exc))
-    sys.stdout.write(sch.to_yaml())
+    for line in found.summary():
+        err.print(line, markup=False, highlight=False)
+    sys.stdout.write(found.to_yaml())
 
 
 def _event_log_rows(path: Path, schema: Path | None) -> Any:
@@ -87,31 +94,48 @@ def train(
     schema: Optional[Path] = typer.Option(None, help="Schema YAML (see `ctrkit schema infer`)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm (default: from the file name)."),
     fields: Optional[str] = typer.Option(None, help="libFM: the field of each token, comma-separated."),
-    model: str = typer.Option("deepfm", help="Model name: lr, fm, deepfm."),
+    model: str = typer.Option("deepfm", help="Model name (see the README's model table): lr, fm, ffm, deepfm, dcnv2, ..."),
     out: Path = typer.Option(..., help="Output folder: bundle/ and metrics.json are written there."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 4096)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: 4096, or less on small data so "
+                                                       "an epoch has about 32 steps)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per model)."),
     embed_dim: Optional[int] = typer.Option(None, help="Embedding size (default per model)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="A model setting KEY=VALUE (a YAML value), "
+                                                 "repeatable: --set fm=false --set hidden=[256,128]."),
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
-    bad_rows: Optional[Path] = typer.Option(None, help="Write unparseable training rows to this file."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    bad_rows: Optional[Path] = typer.Option(None, help="Keep rejected training rows (original line, line number, "
+                                                      "reason) in this file."),
+    quiet: bool = typer.Option(False, help="No progress bars; only the one-line report of rejected rows."),
 ) -> None:
     """Train MODEL on TRAIN and write a bundle plus metrics.json to OUT."""
+    from ctrkit.data.readers import ReadReport
     from ctrkit.pipeline import train as run_train
 
     field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
+    options = {}
+    for item in settings or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set fm=false")
+        options[key.strip()] = yaml.safe_load(value)
     try:
         data = _event_log_rows(train_file, schema)
         run = run_train(data, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
-                        seed=seed, device=device, bad_rows=bad_rows, progress=not quiet,
+                        seed=seed, device=device, bad_rows=bad_rows, progress=not quiet, model_options=options,
                         train_options={"precision": precision},
-                        log=None if quiet else err.print)
-    except (SchemaError, DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
+                        log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
+    except USER_ERRORS as exc:
         _fail(str(exc))
+    if quiet:
+        reports = run.reports.values()
+        rejected = [r for r in reports if r["bad_rows"]]
+        line = "; ".join(ReadReport.from_dict(r).summary() for r in rejected) if rejected else \
+            f"{sum(r['rows'] for r in reports):,} rows read, none rejected"
+        err.print(line, markup=False, highlight=False)
     m = run.metrics
     rows = {k: m[k] for k in ("valid", "test") if k in m}
     Console().print(_metrics_table(rows, f"{model}: {m['train']['epochs']} epochs, best {m['train']['best_epoch']}, "
@@ -125,57 +149,98 @@ def evaluate(bundle: Path = typer.Argument(..., help="A bundle folder."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
              fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
     """Score FILE with BUNDLE and print AUC, logloss, calibration (bad rows are counted and reported)."""
-    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.serve.bundle import Bundle
 
     try:
         b = Bundle.load(bundle)
         metrics, report = b.evaluate(file, **({"fmt": fmt} if fmt else {}))
-    except (BundleError, SchemaError, DataError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
+    err.print(report.summary(), markup=False, highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(_clean({**metrics, "bad_rows": report.bad_rows}), indent=1) + "\n")
         return
     Console().print(_metrics_table({file.name: metrics}, f"{b.model_name} on {file.name}"))
-    if report.bad_rows:
-        err.print(f"[yellow]{report.summary()}[/]")
 
 
 @app.command()
 def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
             file: Path = typer.Argument(..., help="Records to score (the label column is not needed)."),
             out: Path = typer.Option(..., help="Output .csv or .parquet: one row per input row, in order."),
-            keep: Optional[str] = typer.Option(None, help="Input columns to copy next to the score, comma-separated."),
+            keep: Optional[str] = typer.Option(None, help="Input columns (any, e.g. an id) to copy next to the score, "
+                                                          "comma-separated."),
             fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
     """Write the click probability (column `pctr`) of every row of FILE to OUT."""
     import polars as pl
 
-    from ctrkit.data.readers import read_frame
-    from ctrkit.schema import Schema
-    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.data.readers import iter_chunks
+    from ctrkit.schema import Field, Schema
+    from ctrkit.serve.bundle import Bundle
 
     if out.suffix not in (".csv", ".parquet"):
         _fail(f"--out must end in .csv or .parquet, got {out.name}")
+    if out.is_dir():
+        _fail(f"--out {out} is a folder; give a .csv or .parquet file name")
+    cols = list(dict.fromkeys(c.strip() for c in keep.split(",") if c.strip())) if keep else []
+    if "pctr" in cols:
+        _fail("--keep: 'pctr' is the name of the score column")
     try:
         b = Bundle.load(bundle)
         kwargs = {"fmt": fmt} if fmt else {}
         p = b.predict_file(file, **kwargs)
         frame = pl.DataFrame({"pctr": p})
-        if keep:
-            cols = [c.strip() for c in keep.split(",") if c.strip()]
-            sch = Schema(fields=b.schema.fields, label=b.schema.label, columns=b.schema.columns)
-            kept, _ = read_frame(file, sch, with_label=False, **kwargs)
-            missing = [c for c in cols if c not in kept.columns]
-            if missing:
-                _fail(f"--keep: columns {missing} are not among the bundle's fields {kept.columns}")
+        if cols:
+            # the kept columns as text, row for row with the scores (every row was scored, or none)
+            # with_label=False reads no label; the schema still names one that is not among the kept columns
+            label = next((c for c in [b.schema.label, *(b.schema.columns or [])] if c not in cols), "_label")
+            sch = Schema(fields=[Field(name=c) for c in cols], label=label, columns=b.schema.columns)
+            parts = [c.drop("_line") for c in iter_chunks(file, sch, with_label=False, **kwargs)]
+            kept = pl.concat(parts) if parts else pl.DataFrame(schema={c: pl.String for c in cols})
             frame = pl.concat([kept.select(cols), frame], how="horizontal")
-    except (BundleError, SchemaError, DataError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    except USER_ERRORS as exc:
+        _fail(str(exc) if not keep or "missing columns" not in str(exc) else f"--keep: {exc}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         frame.write_csv(out)
     else:
         frame.write_parquet(out)
     err.print(f"{len(p):,} rows scored -> {out}")
+
+
+@app.command()
+def explain(bundle: Path = typer.Argument(..., help="A bundle folder."),
+            file: Path = typer.Argument(..., help="Records in the bundle's schema (the label is not needed)."),
+            rows: int = typer.Option(100_000, help="Explain the first ROWS rows."),
+            top: int = typer.Option(10, help="How many field pairs to list."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+            fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
+    """Rank the fields (and field pairs) by what the model shows: AutoInt / FAT attention, FiBiNET's SENet
+    gates, DCN's cross weights."""
+    from ctrkit.evaluate.explain import explain_bundle
+    from ctrkit.serve.bundle import Bundle
+
+    try:
+        result = explain_bundle(Bundle.load(bundle), file, max_rows=rows, top=top, **({"fmt": fmt} if fmt else {}))
+    except USER_ERRORS as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=1) + "\n")
+        return
+    table = Table(title=f"{result.model}: {result.kind}, {result.rows:,} rows")
+    table.add_column("rank", justify="right")
+    table.add_column("field")
+    table.add_column("score", justify="right")
+    for rank, (name, score) in enumerate(result.fields, 1):
+        table.add_row(str(rank), name, f"{score:.6g}")
+    Console().print(table)
+    if result.pairs:
+        pairs = Table(title="top field pairs")
+        pairs.add_column("rank", justify="right")
+        pairs.add_column("pair")
+        pairs.add_column("score", justify="right")
+        for rank, (a, b, score) in enumerate(result.pairs, 1):
+            pairs.add_row(str(rank), f"{a} x {b}", f"{score:.6g}")
+        Console().print(pairs)
 
 
 @app.command()
@@ -196,8 +261,6 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         import torch
 
         from ctrkit.serve.app import ServerConfig, create_app
-        from ctrkit.serve.bundle import BundleError
-        from ctrkit.serve.events import EventLogError
     except ImportError as exc:
         _fail(str(exc))
     torch.set_num_threads(threads)
@@ -205,7 +268,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     try:
         api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
                                       segments=seg, seed=seed))
-    except (BundleError, EventLogError, SchemaError, DataError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
     uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
@@ -220,7 +283,7 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
             out: Path = typer.Option(Path("monitor.html"), help="HTML report to write."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.")) -> None:
     """Rolling pred/actual (alerts outside [0.8, 1.2]) and PSI of pCTR against training, from an event log."""
-    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.serve.bundle import Bundle
     from ctrkit.serve.monitor import html_report, monitor_log
 
     seg = [s.strip() for s in segments.split(",") if s.strip()] if segments else []
@@ -228,7 +291,7 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
         _fail(f"--windows must be >= 1, got {windows}")
     try:
         res = monitor_log(log, Bundle.load(bundle), seg, windows, min_clicks)
-    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     html_report(res, out)
     if as_json:
@@ -259,13 +322,12 @@ def retrain(events: Path = typer.Option(..., help="Event log folder written by `
             epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
             seed: int = typer.Option(0, help="Random seed.")) -> None:
     """Train on the served traffic, compare with BASE on the recent window, promote only if better."""
-    from ctrkit.serve.bundle import BundleError
     from ctrkit.serve.retrain import retrain as run_retrain
 
     try:
         res = run_retrain(events, base, out, holdout=holdout, ips=ips, max_weight=max_weight, epochs=epochs,
                           seed=seed)
-    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     Console().print(_metrics_table({"base": res.base, "candidate": res.candidate}, "held-out recent window"))
     err.print(res.reason)
@@ -284,11 +346,10 @@ def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
     if not onnx:
         _fail("nothing to export: --onnx is the only export format")
     try:
-        from ctrkit.serve.bundle import BundleError
         from ctrkit.serve.export import export_bundle
 
         res = export_bundle(bundle, out, valid, max_auc_drop, **({"fmt": fmt} if fmt else {}))
-    except (ImportError, BundleError, SchemaError, DataError, FileNotFoundError) as exc:
+    except (ImportError, *USER_ERRORS) as exc:
         _fail(str(exc))
     err.print(res.decision)
     sys.stdout.write(json.dumps(res.to_dict(), indent=1) + "\n")
@@ -300,13 +361,36 @@ def models() -> None:
     import ctrkit.models  # noqa: F401
     from ctrkit.models.base import default_config, model_class, model_names
 
-    table = Table(title="models")
+    table = Table(title="models (settings a run uses unless told otherwise)")
     table.add_column("name")
     table.add_column("defaults")
     for name in model_names():
-        cls = model_class(name)
-        table.add_row(name, json.dumps({**default_config(name).to_dict(), **cls.train_defaults}))
+        table.add_row(name, json.dumps(resolved_defaults(name)))
     Console().print(table)
+
+
+def resolved_defaults(name: str) -> dict[str, Any]:
+    """A model's default settings as a run resolves them; the ones that depend on the data say how."""
+    from dataclasses import asdict
+
+    from ctrkit.models.base import BATCH_L2, SMALL_TABLE, TABLE_L2, default_config, model_class
+    from ctrkit.training.trainer import TrainConfig
+
+    cls = model_class(name)
+    cfg = default_config(name).to_dict()
+    l2 = {"table": TABLE_L2, "batch": BATCH_L2, **cls.auto_l2}
+    if cfg["emb_l2"] is None:
+        cfg["emb_l2"] = (f"{l2['table']:g} on the whole table up to {SMALL_TABLE:,} embedding parameters, "
+                         f"else {l2['batch']:g} on the rows of each batch")
+    if cfg["emb_l2_scope"] == "auto":
+        cfg["emb_l2_scope"] = f"table up to {SMALL_TABLE:,} embedding parameters, else batch"
+    if cfg["sparse_grad"] is None:
+        cfg["sparse_grad"] = f"true above {SMALL_TABLE:,} embedding parameters"
+    train = {k: v for k, v in asdict(TrainConfig()).items()
+             if k in ("epochs", "batch_size", "lr", "optimizer", "patience")}
+    train = {**train, **cls.train_defaults}
+    train["batch_size"] = f"{train['batch_size']}, or less on small data (about 32 steps an epoch, >= 64)"
+    return {**cfg, **train}
 
 
 def main() -> None:

@@ -172,6 +172,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    model.fit_features(train_data)
     model.to(device)
     lr = cfg.lr
     precision = resolve_precision(cfg.precision, device)
