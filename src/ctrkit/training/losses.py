@@ -17,6 +17,11 @@ LOSSES = ("bce", "weighted", "focal")
 Loss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+def _fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 at least (a bf16 forward pass gives bf16 logits)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _weighted_mean(per_row: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None:
         return per_row.mean()
@@ -25,7 +30,7 @@ def _weighted_mean(per_row: torch.Tensor, weight: torch.Tensor | None) -> torch.
 
 def bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """-[y log p + (1 - y) log(1 - p)], p = sigmoid(logit)."""
-    return _weighted_mean(F.binary_cross_entropy_with_logits(logits, label, reduction="none"), weight)
+    return _weighted_mean(F.binary_cross_entropy_with_logits(_fp32(logits), label, reduction="none"), weight)
 
 
 def weighted_bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None, *,
@@ -35,6 +40,7 @@ def weighted_bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
     The optimum is the odds multiplied by ``pos_weight``; the bundle divides them back (see
     :func:`ctrkit.training.sampling.logit_shift`), so served probabilities stay unbiased.
     """
+    logits = _fp32(logits)
     per_row = F.binary_cross_entropy_with_logits(logits, label, reduction="none",
                                                  pos_weight=torch.tensor(pos_weight, dtype=logits.dtype,
                                                                       device=logits.device))
@@ -47,6 +53,7 @@ def focal(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None
 
     It down-weights easy rows; its probabilities are not calibrated, so pair it with ``--calibrate``.
     """
+    logits = _fp32(logits)
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
     p_true = label * p + (1 - label) * (1 - p)

@@ -23,8 +23,8 @@ from ctrkit.evaluate.metrics import evaluate
 from ctrkit.models.base import CTRModel
 from ctrkit.training.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from ctrkit.training.losses import make_loss
-from ctrkit.training.optim import RowSparseOptimizer
 from ctrkit.training.sampling import init_output_bias, prior_logit
+from ctrkit.training.step import COMPILE, LARGE_BATCH, TrainStep, large_batch_rule
 
 OPTIMIZERS = ("adam", "adagrad")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,9 +44,12 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 autocast on a CPU with native bf16 units (same AUC, fewer seconds) and fp32 elsewhere."""
+    """"auto" is bf16 autocast where the hardware has bf16 units (a CPU with them, a GPU from Ampere on): same
+    AUC, fewer seconds; fp32 elsewhere."""
     if precision != "auto":
         return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
@@ -83,6 +86,8 @@ class TrainConfig:
     max_seconds: float | None = None
     progress: bool = True
     precision: str = "auto"
+    large_batch: str = "auto"
+    compile: str = "auto"
     loss: str = "bce"
     pos_weight: float = 1.0
     focal_alpha: float = 0.25
@@ -104,6 +109,10 @@ class TrainConfig:
             raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.large_batch not in LARGE_BATCH:
+            raise ValueError(f"large_batch must be one of {LARGE_BATCH}, got {self.large_batch!r}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile must be one of {COMPILE}, got {self.compile!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.patience < 1:
@@ -157,23 +166,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _optimizers(model: CTRModel, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    sparse = model.sparse_parameters()
-    sparse_ids = {id(p) for p in sparse}
-    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
-    opts: list[torch.optim.Optimizer] = []
-    if sparse:
-        opts.append(RowSparseOptimizer(sparse, lr=cfg.lr, rule=cfg.optimizer))
-    if dense and cfg.optimizer == "adam":
-        try:  # one kernel for all tensors: about 8x cheaper than the per-tensor loop for an MLP on a CPU
-            opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
-        except RuntimeError:  # a device without a fused kernel
-            opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    elif dense:
-        opts.append(torch.optim.Adagrad(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    return opts
 
 
 @torch.no_grad()
@@ -246,21 +238,24 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma)
+    model.fit_features(train_data)
     if cfg.init_bias and cfg.loss != "focal":
         init_output_bias(model, prior_logit(train_data.label, train_data.weight,
                                             cfg.pos_weight if cfg.loss == "weighted" else 1.0))
     model.to(device)
-    opts = _optimizers(model, cfg)
     lr = cfg.lr
     precision = resolve_precision(cfg.precision, device)
-    bf16 = precision == "bf16"
     batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
+    rule = large_batch_rule(cfg.large_batch, cfg.batch_size, device, warmup_steps=len(batches))
+    train_step = TrainStep(model, device, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                           bf16=precision == "bf16", rule=rule, compile=cfg.compile, loss=loss_fn)
     monitor = resolve_monitor(cfg.monitor, 0 if valid_data is None else int(np.asarray(valid_data.label).sum()))
     result = TrainResult(precision=precision, monitor=monitor)
     best: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs = 0
     first_epoch, skip, global_step = 1, 0, 0
+    steps_before = 0  # steps of the run before this process (train_step counts from 1 in each process)
     loss_sum, loss_rows, n_seen = 0.0, 0, 0
     in_epoch: list[Any] = [0.0, 0, 0]  # a resumed epoch's running loss and rows
     epoch_rng = batches.rng_state()  # the shuffling state at the start of the current epoch
@@ -273,7 +268,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             return
         save_checkpoint(ckpt_dir, {
             "epoch": epoch, "step": step, "epoch_done": done, "global_step": global_step,
-            "model": _cpu_copy(model.state_dict()), "optimizers": [o.state_dict() for o in opts],
+            "model": _cpu_copy(model.state_dict()), "optimizers": train_step.state_dict(),
             "rng": rng_states(), "batches_rng": batches.rng_state() if done else epoch_rng,
             "in_epoch": [loss_sum, loss_rows, n_seen], "best": best, "best_state": best_state,
             "bad_epochs": bad_epochs, "lr": lr,
@@ -293,12 +288,13 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 raise RuntimeError(f"the checkpoint in {ckpt_dir} belongs to another run (settings {saved}, "
                                    f"{state['n_train']} training rows); now {now}, {len(train_data)} rows")
             model.load_state_dict(state["model"])
-            for o, s in zip(opts, state["optimizers"]):
-                o.load_state_dict(s)
+            train_step.load_state_dict(state["optimizers"])
             best, best_state, bad_epochs, lr = state["best"], state["best_state"], state["bad_epochs"], state["lr"]
+            if lr != cfg.lr:
+                train_step.set_lr(lr)
             for k, v in state["result"].items():
                 setattr(result, k, v)
-            global_step = state["global_step"]
+            global_step = steps_before = state["global_step"]
             batches.set_rng_state(state["batches_rng"])
             epoch_rng = state["batches_rng"]
             if state["epoch_done"]:
@@ -313,16 +309,24 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             set_rng_states(resumed_rng)
     t_start = time.perf_counter()
     check_every = 1 if device.type == "cpu" else 20  # a finiteness check costs a device sync
-    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not cfg.progress, transient=True)
 
     def check_finite(epoch: int) -> None:
-        g = int(bad_step)
-        if g >= 0:
-            raise TrainingDiverged(f"the training loss is NaN or infinite at step {g} (epoch {epoch}); "
+        bad = train_step.first_nonfinite()
+        if bad is not None:
+            raise TrainingDiverged(f"the training loss is NaN or infinite at step {steps_before + bad} "
+                                   f"(epoch {epoch}); "
                                    f"stopped. Last good checkpoint: {last_ckpt}. Lower --lr, or look for "
                                    "extreme values in the data")
+
+    def read_loss() -> float | None:
+        """Fold the mean loss of the steps since the last read into the epoch's (one term per read)."""
+        nonlocal loss_sum, loss_rows
+        mean = train_step.loss_mean()
+        if mean is not None:
+            loss_sum, loss_rows = loss_sum + mean, loss_rows + 1
+        return mean
 
     with progress:
         for epoch in range(first_epoch, cfg.epochs + 1):
@@ -341,35 +345,25 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             for step, batch in enumerate(stream, start=skip):
                 if len(batch.label) < 2:
                     continue  # a single row cannot be batch-normalised; it is one row of one epoch
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(batch)
-                loss = loss_fn(logits.float(), batch.label, batch.weight)
-                reg = model.regularization()
-                total = loss + reg if reg is not None else loss
+                train_step(batch)
                 global_step += 1
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total.detach()),
-                                       torch.tensor(global_step, device=device), bad_step)
+                n_seen += len(batch.label)
                 if global_step % check_every == 0:
                     check_finite(epoch)
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                total.backward()
-                for o in opts:
-                    o.step()
-                n_seen += len(batch.label)
-                if step % 20 == 0:
-                    loss_now = float(loss.detach())
-                    loss_sum, loss_rows = loss_sum + loss_now * len(batch.label), loss_rows + len(batch.label)
-                    elapsed = time.perf_counter() - t0
-                    progress.update(task, completed=step + 1,
-                                    info=f"loss {loss_now:.4f}  {n_seen / max(elapsed, 1e-9):,.0f}/s")
+                if step % 20 == 0 and (mean := read_loss()) is not None:
+                    progress.update(task, completed=step + 1, info=f"loss {mean:.4f}  "
+                                    f"{n_seen / max(time.perf_counter() - t0, 1e-9):,.0f}/s")
                 if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < len(batches):
                     check_finite(epoch)
+                    read_loss()
                     checkpoint(epoch, step + 1, False)
                 if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
                     break
             skip = 0
+            read_loss()
             check_finite(epoch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the epoch's steps are queued; its time is when they are done
             train_time = time.perf_counter() - t0
             progress.remove_task(task)
             result.train_seconds += train_time
@@ -393,9 +387,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                     bad_epochs += 1
                     if cfg.lr_decay < 1.0 and lr > cfg.min_lr:
                         lr = max(lr * cfg.lr_decay, cfg.min_lr)
-                        for o in opts:
-                            for g in o.param_groups:
-                                g["lr"] = lr
+                        train_step.set_lr(lr)
             result.history.append(record)
             checkpoint(epoch, len(batches), True)
             if on_epoch is not None:
@@ -404,6 +396,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 break
             if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
                 break
+    train_step.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     elif valid_data is None:
