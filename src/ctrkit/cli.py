@@ -148,7 +148,8 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
         b = Bundle.load(bundle)
         kwargs = {"fmt": fmt} if fmt else {}
         p = b.predict_file(file, **kwargs)
-        frame = pl.DataFrame({"pctr": p})
+        heads = b.schema.label_columns
+        frame = pl.DataFrame({"pctr": p} if p.ndim == 1 else {f"p_{h}": p[:, t] for t, h in enumerate(heads)})
         if keep:
             cols = [c.strip() for c in keep.split(",") if c.strip()]
             sch = Schema(fields=b.schema.fields, label=b.schema.label, columns=b.schema.columns)

@@ -18,7 +18,7 @@ import torch
 
 from ctrkit.data.encode import encode_files
 from ctrkit.data.readers import Source, libfm_schema
-from ctrkit.evaluate.metrics import evaluate
+from ctrkit.evaluate.metrics import evaluate_heads
 import ctrkit.models  # noqa: F401  (registers the model zoo)
 from ctrkit.models.base import build_model, default_config, model_class
 from ctrkit.nn.embedding import FeatureSpec
@@ -98,7 +98,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             data = enc.data.get(name)
             if data is not None and len(data):
                 p = predict_proba(net, data, device=device)
-                m = evaluate(np.asarray(data.label), p, None if data.group is None else np.asarray(data.group))
+                m = evaluate_heads(np.asarray(data.label), p, spec.label_names,
+                                   None if data.group is None else np.asarray(data.group))
                 metrics[name] = m
         metrics["train"] = {**result.to_dict(), "rows": len(train_set), "config": tcfg.to_dict()}
         metrics["encode"] = {"seconds": round(enc.seconds, 3), "rows": enc.rows, "n_ids": enc.encoder.n_ids,

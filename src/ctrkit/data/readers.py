@@ -24,7 +24,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ctrkit.schema import Schema, SchemaError
+from ctrkit.schema import Field, Schema, SchemaError
 
 # Blocks under glibc's 32 MiB mmap ceiling are recycled from the heap instead of being mapped (and
 # page-faulted) afresh each time, which halves the cost of reading them; larger blocks make fitting cheaper.
@@ -134,7 +134,7 @@ def _separator(fmt: str) -> str:
 def needed_columns(schema: Schema, with_label: bool = True) -> list[str]:
     """Columns a reader must deliver: features, then label / time / group when set."""
     cols = [f.name for f in schema.fields]
-    for c in (schema.label if with_label else None, schema.time, schema.group):
+    for c in (*(schema.label_columns if with_label else ()), schema.time, schema.group):
         if c and c not in cols:
             cols.append(c)
     return cols
@@ -164,6 +164,35 @@ def _as_string(col: str, dtype: pl.DataType) -> pl.Expr:
     return e.cast(pl.String)
 
 
+def _as_list(f: Field, dtype: pl.DataType) -> pl.Expr:
+    """A multi / sequence column as List(String): a list is kept (its items as strings), a string is split at
+    the field's ``sep`` (spaces around items dropped; "" is the empty list); null stays null."""
+    e = pl.col(f.name)
+    if isinstance(dtype, (pl.List, pl.Array)):
+        inner = dtype.inner if dtype.inner is not None else pl.String()
+        if isinstance(inner, (pl.List, pl.Array, pl.Struct)):
+            raise DataError(f"field {f.name!r} is a {f.kind} field but its items have type {inner}")
+        items = e.cast(pl.List(pl.String)) if inner == pl.String or inner.is_integer() or inner == pl.Null \
+            else e.list.eval(_as_string("", inner))
+    elif dtype == pl.String:
+        items = e.str.split(f.sep) if f.sep is not None else pl.concat_list(e)
+    elif dtype == pl.Null:
+        items = e.cast(pl.List(pl.String))
+    elif dtype.is_numeric():
+        items = pl.concat_list(_as_string(f.name, dtype))
+    else:
+        raise DataError(f"field {f.name!r} is a {f.kind} field but the data has type {dtype}; expected a list "
+                        "or a string" + (f" of values separated by {f.sep!r}" if f.sep else ""))
+    stripped = pl.element().str.strip_chars()
+    return items.list.eval(stripped.filter(stripped.is_not_null() & (stripped != "")))
+
+
+def _cross(parts: list[pl.Expr]) -> pl.Expr:
+    """The combined value of categorical columns (as strings); null when any part is missing."""
+    missing = pl.any_horizontal([p.is_null() | (p == "") for p in parts])
+    return pl.when(missing).then(None).otherwise(pl.concat_str(parts, separator="\x1f"))
+
+
 def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Type a raw chunk to the reader contract; returns (good rows, bad rows with a ``_reason`` column).
 
@@ -182,6 +211,8 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
         dtype = types[f.name]
         if f.kind == "categorical":
             exprs.append(_as_string(f.name, dtype).alias(f.name))
+        elif f.is_list:
+            exprs.append(_as_list(f, dtype).alias(f.name))
         else:
             if dtype == pl.String:
                 raw = pl.col(f.name).str.strip_chars()
@@ -194,11 +225,11 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
                 exprs.append(pl.col(f.name).cast(pl.Float64).alias(f.name))
             else:
                 raise DataError(f"field {f.name!r} is numeric but the data has type {dtype}")
-    if with_label:
-        lab = _label_expr(schema.label)
-        exprs.append(lab.alias(schema.label))
+    for label in schema.label_columns if with_label else ():
+        lab = _label_expr(label)
+        exprs.append(lab.alias(label))
         checks.append(pl.when(lab.is_null() | ~lab.is_in([0.0, 1.0]))
-                      .then(pl.lit(f"label {schema.label!r}: expected 0/1 or -1/1"))
+                      .then(pl.lit(f"label {label!r}: expected 0/1 or -1/1"))
                       .otherwise(None))
     if schema.time and schema.time not in [f.name for f in schema.fields]:
         time = _time_expr(schema.time, types[schema.time])
@@ -211,6 +242,8 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
     if schema.group and schema.group not in [f.name for f in schema.fields]:
         exprs.append(_as_string(schema.group, types[schema.group]).alias(schema.group))
     exprs += [pl.col("_line")] if "_line" in types else []
+    for cross in schema.crosses or ():
+        exprs.append(_cross([_as_string(n, types[n]) for n in cross]).alias("_x_".join(cross)))
     if not checks:
         out = df.select(exprs)
         return out, out.clear().with_columns(pl.lit(None, pl.String).alias("_reason"))
@@ -339,7 +372,7 @@ def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadR
     names, header = _csv_layout(path, schema, sep, has_header)
     # numbers are parsed as numbers on the fast path (a label too: casting its strings later costs more);
     # a block where one does not parse goes to the careful path, which reports the row
-    num_fields = {f.name for f in schema.fields if f.kind == "numeric"} | {schema.label} if schema else set()
+    num_fields = {f.name for f in schema.fields if f.kind == "numeric"} | set(schema.label_columns) if schema else set()
     dtypes: dict[str, pl.DataType] = {n: (pl.Float64() if n in num_fields else pl.String()) for n in names}
     proj = [names.index(c) for c in usecols] if usecols else None
     line_no = 2 if header else 1
@@ -566,8 +599,6 @@ def _take_lines(fh: IO[bytes], n: int) -> Iterator[bytes]:
 
 def libfm_schema(field_names: list[str], label: str = "label") -> Schema:
     """The schema of a libFM file whose k-th token is field k (all categorical)."""
-    from ctrkit.schema import Field
-
     if not field_names:
         raise SchemaError("--fields needs at least one name")
     return Schema(fields=[Field(name=n, kind="categorical") for n in field_names], label=label)

@@ -92,6 +92,7 @@ class CTRModel(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    multi_head: ClassVar[bool] = False  # True: logits [B, T], one head per label of the spec
     defaults: ClassVar[dict[str, Any]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}
     auto_l2: ClassVar[dict[str, float]] = {}

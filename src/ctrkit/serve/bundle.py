@@ -1,7 +1,8 @@
 """Bundle: schema + encoder + model weights + metrics + versions in one folder, the unit of deployment.
 
 A bundle scores raw records (dicts or a DataFrame): unseen categories get the field's OOV id, missing
-optional values its missing id. A required field that is absent, a value of the wrong type, or input with the
+optional values its missing id; a multi or sequence field takes a list or a string of items split at its
+``sep``, and its unseen items get the OOV id. A model with several heads predicts each (one column per label). A required field that is absent, a value of the wrong type, or input with the
 columns of another schema raise a :class:`ctrkit.data.readers.DataError` that names the field (and the row).
 Weights are safetensors; nothing in a bundle is ever unpickled.
 """
@@ -24,10 +25,10 @@ import ctrkit
 from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
 from ctrkit.data.readers import DataError, ReadReport, Source, coerce_chunk, iter_chunks
-from ctrkit.evaluate.metrics import evaluate
+from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel, ModelConfig, build_model
 from ctrkit.nn.embedding import FeatureSpec
-from ctrkit.schema import Schema
+from ctrkit.schema import Field, Schema
 
 BUNDLE_FORMAT = 1
 Records = Mapping[str, Any] | Sequence[Mapping[str, Any]] | pl.DataFrame | Any
@@ -43,6 +44,22 @@ def _number(value: Any, row: int, name: str) -> float | None:
         except ValueError:
             raise DataError(f"record {row}: field {name!r} expects a number, got {value!r}") from None
     return float(value)
+
+
+_SCALARS = (str, int, float, bool, np.generic)
+
+
+def _list_series(f: Field, values: list[Any]) -> pl.Series:
+    """A multi / sequence field's record values as one column: all strings (split by the reader at ``sep``)
+    or all lists of strings (a string then becomes the list of its items)."""
+    def text(x: Any) -> str | None:
+        return None if x is None else str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+    if all(v is None or isinstance(v, str) for v in values):
+        return pl.Series(f.name, values, dtype=pl.String)
+    items = [None if v is None else ([v] if f.sep is None else v.split(f.sep)) if isinstance(v, str)
+             else [text(x) for x in v] for v in values]
+    return pl.Series(f.name, items, dtype=pl.List(pl.String))
 
 
 class BundleError(ValueError):
@@ -68,7 +85,8 @@ class Bundle:
         self.metrics = metrics or {}
         self.info = info or {}
         # Scoring reads the feature columns only: time, group and label are not needed to score.
-        self._features = Schema(fields=schema.fields, label=schema.label, columns=schema.columns)
+        self._features = Schema(fields=schema.fields, label=schema.label, columns=schema.columns,
+                                crosses=schema.crosses)
         self.model.eval()
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -137,13 +155,20 @@ class Bundle:
                     if f.required and r.get(f.name) is None:
                         raise DataError(f"record {i}: required field {f.name!r} is missing")
                     v = r.get(f.name)
-                    if v is not None and not isinstance(v, (str, int, float, bool, np.generic)):
+                    if f.is_list and isinstance(v, (list, tuple, np.ndarray)):
+                        bad = [x for x in v if x is not None and not isinstance(x, _SCALARS)]
+                        if bad:
+                            raise DataError(f"record {i}: field {f.name!r} holds a {type(bad[0]).__name__} item;"
+                                            " expected a list of scalars")
+                    elif v is not None and not isinstance(v, _SCALARS):
                         raise DataError(f"record {i}: field {f.name!r} has a {type(v).__name__} value; "
-                                        "expected a scalar")
+                                        "expected " + ("a list or a string" if f.is_list else "a scalar"))
             data: dict[str, pl.Series] = {}
             for f in self.schema.fields:
                 values = [r.get(f.name) for r in rows]
-                if f.kind == "categorical":
+                if f.is_list:
+                    data[f.name] = _list_series(f, values)
+                elif f.kind == "categorical":
                     text = [None if v is None else str(int(v)) if isinstance(v, float) and v.is_integer()
                             else str(v) for v in values]
                     data[f.name] = pl.Series(f.name, text, dtype=pl.String)
@@ -158,10 +183,11 @@ class Bundle:
         return df
 
     def predict(self, records: Records, batch_size: int = 65536) -> np.ndarray:
-        """Click probabilities for raw records (a dict, a list of dicts, or a polars/pandas DataFrame)."""
+        """Click probabilities for raw records (a dict, a list of dicts, or a polars/pandas DataFrame): [n], or
+        [n, T] for a model with a head per label (columns in the order of ``schema.label_columns``)."""
         df = self._frame(records)
         if df.height == 0:
-            return np.zeros(0, dtype=np.float64)
+            return np.zeros((0, self.model.spec.n_labels) if self._heads > 1 else 0, dtype=np.float64)
         df = df.select(self.schema.input_columns).with_columns(
             pl.int_range(0, df.height, dtype=pl.Int64).alias("_line"))
         good, bad = coerce_chunk(df, self._features, with_label=False)
@@ -181,13 +207,20 @@ class Bundle:
     @torch.no_grad()
     def _score(self, df: pl.DataFrame, batch_size: int) -> np.ndarray:
         device = next(self.model.parameters()).device
-        out = np.empty(df.height, dtype=np.float64)
+        out = np.empty((df.height, self._heads) if self._heads > 1 else df.height, dtype=np.float64)
         for start in range(0, df.height, batch_size):
             part = df.slice(start, batch_size)
             ids, dense = self.encoder.transform_frame(part)
-            logits = self.model(Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device)))
-            out[start:start + part.height] = torch.sigmoid(logits).double().cpu().numpy()
+            seq = [torch.from_numpy(a).to(device) for a in self.encoder.sequences(part)] \
+                if self.encoder.seq_names else [None, None]
+            batch = Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device), None, None, *seq)
+            out[start:start + part.height] = torch.sigmoid(self.model(batch)).double().cpu().numpy()
         return out
+
+    @property
+    def _heads(self) -> int:
+        """Number of probabilities per record: the model's heads (1 for a single-task model)."""
+        return self.model.spec.n_labels if getattr(self.model, "multi_head", False) else 1
 
     def predict_file(self, source: Source, **read_kwargs: Any) -> np.ndarray:
         """Score every row of a file, in order; any unparseable row is an error naming its line."""
@@ -208,11 +241,11 @@ class Bundle:
         ys, ps, gs = [], [], []
         for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
             ps.append(self._score_checked(chunk))
-            ys.append(chunk[self.schema.label].to_numpy())
+            ys.append(self.encoder.labels(chunk))
             g = self.encoder.group_ids(chunk)
             if g is not None:
                 gs.append(g)
         if not ys:
             raise DataError(f"{report.source}: no rows to evaluate ({report.bad_rows} rejected)")
         group = np.concatenate(gs) if gs else None
-        return evaluate(np.concatenate(ys), np.concatenate(ps), group), report
+        return evaluate_heads(np.concatenate(ys), np.concatenate(ps), self.model.spec.label_names, group), report

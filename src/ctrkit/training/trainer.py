@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctrkit.data.dataset import BatchIterator, EncodedData
-from ctrkit.evaluate.metrics import evaluate
+from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel
 from ctrkit.training.optim import RowSparseOptimizer
 
@@ -146,17 +146,29 @@ def _optimizers(model: CTRModel, cfg: TrainConfig) -> list[torch.optim.Optimizer
     return opts
 
 
+def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy, the mean over rows summed over heads (logits and labels [B] or [B, T]); a one-head
+    model of multi-label data learns the first label."""
+    if logits.dim() == 1 and label.dim() == 2:
+        label = label[:, 0]
+    heads = logits.shape[1] if logits.dim() == 2 else 1
+    return F.binary_cross_entropy_with_logits(logits.float(), label) * heads
+
+
 @torch.no_grad()
 def predict_proba(model: CTRModel, data: EncodedData, batch_size: int = 65536,
                   device: str | torch.device = "cpu") -> np.ndarray:
-    """Click probabilities for every row of ``data`` (eval mode, no gradients), in row order."""
+    """Probabilities for every row of ``data`` (eval mode, no gradients), in row order: [n], or [n, T] for a
+    model with T heads."""
     was_training = model.training
     model.eval()
-    out = np.empty(len(data), dtype=np.float64)
+    out = np.empty(0, dtype=np.float64)
     pos = 0
     for batch in BatchIterator(data, batch_size=batch_size, shuffle=False, device=device, resident=False,
                                block_rows=batch_size, window_blocks=1):
         p = torch.sigmoid(model(batch)).double().cpu().numpy()
+        if pos == 0:
+            out = np.empty((len(data), *p.shape[1:]), dtype=np.float64)
         out[pos:pos + len(p)] = p
         pos += len(p)
     model.train(was_training)
@@ -204,7 +216,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                     continue  # a single row cannot be batch-normalised; it is one row of one epoch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = model(batch)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
+                loss = loss_fn(logits, batch.label)
                 reg = model.regularization()
                 total = loss + reg if reg is not None else loss
                 for o in opts:
@@ -229,9 +241,10 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                                       "samples_per_s": round(n_seen / max(train_time, 1e-9), 1)}
             if valid_data is not None:
                 p = predict_proba(model, valid_data, cfg.eval_batch_size, device)
-                m = evaluate(np.asarray(valid_data.label), p)
+                m = evaluate_heads(np.asarray(valid_data.label), p, model.spec.label_names)
                 record["valid"] = {k: m[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")}
-                score = m[cfg.monitor]
+                # several heads: stop on their mean
+                score = float(np.mean([h[cfg.monitor] for h in m.get("heads", {"": m}).values()]))
                 if _better(cfg.monitor, score, best):
                     best, bad_epochs = score, 0
                     result.best_epoch, result.best_valid = epoch, m
