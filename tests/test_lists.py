@@ -212,14 +212,16 @@ def test_pooling_against_a_literal_loop(seed: int) -> None:
     emb, lin = FeatureEmbedding(spec, 3, init_std=1.0), FeatureLinear(spec)
     torch.nn.init.normal_(lin.table.weight)
     b = 4
-    batch = Batch(ids=torch.from_numpy(rng.integers(0, 20, (b, 1))), dense=torch.from_numpy(rng.random((b, 1))).float(),
+    batch = Batch(ids=torch.from_numpy(rng.integers(0, 20, (b, 1))),
+                  dense=torch.from_numpy(rng.random((b, 1))).float(),
                   seq=torch.from_numpy(rng.integers(0, 20, (b, 2, 4))),
                   seq_len=torch.from_numpy(rng.integers(0, 5, (b, 2))))
     out = emb(batch).detach()
     lout = lin(batch).detach()
     w, w1 = emb.table.weight.detach(), lin.table.weight.detach()[:, 0]
     for r in range(b):
-        expect_lin = float(lin.bias.detach()) + float(w1[batch.ids[r, 0]]) + float(lin.dense_w.detach()[0]) * float(batch.dense[r, 0])
+        expect_lin = (float(lin.bias.detach()) + float(w1[batch.ids[r, 0]])
+                      + float(lin.dense_w.detach()[0]) * float(batch.dense[r, 0]))
         for j, how in enumerate(("mean", "sum")):
             n = int(batch.seq_len[r, j])
             vec = sum((w[batch.seq[r, j, k]] for k in range(n)), torch.zeros(3))

@@ -77,7 +77,8 @@ def _spec(labels: tuple[str, ...] = ()) -> FeatureSpec:
 
 def _batch(n: int = 8, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return Batch(ids=torch.stack([torch.randint(0, 10, (n,), generator=g), torch.randint(10, 20, (n,), generator=g)], 1),
+    ids = [torch.randint(0, 10, (n,), generator=g), torch.randint(10, 20, (n,), generator=g)]
+    return Batch(ids=torch.stack(ids, 1),
                  dense=torch.randn(n, 1, generator=g), seq=torch.randint(10, 30, (n, 2, 4), generator=g),
                  seq_len=torch.randint(0, 5, (n, 2), generator=g))
 

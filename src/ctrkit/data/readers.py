@@ -372,7 +372,8 @@ def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadR
     names, header = _csv_layout(path, schema, sep, has_header)
     # numbers are parsed as numbers on the fast path (a label too: casting its strings later costs more);
     # a block where one does not parse goes to the careful path, which reports the row
-    num_fields = {f.name for f in schema.fields if f.kind == "numeric"} | set(schema.label_columns) if schema else set()
+    num_fields = ({f.name for f in schema.fields if f.kind == "numeric"} | set(schema.label_columns)
+                  if schema else set())
     dtypes: dict[str, pl.DataType] = {n: (pl.Float64() if n in num_fields else pl.String()) for n in names}
     proj = [names.index(c) for c in usecols] if usecols else None
     line_no = 2 if header else 1

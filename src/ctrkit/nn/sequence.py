@@ -28,10 +28,15 @@ class TargetAttention(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def weights(self, keys: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The attention weights [B, L], zero at masked positions."""
-        t = target.unsqueeze(1).expand_as(keys)
-        x = torch.cat([keys, t, keys - t, keys * t], dim=-1)
-        score = self.mlp(x.reshape(-1, x.shape[-1])).view(keys.shape[:-1])  # PReLU's channels are dim 1
+        """The attention weights [B, L], zero at masked positions.
+
+        The first layer's product with [h, t, h - t, h * t] is split by its four blocks of columns, so the
+        target's part is computed once per row instead of once per position and no [B, L, 4D] input is built.
+        """
+        first = self.mlp[0]
+        wh, wt, wd, wp = first.weight.split(keys.shape[-1], dim=1)
+        x = keys @ (wh + wd).T + (keys * target.unsqueeze(1)) @ wp.T + (target @ (wt - wd).T + first.bias).unsqueeze(1)
+        score = self.mlp[1:](x.reshape(-1, x.shape[-1])).view(keys.shape[:-1])  # PReLU's channels are dim 1
         return score * mask.to(score.dtype)
 
     def forward(self, keys: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

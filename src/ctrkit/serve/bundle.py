@@ -2,8 +2,9 @@
 
 A bundle scores raw records (dicts or a DataFrame): unseen categories get the field's OOV id, missing
 optional values its missing id; a multi or sequence field takes a list or a string of items split at its
-``sep``, and its unseen items get the OOV id. A model with several heads predicts each (one column per label). A required field that is absent, a value of the wrong type, or input with the
-columns of another schema raise a :class:`ctrkit.data.readers.DataError` that names the field (and the row).
+``sep``, and its unseen items get the OOV id. A model with several heads predicts each (one column per label).
+A required field that is absent, a value of the wrong type, or input with the columns of another schema raise
+a :class:`ctrkit.data.readers.DataError` that names the field (and the row).
 Weights are safetensors; nothing in a bundle is ever unpickled.
 """
 
