@@ -247,17 +247,20 @@ ALI_CCP = Schema.from_dict({
                {"name": "D508", "kind": "numeric"}]})
 
 
+def _splits(source: str, prefix: str, names: tuple[str, ...], make, tmp_path: Path) -> list[Path]:
+    """The shared sample's three files (skipped where ../shared is absent), or three the test writes alike."""
+    if source == "shared":
+        if not (SHARED / f"{prefix}_{names[0]}_sample.csv").exists():
+            pytest.skip("the shared tiny fixtures are not here")
+        return [SHARED / f"{prefix}_{s}_sample.csv" for s in names]
+    for i, s in enumerate(names):
+        make(100, i).write_csv(tmp_path / f"{s}.csv")
+    return [tmp_path / f"{s}.csv" for s in names]
+
+
 @pytest.mark.parametrize("source", ["written", "shared"])
 def test_taobao_sample_trains_din_end_to_end(source: str, tmp_path: Path) -> None:
-    if source == "shared":
-        if not (SHARED / "fuxictr_taobao_tiny_train_sample.csv").exists():
-            pytest.skip("the shared tiny fixtures are not here")
-        files = [SHARED / f"fuxictr_taobao_tiny_{s}_sample.csv" for s in ("train", "valid", "test")]
-    else:
-        files = []
-        for i, s in enumerate(("train", "valid", "test")):
-            files.append(tmp_path / f"{s}.csv")
-            _taobao_like(100, i).write_csv(files[-1])
+    files = _splits(source, "fuxictr_taobao_tiny", ("train", "valid", "test"), _taobao_like, tmp_path)
     run = train(files[0], schema=TAOBAO, valid=files[1], test=files[2], model="din", out=tmp_path / "run",
                 epochs=1, batch_size=32, progress=False)
     assert run.metrics["test"]["n"] == 100 and run.bundle.encoder.seq_names == ["click_sequence"]
@@ -269,15 +272,7 @@ def test_taobao_sample_trains_din_end_to_end(source: str, tmp_path: Path) -> Non
 @pytest.mark.parametrize("source", ["written", "shared"])
 @pytest.mark.parametrize("model", ["esmm", "mmoe"])
 def test_ali_ccp_sample_trains_multitask_end_to_end(source: str, model: str, tmp_path: Path) -> None:
-    if source == "shared":
-        if not (SHARED / "torchrechub_ali_ccp_train_sample.csv").exists():
-            pytest.skip("the shared tiny fixtures are not here")
-        files = [SHARED / f"torchrechub_ali_ccp_{s}_sample.csv" for s in ("train", "val", "test")]
-    else:
-        files = []
-        for i, s in enumerate(("train", "val", "test")):
-            files.append(tmp_path / f"{s}.csv")
-            _ali_ccp_like(100, i).write_csv(files[-1])
+    files = _splits(source, "torchrechub_ali_ccp", ("train", "val", "test"), _ali_ccp_like, tmp_path)
     run = train(files[0], schema=ALI_CCP, valid=files[1], test=files[2], model=model, out=tmp_path / "run",
                 epochs=1, batch_size=32, progress=False)
     assert set(run.metrics["test"]["heads"]) == {"click", "purchase"}
