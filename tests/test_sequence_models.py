@@ -277,3 +277,20 @@ def test_ali_ccp_sample_trains_multitask_end_to_end(source: str, model: str, tmp
                 epochs=1, batch_size=32, progress=False)
     assert set(run.metrics["test"]["heads"]) == {"click", "purchase"}
     assert run.bundle.predict(pl.read_csv(files[2]).head(4)).shape == (4, 2)
+
+
+def test_cli_predict_writes_a_column_per_head(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctrkit.cli import app
+
+    files = _splits("written", "ali", ("train", "val", "test"), _ali_ccp_like, tmp_path)
+    train(files[0], schema=ALI_CCP, valid=files[1], model="esmm", out=tmp_path / "run", epochs=1, batch_size=32,
+          progress=False)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "run" / "bundle"), str(files[2]),
+                                   "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    scores = pl.read_csv(tmp_path / "p.csv")
+    expected = Bundle.load(tmp_path / "run" / "bundle").predict(pl.read_csv(files[2]))
+    assert scores.columns == ["p_click", "p_purchase"]
+    np.testing.assert_allclose(scores.to_numpy(), expected, atol=1e-6)
