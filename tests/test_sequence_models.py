@@ -294,3 +294,16 @@ def test_cli_predict_writes_a_column_per_head(tmp_path: Path) -> None:
     expected = Bundle.load(tmp_path / "run" / "bundle").predict(pl.read_csv(files[2]))
     assert scores.columns == ["p_click", "p_purchase"]
     np.testing.assert_allclose(scores.to_numpy(), expected, atol=1e-6)
+
+
+def test_cli_evaluate_shows_every_head(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctrkit.cli import app
+
+    files = _splits("written", "ali", ("train", "val", "test"), _ali_ccp_like, tmp_path)
+    train(files[0], schema=ALI_CCP, valid=files[1], model="mmoe", out=tmp_path / "run", epochs=1, batch_size=32,
+          progress=False)
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run" / "bundle"), str(files[2])])
+    assert res.exit_code == 0, res.output
+    assert "click" in res.output and "purchase" in res.output  # a row per head

@@ -49,6 +49,9 @@ def _metrics_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
     table.add_column("split")
     for k in ("auc", "logloss", "ece", "pred_actual_ratio", "n", "positives"):
         table.add_column(k, justify="right")
+    # a model with several heads: a row per head
+    rows = {f"{name} {head}" if "heads" in m else name: h for name, m in rows.items()
+            for head, h in m.get("heads", {"": m}).items()}
     for name, m in rows.items():
         table.add_row(name, *(f"{m[k]:.5f}" if isinstance(m[k], float) else f"{m[k]:,}"
                               for k in ("auc", "logloss", "ece", "pred_actual_ratio", "n", "positives")))
