@@ -72,9 +72,19 @@ def schema_infer(file: Path = typer.Argument(..., help="CSV/TSV/Parquet file wit
     sys.stdout.write(sch.to_yaml())
 
 
+def _event_log_rows(path: Path, schema: Path | None) -> Any:
+    """A `ctrkit serve` event log as training rows (impressions with their attributed clicks), else the path."""
+    from ctrkit.schema import Schema
+    from ctrkit.serve.events import attributed_impressions, is_event_log
+
+    if not is_event_log(path):
+        return path
+    return attributed_impressions(path, label=Schema.load(schema).label if schema else "click")
+
+
 @app.command()
 def train(
-    train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training data (CSV/TSV/Parquet/libFM, .gz ok)."),
+    train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training data (CSV/TSV/Parquet/libFM, .gz ok, or a `ctrkit serve` event log)."),
     valid: Optional[Path] = typer.Option(None, help="Validation file; if omitted, cut from TRAIN (by time if the schema has one)."),
     test: Optional[Path] = typer.Option(None, help="Test file, evaluated once at the end."),
     schema: Optional[Path] = typer.Option(None, help="Schema YAML (see `ctrkit schema infer`)."),
@@ -97,7 +107,8 @@ def train(
 
     field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     try:
-        run = run_train(train_file, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
+        data = _event_log_rows(train_file, schema)
+        run = run_train(data, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
                         seed=seed, device=device, bad_rows=bad_rows, progress=not quiet,
                         train_options={"precision": precision},
@@ -169,6 +180,122 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
     else:
         frame.write_parquet(out)
     err.print(f"{len(p):,} rows scored -> {out}")
+
+
+@app.command()
+def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
+          host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+          port: int = typer.Option(8000, help="TCP port."),
+          events: Optional[Path] = typer.Option(None, help="Event log folder: shown items, clicks, conversions."),
+          token: Optional[str] = typer.Option(None, envvar="CTRKIT_TOKEN",
+                                              help="Require 'Authorization: Bearer TOKEN' on every route but /health."),
+          segments: Optional[str] = typer.Option(None, help="Fields to monitor pred/actual by, comma-separated."),
+          max_batch: int = typer.Option(10_000, help="Most records or candidates per request."),
+          seed: Optional[int] = typer.Option(None, help="Seed of the exploration draws."),
+          threads: int = typer.Option(1, help="Torch threads per request (1 suits many concurrent requests)."),
+          log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
+    """Serve BUNDLE over HTTP: /score, /rank, /events, /health, /metrics, /admin/reload (docs at /docs)."""
+    try:
+        import uvicorn
+        import torch
+
+        from ctrkit.serve.app import ServerConfig, create_app
+        from ctrkit.serve.bundle import BundleError
+        from ctrkit.serve.events import EventLogError
+    except ImportError as exc:
+        _fail(str(exc))
+    torch.set_num_threads(threads)
+    seg = tuple(s.strip() for s in segments.split(",") if s.strip()) if segments else ()
+    try:
+        api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
+                                      segments=seg, seed=seed))
+    except (BundleError, EventLogError, SchemaError, DataError) as exc:
+        _fail(str(exc))
+    err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
+    uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
+
+
+@app.command()
+def monitor(log: Path = typer.Argument(..., help="An event log folder written by `ctrkit serve --events`."),
+            bundle: Path = typer.Option(..., help="The bundle served: its validation pCTR is the PSI reference."),
+            segments: Optional[str] = typer.Option(None, help="Columns to break pred/actual down by, comma-separated."),
+            windows: int = typer.Option(10, help="Equal time windows over the log."),
+            min_clicks: int = typer.Option(30, help="Clicks a ratio needs before it can raise an alert."),
+            out: Path = typer.Option(Path("monitor.html"), help="HTML report to write."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.")) -> None:
+    """Rolling pred/actual (alerts outside [0.8, 1.2]) and PSI of pCTR against training, from an event log."""
+    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.serve.monitor import html_report, monitor_log
+
+    seg = [s.strip() for s in segments.split(",") if s.strip()] if segments else []
+    if windows < 1:
+        _fail(f"--windows must be >= 1, got {windows}")
+    try:
+        res = monitor_log(log, Bundle.load(bundle), seg, windows, min_clicks)
+    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    html_report(res, out)
+    if as_json:
+        sys.stdout.write(json.dumps(_clean(res), indent=1) + "\n")
+    else:
+        t = res["total"]
+        table = Table(title=f"{log}: {res['impressions']:,} impressions, {res['clicks']:,} clicks")
+        for col in ("window", "impressions", "clicks", "pred/actual", "PSI", "alert"):
+            table.add_column(col, justify="right")
+        for r in res["windows"]:
+            table.add_row(str(r["window"]), f"{r['impressions']:,}", f"{r['clicks']:,}", f"{r['ratio']:.3f}",
+                          "-" if r["psi"] is None else f"{r['psi']:.3f}", "ALERT" if r["alert"] else "")
+        Console().print(table)
+        psi_text = "-" if t["psi"] is None else f"{t['psi']:.3f}"
+        Console().print(f"overall pred/actual {t['overall']['ratio']:.3f}, PSI {psi_text}")
+        for line in res["alerts"]:
+            err.print(f"[bold red]alert:[/] {line}")
+    err.print(f"report: {out}")
+
+
+@app.command()
+def retrain(events: Path = typer.Option(..., help="Event log folder written by `ctrkit serve --events`."),
+            base: Path = typer.Option(..., help="The bundle being served."),
+            out: Path = typer.Option(..., help="Where the new bundle goes if it is promoted."),
+            holdout: float = typer.Option(0.2, help="Most recent share of the log kept aside to compare on."),
+            ips: bool = typer.Option(False, "--ips/--no-ips", help="Weight rows by 1 / logged propensity."),
+            max_weight: float = typer.Option(20.0, help="Clip of the IPS weights."),
+            epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
+            seed: int = typer.Option(0, help="Random seed.")) -> None:
+    """Train on the served traffic, compare with BASE on the recent window, promote only if better."""
+    from ctrkit.serve.bundle import BundleError
+    from ctrkit.serve.retrain import retrain as run_retrain
+
+    try:
+        res = run_retrain(events, base, out, holdout=holdout, ips=ips, max_weight=max_weight, epochs=epochs,
+                          seed=seed)
+    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    Console().print(_metrics_table({"base": res.base, "candidate": res.candidate}, "held-out recent window"))
+    err.print(res.reason)
+    if res.promoted:
+        err.print(f"new bundle: {out}  (hot swap: POST /admin/reload {{\"path\": \"{out}\"}})")
+
+
+@app.command("export")
+def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
+               onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write the model as ONNX."),
+               out: Optional[Path] = typer.Option(None, help="Folder for model.onnx (default: the bundle folder)."),
+               valid: Optional[Path] = typer.Option(None, help="Labelled rows: INT8 is kept only if AUC holds."),
+               max_auc_drop: float = typer.Option(0.0005, help="Largest AUC loss INT8 may cost."),
+               fmt: Optional[str] = typer.Option(None, "--format", help="Format of --valid.")) -> None:
+    """Export BUNDLE's model to ONNX (pre-encoded ids/dense in, pCTR out), plus INT8 when it keeps AUC."""
+    if not onnx:
+        _fail("nothing to export: --onnx is the only export format")
+    try:
+        from ctrkit.serve.bundle import BundleError
+        from ctrkit.serve.export import export_bundle
+
+        res = export_bundle(bundle, out, valid, max_auc_drop, **({"fmt": fmt} if fmt else {}))
+    except (ImportError, BundleError, SchemaError, DataError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    err.print(res.decision)
+    sys.stdout.write(json.dumps(res.to_dict(), indent=1) + "\n")
 
 
 @app.command()

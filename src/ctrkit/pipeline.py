@@ -24,6 +24,7 @@ from ctrkit.models.base import build_model, default_config, model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
 from ctrkit.serve.bundle import Bundle
+from ctrkit.serve.monitor import reference_distribution
 from ctrkit.training.trainer import TrainConfig, TrainResult, predict_proba, train as train_model
 
 TEST_KEYS = ("auc", "logloss", "ece", "pred_actual_ratio", "n", "positives")
@@ -101,6 +102,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                 m = evaluate_heads(np.asarray(data.label), p, spec.label_names,
                                    None if data.group is None else np.asarray(data.group))
                 metrics[name] = m
+                if name == "valid":  # what live pCTR is compared with for drift (PSI)
+                    metrics["pctr_reference"] = reference_distribution(p)
         metrics["train"] = {**result.to_dict(), "rows": len(train_set), "config": tcfg.to_dict()}
         metrics["encode"] = {"seconds": round(enc.seconds, 3), "rows": enc.rows, "n_ids": enc.encoder.n_ids,
                              "rows_per_s": round(enc.rows / enc.seconds, 1) if enc.seconds else None}

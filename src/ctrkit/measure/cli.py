@@ -60,6 +60,15 @@ def _columns(pairs: list[str] | None) -> dict[str, str | None]:
 
 def _attribution(engine: Engine, impressions: Path, clicks: Path | None, conversions: Path | None,
                  cfg: AttributionConfig, cols: list[str] | None) -> Attribution:
+    from ctrkit.serve.events import is_event_log, measure_frames
+
+    if is_event_log(impressions) and clicks is None and conversions is None:  # a `ctrkit serve` event log
+        try:
+            imps, clk, cnv = measure_frames(impressions)
+        except ValueError as exc:
+            raise MeasureError(str(exc)) from exc
+        return Attribution(engine, imps, clk, cnv, cfg, _columns(cols),
+                           names=(f"{impressions} impressions", f"{impressions} clicks", f"{impressions} conversions"))
     return Attribution(engine, str(impressions), str(clicks) if clicks else None,
                        str(conversions) if conversions else None, cfg, _columns(cols),
                        names=(str(impressions), str(clicks), str(conversions)))

@@ -1,0 +1,242 @@
+"""Serving latency: in-process Bundle ranking, HTTP /rank, ONNX Runtime on pre-encoded tensors, and a bounded
+loopback load test with a hot swap in the middle.
+
+A DeepFM bundle is trained on synthetic Criteo-shaped data (13 numeric + 26 categorical raw fields, from
+/work/shared/peers/gen_synth_criteo.py); every request ranks 1000 candidates of 39 raw fields, one client at a
+time. Stages are timed in the same run so the table shows what encoding and HTTP add on top of the model:
+
+  model only        torch forward on pre-encoded ids/dense (the bundle's model)
+  onnx fp32 / int8  ONNX Runtime session of the same model on the same pre-encoded tensors
+  bundle frame      Bundle.predict on a polars frame of raw values (encode + model) + top-k
+  bundle dicts      the server's in-process path: raw dicts -> frame -> Bundle.predict -> top-k
+  http /rank        a `ctrkit serve` process on 127.0.0.1, the JSON body pre-serialised, one request at a time
+
+Then the load test: short open-loop trials at rising rates find the highest rate whose p99 stays <= 25 ms,
+and a 60 s run at that rate reloads the bundle (POST /admin/reload) halfway and counts failed requests.
+Latency in the load test is measured from each request's scheduled send time (no coordinated omission).
+
+    python bench/bench_serve.py            # writes bench/results/bench_serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from ctrkit.data.dataset import Batch
+from ctrkit.data.readers import coerce_chunk
+from ctrkit.pipeline import train
+from ctrkit.schema import Field, Schema
+from ctrkit.serve.bundle import Bundle
+from ctrkit.serve.process import free_port, start_server
+from ctrkit.serve.rank import choose, records_frame
+
+GEN = Path("/work/shared/peers/gen_synth_criteo.py")
+NUM = [f"I{i}" for i in range(1, 14)]
+CAT = [f"C{i}" for i in range(1, 27)]
+
+
+def stats(ms: list[float]) -> dict[str, float]:
+    a = np.asarray(ms)
+    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 3),
+            "p99_ms": round(float(np.percentile(a, 99)), 3), "mean_ms": round(float(a.mean()), 3),
+            "req_per_s": round(1000.0 / float(a.mean()), 1)}
+
+
+def timed(fn: Any, reps: int, warmup: int = 5) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    ms = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return stats(ms)
+
+
+def criteo_schema() -> Schema:
+    return Schema(fields=[Field(name=n, kind="numeric") for n in NUM] +
+                  [Field(name=c, kind="categorical", min_count=2) for c in CAT], label="label")
+
+
+def make_bundle(work: Path, rows: int, epochs: int, seed: int) -> Path:
+    data = work / "data"
+    if not (data / "train.tsv").exists():
+        n_test = max(rows // 10, 5000)
+        subprocess.run([sys.executable, str(GEN), "--out", str(data), "--rows", str(rows + 2 * n_test),
+                        "--split", f"{rows},{n_test},{n_test}"], check=True, stdout=subprocess.DEVNULL)
+    out = work / f"deepfm-{seed}"
+    if not (out / "bundle" / "model.json").exists():
+        train(data / "train.tsv", schema=criteo_schema(), valid=data / "valid.tsv", model="deepfm", out=out,
+              epochs=epochs, seed=seed, progress=False)
+    return out / "bundle"
+
+
+def candidates(test: Path, n: int) -> list[dict[str, Any]]:
+    df = pl.read_csv(test, separator="\t", infer_schema_length=0, n_rows=n)
+    df = df.with_columns([pl.col(c).cast(pl.Float64) for c in NUM])
+    return df.drop("label").to_dicts()
+
+
+async def open_loop(url: str, body: bytes, rate: float, seconds: float, reload_at: float | None = None,
+                    reload_body: bytes | None = None) -> dict[str, Any]:
+    """Requests at a fixed rate for ``seconds``; latency from each scheduled send time."""
+    import httpx2 as httpx
+
+    lat: list[float] = []
+    errors: list[str] = []
+    swap: dict[str, Any] = {}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(at: float) -> None:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            try:
+                r = await client.post("/rank", content=body, headers={"content-type": "application/json"})
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+            except httpx.HTTPError as exc:
+                errors.append(repr(exc))
+            lat.append((time.perf_counter() - start - at) * 1e3)
+
+        async def reload() -> None:
+            await asyncio.sleep(reload_at or 0.0)
+            t0 = time.perf_counter()
+            r = await client.post("/admin/reload", content=reload_body or b"{}",
+                                  headers={"content-type": "application/json"})
+            swap.update(status=r.status_code, seconds=round(time.perf_counter() - t0, 3), reply=r.json(),
+                        at_s=round(t0 - start, 3))
+
+        tasks = [asyncio.create_task(one(i / rate)) for i in range(int(rate * seconds))]
+        if reload_at is not None:
+            tasks.append(asyncio.create_task(reload()))
+        await asyncio.gather(*tasks)
+    out: dict[str, Any] = {"rate": rate, "seconds": seconds, "requests": len(lat), "errors": len(errors),
+                           "error_examples": errors[:3], **stats(lat),
+                           "req_per_s": round(len(lat) / seconds, 1)}  # offered and served, not 1 / latency
+    if swap:
+        out["hot_swap"] = swap
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ctrkit-bench-serve")
+    ap.add_argument("--rows", type=int, default=200_000, help="training rows of synthetic Criteo data")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--candidates", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1, help="torch / ORT threads per request")
+    ap.add_argument("--load-seconds", type=float, default=60.0)
+    ap.add_argument("--trial-seconds", type=float, default=5.0)
+    ap.add_argument("--p99-budget-ms", type=float, default=25.0)
+    ap.add_argument("--server-cpus", default=None, help="taskset CPU list for the server process")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/bench_serve.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()},
+                              "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}}
+    bundle_path = make_bundle(args.work, args.rows, args.epochs, seed=0)
+    bundle = Bundle.load(bundle_path)
+    recs = candidates(args.work / "data" / "test.tsv", args.candidates)
+    frame = records_frame(bundle.schema, recs)
+    good, _ = coerce_chunk(frame.with_columns(pl.int_range(0, frame.height).alias("_line")), bundle._features,
+                           with_label=False)
+    ids, dense = bundle.encoder.transform_frame(good)
+    batch = Batch(torch.from_numpy(ids), torch.from_numpy(dense))
+    rows: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def model_only() -> None:
+        bundle.model(batch)
+
+    rows["model only (torch, pre-encoded)"] = timed(model_only, args.reps)
+    try:
+        from ctrkit.serve.export import export_bundle, run_session, session
+
+        exp = export_bundle(bundle_path, args.work / "onnx", valid=args.work / "data" / "test.tsv")
+        result["int8_vs_fp32_auc"] = exp.to_dict()
+        fp32 = session(exp.fp32, args.threads)
+        rows["onnx runtime fp32 (pre-encoded)"] = timed(lambda: run_session(fp32, ids, dense), args.reps)
+        int8_path = exp.int8 or str(args.work / "onnx" / "model.int8.onnx")
+        if Path(int8_path).exists():
+            int8 = session(int8_path, args.threads)
+            rows["onnx runtime int8 (pre-encoded)"] = timed(lambda: run_session(int8, ids, dense), args.reps)
+    except ImportError as exc:
+        result["onnx"] = f"skipped: {exc}"
+    rows["bundle frame -> predict -> top-k"] = timed(lambda: choose(bundle.predict(frame), 10), args.reps)
+    rows["bundle dicts -> frame -> predict -> top-k"] = timed(
+        lambda: choose(bundle.predict(records_frame(bundle.schema, recs)), 10), args.reps)
+
+    import httpx2 as httpx
+
+    port = free_port()
+    events = Path(tempfile.mkdtemp(prefix="events-", dir=args.work))
+    server = start_server(bundle_path, port, events, args.server_cpus)
+    url = f"http://127.0.0.1:{port}"
+    body = json.dumps({"candidates": recs, "k": 10}).encode()
+    result["request_bytes"] = len(body)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            def one() -> None:
+                r = c.post("/rank", content=body, headers={"content-type": "application/json"})
+                if r.status_code != 200:
+                    raise RuntimeError(r.text)
+            rows["http /rank (loopback, one client)"] = timed(one, args.reps)
+        result["latency"] = rows
+        rate = max(1.0, 0.5 * rows["http /rank (loopback, one client)"]["req_per_s"])
+        trials = []
+        best = None
+        while True:
+            t = asyncio.run(open_loop(url, body, rate, args.trial_seconds))
+            trials.append(t)
+            print(f"trial {rate:7.1f} req/s: p99 {t['p99_ms']:.1f} ms, errors {t['errors']}", flush=True)
+            if t["p99_ms"] > args.p99_budget_ms or t["errors"]:
+                break
+            best = rate
+            rate *= 1.25
+        result["load_trials"] = trials
+        rate = best if best is not None else trials[0]["rate"]
+        reload_body = json.dumps({"path": str(bundle_path)}).encode()
+        load = asyncio.run(open_loop(url, body, rate, args.load_seconds, args.load_seconds / 2, reload_body))
+        load["p99_within_budget"] = load["p99_ms"] <= args.p99_budget_ms
+        load["rate_found_within_budget"] = best is not None
+        result["load_test"] = load
+        result["events_logged"] = httpx.get(f"{url}/health").json()["events"]["stored"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"\n{'stage':45s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
+    for name, s in rows.items():
+        print(f"{name:45s} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} {s['req_per_s']:8.1f}")
+    if "int8_vs_fp32_auc" in result:
+        e = result["int8_vs_fp32_auc"]
+        print(f"AUC fp32 {e['auc_fp32']:.5f}, int8 {e['auc_int8']:.5f} on {e['rows']} rows: {e['decision']}")
+    lt = result["load_test"]
+    print(f"load test: {lt['requests']} requests at {lt['rate']:.1f} req/s for {lt['seconds']:.0f} s, "
+          f"p50 {lt['p50_ms']:.1f} ms, p99 {lt['p99_ms']:.1f} ms, errors {lt['errors']}, "
+          f"hot swap {lt.get('hot_swap', {}).get('status')} in {lt.get('hot_swap', {}).get('seconds')} s")
+    print(f"load average {result['machine']['load_avg_start']} -> {result['machine']['load_avg_end']}; "
+          f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The feedback loop, simulated: synthetic users with a planted examination curve hit the server for several
+rounds; after each round the model is retrained from the server's own event log and hot-swapped in.
+
+World: items with a planted relevance (logit q_i), a genre each; users young or old with an age x genre
+interaction; P(click | item shown at position k) = k^-eta * sigmoid(q_i + interaction + b). Each request ranks
+``--candidates`` random items for one user, shows the top ``--k`` with epsilon-greedy exploration, and the
+simulated user clicks by the planted model; clicks go back through POST /events.
+
+Measured per round, all printed and written as JSON:
+  realised CTR        clicks / impressions served with the round's model (should rise round over round)
+  Kendall tau         of the items' relevance ranked by the naive and by the IPS-weighted retrained model,
+                      against the planted q_i
+  off-policy estimate of the next model's slot-1 CTR (IPS / SNIPS of ``ctrkit.measure.ope`` on the round's
+                      logged slot-1 traffic with its propensities), and the slot-1 CTR that model then
+                      realises on its greedy slots
+  monitor             the server's live pred/actual and PSI; the last round shifts the traffic (users click
+                      ``--shift`` times as often as the model expects) and pred/actual should leave the band.
+                      PSI compares every scored candidate's pCTR with the bundle's validation pCTR; a bundle
+                      retrained on its own served impressions was validated on shown items only, a selection
+                      of the candidates, so its PSI reads high without any drift (printed, not judged)
+
+    python bench/loop_sim.py               # writes bench/results/loop_sim.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import polars as pl
+from scipy.stats import kendalltau
+
+from ctrkit.data.synth import examination_curve, sigmoid, solve_intercept
+from ctrkit.measure.engine import make_engine
+from ctrkit.measure.ope import ips_snips
+from ctrkit.pipeline import train
+from ctrkit.schema import Field, Schema
+from ctrkit.serve.bundle import Bundle
+from ctrkit.serve.retrain import retrain
+
+GENRES = ("action", "comedy", "drama", "documentary", "kids")
+
+
+class World:
+    """Planted users, items and click model."""
+
+    def __init__(self, n_users: int, n_items: int, positions: int, eta: float, ctr: float, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.young = rng.random(n_users) < 0.5
+        self.genre = rng.integers(0, len(GENRES), n_items)
+        self.quality = rng.normal(0.0, 1.0, n_items)
+        self.exam = examination_curve(positions, eta)
+        action, comedy = self.genre[None, :] == 0, self.genre[None, :] == 1
+        young = self.young[:, None]
+        xor = ((young & action) | (~young & comedy)).astype(float) - ((young & comedy) | (~young & action))
+        self.logit = self.quality[None, :] + 1.5 * xor
+        self.b = solve_intercept(self.logit.ravel(), self.exam.mean(), ctr)
+        self.shift = 1.0
+
+    def relevance(self, user: int, items: np.ndarray) -> np.ndarray:
+        return sigmoid(self.logit[user, items] + self.b)
+
+    def clicks(self, user: int, items: np.ndarray) -> np.ndarray:
+        """Clicks on ``items`` shown in this order (position 1 first)."""
+        p = np.minimum(self.exam[: len(items)] * self.relevance(user, items) * self.shift, 1.0)
+        return self.rng.random(len(items)) < p
+
+    def context(self, user: int) -> dict[str, str]:
+        return {"user_id": f"u{user}", "age_group": "young" if self.young[user] else "old"}
+
+    def candidate(self, item: int) -> dict[str, str]:
+        return {"item_id": f"i{item}", "genre": GENRES[self.genre[item]]}
+
+
+def schema() -> Schema:
+    return Schema(fields=[Field(name=n, kind="categorical") for n in ("user_id", "age_group", "item_id", "genre")],
+                  label="click", time="timestamp")
+
+
+def seed_bundle(world: World, rows: int, out: Path) -> Path:
+    """A first model from a small log of uniformly random rankings."""
+    n_users = len(world.young)
+    recs = []
+    for _ in range(rows // 10):
+        u = int(world.rng.integers(n_users))
+        items = world.rng.choice(len(world.genre), 10, replace=False)
+        for it, c in zip(items, world.clicks(u, items)):
+            recs.append({**world.context(u), **world.candidate(int(it)), "click": int(c),
+                         "timestamp": 1.7e9 + len(recs)})
+    train(pl.DataFrame(recs), schema=schema(), model="fm", out=out, epochs=5, progress=False)
+    return out / "bundle"
+
+
+def item_tau(bundle_path: Path, world: World) -> float:
+    """Kendall tau between the model's mean pCTR of each item (over all users) and the planted quality."""
+    b = Bundle.load(bundle_path)
+    n_users, n_items = len(world.young), len(world.genre)
+    rows = [{**world.context(u), **world.candidate(i)} for u in range(0, n_users, 5) for i in range(n_items)]
+    p = b.predict(pl.DataFrame(rows)).reshape(-1, n_items)
+    return float(kendalltau(np.log(p / (1 - p)).mean(axis=0), world.quality).statistic)
+
+
+def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, epsilon: float
+                ) -> dict[str, Any]:
+    """One round of traffic; returns realised CTR and the slot-1 log with each request's candidates."""
+    n_users, n_items = len(world.young), len(world.genre)
+    shown = clicked = greedy1 = greedy1_clicks = 0
+    slot1, cands = [], {}
+    for _ in range(requests):
+        u = int(world.rng.integers(n_users))
+        items = world.rng.choice(n_items, n_cand, replace=False)
+        r = client.post("/rank", json={"context": world.context(u), "candidates": [world.candidate(int(i))
+                                                                                   for i in items],
+                                       "k": k, "explore": {"epsilon": epsilon}})
+        r.raise_for_status()
+        out = r.json()
+        order = np.array([items[it["index"]] for it in out["items"]])
+        c = world.clicks(u, order)
+        events = [{"event_id": f"c-{it['impression_id']}", "kind": "click", "impression_id": it["impression_id"]}
+                  for it, hit in zip(out["items"], c) if hit]
+        if events:
+            client.post("/events", json={"events": events}).raise_for_status()
+        shown += len(order)
+        clicked += int(c.sum())
+        first = out["items"][0]
+        if first["propensity"] > epsilon:  # the greedy pick (an explored slot 1 has propensity epsilon / m)
+            greedy1 += 1
+            greedy1_clicks += int(c[0])
+        slot1.append({"request_id": out["request_id"], "item_id": f"i{order[0]}", "propensity": first["propensity"],
+                      "click": int(c[0])})
+        cands[out["request_id"]] = (u, items)
+    return {"impressions": shown, "clicks": clicked, "ctr": clicked / shown,
+            "greedy_slot1_ctr": greedy1_clicks / max(greedy1, 1), "greedy_slot1_n": greedy1,
+            "slot1": slot1, "candidates": cands}
+
+
+def ope_of(bundle_path: Path, world: World, rnd: dict[str, Any]) -> list[dict[str, Any]]:
+    """IPS / SNIPS of the greedy slot-1 CTR of ``bundle_path`` on the round's logged slot-1 traffic."""
+    b = Bundle.load(bundle_path)
+    target = []
+    for rid, (u, items) in rnd["candidates"].items():
+        p = b.predict(pl.DataFrame([{**world.context(u), **world.candidate(int(i))} for i in items]))
+        target.append({"request_id": rid, "item_id": f"i{items[int(np.argmax(p))]}", "propensity": 1.0})
+    eng = make_engine("duckdb", threads=2)
+    try:
+        eng.register("slot1", pd.DataFrame(rnd["slot1"]))
+        return [e.to_dict() for e in ips_snips(eng, "slot1", "click", "propensity", pd.DataFrame(target),
+                                              ["request_id"], "item_id")]
+    finally:
+        eng.close()
+
+
+def main() -> None:
+    from fastapi.testclient import TestClient
+
+    from ctrkit.serve.app import ServerConfig, create_app
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=400, help="requests per round")
+    ap.add_argument("--candidates", type=int, default=30)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--epsilon", type=float, default=0.2)
+    ap.add_argument("--users", type=int, default=300)
+    ap.add_argument("--items", type=int, default=120)
+    ap.add_argument("--eta", type=float, default=1.0, help="examination curve k^-eta")
+    ap.add_argument("--seed-rows", type=int, default=1500)
+    ap.add_argument("--shift", type=float, default=0.4, help="click-rate multiplier of the last round")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/loop_sim.json"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ctrkit-loop-"))
+    world = World(args.users, args.items, args.k, args.eta, 0.1, args.seed)
+    current = seed_bundle(world, args.seed_rows, work / "seed")
+    log = work / "events"
+    rounds: list[dict[str, Any]] = []
+    app = create_app(ServerConfig(bundle=current, events=log, seed=args.seed, segments=("age_group",),
+                                  monitor_window=args.requests * args.k))
+    with TestClient(app) as client:
+        pending_ope = None
+        for r in range(args.rounds + 1):
+            last = r == args.rounds
+            world.shift = args.shift if last else 1.0
+            t0 = time.perf_counter()
+            rnd = serve_round(client, world, args.requests, args.candidates, args.k, args.epsilon)
+            snap = app.state.monitor.snapshot()
+            row: dict[str, Any] = {"round": r, "bundle": str(current), "ctr": round(rnd["ctr"], 5),
+                                   "greedy_slot1_ctr": round(rnd["greedy_slot1_ctr"], 5),
+                                   "impressions": rnd["impressions"], "tau_served": item_tau(current, world),
+                                   "monitor": {"pred_actual": snap["overall"]["ratio"], "psi": snap["psi"],
+                                               "alerts": snap["alerts"]},
+                                   "shifted": last, "serve_seconds": round(time.perf_counter() - t0, 1)}
+            if pending_ope is not None:
+                for e in pending_ope:
+                    e["realised"] = rnd["greedy_slot1_ctr"]
+                    e["covers_realised"] = e["ci_low"] <= rnd["greedy_slot1_ctr"] <= e["ci_high"]
+                row["ope_of_this_model"] = pending_ope
+            if not last:
+                naive = retrain(log, current, work / f"naive{r}", epochs=5, seed=r, keep_candidate=True)
+                ips = retrain(log, current, work / f"ips{r}", ips=True, epochs=5, seed=r, keep_candidate=True)
+                row["retrain"] = {"naive": naive.reason, "ips": ips.reason}
+                row["tau_naive"] = item_tau(Path(str(naive.candidate_path)), world)
+                row["tau_ips"] = item_tau(Path(str(ips.candidate_path)), world)
+                if naive.promoted:
+                    pending_ope = ope_of(work / f"naive{r}", world, rnd)
+                    client.post("/admin/reload", json={"path": str(work / f"naive{r}")}).raise_for_status()
+                    current = work / f"naive{r}"
+                else:
+                    pending_ope = None
+            rounds.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("retrain",)}, default=float), flush=True)
+    ctrs = [r["ctr"] for r in rounds[:-1]]
+    summary = {
+        "ctr_by_round": ctrs,
+        "ctr_rises_round_over_round": all(b > a for a, b in zip(ctrs, ctrs[1:])),
+        "tau_naive": [r.get("tau_naive") for r in rounds[:-1]],
+        "tau_ips": [r.get("tau_ips") for r in rounds[:-1]],
+        "ips_tau_above_naive": [r["tau_ips"] > r["tau_naive"] for r in rounds[:-1]],
+        "pred_actual_by_round": [r["monitor"]["pred_actual"] for r in rounds],
+        "pred_actual_alert_on_shift": not 0.8 <= rounds[-1]["monitor"]["pred_actual"] <= 1.2,
+        "pred_actual_quiet_before_shift": 0.8 <= rounds[-2]["monitor"]["pred_actual"] <= 1.2,
+        "psi_by_round": [r["monitor"]["psi"] for r in rounds],
+        "ope_covers_realised": [e["covers_realised"] for r in rounds if not r["shifted"]  # the shift moves
+                                for e in r.get("ope_of_this_model", [])],  # the truth the estimate was of
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rounds": rounds,
+                                      "summary": summary}, indent=1, default=float))
+    print(json.dumps(summary, indent=1, default=float))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""HTTP scorer and ranker over a bundle (FastAPI): /score, /rank, /events, /health, /metrics, /admin/reload.
+
+Every score goes through :meth:`Bundle.predict`, so a bad value gets the answer it gets anywhere else, as a 422
+that names the field. /rank logs each shown item as an impression (``event_id`` = its ``impression_id``) with
+its pCTR, score, position and propensity into the event log, and answers once that is on disk; /events stores
+clicks and conversions (and client-side impressions) exactly once per ``event_id``. A reload loads the new
+bundle beside the old one and swaps a reference, so requests in flight finish on the bundle they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import polars as pl
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(f"ctrkit's server needs the 'serve' extra: pip install 'ctrkit[serve]' ({exc})") from exc
+
+from ctrkit.data.readers import DataError
+from ctrkit.schema import SchemaError
+from ctrkit.serve.bundle import Bundle, BundleError
+from ctrkit.serve.events import EventLog, EventLogError
+from ctrkit.serve.monitor import LiveMonitor
+from ctrkit.serve.rank import RESERVED, choose, objective_scores, records_frame
+
+MAX_BATCH = 10_000
+MAX_BODY_BYTES = 32 << 20
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ROUTES = ("/score", "/rank", "/events", "/health", "/metrics", "/admin/reload", "/docs", "/openapi.json")
+
+# -- request and response models ---------------------------------------------------------------------
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Text = Annotated[StrictStr, Field(max_length=4096)]
+Value = StrictBool | Int64 | Finite | Text | None
+Record = dict[Annotated[str, Field(max_length=256)], Value]
+Id = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreRequest(_Strict):
+    """Raw feature records (field -> value) to score, in order."""
+
+    records: list[Record]
+
+
+class ScoreResponse(_Strict):
+    """Calibrated click probabilities, one per record, and the version of the bundle that gave them."""
+
+    pctr: list[float]
+    bundle: str
+
+
+class Explore(_Strict):
+    """Epsilon-greedy exploration: each slot shows a uniformly drawn remaining item with probability epsilon."""
+
+    method: Literal["epsilon_greedy"] = "epsilon_greedy"
+    epsilon: Annotated[Finite, Field(ge=0.0, le=1.0)] = 0.1
+
+
+class RankRequest(_Strict):
+    """A context shared by all candidates, the candidates (optional ``bid``, ``quality``), and k."""
+
+    context: Record = Field(default_factory=dict)
+    candidates: Annotated[list[Record], Field(min_length=1)]
+    k: Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)] = 10
+    objective: Literal["pctr", "ecpm"] = "pctr"
+    explore: Explore | None = None
+    request_id: Id | None = None
+
+
+class RankedItem(_Strict):
+    """One shown item: its candidate index, pCTR, ranking score, slot, impression id and propensity."""
+
+    index: int
+    pctr: float
+    score: float
+    position: int
+    impression_id: str
+    propensity: float
+
+
+class RankResponse(_Strict):
+    """The shown items in slot order."""
+
+    items: list[RankedItem]
+    request_id: str
+    bundle: str
+
+
+class Event(_Strict):
+    """An impression, click or conversion; ``event_id`` makes a retry harmless."""
+
+    event_id: Id
+    kind: Literal["impression", "click", "conversion"]
+    impression_id: Id
+    timestamp: Annotated[Finite, Field(ge=0.0, le=1e11)] | None = None
+    position: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = None
+    revenue: Finite | None = None
+    user_id: Text | None = None
+    item_id: Text | None = None
+
+
+class EventsRequest(_Strict):
+    """A batch of events."""
+
+    events: Annotated[list[Event], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class EventsResponse(_Strict):
+    """How many events were stored and how many were already in the log."""
+
+    stored: int
+    duplicates: int
+
+
+class ReloadRequest(_Strict):
+    """Load the bundle at ``path`` (default: the path the server started with, re-read)."""
+
+    path: Annotated[StrictStr, Field(min_length=1, max_length=4096)] | None = None
+
+
+def bundle_version(path: str | Path) -> str:
+    """A short content hash of a bundle folder's model description and weights."""
+    h = hashlib.sha256()
+    for part in ("model.json", "weights.safetensors"):
+        h.update((Path(path) / part).read_bytes())
+    return h.hexdigest()[:12]
+
+
+@dataclass
+class ServerConfig:
+    """What ``ctrkit serve`` passes to :func:`create_app`."""
+
+    bundle: Path
+    events: Path | None = None
+    token: str | None = None
+    max_batch: int = MAX_BATCH
+    max_body_bytes: int = MAX_BODY_BYTES
+    segments: tuple[str, ...] = ()
+    monitor_window: int = 100_000
+    seed: int | None = None
+
+
+@dataclass
+class _Live:
+    bundle: Bundle
+    version: str
+    path: Path
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ctrkit_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("ctrkit_request_seconds", "Request latency by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.scored = Counter("ctrkit_scored_records", "Records scored (score and rank)", registry=r)
+        self.events = Counter("ctrkit_events", "Events stored, by kind", ["kind"], registry=r)
+        self.duplicates = Counter("ctrkit_event_duplicates", "Events whose id was already stored", registry=r)
+        self.ratio = Gauge("ctrkit_pred_actual_ratio", "Rolling pred/actual over the monitor window", registry=r)
+        self.psi = Gauge("ctrkit_pctr_psi", "PSI of live pCTR against the training distribution", registry=r)
+        self.reloads = Counter("ctrkit_reloads", "Bundle hot swaps", registry=r)
+
+
+class _Guard:
+    """ASGI middleware: token check, body size limit (by Content-Length), request count and latency per route."""
+
+    def __init__(self, app: Any, token: str | None, max_body: int, metrics: _Metrics) -> None:
+        self.app, self.max_body, self.metrics = app, max_body, metrics
+        self.token = token.encode() if token else None
+
+    async def _reply(self, send: Any, status: int, text: str) -> None:
+        body = json.dumps({"detail": text}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        assert self.token is not None
+        given = headers.get(b"x-ctrkit-token")
+        if given is None:
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        return hmac.compare_digest(given, self.token)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        status = [500]
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"0")
+        try:
+            if self.token is not None and path != "/health" and not self._authorised(headers):
+                await self._reply(send_status, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN'")
+            elif not length.isdigit() or int(length) > self.max_body:
+                await self._reply(send_status, 413, f"request body over {self.max_body} bytes")
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+
+def _user_error(exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+
+_VALUE_TAGS = {"bool", "constrained-int", "float", "constrained-str"}
+
+
+def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field by its path; one line per field for a field value (not one per JSON type),
+    and never the offending input itself, which may be a NaN that JSON cannot carry back."""
+    detail: dict[str, str] = {}
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if e.get("type") == "json_invalid":
+            where = f" at character {loc[0]}" if loc else ""
+            loc, msg = [], f"the body is not valid JSON{where}: {e.get('ctx', {}).get('error', '')}".rstrip(": ")
+        elif loc and loc[-1] in _VALUE_TAGS:
+            loc, msg = loc[:-1], "expected a string, a finite number, a boolean or null"
+            if isinstance(e.get("input"), int) and not isinstance(e.get("input"), bool):
+                msg += " (integers within +-2^63)"
+        else:
+            msg = str(e.get("msg", "invalid"))
+        detail.setdefault(".".join(loc) or "body", msg)
+    return JSONResponse(status_code=422, content={"detail": [{"field": k, "msg": v} for k, v in detail.items()]})
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The FastAPI application serving ``config.bundle``."""
+    metrics = _Metrics()
+    live = _load(config.bundle)
+    log = EventLog(config.events) if config.events else None
+    monitor = LiveMonitor(config.monitor_window, config.segments, live.bundle.metrics.get("pctr_reference"))
+    rng = np.random.default_rng(config.seed)
+    state: dict[str, Any] = {"live": live, "started": time.time()}
+    reload_lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if log is not None:
+            log.close()
+
+    app = FastAPI(title="ctrkit scorer", version=live.version, lifespan=lifespan,
+                  description="Click probabilities, ranking with exploration, and the event log of what was shown.")
+    app.add_middleware(_Guard, token=config.token, max_body=config.max_body_bytes, metrics=metrics)
+    for exc_type in (DataError, SchemaError, BundleError, EventLogError):
+        app.add_exception_handler(exc_type, lambda _r, e: _user_error(e))
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.state.ctrkit = state
+    app.state.event_log = log
+    app.state.monitor = monitor
+
+    def check_size(n: int, what: str) -> None:
+        if n > config.max_batch:
+            raise DataError(f"{what}: {n} items exceed this server's limit of {config.max_batch} per request")
+
+    @app.post("/score", response_model=ScoreResponse)
+    async def score(req: ScoreRequest) -> dict[str, Any]:
+        """Calibrated pCTR of every record, in order."""
+        check_size(len(req.records), "records")
+        cur: _Live = state["live"]
+        p = cur.bundle.predict(records_frame(cur.bundle.schema, req.records)) if req.records else np.zeros(0)
+        metrics.scored.inc(len(p))
+        monitor.scored(p)
+        return {"pctr": p.tolist(), "bundle": cur.version}
+
+    @app.post("/rank", response_model=RankResponse)
+    async def rank(req: RankRequest) -> dict[str, Any]:
+        """The top k candidates by pCTR or eCPM, with exploration, propensities and impression ids."""
+        check_size(len(req.candidates), "candidates")
+        cur: _Live = state["live"]
+        frame = records_frame(cur.bundle.schema, req.candidates, req.context, allowed_extra=RESERVED)
+        pctr = cur.bundle.predict(frame)
+        metrics.scored.inc(len(pctr))
+        monitor.scored(pctr)
+        bids = _reserved(req.candidates, "bid", None if req.objective == "pctr" else "required")
+        quality = _reserved(req.candidates, "quality", 1.0)
+        scores = objective_scores(pctr, req.objective, bids, quality)
+        eps = req.explore.epsilon if req.explore else 0.0
+        slate = choose(scores, req.k, eps, rng)
+        request_id = req.request_id or uuid.uuid4().hex
+        items = []
+        for pos, (i, q) in enumerate(zip(slate.index.tolist(), slate.propensity.tolist()), start=1):
+            items.append({"index": i, "pctr": float(pctr[i]), "score": float(scores[i]), "position": pos,
+                          "impression_id": uuid.uuid4().hex, "propensity": q})
+        if log is not None or config.segments:
+            shown = frame[slate.index.tolist()].with_columns(
+                [pl.col(f.name).cast(pl.Float64, strict=False)
+                 for f in cur.bundle.schema.fields if f.kind != "categorical"]).to_dicts()
+            now = time.time()
+            events = []
+            for it, feats, explored in zip(items, shown, slate.explored.tolist()):
+                monitor.impression(it["impression_id"], it["pctr"], feats)
+                extra = {} if bids is None else {"bid": float(bids[it["index"]])}
+                events.append({**feats, **extra, "event_id": it["impression_id"], "kind": "impression",
+                               "impression_id": it["impression_id"], "timestamp": now, "request_id": request_id,
+                               "position": it["position"], "pctr": it["pctr"], "score": it["score"],
+                               "propensity": it["propensity"], "explored": explored,
+                               "objective": req.objective, "bundle": cur.version})
+            if log is not None:
+                await asyncio.wrap_future(log.append_async(events))
+        return {"items": items, "request_id": request_id, "bundle": cur.version}
+
+    @app.post("/events", response_model=EventsResponse)
+    async def events(req: EventsRequest) -> dict[str, Any]:
+        """Store impressions, clicks and conversions; an event_id already stored is not stored again."""
+        if log is None:
+            raise EventLogError("this server has no event log: start it with --events FOLDER")
+        batch = [e.model_dump(exclude_none=True) for e in req.events]
+        flags = await asyncio.wrap_future(log.append_async(batch))
+        for e, new in zip(batch, flags):
+            if new:
+                metrics.events.labels(e["kind"]).inc()
+                if e["kind"] == "click":
+                    monitor.click(e["impression_id"])
+        dup = flags.count(False)
+        metrics.duplicates.inc(dup)
+        return {"stored": len(flags) - dup, "duplicates": dup}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness, the bundle being served and the scoring path."""
+        cur: _Live = state["live"]
+        return {"status": "ok", "bundle": cur.version, "model": cur.bundle.model_name, "path": str(cur.path),
+                "scoring": "torch (Bundle.predict)", "uptime_s": round(time.time() - state["started"], 3),
+                "events": None if log is None else {"path": str(log.path), "stored": len(log)}}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> PlainTextResponse:
+        """Prometheus text: requests, latency, scored records, events, live pred/actual and PSI."""
+        snap = monitor.snapshot()
+        ratio = snap["overall"]["ratio"]
+        metrics.ratio.set(ratio if math.isfinite(ratio) else float("nan"))
+        metrics.psi.set(snap["psi"] if snap["psi"] is not None else float("nan"))
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload")
+    async def reload(req: ReloadRequest | None = None) -> dict[str, Any]:
+        """Load a bundle and swap it in; requests already running finish on the previous one."""
+        async with reload_lock:
+            old: _Live = state["live"]
+            path = Path(req.path) if req and req.path else old.path
+            new = await asyncio.get_running_loop().run_in_executor(None, _load, path)
+            state["live"] = new
+            monitor.reference = new.bundle.metrics.get("pctr_reference")
+            metrics.reloads.inc()
+        return {"bundle": new.version, "previous": old.version, "path": str(new.path)}
+
+    return app
+
+
+def _load(path: Path) -> _Live:
+    try:
+        return _Live(Bundle.load(path), bundle_version(path), Path(path))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+
+
+def _reserved(candidates: list[dict[str, Any]], key: str, default: float | str | None) -> np.ndarray | None:
+    """The ``bid`` or ``quality`` of every candidate as a non-negative array (None when none is given)."""
+    values = [c.get(key) for c in candidates]
+    if all(v is None for v in values) and default != "required":
+        return None if default is None else np.full(len(values), float(default))
+    out = np.empty(len(values))
+    for i, v in enumerate(values):
+        if v is None and default not in (None, "required"):
+            v = default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise DataError(f"candidates[{i}]: field {key!r} must be a non-negative number, got {v!r}")
+        out[i] = float(v)
+    return out

@@ -1,0 +1,256 @@
+"""Calibration and drift monitoring: rolling pred/actual overall and per segment, PSI of pCTR against training.
+
+pred/actual is the sum of predicted click probabilities over the clicks that happened (1.0 is perfect
+calibration); a ratio outside the band [0.8, 1.2] is an alert once the window holds ``min_clicks`` clicks, so
+that a handful of clicks cannot raise one. PSI compares the distribution of live pCTR with the distribution of
+the bundle's validation pCTR over the reference's decile bins: sum (a - e) ln(a / e); the usual reading is
+< 0.1 stable, 0.1-0.25 a moderate shift, > 0.25 a major one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ctrkit.data.readers import DataError
+
+BAND = (0.8, 1.2)
+PSI_FLOOR = 1e-4
+
+
+def reference_distribution(p: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    """Quantile bin edges of ``p`` (inner edges only) and the share of ``p`` in each bin."""
+    p = np.asarray(p, dtype=np.float64)
+    if len(p) == 0:
+        raise ValueError("a reference distribution needs at least one prediction")
+    edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)[1:-1]))
+    shares = np.bincount(np.searchsorted(edges, p, side="right"), minlength=len(edges) + 1) / len(p)
+    return {"edges": edges.tolist(), "shares": shares.tolist()}
+
+
+def psi(reference: Mapping[str, Sequence[float]], p: np.ndarray) -> float:
+    """Population stability index of ``p`` against ``reference`` (NaN when ``p`` is empty)."""
+    p = np.asarray(p, dtype=np.float64)
+    if len(p) == 0:
+        return float("nan")
+    edges = np.asarray(reference["edges"], dtype=np.float64)
+    expected = np.maximum(np.asarray(reference["shares"], dtype=np.float64), PSI_FLOOR)
+    actual = np.bincount(np.searchsorted(edges, p, side="right"), minlength=len(edges) + 1) / len(p)
+    actual = np.maximum(actual, PSI_FLOOR)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def ratio_row(pred: float, clicks: float, impressions: int, min_clicks: int,
+              band: tuple[float, float] = BAND) -> dict[str, Any]:
+    """One line of a calibration table: sums, the ratio and whether it is an alert."""
+    ratio = pred / clicks if clicks else float("nan")
+    alert = bool(clicks >= min_clicks and not band[0] <= ratio <= band[1])
+    return {"impressions": int(impressions), "clicks": int(clicks), "pred": float(pred), "ratio": float(ratio),
+            "alert": alert}
+
+
+@dataclass
+class _Imp:
+    pctr: float
+    segment: tuple[str, ...]
+    clicked: bool = False
+
+
+class LiveMonitor:
+    """The last ``window`` impressions served (pCTR, clicked or not) and the last ``window`` pCTRs scored;
+    thread-safe."""
+
+    def __init__(self, window: int = 100_000, segments: Sequence[str] = (),
+                 reference: Mapping[str, Sequence[float]] | None = None, min_clicks: int = 30,
+                 band: tuple[float, float] = BAND) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window, self.segments, self.reference = window, tuple(segments), reference
+        self.min_clicks, self.band = min_clicks, band
+        self._imps: OrderedDict[str, _Imp] = OrderedDict()
+        self._scored = np.zeros(window)
+        self._n_scored = 0
+        self._lock = threading.Lock()
+
+    def scored(self, pctr: np.ndarray) -> None:
+        """Remember the pCTR of every scored record (shown or not): PSI compares these with training, since
+        the shown items are a selection and would differ from the training distribution by design."""
+        p = np.asarray(pctr, dtype=np.float64)
+        with self._lock:
+            end = self._n_scored + len(p)
+            keep = min(len(p), self.window)  # value number j lives in slot j % window
+            self._scored[np.arange(end - keep, end) % self.window] = p[len(p) - keep:]
+            self._n_scored = end
+
+    def impression(self, impression_id: str, pctr: float, record: Mapping[str, Any]) -> None:
+        """Remember a served impression (the oldest falls out of the window)."""
+        seg = tuple(str(record.get(s)) for s in self.segments)
+        with self._lock:
+            self._imps[impression_id] = _Imp(float(pctr), seg)
+            while len(self._imps) > self.window:
+                self._imps.popitem(last=False)
+
+    def click(self, impression_id: str) -> bool:
+        """Mark an impression clicked; False when it is not in the window."""
+        with self._lock:
+            imp = self._imps.get(impression_id)
+            if imp is None:
+                return False
+            imp.clicked = True
+            return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """pred/actual overall and per segment value, PSI against the reference, alerts."""
+        with self._lock:
+            imps = list(self._imps.values())
+            scored = self._scored[:min(self._n_scored, self.window)].copy()
+        p = np.fromiter((i.pctr for i in imps), np.float64, len(imps))
+        c = np.fromiter((i.clicked for i in imps), np.float64, len(imps))
+        out: dict[str, Any] = {"overall": ratio_row(p.sum(), c.sum(), len(imps), self.min_clicks, self.band),
+                               "segments": {}}
+        for j, name in enumerate(self.segments):
+            groups: dict[str, list[int]] = {}
+            for k, i in enumerate(imps):
+                groups.setdefault(i.segment[j], []).append(k)
+            out["segments"][name] = {v: ratio_row(p[ix].sum(), c[ix].sum(), len(ix), self.min_clicks, self.band)
+                                     for v, ix in sorted(groups.items())}
+        out["scored"] = len(scored)
+        out["psi"] = psi(self.reference, scored) if self.reference and len(scored) else None
+        out["alerts"] = alerts(out)
+        return out
+
+
+def alerts(snapshot: Mapping[str, Any]) -> list[str]:
+    """Human-readable alert lines of a snapshot."""
+    lines = []
+    o = snapshot["overall"]
+    if o["alert"]:
+        lines.append(f"overall pred/actual {o['ratio']:.3f} is outside [{BAND[0]}, {BAND[1]}] "
+                     f"({o['clicks']} clicks)")
+    for name, rows in snapshot.get("segments", {}).items():
+        for value, r in rows.items():
+            if r["alert"]:
+                lines.append(f"{name}={value}: pred/actual {r['ratio']:.3f} is outside [{BAND[0]}, {BAND[1]}] "
+                             f"({r['clicks']} clicks)")
+    value = snapshot.get("psi")
+    if value is not None and value > 0.25:
+        lines.append(f"PSI {value:.3f} of live pCTR against training: a major shift (> 0.25)")
+    return lines
+
+
+def monitor_log(log: str | Path, bundle: Any, segments: Sequence[str] = (), windows: int = 10,
+                min_clicks: int = 30) -> dict[str, Any]:
+    """pred/actual and PSI per time window of an event log, overall and per segment value.
+
+    Impressions and their clicks come from :func:`ctrkit.serve.events.attributed_impressions` (the attribution
+    of ``ctrkit.measure``); the pCTR is the one logged when the item was served, or the bundle's score where
+    the log has none. The reference distribution for PSI is the bundle's validation pCTR.
+    """
+    from ctrkit.serve.events import attributed_impressions
+
+    data = attributed_impressions(log).sort("timestamp")
+    missing = [s for s in segments if s not in data.columns]
+    if missing:
+        raise DataError(f"{log}: no column {missing[0]!r} to segment by; columns are {data.columns}")
+    if "pctr" not in data.columns or data["pctr"].null_count():
+        data = data.with_columns(pl.Series("pctr", bundle.predict(data)))
+    reference = bundle.metrics.get("pctr_reference")
+    t = data["timestamp"].dt.epoch("us").to_numpy() / 1e6
+    edges = np.linspace(t.min(), t.max(), windows + 1) if len(t) else np.zeros(windows + 1)
+    which = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, windows - 1)
+    p, c = data["pctr"].to_numpy(), data["click"].to_numpy().astype(np.float64)
+    rows = []
+    for w in range(windows):
+        ix = which == w
+        row = {"window": w, "start": float(edges[w]), "end": float(edges[w + 1]),
+               **ratio_row(p[ix].sum(), c[ix].sum(), int(ix.sum()), min_clicks),
+               "psi": psi(reference, p[ix]) if reference and ix.any() else None}
+        for name in segments:
+            seg = data[name].cast(pl.String).fill_null("(missing)").to_numpy()
+            row[name] = {v: ratio_row(p[ix & (seg == v)].sum(), c[ix & (seg == v)].sum(),
+                                      int((ix & (seg == v)).sum()), min_clicks) for v in np.unique(seg[ix])}
+        rows.append(row)
+    overall: dict[str, Any] = {"overall": ratio_row(p.sum(), c.sum(), len(p), min_clicks), "segments": {},
+                               "psi": psi(reference, p) if reference else None}
+    for name in segments:
+        seg = data[name].cast(pl.String).fill_null("(missing)").to_numpy()
+        overall["segments"][name] = {v: ratio_row(p[seg == v].sum(), c[seg == v].sum(), int((seg == v).sum()),
+                                                  min_clicks) for v in np.unique(seg)}
+    lines = alerts(overall)
+    for r in rows:
+        snap = {"overall": r, "segments": {n: r[n] for n in segments}, "psi": r["psi"]}
+        lines += [f"window {r['window']}: {a}" for a in alerts(snap)]
+    return {"log": str(log), "impressions": len(p), "clicks": int(c.sum()), "band": list(BAND),
+            "reference": bool(reference), "total": overall, "windows": rows, "alerts": lines}
+
+
+def html_report(result: Mapping[str, Any], path: str | Path) -> Path:
+    """A self-contained HTML page: pred/actual and PSI per window with the band, segment tables, alerts."""
+    import html as esc
+
+    from ctrkit.measure.report import _plt, _png
+
+    plt = _plt()
+    rows = result["windows"]
+    x = [r["window"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    axes[0].plot(x, [r["ratio"] for r in rows], "o-", label="pred/actual")
+    axes[0].axhspan(BAND[0], BAND[1], color="green", alpha=0.12, label=f"band [{BAND[0]}, {BAND[1]}]")
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set_xlabel("time window")
+    axes[0].set_ylabel("pred / actual")
+    axes[0].legend()
+    axes[1].bar(x, [r["psi"] if r["psi"] is not None else 0.0 for r in rows])
+    axes[1].axhline(0.1, color="orange", lw=0.8, label="0.1 moderate")
+    axes[1].axhline(0.25, color="red", lw=0.8, label="0.25 major")
+    axes[1].set_xlabel("time window")
+    axes[1].set_ylabel("PSI vs training pCTR")
+    axes[1].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    chart = _png(fig)
+
+    def table(head: list[str], body: list[list[Any]]) -> str:
+        th = "".join(f"<th>{esc.escape(h)}</th>" for h in head)
+        tr = "".join("<tr>" + "".join(f"<td>{esc.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in body)
+        return f"<table><tr>{th}</tr>{tr}</table>"
+
+    win = table(["window", "impressions", "clicks", "pred", "pred/actual", "PSI", "alert"],
+                [[r["window"], r["impressions"], r["clicks"], r["pred"], r["ratio"], r["psi"],
+                  "ALERT" if r["alert"] else ""] for r in rows])
+    segs = "".join(
+        f"<h3>by {esc.escape(name)}</h3>" + table(
+            [name, "impressions", "clicks", "pred", "pred/actual", "alert"],
+            [[v, r["impressions"], r["clicks"], r["pred"], r["ratio"], "ALERT" if r["alert"] else ""]
+             for v, r in vals.items()])
+        for name, vals in result["total"]["segments"].items())
+    al = "".join(f"<li>{esc.escape(a)}</li>" for a in result["alerts"]) or "<li>none</li>"
+    t = result["total"]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ctrkit monitor</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.alerts li{{color:#b00}}</style></head><body>
+<h1>Calibration and drift: {esc.escape(str(result['log']))}</h1>
+<p>{result['impressions']:,} impressions, {result['clicks']:,} clicks; overall pred/actual
+<b>{_fmt(t['overall']['ratio'])}</b>, PSI against the training pCTR <b>{_fmt(t['psi'])}</b>.</p>
+<h2>Alerts</h2><ul class="alerts">{al}</ul>
+{chart}<h2>Per window</h2>{win}<h2>Segments (whole log)</h2>{segs}</body></html>"""
+    out = Path(path)
+    out.write_text(page)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.4f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)

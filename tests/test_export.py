@@ -1,0 +1,35 @@
+"""ONNX export: the exported graph gives the bundle's probabilities; INT8 is kept only when AUC holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="ONNX export needs the 'onnx' extra: pip install 'ctrkit[onnx]'")
+pytest.importorskip("onnxscript", reason="ONNX export needs the 'onnx' extra: pip install 'ctrkit[onnx]'")
+
+from ctrkit.data.synth import make_click_log, split_by_time, synth_schema  # noqa: E402
+from ctrkit.pipeline import train  # noqa: E402
+from ctrkit.serve.export import encoded_rows, export_bundle, run_session, session  # noqa: E402
+
+
+def test_onnx_matches_bundle_and_int8_guard(tmp_path: Path) -> None:
+    log, _ = make_click_log(n_rows=3000, n_users=100, n_items=80, seed=2)
+    tr, va, te = split_by_time(log.drop("p_click"))
+    run = train(tr, schema=synth_schema(), valid=va, model="deepfm", out=tmp_path / "m", epochs=1,
+                batch_size=512, progress=False)
+    bundle_dir = tmp_path / "m" / "bundle"
+    res = export_bundle(bundle_dir, tmp_path / "onnx", valid=te)
+    ids, dense, y = encoded_rows(run.bundle, te)
+    onnx_p = run_session(session(res.fp32), ids, dense)
+    assert np.max(np.abs(onnx_p - run.bundle.predict(te))) < 1e-5
+    assert res.rows == te.height and res.auc_fp32 is not None and res.auc_int8 is not None
+    kept = res.auc_fp32 - res.auc_int8 <= 0.0005
+    assert (res.int8 is not None) == kept == (tmp_path / "onnx" / "model.int8.onnx").exists()
+    strict = export_bundle(bundle_dir, tmp_path / "strict", valid=te, max_auc_drop=-1.0)
+    assert strict.int8 is None and "dropped" in strict.decision
+    assert not (tmp_path / "strict" / "model.int8.onnx").exists()
+    json.dumps(res.to_dict())

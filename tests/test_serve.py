@@ -1,0 +1,283 @@
+"""HTTP server: scores equal Bundle.predict, ranking and exploration, events exactly once, errors are 4xx."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install 'ctrkit[serve]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from ctrkit.data.readers import DataError  # noqa: E402
+from ctrkit.data.synth import make_click_log, split_by_time, synth_schema  # noqa: E402
+from ctrkit.pipeline import train  # noqa: E402
+from ctrkit.serve.app import ServerConfig, create_app  # noqa: E402
+from ctrkit.serve.bundle import Bundle  # noqa: E402
+from ctrkit.serve.events import read_events  # noqa: E402
+from ctrkit.serve.rank import choose  # noqa: E402
+
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pl.DataFrame]:
+    """Two small DeepFM bundles of the synthetic schema (user_id required), and held-out records."""
+    out = tmp_path_factory.mktemp("serve")
+    log, _ = make_click_log(n_rows=3000, n_users=200, n_items=100, seed=5)
+    schema = synth_schema()
+    schema = replace(schema, fields=[replace(f, required=f.name == "user_id") for f in schema.fields])
+    tr, va, te = split_by_time(log.drop("p_click"))
+    for seed in (0, 1):
+        train(tr, schema=schema, valid=va, model="deepfm", out=out / f"m{seed}", epochs=1, batch_size=512,
+              seed=seed, progress=False)
+    return out / "m0" / "bundle", out / "m1" / "bundle", te
+
+
+@pytest.fixture()
+def client(bundles: tuple[Path, Path, pl.DataFrame], tmp_path: Path) -> TestClient:
+    app = create_app(ServerConfig(bundle=bundles[0], events=tmp_path / "log", seed=0, max_batch=500,
+                                  segments=("device",)))
+    with TestClient(app) as c:
+        yield c
+
+
+def _records(te: pl.DataFrame, n: int) -> list[dict]:
+    cols = [f.name for f in synth_schema().fields]
+    return te.select(cols).head(n).to_dicts()
+
+
+def test_score_equals_bundle_predict(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]) -> None:
+    recs = _records(bundles[2], 50)
+    recs[3]["item_id"] = "never-seen"
+    recs[4]["price"] = "12.5"   # numbers as text read like a file's
+    recs[5]["hour"] = 7.0      # an integral float is the category "7"
+    r = client.post("/score", json={"records": recs})
+    assert r.status_code == 200, r.text
+    expected = Bundle.load(bundles[0]).predict(recs)
+    assert np.allclose(r.json()["pctr"], expected, atol=1e-7)
+    assert r.json()["bundle"] == client.get("/health").json()["bundle"]
+    assert client.post("/score", json={"records": []}).json()["pctr"] == []
+
+
+def test_rank_orders_logs_and_explores(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame],
+                                       tmp_path: Path) -> None:
+    recs = _records(bundles[2], 30)
+    ctx = {k: recs[0][k] for k in ("user_id", "age_group", "gender", "device")}
+    cands = [{k: v for k, v in r.items() if k not in ctx} for r in recs]
+    p = Bundle.load(bundles[0]).predict([{**ctx, **c} for c in cands])
+    r = client.post("/rank", json={"context": ctx, "candidates": cands, "k": 5}).json()
+    assert [it["index"] for it in r["items"]] == list(np.argsort(-p, kind="stable")[:5])
+    assert all(it["propensity"] == 1.0 for it in r["items"])
+    assert [it["position"] for it in r["items"]] == [1, 2, 3, 4, 5]
+    bids = [{**c, "bid": float(i % 7 + 1)} for i, c in enumerate(cands)]
+    r2 = client.post("/rank", json={"context": ctx, "candidates": bids, "k": 3, "objective": "ecpm"}).json()
+    ecpm = p * np.array([i % 7 + 1 for i in range(30)])
+    assert [it["index"] for it in r2["items"]] == list(np.argsort(-ecpm, kind="stable")[:3])
+    assert np.allclose([it["score"] for it in r2["items"]], np.sort(ecpm)[::-1][:3])
+    r3 = client.post("/rank", json={"context": ctx, "candidates": cands, "k": 40,
+                                    "explore": {"epsilon": 0.5}}).json()
+    assert len(r3["items"]) == 30 and sorted(it["index"] for it in r3["items"]) == list(range(30))
+    assert all(0 < it["propensity"] <= 1 for it in r3["items"])
+    shown = read_events(tmp_path / "log", "impression")
+    assert shown.height == 5 + 3 + 30
+    assert set(shown["impression_id"]) >= {it["impression_id"] for it in r["items"]}
+    first = shown.filter(pl.col("impression_id") == r["items"][0]["impression_id"]).row(0, named=True)
+    assert first["position"] == 1 and first["user_id"] == str(ctx["user_id"])
+    assert math.isclose(first["pctr"], r["items"][0]["pctr"])
+
+
+def test_epsilon_greedy_propensities_are_the_slot_probabilities() -> None:
+    """Against a literal count: the share of draws that put each item first equals its logged propensity."""
+    scores = np.array([0.5, 0.9, 0.1, 0.3])
+    rng = np.random.default_rng(0)
+    firsts = np.array([choose(scores, 2, 0.3, rng).index[0] for _ in range(20000)])
+    slate = choose(scores, 2, 0.3, np.random.default_rng(1))
+    expected = {1: 0.7 + 0.3 / 4, 0: 0.3 / 4, 2: 0.3 / 4, 3: 0.3 / 4}
+    for item, q in expected.items():
+        assert abs(np.mean(firsts == item) - q) < 0.01
+    assert math.isclose(slate.propensity[0], expected[int(slate.index[0])])
+    greedy = choose(scores, 4)
+    assert list(greedy.index) == [1, 0, 3, 2] and list(greedy.propensity) == [1.0] * 4
+
+
+def test_events_exactly_once(client: TestClient, tmp_path: Path) -> None:
+    evs = [{"event_id": f"c{i}", "kind": "click", "impression_id": f"i{i}", "timestamp": 1.7e9 + i}
+           for i in range(10)]
+    assert client.post("/events", json={"events": evs}).json() == {"stored": 10, "duplicates": 0}
+    again = client.post("/events", json={"events": evs[5:] + [{**evs[0], "event_id": "new"}]}).json()
+    assert again == {"stored": 1, "duplicates": 5}
+    clicks = read_events(tmp_path / "log", "click")
+    assert sorted(clicks["event_id"]) == sorted([f"c{i}" for i in range(10)] + ["new"])
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ("{not json", 422, "JSON"),
+    ({"records": [{"price": [1, 2]}]}, 422, "price"),
+    ({"records": [{"user_id": "u1", "price": "cheap"}]}, 422, "price"),
+    ({"records": [{"item_id": "i1"}]}, 422, "user_id"),
+    ({"records": [{"user_id": "u1", "colour": "red"}]}, 422, "colour"),
+    ({"records": [{"user_id": "u1"}], "extra": 1}, 422, "extra"),
+    ({"records": [{"user_id": "u1", "price": 10 ** 400}]}, 422, "price"),
+    ('{"records": [{"user_id": "u1", "price": NaN}]}', 422, "price"),
+    ('{"records": [{"user_id": "u1", "price": 1e999}]}', 422, "price"),
+    ({"records": [{"user_id": "u1"}] * 501}, 422, "records"),
+    ({"records": "all"}, 422, "records"),
+])
+def test_bad_score_requests_are_4xx_naming_the_field(client: TestClient, body: object, status: int,
+                                                     needle: str) -> None:
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = client.post("/score", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_bad_value_gets_the_bundle_predict_answer(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]
+                                                  ) -> None:
+    recs = [{"user_id": "u1", "price": 3.0}, {"user_id": "u2", "price": "cheap"}]
+    with pytest.raises(DataError) as exc:
+        Bundle.load(bundles[0]).predict(recs)
+    r = client.post("/score", json={"records": recs})
+    assert r.status_code == 422
+    for word in ("record 1", "price"):
+        assert word in r.json()["detail"] and word in str(exc.value)
+
+
+def test_bad_rank_and_event_requests(client: TestClient) -> None:
+    cand = [{"user_id": "u1", "item_id": "a"}, {"user_id": "u1", "item_id": "b", "bid": -1.0}]
+    r = client.post("/rank", json={"candidates": cand, "objective": "ecpm"})
+    assert r.status_code == 422 and "bid" in r.text
+    assert client.post("/rank", json={"candidates": []}).status_code == 422
+    assert client.post("/rank", json={"candidates": cand[:1], "k": 0}).status_code == 422
+    r = client.post("/rank", json={"candidates": cand[:1], "explore": {"epsilon": 2}})
+    assert r.status_code == 422 and "epsilon" in r.text
+    r = client.post("/events", json={"events": [{"event_id": "e", "kind": "view", "impression_id": "i"}]})
+    assert r.status_code == 422 and "kind" in r.text
+    r = client.post("/events", json={"events": [{"kind": "click", "impression_id": "i"}]})
+    assert r.status_code == 422 and "event_id" in r.text
+
+
+def test_health_metrics_and_reload(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]) -> None:
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["model"] == "deepfm" and h["events"]["stored"] == 0
+    recs = _records(bundles[2], 5)
+    client.post("/score", json={"records": recs})
+    text = client.get("/metrics").text
+    assert 'ctrkit_requests_total{route="/score",status="200"} 1.0' in text
+    assert "ctrkit_request_seconds_bucket" in text and "ctrkit_pctr_psi" in text
+    r = client.post("/admin/reload", json={"path": str(bundles[1])}).json()
+    assert r["previous"] == h["bundle"] and r["bundle"] != h["bundle"]
+    after = client.post("/score", json={"records": recs}).json()
+    assert after["bundle"] == r["bundle"]
+    assert np.allclose(after["pctr"], Bundle.load(bundles[1]).predict(recs), atol=1e-7)
+    bad = client.post("/admin/reload", json={"path": str(bundles[1].parent)})
+    assert bad.status_code == 422 and "not a ctrkit bundle" in bad.text
+    assert client.get("/health").json()["bundle"] == r["bundle"]
+
+
+def test_token_guards_every_route_but_health(bundles: tuple[Path, Path, pl.DataFrame]) -> None:
+    app = create_app(ServerConfig(bundle=bundles[0], token="s3cret"))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        for method, path in (("post", "/score"), ("post", "/rank"), ("post", "/events"), ("get", "/metrics"),
+                             ("post", "/admin/reload"), ("get", "/docs"), ("get", "/openapi.json")):
+            assert getattr(c, method)(path).status_code == 401, path
+            assert getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = c.post("/score", json={"records": []}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.post("/score", json={"records": []}, headers={"X-Ctrkit-Token": "s3cret"}).status_code == 200
+
+
+def test_cli_binds_loopback_by_default() -> None:
+    from typer.testing import CliRunner
+
+    from ctrkit.cli import app
+
+    help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    assert "127.0.0.1" in help_text
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                    max_size=4),
+                     max_leaves=12)
+_fields = st.sampled_from([f.name for f in synth_schema().fields] + ["bid", "quality", "x"])
+_record = st.dictionaries(_fields, st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+                          max_size=6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(["/score", "/rank", "/events", "/admin/reload"]),
+       body=st.one_of(_json, st.fixed_dictionaries({"records": st.lists(_record, max_size=3)}),
+                      st.fixed_dictionaries({"candidates": st.lists(_record, max_size=3), "k": st.integers(),
+                                             "objective": st.sampled_from(["pctr", "ecpm", "x"]),
+                                             "context": _record})))
+def test_no_client_input_gives_a_500(client: TestClient, route: str, body: object) -> None:
+    r = client.post(route, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"})
+    assert r.status_code < 500, (route, body, r.text)
+
+
+def test_measure_and_train_read_the_event_log(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame],
+                                              tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctrkit.cli import app
+    from ctrkit.serve.events import attributed_impressions
+
+    recs = _records(bundles[2], 40)
+    shown = []
+    for start in range(0, 40, 10):
+        r = client.post("/rank", json={"candidates": recs[start:start + 10], "k": 4}).json()
+        shown += r["items"]
+    clicked = [it["impression_id"] for it in shown[::3]]
+    evs = [{"event_id": f"c-{i}", "kind": "click", "impression_id": i} for i in clicked]
+    assert client.post("/events", json={"events": evs}).json()["stored"] == len(clicked)
+    res = CliRunner().invoke(app, ["measure", "ctr", str(tmp_path / "log"), "--by", "position", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {row["position"]: row for row in json.loads(res.stdout)}
+    assert set(rows) == {1, 2, 3, 4} and sum(r["clicks"] for r in rows.values()) == len(clicked)
+    assert sum(r["impressions"] for r in rows.values()) == 16
+    data = attributed_impressions(tmp_path / "log")
+    assert data.height == 16 and data["click"].sum() == len(clicked)
+    assert set(data.filter(pl.col("click") == 1)["impression_id"]) == set(clicked)
+    out = tmp_path / "retrained"
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "log"), "--schema", str(bundles[0] / "schema.yaml"),
+                                   "--model", "lr", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "metrics.json").read_text())["train"]["rows"] > 0
+
+
+def test_hot_swap_fails_no_request_in_flight(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]
+                                             ) -> None:
+    import threading
+
+    recs = _records(bundles[2], 200)
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            r = client.post("/score", json={"records": recs})
+            statuses.append(r.status_code)
+            versions.add(r.json().get("bundle", "?"))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    served = {client.get("/health").json()["bundle"]}
+    for path in (bundles[1], bundles[0], bundles[1]):
+        r = client.post("/admin/reload", json={"path": str(path)})
+        assert r.status_code == 200
+        served.add(r.json()["bundle"])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert statuses and set(statuses) == {200}
+    assert versions <= served and len(served) == 2  # every answer came from one of the two bundles
