@@ -103,7 +103,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                                    None if data.group is None else np.asarray(data.group))
                 metrics[name] = m
                 if name == "valid":  # what live pCTR is compared with for drift (PSI)
-                    metrics["pctr_reference"] = reference_distribution(p)
+                    metrics["pctr_reference"] = reference_distribution(p if p.ndim == 1 else p[:, 0])
         metrics["train"] = {**result.to_dict(), "rows": len(train_set), "config": tcfg.to_dict()}
         metrics["encode"] = {"seconds": round(enc.seconds, 3), "rows": enc.rows, "n_ids": enc.encoder.n_ids,
                              "rows_per_s": round(enc.rows / enc.seconds, 1) if enc.seconds else None}
