@@ -66,10 +66,10 @@ def test_unseen_and_missing_values_score(trained: tuple[Path, pl.DataFrame, Bund
     _, _, bundle = trained
     enc = bundle.encoder
     rec = {"user_id": "never-seen", "item_id": "i1", "age_group": "18-24", "genre": "action", "hour": 3,
-           "weekday": 2, "position": 1}
+           "weekday": 2, "position": 1, "gender": None, "device": None, "price": None, "user_activity": None}
     p = bundle.predict(rec)
     assert p.shape == (1,) and 0.0 < p[0] < 1.0
-    frame = pl.DataFrame({k: [v] for k, v in rec.items()}).with_columns(
+    frame = pl.DataFrame({k: [v] for k, v in rec.items() if v is not None}).with_columns(
         pl.lit(None, pl.String).alias("gender"), pl.lit(None, pl.String).alias("device"),
         pl.lit(None, pl.Float64).alias("price"), pl.lit(None, pl.Float64).alias("user_activity"))
     from ctrkit.data.readers import coerce_chunk
@@ -98,7 +98,7 @@ def test_wrong_type_names_field_and_row(trained: tuple[Path, pl.DataFrame, Bundl
     _, test_df, bundle = trained
     rows = test_df.head(3).to_dicts()
     rows[2]["price"] = "cheap"
-    with pytest.raises(DataError, match=r"record 2: field 'price' expects a number, got 'cheap'"):
+    with pytest.raises(DataError, match=r"record 2: field 'price': not a number"):
         bundle.predict(rows)
     bad = test_df.head(3).with_columns(pl.col("price").cast(pl.String)).with_columns(
         pl.when(pl.int_range(pl.len()) == 1).then(pl.lit("n/a")).otherwise(pl.col("price")).alias("price"))
@@ -128,27 +128,165 @@ def test_file_with_bad_row_names_line(trained: tuple[Path, pl.DataFrame, Bundle]
         bundle.predict_file(path)
 
 
-def test_tampered_bundles_are_refused(trained: tuple[Path, pl.DataFrame, Bundle], tmp_path: Path) -> None:
-    out, _, _ = trained
-    broken = tmp_path / "b1"
-    shutil.copytree(out / "bundle", broken)
-    (broken / "weights.safetensors").unlink()
-    with pytest.raises(BundleError, match="weights.safetensors is missing"):
-        Bundle.load(broken)
-    wrong = tmp_path / "b2"
-    shutil.copytree(out / "bundle", wrong)
-    meta = json.loads((wrong / "model.json").read_text())
+@pytest.fixture(scope="module")
+def other_run(trained: tuple[Path, pl.DataFrame, Bundle], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second run on another sample of the same kind of log: the same fields, its own vocabulary and weights."""
+    out = tmp_path_factory.mktemp("other")
+    log, _ = make_click_log(n_rows=6000, n_users=300, n_items=200, seed=4)
+    tr, va, te = split_by_time(log.drop("p_click"))
+    train(tr, schema=synth_schema(), valid=va, test=te, model="deepfm", out=out, epochs=1, batch_size=512,
+          seed=9, progress=False)
+    return out / "bundle"
+
+
+def _resign(folder: Path) -> None:
+    """Recompute the manifest's sums as someone covering their tracks would (keeping its run)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {name: _sha(folder / name) for name in manifest["files"] if (folder / name).exists()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _flip_weight_byte(b: Path, other: Path) -> None:
+    data = bytearray((b / "weights.safetensors").read_bytes())
+    data[-5] ^= 0x01
+    (b / "weights.safetensors").write_bytes(bytes(data))
+
+
+def _nan_weights(b: Path, other: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(b / "weights.safetensors"), framework="pt") as fh:
+        meta, state = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    key = next(k for k, v in sorted(state.items()) if v.is_floating_point() and v.numel())
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(b / "weights.safetensors"), metadata=meta)
+    _resign(b)
+
+
+def _weights_of_other_run(b: Path, other: Path) -> None:
+    shutil.copy(other / "weights.safetensors", b / "weights.safetensors")
+
+
+def _weights_of_other_run_resigned(b: Path, other: Path) -> None:
+    shutil.copy(other / "weights.safetensors", b / "weights.safetensors")
+    _resign(b)
+
+
+def _vocabulary_of_other_run(b: Path, other: Path) -> None:
+    shutil.copy(other / "encoder" / "vocab.parquet", b / "encoder" / "vocab.parquet")
+
+
+def _everything_but_weights_of_other_run(b: Path, other: Path) -> None:
+    for name in ("manifest.json", "model.json", "encoder/vocab.parquet"):
+        shutil.copy(other / name, b / name)
+    _resign(b)
+
+
+def _deleted(name: str):  # noqa: ANN202 - a small factory of tamperings
+    def tamper(b: Path, other: Path) -> None:
+        (b / name).unlink()
+    tamper.__name__ = f"deleted_{name}"
+    return tamper
+
+
+def _manifest_names(name: str):  # noqa: ANN202
+    def tamper(b: Path, other: Path) -> None:
+        manifest = json.loads((b / "manifest.json").read_text())
+        manifest["files"][name] = "0" * 64
+        (b / "manifest.json").write_text(json.dumps(manifest))
+    tamper.__name__ = f"manifest_names_{name}"
+    return tamper
+
+
+def _changed_config(b: Path, other: Path) -> None:
+    meta = json.loads((b / "model.json").read_text())
     meta["config"]["hidden"] = [8, 8]
-    (wrong / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="has shape"):
-        Bundle.load(wrong)
+    (b / "model.json").write_text(json.dumps(meta))
+    _resign(b)
+
+
+def _extra_file(b: Path, other: Path) -> None:
+    (b / "calibrator.json").write_text("{}")
+
+
+def _damaged_weights(b: Path, other: Path) -> None:
+    (b / "weights.safetensors").write_bytes(b"\x00" * 64)
+    _resign(b)
+
+
+TAMPERINGS = [
+    (_flip_weight_byte, "weights.safetensors: contents differ from the sha256"),
+    (_nan_weights, r"weights.safetensors: weight '.*' has 1 non-finite value"),
+    (_weights_of_other_run, "weights.safetensors: contents differ"),
+    (_weights_of_other_run_resigned, "weights.safetensors: comes from training run"),
+    (_vocabulary_of_other_run, "vocab.parquet: contents differ"),
+    (_everything_but_weights_of_other_run, "encoder: vocabulary of 'user_id' has 290 values, metadata says 292"),
+    (_deleted("weights.safetensors"), r"weights.safetensors is missing \(listed in manifest.json\)"),
+    (_deleted("encoder/encoder.json"), r"encoder/encoder.json is missing"),
+    (_deleted("schema.yaml"), r"schema.yaml is missing"),
+    (_deleted("manifest.json"), r"manifest.json is missing"),
+    (_manifest_names("../x"), r"manifest.json: the file name '../x' leaves the bundle folder"),
+    (_manifest_names("/etc/passwd"), r"manifest.json: the file name '/etc/passwd' leaves the bundle folder"),
+    (_manifest_names("encoder/../../x"), r"the file name 'encoder/../../x' leaves the bundle folder"),
+    (_changed_config, "has shape"),
+    (_extra_file, "calibrator.json is not listed in manifest.json"),
+    (_damaged_weights, "weights.safetensors: not a readable safetensors file"),
+]
+
+
+@pytest.mark.parametrize("tamper, message", TAMPERINGS, ids=[t.__name__ for t, _ in TAMPERINGS])
+def test_tampered_bundles_are_refused(trained: tuple[Path, pl.DataFrame, Bundle], other_run: Path,
+                                      tmp_path: Path, tamper, message: str) -> None:
+    out, _, _ = trained
+    folder = tmp_path / "b"
+    shutil.copytree(out / "bundle", folder)
+    Bundle.load(folder)  # the copy itself is fine
+    tamper(folder, other_run)
+    with pytest.raises(BundleError, match=message):
+        Bundle.load(folder)
+
+
+def test_other_schema_in_bundle_is_refused(trained: tuple[Path, pl.DataFrame, Bundle], tmp_path: Path) -> None:
+    out, _, _ = trained
     swapped = tmp_path / "b3"
     shutil.copytree(out / "bundle", swapped)
     schema = synth_schema()
     schema.fields.append(Field(name="extra"))
     schema.save(swapped / "schema.yaml")
-    with pytest.raises(BundleError):
+    with pytest.raises(BundleError, match="schema.yaml: contents differ"):
         Bundle.load(swapped)
+    _resign(swapped)
+    with pytest.raises(BundleError, match="encoder"):
+        Bundle.load(swapped)
+
+
+def test_saving_over_a_bundle_replaces_its_files(trained: tuple[Path, pl.DataFrame, Bundle],
+                                                 tmp_path: Path) -> None:
+    out, test_df, _ = trained
+    folder = tmp_path / "b"
+    shutil.copytree(out / "bundle", folder)
+    (folder / "calibrator.json").write_text("{}")  # a part of an older save
+    b = Bundle.load(out / "bundle")
+    b.save(folder)
+    assert not (folder / "calibrator.json").exists()
+    assert np.allclose(Bundle.load(folder).predict(test_df.head(5)), b.predict(test_df.head(5)))
+
+
+def test_non_finite_weights_are_not_saved(trained: tuple[Path, pl.DataFrame, Bundle], tmp_path: Path) -> None:
+    out, _, _ = trained
+    b = Bundle.load(out / "bundle")
+    with torch.no_grad():
+        next(iter(b.model.parameters()))[0] = float("inf")
+    with pytest.raises(BundleError, match=r"cannot save .*: weight '.*' has 1 non-finite value"):
+        b.save(tmp_path / "inf")
+    assert not (tmp_path / "inf").exists()
 
 
 def test_training_rejects_are_counted_and_kept(tmp_path: Path) -> None:
@@ -168,7 +306,7 @@ def test_training_rejects_are_counted_and_kept(tmp_path: Path) -> None:
     run = train(path, schema=synth_schema(), model="lr", epochs=1, bad_rows=side, progress=False)
     rep = run.reports["train"]
     assert rep["bad_rows"] == 3 and rep["rows"] == 2000
-    kept = side.read_text().splitlines()
+    kept = side.read_text().splitlines()[1:]
     assert len(kept) == 3
     assert any("not a number" in k for k in kept) and any("label" in k for k in kept)
     assert any("expected" in k and "fields" in k for k in kept)

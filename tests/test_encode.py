@@ -198,20 +198,32 @@ def test_time_split_without_any_time_says_so(log_files, tmp_path):
 @given(st.lists(st.lists(st.one_of(st.none(), st.integers(-2**52, 2**52), st.integers(0, 6)), max_size=40),
                 min_size=1, max_size=5),
        st.floats(0, 1), st.integers(1, 30))
-def test_quantile_in_bounded_memory_equals_numpy(columns, q, in_memory):
+def test_kth_in_bounded_memory_equals_numpy(columns, q, in_memory):
     import ctrkit.data.encode as encode
 
     series = [pl.Series(c, dtype=pl.Int64) for c in columns]
     values = np.array([v for c in columns for v in c if v is not None], dtype=np.int64)
+    if len(values) == 0:
+        return
+    k = int(q * (len(values) - 1))
     old, encode._SELECT_IN_MEMORY = encode._SELECT_IN_MEMORY, in_memory  # forces the binning passes
     try:
-        got = encode._quantile(lambda: iter(series), q)
+        got = encode._kth(lambda: iter(series), k)
     finally:
         encode._SELECT_IN_MEMORY = old
-    if len(values) == 0:
-        assert np.isnan(got)
-    else:
-        assert got == float(np.quantile(values, q))
+    assert got == int(np.partition(values, k)[k])
+
+
+@pytest.mark.parametrize("times", [[5] * 100, [1] * 50 + [2] * 50, list(range(95)) + [95] * 5, [3, None] * 50])
+def test_time_split_holds_out_exactly_the_fraction_even_with_ties(times, tmp_path):
+    n = len(times)
+    df = pl.DataFrame({"a": [str(i % 7) for i in range(n)], "click": [i % 2 for i in range(n)],
+                       "ts": pl.Series(times, dtype=pl.Int64)})
+    s = Schema(fields=[Field(name="a")], label="click", time="ts")
+    res = encode_files(s, df, tmp_path / "out", valid_fraction=0.1)
+    timed = sum(t is not None for t in times)
+    assert len(res.data["valid"]) == round(timed * 0.1)
+    assert len(res.data["train"]) == n - round(timed * 0.1)
 
 
 def test_random_split_is_seeded(log_files, tmp_path):
@@ -297,7 +309,7 @@ def test_encode_files_matches_transform_and_writes_bad_rows(log_files, tmp_path)
     res = encode_files(s, log_files["train"], tmp_path / "out", valid=bad_valid, test=log_files["valid"],
                        bad_rows=tmp_path / "bad.tsv")
     assert res.reports["valid"].bad_rows == 1 and res.reports["valid"].rows == 1001
-    assert (tmp_path / "bad_valid.tsv").read_text().count("\n") == 1
+    assert (tmp_path / "bad_valid.tsv").read_text().count("\n") == 2  # the header and the row
     assert not (tmp_path / "bad.tsv").exists()
     np.testing.assert_array_equal(np.asarray(res.data["valid"].ids), np.asarray(res.data["test"].ids))
     assert EncodedData.open(tmp_path / "out" / "test").meta["report"]["rows"] == 1000

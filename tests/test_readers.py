@@ -136,9 +136,9 @@ def test_bad_rows_are_counted_and_kept_aside(tmp_path, sep, gz, bad, reason):
     assert report.rows == good.height + report.bad_rows
     assert reason in report.examples[0] and "line 4" in report.examples[0]
     written = aside.read_text().splitlines()
-    assert len(written) == 1
-    line_no, why, text = written[0].split("\t", 2)
-    assert line_no == "4" and reason in why
+    assert written[0] == "line\treason\toriginal" and len(written) == 2
+    line_no, why, text = written[1].split("\t", 2)
+    assert line_no == "4" and reason in why and text == bad.replace(",", sep)
     assert good["_line"].to_list() == [2, 3, 5, 6]
 
 
@@ -154,7 +154,7 @@ def test_bad_rows_after_blank_lines_name_their_own_line(tmp_path, newline, sep):
     assert good["city"].to_list() == ["paris", "rome", "lyon", "pisa"]
     assert good["_line"].to_list() == [2, 4, 7, 10]
     assert "line 5: expected 3 fields" in report.examples[0] and "line 6: field 'price'" in report.examples[1]
-    assert [row.split("\t")[0] for row in aside.read_text().splitlines()] == ["5", "6"]
+    assert [row.split("\t")[0] for row in aside.read_text().splitlines()] == ["line", "5", "6"]
 
 
 @pytest.mark.parametrize("sep", [",", "\t"])
@@ -210,7 +210,7 @@ def test_libfm_bad_rows(tmp_path):
     df = pl.concat(list(iter_chunks(path, libfm_schema(["user", "item"]), report=report, bad_rows=aside)))
     assert df["user"].to_list() == ["3", "6"]
     assert report.bad_rows == 3 and report.rows == 5
-    assert len(aside.read_text().splitlines()) == 3
+    assert len(aside.read_text().splitlines()) == 4  # the header and three rows
 
 
 def test_parquet_bad_rows(tmp_path):

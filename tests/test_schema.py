@@ -69,7 +69,7 @@ def test_load_missing_file(tmp_path):
 def test_infer_schema_on_small_csv(tmp_path):
     rows = ["timestamp,user_id,city,price,n_views,click"]
     for i in range(200):
-        rows.append(f"2026-01-01T00:{i % 60:02d}:00,u{i % 17},c{i % 3},{i * 1.5:.2f},{i},{i % 2}")
+        rows.append(f"2026-01-01T00:{i % 60:02d}:00,u{i % 17},c{i % 3},{i * 1.5:.2f},{(i * 7) % 120},{i % 2}")
     path = tmp_path / "log.csv"
     path.write_text("\n".join(rows) + "\n")
     s = infer_schema(path)

@@ -141,8 +141,9 @@ def test_bad_score_requests_are_4xx_naming_the_field(client: TestClient, body: o
 def test_bad_value_gets_the_bundle_predict_answer(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]
                                                   ) -> None:
     recs = [{"user_id": "u1", "price": 3.0}, {"user_id": "u2", "price": "cheap"}]
-    with pytest.raises(DataError) as exc:
-        Bundle.load(bundles[0]).predict(recs)
+    bundle = Bundle.load(bundles[0])
+    with pytest.raises(DataError) as exc:  # Bundle.predict takes dicts that name every field
+        bundle.predict([{**dict.fromkeys(bundle.schema.input_columns), **r} for r in recs])
     r = client.post("/score", json={"records": recs})
     assert r.status_code == 422
     for word in ("record 1", "price"):

@@ -10,11 +10,13 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from ctrkit.data.readers import DataError
 from ctrkit.measure.cli import app as measure_app
-from ctrkit.schema import SchemaError
+
+# what a user can get wrong (files, values, settings): all of ctrkit's own errors are ValueErrors
+USER_ERRORS = (ValueError, OSError, RuntimeError)
 
 app = typer.Typer(help="Click-through-rate prediction and measurement.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -27,7 +29,7 @@ app.add_typer(measure_app, name="measure")
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -63,13 +65,17 @@ def schema_infer(file: Path = typer.Argument(..., help="CSV/TSV/Parquet file wit
                  label: Optional[str] = typer.Option(None, help="The label column (guessed if omitted)."),
                  rows: int = typer.Option(100_000, help="Rows to sample.")) -> None:
     """Guess a schema from a sample of FILE and print it as YAML (edit it, then pass it to train)."""
-    from ctrkit.schema import infer_schema
+    from ctrkit.schema import infer
 
+    if rows < 1:
+        _fail(f"--rows must be >= 1, got {rows}")
     try:
-        sch = infer_schema(file, label=label, sample_rows=rows)
-    except (SchemaError, DataError, FileNotFoundError) as exc:
+        found = infer(file, label=label, sample_rows=rows)
+    except USER_ERRORS as exc:
         _fail(str(exc))
-    sys.stdout.write(sch.to_yaml())
+    for line in found.summary():
+        err.print(line, markup=False, highlight=False)
+    sys.stdout.write(found.to_yaml())
 
 
 def _event_log_rows(path: Path, schema: Path | None) -> Any:
@@ -93,16 +99,19 @@ def train(
     model: str = typer.Option("deepfm", help="Model name: lr, fm, deepfm."),
     out: Path = typer.Option(..., help="Output folder: bundle/ and metrics.json are written there."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 4096)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: 4096, or less on small data so "
+                                                       "an epoch has about 32 steps)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per model)."),
     embed_dim: Optional[int] = typer.Option(None, help="Embedding size (default per model)."),
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
-    bad_rows: Optional[Path] = typer.Option(None, help="Write unparseable training rows to this file."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    bad_rows: Optional[Path] = typer.Option(None, help="Keep rejected training rows (original line, line number, "
+                                                      "reason) in this file."),
+    quiet: bool = typer.Option(False, help="No progress bars; only the one-line report of rejected rows."),
 ) -> None:
     """Train MODEL on TRAIN and write a bundle plus metrics.json to OUT."""
+    from ctrkit.data.readers import ReadReport
     from ctrkit.pipeline import train as run_train
 
     field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
@@ -112,9 +121,15 @@ def train(
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
                         seed=seed, device=device, bad_rows=bad_rows, progress=not quiet,
                         train_options={"precision": precision},
-                        log=None if quiet else err.print)
-    except (SchemaError, DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
+                        log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
+    except USER_ERRORS as exc:
         _fail(str(exc))
+    if quiet:
+        reports = run.reports.values()
+        rejected = [r for r in reports if r["bad_rows"]]
+        line = "; ".join(ReadReport.from_dict(r).summary() for r in rejected) if rejected else \
+            f"{sum(r['rows'] for r in reports):,} rows read, none rejected"
+        err.print(line, markup=False, highlight=False)
     m = run.metrics
     rows = {k: m[k] for k in ("valid", "test") if k in m}
     Console().print(_metrics_table(rows, f"{model}: {m['train']['epochs']} epochs, best {m['train']['best_epoch']}, "
@@ -128,52 +143,57 @@ def evaluate(bundle: Path = typer.Argument(..., help="A bundle folder."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
              fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
     """Score FILE with BUNDLE and print AUC, logloss, calibration (bad rows are counted and reported)."""
-    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.serve.bundle import Bundle
 
     try:
         b = Bundle.load(bundle)
         metrics, report = b.evaluate(file, **({"fmt": fmt} if fmt else {}))
-    except (BundleError, SchemaError, DataError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
+    err.print(report.summary(), markup=False, highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(_clean({**metrics, "bad_rows": report.bad_rows}), indent=1) + "\n")
         return
     Console().print(_metrics_table({file.name: metrics}, f"{b.model_name} on {file.name}"))
-    if report.bad_rows:
-        err.print(f"[yellow]{report.summary()}[/]")
 
 
 @app.command()
 def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
             file: Path = typer.Argument(..., help="Records to score (the label column is not needed)."),
             out: Path = typer.Option(..., help="Output .csv or .parquet: one row per input row, in order."),
-            keep: Optional[str] = typer.Option(None, help="Input columns to copy next to the score, comma-separated."),
+            keep: Optional[str] = typer.Option(None, help="Input columns (any, e.g. an id) to copy next to the score, "
+                                                          "comma-separated."),
             fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
     """Write the click probability (column `pctr`) of every row of FILE to OUT."""
     import polars as pl
 
-    from ctrkit.data.readers import read_frame
-    from ctrkit.schema import Schema
-    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.data.readers import iter_chunks
+    from ctrkit.schema import Field, Schema
+    from ctrkit.serve.bundle import Bundle
 
     if out.suffix not in (".csv", ".parquet"):
         _fail(f"--out must end in .csv or .parquet, got {out.name}")
+    if out.is_dir():
+        _fail(f"--out {out} is a folder; give a .csv or .parquet file name")
+    cols = list(dict.fromkeys(c.strip() for c in keep.split(",") if c.strip())) if keep else []
+    if "pctr" in cols:
+        _fail("--keep: 'pctr' is the name of the score column")
     try:
         b = Bundle.load(bundle)
         kwargs = {"fmt": fmt} if fmt else {}
         p = b.predict_file(file, **kwargs)
         heads = b.schema.label_columns
         frame = pl.DataFrame({"pctr": p} if p.ndim == 1 else {f"p_{h}": p[:, t] for t, h in enumerate(heads)})
-        if keep:
-            cols = [c.strip() for c in keep.split(",") if c.strip()]
-            sch = Schema(fields=b.schema.fields, label=b.schema.label, columns=b.schema.columns)
-            kept, _ = read_frame(file, sch, with_label=False, **kwargs)
-            missing = [c for c in cols if c not in kept.columns]
-            if missing:
-                _fail(f"--keep: columns {missing} are not among the bundle's fields {kept.columns}")
+        if cols:
+            # the kept columns as text, row for row with the scores (every row was scored, or none)
+            # with_label=False reads no label; the schema still names one that is not among the kept columns
+            label = next((c for c in [b.schema.label, *(b.schema.columns or [])] if c not in cols), "_label")
+            sch = Schema(fields=[Field(name=c) for c in cols], label=label, columns=b.schema.columns)
+            parts = [c.drop("_line") for c in iter_chunks(file, sch, with_label=False, **kwargs)]
+            kept = pl.concat(parts) if parts else pl.DataFrame(schema={c: pl.String for c in cols})
             frame = pl.concat([kept.select(cols), frame], how="horizontal")
-    except (BundleError, SchemaError, DataError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    except USER_ERRORS as exc:
+        _fail(str(exc) if not keep or "missing columns" not in str(exc) else f"--keep: {exc}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         frame.write_csv(out)
@@ -304,13 +324,36 @@ def models() -> None:
     import ctrkit.models  # noqa: F401
     from ctrkit.models.base import default_config, model_class, model_names
 
-    table = Table(title="models")
+    table = Table(title="models (settings a run uses unless told otherwise)")
     table.add_column("name")
     table.add_column("defaults")
     for name in model_names():
-        cls = model_class(name)
-        table.add_row(name, json.dumps({**default_config(name).to_dict(), **cls.train_defaults}))
+        table.add_row(name, json.dumps(resolved_defaults(name)))
     Console().print(table)
+
+
+def resolved_defaults(name: str) -> dict[str, Any]:
+    """A model's default settings as a run resolves them; the ones that depend on the data say how."""
+    from dataclasses import asdict
+
+    from ctrkit.models.base import BATCH_L2, SMALL_TABLE, TABLE_L2, default_config, model_class
+    from ctrkit.training.trainer import TrainConfig
+
+    cls = model_class(name)
+    cfg = default_config(name).to_dict()
+    l2 = {"table": TABLE_L2, "batch": BATCH_L2, **cls.auto_l2}
+    if cfg["emb_l2"] is None:
+        cfg["emb_l2"] = (f"{l2['table']:g} on the whole table up to {SMALL_TABLE:,} embedding parameters, "
+                         f"else {l2['batch']:g} on the rows of each batch")
+    if cfg["emb_l2_scope"] == "auto":
+        cfg["emb_l2_scope"] = f"table up to {SMALL_TABLE:,} embedding parameters, else batch"
+    if cfg["sparse_grad"] is None:
+        cfg["sparse_grad"] = f"true above {SMALL_TABLE:,} embedding parameters"
+    train = {k: v for k, v in asdict(TrainConfig()).items()
+             if k in ("epochs", "batch_size", "lr", "optimizer", "patience")}
+    train = {**train, **cls.train_defaults}
+    train["batch_size"] = f"{train['batch_size']}, or less on small data (about 32 steps an epoch, >= 64)"
+    return {**cfg, **train}
 
 
 def main() -> None:

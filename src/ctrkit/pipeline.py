@@ -25,6 +25,7 @@ from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
 from ctrkit.serve.bundle import Bundle
 from ctrkit.serve.monitor import reference_distribution
+from ctrkit.validate import DataError, check_labels
 from ctrkit.training.trainer import TrainConfig, TrainResult, predict_proba, train as train_model
 
 TEST_KEYS = ("auc", "logloss", "ece", "pred_actual_ratio", "n", "positives")
@@ -45,6 +46,9 @@ def _resolve_schema(schema: Schema | str | Path | None, fmt: str | None, fields:
     if isinstance(schema, Schema):
         return schema
     if schema is not None:
+        if fields:
+            raise ValueError("--fields names the tokens of a libFM file without a schema; with --schema, list "
+                             "the fields in the schema instead")
         return Schema.load(schema)
     if fmt == "libfm":
         if not fields:
@@ -69,7 +73,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     sch = _resolve_schema(schema, fmt, fields)
     cls = model_class(model)
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
+    created = bool(out) and not Path(out).exists()
     if out:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise DataError(f"--out {out} exists and is not a folder")
         Path(out).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ctrkit-data-", dir=str(out) if out else None))
     try:
@@ -79,6 +86,13 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             for name, rep in enc.reports.items():
                 log(f"{name}: {rep.summary()}")
             log(f"encoded {enc.rows:,} rows in {enc.seconds:.1f}s; {enc.encoder.n_ids:,} ids")
+        sources = {"train": train_data, "valid": train_data if valid is None else valid, "test": test}
+        for name, split in (("train", "training"), ("valid", "validation"), ("test", "test")):
+            data = enc.data.get(name)
+            if data is not None:
+                src = sources[name]
+                check_labels(np.asarray(data.label), sch, str(src) if isinstance(src, (str, Path)) else "<frame>",
+                             split)
         spec = FeatureSpec.from_encoder(enc.encoder)
         mcfg = default_config(model, embed_dim=embed_dim, **(model_options or {}))
         torch.manual_seed(seed)
@@ -118,6 +132,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
         return Run(bundle=bundle, metrics=metrics, result=result, out=Path(out) if out else None,
                    reports={k: r.to_dict() for k, r in enc.reports.items()})
+    except BaseException:
+        if created:  # a failed run leaves no half-written output folder behind
+            shutil.rmtree(out, ignore_errors=True)  # type: ignore[arg-type]
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,12 @@ class Field:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise SchemaError(f"field name must be a non-empty string, got {self.name!r}")
+        for key in ("min_count", "n_buckets", "hash_buckets"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SchemaError(f"field {self.name!r}: {key} must be an integer, got {value!r}")
+        if not isinstance(self.required, bool):
+            raise SchemaError(f"field {self.name!r}: required must be true or false, got {self.required!r}")
         if self.kind not in KINDS:
             raise SchemaError(f"field {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.transform not in TRANSFORMS:
@@ -118,7 +125,9 @@ class Schema:
     """All columns of a log: the feature fields, the label(s) and the optional time / position / group columns.
 
     ``columns`` is the full column order of files without a header line (a raw Criteo TSV); it may list
-    columns that are neither features nor roles, which are then read and ignored.
+    columns that are neither features nor roles, which are then read and ignored. ``time_format`` says how the
+    time column is written: a strftime format (``%Y-%m-%d %H:%M:%S``), ``epoch_s`` or ``epoch_ms``; without
+    it, ISO dates and times are parsed and plain integers kept as they are.
     ``labels`` names several 0/1 label columns for multi-task models (``label`` is then the first); ``crosses``
     lists groups of categorical fields whose combined value becomes one more categorical field, named
     ``a_x_b``, encoded like any other.
@@ -131,6 +140,7 @@ class Schema:
     group: str | None = None
     columns: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    time_format: str | None = None
     labels: list[str] | None = None
     crosses: list[list[str]] | None = None
 
@@ -154,8 +164,18 @@ class Schema:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SchemaError(f"duplicate field names: {dup}")
-        if not self.label:
-            raise SchemaError("a schema needs a label column")
+        if not self.label or not isinstance(self.label, str):
+            raise SchemaError(f"a schema needs a label column name, got {self.label!r}")
+        for role in ("time", "position", "group"):
+            value = getattr(self, role)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise SchemaError(f"`{role}` must be a column name, got {value!r}")
+        if self.time_format is not None:
+            if not self.time:
+                raise SchemaError("`time_format` is set but the schema has no `time` column")
+            if self.time_format not in ("epoch_s", "epoch_ms") and "%" not in str(self.time_format):
+                raise SchemaError(f"time_format must be a strftime format (with %), epoch_s or epoch_ms, "
+                                  f"got {self.time_format!r}")
         for lab in self.label_columns:
             if lab in names:
                 raise SchemaError(f"the label {lab!r} cannot also be a feature field")
@@ -230,7 +250,7 @@ class Schema:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict, the YAML layout."""
         out: dict[str, Any] = {"labels": list(self.labels)} if self.labels else {"label": self.label}
-        for role in ("time", "position", "group"):
+        for role in ("time", "time_format", "position", "group"):
             if getattr(self, role):
                 out[role] = getattr(self, role)
         out["fields"] = [f.to_dict() for f in self.fields]
@@ -247,7 +267,8 @@ class Schema:
         """Build from the YAML layout; unknown keys are an error that names them."""
         if not isinstance(data, dict):
             raise SchemaError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"label", "labels", "time", "position", "group", "fields", "columns", "extra", "crosses"}
+        known = {"label", "labels", "time", "time_format", "position", "group", "fields", "columns", "extra",
+                 "crosses"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SchemaError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
@@ -255,6 +276,8 @@ class Schema:
             raise SchemaError(f"{source}: needs both `label` (or `labels`) and `fields`")
         field_keys = {f.name for f in fields(Field)}
         parsed = []
+        if not isinstance(data["fields"], list):
+            raise SchemaError(f"{source}: `fields` must be a list, got {type(data['fields']).__name__}")
         for i, item in enumerate(data["fields"]):
             if isinstance(item, str):
                 item = {"name": item}
@@ -270,6 +293,7 @@ class Schema:
             labels=data.get("labels"),
             crosses=data.get("crosses"),
             time=data.get("time"),
+            time_format=data.get("time_format"),
             position=data.get("position"),
             group=data.get("group"),
             columns=data.get("columns"),
@@ -318,68 +342,222 @@ class Schema:
 
 
 # --- inference --------------------------------------------------------------------------------------
-LABEL_NAMES = ("label", "click", "clicked", "is_click", "y", "target")
+LABEL_NAMES = ("label", "click", "clicked", "is_click", "clk", "y", "target")
+OUTCOME_WORDS = ("click", "clk", "label", "target", "purchase", "buy", "bought", "conversion", "convert", "order",
+                 "cart", "like", "share", "install", "signup", "outcome", "response")
 TIME_NAMES = ("timestamp", "time", "ts", "event_time", "datetime", "date")
 POSITION_NAMES = ("position", "pos", "rank", "slot")
 GROUP_NAMES = ("user", "user_id", "userid", "uid")
+TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M:%S",
+                "%Y/%m/%d", "%d/%m/%Y %H:%M:%S", "%m/%d/%Y %H:%M:%S", "%d-%b-%Y", "%Y%m%d%H%M%S")
+MULTI_SEPARATORS = ("|", ";", ",", " ")
+EPOCH_S = (1e8, 4.2e9)  # 1973 .. 2103 in seconds
+
+
+def _is_id_name(name: str) -> bool:
+    """``user_id``, ``itemId``, ``uid``, ``zip_code``, ``sku``: a name that says the integers are labels."""
+    lower = name.lower()
+    return (lower in GROUP_NAMES or bool(re.search(r"(^|[_\-. ])(id|ids|uid|key|code|zip|zipcode|sku|hash)$", lower))
+            or bool(re.search(r"[a-z0-9](Id|ID)$", name)) or lower.endswith(("userid", "itemid", "adid", "movieid")))
+
+
+@dataclass
+class Inference:
+    """What ``schema infer`` concluded: the schema, the columns left out (with why) and other observations."""
+
+    schema: Schema
+    sampled: int
+    source: str
+    left_out: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_yaml(self) -> str:
+        """The schema as YAML, headed by comments saying what was left out and noticed."""
+        head = [f"# inferred by `ctrkit schema infer` from {self.sampled:,} rows of {self.source}; review before use"]
+        head += [f"# left out: {c}: {why}" for c, why in self.left_out.items()]
+        head += [f"# note: {n}" for n in self.notes]
+        return "\n".join(head) + "\n" + self.schema.to_yaml()
+
+    def summary(self) -> list[str]:
+        """Short lines for a person: the roles, the kinds, and what was left out or noticed."""
+        s = self.schema
+        cat = [f.name for f in s.fields if f.kind == "categorical"]
+        num = [f.name for f in s.fields if f.kind == "numeric"]
+        rare = [f.name for f in s.fields if f.kind == "categorical" and f.min_count > 1]
+        roles = ", ".join(f"{r}: {getattr(s, r)}" + (f" ({s.time_format})" if r == "time" and s.time_format else "")
+                          for r in ("time", "position", "group") if getattr(s, r))
+        lines = [f"{self.source}: {self.sampled:,} rows sampled; label: {s.label}" + (f"; {roles}" if roles else ""),
+                 f"{len(cat)} categorical ({', '.join(cat[:8])}{', ...' if len(cat) > 8 else ''}), "
+                 f"{len(num)} numeric ({', '.join(num[:8])}{', ...' if len(num) > 8 else ''})"]
+        if rare:
+            lines.append(f"min_count 2 proposed for {len(rare)} field(s) with many values seen once: "
+                         f"{', '.join(rare[:8])}{', ...' if len(rare) > 8 else ''}")
+        lines += [f"left out {c}: {why}" for c, why in self.left_out.items()]
+        lines += self.notes
+        return lines
 
 
 def infer_schema(path: str | Path, label: str | None = None, sample_rows: int = 100_000) -> Schema:
-    """Guess a schema from the first ``sample_rows`` rows of a file with a header (CSV/TSV/Parquet).
+    """Guess a schema from the first ``sample_rows`` rows of a file (see :func:`infer`)."""
+    return infer(path, label=label, sample_rows=sample_rows).schema
 
-    Strings become categorical; integers with few distinct values (or few relative to the sample)
-    categorical, other numbers numeric; a 0/1 column named like a label is the label; the result
-    is a starting point to edit, printed by ``ctrkit schema infer``.
+
+def _time_format(s: Any, name: str) -> tuple[bool, str | None]:
+    """(is a time column, its time_format) of a sampled column: dates and times, or epoch numbers named so."""
+    import polars as pl
+
+    values = s.drop_nulls()
+    if values.len() == 0:
+        return False, None
+    if s.dtype.is_temporal():
+        return True, None
+    if s.dtype == pl.String:
+        text = values.str.strip_chars()
+        for fmt in TIME_FORMATS:
+            if text.str.to_datetime(format=fmt, strict=False).null_count() == 0:
+                return True, fmt
+        try:  # ISO 8601 with fractions or a zone, which the readers parse without a format
+            iso = text.str.to_datetime(strict=False, time_zone="UTC").null_count() == 0
+        except Exception:  # noqa: BLE001 - polars refuses some mixes of zones: then it is not one time column
+            iso = False
+        return iso, None
+    lower = name.lower()
+    named = lower in TIME_NAMES or any(w in lower for w in ("time", "date")) or lower.endswith("_ts")
+    if s.dtype.is_numeric() and named:
+        lo, hi = float(values.min()), float(values.max())
+        if EPOCH_S[0] <= lo and hi <= EPOCH_S[1]:
+            return True, "epoch_s"
+        if EPOCH_S[0] * 1000 <= lo and hi <= EPOCH_S[1] * 1000:
+            return True, "epoch_ms"
+    return False, None
+
+
+def _is_binary(s: Any) -> bool:
+    """A numeric column with exactly the two values 0 and 1 (or -1 and 1)."""
+    import polars as pl
+
+    values = s.drop_nulls()
+    if not s.dtype.is_numeric() or values.n_unique() != 2:
+        return False
+    return set(values.cast(pl.Float64).unique().to_list()) in ({0.0, 1.0}, {-1.0, 1.0})
+
+
+def _multi_separator(s: Any) -> str | None:
+    """The separator of a column whose values are lists (``Action|Comedy``): most values hold it, and the
+    separate tokens are far fewer than the distinct joined values."""
+    values = s.drop_nulls().unique()
+    if values.len() < 10:
+        return None
+    for sep in MULTI_SEPARATORS:
+        holding = values.str.contains(sep, literal=True)
+        if holding.mean() >= 0.3:
+            tokens = values.str.split(sep).explode().str.strip_chars().n_unique()
+            if tokens * 2 <= values.len():
+                return sep
+    return None
+
+
+def infer(path: str | Path, label: str | None = None, sample_rows: int = 100_000) -> Inference:
+    """Guess a schema from the first ``sample_rows`` rows of a CSV/TSV/Parquet file (header line or not).
+
+    Strings are categorical; integers are categorical when named like ids (``user_id``, ``zip_code``) or when
+    they are a small dense code set (hour, weekday, position), numeric otherwise; floats numeric. A column
+    unique in every row (a row id) or constant is left out; ``min_count: 2`` is proposed where many values are
+    seen once. Dates and times, and epoch seconds / milliseconds in a column named like a time, give ``time``
+    with its ``time_format``. The label is the column named like one (the first 0/1 column of a file without
+    a header line); other 0/1 columns named like an outcome are left out, since as inputs they would leak it.
     """
     import polars as pl
 
-    from ctrkit.data.readers import read_sample
+    from ctrkit.data.readers import DataError, detect_format, has_header_line, read_sample
 
     df = read_sample(path, n_rows=sample_rows)
     cols = df.columns
+    fmt = detect_format(path)
+    headerless = fmt in ("csv", "tsv") and not has_header_line(path, "\t" if fmt == "tsv" else ",")
     lower = {c.lower(): c for c in cols}
+    n = df.height
+    if n == 0:
+        raise DataError(f"{path}: a header line but no rows to infer from")
 
     def pick(names: tuple[str, ...]) -> str | None:
-        for n in names:
-            if n in lower:
-                return lower[n]
+        for name in names:
+            if name in lower:
+                return lower[name]
         return None
 
     if label is None:
         label = pick(LABEL_NAMES)
+        if label is None and headerless:
+            label = next((c for c in cols if _is_binary(df[c])), None)
         if label is None:
-            raise SchemaError(
-                f"{path}: cannot guess the label column among {cols}; pass --label COLUMN"
-            )
+            raise SchemaError(f"{path}: cannot guess the label column among {cols}; pass --label COLUMN")
     elif label not in cols:
         raise SchemaError(f"{path}: label column {label!r} not found; columns are {cols}")
-    time_col = pick(TIME_NAMES)
+    if not _is_binary(df[label]):
+        raise SchemaError(f"{path}: the label column {label!r} is not 0/1 (or -1/1) in the sampled rows; values "
+                          f"like {df[label].drop_nulls().unique().head(5).to_list()}")
+    left_out: dict[str, str] = {}
+    notes: list[str] = []
+    time_col, time_format = None, None
+    for c in [pick(TIME_NAMES)] + cols:
+        if c is None or c == label:
+            continue
+        is_time, tf = _time_format(df[c], c)
+        if is_time and time_col is None:
+            time_col, time_format = c, tf
+        elif is_time and c != time_col:
+            left_out[c] = "a second date/time column (only one can be the schema's `time`)"
     pos_col = pick(POSITION_NAMES)
     group_col = pick(GROUP_NAMES)
-    n = max(df.height, 1)
     out: list[Field] = []
     for c in cols:
-        if c in (label, time_col):
+        if c in (label, time_col) or c in left_out:
             continue
         s = df[c]
-        distinct = s.n_unique()
+        values = s.drop_nulls()
+        distinct = values.n_unique()
+        if distinct <= 1:
+            left_out[c] = ("empty in every sampled row" if distinct == 0
+                           else f"constant ({values[0]!r} in every sampled row that has a value)")
+            continue
+        if _is_binary(s) and any(w in c.lower() for w in OUTCOME_WORDS):
+            left_out[c] = (f"a second label-like 0/1 column beside {label!r}: as a feature it would leak the "
+                           "outcome; train a model of its own with --label if it is one")
+            continue
         if s.dtype == pl.String or s.dtype == pl.Boolean or s.dtype == pl.Categorical:
             kind: Kind = "categorical"
         elif s.dtype.is_integer():
-            kind = "categorical" if distinct <= 64 or c == pos_col or c == group_col else "numeric"
+            lo, hi = int(values.min()), int(values.max())
+            small_code_set = distinct <= 32 and hi - lo + 1 <= 2 * distinct
+            kind = "categorical" if (_is_id_name(c) or small_code_set or c in (pos_col, group_col)) else "numeric"
         elif s.dtype.is_float():
             kind = "numeric"
-        elif s.dtype.is_temporal():
-            continue
         else:
             kind = "categorical"
-        if kind == "categorical" and distinct == n and n > 1000 and c != group_col:
-            continue  # a row id: unique per row, useless as a feature
-        if kind == "numeric" and s.drop_nulls().min() is not None and s.drop_nulls().min() >= 0:
-            transform: NumericTransform = "log1p_standardize"
+        if distinct == values.len() == n and n >= 100 and c != group_col and (
+                kind == "categorical" or s.dtype.is_integer()):
+            left_out[c] = f"unique in every one of the {n:,} sampled rows: a row id, useless as a feature"
+            continue
+        f = Field(name=c, kind=kind)
+        if kind == "numeric":
+            f.transform = "log1p_standardize" if float(values.min()) >= 0 else "standardize"
         else:
-            transform = "standardize"
-        out.append(Field(name=c, kind=kind, transform=transform))
+            counts = values.cast(pl.String).value_counts()["count"]
+            once = int((counts == 1).sum())
+            if once >= 5 and once >= 0.1 * distinct:
+                f.min_count = 2
+            if s.dtype == pl.String:
+                sep = _multi_separator(values)
+                if sep is not None:
+                    notes.append(f"{c} looks multi-valued (values joined by {sep!r}); kept as one categorical")
+        out.append(f)
     if not out:
         raise SchemaError(f"{path}: no feature columns left after taking the label and time columns")
-    return Schema(fields=out, label=label, time=time_col, position=pos_col, group=group_col)
+    schema = Schema(fields=out, label=label, time=time_col, position=pos_col if pos_col in [f.name for f in out]
+                    else None, group=group_col if group_col in [f.name for f in out] else None,
+                    columns=list(cols) if headerless else None, time_format=time_format)
+    if headerless:
+        notes.append(f"the first line holds data, not names: columns are called c1..c{len(cols)} "
+                     "(rename them in `columns` and the fields)")
+    return Inference(schema=schema, sampled=n, source=str(path), left_out=left_out, notes=notes)

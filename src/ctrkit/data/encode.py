@@ -793,8 +793,9 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     and completes the ids in place once the fit is done. Without ``valid``, the last ``valid_fraction`` of rows
     by time (or a seeded random fraction when the schema has no time field) is held out as validation and not
     fitted on; the fit pass then keeps what the transform needs of each row (hashes, numerics, the label), in
-    memory up to ``HOLD_BYTES`` and in a temporary folder beyond. The time cut is the exact quantile of the
-    times there are, found in a few passes over the kept parts; rows without a time are training rows.
+    memory up to ``HOLD_BYTES`` and in a temporary folder beyond. The time cut keeps exactly the latest
+    ``round(n * valid_fraction)`` timed rows for validation (rows tied at the cut are taken last in file order),
+    found in a few passes over the kept parts; rows without a time are training rows.
     Rejected rows of ``train`` go to ``bad_rows``; those of ``valid`` / ``test`` to ``<stem>_valid<suffix>`` /
     ``<stem>_test<suffix>`` next to it. One background thread reads every file, one block ahead, so the
     ``valid`` / ``test`` files are parsed while the last training block is fitted on and the vocabularies are
@@ -849,20 +850,32 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
             # Decided after the single parse: the last `valid_fraction` of rows by time is validation; rows
             # without a time are training rows.
             if len(parts) == 0:
-                raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
-            cutoff = _quantile(lambda: (parts.column(i, schema.time) for i in range(len(parts))),
-                               1.0 - valid_fraction)
-            if np.isnan(cutoff):
+                raise EncoderError(_no_rows(train, reports["train"]))
+            times = lambda: (parts.column(i, schema.time) for i in range(len(parts)))  # noqa: E731
+            n_timed = sum(c.len() - c.null_count() for c in times())
+            if n_timed == 0:
                 raise EncoderError(f"{train}: no row has a value in the time field {schema.time!r}, so no "
                                    "validation part can be cut by time; give a validation file")
+            # the latest round(n * fraction) rows; rows tied at the cut go to validation last in file order
+            n_valid = min(max(int(round(n_timed * valid_fraction)), 1), n_timed - 1) if n_timed > 1 else 0
+            cutoff = _kth(times, n_timed - n_valid) if n_valid else None
+            tied = [int((c == cutoff).sum()) for c in times()] if n_valid else [0] * len(parts)
+            take = n_valid - sum(int((c > cutoff).sum()) for c in times()) if n_valid else 0
+            skip = sum(tied) - take  # tied rows, in file order, that stay in training
             for i in range(len(parts)):
-                chunk = parts[i].with_columns((pl.col(schema.time) >= cutoff).fill_null(False).alias("_valid"))
+                t = pl.col(schema.time)
+                if cutoff is None:
+                    is_valid = pl.lit(False)
+                else:
+                    tie_rank = (t == cutoff).cast(pl.Int64).cum_sum() + sum(tied[:i])
+                    is_valid = ((t > cutoff) | ((t == cutoff) & (tie_rank > skip))).fill_null(False)
+                chunk = parts[i].with_columns(is_valid.alias("_valid"))
                 parts[i] = chunk
                 m = ~chunk["_valid"]
                 fit_part = chunk.filter(m)
                 enc._observe(fit_part, fit_part.select([c for c in chunk.columns if c.startswith("h:")]))
         if enc.train_rows == 0:
-            raise EncoderError(f"{train}: no training rows ({reports['train'].bad_rows} rejected)")
+            raise EncoderError(_no_rows(train, reports["train"]))
         enc._finish_fit()
         names = [k for k, _ in sources] + (["train", "valid"] if valid is None else [])
         writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group), **layout) for k in names})
@@ -924,18 +937,6 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
 _SELECT_IN_MEMORY = 1 << 20
 
 
-def _quantile(columns: Callable[[], Iterable[pl.Series]], q: float) -> float:
-    """``np.quantile`` (linear) of the non-null integers of ``columns()``, each call an iterator over the same
-    columns, holding at most about ``_SELECT_IN_MEMORY`` values at a time however many there are."""
-    n = sum(c.len() - c.null_count() for c in columns())
-    if n == 0:
-        return float("nan")
-    h = (n - 1) * q
-    k = int(np.floor(h))
-    pair = np.array([_kth(columns, k), _kth(columns, min(k + 1, n - 1))])
-    return float(np.quantile(pair, h - k))  # the same interpolation as np.quantile over all the values
-
-
 def _kth(columns: Callable[[], Iterable[pl.Series]], k: int) -> int:
     """The k-th smallest (0-based) non-null integer of ``columns()``: 65536 bins narrow the range that holds
     it, one pass each, until the values in the range fit in memory."""
@@ -956,6 +957,12 @@ def _kth(columns: Callable[[], Iterable[pl.Series]], k: int) -> int:
         b = int(np.searchsorted(np.cumsum(counts), k, side="right"))
         k -= int(counts[:b].sum())
         lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
+
+
+def _no_rows(train: Source, report: ReadReport) -> str:
+    """The fatal "no training rows" message, with the commonest reasons the rows were rejected."""
+    why = f": {report.top_reasons()}" if report.bad_rows else ""
+    return f"{train}: no training rows ({report.bad_rows:,} of {report.rows:,} rejected{why})"
 
 
 def _split_bad_rows(bad_rows: str | Path | None, name: str) -> Path | None:

@@ -14,7 +14,9 @@ import gzip
 import io
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -24,7 +26,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ctrkit.schema import Field, Schema, SchemaError
+from ctrkit.schema import Schema, SchemaError
+from ctrkit.validate import DataError, coerce_chunk, needed_columns
+
+__all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "has_header_line",
+           "iter_chunks", "libfm_schema", "needed_columns", "read_frame", "read_sample"]
 
 # Blocks under glibc's 32 MiB mmap ceiling are recycled from the heap instead of being mapped (and
 # page-faulted) afresh each time, which halves the cost of reading them; larger blocks make fitting cheaper.
@@ -32,44 +38,59 @@ BLOCK_BYTES = 24 << 20
 FORMATS = ("csv", "tsv", "parquet", "libfm")
 
 
-class DataError(ValueError):
-    """Input data does not fit the schema; the message names the file, row and field."""
-
-
 @dataclass
 class ReadReport:
-    """What a reader saw: rows read, rows rejected (with the first few reasons) and where they went."""
+    """What a reader saw: rows read, rows rejected (counted by reason, the first few with their line) and
+    where they went."""
 
     source: str = ""
     rows: int = 0
     bad_rows: int = 0
     examples: list[str] = field(default_factory=list)
     bad_rows_path: str | None = None
+    reasons: Counter[str] = field(default_factory=Counter)
 
     def add_bad(self, line_no: int | None, reason: str) -> None:
-        """Count one rejected row and keep its reason while fewer than five are kept."""
+        """Count one rejected row under its reason and keep it as an example while fewer than five are kept."""
         self.bad_rows += 1
+        self.reasons[reason] += 1
         if len(self.examples) < 5:
             where = f"line {line_no}" if line_no is not None else "row"
             self.examples.append(f"{self.source} {where}: {reason}")
 
+    def top_reasons(self, n: int = 3) -> str:
+        """The ``n`` commonest reasons with their counts, e.g. ``7 x field 'price': not a number``."""
+        return "; ".join(f"{c:,} x {r}" for r, c in self.reasons.most_common(n))
+
     def summary(self) -> str:
-        """One line for logs and the CLI."""
+        """One line for logs and the CLI: rows read and rejected, the top reasons, the first bad line."""
         s = f"{self.source}: {self.rows:,} rows read, {self.bad_rows:,} rejected"
-        if self.bad_rows_path:
-            s += f" (written to {self.bad_rows_path})"
-        if self.examples:
-            s += "; e.g. " + "; ".join(self.examples[:3])
+        if self.bad_rows:
+            first = self.examples[0].removeprefix(self.source).strip().split(":", 1)[0]
+            s += f" ({self.top_reasons()}; first at {first})"
+        if self.bad_rows_path and self.bad_rows:
+            s += f", kept in {self.bad_rows_path}"
         return s
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"source": self.source, "rows": self.rows, "bad_rows": self.bad_rows,
-                "examples": self.examples, "bad_rows_path": self.bad_rows_path}
+                "reasons": dict(self.reasons.most_common()), "examples": self.examples,
+                "bad_rows_path": self.bad_rows_path}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReadReport:
+        """The report :meth:`to_dict` wrote."""
+        return cls(source=data["source"], rows=data["rows"], bad_rows=data["bad_rows"],
+                   examples=list(data["examples"]), bad_rows_path=data["bad_rows_path"],
+                   reasons=Counter(data.get("reasons", {})))
 
 
 class _BadRowSink:
-    """Writes rejected raw lines, each with its line number and reason, to a text file (created on first use)."""
+    """Writes rejected rows as read (the original line of a text file), each with its line number and reason,
+    to a tab-separated file with a header line (created on first use)."""
+
+    HEADER = "line\treason\toriginal\n"
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
@@ -81,6 +102,7 @@ class _BadRowSink:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "w", encoding="utf-8")
+            self._fh.write(self.HEADER)
         self._fh.write(f"{line_no if line_no is not None else ''}\t{reason}\t{text}\n")
 
     def close(self) -> None:
@@ -123,136 +145,19 @@ def _open_binary(path: str | Path) -> IO[bytes]:
 
 def _first_line(path: str | Path) -> str:
     with _open_binary(path) as fh:
-        return fh.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            line = fh.readline()
+        except (EOFError, OSError, zlib.error) as exc:
+            raise DataError(_gzip_message(path, exc)) from None
+    return line.decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n")
+
+
+def _gzip_message(path: str | Path, exc: BaseException) -> str:
+    return f"{path}: the compressed file is damaged or cut short ({exc or type(exc).__name__})"
 
 
 def _separator(fmt: str) -> str:
     return "\t" if fmt == "tsv" else ","
-
-
-# --- chunk coercion (shared by every source) ------------------------------------------------------
-def needed_columns(schema: Schema, with_label: bool = True) -> list[str]:
-    """Columns a reader must deliver: features, then label / time / group when set."""
-    cols = [f.name for f in schema.fields]
-    for c in (*(schema.label_columns if with_label else ()), schema.time, schema.group):
-        if c and c not in cols:
-            cols.append(c)
-    return cols
-
-
-def _label_expr(col: str) -> pl.Expr:
-    v = pl.col(col).cast(pl.Float64, strict=False)
-    return pl.when(v == -1.0).then(0.0).otherwise(v).cast(pl.Float32)
-
-
-def _time_expr(col: str, dtype: pl.DataType) -> pl.Expr:
-    if dtype.is_temporal():
-        return pl.col(col).cast(pl.Datetime("us")).dt.epoch("us")
-    if dtype == pl.String:
-        return pl.col(col).str.strip_chars().str.to_datetime(strict=False, time_zone="UTC").dt.epoch("us")
-    return pl.col(col).cast(pl.Int64, strict=False)
-
-
-def _as_string(col: str, dtype: pl.DataType) -> pl.Expr:
-    e = pl.col(col)
-    if dtype == pl.String:
-        return e
-    if dtype.is_float():
-        # 3.0 and "3" must give the same category whichever reader produced the value.
-        return pl.when(e == e.floor()).then(e.cast(pl.Int64, strict=False).cast(pl.String)).otherwise(
-            e.cast(pl.String))
-    return e.cast(pl.String)
-
-
-def _as_list(f: Field, dtype: pl.DataType) -> pl.Expr:
-    """A multi / sequence column as List(String): a list is kept (its items as strings), a string is split at
-    the field's ``sep`` (spaces around items dropped; "" is the empty list); null stays null."""
-    e = pl.col(f.name)
-    if isinstance(dtype, (pl.List, pl.Array)):
-        inner = dtype.inner if dtype.inner is not None else pl.String()
-        if isinstance(inner, (pl.List, pl.Array, pl.Struct)):
-            raise DataError(f"field {f.name!r} is a {f.kind} field but its items have type {inner}")
-        items = e.cast(pl.List(pl.String)) if inner == pl.String or inner.is_integer() or inner == pl.Null \
-            else e.list.eval(_as_string("", inner))
-    elif dtype == pl.String:
-        items = e.str.split(f.sep) if f.sep is not None else pl.concat_list(e)
-    elif dtype == pl.Null:
-        items = e.cast(pl.List(pl.String))
-    elif dtype.is_numeric():
-        items = pl.concat_list(_as_string(f.name, dtype))
-    else:
-        raise DataError(f"field {f.name!r} is a {f.kind} field but the data has type {dtype}; expected a list "
-                        "or a string" + (f" of values separated by {f.sep!r}" if f.sep else ""))
-    stripped = pl.element().str.strip_chars()
-    return items.list.eval(stripped.filter(stripped.is_not_null() & (stripped != "")))
-
-
-def _cross(parts: list[pl.Expr]) -> pl.Expr:
-    """The combined value of categorical columns (as strings); null when any part is missing."""
-    missing = pl.any_horizontal([p.is_null() | (p == "") for p in parts])
-    return pl.when(missing).then(None).otherwise(pl.concat_str(parts, separator="\x1f"))
-
-
-def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Type a raw chunk to the reader contract; returns (good rows, bad rows with a ``_reason`` column).
-
-    A non-number in a numeric field, a time string that does not parse, a label outside {-1, 0, 1} or a missing
-    label makes a row bad; an empty categorical string counts as missing, and so does an empty time. Columns
-    absent from the chunk raise a DataError naming them.
-    """
-    cols = needed_columns(schema, with_label)
-    types = df.schema  # once: a frame builds its schema anew on every access
-    absent = [c for c in cols if c not in types]
-    if absent:
-        raise DataError(f"missing columns {absent}; the data has {df.columns}")
-    exprs: list[pl.Expr] = []
-    checks: list[pl.Expr] = []
-    for f in schema.fields:
-        dtype = types[f.name]
-        if f.kind == "categorical":
-            exprs.append(_as_string(f.name, dtype).alias(f.name))
-        elif f.is_list:
-            exprs.append(_as_list(f, dtype).alias(f.name))
-        else:
-            if dtype == pl.String:
-                raw = pl.col(f.name).str.strip_chars()
-                val = raw.cast(pl.Float64, strict=False)
-                checks.append(pl.when(raw.is_not_null() & (raw != "") & val.is_null())
-                              .then(pl.lit(f"field {f.name!r}: not a number"))
-                              .otherwise(None))
-                exprs.append(val.alias(f.name))
-            elif dtype.is_numeric() or dtype == pl.Boolean:
-                exprs.append(pl.col(f.name).cast(pl.Float64).alias(f.name))
-            else:
-                raise DataError(f"field {f.name!r} is numeric but the data has type {dtype}")
-    for label in schema.label_columns if with_label else ():
-        lab = _label_expr(label)
-        exprs.append(lab.alias(label))
-        checks.append(pl.when(lab.is_null() | ~lab.is_in([0.0, 1.0]))
-                      .then(pl.lit(f"label {label!r}: expected 0/1 or -1/1"))
-                      .otherwise(None))
-    if schema.time and schema.time not in [f.name for f in schema.fields]:
-        time = _time_expr(schema.time, types[schema.time])
-        exprs.append(time.alias(schema.time))
-        if types[schema.time] == pl.String:
-            raw = pl.col(schema.time)
-            checks.append(pl.when(raw.is_not_null() & (raw != "") & time.is_null())
-                          .then(pl.lit(f"time {schema.time!r}: not a date and time"))
-                          .otherwise(None))
-    if schema.group and schema.group not in [f.name for f in schema.fields]:
-        exprs.append(_as_string(schema.group, types[schema.group]).alias(schema.group))
-    exprs += [pl.col("_line")] if "_line" in types else []
-    for cross in schema.crosses or ():
-        exprs.append(_cross([_as_string(n, types[n]) for n in cross]).alias("_x_".join(cross)))
-    if not checks:
-        out = df.select(exprs)
-        return out, out.clear().with_columns(pl.lit(None, pl.String).alias("_reason"))
-    reason = pl.coalesce(checks) if len(checks) > 1 else checks[0]
-    tagged = df.select([*exprs, reason.alias("_reason")])  # one pass for the values and the checks
-    if tagged["_reason"].null_count() == tagged.height:
-        return tagged.drop("_reason"), tagged.clear()
-    bad_mask = tagged["_reason"].is_not_null()
-    return tagged.filter(~bad_mask).drop("_reason"), tagged.filter(bad_mask)
 
 
 # --- CSV / TSV ----------------------------------------------------------------------------------
@@ -292,6 +197,10 @@ def _csv_layout(path: str | Path, schema: Schema | None, sep: str,
                 has_header: bool | None) -> tuple[list[str], bool]:
     """Column names and whether the first line is a header."""
     first = _first_line(path)
+    if not first.strip():
+        with _open_binary(path) as fh:
+            if not fh.read(1 << 16).strip():
+                raise DataError(f"{path}: the file is empty")
     tokens = [t.strip().strip('"') for t in first.split(sep)]
     if schema is not None and schema.columns:
         if has_header is None:
@@ -302,12 +211,34 @@ def _csv_layout(path: str | Path, schema: Schema | None, sep: str,
         return list(schema.columns), has_header
     if has_header is False:
         raise DataError(f"{path}: a file without a header needs `columns` in the schema")
+    dup = sorted({t for t in tokens if tokens.count(t) > 1})
+    if dup:
+        raise DataError(f"{path}: line 1 names the column(s) {dup} more than once")
     return tokens, True
 
 
 def _parse_block_careful(block: bytes, names: list[str], sep: str, first_line_no: int,
                          report: ReadReport, sink: _BadRowSink) -> pl.DataFrame:
-    """Slow path: pyarrow with a handler that sets aside rows with a wrong number of fields."""
+    """Slow path: pyarrow with a handler that sets aside rows with a wrong number of fields (and lines that are
+    not UTF-8 text)."""
+    try:
+        block.decode("utf-8")
+        stray_cr = b"\r" in block.replace(b"\r\n", b"")
+    except UnicodeDecodeError:
+        stray_cr = True
+    if stray_cr:  # pyarrow would split a line at a lone carriage return; such lines are set aside whole
+        lines = block.split(b"\n")
+        for i, line in enumerate(lines[:-1]):
+            try:
+                line.decode("utf-8")
+                reason = "a carriage return inside the line" if b"\r" in line.removesuffix(b"\r") else None
+            except UnicodeDecodeError:
+                reason = "not UTF-8 text"
+            if reason:
+                report.add_bad(first_line_no + i, reason)
+                sink.write(first_line_no + i, reason, line.decode("utf-8", errors="replace"))
+                lines[i] = b""
+        block = b"\n".join(lines)
     bad_idx: list[tuple[int, str]] = []
 
     def handler(row: Any) -> str:
@@ -319,7 +250,8 @@ def _parse_block_careful(block: bytes, names: list[str], sep: str, first_line_no
         read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
         parse_options=pacsv.ParseOptions(delimiter=sep, quote_char='"' if sep == "," else False,
                                          invalid_row_handler=handler, newlines_in_values=False),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+        # only an empty field is missing, as on the fast path: pyarrow would also read "nan", "NA", "null" as null
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, null_values=[""],
                                              strings_can_be_null=True, quoted_strings_can_be_null=True),
     )
     # pyarrow numbers the rows it reads, skipping blank lines: row k is on the k-th non-blank line
@@ -365,9 +297,20 @@ def _parse_block_fast(block: bytes, names: list[str], sep: str, dtypes: dict[str
     return df
 
 
+TextOf = Callable[[list[int]], list[str]]
+
+
+def _block_text(block: bytes, first_line_no: int) -> TextOf:
+    """The original text of lines of ``block`` by their line number in the file (split only when asked)."""
+    def text_of(line_nos: list[int]) -> list[str]:
+        lines = block.split(b"\n")
+        return [lines[n - first_line_no].decode("utf-8", errors="replace").rstrip("\r") for n in line_nos]
+    return text_of
+
+
 def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadReport, sink: _BadRowSink,
                 has_header: bool | None, block_bytes: int,
-                usecols: list[str] | None) -> Iterator[pl.DataFrame]:
+                usecols: list[str] | None) -> Iterator[tuple[pl.DataFrame, TextOf]]:
     sep = _separator(fmt)
     names, header = _csv_layout(path, schema, sep, has_header)
     # numbers are parsed as numbers on the fast path (a label too: casting its strings later costs more);
@@ -393,13 +336,13 @@ def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadR
                 df = _parse_block_careful(block, names, sep, line_no, report, sink)
                 if usecols:
                     df = df.select([*usecols, "_line"])
+            yield df, _block_text(block, line_no)
             line_no += n_lines
-            yield df
 
 
 # --- libFM / libSVM ----------------------------------------------------------------------------------
 def _libfm_chunks(path: str | Path, schema: Schema, report: ReadReport, sink: _BadRowSink,
-                  block_bytes: int) -> Iterator[pl.DataFrame]:
+                  block_bytes: int) -> Iterator[tuple[pl.DataFrame, TextOf]]:
     """``label idx:val idx:val ...``: the k-th token belongs to the k-th feature field of the schema."""
     names = [f.name for f in schema.fields]
     k = len(names)
@@ -409,6 +352,7 @@ def _libfm_chunks(path: str | Path, schema: Schema, report: ReadReport, sink: _B
             n_lines = block.count(b"\n")
             lines = pl.Series("line", block.decode("utf-8", errors="replace").split("\n")[:n_lines])
             df = pl.DataFrame({"line": lines, "_line": np.arange(line_no, line_no + n_lines, dtype=np.int64)})
+            text_of = _block_text(block, line_no)
             line_no += n_lines
             df = df.with_columns(pl.col("line").str.strip_chars().str.split(" ").alias("tok"))
             ok = df["tok"].list.len() == k + 1
@@ -423,7 +367,7 @@ def _libfm_chunks(path: str | Path, schema: Schema, report: ReadReport, sink: _B
             cols = [df["tok"].list.get(0).alias(schema.label)]
             for i, n in enumerate(names):
                 cols.append(df["tok"].list.get(i + 1).str.split(":").list.get(0).alias(n))
-            yield pl.DataFrame(cols).with_columns(df["_line"])
+            yield pl.DataFrame(cols).with_columns(df["_line"]), text_of
 
 
 # --- public entry points ---------------------------------------------------------------------------
@@ -445,36 +389,51 @@ def iter_chunks(source: Source, schema: Schema, *, fmt: str | None = None, has_h
     # rows read = good rows + every rejected row, whether the parser or the type checks rejected it
     base_rows, base_bad, good_rows = report.rows, report.bad_rows, 0
     try:
-        for raw in _raw_chunks(source, schema, fmt, has_header, report, sink, with_label, block_bytes,
-                               chunk_rows):
+        for raw, text_of in _raw_chunks(source, schema, fmt, has_header, report, sink, with_label, block_bytes,
+                                        chunk_rows):
             good, bad = coerce_chunk(raw, schema, with_label)
             if bad.height:
-                for row in bad.select("_line", "_reason").iter_rows():
-                    report.add_bad(row[0], row[1])
+                lines, reasons = bad["_line"].to_list(), bad["_reason"].to_list()
+                for line, reason in zip(lines, reasons):
+                    report.add_bad(line, reason)
                 if sink.path is not None:
-                    for row in bad.with_columns(pl.exclude("_line").cast(pl.String)).iter_rows(named=True):
-                        line, reason = row.pop("_line"), row.pop("_reason")
-                        sink.write(line, reason, "\t".join("" if v is None else v for v in row.values()))
+                    for line, reason, text in zip(lines, reasons, (text_of or _row_text(raw))(lines)):
+                        sink.write(line, reason, text)
             good_rows += good.height
             report.rows = base_rows + good_rows + report.bad_rows - base_bad
             if good.height:
                 yield good
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(_gzip_message(report.source, exc)) from None
+    except pa.ArrowException as exc:
+        raise DataError(f"{report.source}: cannot be read as {fmt or detect_format(source)}: {exc}") from None
     finally:
         report.rows = base_rows + good_rows + report.bad_rows - base_bad
         sink.close()
 
 
+def _row_text(raw: pl.DataFrame) -> TextOf:
+    """Rows of a frame or Parquet chunk as read (tab-separated values), by their row number."""
+    def text_of(line_nos: list[int]) -> list[str]:
+        rows = raw.filter(pl.col("_line").is_in(line_nos)).with_columns(pl.exclude("_line").cast(pl.String))
+        by_line = {r.pop("_line"): "\t".join("" if v is None else v for v in r.values())
+                   for r in rows.iter_rows(named=True)}
+        return [by_line[n] for n in line_nos]
+    return text_of
+
+
 def _raw_chunks(source: Source, schema: Schema, fmt: str | None, has_header: bool | None, report: ReadReport,
                 sink: _BadRowSink, with_label: bool, block_bytes: int,
-                chunk_rows: int) -> Iterator[pl.DataFrame]:
+                chunk_rows: int) -> Iterator[tuple[pl.DataFrame, TextOf | None]]:
     if isinstance(source, pl.DataFrame):
         for start in range(0, max(source.height, 1), chunk_rows):
             part = source.slice(start, chunk_rows)
-            yield part.with_columns(pl.int_range(start + 1, start + 1 + part.height, dtype=pl.Int64).alias("_line"))
+            yield part.with_columns(pl.int_range(start + 1, start + 1 + part.height, dtype=pl.Int64)
+                                    .alias("_line")), None
         return
     fmt = fmt or detect_format(source)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -488,7 +447,7 @@ def _raw_chunks(source: Source, schema: Schema, fmt: str | None, has_header: boo
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=cols):
             df = pl.from_arrow(batch)
             assert isinstance(df, pl.DataFrame)
-            yield df.with_columns(pl.int_range(start, start + df.height, dtype=pl.Int64).alias("_line"))
+            yield df.with_columns(pl.int_range(start, start + df.height, dtype=pl.Int64).alias("_line")), None
             start += df.height
         return
     if fmt == "libfm":
@@ -580,15 +539,55 @@ def read_frame(source: Source, schema: Schema, **kwargs: Any) -> tuple[pl.DataFr
 
 
 def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
-    """The first ``n_rows`` rows of a file with a header, with types inferred (for schema inference)."""
+    """The first ``n_rows`` rows of a file, with types inferred (for schema inference).
+
+    A text file whose first line holds data rather than names (a raw Criteo TSV, see :func:`has_header_line`)
+    gets the columns ``c1..cN``.
+    """
     fmt = detect_format(path)
-    if fmt == "parquet":
-        return pl.read_parquet(path, n_rows=n_rows)
-    if fmt == "libfm":
-        raise SchemaError(f"{path}: libFM files have no column names; use --format libfm --fields a,b,...")
-    with _open_binary(path) as fh:
-        head = b"".join(_take_lines(fh, n_rows + 1))
-    return pl.read_csv(io.BytesIO(head), separator=_separator(fmt), infer_schema_length=n_rows)
+    try:
+        if fmt == "parquet":
+            return pl.read_parquet(path, n_rows=n_rows)
+        if fmt == "libfm":
+            raise SchemaError(f"{path}: libFM files have no column names; use --format libfm --fields a,b,...")
+        with _open_binary(path) as fh:
+            head = b"".join(_take_lines(fh, n_rows + 1))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(_gzip_message(path, exc)) from None
+    except (pa.ArrowException, OSError, pl.exceptions.PolarsError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise DataError(f"{path}: cannot be read as {fmt}: {exc}") from None
+    if not head.strip():
+        raise DataError(f"{path}: the file is empty")
+    if b"\x00" in head[:65536]:
+        raise DataError(f"{path}: this is not a text (CSV/TSV) file; binary data found in its first bytes")
+    sep = _separator(fmt)
+    header = has_header_line(path, sep)
+    try:
+        df = pl.read_csv(io.BytesIO(head), separator=sep, infer_schema_length=n_rows, has_header=header,
+                         quote_char='"' if sep == "," else None, encoding="utf8-lossy")
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0]}") from None
+    if header:
+        _csv_layout(path, None, sep, True)  # names each column once
+    else:
+        df.columns = [f"c{i + 1}" for i in range(df.width)]
+    return df
+
+
+def has_header_line(path: str | Path, sep: str) -> bool:
+    """Whether the first line of a text file names columns: every token non-empty and none a number."""
+    tokens = [t.strip().strip('"') for t in _first_line(path).split(sep)]
+    for t in tokens:
+        if not t:
+            return False
+        try:
+            float(t)
+            return False
+        except ValueError:
+            continue
+    return True
 
 
 def _take_lines(fh: IO[bytes], n: int) -> Iterator[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 import pandas as pd
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ctrkit.measure.abtest import ABConfig, ab_test
-from ctrkit.measure.attribution import DEFAULT_BOT_AGENTS, Attribution, AttributionConfig, AttributionReport
+from ctrkit.measure.attribution import (DEFAULT_BOT_AGENTS, ROLE_CANDIDATES, Attribution, AttributionConfig,
+                                        AttributionReport)
 from ctrkit.measure.engine import Engine, MeasureError, make_engine
 from ctrkit.measure.tables import ctr_table, records, weighted_vs_macro
 
@@ -53,25 +56,70 @@ def _columns(pairs: list[str] | None) -> dict[str, str | None]:
     for p in pairs or []:
         if "=" not in p:
             raise MeasureError(f"--col expects ROLE=NAME, got {p!r}")
-        role, name = p.split("=", 1)
-        cols[role.strip()] = name.strip()
+        role, name = (x.strip() for x in p.split("=", 1))
+        if role not in ROLE_CANDIDATES:
+            raise MeasureError(f"--col {p}: unknown role {role!r}; roles are {sorted(ROLE_CANDIDATES)}")
+        if not name:
+            raise MeasureError(f"--col {p}: no column name after '='")
+        cols[role] = name
     return cols
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file given twice, under the same or another name."""
+    if not (a.is_file() and b.is_file()):
+        return False
+    if a.resolve() == b.resolve():
+        return True
+    if a.stat().st_size != b.stat().st_size or a.stat().st_size > 1 << 30:
+        return False
+    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
 
 
 def _attribution(engine: Engine, impressions: Path, clicks: Path | None, conversions: Path | None,
                  cfg: AttributionConfig, cols: list[str] | None) -> Attribution:
     from ctrkit.serve.events import is_event_log, measure_frames
 
+    for other, what in ((clicks, "--clicks"), (conversions, "--conversions")):
+        if other is not None and _same_file(impressions, other):
+            raise MeasureError(f"{what} {other} is the impression log itself; give the {what[2:]} log")
     if is_event_log(impressions) and clicks is None and conversions is None:  # a `ctrkit serve` event log
         try:
             imps, clk, cnv = measure_frames(impressions)
         except ValueError as exc:
             raise MeasureError(str(exc)) from exc
-        return Attribution(engine, imps, clk, cnv, cfg, _columns(cols),
-                           names=(f"{impressions} impressions", f"{impressions} clicks", f"{impressions} conversions"))
-    return Attribution(engine, str(impressions), str(clicks) if clicks else None,
-                       str(conversions) if conversions else None, cfg, _columns(cols),
-                       names=(str(impressions), str(clicks), str(conversions)))
+        att = Attribution(engine, imps, clk, cnv, cfg, _columns(cols),
+                          names=(f"{impressions} impressions", f"{impressions} clicks", f"{impressions} conversions"))
+    else:
+        att = Attribution(engine, str(impressions), str(clicks) if clicks else None,
+                          str(conversions) if conversions else None, cfg, _columns(cols),
+                          names=(str(impressions), str(clicks), str(conversions)))
+    _check_values(att, str(impressions))
+    return att
+
+
+def _check_values(att: Attribution, name: str) -> None:
+    """Values the SQL would silently misread: positions below 1, viewable fractions given in percent."""
+    q = att.d.q
+    checks = []
+    if "position" in att.r:
+        pos = q(att.r["position"])
+        checks.append((f"SUM(CASE WHEN {pos} < 1 THEN 1 ELSE 0 END)", f"MIN({pos})",
+                       f"column {att.r['position']!r}: {{n}} row(s) have a position below 1 (smallest {{v}}); "
+                       "positions count from 1 at the top"))
+    if "viewable_fraction" in att.r:
+        vf = q(att.r["viewable_fraction"])
+        checks.append((f"SUM(CASE WHEN {vf} > 1 OR {vf} < 0 THEN 1 ELSE 0 END)", f"MAX({vf})",
+                       f"column {att.r['viewable_fraction']!r}: {{n}} row(s) lie outside [0, 1] (largest {{v}}); "
+                       "give the visible share as a fraction (a percentage divided by 100)"))
+    if not checks:
+        return
+    sql = ", ".join(f"{c} AS n{i}, {v} AS v{i}" for i, (c, v, _) in enumerate(checks))
+    row = att.engine.query(f"SELECT {sql} FROM _imp_raw").iloc[0]
+    for i, (_, _, message) in enumerate(checks):
+        n = row[f"n{i}"]
+        if n is not None and not pd.isna(n) and int(n) > 0:
+            raise MeasureError(f"{name}: " + message.format(n=f"{int(n):,}", v=f"{float(row[f'v{i}']):g}"))
 
 
 def _config(window: float, ct: float, vt: float, bot_rate: int, bot_ua: str, dedup: bool,
@@ -120,8 +168,12 @@ def frame_table(df: pd.DataFrame, title: str) -> Table:
     return t
 
 
+# a bad flag value (alpha outside (0, 1), say) is a ValueError of the library; MeasureError is one too
+USER_ERRORS = (MeasureError, ValueError, OSError)
+
+
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -150,7 +202,7 @@ def ctr(impressions: Path = typer.Argument(..., help="Impression log (CSV/Parque
         cube = att.cube(list(dict.fromkeys(dims + macro)))
         has_conv = conversions is not None or "conversion" in att.r
         table = ctr_table(cube, dims, alpha, conversions=has_conv)
-    except MeasureError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
         return
     if as_json:
@@ -190,7 +242,7 @@ def abtest(impressions: Path = typer.Argument(..., help="Impression log with a v
                        guardrails=tuple(g.strip() for g in guardrails.split(",") if g.strip()),
                        min_impressions=min_impressions, mde=mde, power=power)
         res = ab_test(att.cube([variant]), variant, cfg)
-    except MeasureError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
         return
     if as_json:
@@ -245,7 +297,7 @@ def propensity(impressions: Path = typer.Argument(..., help="Impression log with
         best = results[-1]
         decomp = pb.examination_decomposition(cube, best, position)
         items = pb.ips_item_ctr(cube, best, item, position, clip, min_item_impressions) if top_items else None
-    except MeasureError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
         return
     if as_json:
@@ -314,7 +366,7 @@ def ope(log: Path = typer.Argument(..., help="Logged data: one row per logged ac
                 model = op.LogisticRewardModel(list(dict.fromkeys(key_cols + [action] + feats))).fit(rows, reward)
             ests.append(op.doubly_robust(eng, "ope_log", reward, logging, target, model, key_cols, action,
                                          max_weight))
-    except MeasureError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
         return
     result: dict[str, Any] = {"estimates": [e.to_dict() for e in ests]}
@@ -352,7 +404,7 @@ def report(impressions: Path = typer.Argument(..., help="Impression log."),
                            _config(window, 7 * 86400.0, 86400.0, bot_rate, bot_ua, dedup, None, 0.5, 1.0), col)
         html = build_report(att, variant=variant, position=position, item=item, randomized=randomized,
                             title=f"CTR measurement: {impressions.name}")
-    except MeasureError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
         return
     out_path.write_text(html)
@@ -367,14 +419,19 @@ def simulate(out_dir: Path = typer.Argument(..., help="Folder for impressions/cl
                                              help="Uniform positions, or a production ranker."),
              lift: float = typer.Option(0.03, "--lift", help="Planted relative CTR lift of variant 'treatment'."),
              seed: int = typer.Option(0, "--seed")) -> None:
-    """Write a synthetic log with planted examination curve, item relevance and A/B lift."""
+    """Write a synthetic log with planted examination curve, item relevance and A/B lift (exactly N impressions,
+    two bot users' and 0.1% duplicates among them once N is 4,000 or more)."""
     import pyarrow.parquet as pq
 
-    from ctrkit.measure.simulate import simulate_logs
+    from ctrkit.measure.simulate import BOT_IMPRESSIONS, simulate_logs
 
-    logs = simulate_logs(n_impressions=n, n_items=items, randomized=randomized, seed=seed,
-                         variants={"control": 0.0, "treatment": lift}, conversion_rate=0.1, bot_users=2,
-                         duplicate_rate=0.001, non_viewable_rate=0.05, repeat_click_rate=0.05)
+    bots = 2 if n >= 10 * BOT_IMPRESSIONS * 2 else 0
+    try:
+        logs = simulate_logs(n_impressions=n, n_items=items, randomized=randomized, seed=seed,
+                             variants={"control": 0.0, "treatment": lift}, conversion_rate=0.1, bot_users=bots,
+                             duplicate_rate=0.001, non_viewable_rate=0.05, repeat_click_rate=0.05)
+    except USER_ERRORS as exc:
+        _fail(exc)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("impressions", "clicks", "conversions"):
         pq.write_table(getattr(logs, name), out_dir / f"{name}.parquet")

@@ -20,6 +20,9 @@ from scipy.stats import norm
 from ctrkit.data.synth import examination_curve, sigmoid, solve_intercept, zipf_weights
 
 
+BOT_IMPRESSIONS = 200  # impressions (each clicked) of every bot user
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """Shape of a simulated log; defaults give a clean randomized log with one control variant."""
@@ -82,7 +85,12 @@ def simulate_logs(config: SimConfig | None = None, **overrides: object) -> SimLo
     if cfg.n_impressions < 1 or cfg.n_items < 1 or cfg.n_positions < 1 or cfg.n_users < 1:
         raise ValueError("n_impressions, n_users, n_items and n_positions must be >= 1")
     rng = np.random.default_rng(cfg.seed)
-    n, k_pos = cfg.n_impressions, cfg.n_positions
+    # n_impressions counts every row of the impression log: the bots' impressions and the duplicates are part of it
+    n_dup = int(cfg.duplicate_rate * cfg.n_impressions)
+    n, k_pos = cfg.n_impressions - BOT_IMPRESSIONS * cfg.bot_users - n_dup, cfg.n_positions
+    if n < 1:
+        raise ValueError(f"n_impressions={cfg.n_impressions} leaves no room for real impressions beside "
+                         f"{BOT_IMPRESSIONS * cfg.bot_users} bot impressions and {n_dup} duplicates")
 
     quality = rng.normal(0.0, cfg.relevance_scale, cfg.n_items)
     item = rng.choice(cfg.n_items, n, p=zipf_weights(cfg.n_items, cfg.item_zipf)[rng.permutation(cfg.n_items)])
@@ -128,7 +136,7 @@ def simulate_logs(config: SimConfig | None = None, **overrides: object) -> SimLo
     click_user = user[ci]
     if cfg.bot_users > 0:
         bot_ids = cfg.n_users + np.arange(cfg.bot_users)
-        per_bot = 200
+        per_bot = BOT_IMPRESSIONS
         b_imp = np.arange(per_bot * cfg.bot_users) + n
         b_user = np.repeat(bot_ids, per_bot)
         b_start = cfg.start_epoch_s + rng.random(cfg.bot_users) * cfg.days * 86400.0
@@ -150,8 +158,8 @@ def simulate_logs(config: SimConfig | None = None, **overrides: object) -> SimLo
 
     imp_n = imp_cols["impression_id"].size
     order = np.arange(imp_n)
-    if cfg.duplicate_rate > 0:
-        dups = rng.choice(imp_n, int(cfg.duplicate_rate * imp_n), replace=False)
+    if n_dup > 0:
+        dups = rng.choice(imp_n, n_dup, replace=False)
         order = np.concatenate([order, dups])
     impressions = pa.table({
         "impression_id": pa.array(imp_cols["impression_id"][order]),

@@ -1,70 +1,99 @@
 """Bundle: schema + encoder + model weights + metrics + versions in one folder, the unit of deployment.
 
-A bundle scores raw records (dicts or a DataFrame): unseen categories get the field's OOV id, missing
-optional values its missing id; a multi or sequence field takes a list or a string of items split at its
-``sep``, and its unseen items get the OOV id. A model with several heads predicts each (one column per label).
-A required field that is absent, a value of the wrong type, or input with the columns of another schema raise
-a :class:`ctrkit.data.readers.DataError` that names the field (and the row).
-Weights are safetensors; nothing in a bundle is ever unpickled.
+A bundle scores raw records (dicts or a DataFrame) through :mod:`ctrkit.validate`: unseen categories get the
+field's OOV id, missing optional values (None) its missing id; a multi or sequence field takes a list or a
+string of items split at its ``sep``. A model with several heads predicts each (one column per label). A key or column that is absent, a required
+field without a value, a value of the wrong type or a non-finite number raise a
+:class:`ctrkit.validate.DataError` that names the field and the record.
+Weights are safetensors; nothing in a bundle is ever unpickled. ``manifest.json`` holds the sha256 of every
+other file of the folder and the training run's fingerprint (also stamped into the weights and model.json);
+``load`` refuses a folder whose files do not match it, and weights that are not finite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 import ctrkit
 from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
-from ctrkit.data.readers import DataError, ReadReport, Source, coerce_chunk, iter_chunks
+from ctrkit.data.readers import ReadReport, Source, iter_chunks
 from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel, ModelConfig, build_model
 from ctrkit.nn.embedding import FeatureSpec
-from ctrkit.schema import Field, Schema
+from ctrkit.schema import Schema
+from ctrkit.validate import DataError, Records, coerce_chunk, records_frame
 
 BUNDLE_FORMAT = 1
-Records = Mapping[str, Any] | Sequence[Mapping[str, Any]] | pl.DataFrame | Any
-
-
-def _number(value: Any, row: int, name: str) -> float | None:
-    """A numeric field's value as float; text that is not a number is an error naming record and field."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            return float(value) if value.strip() else None
-        except ValueError:
-            raise DataError(f"record {row}: field {name!r} expects a number, got {value!r}") from None
-    return float(value)
-
-
-_SCALARS = (str, int, float, bool, np.generic)
-
-
-def _list_series(f: Field, values: list[Any]) -> pl.Series:
-    """A multi / sequence field's record values as one column: all strings (split by the reader at ``sep``)
-    or all lists of strings (a string then becomes the list of its items)."""
-    def text(x: Any) -> str | None:
-        return None if x is None else str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
-
-    if all(v is None or isinstance(v, str) for v in values):
-        return pl.Series(f.name, values, dtype=pl.String)
-    items = [None if v is None else ([v] if f.sep is None else v.split(f.sep)) if isinstance(v, str)
-             else [text(x) for x in v] for v in values]
-    return pl.Series(f.name, items, dtype=pl.List(pl.String))
+MANIFEST = "manifest.json"
 
 
 class BundleError(ValueError):
-    """A bundle folder is incomplete or its parts do not belong together."""
+    """A bundle folder is incomplete, altered, or its parts do not belong together; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _bundle_files(root: Path) -> list[str]:
+    """Every file under ``root`` (but the manifest and hidden files), as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not any(part.startswith(".")
+                                                                   for part in p.relative_to(root).parts))
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise BundleError(f"{where}: weight {k!r} has {bad} non-finite value(s) (NaN or inf)")
+
+
+def verify_manifest(root: Path) -> dict[str, Any]:
+    """Check every file of the bundle folder ``root`` against its manifest; returns the manifest."""
+    path = root / MANIFEST
+    if not path.exists():
+        raise BundleError(f"{path} is missing: {root} is not a ctrkit bundle, or one saved before manifests")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict) and isinstance(manifest["run"], str)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise BundleError(f"{path}: not a valid manifest (expected {{'run': ..., 'files': {{name: sha256}}}})") \
+            from None
+    resolved = root.resolve()
+    for name in files:
+        target = (root / name).resolve()
+        if Path(name).is_absolute() or ".." in Path(name).parts or not target.is_relative_to(resolved):
+            raise BundleError(f"{path}: the file name {name!r} leaves the bundle folder")
+    for name, digest in files.items():
+        if not (root / name).is_file():
+            raise BundleError(f"{root / name} is missing (listed in {MANIFEST})")
+        if _sha256(root / name) != digest:
+            raise BundleError(f"{root / name}: contents differ from the sha256 in {MANIFEST} "
+                              "(altered, or taken from another bundle)")
+    extra = sorted(set(_bundle_files(root)) - set(files))
+    if extra:
+        raise BundleError(f"{root / extra[0]} is not listed in {MANIFEST} (added after the bundle was saved)")
+    return manifest
 
 
 def versions() -> dict[str, str]:
@@ -85,6 +114,9 @@ class Bundle:
         self.schema, self.encoder, self.model, self.model_name = schema, encoder, model, model_name
         self.metrics = metrics or {}
         self.info = info or {}
+        # identifies the training run: stamped into the weights, model.json and the manifest
+        self.run = self.info.get("run") or uuid.uuid4().hex[:16]
+        self.info["run"] = self.run
         # Scoring reads the feature columns only: time, group and label are not needed to score.
         self._features = Schema(fields=schema.fields, label=schema.label, columns=schema.columns,
                                 crosses=schema.crosses)
@@ -92,118 +124,120 @@ class Bundle:
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the bundle folder (created if needed) and return its path."""
+        """Write the bundle folder (created if needed; must not hold another bundle's files) and return its path.
+
+        Weights that are not finite are refused; ``manifest.json`` is written last, over every file written.
+        """
         p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise BundleError(f"{p} exists and is not a folder")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        _check_finite(state, f"cannot save {p}")
         p.mkdir(parents=True, exist_ok=True)
+        if (p / MANIFEST).exists():  # saving over a bundle: its files go, so none of them outlives it unlisted
+            for name in _bundle_files(p):
+                (p / name).unlink()
+            (p / MANIFEST).unlink()
         self.schema.save(p / "schema.yaml")
         self.encoder.save(p / "encoder")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(p / "weights.safetensors"))
+        save_file(state, str(p / "weights.safetensors"), metadata={"run": self.run})
         meta = {"format": BUNDLE_FORMAT, "model": self.model_name, "config": self.model.config.to_dict(),
                 "spec": self.model.spec.to_dict(), "encoder": self.encoder.fingerprint(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions(),
                 "info": self.info}
         (p / "model.json").write_text(json.dumps(meta, indent=1))
         (p / "metrics.json").write_text(json.dumps(self.metrics, indent=1, default=float))
+        self._save_extras(p)
+        files = {name: _sha256(p / name) for name in _bundle_files(p)}
+        (p / MANIFEST).write_text(json.dumps({"format": BUNDLE_FORMAT, "run": self.run, "files": files}, indent=1))
         return p
+
+    def _save_extras(self, path: Path) -> None:
+        """Parts beyond schema, encoder, weights and metrics; the manifest covers whatever is written here."""
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Bundle:
         """Read a bundle folder, checking that schema, encoder and weights belong together."""
         p = Path(path)
-        for part in ("schema.yaml", "encoder", "weights.safetensors", "model.json"):
+        if not p.is_dir():
+            raise BundleError(f"{p}: no such bundle folder")
+        manifest = verify_manifest(p)
+        for part in ("schema.yaml", "encoder/encoder.json", "weights.safetensors", "model.json"):
             if not (p / part).exists():
                 raise BundleError(f"{p} is not a ctrkit bundle: {part} is missing")
-        meta = json.loads((p / "model.json").read_text())
+        try:
+            meta = json.loads((p / "model.json").read_text())
+            schema = Schema.load(p / "schema.yaml")
+            encoder = Encoder.load(p / "encoder")
+            metrics = json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").exists() else {}
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise BundleError(str(exc) if str(p) in str(exc) else f"{p}: {exc}") from None
         if meta.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{p}: bundle format {meta.get('format')} is not supported by ctrkit "
-                              f"{ctrkit.__version__}")
-        schema = Schema.load(p / "schema.yaml")
-        encoder = Encoder.load(p / "encoder")
-        if encoder.fingerprint() != meta["encoder"]:
-            raise BundleError(f"{p}: the encoder ({encoder.fingerprint()}) is not the one the model was "
-                              f"trained with ({meta['encoder']})")
-        spec = FeatureSpec.from_dict(meta["spec"])
-        model = build_model(meta["model"], spec, ModelConfig.from_dict(meta["config"]))
-        state = load_file(str(p / "weights.safetensors"))
+            raise BundleError(f"{p / 'model.json'}: bundle format {meta.get('format')} is not supported by "
+                              f"ctrkit {ctrkit.__version__}")
+        if encoder.fingerprint() != meta.get("encoder"):
+            raise BundleError(f"{p / 'encoder'}: the encoder ({encoder.fingerprint()}) is not the one the model "
+                              f"was trained with ({meta.get('encoder')})")
+        try:
+            spec = FeatureSpec.from_dict(meta["spec"])
+            model = build_model(meta["model"], spec, ModelConfig.from_dict(meta["config"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BundleError(f"{p / 'model.json'}: cannot build the model it describes ({exc})") from None
+        weights = p / "weights.safetensors"
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                run = (fh.metadata() or {}).get("run")
+                state = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BundleError(f"{weights}: not a readable safetensors file ({exc})") from None
+        for where, value in ((weights, run), (p / "model.json", (meta.get("info") or {}).get("run"))):
+            if value != manifest["run"]:
+                raise BundleError(f"{where}: comes from training run {value}, the bundle's manifest from run "
+                                  f"{manifest['run']}")
+        _check_finite(state, str(weights))
         expected = model.state_dict()
         if set(state) != set(expected):
-            raise BundleError(f"{p}: weights do not match model {meta['model']!r} "
+            raise BundleError(f"{weights}: weights do not match model {meta['model']!r} "
                               f"(missing {sorted(set(expected) - set(state))[:5]}, "
                               f"unexpected {sorted(set(state) - set(expected))[:5]})")
         for k, v in state.items():
             if v.shape != expected[k].shape:
-                raise BundleError(f"{p}: weight {k} has shape {tuple(v.shape)}, the model expects "
+                raise BundleError(f"{weights}: weight {k} has shape {tuple(v.shape)}, the model expects "
                                   f"{tuple(expected[k].shape)}")
         model.load_state_dict(state)
         model.to(device)
-        metrics = json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").exists() else {}
         return cls(schema, encoder, model, meta["model"], metrics, meta.get("info"))
 
     # -- scoring -------------------------------------------------------------------------------------
     def _frame(self, records: Records) -> pl.DataFrame:
-        """Raw records as a polars frame with every feature column, after the per-record checks."""
-        if isinstance(records, pl.DataFrame):
-            df = records
-        elif type(records).__module__.startswith("pandas"):
-            df = pl.from_pandas(records)
-        else:
-            rows = [records] if isinstance(records, Mapping) else list(records)
-            for i, r in enumerate(rows):
-                if not isinstance(r, Mapping):
-                    raise DataError(f"record {i}: expected a mapping of field -> value, got {type(r).__name__}")
-                for f in self.schema.fields:
-                    if f.required and r.get(f.name) is None:
-                        raise DataError(f"record {i}: required field {f.name!r} is missing")
-                    v = r.get(f.name)
-                    if f.is_list and isinstance(v, (list, tuple, np.ndarray)):
-                        bad = [x for x in v if x is not None and not isinstance(x, _SCALARS)]
-                        if bad:
-                            raise DataError(f"record {i}: field {f.name!r} holds a {type(bad[0]).__name__} item;"
-                                            " expected a list of scalars")
-                    elif v is not None and not isinstance(v, _SCALARS):
-                        raise DataError(f"record {i}: field {f.name!r} has a {type(v).__name__} value; "
-                                        "expected " + ("a list or a string" if f.is_list else "a scalar"))
-            data: dict[str, pl.Series] = {}
-            for f in self.schema.fields:
-                values = [r.get(f.name) for r in rows]
-                if f.is_list:
-                    data[f.name] = _list_series(f, values)
-                elif f.kind == "categorical":
-                    text = [None if v is None else str(int(v)) if isinstance(v, float) and v.is_integer()
-                            else str(v) for v in values]
-                    data[f.name] = pl.Series(f.name, text, dtype=pl.String)
-                else:
-                    data[f.name] = pl.Series(f.name, [_number(v, i, f.name) for i, v in enumerate(values)],
-                                             dtype=pl.Float64)
-            df = pl.DataFrame(data)
-        absent = [c for c in self.schema.input_columns if c not in df.columns]
-        if absent:
-            raise DataError(f"input lacks the feature columns {absent} that this bundle was trained on "
-                            f"(input has {df.columns}); is it data of another schema?")
-        return df
-
-    def predict(self, records: Records, batch_size: int = 65536) -> np.ndarray:
-        """Click probabilities for raw records (a dict, a list of dicts, or a polars/pandas DataFrame): [n], or
-        [n, T] for a model with a head per label (columns in the order of ``schema.label_columns``)."""
-        df = self._frame(records)
-        if df.height == 0:
-            return np.zeros((0, self.model.spec.n_labels) if self._heads > 1 else 0, dtype=np.float64)
+        """Raw records as a typed frame of the feature columns (with ``_line``, the record number), through the
+        validation layer; the first bad record is an error naming it and the field."""
+        df = records_frame(records, self.schema)
         df = df.select(self.schema.input_columns).with_columns(
             pl.int_range(0, df.height, dtype=pl.Int64).alias("_line"))
         good, bad = coerce_chunk(df, self._features, with_label=False)
         if bad.height:
             row = bad.row(0, named=True)
             raise DataError(f"record {row['_line']}: {row['_reason']}")
-        self._check_required(good)
+        self._check_required(good, "record")
+        return good
+
+    def predict(self, records: Records, batch_size: int = 65536) -> np.ndarray:
+        """Click probabilities for raw records (a dict, a list of dicts, or a polars/pandas DataFrame): [n], or
+        [n, T] for a model with a head per label (columns in the order of ``schema.label_columns``)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        good = self._frame(records)
+        if good.height == 0:
+            return np.zeros((0, self._heads) if self._heads > 1 else 0, dtype=np.float64)
         return self._score(good, batch_size)
 
-    def _check_required(self, df: pl.DataFrame, line_col: str = "_line") -> None:
+    def _check_required(self, df: pl.DataFrame, where: str = "row") -> None:
         for f in self.schema.fields:
             if f.required:
                 nulls = df.filter(pl.col(f.name).is_null())
                 if nulls.height:
-                    raise DataError(f"row {nulls[line_col][0]}: required field {f.name!r} is missing")
+                    raise DataError(f"{where} {nulls['_line'][0]}: required field {f.name!r} is missing")
 
     @torch.no_grad()
     def _score(self, df: pl.DataFrame, batch_size: int) -> np.ndarray:
@@ -216,6 +250,9 @@ class Bundle:
                 if self.encoder.seq_names else [None, None]
             batch = Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device), None, None, *seq)
             out[start:start + part.height] = torch.sigmoid(self.model(batch)).double().cpu().numpy()
+        if not np.isfinite(out).all():
+            first = int(np.flatnonzero(~np.isfinite(out))[0]) // (self._heads if out.ndim == 2 else 1)
+            raise BundleError(f"the model gave a non-finite score for row {df['_line'][first]}")
         return out
 
     @property
