@@ -149,6 +149,8 @@ class Schema:
         if not self.fields:
             raise SchemaError("a schema needs at least one feature field")
         if self.labels is not None:
+            if not isinstance(self.labels, (list, tuple)) or not all(isinstance(x, str) for x in self.labels):
+                raise SchemaError(f"labels must be a list of column names, got {self.labels!r}")
             self.labels = list(self.labels)
             if not self.labels or len(set(self.labels)) != len(self.labels):
                 raise SchemaError(f"labels must be distinct column names, got {self.labels}")
@@ -273,7 +275,7 @@ class Schema:
         if unknown:
             raise SchemaError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
         if "fields" not in data or ("label" not in data and "labels" not in data):
-            raise SchemaError(f"{source}: needs both `label` (or `labels`) and `fields`")
+            raise SchemaError(f"{source}: needs both `label` and `fields` (or `labels` for several)")
         field_keys = {f.name for f in fields(Field)}
         parsed = []
         if not isinstance(data["fields"], list):

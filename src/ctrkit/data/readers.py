@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ctrkit.schema import Schema, SchemaError
+from ctrkit.schema import Field, Schema, SchemaError
 from ctrkit.validate import DataError, coerce_chunk, needed_columns
 
 __all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "has_header_line",
