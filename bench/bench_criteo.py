@@ -281,7 +281,7 @@ def _child_train(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT.parent / "shared" / "peers"))
+    sys.path.insert(0, os.environ.get("PEERS_HARNESS", str(ROOT.parent / "shared" / "peers")))
     from benchutil import StepTimer
 
     from ctrkit.data.dataset import EncodedData
@@ -299,7 +299,8 @@ def _child_train(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = build_model("deepfm", spec, ModelConfig(embed_dim=16, hidden=(400, 400, 400), dropout=0.0,
                                                     batch_norm=False, emb_l2=1e-5))
-    timer = StepTimer(model)
+    # the harness counts a step's rows from the hooked module's tensor input: the MLP gets one per step
+    timer = StepTimer(model.mlp)
     cfg = TrainConfig(epochs=1, batch_size=4096, lr=1e-3, progress=False, precision=args.child_precision)
     t0 = time.perf_counter()
     res = train(model, train_set, None, cfg)

@@ -133,3 +133,14 @@ def test_models_command_lists_the_zoo() -> None:
 def test_measure_is_mounted() -> None:
     res = runner.invoke(app, ["measure", "--help"])
     assert res.exit_code == 0 and "ctr" in res.stdout
+
+
+@pytest.mark.parametrize("args", [["monitor", "{d}/no-log", "--bundle", "{d}/no-bundle", "--out", "{d}/m.html"],
+                                  ["retrain", "--events", "{d}/no-log", "--base", "{d}/no-bundle",
+                                   "--out", "{d}/new"],
+                                  ["export", "{d}/no-bundle", "--onnx", "--out", "{d}/x"]])
+def test_serving_commands_answer_a_missing_input_with_one_line(tmp_path: Path, args: list[str]) -> None:
+    res = runner.invoke(app, [a.format(d=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert "error:" in res.output and "no-" in res.output

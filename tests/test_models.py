@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctrkit.data.dataset import Batch
+from ctrkit.data.dataset import Batch, EncodedData
 from ctrkit.nn.mlp import Dropout
 from ctrkit.models import ModelConfig, build_model, default_config, model_class, model_names
 from ctrkit.models.base import BATCH_L2, SMALL_TABLE, TABLE_L2
@@ -137,6 +137,7 @@ def test_every_model_returns_one_logit_per_row(name: str, kind: str) -> None:
     model = build_model(name, spec, **SMALL_DEEP)
     randomise(model)
     ids, dense = make_batch(spec)
+    model.fit_features(EncodedData(ids.numpy(), dense.numpy(), (ids.sum(1) % 2).float().numpy()))
     for mode in (True, False):
         model.train(mode)
         out = model(Batch(ids, dense))

@@ -22,7 +22,8 @@ from ctrkit.nn.sequence import Experts, TargetAttention
 from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle
-from ctrkit.training.trainer import loss_fn, predict_proba
+from ctrkit.training.step import bce as loss_fn
+from ctrkit.training.trainer import predict_proba
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "tiny_fixtures"  # ../shared
 

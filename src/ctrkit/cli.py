@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -96,13 +97,15 @@ def train(
     schema: Optional[Path] = typer.Option(None, help="Schema YAML (see `ctrkit schema infer`)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm (default: from the file name)."),
     fields: Optional[str] = typer.Option(None, help="libFM: the field of each token, comma-separated."),
-    model: str = typer.Option("deepfm", help="Model name: lr, fm, deepfm."),
+    model: str = typer.Option("deepfm", help="Model name (see the README's model table): lr, fm, ffm, deepfm, dcnv2, ..."),
     out: Path = typer.Option(..., help="Output folder: bundle/ and metrics.json are written there."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default: 4096, or less on small data so "
                                                        "an epoch has about 32 steps)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per model)."),
     embed_dim: Optional[int] = typer.Option(None, help="Embedding size (default per model)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="A model setting KEY=VALUE (a YAML value), "
+                                                 "repeatable: --set fm=false --set hidden=[256,128]."),
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
@@ -115,11 +118,17 @@ def train(
     from ctrkit.pipeline import train as run_train
 
     field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
+    options = {}
+    for item in settings or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set fm=false")
+        options[key.strip()] = yaml.safe_load(value)
     try:
         data = _event_log_rows(train_file, schema)
         run = run_train(data, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
-                        seed=seed, device=device, bad_rows=bad_rows, progress=not quiet,
+                        seed=seed, device=device, bad_rows=bad_rows, progress=not quiet, model_options=options,
                         train_options={"precision": precision},
                         log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
     except USER_ERRORS as exc:
@@ -203,6 +212,42 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
 
 
 @app.command()
+def explain(bundle: Path = typer.Argument(..., help="A bundle folder."),
+            file: Path = typer.Argument(..., help="Records in the bundle's schema (the label is not needed)."),
+            rows: int = typer.Option(100_000, help="Explain the first ROWS rows."),
+            top: int = typer.Option(10, help="How many field pairs to list."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+            fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
+    """Rank the fields (and field pairs) by what the model shows: AutoInt / FAT attention, FiBiNET's SENet
+    gates, DCN's cross weights."""
+    from ctrkit.evaluate.explain import explain_bundle
+    from ctrkit.serve.bundle import Bundle
+
+    try:
+        result = explain_bundle(Bundle.load(bundle), file, max_rows=rows, top=top, **({"fmt": fmt} if fmt else {}))
+    except USER_ERRORS as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=1) + "\n")
+        return
+    table = Table(title=f"{result.model}: {result.kind}, {result.rows:,} rows")
+    table.add_column("rank", justify="right")
+    table.add_column("field")
+    table.add_column("score", justify="right")
+    for rank, (name, score) in enumerate(result.fields, 1):
+        table.add_row(str(rank), name, f"{score:.6g}")
+    Console().print(table)
+    if result.pairs:
+        pairs = Table(title="top field pairs")
+        pairs.add_column("rank", justify="right")
+        pairs.add_column("pair")
+        pairs.add_column("score", justify="right")
+        for rank, (a, b, score) in enumerate(result.pairs, 1):
+            pairs.add_row(str(rank), f"{a} x {b}", f"{score:.6g}")
+        Console().print(pairs)
+
+
+@app.command()
 def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
           port: int = typer.Option(8000, help="TCP port."),
@@ -220,8 +265,6 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         import torch
 
         from ctrkit.serve.app import ServerConfig, create_app
-        from ctrkit.serve.bundle import BundleError
-        from ctrkit.serve.events import EventLogError
     except ImportError as exc:
         _fail(str(exc))
     torch.set_num_threads(threads)
@@ -229,7 +272,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     try:
         api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
                                       segments=seg, seed=seed))
-    except (BundleError, EventLogError, SchemaError, DataError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
     uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
@@ -244,7 +287,7 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
             out: Path = typer.Option(Path("monitor.html"), help="HTML report to write."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.")) -> None:
     """Rolling pred/actual (alerts outside [0.8, 1.2]) and PSI of pCTR against training, from an event log."""
-    from ctrkit.serve.bundle import Bundle, BundleError
+    from ctrkit.serve.bundle import Bundle
     from ctrkit.serve.monitor import html_report, monitor_log
 
     seg = [s.strip() for s in segments.split(",") if s.strip()] if segments else []
@@ -252,7 +295,7 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
         _fail(f"--windows must be >= 1, got {windows}")
     try:
         res = monitor_log(log, Bundle.load(bundle), seg, windows, min_clicks)
-    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     html_report(res, out)
     if as_json:
@@ -283,13 +326,12 @@ def retrain(events: Path = typer.Option(..., help="Event log folder written by `
             epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
             seed: int = typer.Option(0, help="Random seed.")) -> None:
     """Train on the served traffic, compare with BASE on the recent window, promote only if better."""
-    from ctrkit.serve.bundle import BundleError
     from ctrkit.serve.retrain import retrain as run_retrain
 
     try:
         res = run_retrain(events, base, out, holdout=holdout, ips=ips, max_weight=max_weight, epochs=epochs,
                           seed=seed)
-    except (BundleError, SchemaError, DataError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(str(exc))
     Console().print(_metrics_table({"base": res.base, "candidate": res.candidate}, "held-out recent window"))
     err.print(res.reason)
@@ -308,11 +350,10 @@ def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
     if not onnx:
         _fail("nothing to export: --onnx is the only export format")
     try:
-        from ctrkit.serve.bundle import BundleError
         from ctrkit.serve.export import export_bundle
 
         res = export_bundle(bundle, out, valid, max_auc_drop, **({"fmt": fmt} if fmt else {}))
-    except (ImportError, BundleError, SchemaError, DataError, FileNotFoundError) as exc:
+    except (ImportError, *USER_ERRORS) as exc:
         _fail(str(exc))
     err.print(res.decision)
     sys.stdout.write(json.dumps(res.to_dict(), indent=1) + "\n")

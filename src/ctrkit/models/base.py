@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from importlib import resources
 from typing import Any, ClassVar
 
 import torch
+import yaml
 from torch import nn
 
 from ctrkit.nn.embedding import FeatureSpec
@@ -66,22 +68,17 @@ class ModelConfig:
         return replace(self, sparse_grad=sparse, emb_l2_scope=scope, emb_l2=l2)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
+        """JSON-ready form (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a dict, naming any unknown key."""
+        """Build from a dict, naming any unknown key; lists become tuples."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model settings {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if "hidden" in d:
-            d["hidden"] = tuple(int(h) for h in d["hidden"])
-        return cls(**d)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 class CTRModel(nn.Module):
@@ -93,8 +90,10 @@ class CTRModel(nn.Module):
 
     name: ClassVar[str] = ""
     multi_head: ClassVar[bool] = False  # True: logits [B, T], one head per label of the spec
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
     defaults: ClassVar[dict[str, Any]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}
+    config_version: ClassVar[int | None] = None
     auto_l2: ClassVar[dict[str, float]] = {}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
@@ -113,6 +112,15 @@ class CTRModel(nn.Module):
         else:
             self._penalty = None
 
+    def embed_fields(self, batch: Any) -> torch.Tensor:
+        """``self.embedding(batch)`` [B, F, D], remembering its batch-scope L2 term: the usual first line of a forward."""
+        emb = self.embedding(batch)
+        if self.training and self.config.emb_l2 and self.config.emb_l2_scope == "batch":
+            self._penalty = self.config.emb_l2 * emb.pow(2).sum(dim=tuple(range(1, emb.dim()))).mean()
+        else:
+            self._penalty = None
+        return emb
+
     def regularization(self) -> torch.Tensor | None:
         """The regularisation term to add to the loss of the last training forward pass, or None.
 
@@ -124,6 +132,16 @@ class CTRModel(nn.Module):
         penalty, self._penalty = self._penalty, None
         return penalty if self.training else None
 
+    def explain(self, batch: Any) -> dict[str, torch.Tensor]:
+        """What the model can show about a batch: "fields" [B, F] weights and / or "pairs" [B, F, F] scores
+        (row i's weight on field j). Models without such weights say so."""
+        shows = sorted(n for n, c in _REGISTRY.items() if c.explain is not CTRModel.explain)
+        raise ValueError(f"model {self.name!r} has no field weights to show; models that do: {shows}")
+
+    def fit_features(self, data: Any) -> None:
+        """Learn whatever the model derives from the training data before the first step (an
+        :class:`~ctrkit.data.dataset.EncodedData`); most models derive nothing."""
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters with sparse gradients (embedding tables when ``sparse_grad``)."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]
@@ -132,10 +150,29 @@ class CTRModel(nn.Module):
 _REGISTRY: dict[str, type[CTRModel]] = {}
 
 
+def load_defaults(name: str) -> dict[str, Any] | None:
+    """The tuned defaults shipped for model ``name`` (``configs/<name>.yaml``: ``version``, ``model``, ``train``),
+    or None when the package ships none."""
+    path = resources.files("ctrkit.models") / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    doc = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(doc) - {"version", "model", "train"})
+    if unknown or not isinstance(doc.get("version"), int):
+        raise ValueError(f"{path}: needs an integer `version` and only `model` / `train` sections, "
+                         f"got keys {sorted(doc)}")
+    return doc
+
+
 def register(cls: type[CTRModel]) -> type[CTRModel]:
-    """Class decorator: make a model available by its ``name``."""
+    """Class decorator: make a model available by its ``name``, with the defaults of its YAML file when shipped."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a `name`")
+    doc = load_defaults(cls.name)
+    if doc is not None:
+        cls.defaults, cls.train_defaults = dict(doc.get("model") or {}), dict(doc.get("train") or {})
+        cls.config_version = doc["version"]
+        cls.config_class.from_dict(cls.defaults)  # a bad shipped file fails at import, naming the setting
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -148,13 +185,13 @@ def model_names() -> list[str]:
 def default_config(name: str, **overrides: Any) -> ModelConfig:
     """The tuned default configuration of a model, with overrides applied."""
     cls = model_class(name)
-    return _with_overrides(ModelConfig.from_dict(dict(cls.defaults)), overrides)
+    return _with_overrides(cls.config_class.from_dict(dict(cls.defaults)), overrides)
 
 
 def _with_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     """``config`` with the non-None ``overrides``; an unknown name is a ValueError that lists the known ones."""
     clean = {k: v for k, v in overrides.items() if v is not None}
-    return ModelConfig.from_dict({**config.to_dict(), **clean}) if clean else config
+    return type(config).from_dict({**config.to_dict(), **clean}) if clean else config
 
 
 def model_class(name: str) -> type[CTRModel]:
@@ -170,5 +207,8 @@ def build_model(name: str, spec: FeatureSpec, config: ModelConfig | None = None,
 
     ``overrides`` apply on top of ``config`` when both are given.
     """
+    cls = model_class(name)
+    if config is not None and not isinstance(config, cls.config_class):
+        config = cls.config_class.from_dict(config.to_dict())
     cfg = default_config(name, **overrides) if config is None else _with_overrides(config, overrides)
-    return model_class(name)(spec, cfg)
+    return cls(spec, cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ctrkit.data.dataset import Batch
@@ -16,8 +18,6 @@ class FM(CTRModel):
     """logit = first-order term + sum over field pairs of <e_i, e_j>."""
 
     name = "fm"
-    defaults = {"embed_dim": 16, "emb_l2": 1e-5, "emb_l2_scope": "batch"}
-    train_defaults = {"lr": 0.01}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__(spec, config)
@@ -37,19 +37,37 @@ class FM(CTRModel):
         return self._fm_terms(batch)[0]
 
 
+@dataclass(frozen=True)
+class DeepFMConfig(ModelConfig):
+    """DeepFM's settings; ``fm`` and ``deep`` switch its two branches off one at a time, for ablations."""
+
+    fm: bool = True
+    deep: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.fm or self.deep):
+            raise ValueError("DeepFM needs its FM or its deep branch: fm and deep cannot both be false")
+
+
 @register
 class DeepFM(FM):
-    """FM plus an MLP over the concatenated field embeddings; both share the embedding table."""
+    """FM plus an MLP over the concatenated field embeddings; both share the embedding table.
+
+    With ``fm: false`` it is the first-order term plus the MLP; with ``deep: false`` it is an FM.
+    """
 
     name = "deepfm"
-    defaults = {"embed_dim": 16, "hidden": (400, 400), "dropout": 0.2, "batch_norm": True}
-    train_defaults = {}
+    config_class = DeepFMConfig
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__(spec, config)
         cfg = self.config
-        self.mlp = MLP(spec.n_fields * cfg.embed_dim, cfg.hidden, 1, cfg.dropout, cfg.batch_norm)
+        self.mlp = MLP(spec.n_fields * cfg.embed_dim, cfg.hidden, 1, cfg.dropout, cfg.batch_norm) if cfg.deep else None
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        logit, emb = self._fm_terms(batch)
-        return logit + self.mlp(emb.flatten(1)).squeeze(-1)
+        if self.config.fm:
+            logit, emb = self._fm_terms(batch)
+        else:
+            logit, emb = self.linear(batch), self.embed_fields(batch)
+        return logit if self.mlp is None else logit + self.mlp(emb.flatten(1)).squeeze(-1)

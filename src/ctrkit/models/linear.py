@@ -14,8 +14,6 @@ class LR(CTRModel):
     """logit = bias + sum of per-id weights + per-numeric-field weights."""
 
     name = "lr"
-    defaults = {"emb_l2": 0.0}
-    train_defaults = {"lr": 0.01}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__(spec, config)

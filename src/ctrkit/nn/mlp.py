@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,13 @@ class Dropout(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden layer, then an optional output layer."""
+    """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden layer, then an optional output layer.
+
+    ``layer(in, out)`` builds each hidden layer's map (``nn.Linear``; FinalNet passes its factorized interaction).
+    """
 
     def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int | None = 1, dropout: float = 0.0,
-                 batch_norm: bool = False) -> None:
+                 batch_norm: bool = False, layer: Callable[[int, int], nn.Module] = nn.Linear) -> None:
         if in_dim < 1:
             raise ValueError(f"MLP input size must be >= 1, got {in_dim}")
         if not 0.0 <= dropout < 1.0:
@@ -51,7 +54,7 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden:
-            layers.append(nn.Linear(d, h))
+            layers.append(layer(d, h))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(h))
             layers.append(nn.ReLU())

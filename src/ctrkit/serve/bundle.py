@@ -32,7 +32,7 @@ from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
 from ctrkit.data.readers import ReadReport, Source, iter_chunks
 from ctrkit.evaluate.metrics import evaluate_heads
-from ctrkit.models.base import CTRModel, ModelConfig, build_model
+from ctrkit.models.base import CTRModel, build_model, model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
 from ctrkit.validate import DataError, Records, coerce_chunk, records_frame
@@ -180,7 +180,7 @@ class Bundle:
                               f"was trained with ({meta.get('encoder')})")
         try:
             spec = FeatureSpec.from_dict(meta["spec"])
-            model = build_model(meta["model"], spec, ModelConfig.from_dict(meta["config"]))
+            model = build_model(meta["model"], spec, model_class(meta["model"]).config_class.from_dict(meta["config"]))
         except (KeyError, ValueError, TypeError) as exc:
             raise BundleError(f"{p / 'model.json'}: cannot build the model it describes ({exc})") from None
         weights = p / "weights.safetensors"
@@ -200,8 +200,8 @@ class Bundle:
             raise BundleError(f"{weights}: weights do not match model {meta['model']!r} "
                               f"(missing {sorted(set(expected) - set(state))[:5]}, "
                               f"unexpected {sorted(set(state) - set(expected))[:5]})")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
+        for k, v in state.items():  # a module's extra state (fitted trees as bytes) has the length it has
+            if v.shape != expected[k].shape and not k.endswith("_extra_state"):
                 raise BundleError(f"{weights}: weight {k} has shape {tuple(v.shape)}, the model expects "
                                   f"{tuple(expected[k].shape)}")
         model.load_state_dict(state)

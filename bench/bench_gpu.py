@@ -1,0 +1,263 @@
+"""GPU training benchmark: ctrkit's training path against a hand-written PyTorch reference, in one process.
+
+Data: ``--rows`` training rows plus 10% validation and 10% test rows drawn by the shared synthetic Criteo
+generator (``gen_synth_criteo.generate_arrays``, seed 20251122: 13 numeric and 26 categorical fields), encoded
+here the way ctrkit's encoder does it (per field: id 0 missing, 1 out of vocabulary, then the values seen at least
+twice in the training rows; numerics log1p, standardised on the training rows, NaN = missing). Encoding is
+one-time work and is not timed.
+
+* ``speed``: for each batch size, the hand-written reference (``bench/gpu_reference.py``: one epoch after 20
+  compiled warm-up steps, training steps only) and ``ctrkit.training.trainer.train`` with ``device="cuda"``
+  (DeepFM, embedding 16, MLP 400-400-400, no dropout or batch norm, Adam 1e-3, early stopping on validation
+  AUC with patience 1). ctrkit's samples/s is end to end: training rows over the wall time of a whole epoch,
+  shuffling, batch gathering, the last partial batch and the validation pass included; the first epoch, which
+  also compiles, is reported apart. Time to quality is the wall time from the call of ``train`` to the end of
+  the epoch that reached the final (best) validation AUC, compilation included; the test AUC is of the restored
+  best weights. The large batch also runs with ``large_batch="off"``, to show what CowClip's rule changes.
+* ``zoo``: the other registered models among DCNv2, xDeepFM, FinalMLP, AutoInt+ and DIN at the largest batch
+  size, two epochs, the second timed.
+* ``score``: 1,000 encoded candidates through the trained DeepFM on the GPU (eval mode, bf16), p50/p99 of the
+  model part over 2,000 calls, host tensors in, host probabilities out.
+* ``big``: ``--big-rows`` rows resampled from the training rows, one epoch, resident on the GPU, with the
+  GPU's utilisation sampled by ``nvidia-smi`` every 100 ms.
+* ``--harness-ref`` runs ``../shared/peers/gpu_plain_ref.py`` (its own random ids) in a subprocess of the same
+  invocation, to show the reference here is at least as fast as the harness's.
+
+Prints a table and writes ``<out>/gpu.json``. Usage::
+
+    python bench/bench_gpu.py --peers ../shared/peers [--rows 10000000] [--batch-sizes 4096,16384,65536]
+        [--parts speed,zoo,score,big] [--harness-ref] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+ZOO = ("dcnv2", "xdeepfm", "finalmlp", "autoint_plus", "din")
+
+
+def encode(d: dict[str, Any], n_train: int, gen: Any) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+    """ctrkit's encoding of the generator's arrays (vocabularies and statistics from the first ``n_train`` rows)."""
+    n = len(d["label"])
+    ids = np.empty((n, len(gen.CAT)), np.int32)
+    sizes, off = [], 0
+    for j, c in enumerate(gen.CAT):
+        r, m = d["cat"][c]
+        cnt = np.bincount(r[:n_train][~m[:n_train]], minlength=gen.CAT_SPEC[c][0])
+        keep = cnt >= 2
+        code = np.cumsum(keep) + 1  # the first kept value gets 2
+        local = np.where(keep[r], code[r], 1)
+        local[m] = 0
+        ids[:, j] = off + local
+        sizes.append(int(keep.sum()) + 2)
+        off += sizes[-1]
+    dense = np.empty((n, len(gen.NUM)), np.float32)
+    for j, c in enumerate(gen.NUM):
+        v, m = d["num"][c]
+        z = np.log1p(v.astype(np.float64))
+        ok = ~m[:n_train]
+        z = (z - z[:n_train][ok].mean()) / (z[:n_train][ok].std() + 1e-12)
+        z[m] = np.nan
+        dense[:, j] = z
+    return {"ids": ids, "dense": dense, "label": d["label"].astype(np.float32)}, tuple(sizes)
+
+
+def split(arrays: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+    return {k: v[lo:hi] for k, v in arrays.items()}
+
+
+DEVICE = ["cuda"]  # --device cpu: a quick check of the script itself, without the reference
+
+
+def ctrkit_run(name: str, train: Any, valid: Any, test: Any, spec: Any, batch_size: int, epochs: int,
+               patience: int = 1, **cfg: Any) -> tuple[dict[str, Any], Any]:
+    """One ``train`` call with per-epoch wall-clock marks; returns figures and the trained model."""
+    import torch
+
+    from ctrkit.evaluate.metrics import auc
+    from ctrkit.models import build_model
+    from ctrkit.training.trainer import TrainConfig, predict_proba, train as fit
+
+    torch.manual_seed(0)
+    model = build_model(name, spec, embed_dim=16, hidden=(400, 400, 400), dropout=0.0, batch_norm=False)
+    marks: list[float] = []
+    config = TrainConfig(batch_size=batch_size, device=DEVICE[0], epochs=epochs, patience=patience, lr=1e-3,
+                         progress=False, seed=0, **cfg)
+    t0 = time.perf_counter()
+    res = fit(model, train, valid, config, on_epoch=lambda r: marks.append(time.perf_counter()))
+    wall = time.perf_counter() - t0
+    epoch_s = [b - a for a, b in zip([t0] + marks[:-1], marks)]
+    steady = epoch_s[1:]
+    p = predict_proba(model, test, batch_size=65536, device=DEVICE[0])
+    hist = res.history
+    row = {"lib": "ctrkit", "model": name, "batch": batch_size, "precision": res.precision,
+           "large_batch": cfg.get("large_batch", "auto"), "epochs": res.epochs, "best_epoch": res.best_epoch,
+           "epoch_seconds": [round(s, 3) for s in epoch_s],
+           "first_epoch_samples_per_s": len(train) / epoch_s[0],
+           "samples_per_s": len(train) / median(steady) if steady else None,
+           "train_only_samples_per_s": median(len(train) / h["train_seconds"] for h in hist[1:]) if len(hist) > 1
+           else None,
+           "valid_auc_epoch1": hist[0]["valid"]["auc"], "best_valid_auc": res.best_valid.get("auc"),
+           "test_auc": auc(np.asarray(test.label), p), "wall_seconds": wall,
+           "seconds_to_best": marks[res.best_epoch - 1] - t0 if res.best_epoch else None}
+    return row, model
+
+
+def gpu_util_sampler() -> subprocess.Popen | None:
+    """``nvidia-smi`` printing utilisation every 100 ms, or None where it is missing."""
+    try:
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                 "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    except OSError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peers", default=str(ROOT.parent / "shared" / "peers"), help="folder of gen_synth_criteo.py")
+    ap.add_argument("--rows", type=int, default=10_000_000, help="training rows (validation and test: 10%% each)")
+    ap.add_argument("--batch-sizes", default="4096,16384,65536")
+    ap.add_argument("--parts", default="speed,zoo,score,big")
+    ap.add_argument("--epochs", type=int, default=8, help="most epochs of an early-stopping run")
+    ap.add_argument("--big-rows", type=int, default=100_000_000)
+    ap.add_argument("--harness-ref", action="store_true", help="also run the harness's gpu_plain_ref.py")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    DEVICE[0] = args.device
+    import torch
+
+    from ctrkit.data.dataset import EncodedData
+    from ctrkit.nn.embedding import FeatureSpec
+
+    sys.path.insert(0, args.peers)
+    import gen_synth_criteo as gen
+    import gpu_reference
+
+    parts = set(args.parts.split(","))
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    cuda = args.device == "cuda"
+    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0) if cuda else "none", "torch": torch.__version__,
+                           "rows": args.rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "runs": []}
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip()
+    except OSError:
+        pass
+    results: list[dict[str, Any]] = out["runs"]
+    if args.harness_ref:
+        ref = subprocess.run([sys.executable, os.path.join(args.peers, "gpu_plain_ref.py"), "--rows", str(args.rows),
+                              "--batch-sizes", args.batch_sizes, "--max-steps", "100000"],
+                             capture_output=True, text=True)
+        for line in ref.stdout.splitlines():
+            if line.startswith("RESULT "):
+                r = json.loads(line[7:])
+                r["lib"] = "harness gpu_plain_ref.py (random ids)"
+                results.append(r)
+                print("RESULT", json.dumps(r), flush=True)
+        if ref.returncode:
+            print(ref.stderr[-3000:], flush=True)
+    t = time.perf_counter()
+    n_va = args.rows // 10
+    total = args.rows + 2 * n_va
+    arrays, field_sizes = encode(gen.generate_arrays(total, 20251122), args.rows, gen)
+    print(f"generated and encoded {total:,} rows in {time.perf_counter() - t:.1f} s", flush=True)
+    names = (tuple(gen.CAT), tuple(gen.NUM))
+    spec = FeatureSpec(n_ids=sum(field_sizes), field_sizes=field_sizes, sparse_names=names[0], dense_names=names[1])
+    out["n_ids"] = spec.n_ids
+    bounds = {"train": (0, args.rows), "valid": (args.rows, args.rows + n_va), "test": (args.rows + n_va, total)}
+    parts_np = {k: split(arrays, *b) for k, b in bounds.items()}
+    data = {k: EncodedData(**v) for k, v in parts_np.items()}
+    model = None
+
+    def emit(row: dict[str, Any]) -> None:
+        results.append(row)
+        print("RESULT", json.dumps(row, default=float), flush=True)
+
+    if "speed" in parts:
+        for bs in sizes:
+            if cuda:
+                emit(gpu_reference.run(parts_np["train"], parts_np["test"], spec.n_ids, bs))
+                torch.cuda.empty_cache()
+            row, model = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, bs, args.epochs)
+            emit(row)
+        row, _ = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, sizes[-1], args.epochs,
+                            large_batch="off")
+        emit(row)
+    if "zoo" in parts:
+        from ctrkit.models import model_names
+
+        for name in [z for z in ZOO if z in model_names()]:
+            try:
+                row, _ = ctrkit_run(name, data["train"], data["valid"], data["test"], spec, sizes[-1], 2, patience=2)
+                emit(row)
+            except Exception as err:  # a model that needs inputs this data lacks (DIN's sequences)
+                emit({"lib": "ctrkit", "model": name, "error": f"{type(err).__name__}: {err}"[:300]})
+    if "score" in parts:
+        from ctrkit.data.dataset import Batch
+
+        if model is None:
+            _, model = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, sizes[-1], 1)
+        model.eval()
+        cand = split(parts_np["test"], 0, 1000)
+        ids, dense = torch.from_numpy(cand["ids"]), torch.from_numpy(cand["dense"])
+        times = []
+        with torch.no_grad():
+            for i in range(2200):
+                t = time.perf_counter()
+                b = Batch(ids.to(args.device, non_blocking=True), dense.to(args.device, non_blocking=True))
+                with torch.autocast(args.device, torch.bfloat16):
+                    p = torch.sigmoid(model(b).float()).cpu()
+                times.append(time.perf_counter() - t)
+        ms = np.array(times[200:]) * 1e3
+        emit({"lib": "ctrkit", "part": "score 1000 candidates, model part", "p50_ms": float(np.percentile(ms, 50)),
+              "p99_ms": float(np.percentile(ms, 99)), "calls": len(ms), "checksum": float(p.sum())})
+    if "big" in parts:
+        rng = np.random.default_rng(1)
+        t = time.perf_counter()
+        pick = rng.integers(0, args.rows, args.big_rows)
+        big = EncodedData(ids=parts_np["train"]["ids"][pick], dense=parts_np["train"]["dense"][pick],
+                          label=parts_np["train"]["label"][pick])
+        del pick
+        print(f"resampled {args.big_rows:,} rows in {time.perf_counter() - t:.1f} s", flush=True)
+        sampler = gpu_util_sampler()
+        row, _ = ctrkit_run("deepfm", big, data["valid"], data["test"], spec, sizes[-1], 1)
+        if sampler is not None:
+            sampler.terminate()
+            util = [int(x) for x in sampler.communicate()[0].split() if x.strip().isdigit()]
+            busy = util[len(util) // 10:]  # past the start-up (data to the GPU, compilation)
+            row["gpu_util_median"] = median(busy) if busy else None
+            row["gpu_util_samples"] = len(util)
+        row["rows"] = args.big_rows
+        emit(row)
+        del big
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu.json").write_text(json.dumps(out, indent=1, default=float))
+    print(f"\n{'lib / model':<58} {'batch':>6} {'samples/s':>12} {'1st epoch/s':>12} {'AUC':>7} {'to best s':>9}")
+    for r in results:
+        if "batch" not in r:
+            continue
+        label = r["lib"] if r["lib"] != "ctrkit" else f"ctrkit {r['model']} {r.get('large_batch', '')}"
+        sps = r.get("samples_per_s") or 0
+        first = r.get("first_epoch_samples_per_s") or 0
+        auc_v = r.get("test_auc") or float("nan")
+        tb = r.get("seconds_to_best") or float("nan")
+        print(f"{label[:58]:<58} {r['batch']:>6} {sps:>12,.0f} {first:>12,.0f} {auc_v:>7.4f} {tb:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

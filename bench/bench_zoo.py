@@ -1,0 +1,220 @@
+"""Frappe_x1: every model of the zoo with its shipped defaults, over several seeds, in one table.
+
+Train = shared/datasets/frappe_x1_train_reconstructed, valid/test = shared/datasets/frappe_x1_nfm_partial. Each
+(model, seed) runs as the CLI a user would type (`ctrkit train --model M --seed S`, a subprocess, one after the
+other) and its row is appended to a JSONL file as soon as it finishes: a rerun skips the pairs already there, so
+an interrupted invocation resumes. `--peers` adds FuxiCTR's DCNv2 and FinalMLP when the peer harness is set up
+(bench/setup_peers.sh).
+
+    python bench/bench_zoo.py                                  # every model, seeds 0 1 2
+    python bench/bench_zoo.py --models deepfm,fibinet --seeds 0
+
+Prints the table (test AUC / logloss mean and spread, parameters, seconds per epoch, training step time relative
+to DeepFM's, BARS target) and writes bench/results/zoo.json. The step times come from one interleaved timing at the
+end: every model with its defaults takes one training step on the same Frappe-shaped batch in turn (so they share
+whatever load the machine has), and the median over 12 steps is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_frappe  # noqa: E402
+
+ROOT = HERE.parent
+DATASETS = ROOT.parent / "shared" / "datasets"
+BARS_NAMES = {"lr": "LR", "fm": "FM", "ffm": "FFM", "dnn": "YoutubeDNN", "wide_deep": "Wide&Deep", "deepfm": "DeepFM",
+              "dcn": "DCN", "dcnv2": "DCN-V2", "xdeepfm": "xDeepFM", "autoint": "AutoInt", "autoint_plus": "AutoInt+",
+              "fibinet": "FiBiNET", "dlrm": "DLRM", "finalmlp": "FinalMLP", "finalnet": "FinalNet"}
+
+
+def bars_targets(datasets: Path) -> dict[str, float]:
+    """Frappe_x1 AUC per ctrkit model name, read from the reference table at run time."""
+    out: dict[str, float] = {}
+    bars = datasets / "REFERENCE_RESULTS.md"
+    if not bars.exists():
+        return out
+    by_name = {v: k for k, v in BARS_NAMES.items()}
+    for line in bars.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 1 and cells[0] in by_name and "/" in cells[1]:
+            out[by_name[cells[0]]] = float(cells[1].split("/")[0])
+    return out
+
+
+def step_seconds(row: dict) -> float:
+    """Median over epochs of the seconds one training step took (batch size / samples per second)."""
+    return row["batch_size"] / statistics.median(h["samples_per_s"] for h in row["history"])
+
+
+def run_one(model: str, seed: int, work: Path) -> dict:
+    """One `ctrkit train` run with the extra fields the zoo table needs."""
+    row = bench_frappe.run_ctrkit(model, work / f"seed{seed}", seed)
+    m = json.loads((work / f"seed{seed}" / model / "metrics.json").read_text())
+    row.update(seed=seed, parameters=m["model"]["parameters"], history=m["train"]["history"],
+               batch_size=m["train"]["config"]["batch_size"],
+               epoch_seconds=statistics.median(h["train_seconds"] for h in m["train"]["history"]))
+    return row
+
+
+def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: int = 4096) -> dict[str, float]:
+    """Median seconds of one training step (forward, loss, backward, optimizer) of each model with its defaults on
+    Frappe-shaped random batches, the models taking turns step by step so that they share the machine's load."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ctrkit.data.dataset import Batch, EncodedData
+    from ctrkit.models import build_model
+    from ctrkit.nn.embedding import FeatureSpec
+    from ctrkit.training.trainer import TrainConfig, _optimizers, cpu_has_bf16
+
+    spec = FeatureSpec.from_dict(json.loads(spec_json.read_text())["spec"])
+    gen = np.random.default_rng(0)
+    offsets = np.cumsum((0,) + spec.field_sizes[:-1])
+    ids = (gen.integers(0, np.array(spec.field_sizes), (20 * batch_size, spec.n_sparse)) + offsets).astype(np.int32)
+    label = gen.integers(0, 2, len(ids)).astype(np.float32)
+    data = EncodedData(ids, np.zeros((len(ids), 0), np.float32), label)
+    bf16 = cpu_has_bf16()
+    nets = {}
+    for m in models:
+        torch.manual_seed(0)
+        net = build_model(m, spec)
+        net.fit_features(data)
+        net.train()
+        nets[m] = (net, _optimizers(net, TrainConfig()))
+    times: dict[str, list[float]] = {m: [] for m in models}
+    for step in range(steps + 2):
+        rows = gen.integers(0, len(ids), batch_size)
+        batch = Batch(torch.from_numpy(ids[rows]), torch.zeros(batch_size, 0), torch.from_numpy(label[rows]))
+        for m, (net, opts) in nets.items():
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = net(batch)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
+            reg = net.regularization()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            (loss + reg if reg is not None else loss).backward()
+            for o in opts:
+                o.step()
+            if step >= 2:  # two warm-up steps
+                times[m].append(time.perf_counter() - t0)
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def summarise(rows: list[dict], models: list[str], datasets: Path, steps: dict[str, float] | None = None) -> list[dict]:
+    """One line per model: means and spreads over its seeds, step time relative to DeepFM's (from ``steps``, the
+    interleaved step timing, when given; else from the runs' own throughput)."""
+    targets = bars_targets(datasets)
+    step = {m: statistics.median(step_seconds(r) for r in rows if r["model"] == m) for m in models
+            if any(r["model"] == m for r in rows)}
+    step.update(steps or {})
+    base = step.get("deepfm")
+    table = []
+    for m in models:
+        rs = [r for r in rows if r["model"] == m]
+        if not rs:
+            continue
+        auc, ll = [r["test_auc"] for r in rs], [r["test_logloss"] for r in rs]
+        target = targets.get(m)
+        table.append({"model": m, "seeds": len(rs), "auc_mean": statistics.mean(auc),
+                      "auc_spread": max(auc) - min(auc), "logloss_mean": statistics.mean(ll),
+                      "logloss_spread": max(ll) - min(ll), "parameters": rs[0]["parameters"],
+                      "epoch_seconds": statistics.median(r["epoch_seconds"] for r in rs),
+                      "epochs": statistics.median(r["epochs"] for r in rs),
+                      "step_ms": 1000 * step[m], "step_vs_deepfm": step[m] / base if base else None,
+                     "timed_step": bool(steps and m in steps),
+                      "bars_auc": target, "meets_bars": None if target is None else
+                      statistics.mean(auc) >= target - 0.001})
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    """The table as the Markdown BENCHMARKS.md holds."""
+    lines = ["| model | seeds | test AUC mean (spread) | test logloss mean (spread) | parameters | s / epoch | "
+             "step ms | step / DeepFM's | BARS AUC | mean >= BARS - 0.001 |", "|" + "---|" * 10]
+    for t in table:
+        rel = f"{t['step_vs_deepfm']:.2f}" if t["step_vs_deepfm"] is not None else ""
+        ok = "" if t["meets_bars"] is None else ("yes" if t["meets_bars"] else "**no**")
+        lines.append(f"| {t['model']} | {t['seeds']} | {t['auc_mean']:.5f} ({t['auc_spread']:.5f}) | "
+                     f"{t['logloss_mean']:.5f} ({t['logloss_spread']:.5f}) | {t['parameters']:,} | "
+                     f"{t['epoch_seconds']:.1f} | {t['step_ms']:.0f} | {rel} | {t['bars_auc'] or ''} | {ok} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run the missing (model, seed) pairs, then print and write the table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help="comma-separated (default: every registered model)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--no-step-timing", dest="step_timing", action="store_false",
+                    help="skip the interleaved step timing (step times then come from each run's throughput)")
+    ap.add_argument("--summary-only", action="store_true", help="train nothing: summarise the rows already run")
+    ap.add_argument("--steps-from", type=Path, default=None,
+                    help="take the interleaved step times from an earlier zoo.json instead of timing again")
+    ap.add_argument("--datasets", type=Path, default=DATASETS, help="the shared datasets folder")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "zoo", help="scratch folder and resume log")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "zoo.json")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from ctrkit.models import model_names
+    models = args.models.split(",") if args.models else model_names()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    bench_frappe.TRAIN = args.datasets / "frappe_x1_train_reconstructed" / "frappe.train.libfm.gz"
+    bench_frappe.VALID = args.datasets / "frappe_x1_nfm_partial" / "frappe.validation.libfm.gz"
+    bench_frappe.TEST = args.datasets / "frappe_x1_nfm_partial" / "frappe.test.libfm.gz"
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = args.work / "rows.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+    done = {(r["model"], r["seed"]) for r in rows}
+    for seed in seeds:
+        for model in models:
+            if (model, seed) in done or args.summary_only:
+                continue
+            row = run_one(model, seed, args.work)
+            rows.append(row)
+            with log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"{model} seed {seed}: test AUC {row['test_auc']:.5f} logloss {row['test_logloss']:.5f} "
+                  f"({row['epochs']} epochs, {row['train_seconds']:.1f}s)", flush=True)
+    rows = [r for r in rows if r["model"] in models and r["seed"] in seeds]
+    steps = None
+    spec_json = args.work / f"seed{seeds[0]}" / "deepfm" / "bundle" / "model.json"
+    if args.steps_from:
+        steps = {m: ms / 1000 for m, ms in json.loads(args.steps_from.read_text())["step_ms"].items()}
+        print(f"step times of {args.steps_from} ({sorted(steps)})")
+    elif args.step_timing and spec_json.exists():
+        steps = step_times(sorted(set(models) | {"deepfm"}), spec_json)
+        print("training step, median ms: " + ", ".join(f"{m} {1000 * t:.1f}" for m, t in steps.items()))
+    table = summarise(rows, models, args.datasets, steps)
+    print(f"\n{'model':13} {'seeds':>5} {'AUC mean':>9} {'spread':>7} {'logloss':>8} {'spread':>7} {'params':>10} "
+          f"{'s/epoch':>8} {'step ms':>8} {'x DeepFM':>8} {'BARS':>7}  ok")
+    for t in table:
+        rel = f"{t['step_vs_deepfm']:.2f}" if t["step_vs_deepfm"] is not None else ""
+        bars = f"{t['bars_auc']:.4f}" if t["bars_auc"] else ""
+        ok = "" if t["meets_bars"] is None else ("yes" if t["meets_bars"] else "NO")
+        print(f"{t['model']:13} {t['seeds']:5d} {t['auc_mean']:9.5f} {t['auc_spread']:7.5f} {t['logloss_mean']:8.5f} "
+              f"{t['logloss_spread']:7.5f} {t['parameters']:10,d} {t['epoch_seconds']:8.2f} {t['step_ms']:8.1f} "
+              f"{rel:>8} {bars:>7}  {ok}")
+    print("\n" + markdown(table))
+    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+              "command": "python bench/bench_zoo.py " + " ".join(sys.argv[1:]), "table": table, "rows": rows,
+              "step_ms": {m: 1000 * t for m, t in (steps or {}).items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""What a model can show about its fields: attention between field pairs (AutoInt, FAT), SENet field weights
+(FiBiNET), cross-layer weights (DCN, DCN-V2), ranked as field importances and top field pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctrkit.data.dataset import Batch
+from ctrkit.data.readers import Source, iter_chunks
+from ctrkit.models.base import CTRModel
+
+
+@dataclass
+class Explanation:
+    """Field importances and field-pair scores, highest first, averaged over ``rows`` rows."""
+
+    model: str
+    kind: str
+    rows: int
+    fields: list[tuple[str, float]] = field(default_factory=list)
+    pairs: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"model": self.model, "kind": self.kind, "rows": self.rows,
+                "fields": [{"field": f, "score": s} for f, s in self.fields],
+                "pairs": [{"a": a, "b": b, "score": s} for a, b, s in self.pairs]}
+
+
+def field_names(model: CTRModel, n_fields: int) -> list[str]:
+    """The names of the model's field vectors, in the embedding's order."""
+    names = list(model.spec.sparse_names) + list(model.spec.dense_names)
+    return names if len(names) == n_fields else names[:n_fields] + [f"field{i}" for i in range(len(names), n_fields)]
+
+
+class _Accumulator:
+    """Sums of the per-row "fields" [B, F] and "pairs" [B, F, F] a model's ``explain`` returns."""
+
+    def __init__(self) -> None:
+        self.rows, self.fields, self.pairs = 0, None, None  # type: int, np.ndarray | None, np.ndarray | None
+
+    def add(self, shown: dict[str, torch.Tensor]) -> None:
+        for key in ("fields", "pairs"):
+            if key in shown:
+                total = shown[key].detach().double().sum(dim=0).cpu().numpy()
+                setattr(self, key, total if getattr(self, key) is None else getattr(self, key) + total)
+        self.rows += int(next(iter(shown.values())).shape[0])
+
+    def result(self, model: CTRModel, top: int) -> Explanation:
+        n = max(self.rows, 1)
+        pairs = None if self.pairs is None else self.pairs / n
+        fields = self.fields / n if self.fields is not None else (None if pairs is None else pairs.mean(axis=0))
+        kind = "field-pair weights (attention received / pair scores)" if pairs is not None else "field weights"
+        if fields is None:
+            raise ValueError(f"model {model.name!r} showed nothing")
+        names = field_names(model, len(fields))
+        ranked = sorted(zip(names, fields.tolist()), key=lambda t: -t[1])
+        out = Explanation(model=model.name, kind=kind, rows=self.rows, fields=ranked)
+        if pairs is not None:
+            i, j = np.triu_indices(len(fields), k=1)
+            sym = (pairs[i, j] + pairs[j, i]) / 2
+            order = np.argsort(-sym)[:top]
+            out.pairs = [(names[i[k]], names[j[k]], float(sym[k])) for k in order]
+        return out
+
+
+@torch.no_grad()
+def explain_batch(model: CTRModel, batch: Batch, top: int = 10) -> Explanation:
+    """The model's field importances and top ``top`` field pairs on one batch (a ValueError when the model
+    has nothing to show)."""
+    model.eval()
+    acc = _Accumulator()
+    acc.add(model.explain(batch))
+    return acc.result(model, top)
+
+
+@torch.no_grad()
+def explain_bundle(bundle: Any, source: Source, max_rows: int = 100_000, top: int = 10,
+                   **read_kwargs: Any) -> Explanation:
+    """:func:`explain_batch` over the first ``max_rows`` rows of a file, read and encoded as the bundle scores."""
+    model: CTRModel = bundle.model
+    model.eval()
+    device = next(model.parameters()).device
+    acc = _Accumulator()
+    for chunk in iter_chunks(source, bundle._features, with_label=False, **read_kwargs):
+        chunk = chunk.head(max_rows - acc.rows)
+        ids, dense = bundle.encoder.transform_frame(chunk)
+        for start in range(0, len(ids), 8192):
+            acc.add(model.explain(Batch(torch.from_numpy(ids[start:start + 8192]).to(device),
+                                        torch.from_numpy(dense[start:start + 8192]).to(device))))
+        if acc.rows >= max_rows:
+            break
+    if acc.rows == 0:
+        raise ValueError(f"{source}: no rows to explain")
+    return acc.result(model, top)

@@ -1,0 +1,94 @@
+"""Attention over the fields of one sample: AutoInt's interacting layer and FAT's field-aware attention."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FieldSelfAttention(nn.Module):
+    """AutoInt's interacting layer (Song et al., 2019): multi-head self-attention over field vectors [B, F, in].
+
+    Head h: a_{ij} = softmax_j(<W_Q e_i, W_K e_j> [/ sqrt(d)]), e~_i = sum_j a_{ij} W_V e_j; the heads are
+    concatenated and out_i = relu(e~_i + W_res e_i). Returns (out [B, F, heads * d], attention [B, heads, F, F]).
+    """
+
+    def __init__(self, in_dim: int, attn_dim: int, heads: int = 2, residual: bool = True, scale: bool = False) -> None:
+        super().__init__()
+        if in_dim < 1 or attn_dim < 1 or heads < 1:
+            raise ValueError(f"sizes must be >= 1, got in_dim={in_dim}, attn_dim={attn_dim}, heads={heads}")
+        self.heads, self.attn_dim, self.scale = heads, attn_dim, scale
+        self.qkv = nn.Linear(in_dim, 3 * heads * attn_dim, bias=False)
+        self.res = nn.Linear(in_dim, heads * attn_dim, bias=False) if residual else None
+        self.out_features = heads * attn_dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, f, _ = x.shape
+        q, k, v = self.qkv(x).view(b, f, 3, self.heads, self.attn_dim).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2)
+        if self.scale:
+            scores = scores / math.sqrt(self.attn_dim)
+        attn = torch.softmax(scores, dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, f, -1)
+        if self.res is not None:
+            out = out + self.res(x)
+        return F.relu(out), attn
+
+
+def attend(blocks: Iterable[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run attention blocks one after the other: (last output, each block's attention [B, heads, F, F])."""
+    maps = []
+    for block in blocks:
+        x, a = block(x)
+        maps.append(a)
+    return x, maps
+
+
+def _per_field(n_fields: int, d_in: int, d_out: int) -> nn.Parameter:
+    """A stack of F weight matrices [F, d_in, d_out], one per field, with Xavier-scaled entries."""
+    return nn.Parameter(torch.randn(n_fields, d_in, d_out) * math.sqrt(2.0 / (d_in + d_out)))
+
+
+class FieldAwareAttention(nn.Module):
+    """FAT's attention block over field vectors [B, F, D] (arXiv 2511.12081, as we read it; see ``ctrkit.models.fat``).
+
+    Field i has its own projections (decomposed content alignment): q_i = e_i Q_i, k_i = e_i K_i, v_i = e_i V_i.
+    Per head h the score of pair (i, j) is modulated by a learned field-pair term before the softmax
+    (cross-field modulation): s_hij = g_hij <q_hi, k_hj> / sqrt(d) + c_hij, g starting at 1 and c at 0.
+    Then o_i = concat_h(sum_j softmax_j(s_hij) v_hj) O_i, x_i = LN(e_i + o_i), and a per-field feed-forward
+    y_i = LN(x_i + W2_i gelu(W1_i x_i)). Parameters grow with the fields, not the vocabulary.
+    Returns (y [B, F, D], attention [B, heads, F, F]).
+    """
+
+    def __init__(self, n_fields: int, dim: int, heads: int = 2, attn_dim: int = 16, ffn_dim: int = 64,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if min(n_fields, dim, heads, attn_dim, ffn_dim) < 1:
+            raise ValueError("FAT sizes (fields, dim, heads, attn_dim, ffn_dim) must be >= 1")
+        self.heads, self.attn_dim = heads, attn_dim
+        self.qkv = _per_field(n_fields, dim, 3 * heads * attn_dim)
+        self.out = _per_field(n_fields, heads * attn_dim, dim)
+        self.pair_scale = nn.Parameter(torch.ones(heads, n_fields, n_fields))
+        self.pair_bias = nn.Parameter(torch.zeros(heads, n_fields, n_fields))
+        self.ffn_in = _per_field(n_fields, dim, ffn_dim)
+        self.ffn_in_bias = nn.Parameter(torch.zeros(n_fields, ffn_dim))
+        self.ffn_out = _per_field(n_fields, ffn_dim, dim)
+        self.ffn_out_bias = nn.Parameter(torch.zeros(n_fields, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, f, _ = x.shape
+        qkv = torch.einsum("bfd,fde->bfe", x, self.qkv).view(b, f, 3, self.heads, self.attn_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        scores = self.pair_scale * (q @ k.transpose(-1, -2)) / math.sqrt(self.attn_dim) + self.pair_bias
+        attn = torch.softmax(scores, dim=-1)
+        o = (attn @ v).transpose(1, 2).reshape(b, f, -1)
+        x = self.norm1(x + self.dropout(torch.einsum("bfe,fed->bfd", o, self.out)))
+        h = F.gelu(torch.einsum("bfd,fde->bfe", x, self.ffn_in) + self.ffn_in_bias)
+        y = self.norm2(x + self.dropout(torch.einsum("bfe,fed->bfd", h, self.ffn_out) + self.ffn_out_bias))
+        return y, attn

@@ -1,0 +1,435 @@
+"""The inner training step: forward, loss, backward and the optimizer updates, on a CPU or a GPU.
+
+On a CPU the step runs eagerly, with no more threads than the process has CPUs: embedding tables with sparse
+gradients get :class:`RowSparseOptimizer`, the other weights fused Adam (or Adagrad). On a GPU it is built
+for the hardware: bf16 autocast for the dense layers over fp32 master weights, the forward and backward
+compiled with torch.compile, each embedding table updated only at the rows the batch reads (lazy Adam /
+Adagrad over static shapes, so nothing waits for the host), fused capturable Adam for the dense weights, and
+the whole step (copy-in, forward, backward, updates) captured once in a CUDA graph and replayed. The loss is
+summed on the device and read asynchronously.
+
+A batch ``scale`` times larger than :data:`BASE_BATCH` can get CowClip's rule (:class:`LargeBatchRule`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctrkit.data.dataset import Batch
+from ctrkit.models.base import CTRModel
+from ctrkit.training.optim import RowSparseOptimizer, cowclip, update_rows_
+
+
+def cpu_threads() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup (container) CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+BASE_BATCH = 4096
+LARGE_BATCH = ("auto", "cowclip", "off")
+COMPILE = ("auto", "on", "off")
+WARMUP_STEPS = 3  # eager steps before a GPU step is captured: compilation and allocator warm-up happen here
+
+
+def bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy with logits, in fp32 at least, averaged over the batch (weighted when ``weight`` is
+    given) and summed over heads for logits and labels [B, T]; a one-head model of multi-label data learns the
+    first label."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logits.dim() == 1 and label.dim() == 2:
+        label = label[:, 0]
+    heads = logits.shape[1] if logits.dim() == 2 else 1
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(logits, label) * heads
+    per_row = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    per_row = per_row.sum(dim=1) if per_row.dim() == 2 else per_row
+    return (per_row * weight).sum() / weight.sum()
+
+
+@dataclass(frozen=True)
+class LargeBatchRule:
+    """CowClip's scaling rule (Zheng et al., AAAI 2023) for a batch ``scale`` times :data:`BASE_BATCH`.
+
+    Embedding gradients are clipped row by row (:func:`~ctrkit.training.optim.cowclip` with ``clip_ratio`` and
+    ``clip_floor``) and keep their learning rate; the embedding L2 grows with ``scale`` (an id is seen ``scale``
+    times fewer steps per epoch); dense weights get ``sqrt(scale)`` times the learning rate, warmed up linearly
+    over ``warmup_steps``.
+    """
+
+    scale: float
+    clip_ratio: float = 1.0
+    clip_floor: float = 1e-5
+    warmup_steps: int = 0
+
+    @property
+    def dense_lr_factor(self) -> float:
+        """Multiplier of the dense weights' learning rate once warmed up."""
+        return math.sqrt(self.scale)
+
+    @property
+    def clip(self) -> tuple[float, float]:
+        """(ratio, floor) for :func:`~ctrkit.training.optim.cowclip`."""
+        return self.clip_ratio, self.clip_floor
+
+
+def large_batch_rule(setting: str, batch_size: int, device: torch.device,
+                     warmup_steps: int = 0) -> LargeBatchRule | None:
+    """The rule for this batch size: "auto" applies CowClip on a GPU above :data:`BASE_BATCH`, "cowclip"
+    everywhere (scale at least 1), "off" never."""
+    if setting not in LARGE_BATCH:
+        raise ValueError(f"large_batch must be one of {LARGE_BATCH}, got {setting!r}")
+    if setting == "off" or (setting == "auto" and (device.type != "cuda" or batch_size <= BASE_BATCH)):
+        return None
+    return LargeBatchRule(scale=max(batch_size / BASE_BATCH, 1.0), warmup_steps=warmup_steps)
+
+
+def _tables(model: nn.Module) -> list[nn.Embedding]:
+    """Embedding tables the model wants updated row by row (those it built with sparse gradients)."""
+    return [m for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+
+
+class TrainStep:
+    """``step(batch)`` trains ``model`` on one batch; on a GPU nothing in it waits for the device.
+
+    ``lr``, ``optimizer`` ("adam" / "adagrad") and ``weight_decay`` apply to every weight; ``rule`` is the
+    large-batch rule or None; ``compile`` ("auto" = on a GPU) compiles the forward and backward; ``graphs``
+    captures the step in a CUDA graph and ``row_updates`` updates tables from dense gradients at the batch's
+    rows instead of through sparse gradients (both default to on a GPU). :meth:`loss_mean` reads the mean loss
+    since the last read without waiting for the device; :meth:`close` gives the model back as it was built.
+    """
+
+    def __init__(self, model: CTRModel, device: torch.device, lr: float = 1e-3, optimizer: str = "adam",
+                 weight_decay: float = 0.0, bf16: bool = False, rule: LargeBatchRule | None = None,
+                 compile: str = "auto", graphs: bool | None = None, row_updates: bool | None = None,
+                 loss: LossFn = bce) -> None:
+        if compile not in COMPILE:
+            raise ValueError(f"compile must be one of {COMPILE}, got {compile!r}")
+        self.model, self.device, self.bf16, self.rule, self.loss = model, device, bf16, rule, loss
+        self.cuda = device.type == "cuda"
+        if device.type == "cpu" and torch.get_num_threads() > cpu_threads():
+            torch.set_num_threads(cpu_threads())  # more threads than CPUs only adds switching
+        self.graphs = self.cuda if graphs is None else graphs
+        if self.graphs and not (self.cuda and (row_updates is None or row_updates)):
+            raise ValueError("CUDA graphs need device='cuda' and row updates")
+        self.optimizer, self.betas, self.eps = optimizer, (0.9, 0.999), 1e-8 if optimizer == "adam" else 1e-10
+        self._l2_factor = rule.scale if rule is not None else 1.0
+        tables = _tables(model)
+        table_ids = {id(m.weight) for m in tables}
+        dense = [p for p in model.parameters() if id(p) not in table_ids and p.requires_grad]
+        self._base_lr, self._calls = lr, 0
+        self._dense_lr = lr * self._warmup_factor(1)
+        self._lr_dense: torch.Tensor | None = None
+        self.opts: list[torch.optim.Optimizer] = []
+        self.row_updates = self.cuda if row_updates is None else row_updates
+        if self.row_updates:
+            # dense gradients for the tables (one memset, no sparse tensors), then a row update at the batch's ids
+            self._tables = tables
+            for m in tables:
+                m.sparse = False
+            self._row_state = [self._new_row_state(m.weight) for m in tables]
+            # float64 scalars: the bias correction 1 - 0.999 ** t loses digits in float32
+            self._lr_rows = torch.tensor(lr, dtype=torch.float64, device=device)
+            self._t = torch.zeros((), dtype=torch.float64, device=device)
+            self._counts = [torch.zeros(m.weight.shape[0], device=device) for m in tables] if rule else []
+            if optimizer == "adam" and self.cuda:  # a device-side learning rate, so a captured step sees changes
+                self._lr_dense = torch.tensor(self._dense_lr, device=device)
+            elif self.cuda:
+                self.graphs = False  # torch's Adagrad cannot be captured
+            if dense:
+                self.opts.append(self._dense_optimizer(dense, self._lr_dense if self._lr_dense is not None
+                                                       else self._dense_lr, weight_decay, capturable=self.cuda))
+        else:
+            self._tables = []
+            if tables:
+                self.opts.append(RowSparseOptimizer([m.weight for m in tables], lr=lr, rule=optimizer,
+                                                    clip=rule.clip if rule else None))
+            if dense:
+                self.opts.append(self._dense_optimizer(dense, self._dense_lr, weight_decay))
+        self._loss_sum = torch.zeros((), device=device)
+        self._step_no = torch.zeros((), dtype=torch.int64, device=device)
+        self._bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self._loss_n = 0
+        self._host: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+        self._pending = 0
+        self._checked = False
+        want_compile = compile == "on" or (compile == "auto" and self.cuda)
+        self._compiled = torch.compile(self._forward_loss, dynamic=False) if want_compile else None
+        self._compiled_once = False
+        self._widest = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: Batch | None = None
+
+    # ---- building blocks -------------------------------------------------------------------------------------
+
+    def _dense_optimizer(self, params: list[nn.Parameter], lr: float | torch.Tensor, weight_decay: float,
+                         capturable: bool = False) -> torch.optim.Optimizer:
+        if self.optimizer == "adagrad":
+            return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+        try:  # one kernel for all tensors: about 8x cheaper than the per-tensor loop for an MLP on a CPU
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True, capturable=capturable)
+        except RuntimeError:  # a device without a fused kernel
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=capturable)
+
+    def _new_row_state(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.optimizer == "adam":
+            return torch.zeros_like(weight), torch.zeros_like(weight)
+        return (torch.zeros_like(weight),)
+
+    def _warmup_factor(self, step: int) -> float:
+        rule = self.rule
+        if rule is None:
+            return 1.0
+        ramp = min(1.0, step / rule.warmup_steps) if rule.warmup_steps > 0 else 1.0
+        return rule.dense_lr_factor * ramp
+
+    def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to report, loss to minimise) of one batch."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(batch)
+        loss = self.loss(logits, batch.label, batch.weight)
+        reg = self.model.regularization()
+        total = loss + self._l2_factor * reg if reg is not None else loss
+        return loss.detach(), total
+
+    def _forward_compiled(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled forward; if compiling fails (no compiler toolchain, an op it cannot trace), say so once
+        and train eagerly: an error of the model itself then surfaces from the eager call."""
+        if self._compiled is None:
+            return self._forward_loss(batch)
+        if self._compiled_once:
+            return self._compiled(batch)
+        try:
+            out = self._compiled(batch)
+        except Exception as err:  # noqa: BLE001 - any compiler failure; the eager call below re-raises real errors
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training eagerly",
+                          stacklevel=3)
+            self._compiled = None
+            return self._forward_loss(batch)
+        self._compiled_once = True
+        return out
+
+    def _row_ids(self, batch: Batch, weight: torch.Tensor) -> torch.Tensor:
+        """The rows of a table this batch can read: every id of the batch (sequence ids too)."""
+        parts = [batch.ids.reshape(-1)]
+        if batch.seq is not None:
+            parts.append(batch.seq.reshape(-1))
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return rows.long()
+
+    def _check_rows(self, batch: Batch) -> None:
+        """Once: every table row with a gradient must be among the batch's ids, or the row update would miss it."""
+        for m in self._tables:
+            g = m.weight.grad
+            if g is None:
+                continue
+            touched = g.abs().sum(dim=1) > 0
+            touched[self._row_ids(batch, m.weight)] = False
+            if bool(touched.any()):
+                raise ValueError(f"embedding table {tuple(m.weight.shape)} gets gradients at rows outside the "
+                                 "batch's ids; build it with sparse=False")
+        self._checked = True
+
+    def _update_tables(self, batch: Batch) -> None:
+        """Lazy Adam / Adagrad at the batch's rows of every table, from its dense gradient (GPU path)."""
+        b1, b2 = self.betas
+        self._t += 1
+        scale = self._lr_rows * torch.sqrt(1 - b2 ** self._t) / (1 - b1 ** self._t)
+        for k, (m, state) in enumerate(zip(self._tables, self._row_state, strict=True)):
+            if m.weight.grad is None:
+                continue
+            rows = self._row_ids(batch, m.weight)
+            grad = m.weight.grad.index_select(0, rows)
+            if self.rule is not None:
+                counts = self._counts[k]
+                counts.index_add_(0, rows, torch.ones_like(rows, dtype=counts.dtype))
+                grad = cowclip(grad, m.weight.index_select(0, rows), counts.index_select(0, rows), *self.rule.clip)
+                counts.index_fill_(0, rows, 0.0)
+            lr = scale if self.optimizer == "adam" else self._lr_rows
+            update_rows_(m.weight, rows, grad, state, self.optimizer, lr, b1, b2, self.eps)
+
+    def _run(self, batch: Batch, compiled: bool = True) -> None:
+        """Forward, backward and every update, as plain device work (what the CUDA graph records)."""
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        for m in self._tables:
+            m.weight.grad = None
+        loss, total = self._forward_compiled(batch) if compiled else self._forward_loss(batch)
+        total.backward()
+        if not self._checked and self._tables:
+            self._check_rows(batch)
+        with torch.no_grad():
+            if self._tables:
+                self._update_tables(batch)
+            for o in self.opts:
+                o.step()
+            self._loss_sum += loss
+            self._step_no += 1
+            self._bad.copy_(torch.where((self._bad < 0) & ~torch.isfinite(total.detach()), self._step_no, self._bad))
+
+    # ---- the public step ---------------------------------------------------------------------------------------
+
+    def __call__(self, batch: Batch) -> None:
+        """Train on ``batch``; the loss stays on the device (read it with :meth:`loss_mean`)."""
+        self._calls += 1
+        self._set_dense_lr(self._base_lr * self._warmup_factor(self._calls))
+        self._loss_n += 1
+        if not self.graphs:
+            self._run(batch)
+            return
+        if self._static is not None and self._fits(batch):
+            self._copy_in(batch)
+            self._graph.replay()  # type: ignore[union-attr]
+        elif self._static is None and self._calls > WARMUP_STEPS and len(batch) >= self._widest:
+            self._capture(batch)  # the shape of a full batch, not of an epoch's last one
+        elif self._static is None:  # warm-up on a side stream, as CUDA graph capture wants it
+            self._widest = max(self._widest, len(batch))
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._run(batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:  # a batch of another shape (the last of an epoch): eager, so that nothing recompiles
+            self._run(batch, compiled=False)
+
+    def _fits(self, batch: Batch) -> bool:
+        s = self._static
+        assert s is not None
+        return all((getattr(batch, k) is None) == (getattr(s, k) is None) and
+                   (getattr(batch, k) is None or getattr(batch, k).shape == getattr(s, k).shape)
+                   for k in ("ids", "dense", "label", "weight", "seq", "seq_len"))
+
+    def _copy_in(self, batch: Batch) -> None:
+        s = self._static
+        assert s is not None
+        for k in ("ids", "dense", "label", "weight", "seq", "seq_len"):
+            src = getattr(batch, k)
+            if src is not None:
+                getattr(s, k).copy_(src, non_blocking=True)
+
+    def _capture(self, batch: Batch) -> None:
+        """Record the step on this batch's shapes once, then replay it for this batch."""
+        self._static = Batch(**{k: None if getattr(batch, k) is None else getattr(batch, k).clone()
+                                for k in ("ids", "dense", "label", "weight", "seq", "seq_len")})
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._run(self._static)
+        except RuntimeError as err:  # an op that cannot be captured: keep training, uncaptured
+            warnings.warn(f"CUDA graph capture failed ({err}); training continues without graphs", stacklevel=2)
+            self.graphs, self._static = False, None
+            torch.cuda.synchronize(self.device)
+            self._run(batch)
+            return
+        self._graph = graph
+        graph.replay()  # the capture recorded the step without running it: this replay is the batch's step
+
+    def _set_dense_lr(self, lr: float) -> None:
+        """Give the dense weights' optimizer ``lr`` (a device write only when it changes)."""
+        if lr == self._dense_lr:
+            return
+        self._dense_lr = lr
+        if self._lr_dense is not None:
+            self._lr_dense.fill_(lr)
+            return
+        for o in self.opts:
+            if not isinstance(o, RowSparseOptimizer):
+                for g in o.param_groups:
+                    g["lr"] = lr
+
+    def set_lr(self, lr: float) -> None:
+        """A new base learning rate (after a plateau): rows get ``lr``, dense weights ``lr`` times the rule's factor."""
+        self._base_lr = lr
+        if self.row_updates:
+            self._lr_rows.fill_(lr)
+        for o in self.opts:
+            if isinstance(o, RowSparseOptimizer):
+                for g in o.param_groups:
+                    g["lr"] = lr
+        self._set_dense_lr(lr * self._warmup_factor(self._calls + 1))
+
+    def loss_mean(self) -> float | None:
+        """Mean training loss over the steps since the last read, or None while the device is still busy.
+
+        On a GPU the sum is copied to pinned memory behind the queued work and read once that copy is done, so
+        calling this never stalls the device.
+        """
+        if not self.cuda:
+            if self._loss_n == 0:
+                return None
+            value = float(self._loss_sum) / self._loss_n
+            self._loss_sum.zero_()
+            self._loss_n = 0
+            return value
+        if self._event is None:
+            self._host = torch.zeros((), pin_memory=True)
+            self._event = torch.cuda.Event()
+        value = None
+        if self._pending and self._event.query():
+            value = float(self._host) / self._pending  # type: ignore[arg-type]
+            self._pending = 0
+        if not self._pending and self._loss_n:
+            self._host.copy_(self._loss_sum, non_blocking=True)  # type: ignore[union-attr]
+            self._event.record()
+            self._loss_sum.zero_()
+            self._pending, self._loss_n = self._loss_n, 0
+        return value
+
+    def first_nonfinite(self) -> int | None:
+        """The first step (1-based, counted since this step was built) whose loss was NaN or infinite, or None.
+
+        Kept on the device and read here, with one sync: call it every few steps, not every step.
+        """
+        bad = int(self._bad)
+        return bad if bad >= 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of everything the updates remember (optimizer states, row moments, step counts), for a
+        checkpoint."""
+        rows = [[t.detach().cpu().clone() for t in st] for st in self._row_state] if self.row_updates else []
+        return {"opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "rows": rows, "calls": self._calls,
+                "t": float(self._t) if self.row_updates else 0.0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a step built the same way."""
+        if len(state["opts"]) != len(self.opts) or len(state["rows"]) != (len(self._row_state)
+                                                                         if self.row_updates else 0):
+            raise ValueError("the saved training state belongs to a step with other optimizers or tables")
+        for o, s in zip(self.opts, state["opts"], strict=True):
+            o.load_state_dict(s)
+        if self.row_updates:
+            for st, saved in zip(self._row_state, state["rows"], strict=True):
+                for t, v in zip(st, saved, strict=True):
+                    t.copy_(v)
+            self._t.fill_(state["t"])
+        self._calls = state["calls"]
+        self._set_dense_lr(self._base_lr * self._warmup_factor(self._calls + 1))
+
+    def close(self) -> None:
+        """Wait for the queued steps, drop the graph and give the tables back their sparse gradients."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._graph, self._static = None, None
+        for m in self._tables:
+            m.weight.grad = None
+            m.sparse = True
