@@ -21,7 +21,6 @@ class DIN(CTRModel):
 
     name = "din"
     target = True  # needs a sequence field with a candidate (share_vocab)
-    defaults = {"embed_dim": 16, "hidden": (200, 80), "dropout": 0.1, "batch_norm": True}
     attention_hidden = (80, 40)
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:

@@ -33,7 +33,6 @@ class ESMM(CTRModel):
 
     name = "esmm"
     multi_head = True
-    defaults = {"embed_dim": 16, "hidden": (256, 128), "dropout": 0.1, "batch_norm": True}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__(spec, config)
@@ -69,7 +68,6 @@ class MMoE(CTRModel):
 
     name = "mmoe"
     multi_head = True
-    defaults = {"embed_dim": 16, "hidden": (256, 128), "dropout": 0.1, "batch_norm": False}
     n_experts = 4
     tower = (64,)
 
