@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
          "device": "mobile", "hour": 20, "weekday": 5, "position": 1, "price": 9.99, "user_activity": 40},
         {"user_id": "u12", "item_id": "i3", "age_group": "18-24", "gender": "f", "genre": "action",
          "device": "mobile", "hour": 20, "weekday": 5, "position": 8, "price": 9.99, "user_activity": 40},
-        {"user_id": "brand-new-user", "item_id": "i3", "age_group": "55+", "genre": "comedy",
-         "hour": 9, "weekday": 1, "position": 1},
+        {"user_id": "brand-new-user", "item_id": "i3", "age_group": "55+", "gender": None, "genre": "comedy",
+         "device": None, "hour": 9, "weekday": 1, "position": 1, "price": None, "user_activity": None},
     ]
     scores = bundle.predict(records)
     shown = Table(title=f"raw records scored by the reloaded bundle ({path})")
