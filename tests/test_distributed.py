@@ -4,7 +4,6 @@ that batch, and a checkpoint written by 2 ranks resumes in 1 process."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +41,6 @@ def _config(**kw: object) -> TrainConfig:
     return TrainConfig(**{"batch_size": 64, "progress": False, "precision": "fp32", "seed": 3, **kw})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_batches(steps: int, rows: int) -> list[Batch]:
     """Random global batches over SPEC, in float64 (so that two summation orders agree to rounding)."""
     g = torch.Generator().manual_seed(4)
@@ -78,13 +71,14 @@ def _sparse_mean(rank: int, out: str) -> None:
         torch.save(p.grad.to_dense(), Path(out) / "grad.pt")
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, out: str) -> None:
     """One rank: the sparse gradient mean, three steps on global batches, two epochs of ``train`` with checkpoints."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
+    # a rendezvous file, not a TCP port another process on the machine could take first
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     try:
-        setup("cpu")
+        assert setup("cpu")[0].size == 2  # joins the group torchrun's variables describe
         _sparse_mean(rank, out)
         weights = _steps(True, rank, 2)
         if rank == 0:
@@ -98,7 +92,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The outputs of the 2-process run (spawned once; join returns when both ranks are done)."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(str(out),), nprocs=2, join=True, start_method="spawn")
     return out
 
 
