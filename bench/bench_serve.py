@@ -42,7 +42,8 @@ from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle
 from ctrkit.serve.process import free_port, start_server
-from ctrkit.serve.rank import choose, records_frame
+from ctrkit.serve.rank import choose
+from ctrkit.validate import records_frame
 
 GEN = Path("/work/shared/peers/gen_synth_criteo.py")
 NUM = [f"I{i}" for i in range(1, 14)]
@@ -154,7 +155,7 @@ def main() -> None:
     bundle_path = make_bundle(args.work, args.rows, args.epochs, seed=0)
     bundle = Bundle.load(bundle_path)
     recs = candidates(args.work / "data" / "test.tsv", args.candidates)
-    frame = records_frame(bundle.schema, recs)
+    frame = records_frame(recs, bundle.schema)
     good, _ = coerce_chunk(frame.with_columns(pl.int_range(0, frame.height).alias("_line")), bundle._features,
                            with_label=False)
     ids, dense = bundle.encoder.transform_frame(good)
@@ -181,7 +182,7 @@ def main() -> None:
         result["onnx"] = f"skipped: {exc}"
     rows["bundle frame -> predict -> top-k"] = timed(lambda: choose(bundle.predict(frame), 10), args.reps)
     rows["bundle dicts -> frame -> predict -> top-k"] = timed(
-        lambda: choose(bundle.predict(records_frame(bundle.schema, recs)), 10), args.reps)
+        lambda: choose(bundle.predict(records_frame(recs, bundle.schema)), 10), args.reps)
 
     import httpx2 as httpx
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ctrkit.data.dataset import Batch, EncodedData
 from ctrkit.nn.mlp import Dropout
-from ctrkit.models import ModelConfig, build_model, default_config, model_names
+from ctrkit.models import ModelConfig, build_model, default_config, model_class, model_names
 from ctrkit.models.base import BATCH_L2, SMALL_TABLE, TABLE_L2
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.nn.interactions import FactorizationMachine
@@ -125,8 +125,12 @@ def test_config_dict_round_trip_and_unknown_keys() -> None:
 SPECS = {"sparse": make_spec(n_dense=0), "dense": make_spec(n_sparse=0), "mixed": make_spec()}
 
 
+# models of several labels or of a sequence field are tested with those in test_sequence_models.py
+SINGLE = [n for n in model_names() if not model_class(n).multi_head and not getattr(model_class(n), "target", False)]
+
+
 @pytest.mark.parametrize("kind", sorted(SPECS))
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", SINGLE)
 def test_every_model_returns_one_logit_per_row(name: str, kind: str) -> None:
     spec = SPECS[kind]
     torch.manual_seed(0)

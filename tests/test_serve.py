@@ -48,6 +48,11 @@ def client(bundles: tuple[Path, Path, pl.DataFrame], tmp_path: Path) -> TestClie
         yield c
 
 
+def _full(**values: object) -> dict:
+    """A record naming every field of the synthetic schema: None (missing) but for ``values``."""
+    return {**dict.fromkeys(f.name for f in synth_schema().fields), **values}
+
+
 def _records(te: pl.DataFrame, n: int) -> list[dict]:
     cols = [f.name for f in synth_schema().fields]
     return te.select(cols).head(n).to_dicts()
@@ -119,15 +124,16 @@ def test_events_exactly_once(client: TestClient, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("body, status, needle", [
     ("{not json", 422, "JSON"),
-    ({"records": [{"price": [1, 2]}]}, 422, "price"),
-    ({"records": [{"user_id": "u1", "price": "cheap"}]}, 422, "price"),
+    ({"records": [_full(price=[1, 2])]}, 422, "price"),
+    ({"records": [_full(user_id="u1", price="cheap")]}, 422, "price"),
     ({"records": [{"item_id": "i1"}]}, 422, "user_id"),
-    ({"records": [{"user_id": "u1", "colour": "red"}]}, 422, "colour"),
-    ({"records": [{"user_id": "u1"}], "extra": 1}, 422, "extra"),
-    ({"records": [{"user_id": "u1", "price": 10 ** 400}]}, 422, "price"),
-    ('{"records": [{"user_id": "u1", "price": NaN}]}', 422, "price"),
-    ('{"records": [{"user_id": "u1", "price": 1e999}]}', 422, "price"),
-    ({"records": [{"user_id": "u1"}] * 501}, 422, "records"),
+    ({"records": [{k: v for k, v in _full(user_id="u1").items() if k != "price"}]}, 422, "price"),
+    ({"records": [_full(user_id="u1", colour="red")]}, 422, "colour"),
+    ({"records": [_full(user_id="u1")], "extra": 1}, 422, "extra"),
+    ({"records": [_full(user_id="u1", price=10 ** 400)]}, 422, "price"),
+    (json.dumps({"records": [_full(user_id="u1", price=0.0)]}).replace("0.0", "NaN"), 422, "price"),
+    (json.dumps({"records": [_full(user_id="u1", price=0.0)]}).replace("0.0", "1e999"), 422, "price"),
+    ({"records": [_full(user_id="u1")] * 501}, 422, "records"),
     ({"records": "all"}, 422, "records"),
 ])
 def test_bad_score_requests_are_4xx_naming_the_field(client: TestClient, body: object, status: int,
@@ -140,10 +146,10 @@ def test_bad_score_requests_are_4xx_naming_the_field(client: TestClient, body: o
 
 def test_bad_value_gets_the_bundle_predict_answer(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]
                                                   ) -> None:
-    recs = [{"user_id": "u1", "price": 3.0}, {"user_id": "u2", "price": "cheap"}]
+    recs = [_full(user_id="u1", price=3.0), _full(user_id="u2", price="cheap")]
     bundle = Bundle.load(bundles[0])
-    with pytest.raises(DataError) as exc:  # Bundle.predict takes dicts that name every field
-        bundle.predict([{**dict.fromkeys(bundle.schema.input_columns), **r} for r in recs])
+    with pytest.raises(DataError) as exc:
+        bundle.predict(recs)
     r = client.post("/score", json={"records": recs})
     assert r.status_code == 422
     for word in ("record 1", "price"):
@@ -151,7 +157,7 @@ def test_bad_value_gets_the_bundle_predict_answer(client: TestClient, bundles: t
 
 
 def test_bad_rank_and_event_requests(client: TestClient) -> None:
-    cand = [{"user_id": "u1", "item_id": "a"}, {"user_id": "u1", "item_id": "b", "bid": -1.0}]
+    cand = [_full(user_id="u1", item_id="a"), _full(user_id="u1", item_id="b") | {"bid": -1.0}]
     r = client.post("/rank", json={"candidates": cand, "objective": "ecpm"})
     assert r.status_code == 422 and "bid" in r.text
     assert client.post("/rank", json={"candidates": []}).status_code == 422

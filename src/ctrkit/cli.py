@@ -52,6 +52,9 @@ def _metrics_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
     table.add_column("split")
     for k in ("auc", "logloss", "ece", "pred_actual_ratio", "n", "positives"):
         table.add_column(k, justify="right")
+    # a model with several heads: a row per head
+    rows = {f"{name} {head}" if "heads" in m else name: h for name, m in rows.items()
+            for head, h in m.get("heads", {"": m}).items()}
     for name, m in rows.items():
         table.add_row(name, *(f"{m[k]:.5f}" if isinstance(m[k], float) else f"{m[k]:,}"
                               for k in ("auc", "logloss", "ece", "pred_actual_ratio", "n", "positives")))
@@ -246,7 +249,8 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
         b = Bundle.load(bundle)
         kwargs = {"fmt": fmt} if fmt else {}
         p = b.predict_file(file, **kwargs)
-        frame = pl.DataFrame({"pctr": p})
+        heads = b.schema.label_columns
+        frame = pl.DataFrame({"pctr": p} if p.ndim == 1 else {f"p_{h}": p[:, t] for t, h in enumerate(heads)})
         if cols:
             # the kept columns as text, row for row with the scores (every row was scored, or none)
             # with_label=False reads no label; the schema still names one that is not among the kept columns

@@ -18,7 +18,7 @@ import torch
 
 from ctrkit.data.encode import encode_files
 from ctrkit.data.readers import Source, libfm_schema
-from ctrkit.evaluate.metrics import evaluate
+from ctrkit.evaluate.metrics import evaluate, evaluate_heads
 import ctrkit.models  # noqa: F401  (registers the model zoo)
 from ctrkit.models.base import SMALL_TABLE, build_model, default_config, model_class
 from ctrkit.nn.embedding import FeatureSpec
@@ -114,8 +114,11 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                              part)
         spec = FeatureSpec.from_encoder(enc.encoder)
         full_train = enc.data["train"]
+        if np.asarray(full_train.label).ndim == 2 and (neg_sample_rate != 1.0 or loss != "bce"):
+            raise ValueError("--neg-sample-rate and --loss weighted/focal apply to logs with one label")
         train_set = downsample_negatives(full_train, neg_sample_rate, seed)
         labels = np.asarray(train_set.label, dtype=np.float64)
+        labels = labels if labels.ndim == 1 else labels[:, 0]  # clicks: the first label
         weights = None if train_set.weight is None else np.asarray(train_set.weight, dtype=np.float64)
         w = np.ones_like(labels) if weights is None else weights
         pos_mass, neg_mass = float(np.dot(w, labels)), float(np.dot(w, 1 - labels))
@@ -144,12 +147,19 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                              on_epoch=(lambda r: log(_epoch_line(r))) if log else None)
         outputs = {name: _outputs(net, d, device) for name in ("valid", "test")
                    if (d := enc.data.get(name)) is not None and len(d)}
-        calibrator = _fit_calibration(calibrate, outputs.get("valid"), shift, seed)
+        if getattr(net, "multi_head", False):  # each head serves its own sigmoid
+            if calibrate not in ("auto", "none"):
+                raise ValueError(f"--calibrate {calibrate} applies to one-head models; {model} has "
+                                 f"{len(spec.label_names)} heads")
+            calibrator = Calibrator("none", shift)
+        else:
+            calibrator = _fit_calibration(calibrate, _first_head(outputs.get("valid")), shift, seed)
         if log:
             log(f"calibration: {calibrator.method} (asked: {calibrate}), fitted on the validation rows")
-        metrics: dict[str, Any] = {name: served_metrics(o, calibrator) for name, o in outputs.items()}
-        if "valid" in outputs:  # what live pCTR is compared with for drift (PSI): the served probabilities
-            metrics["pctr_reference"] = reference_distribution(calibrator(outputs["valid"]["logits"]))
+        metrics: dict[str, Any] = {name: served_metrics(o, calibrator, spec.label_names)
+                                   for name, o in outputs.items()}
+        if "valid" in outputs:  # what live pCTR is compared with for drift (PSI): the served (first-head) pCTR
+            metrics["pctr_reference"] = reference_distribution(calibrator(_first_head(outputs["valid"])["logits"]))
         metrics["train"] = {**result.to_dict(), "rows": len(train_set), "config": tcfg.to_dict(),
                             "rows_before_sampling": len(full_train), "neg_sample_rate": neg_sample_rate,
                             "positives": int(labels.sum()), "auto": auto}
@@ -165,7 +175,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         if out and world().main:  # under torchrun, rank 0 writes the run's files
             bundle.save(Path(out) / "bundle")
             (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-            save_report_data(Path(out), outputs, calibrator, enc.encoder, report_by or [])
+            save_report_data(Path(out), {k: _first_head(o) for k, o in outputs.items()}, calibrator, enc.encoder,
+                             report_by or [])
             render_report(Path(out))
         return Run(bundle=bundle, metrics=metrics, result=result, out=Path(out) if out else None,
                    reports={k: r.to_dict() for k, r in enc.reports.items()})
@@ -199,11 +210,23 @@ def _fit_calibration(method: str, valid: dict[str, Any] | None, shift: float, se
     return fit_calibrator(method, valid["logits"], y, valid["weight"], shift=shift, seed=seed)
 
 
-def served_metrics(o: dict[str, Any], calibrator: Calibrator) -> dict[str, Any]:
-    """Metrics of the served probabilities, plus ``logloss_raw``, ``ece_raw``, ``pred_actual_ratio_raw``
-    (and ``auc_raw``) of the network's own sigmoid, before any correction or calibration."""
-    m = evaluate(o["label"], calibrator(o["logits"]), o["group"], o["weight"])
-    raw = evaluate(o["label"], 1.0 / (1.0 + np.exp(-o["logits"])), None, o["weight"])
+def _first_head(o: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The outputs of the first (click) head: logits and labels [n] (a one-head model of multi-label data is
+    scored against the first label)."""
+    if o is None:
+        return None
+    z, y = o["logits"], o["label"]
+    return {**o, "logits": z if z.ndim == 1 else z[:, 0], "label": y if y.ndim == 1 else y[:, 0]}
+
+
+def served_metrics(o: dict[str, Any], calibrator: Calibrator, names: tuple[str, ...] | list[str] = ()
+                   ) -> dict[str, Any]:
+    """Metrics of the served probabilities (per head for a multi-task model), plus ``logloss_raw``,
+    ``ece_raw``, ``pred_actual_ratio_raw`` (and ``auc_raw``) of the network's own sigmoid of the first head,
+    before any correction or calibration."""
+    m = evaluate_heads(o["label"], calibrator(o["logits"]), names, o["group"], o["weight"])
+    first = _first_head(o)
+    raw = evaluate(first["label"], 1.0 / (1.0 + np.exp(-first["logits"])), None, o["weight"])
     m.update({f"{k}_raw": raw[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")})
     return m
 
@@ -215,6 +238,9 @@ def recalibrate(bundle: str | Path, data: Source, out: str | Path, method: str =
     The exact downsampling / class-weight shift is kept; the weights, encoder and schema are unchanged.
     """
     b = Bundle.load(bundle)
+    if getattr(b.model, "multi_head", False):
+        raise ValueError(f"{bundle}: a calibrator applies to one-head models; this one has "
+                         f"{len(b.model.spec.label_names)} heads")
     d = b.labelled_logits(data, **read_kwargs)
     cal = _fit_calibration(method, d, b.calibrator.shift, seed)
     cal.info["fitted_on"] = str(data) if isinstance(data, (str, Path)) else "frame"

@@ -15,11 +15,17 @@ from typing import Any, Literal
 
 import yaml
 
-Kind = Literal["categorical", "numeric"]
+Kind = Literal["categorical", "numeric", "multi", "sequence"]
 NumericTransform = Literal["log1p_standardize", "standardize", "log1p", "none", "bucketize"]
+Pooling = Literal["mean", "sum"]
 
-KINDS: tuple[str, ...] = ("categorical", "numeric")
+KINDS: tuple[str, ...] = ("categorical", "numeric", "multi", "sequence")
 TRANSFORMS: tuple[str, ...] = ("log1p_standardize", "standardize", "log1p", "none", "bucketize")
+POOLINGS: tuple[str, ...] = ("mean", "sum")
+LIST_KINDS: tuple[str, ...] = ("multi", "sequence")
+# settings added after the first format: left out of a fingerprint while at their default, so the bundles
+# saved before them keep loading
+_LATER_KEYS = {"sep": None, "pooling": "mean", "max_len": 20, "share_vocab": None}
 
 
 class SchemaError(ValueError):
@@ -34,6 +40,12 @@ class Field:
     values to the field's OOV id) or, with ``hash_buckets``, through a stable hash into that many buckets.
     numeric: ``transform`` says how values are scaled; ``bucketize`` turns the value into a categorical id
     through ``n_buckets`` quantile bins fitted on training data. Missing values get their own id / flag.
+    multi: a set of values in one cell (genres, tags), a list or a string split at ``sep``; pooled (``pooling``
+    mean or sum) into one field vector; an empty set is the field's missing id. At most ``max_len`` values
+    are kept (the first ones).
+    sequence: an ordered list of ids, oldest first (a user's history); the most recent ``max_len`` are kept,
+    the rest of the block is padding with a mask. ``share_vocab: item_id`` looks the ids up in that
+    categorical field's vocabulary (fitted on both columns), so history and candidate share their embeddings.
     ``required``: a missing value is an error at scoring time instead of the field's missing id.
     """
 
@@ -44,6 +56,10 @@ class Field:
     transform: NumericTransform = "log1p_standardize"
     n_buckets: int = 32
     required: bool = False
+    sep: str | None = None
+    pooling: Pooling = "mean"
+    max_len: int = 20
+    share_vocab: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -64,11 +80,26 @@ class Field:
             raise SchemaError(f"field {self.name!r}: hash_buckets must be >= 1, got {self.hash_buckets}")
         if self.n_buckets < 2:
             raise SchemaError(f"field {self.name!r}: n_buckets must be >= 2, got {self.n_buckets}")
+        if self.pooling not in POOLINGS:
+            raise SchemaError(f"field {self.name!r}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.max_len < 1:
+            raise SchemaError(f"field {self.name!r}: max_len must be >= 1, got {self.max_len}")
+        if self.sep is not None and not (isinstance(self.sep, str) and self.sep):
+            raise SchemaError(f"field {self.name!r}: sep must be a non-empty string, got {self.sep!r}")
+        if self.kind not in LIST_KINDS and (self.sep is not None or self.share_vocab is not None):
+            raise SchemaError(f"field {self.name!r}: sep and share_vocab apply to multi and sequence fields only")
+        if self.kind in LIST_KINDS and self.hash_buckets is not None and self.share_vocab is not None:
+            raise SchemaError(f"field {self.name!r}: a shared vocabulary cannot also be hashed")
 
     @property
     def is_sparse(self) -> bool:
-        """True when the field becomes an id (categorical, or a bucketized numeric)."""
-        return self.kind == "categorical" or self.transform == "bucketize"
+        """True when the field becomes one id per row (categorical, or a bucketized numeric)."""
+        return self.kind == "categorical" or (self.kind == "numeric" and self.transform == "bucketize")
+
+    @property
+    def is_list(self) -> bool:
+        """True when the field holds several ids per row (multi or sequence)."""
+        return self.kind in LIST_KINDS
 
     def to_dict(self) -> dict[str, Any]:
         """Only the settings that differ from the defaults, so YAML stays short."""
@@ -77,9 +108,11 @@ class Field:
         for f in fields(self):
             if f.name in ("name", "kind"):
                 continue
-            if self.kind == "categorical" and f.name in ("transform", "n_buckets"):
+            if self.kind != "numeric" and f.name in ("transform", "n_buckets"):
                 continue
             if self.kind == "numeric" and f.name in ("min_count", "hash_buckets"):
+                continue
+            if self.kind not in LIST_KINDS and f.name in _LATER_KEYS:
                 continue
             value = getattr(self, f.name)
             if value != getattr(defaults, f.name):
@@ -89,7 +122,7 @@ class Field:
 
 @dataclass
 class Schema:
-    """All columns of a log: the feature fields, the label and the optional time / position / group columns.
+    """All columns of a log: the feature fields, the label(s) and the optional time / position / group columns.
 
     ``weight`` names an optional column of sample weights (e.g. 1/propensity): training losses and metrics
     count a row of weight w as w rows; a missing or negative weight makes the row bad.
@@ -98,6 +131,9 @@ class Schema:
     columns that are neither features nor roles, which are then read and ignored. ``time_format`` says how the
     time column is written: a strftime format (``%Y-%m-%d %H:%M:%S``), ``epoch_s`` or ``epoch_ms``; without
     it, ISO dates and times are parsed and plain integers kept as they are.
+    ``labels`` names several 0/1 label columns for multi-task models (``label`` is then the first); ``crosses``
+    lists groups of categorical fields whose combined value becomes one more categorical field, named
+    ``a_x_b``, encoded like any other.
     """
 
     fields: list[Field]
@@ -108,13 +144,29 @@ class Schema:
     columns: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     time_format: str | None = None
+    labels: list[str] | None = None
+    crosses: list[list[str]] | None = None
     weight: str | None = None
 
     def __post_init__(self) -> None:
         self.fields = [f if isinstance(f, Field) else Field(**f) for f in self.fields]
         if not self.fields:
             raise SchemaError("a schema needs at least one feature field")
-        names = [f.name for f in self.fields]
+        if self.labels is not None:
+            if not isinstance(self.labels, (list, tuple)) or not all(isinstance(x, str) for x in self.labels):
+                raise SchemaError(f"labels must be a list of column names, got {self.labels!r}")
+            self.labels = list(self.labels)
+            if not self.labels or len(set(self.labels)) != len(self.labels):
+                raise SchemaError(f"labels must be distinct column names, got {self.labels}")
+            if not self.label:
+                self.label = self.labels[0]
+            if self.label != self.labels[0]:
+                raise SchemaError(f"label {self.label!r} must be the first of labels {self.labels}")
+            if len(self.labels) == 1:
+                self.labels = None
+        if self.crosses is not None:
+            self.crosses = [list(c) for c in self.crosses] or None
+        names = [f.name for f in self.features]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SchemaError(f"duplicate field names: {dup}")
@@ -130,15 +182,34 @@ class Schema:
             if self.time_format not in ("epoch_s", "epoch_ms") and "%" not in str(self.time_format):
                 raise SchemaError(f"time_format must be a strftime format (with %), epoch_s or epoch_ms, "
                                   f"got {self.time_format!r}")
-        if self.label in names:
-            raise SchemaError(f"the label {self.label!r} cannot also be a feature field")
-        if self.weight and self.weight in names + [self.label]:
+        for lab in self.label_columns:
+            if lab in names:
+                raise SchemaError(f"the label {lab!r} cannot also be a feature field")
+        if self.weight and self.weight in names + list(self.label_columns):
             raise SchemaError(f"the weight column {self.weight!r} cannot also be a feature field or the label")
+        self._check_links()
         if self.columns is not None:
-            needed = set(names) | set(self.role_columns)
+            needed = {f.name for f in self.fields} | set(self.role_columns)
             missing = sorted(needed - set(self.columns))
             if missing:
                 raise SchemaError(f"`columns` does not list {missing}, which the schema uses")
+
+    def _check_links(self) -> None:
+        """Crosses name categorical fields; a shared vocabulary is a categorical field with a vocabulary."""
+        kinds = {f.name: f for f in self.fields}
+        for cross in self.crosses or []:
+            if len(cross) < 2:
+                raise SchemaError(f"a cross needs at least two fields, got {cross}")
+            for name in cross:
+                if name not in kinds or kinds[name].kind != "categorical":
+                    raise SchemaError(f"cross {cross}: {name!r} is not a categorical field")
+        for f in self.fields:
+            if f.share_vocab is None:
+                continue
+            target = kinds.get(f.share_vocab)
+            if target is None or target.kind != "categorical" or target.hash_buckets is not None:
+                raise SchemaError(f"field {f.name!r}: share_vocab {f.share_vocab!r} must name a categorical "
+                                  "field with a vocabulary (not hashed)")
 
     # -- views -------------------------------------------------------------------------------------
     def field(self, name: str) -> Field:
@@ -149,14 +220,29 @@ class Schema:
         raise SchemaError(f"no field {name!r}; fields are {[f.name for f in self.fields]}")
 
     @property
+    def features(self) -> list[Field]:
+        """The declared fields, then one categorical field per cross (``a_x_b``)."""
+        return self.fields + [Field(name="_x_".join(c)) for c in self.crosses or []]
+
+    @property
     def sparse_fields(self) -> list[Field]:
-        """Fields that become ids, in schema order."""
-        return [f for f in self.fields if f.is_sparse]
+        """Fields that become one id per row (crosses included), in schema order."""
+        return [f for f in self.features if f.is_sparse]
 
     @property
     def dense_fields(self) -> list[Field]:
         """Numeric fields that stay continuous, in schema order."""
-        return [f for f in self.fields if not f.is_sparse]
+        return [f for f in self.fields if f.kind == "numeric" and not f.is_sparse]
+
+    @property
+    def list_fields(self) -> list[Field]:
+        """Multi and sequence fields (several ids per row), in schema order."""
+        return [f for f in self.fields if f.is_list]
+
+    @property
+    def label_columns(self) -> list[str]:
+        """Every label column: ``labels`` when set, else ``[label]``."""
+        return list(self.labels) if self.labels else [self.label]
 
     @property
     def input_columns(self) -> list[str]:
@@ -165,19 +251,21 @@ class Schema:
 
     @property
     def role_columns(self) -> list[str]:
-        """Label, time, position, group and weight columns that are set."""
-        return [c for c in (self.label, self.time, self.position, self.group, self.weight) if c]
+        """Label(s), time, position, group and weight columns that are set."""
+        return [*self.label_columns, *(c for c in (self.time, self.position, self.group, self.weight) if c)]
 
     # -- persistence -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A plain dict, the YAML layout."""
-        out: dict[str, Any] = {"label": self.label}
+        out: dict[str, Any] = {"labels": list(self.labels)} if self.labels else {"label": self.label}
         for role in ("time", "time_format", "position", "group", "weight"):
             if getattr(self, role):
                 out[role] = getattr(self, role)
         out["fields"] = [f.to_dict() for f in self.fields]
         if self.columns is not None:
             out["columns"] = list(self.columns)
+        if self.crosses:
+            out["crosses"] = [list(c) for c in self.crosses]
         if self.extra:
             out["extra"] = dict(self.extra)
         return out
@@ -187,12 +275,13 @@ class Schema:
         """Build from the YAML layout; unknown keys are an error that names them."""
         if not isinstance(data, dict):
             raise SchemaError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"label", "time", "time_format", "position", "group", "weight", "fields", "columns", "extra"}
+        known = {"label", "labels", "time", "time_format", "position", "group", "weight", "fields", "columns",
+                 "extra", "crosses"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SchemaError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
-        if "fields" not in data or "label" not in data:
-            raise SchemaError(f"{source}: needs both `label` and `fields`")
+        if "fields" not in data or ("label" not in data and "labels" not in data):
+            raise SchemaError(f"{source}: needs both `label` and `fields` (or `labels` for several)")
         field_keys = {f.name for f in fields(Field)}
         parsed = []
         if not isinstance(data["fields"], list):
@@ -208,7 +297,9 @@ class Schema:
             parsed.append(Field(**item))
         return cls(
             fields=parsed,
-            label=data["label"],
+            label=data.get("label") or "",
+            labels=data.get("labels"),
+            crosses=data.get("crosses"),
             time=data.get("time"),
             time_format=data.get("time_format"),
             position=data.get("position"),
@@ -244,8 +335,18 @@ class Schema:
         return cls.from_yaml(p.read_text(), source=str(p))
 
     def fingerprint(self) -> str:
-        """A short hash of what the encoder and model depend on (fields and label), for bundle checks."""
-        payload = json.dumps({"label": self.label, "fields": [asdict(f) for f in self.fields]}, sort_keys=True)
+        """A short hash of what the encoder and model depend on (fields, labels, crosses), for bundle checks.
+
+        Settings added later are left out while at their default, so older schemas keep their fingerprint.
+        """
+        fs = [{k: v for k, v in asdict(f).items() if k not in _LATER_KEYS or v != _LATER_KEYS[k]}
+              for f in self.fields]
+        content: dict[str, Any] = {"label": self.label, "fields": fs}
+        if self.labels:
+            content["labels"] = self.labels
+        if self.crosses:
+            content["crosses"] = self.crosses
+        payload = json.dumps(content, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ctrkit.schema import Schema
+from ctrkit.schema import Field, Schema
 
 
 class DataError(ValueError):
@@ -29,7 +29,7 @@ EPOCH_UNITS = {"epoch_s": 1_000_000, "epoch_ms": 1_000}
 def needed_columns(schema: Schema, with_label: bool = True) -> list[str]:
     """Columns a reader must deliver: features, then label / time / group / weight when set."""
     cols = [f.name for f in schema.fields]
-    for c in (schema.label if with_label else None, schema.time, schema.group,
+    for c in (*(schema.label_columns if with_label else ()), schema.time, schema.group,
               schema.weight if with_label else None):
         if c and c not in cols:
             cols.append(c)
@@ -69,6 +69,35 @@ def _as_string(col: str, dtype: pl.DataType) -> pl.Expr:
     return e.cast(pl.String)
 
 
+def _as_list(f: Field, dtype: pl.DataType) -> pl.Expr:
+    """A multi / sequence column as List(String): a list is kept (its items as strings), a string is split at
+    the field's ``sep`` (spaces around items dropped; "" is the empty list); null stays null."""
+    e = pl.col(f.name)
+    if isinstance(dtype, (pl.List, pl.Array)):
+        inner = dtype.inner if dtype.inner is not None else pl.String()
+        if isinstance(inner, (pl.List, pl.Array, pl.Struct)):
+            raise DataError(f"field {f.name!r} is a {f.kind} field but its items have type {inner}")
+        items = e.cast(pl.List(pl.String)) if inner == pl.String or inner.is_integer() or inner == pl.Null \
+            else e.list.eval(_as_string("", inner))
+    elif dtype == pl.String:
+        items = e.str.split(f.sep) if f.sep is not None else pl.concat_list(e)
+    elif dtype == pl.Null:
+        items = e.cast(pl.List(pl.String))
+    elif dtype.is_numeric():
+        items = pl.concat_list(_as_string(f.name, dtype))
+    else:
+        raise DataError(f"field {f.name!r} is a {f.kind} field but the data has type {dtype}; expected a list "
+                        "or a string" + (f" of values separated by {f.sep!r}" if f.sep else ""))
+    stripped = pl.element().str.strip_chars()
+    return items.list.eval(stripped.filter(stripped.is_not_null() & (stripped != "")))
+
+
+def _cross(parts: list[pl.Expr]) -> pl.Expr:
+    """The combined value of categorical columns (as strings); null when any part is missing."""
+    missing = pl.any_horizontal([p.is_null() | (p == "") for p in parts])
+    return pl.when(missing).then(None).otherwise(pl.concat_str(parts, separator="\x1f"))
+
+
 def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Type a raw chunk to the reader contract; returns (good rows, bad rows with a ``_reason`` column).
 
@@ -93,6 +122,9 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
         if f.kind == "categorical":
             exprs.append(_as_string(f.name, dtype).alias(f.name))
             continue
+        if f.is_list:
+            exprs.append(_as_list(f, dtype).alias(f.name))
+            continue
         if dtype == pl.String:
             raw = pl.col(f.name).str.strip_chars()
             val = raw.cast(pl.Float64, strict=False)
@@ -108,11 +140,11 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
                           .then(pl.lit(f"field {f.name!r}: not a finite number"))
                           .otherwise(None))
         exprs.append(val.alias(f.name))
-    if with_label:
-        lab = _label_expr(schema.label)
-        exprs.append(lab.alias(schema.label))
+    for label in schema.label_columns if with_label else ():
+        lab = _label_expr(label)
+        exprs.append(lab.alias(label))
         checks.append(pl.when(lab.is_null() | ~lab.is_in([0.0, 1.0]))
-                      .then(pl.lit(f"label {schema.label!r}: expected 0/1 or -1/1"))
+                      .then(pl.lit(f"label {label!r}: expected 0/1 or -1/1"))
                       .otherwise(None))
     if schema.time and schema.time not in [f.name for f in schema.fields]:
         time = _time_expr(schema.time, types[schema.time], schema.time_format)
@@ -134,6 +166,8 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
                       .then(pl.lit(f"weight {schema.weight!r}: missing, negative or not a number"))
                       .otherwise(None))
     exprs += [pl.col("_line")] if "_line" in types else []
+    for cross in schema.crosses or ():
+        exprs.append(_cross([_as_string(n, types[n]) for n in cross]).alias("_x_".join(cross)))
     if not checks:
         out = df.select(exprs)
         return out, out.clear().with_columns(pl.lit(None, pl.String).alias("_reason"))
@@ -161,11 +195,49 @@ def _scalar_text(value: Any, row: int, name: str) -> str | None:
     raise DataError(f"record {row}: field {name!r} has a {type(value).__name__} value; expected a scalar")
 
 
-def records_frame(records: Records, schema: Schema) -> pl.DataFrame:
+def _items_text(value: Any, row: int, f: Field) -> str | list[str | None] | None:
+    """A multi / sequence record value: a string (split later at ``sep``) or a list of scalars as texts."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_scalar_text(v, row, f.name) for v in value]
+    raise DataError(f"record {row}: field {f.name!r} has a {type(value).__name__} value; expected a list or a string")
+
+
+def _list_series(f: Field, values: list[Any]) -> pl.Series:
+    """A multi / sequence field's record values as one column: all strings (split by :func:`coerce_chunk` at
+    ``sep``), or lists of strings, a string then becoming the list of its items."""
+    if all(v is None or isinstance(v, str) for v in values):
+        return pl.Series(f.name, values, dtype=pl.String)
+    items = [v if v is None or isinstance(v, list) else [v] if f.sep is None else v.split(f.sep) for v in values]
+    return pl.Series(f.name, items, dtype=pl.List(pl.String))
+
+
+_TEXT = {str, type(None)}
+_NUMBERS = {int, float, type(None)}
+
+
+def _scalar_series(f: Field, values: list[Any]) -> pl.Series:
+    """A scalar field's record values as one column, built in one call in the common cases (all text, or a
+    numeric field of plain numbers); anything else through :func:`_scalar_text`, which names a bad value."""
+    types = set(map(type, values))
+    if types <= _TEXT:
+        return pl.Series(f.name, values, dtype=pl.String)
+    if f.kind == "numeric" and types <= _NUMBERS:
+        return pl.Series(f.name, values, dtype=pl.Float64, strict=False)
+    return pl.Series(f.name, [_scalar_text(v, i, f.name) for i, v in enumerate(values)], dtype=pl.String)
+
+
+def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] | None = None,
+                  extra: Sequence[str] | None = None) -> pl.DataFrame:
     """Dicts, a list of dicts, or a polars/pandas frame as a polars frame holding every feature column.
 
-    A dict must name every feature field (None is a missing value); a frame must have every feature column.
-    Values are left as read: :func:`coerce_chunk` judges them.
+    A dict must name every feature field (None is a missing value), in itself or in ``context``, the values
+    all dicts share (a ranking request's user and page; a dict's own value wins); a frame must have every
+    feature column. With ``extra`` given, a dict may hold no keys but the fields and those (an HTTP request's
+    contract); without, other keys are ignored, as a frame's other columns are. Values are left as read:
+    :func:`coerce_chunk` judges them. Columns are built field by field, with no Python work per value in
+    the common cases, so a request of a thousand candidates costs little before the model.
     """
     names = schema.input_columns
     if isinstance(records, pl.DataFrame):
@@ -176,18 +248,33 @@ def records_frame(records: Records, schema: Schema) -> pl.DataFrame:
         raise DataError(f"expected a dict, a list of dicts or a DataFrame, got {type(records).__name__}")
     else:
         rows = [records] if isinstance(records, Mapping) else list(records)
-        columns: dict[str, list[str | None]] = {n: [] for n in names}
+        ctx = dict(context or {})
+        known = set(names)
+        stray = sorted(str(k) for k in ctx if k not in known)
+        if stray:
+            raise DataError(f"context: unknown field(s) {stray}; the bundle's fields are {sorted(known)}")
+        need = known - ctx.keys()
+        allowed = None if extra is None else known | set(extra)
         for i, r in enumerate(rows):
             if not isinstance(r, Mapping):
                 raise DataError(f"record {i}: expected a mapping of field -> value, got {type(r).__name__}")
-            missing = [n for n in names if n not in r]
-            if missing:
-                unknown = sorted(str(k) for k in r if k not in names)
+            keys = r.keys()
+            if not need <= keys:
+                missing = [n for n in names if n in need and n not in keys]
+                unknown = sorted(str(k) for k in keys if k not in known)
                 hint = f" (it has unknown keys {unknown})" if unknown else ""
                 raise DataError(f"record {i}: missing field(s) {missing}{hint}; pass None for a missing value")
-            for n in names:
-                columns[n].append(_scalar_text(r[n], i, n))
-        return pl.DataFrame({n: pl.Series(n, v, dtype=pl.String) for n, v in columns.items()})
+            if allowed is not None and not keys <= allowed:
+                unknown = sorted(str(k) for k in keys if k not in allowed)
+                raise DataError(f"record {i}: unknown field(s) {unknown}; the bundle's fields are {sorted(known)}")
+        lists = {f.name: f for f in schema.list_fields}
+        columns = {}
+        for f in schema.fields:
+            default = ctx.get(f.name)
+            values = [r.get(f.name, default) for r in rows] if f.name in ctx else [r[f.name] for r in rows]
+            columns[f.name] = (_list_series(f, [_items_text(v, i, f) for i, v in enumerate(values)])
+                               if f.name in lists else _scalar_series(f, values))
+        return pl.DataFrame(columns, height=len(rows))
     dup = sorted({c for c in df.columns if df.columns.count(c) > 1})
     if dup:
         raise DataError(f"input has duplicated columns {dup}")

@@ -1,9 +1,11 @@
 """Encoded datasets on disk (memory-mapped) and a batch iterator with no per-sample Python objects.
 
 Layout of a dataset folder: ``ids.i32`` (int32 [n, n_sparse], already offset into the global id space),
-``dense.f32`` (float32 [n, n_dense], NaN = missing), ``label.f32`` (float32 [n]), optional ``group.i64``
-(int64 [n], a hash of the group/user column, for group AUC), optional ``weight.f32`` (float32 [n], sample
-weights) and ``meta.json`` with the shapes.
+``dense.f32`` (float32 [n, n_dense], NaN = missing), ``label.f32`` (float32 [n], or [n, T] for T labels),
+optional ``group.i64`` (int64 [n], a hash of the group/user column, for group AUC), optional ``weight.f32``
+(float32 [n], sample weights), for multi and sequence fields ``seq.i32`` (int32 [n, n_seq, seq_max], padded
+blocks of global ids) and ``seq_len.i32`` (int32 [n, n_seq], how many leading positions of each block hold
+ids), and ``meta.json`` with the shapes.
 """
 
 from __future__ import annotations
@@ -20,28 +22,38 @@ import torch
 
 _FILES = {"ids": ("ids.i32", np.int32), "dense": ("dense.f32", np.float32),
           "label": ("label.f32", np.float32), "group": ("group.i64", np.int64),
+          "seq": ("seq.i32", np.int32), "seq_len": ("seq_len.i32", np.int32),
           "weight": ("weight.f32", np.float32)}
 
 
 class DatasetWriter:
-    """Appends encoded chunks to the raw files of a dataset folder, then writes ``meta.json``."""
+    """Appends encoded chunks to the raw files of a dataset folder, then writes ``meta.json``.
+
+    With multi or sequence fields (``n_seq`` > 0) each chunk's padded blocks go with it to :meth:`append`, or
+    later, chunk by chunk in the same order, to :meth:`append_seq`.
+    """
 
     def __init__(self, path: str | Path, n_sparse: int, n_dense: int, with_group: bool = False,
-                 with_weight: bool = False) -> None:
+                 n_labels: int = 1, n_seq: int = 0, seq_max: int = 0, with_weight: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.n_sparse, self.n_dense, self.with_group, self.with_weight = n_sparse, n_dense, with_group, with_weight
-        self.n = 0
-        names = ["ids", "dense", "label"] + (["group"] if with_group else []) + (["weight"] if with_weight else [])
+        self.n_labels, self.n_seq, self.seq_max = n_labels, n_seq, seq_max
+        self.n = self.n_seq_rows = 0
+        names = (["ids", "dense", "label"] + (["group"] if with_group else []) + (["seq", "seq_len"] if n_seq else [])
+                 + (["weight"] if with_weight else []))
         self._fh: dict[str, IO[bytes]] = {k: open(self.path / _FILES[k][0], "wb") for k in names}
 
     def append(self, ids: np.ndarray, dense: np.ndarray, label: np.ndarray, group: np.ndarray | None = None,
+               seq: np.ndarray | None = None, seq_len: np.ndarray | None = None,
                weight: np.ndarray | None = None) -> None:
         """Write one chunk; shapes are checked so a bad chunk never corrupts the folder silently."""
         n = len(label)
         if ids.shape != (n, self.n_sparse) or dense.shape != (n, self.n_dense):
             raise ValueError(f"chunk shapes ids {ids.shape} dense {dense.shape} do not match "
                              f"({n}, {self.n_sparse}) / ({n}, {self.n_dense})")
+        if label.shape != ((n,) if self.n_labels == 1 else (n, self.n_labels)):
+            raise ValueError(f"label shape {label.shape} does not fit {self.n_labels} label(s)")
         if self.with_group and group is None:
             raise ValueError("this dataset has a group column; pass group ids")
         if self.with_weight and weight is None:
@@ -55,6 +67,18 @@ class DatasetWriter:
         if self.with_weight:
             self._fh["weight"].write(np.ascontiguousarray(weight, dtype=np.float32).data)
         self.n += n
+        if seq is not None and seq_len is not None:
+            self.append_seq(seq, seq_len)
+
+    def append_seq(self, seq: np.ndarray, seq_len: np.ndarray) -> None:
+        """Write the padded blocks [m, n_seq, seq_max] and lengths [m, n_seq] of the next m rows."""
+        m = len(seq_len)
+        if seq.shape != (m, self.n_seq, self.seq_max) or seq_len.shape != (m, self.n_seq):
+            raise ValueError(f"sequence shapes {seq.shape} / {seq_len.shape} do not match "
+                             f"({m}, {self.n_seq}, {self.seq_max}) / ({m}, {self.n_seq})")
+        self._fh["seq"].write(np.ascontiguousarray(seq, dtype=np.int32).data)
+        self._fh["seq_len"].write(np.ascontiguousarray(seq_len, dtype=np.int32).data)
+        self.n_seq_rows += m
 
     def rewrite(self, sizes: list[int], update: Callable[[np.ndarray, np.ndarray], None]) -> None:
         """Let ``update(ids, dense)`` change in place each run of appended rows in turn (``sizes[i]`` rows in
@@ -93,8 +117,14 @@ class DatasetWriter:
         """Flush, write ``meta.json`` and return the dataset opened read-only."""
         for fh in self._fh.values():
             fh.close()
+        if self.n_seq and self.n_seq_rows != self.n:
+            raise ValueError(f"{self.path}: sequences of {self.n_seq_rows} rows were written for {self.n} rows")
         meta = {"n": self.n, "n_sparse": self.n_sparse, "n_dense": self.n_dense, "with_group": self.with_group,
                 "with_weight": self.with_weight}
+        if self.n_labels != 1:
+            meta["n_labels"] = self.n_labels
+        if self.n_seq:
+            meta.update(n_seq=self.n_seq, seq_max=self.seq_max)
         meta.update(extra or {})
         (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
         return EncodedData.open(self.path)
@@ -120,13 +150,15 @@ class EncodedData:
     label: np.ndarray
     group: np.ndarray | None = None
     meta: dict[str, Any] | None = None
+    seq: np.ndarray | None = None
+    seq_len: np.ndarray | None = None
     weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.label)
         if len(self.ids) != n or len(self.dense) != n or any(
-                a is not None and len(a) != n for a in (self.group, self.weight)):
-            raise ValueError("ids, dense, label (and group, weight) must have the same number of rows")
+                a is not None and len(a) != n for a in (self.group, self.seq, self.seq_len, self.weight)):
+            raise ValueError("ids, dense, label (and group, seq, seq_len, weight) must have the same number of rows")
 
     def __len__(self) -> int:
         return len(self.label)
@@ -141,35 +173,43 @@ class EncodedData:
         meta = json.loads(meta_path.read_text())
         n = meta["n"]
 
-        def load(key: str, width: int | None) -> np.ndarray:
+        def load(key: str, *width: int) -> np.ndarray:
             name, dtype = _FILES[key]
-            shape = (n,) if width is None else (n, width)
-            if n == 0 or (width == 0):
+            shape = (n, *width)
+            if n == 0 or 0 in width:
                 return np.zeros(shape, dtype)
             return np.memmap(p / name, dtype=dtype, mode="r", shape=shape)
 
-        group = load("group", None) if meta.get("with_group") else None
-        weight = load("weight", None) if meta.get("with_weight") else None
+        group = load("group") if meta.get("with_group") else None
+        n_labels = meta.get("n_labels", 1)
+        label = load("label") if n_labels == 1 else load("label", n_labels)
+        n_seq = meta.get("n_seq", 0)
+        seq = load("seq", n_seq, meta["seq_max"]) if n_seq else None
+        seq_len = load("seq_len", n_seq) if n_seq else None
+        weight = load("weight") if meta.get("with_weight") else None
         return cls(ids=load("ids", meta["n_sparse"]), dense=load("dense", meta["n_dense"]),
-                   label=load("label", None), group=group, meta=meta, weight=weight)
+                   label=label, group=group, meta=meta, seq=seq, seq_len=seq_len, weight=weight)
 
-    def take(self, index: np.ndarray) -> EncodedData:
+    def _map(self, f: Callable[[np.ndarray], np.ndarray]) -> EncodedData:
+        """The dataset with ``f`` applied to each of its arrays."""
+        def opt(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else f(a)
+        return EncodedData(ids=f(self.ids), dense=f(self.dense), label=f(self.label), group=opt(self.group),
+                           meta=self.meta, seq=opt(self.seq), seq_len=opt(self.seq_len), weight=opt(self.weight))
+
+    def take(self, index: np.ndarray | slice) -> EncodedData:
         """Rows at ``index`` as an in-memory dataset."""
-        return EncodedData(ids=self.ids[index], dense=self.dense[index], label=self.label[index],
-                           group=None if self.group is None else self.group[index], meta=self.meta,
-                           weight=None if self.weight is None else self.weight[index])
+        return self._map(lambda a: a[index])
 
     def in_memory(self) -> EncodedData:
         """The same data read fully into RAM (fast random access for shuffling)."""
-        return EncodedData(ids=np.asarray(self.ids).copy(), dense=np.asarray(self.dense).copy(),
-                           label=np.asarray(self.label).copy(),
-                           group=None if self.group is None else np.asarray(self.group).copy(), meta=self.meta,
-                           weight=None if self.weight is None else np.asarray(self.weight).copy())
+        return self._map(lambda a: np.asarray(a).copy())
 
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays (what loading into memory costs)."""
-        return int(self.ids.nbytes + self.dense.nbytes + self.label.nbytes)
+        return int(sum(a.nbytes for a in (self.ids, self.dense, self.label, self.seq, self.seq_len)
+                       if a is not None))
 
 
 def _resident_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -235,11 +275,9 @@ class BatchIterator:
         if resident is None:
             resident = data.nbytes <= resident_bytes
         self.resident = resident
-        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None
         if resident:
-            self._tensors = (_resident_tensor(data.ids, self.device), _resident_tensor(data.dense, self.device),
-                             _resident_tensor(data.label, self.device),
-                             None if data.weight is None else _resident_tensor(data.weight, self.device))
+            self._tensors = {k: _resident_tensor(v, self.device) for k, v in _parts(data).items()}
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -253,15 +291,15 @@ class BatchIterator:
 
     def _iter_resident(self) -> Iterator[Batch]:
         assert self._tensors is not None
-        ids, dense, label, weight = self._tensors
-        n, bs = len(label), self.batch_size
+        t = self._tensors
+        n, bs = len(t["label"]), self.batch_size
         order = torch.randperm(n, generator=self._gen, device=self._gen.device) if self.shuffle else None
         stop = n - n % bs if self.drop_last else n
         for start in range(0, stop, bs):
             if (share := self._share(start, min(start + bs, n))) is None:
                 continue
             idx = slice(*share) if order is None else order[share[0]:share[1]]
-            yield Batch(ids[idx], dense[idx], label[idx], None if weight is None else weight[idx])
+            yield Batch(**{k: v[idx] for k, v in t.items()})
 
     def _share(self, lo: int, hi: int) -> tuple[int, int] | None:
         """This rank's rows [lo, hi) of the global batch [lo, hi), or None when the batch is skipped."""
@@ -289,34 +327,31 @@ class BatchIterator:
         blocks = np.arange(-(-n // br))
         if self.shuffle:
             self._rng.shuffle(blocks)
-        carry: EncodedData | None = None
+        carry: dict[str, np.ndarray] | None = None
         for w in range(0, len(blocks), self.window_blocks):
             chosen = blocks[w:w + self.window_blocks]
             if self.shuffle:
                 rows = np.concatenate([np.arange(b * br, min((b + 1) * br, n)) for b in chosen])
                 rows = rows[self._rng.permutation(len(rows))]
-                part = self.data.take(rows)
+                part = _parts(self.data.take(rows))
             else:
                 lo, hi = int(chosen[0]) * br, min(int(chosen[-1] + 1) * br, n)
-                part = self.data.take(np.arange(lo, hi))
+                part = _parts(self.data.take(np.arange(lo, hi)))
             if carry is not None:
-                part = EncodedData(np.concatenate([carry.ids, part.ids]), np.concatenate([carry.dense, part.dense]),
-                                   np.concatenate([carry.label, part.label]),
-                                   weight=None if part.weight is None
-                                   else np.concatenate([carry.weight, part.weight]))
+                part = {k: np.concatenate([carry[k], v]) for k, v in part.items()}
                 carry = None
-            m = len(part)
+            m = len(part["label"])
             full = m - m % bs
             for start in range(0, full, bs):
                 if (b := self._to_batch(part, slice(start, start + bs))) is not None:
                     yield b
             if full < m:
-                carry = part.take(np.arange(full, m))
-        if carry is not None and len(carry) and not self.drop_last:
-            if (b := self._to_batch(carry, slice(0, len(carry)))) is not None:
+                carry = {k: v[full:] for k, v in part.items()}
+        if carry is not None and len(carry["label"]) and not self.drop_last:
+            if (b := self._to_batch(carry, slice(0, len(carry["label"])))) is not None:
                 yield b
 
-    def _to_batch(self, part: EncodedData, sl: slice) -> Batch | None:
+    def _to_batch(self, part: dict[str, np.ndarray], sl: slice) -> Batch | None:
         if (share := self._share(sl.start, sl.stop)) is None:
             return None
         sl = slice(*share)
@@ -327,5 +362,14 @@ class BatchIterator:
             # a pinned staging copy makes the transfer asynchronous; the host allocator keeps it until it is done
             return t.pin_memory().to(self.device, non_blocking=True) if cuda else t.to(self.device)
 
-        return Batch(move(part.ids[sl]), move(part.dense[sl]), move(part.label[sl]),
-                     None if part.weight is None else move(part.weight[sl]))
+        return Batch(**{k: move(v[sl]) for k, v in part.items()})
+
+
+def _parts(data: EncodedData) -> dict[str, np.ndarray]:
+    """The arrays of ``data`` that a :class:`Batch` carries, by the Batch's field names."""
+    out = {"ids": data.ids, "dense": data.dense, "label": data.label}
+    if data.seq is not None and data.seq_len is not None:
+        out.update(seq=data.seq, seq_len=data.seq_len)
+    if data.weight is not None:
+        out["weight"] = data.weight
+    return out

@@ -4,7 +4,10 @@ Per sparse field f the ids ``offset_f + k`` are: k = 0 missing, k = 1 out-of-voc
 then the vocabulary in order of decreasing training count (ties by value). Hashed fields use k = 1..N for
 their N buckets (a stable CRC32 of the value); bucketized numerics use k = 1..nb for their quantile bins.
 Dense (numeric) fields are scaled with statistics of the training split; a missing value stays NaN and the
-model gives it a learned embedding. The encoder saves as ``encoder.json`` + ``vocab.parquet``: never pickle.
+model gives it a learned embedding. Multi and sequence fields have an id block of their own laid out the same
+way (the items of every row are counted), or, with ``share_vocab``, use the block of the field they name,
+whose vocabulary is then fitted on both columns; each row's items become a padded block of ids with a length
+(see :mod:`ctrkit.data.dataset`). The encoder saves as ``encoder.json`` + ``vocab.parquet``: never pickle.
 
 ``encode_files`` is the fast path from raw files to encoded datasets: each training row is parsed once.
 Values are matched through polars' 64-bit hash of the string (computed in this process for both the
@@ -340,18 +343,44 @@ class Encoder:
         """Dense field names, in the column order of ``dense``."""
         return [f.name for f in self.schema.dense_fields]
 
+    @property
+    def seq_names(self) -> list[str]:
+        """Multi and sequence field names, in the order of the blocks of ``seq``."""
+        return [f.name for f in self.schema.list_fields]
+
+    @property
+    def seq_max(self) -> int:
+        """Positions of each block of ``seq``: the largest ``max_len`` of the list fields (0 without any)."""
+        return max((f.max_len for f in self.schema.list_fields), default=0)
+
+    def layout(self) -> dict[str, Any]:
+        """Label and sequence widths of an encoded dataset of this encoder (the DatasetWriter keywords)."""
+        return {"n_labels": len(self.schema.label_columns), "n_seq": len(self.seq_names), "seq_max": self.seq_max,
+                "with_weight": bool(self.schema.weight)}
+
+    def labels(self, chunk: pl.DataFrame) -> np.ndarray:
+        """float32 labels of a typed chunk: [n] for one label, [n, T] for T."""
+        cols = self.schema.label_columns
+        if len(cols) == 1:
+            return chunk[cols[0]].to_numpy()
+        return np.stack([chunk[c].to_numpy() for c in cols], axis=1).astype(np.float32, copy=False)
+
     def field_sizes(self) -> list[int]:
         """Number of ids of each sparse field, in ``ids`` column order."""
         self._check_fitted()
         return [self.sizes[n] for n in self.sparse_names]
 
     def _vocab_fields(self) -> list[Field]:
-        return [f for f in self.schema.fields if f.kind == "categorical" and f.hash_buckets is None]
+        return [f for f in self.schema.features if f.kind == "categorical" and f.hash_buckets is None]
+
+    def _list_vocab_fields(self) -> list[Field]:
+        """Multi / sequence fields with a vocabulary of their own."""
+        return [f for f in self.schema.list_fields if f.hash_buckets is None and f.share_vocab is None]
 
     # -- fitting -------------------------------------------------------------------------------------
     def _begin_fit(self, seed: int = 0) -> None:
         self._seed = int(seed)
-        self._cat_stats = {f.name: _CatStats() for f in self._vocab_fields()}
+        self._cat_stats = {f.name: _CatStats() for f in self._vocab_fields() + self._list_vocab_fields()}
         self._num_stats = {f.name: _NumStats() for f in self.schema.fields if f.kind == "numeric"}
         self.train_rows = 0
 
@@ -367,6 +396,10 @@ class Encoder:
         self.train_rows += chunk.height
         out = {f"i:{f.name}": self._cat_stats[f.name].add(hashes[f"h:{f.name}"].to_numpy(), chunk[f.name])
                for f in self._vocab_fields()}
+        for f in self.schema.list_fields:
+            if f.hash_buckets is None:
+                items = _items(chunk[f.name])
+                self._cat_stats[f.share_vocab or f.name].add(items.hash(seed=_SEED).to_numpy(), items)
         for name, st in self._num_stats.items():
             f = self.schema.field(name)
             raw = _numeric(chunk, name)
@@ -389,8 +422,10 @@ class Encoder:
         offset = 0
         remaps: dict[str, np.ndarray] = {}
         self.vocab, self.counts, self.boundaries, self.moments, self.sizes, self.offsets = {}, {}, {}, {}, {}, {}
-        for f in self.schema.fields:
-            if f.kind == "categorical" and f.hash_buckets is None:
+        for f in self.schema.features:
+            if f.share_vocab is not None:
+                continue  # the block of the field it names
+            if f.kind in ("categorical", "multi", "sequence") and f.hash_buckets is None:
                 st = self._cat_stats[f.name]
                 st.add_blanks()
                 seen = st.table_of_counts()
@@ -404,7 +439,7 @@ class Encoder:
                 self.vocab[f.name] = values.rename(f.name)
                 self.counts[f.name] = counts
                 self.sizes[f.name] = 2 + len(values)
-            elif f.kind == "categorical":
+            elif f.kind != "numeric":
                 self.sizes[f.name] = 1 + int(f.hash_buckets or 0)
             else:
                 st = self._num_stats[f.name]
@@ -416,9 +451,12 @@ class Encoder:
                     qs = np.quantile(sample, np.linspace(0, 1, f.n_buckets + 1)[1:-1]) if len(sample) else np.zeros(0)
                     self.boundaries[f.name] = np.unique(qs)
                     self.sizes[f.name] = 2 + len(self.boundaries[f.name])
-            if f.is_sparse:
+            if f.is_sparse or f.is_list:
                 self.offsets[f.name] = offset
                 offset += self.sizes[f.name]
+        for f in self.schema.list_fields:
+            if f.share_vocab is not None:
+                self.offsets[f.name] = self.offsets[f.share_vocab]
         self.n_ids = offset
         self._remap = {k: v + self.offsets[k] for k, v in remaps.items()}
         # until _drop_fit_state, values are looked up in the fitting tables (hash -> index) and remapped:
@@ -484,11 +522,7 @@ class Encoder:
         for j, f in enumerate(self.schema.sparse_fields):
             off = self.offsets[f.name]
             if f.kind == "categorical" and f.hash_buckets is None:
-                h = hashes[f"h:{f.name}"].to_numpy()
-                if f.name in self._fit_tables:  # inside encode_files: every value seen while fitting is there
-                    ids[:, j] = self._remap[f.name][self._fit_tables[f.name].lookup(h)]
-                else:
-                    ids[:, j] = self._lookup_tables()[f.name].lookup(h)
+                ids[:, j] = self._vocab_ids(f.name, hashes[f"h:{f.name}"].to_numpy())
             elif f.kind == "categorical":
                 ids[:, j] = _hash_buckets(chunk[f.name], int(f.hash_buckets or 1)) + off
             else:
@@ -496,6 +530,44 @@ class Encoder:
         dense = self._unscaled_dense(chunk, {})
         self._scale(dense)
         return ids, dense
+
+    def _vocab_ids(self, name: str, hashes: np.ndarray) -> np.ndarray:
+        """Global ids of values of the vocabulary field ``name`` given their hashes (OOV where unseen)."""
+        if name in self._fit_tables:  # inside encode_files: every value seen while fitting is there
+            return self._remap[name][self._fit_tables[name].lookup(hashes)]
+        return self._lookup_tables()[name].lookup(hashes)
+
+    def sequences(self, chunk: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Padded id blocks int32 [n, n_seq, seq_max] and lengths int32 [n, n_seq] of a typed chunk's multi
+        and sequence fields.
+
+        A multi field keeps its first ``max_len`` items and an empty or missing set becomes the field's
+        missing id (length 1); a sequence keeps its last ``max_len`` items and may be empty (length 0).
+        Padding holds the field's missing id. All rows of a field are done at once, from flat arrays.
+        """
+        self._check_fitted()
+        fields = self.schema.list_fields
+        n = chunk.height
+        seq = np.empty((n, len(fields), self.seq_max), np.int32)
+        lengths = np.empty((n, len(fields)), np.int32)
+        for j, f in enumerate(fields):
+            col = chunk[f.name]
+            col = col.list.tail(f.max_len) if f.kind == "sequence" else col.list.head(f.max_len)
+            lens = col.list.len().fill_null(0).to_numpy().astype(np.int32)
+            items = _items(col)
+            off = self.offsets[f.name]
+            if f.hash_buckets is not None:
+                ids = _hash_buckets(items, int(f.hash_buckets)) + off
+            else:
+                ids = self._vocab_ids(f.share_vocab or f.name, items.hash(seed=_SEED).to_numpy())
+            seq[:, j, :] = off + MISSING
+            rows = np.repeat(np.arange(n), lens)
+            starts = np.cumsum(lens) - lens
+            seq[rows, j, np.arange(len(rows)) - np.repeat(starts, lens)] = ids
+            if f.kind == "multi":
+                lens = np.maximum(lens, 1)
+            lengths[:, j] = lens
+        return seq, lengths
 
     def _bin(self, name: str, values: np.ndarray) -> np.ndarray:
         """Quantile bin 1..nb of each value of a bucketized field, 0 where missing."""
@@ -571,14 +643,14 @@ class Encoder:
         self._check_fitted()
         report = report if report is not None else ReadReport()
         writer = DatasetWriter(out_dir, len(self.sparse_names), len(self.dense_names), bool(self.schema.group),
-                               bool(self.schema.weight))
+                               **self.layout())
         chunks = iter_chunks(source, self.schema, report=report, **read_kwargs)
         try:
             with Prefetch((c, self._hashes(c)) for c in chunks) as stream:
                 for chunk, hashes in stream:
                     ids, dense = self._encode(chunk, hashes)
-                    writer.append(ids, dense, chunk[self.schema.label].to_numpy(), self.group_ids(chunk),
-                                  self.weights(chunk))
+                    writer.append(ids, dense, self.labels(chunk), self.group_ids(chunk),
+                                  *(self.sequences(chunk) if self.seq_names else ()), weight=self.weights(chunk))
         except BaseException:
             writer.abort()
             raise
@@ -627,7 +699,7 @@ class Encoder:
         enc.moments = {k: (float(a), float(b)) for k, (a, b) in meta["moments"].items()}
         enc.boundaries = {k: np.asarray(v, dtype=np.float64) for k, v in meta["boundaries"].items()}
         vocab = pl.read_parquet(p / "vocab.parquet")
-        for f in enc._vocab_fields():
+        for f in enc._vocab_fields() + enc._list_vocab_fields():
             part = vocab.filter(pl.col("field") == f.name)
             if part.height + 2 != enc.sizes[f.name]:
                 raise EncoderError(f"{p}: vocabulary of {f.name!r} has {part.height} values, metadata says "
@@ -636,6 +708,13 @@ class Encoder:
             enc.counts[f.name] = part["count"].to_numpy()
         enc.fitted = True
         return enc
+
+
+def _items(column: pl.Series) -> pl.Series:
+    """The items of a List(String) column, row after row (a missing list adds none)."""
+    import pyarrow.compute as pc
+
+    return pl.Series(column.name, pc.list_flatten(column.to_arrow()), dtype=pl.String)
 
 
 def _is_chunk_iter(source: object) -> bool:
@@ -754,18 +833,18 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
     parts = _Parts(tmp)
     stream: Prefetch[tuple[str, pl.DataFrame, pl.DataFrame]] | None = None
     held = _held_parts(parts) if valid is None else None  # with `valid`, the fit pass writes training rows
-    n_sparse, n_dense = len(enc.sparse_names), len(enc.dense_names)
+    n_sparse, n_dense, layout = len(enc.sparse_names), len(enc.dense_names), enc.layout()
     writers: dict[str, DatasetWriter] = {}
     written: list[int] = []  # rows of each training chunk written by the fit pass
-    binned = [f.name for f in schema.sparse_fields if f.kind == "numeric"]  # only these need raw values later
+    # only these need raw values later
+    binned = [f.name for f in schema.sparse_fields if f.kind == "numeric"] + enc.seq_names
     try:
         chunks = iter_chunks(train, schema, report=reports["train"], bad_rows=bad_rows, **read_kwargs)
         # one reader for every file: the other files are parsed while the last training chunk is fitted on
         # and the vocabularies are finished
         stream = Prefetch(_read_all(enc, chunks, sources, reports, bad_rows, read_kwargs))
         if valid is not None:
-            writers["train"] = DatasetWriter(out / "train", n_sparse, n_dense, bool(schema.group),
-                                             bool(schema.weight))
+            writers["train"] = DatasetWriter(out / "train", n_sparse, n_dense, bool(schema.group), **layout)
         ahead: list[tuple[str, pl.DataFrame, pl.DataFrame]] = []  # the first chunk of another file
         for name, chunk, hashes in stream:
             if name != "train":
@@ -773,8 +852,8 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
                 break
             if valid is not None:
                 ids, dense = enc._fitting_ids(chunk, enc._observe(chunk, hashes))
-                writers["train"].append(ids, dense, chunk[schema.label].to_numpy(), enc.group_ids(chunk),
-                                        enc.weights(chunk))
+                writers["train"].append(ids, dense, enc.labels(chunk), enc.group_ids(chunk),
+                                        weight=enc.weights(chunk))
                 written.append(chunk.height)
                 if binned:
                     parts.append(chunk.select(binned))
@@ -821,24 +900,29 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
             raise EncoderError(_no_rows(train, reports["train"]))
         enc._finish_fit()
         names = [k for k, _ in sources] + (["train", "valid"] if valid is None else [])
-        writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group), bool(schema.weight))
-                        for k in names})
+        writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group), **layout) for k in names})
         raw = parts.drain() if binned else None
 
         def finish(ids: np.ndarray, dense: np.ndarray) -> None:
-            enc._finish_ids(ids, dense, None if raw is None else next(raw))
+            part = None if raw is None else next(raw)
+            enc._finish_ids(ids, dense, part)
+            if enc.seq_names:
+                assert part is not None
+                writers["train"].append_seq(*enc.sequences(part))
 
         def write(name: str, chunk: pl.DataFrame, encoded: Future[tuple[np.ndarray, np.ndarray]]) -> None:
             ids, dense = encoded.result()
-            label = chunk[schema.label].to_numpy()
+            label = enc.labels(chunk)
             group, weight = enc.group_ids(chunk), enc.weights(chunk)
+            seq = enc.sequences(chunk) if enc.seq_names else None
             if name == "train" and valid is None:
                 m = chunk["_valid"].to_numpy()
                 for k, sel in (("train", ~m), ("valid", m)):
                     writers[k].append(ids[sel], dense[sel], label[sel], None if group is None else group[sel],
-                                      None if weight is None else weight[sel])
+                                      *(() if seq is None else (seq[0][sel], seq[1][sel])),
+                                      weight=None if weight is None else weight[sel])
             else:
-                writers[name].append(ids, dense, label, group, weight)
+                writers[name].append(ids, dense, label, group, *(() if seq is None else seq), weight=weight)
 
         # Two chunks are encoded at a time (numpy and polars release the GIL) and written in order, while
         # the training rows written by the fit pass are completed in place; the training parts the fit pass

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ctrkit.schema import Schema, SchemaError
+from ctrkit.schema import Field, Schema, SchemaError
 from ctrkit.validate import DataError, coerce_chunk, needed_columns
 
 __all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "has_header_line",
@@ -315,7 +315,8 @@ def _csv_chunks(path: str | Path, schema: Schema | None, fmt: str, report: ReadR
     names, header = _csv_layout(path, schema, sep, has_header)
     # numbers are parsed as numbers on the fast path (a label too: casting its strings later costs more);
     # a block where one does not parse goes to the careful path, which reports the row
-    num_fields = {f.name for f in schema.fields if f.kind == "numeric"} | {schema.label} if schema else set()
+    num_fields = ({f.name for f in schema.fields if f.kind == "numeric"} | set(schema.label_columns)
+                  if schema else set())
     dtypes: dict[str, pl.DataType] = {n: (pl.Float64() if n in num_fields else pl.String()) for n in names}
     proj = [names.index(c) for c in usecols] if usecols else None
     line_no = 2 if header else 1
@@ -598,8 +599,6 @@ def _take_lines(fh: IO[bytes], n: int) -> Iterator[bytes]:
 
 def libfm_schema(field_names: list[str], label: str = "label") -> Schema:
     """The schema of a libFM file whose k-th token is field k (all categorical)."""
-    from ctrkit.schema import Field
-
     if not field_names:
         raise SchemaError("--fields needs at least one name")
     return Schema(fields=[Field(name=n, kind="categorical") for n in field_names], label=label)

@@ -152,3 +152,17 @@ def evaluate(y: np.ndarray, p: np.ndarray, group: np.ndarray | None = None,
     if group is not None:
         out["gauc"] = group_auc(y, p, group, w)
     return out
+
+
+def evaluate_heads(y: np.ndarray, p: np.ndarray, names: list[str] | tuple[str, ...] = (),
+                   group: np.ndarray | None = None, weight: np.ndarray | None = None) -> dict[str, Any]:
+    """:func:`evaluate` of the first head, plus ``heads`` (the metrics of every head by label name) when
+    ``p`` is [n, T]; one-head predictions of multi-label data are scored against the first label."""
+    y, p = np.asarray(y), np.asarray(p)
+    if p.ndim == 1:
+        return evaluate(y if y.ndim == 1 else y[:, 0], p, group, weight)
+    if y.shape != p.shape:
+        raise ValueError(f"labels {y.shape} and predictions {p.shape} differ in shape")
+    names = list(names) or [f"head{t}" for t in range(p.shape[1])]
+    heads = {name: evaluate(y[:, t], p[:, t], group, weight) for t, name in enumerate(names)}
+    return {**heads[names[0]], "heads": heads}

@@ -89,6 +89,7 @@ class CTRModel(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    multi_head: ClassVar[bool] = False  # True: logits [B, T], one head per label of the spec
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     defaults: ClassVar[dict[str, Any]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}

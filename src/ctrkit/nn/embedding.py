@@ -1,12 +1,15 @@
 """One embedding table for every sparse field (ids already offset into a global space) plus numeric fields.
 
 A numeric field j with value x gets the vector ``x * v_j`` (and a learned ``m_j`` when the value is missing),
-so numeric fields take part in pairwise interactions and the MLP exactly like categorical ones.
+so numeric fields take part in pairwise interactions and the MLP exactly like categorical ones. A multi or
+sequence field is pooled (masked mean or sum of its items' vectors) into one field vector, so every model uses
+it; models that attend over a sequence (DIN) also get the unpooled vectors and their mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,12 +19,23 @@ from ctrkit.data.dataset import Batch
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What a model needs to know about its inputs: the id space and the field layout."""
+    """What a model needs to know about its inputs: the id space, the field layout and the label heads.
+
+    ``seq_*`` describe the blocks of ``Batch.seq`` (multi and sequence fields): kind, pooling and the
+    categorical field whose vocabulary a sequence shares (its candidate, for target attention), or "".
+    ``label_names`` are the label columns, one output head each (empty: one head).
+    """
 
     n_ids: int
     field_sizes: tuple[int, ...]
     sparse_names: tuple[str, ...]
     dense_names: tuple[str, ...]
+    seq_names: tuple[str, ...] = ()
+    seq_kinds: tuple[str, ...] = ()
+    seq_pooling: tuple[str, ...] = ()
+    seq_targets: tuple[str, ...] = ()
+    seq_max: int = 0
+    label_names: tuple[str, ...] = ()
 
     @property
     def n_sparse(self) -> int:
@@ -34,9 +48,19 @@ class FeatureSpec:
         return len(self.dense_names)
 
     @property
+    def n_seq(self) -> int:
+        """Number of multi and sequence fields (blocks of ``seq``)."""
+        return len(self.seq_names)
+
+    @property
     def n_fields(self) -> int:
-        """All fields, the unit of pairwise interactions."""
-        return self.n_sparse + self.n_dense
+        """All fields, the unit of pairwise interactions: id fields, pooled list fields, numeric fields."""
+        return self.n_sparse + self.n_seq + self.n_dense
+
+    @property
+    def n_labels(self) -> int:
+        """Number of label heads (at least one)."""
+        return max(len(self.label_names), 1)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (saved in a bundle)."""
@@ -44,16 +68,39 @@ class FeatureSpec:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> FeatureSpec:
-        """Inverse of :meth:`to_dict`."""
-        return cls(n_ids=int(d["n_ids"]), field_sizes=tuple(d["field_sizes"]),  # type: ignore[arg-type]
-                   sparse_names=tuple(d["sparse_names"]), dense_names=tuple(d["dense_names"]))  # type: ignore[arg-type]
+    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
+        """Inverse of :meth:`to_dict`; a spec saved before the list fields and heads existed loads too."""
+        tuples = {k: tuple(d.get(k, ())) for k in ("field_sizes", "sparse_names", "dense_names", "seq_names",
+                                                   "seq_kinds", "seq_pooling", "seq_targets", "label_names")}
+        return cls(n_ids=int(d["n_ids"]), seq_max=int(d.get("seq_max", 0)), **tuples)
 
     @classmethod
-    def from_encoder(cls, encoder: object) -> FeatureSpec:
+    def from_encoder(cls, encoder: Any) -> FeatureSpec:
         """The spec of a fitted :class:`ctrkit.data.encode.Encoder`."""
-        return cls(n_ids=encoder.n_ids, field_sizes=tuple(encoder.field_sizes()),  # type: ignore[attr-defined]
-                   sparse_names=tuple(encoder.sparse_names), dense_names=tuple(encoder.dense_names))  # type: ignore[attr-defined]
+        lists = encoder.schema.list_fields
+        labels = encoder.schema.label_columns
+        return cls(n_ids=encoder.n_ids, field_sizes=tuple(encoder.field_sizes()),
+                   sparse_names=tuple(encoder.sparse_names), dense_names=tuple(encoder.dense_names),
+                   seq_names=tuple(f.name for f in lists), seq_kinds=tuple(f.kind for f in lists),
+                   seq_pooling=tuple(f.pooling for f in lists),
+                   seq_targets=tuple(f.share_vocab or "" for f in lists), seq_max=encoder.seq_max,
+                   label_names=tuple(labels) if len(labels) > 1 else ())
+
+
+def sequence_mask(batch: Batch, length: int) -> torch.Tensor:
+    """bool [B, Fq, L]: True at the positions of ``batch.seq`` that hold an id (before the row's length)."""
+    assert batch.seq_len is not None
+    return torch.arange(length, device=batch.seq_len.device) < batch.seq_len.unsqueeze(-1)
+
+
+def pool(values: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Masked pooling of values [B, Fq, L, ...] over L: the sum, divided by the count where ``mean`` [Fq]."""
+    m = mask.to(values.dtype)
+    m = m.view(*m.shape, *([1] * (values.dim() - m.dim())))
+    total = (values * m).sum(dim=2)
+    count = m.sum(dim=2).clamp_min(1.0)
+    scale = torch.where(mean.view(1, -1, *([1] * (total.dim() - 2))), 1.0 / count, torch.ones_like(count))
+    return total * scale
 
 
 class FeatureEmbedding(nn.Module):
@@ -74,12 +121,29 @@ class FeatureEmbedding(nn.Module):
         nn.init.normal_(self.table.weight, std=init_std)
         self.dense_vec = nn.Parameter(torch.randn(spec.n_dense, dim) * init_std)
         self.dense_missing = nn.Parameter(torch.randn(spec.n_dense, dim) * init_std)
+        self.register_buffer("_mean", torch.tensor([p == "mean" for p in spec.seq_pooling], dtype=torch.bool),
+                             persistent=False)
+
+    def sequences(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unpooled item vectors [B, Fq, L, dim] of the multi / sequence fields and their mask [B, Fq, L]."""
+        if batch.seq is None or batch.seq_len is None:
+            raise ValueError(f"the model was built for the list fields {list(self.spec.seq_names)}, but the batch "
+                             "carries no seq / seq_len")
+        return self.table(batch.seq), sequence_mask(batch, batch.seq.shape[-1])
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        return self.fields(batch)
+
+    def fields(self, batch: Batch, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Field vectors [B, F, dim]; ``pooled`` [B, Fq, dim] replaces the default pooling of the list fields."""
         ids, dense = batch.ids, batch.dense
         parts = []
         if self.spec.n_sparse:
             parts.append(self.table(ids))
+        if self.spec.n_seq:
+            if pooled is None:
+                pooled = pool(*self.sequences(batch), self._mean)
+            parts.append(pooled)
         if self.spec.n_dense:
             missing = torch.isnan(dense).unsqueeze(-1)
             x = torch.nan_to_num(dense, nan=0.0).unsqueeze(-1)
@@ -104,6 +168,11 @@ class FeatureLinear(nn.Module):
         out = self.bias.expand(ids.shape[0] if ids.dim() == 2 else dense.shape[0])
         if self.spec.n_sparse:
             out = out + self.table(ids).squeeze(-1).sum(dim=1)
+        if self.spec.n_seq:
+            assert batch.seq is not None
+            mean = torch.tensor([p == "mean" for p in self.spec.seq_pooling], device=out.device)
+            out = out + pool(self.table(batch.seq).squeeze(-1), sequence_mask(batch, batch.seq.shape[-1]),
+                             mean).sum(dim=1)
         if self.spec.n_dense:
             missing = torch.isnan(dense)
             x = torch.nan_to_num(dense, nan=0.0)

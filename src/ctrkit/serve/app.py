@@ -39,7 +39,8 @@ from ctrkit.schema import SchemaError
 from ctrkit.serve.bundle import Bundle, BundleError
 from ctrkit.serve.events import EventLog, EventLogError
 from ctrkit.serve.monitor import LiveMonitor
-from ctrkit.serve.rank import RESERVED, choose, objective_scores, records_frame
+from ctrkit.serve.rank import RESERVED, choose, objective_scores
+from ctrkit.validate import records_frame
 
 MAX_BATCH = 10_000
 MAX_BODY_BYTES = 32 << 20
@@ -297,7 +298,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Calibrated pCTR of every record, in order."""
         check_size(len(req.records), "records")
         cur: _Live = state["live"]
-        p = cur.bundle.predict(records_frame(cur.bundle.schema, req.records)) if req.records else np.zeros(0)
+        p = cur.bundle.predict(records_frame(req.records, cur.bundle.schema, extra=())) if req.records else np.zeros(0)
         metrics.scored.inc(len(p))
         monitor.scored(p)
         return {"pctr": p.tolist(), "bundle": cur.version}
@@ -307,7 +308,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         """The top k candidates by pCTR or eCPM, with exploration, propensities and impression ids."""
         check_size(len(req.candidates), "candidates")
         cur: _Live = state["live"]
-        frame = records_frame(cur.bundle.schema, req.candidates, req.context, allowed_extra=RESERVED)
+        frame = records_frame(req.candidates, cur.bundle.schema, req.context, extra=RESERVED)
         pctr = cur.bundle.predict(frame)
         metrics.scored.inc(len(pctr))
         monitor.scored(pctr)

@@ -1,7 +1,8 @@
 """Bundle: schema, encoder, weights, calibrator, metrics and versions in one folder, the unit of deployment.
 
 A bundle scores raw records (dicts or a DataFrame) through :mod:`ctrkit.validate`: unseen categories get the
-field's OOV id, missing optional values (None) its missing id. A key or column that is absent, a required
+field's OOV id, missing optional values (None) its missing id; a multi or sequence field takes a list or a
+string of items split at its ``sep``. A model with several heads predicts each (one column per label). A key or column that is absent, a required
 field without a value, a value of the wrong type or a non-finite number raise a
 :class:`ctrkit.validate.DataError` that names the field and the record.
 Weights are safetensors; nothing in a bundle is ever unpickled. ``manifest.json`` holds the sha256 of every
@@ -31,7 +32,7 @@ from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
 from ctrkit.data.readers import ReadReport, Source, iter_chunks
 from ctrkit.evaluate.calibrate import Calibrator
-from ctrkit.evaluate.metrics import evaluate
+from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel, build_model, model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
@@ -121,7 +122,8 @@ class Bundle:
         self.run = self.info.get("run") or uuid.uuid4().hex[:16]
         self.info["run"] = self.run
         # Scoring reads the feature columns only: time, group and label are not needed to score.
-        self._features = Schema(fields=schema.fields, label=schema.label, columns=schema.columns)
+        self._features = Schema(fields=schema.fields, label=schema.label, columns=schema.columns,
+                                crosses=schema.crosses)
         self.model.eval()
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -230,12 +232,13 @@ class Bundle:
         return good
 
     def predict(self, records: Records, batch_size: int = 65536) -> np.ndarray:
-        """Click probabilities for raw records (a dict, a list of dicts, or a polars/pandas DataFrame)."""
+        """Click probabilities for raw records (a dict, a list of dicts, or a polars/pandas DataFrame): [n], or
+        [n, T] for a model with a head per label (columns in the order of ``schema.label_columns``)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         good = self._frame(records)
         if good.height == 0:
-            return np.zeros(0, dtype=np.float64)
+            return np.zeros((0, self._heads) if self._heads > 1 else 0, dtype=np.float64)
         return self._score(good, batch_size)
 
     def _check_required(self, df: pl.DataFrame, where: str = "row") -> None:
@@ -248,19 +251,26 @@ class Bundle:
     @torch.no_grad()
     def _logits(self, df: pl.DataFrame, batch_size: int = 65536) -> np.ndarray:
         device = next(self.model.parameters()).device
-        out = np.empty(df.height, dtype=np.float64)
+        out = np.empty((df.height, self._heads) if self._heads > 1 else df.height, dtype=np.float64)
         for start in range(0, df.height, batch_size):
             part = df.slice(start, batch_size)
             ids, dense = self.encoder.transform_frame(part)
-            logits = self.model(Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device)))
-            out[start:start + part.height] = logits.double().cpu().numpy()
+            seq = [torch.from_numpy(a).to(device) for a in self.encoder.sequences(part)] \
+                if self.encoder.seq_names else [None, None]
+            batch = Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device), None, None, *seq)
+            out[start:start + part.height] = self.model(batch).double().cpu().numpy()
         if not np.isfinite(out).all():
-            first = int(np.flatnonzero(~np.isfinite(out))[0])
+            first = int(np.flatnonzero(~np.isfinite(out))[0]) // (self._heads if out.ndim == 2 else 1)
             raise BundleError(f"the model gave a non-finite score for row {df['_line'][first]}")
         return out
 
     def _score(self, df: pl.DataFrame, batch_size: int) -> np.ndarray:
         return self.calibrator(self._logits(df, batch_size))
+
+    @property
+    def _heads(self) -> int:
+        """Number of probabilities per record: the model's heads (1 for a single-task model)."""
+        return self.model.spec.n_labels if getattr(self.model, "multi_head", False) else 1
 
     def predict_file(self, source: Source, **read_kwargs: Any) -> np.ndarray:
         """Score every row of a file, in order; any unparseable row is an error naming its line."""
@@ -284,7 +294,7 @@ class Bundle:
         for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
             self._check_required(chunk)
             cols["logits"].append(self._logits(chunk))
-            cols["label"].append(chunk[self.schema.label].to_numpy())
+            cols["label"].append(self.encoder.labels(chunk))
             for key, values in (("weight", self.encoder.weights(chunk)), ("group", self.encoder.group_ids(chunk))):
                 if values is not None:
                     cols[key].append(values)
@@ -294,7 +304,8 @@ class Bundle:
 
     def evaluate(self, source: Source, **read_kwargs: Any) -> tuple[dict[str, Any], ReadReport]:
         """Metrics of the served probabilities on a labelled file or frame (weighted when the schema has a
-        weight column); bad rows are counted and reported."""
+        weight column; per head for a multi-task model); bad rows are counted and reported."""
         report = ReadReport()
         d = self.labelled_logits(source, report, **read_kwargs)
-        return evaluate(d["label"], self.calibrator(d["logits"]), d["group"], d["weight"]), report
+        return evaluate_heads(d["label"], self.calibrator(d["logits"]), self.model.spec.label_names, d["group"],
+                              d["weight"]), report

@@ -2,7 +2,7 @@
 
 Each loss is a pure function ``loss(logits, label, weight) -> scalar``: the weighted mean over the batch,
 sum(w_i * l_i) / sum(w_i), so the scale of the weights does not change the step size. ``weight=None`` means
-every row weighs 1.
+every row weighs 1. With logits and labels [B, T] (T heads) a row's loss is the sum over its heads.
 """
 
 from __future__ import annotations
@@ -22,7 +22,16 @@ def _fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def _heads(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits in fp32 at least, and the labels they are scored against: a one-head model of multi-label data
+    learns the first label; logits and labels [B, T] are T heads."""
+    logits = _fp32(logits)
+    return logits, label[:, 0] if logits.dim() == 1 and label.dim() == 2 else label
+
+
 def _weighted_mean(per_row: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """sum(w_i l_i) / sum(w_i), where l_i sums the heads of row i."""
+    per_row = per_row.sum(dim=1) if per_row.dim() == 2 else per_row
     if weight is None:
         return per_row.mean()
     return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
@@ -30,7 +39,8 @@ def _weighted_mean(per_row: torch.Tensor, weight: torch.Tensor | None) -> torch.
 
 def bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """-[y log p + (1 - y) log(1 - p)], p = sigmoid(logit)."""
-    return _weighted_mean(F.binary_cross_entropy_with_logits(_fp32(logits), label, reduction="none"), weight)
+    logits, label = _heads(logits, label)
+    return _weighted_mean(F.binary_cross_entropy_with_logits(logits, label, reduction="none"), weight)
 
 
 def weighted_bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None, *,
@@ -40,7 +50,7 @@ def weighted_bce(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
     The optimum is the odds multiplied by ``pos_weight``; the bundle divides them back (see
     :func:`ctrkit.training.sampling.logit_shift`), so served probabilities stay unbiased.
     """
-    logits = _fp32(logits)
+    logits, label = _heads(logits, label)
     per_row = F.binary_cross_entropy_with_logits(logits, label, reduction="none",
                                                  pos_weight=torch.tensor(pos_weight, dtype=logits.dtype,
                                                                       device=logits.device))
@@ -53,7 +63,7 @@ def focal(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None
 
     It down-weights easy rows; its probabilities are not calibrated, so pair it with ``--calibrate``.
     """
-    logits = _fp32(logits)
+    logits, label = _heads(logits, label)
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
     p_true = label * p + (1 - label) * (1 - p)

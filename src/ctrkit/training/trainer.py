@@ -24,7 +24,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctrkit.data.dataset import BatchIterator, EncodedData
-from ctrkit.evaluate.metrics import evaluate
+from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel
 from ctrkit.training.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from ctrkit.training.distributed import broadcast, setup, total
@@ -177,14 +177,17 @@ def seed_everything(seed: int) -> None:
 @torch.no_grad()
 def predict_logits(model: CTRModel, data: EncodedData, batch_size: int = 65536,
                    device: str | torch.device = "cpu") -> np.ndarray:
-    """The model's logits for every row of ``data`` (eval mode, no gradients), in row order."""
+    """The model's logits for every row of ``data`` (eval mode, no gradients), in row order: [n], or [n, T] for a
+    model with T heads."""
     was_training = model.training
     model.eval()
-    out = np.empty(len(data), dtype=np.float64)
+    out = np.empty(0, dtype=np.float64)
     pos = 0
     for batch in BatchIterator(data, batch_size=batch_size, shuffle=False, device=device, resident=False,
                                block_rows=batch_size, window_blocks=1):
         z = model(batch).double().cpu().numpy()
+        if pos == 0:
+            out = np.empty((len(data), *z.shape[1:]), dtype=np.float64)
         out[pos:pos + len(z)] = z
         pos += len(z)
     model.train(was_training)
@@ -245,8 +248,9 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     world, device = setup(cfg.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma)
     model.fit_features(train_data)
-    if cfg.init_bias and cfg.loss != "focal":
-        init_output_bias(model, prior_logit(train_data.label, train_data.weight,
+    if cfg.init_bias and cfg.loss != "focal" and not getattr(model, "multi_head", False):
+        clicks = np.asarray(train_data.label)  # a one-head model of multi-label data learns the first label
+        init_output_bias(model, prior_logit(clicks if clicks.ndim == 1 else clicks[:, 0], train_data.weight,
                                             cfg.pos_weight if cfg.loss == "weighted" else 1.0))
     model.to(device)
     lr = cfg.lr
@@ -257,7 +261,9 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     train_step = TrainStep(model, device, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                            bf16=precision == "bf16", rule=rule, compile=cfg.compile, loss=loss_fn,
                            ddp=world.distributed)
-    monitor = resolve_monitor(cfg.monitor, 0 if valid_data is None else int(np.asarray(valid_data.label).sum()))
+    valid_label = None if valid_data is None else np.asarray(valid_data.label)
+    monitor = resolve_monitor(cfg.monitor, 0 if valid_label is None else  # clicks: the first label
+                              int((valid_label if valid_label.ndim == 1 else valid_label[:, 0]).sum()))
     result = TrainResult(precision=precision, monitor=monitor)
     best: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -387,11 +393,12 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 m = None
                 if world.main:
                     p = predict_proba(model, valid_data, cfg.eval_batch_size, device, cfg.logit_shift)
-                    m = evaluate(np.asarray(valid_data.label), p,
-                                 weight=None if valid_data.weight is None else np.asarray(valid_data.weight))
+                    m = evaluate_heads(np.asarray(valid_data.label), p, model.spec.label_names,
+                                       weight=None if valid_data.weight is None else np.asarray(valid_data.weight))
                 m = broadcast(m)
                 record["valid"] = {k: m[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")}
-                score = _score(monitor, m)
+                # several heads: stop on their mean
+                score = float(np.mean([_score(monitor, h) for h in m.get("heads", {"": m}).values()]))
                 if _better(score, best):
                     best, bad_epochs = score, 0
                     result.best_epoch, result.best_valid = epoch, m
