@@ -155,6 +155,9 @@ def train(
                         log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
     except USER_ERRORS as exc:
         _fail(str(exc))
+    from ctrkit.training.distributed import world
+    if not world().main:
+        return  # under torchrun, rank 0 reports the run
     if quiet:
         reports = run.reports.values()
         rejected = [r for r in reports if r["bad_rows"]]

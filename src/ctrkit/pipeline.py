@@ -28,6 +28,7 @@ from ctrkit.data.dataset import EncodedData
 from ctrkit.evaluate.calibrate import CHOICES as CALIBRATE_CHOICES, Calibrator, fit_calibrator
 from ctrkit.evaluate.report import render_report, save_report_data
 from ctrkit.serve.monitor import reference_distribution
+from ctrkit.training.distributed import world
 from ctrkit.training.sampling import downsample_negatives, logit_shift
 from ctrkit.training.trainer import TrainConfig, TrainResult, predict_logits, train as train_model
 from ctrkit.validate import DataError, check_labels
@@ -171,7 +172,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         net.to("cpu")
         bundle = Bundle(sch, enc.encoder, net, model, metrics, {"version": 1}, calibrator)
-        if out:
+        if out and world().main:  # under torchrun, rank 0 writes the run's files
             bundle.save(Path(out) / "bundle")
             (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
             save_report_data(Path(out), {k: _first_head(o) for k, o in outputs.items()}, calibrator, enc.encoder,

@@ -250,14 +250,21 @@ class BatchIterator:
     ``resident_bytes``: 4 GiB on a CPU, half the free memory of a GPU) the whole dataset is moved to ``device``
     once and batches are gathered there, which is the fast path on a GPU and avoids a copy per batch on a CPU.
     Streamed batches go to a GPU through pinned memory, so the copy overlaps the steps queued before it.
+
+    With ``world_size`` > 1 (data-parallel training) every rank draws the same order of global batches of
+    ``batch_size`` rows and yields only its contiguous share of each (the first ``n % world_size`` ranks get one
+    row more); a global batch too small to give every rank two rows is skipped by all of them.
     """
 
     def __init__(self, data: EncodedData, batch_size: int = 4096, shuffle: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", drop_last: bool = False, block_rows: int = 1 << 16,
                  window_blocks: int = 16, resident: bool | None = None,
-                 resident_bytes: int | None = None) -> None:
+                 resident_bytes: int | None = None, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+        self.rank, self.world_size = rank, world_size
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
         self.device = torch.device(device)
         self.drop_last, self.block_rows, self.window_blocks = drop_last, block_rows, window_blocks
@@ -289,12 +296,22 @@ class BatchIterator:
         order = torch.randperm(n, generator=self._gen, device=self._gen.device) if self.shuffle else None
         stop = n - n % bs if self.drop_last else n
         for start in range(0, stop, bs):
-            if order is None:
-                sl = slice(start, min(start + bs, n))
-                yield Batch(**{k: v[sl] for k, v in t.items()})
-            else:
-                idx = order[start:start + bs]
-                yield Batch(**{k: v[idx] for k, v in t.items()})
+            if (share := self._share(start, min(start + bs, n))) is None:
+                continue
+            idx = slice(*share) if order is None else order[share[0]:share[1]]
+            yield Batch(**{k: v[idx] for k, v in t.items()})
+
+    def _share(self, lo: int, hi: int) -> tuple[int, int] | None:
+        """This rank's rows [lo, hi) of the global batch [lo, hi), or None when the batch is skipped."""
+        w = self.world_size
+        if w == 1:
+            return lo, hi
+        n = hi - lo
+        if n < 2 * w:
+            return None
+        q, r = divmod(n, w)
+        a = lo + self.rank * q + min(self.rank, r)
+        return a, a + q + (self.rank < r)
 
     def rng_state(self) -> dict[str, Any]:
         """The shuffling state (what the next epoch's order depends on), for checkpoints."""
@@ -326,13 +343,18 @@ class BatchIterator:
             m = len(part["label"])
             full = m - m % bs
             for start in range(0, full, bs):
-                yield self._to_batch(part, slice(start, start + bs))
+                if (b := self._to_batch(part, slice(start, start + bs))) is not None:
+                    yield b
             if full < m:
                 carry = {k: v[full:] for k, v in part.items()}
         if carry is not None and len(carry["label"]) and not self.drop_last:
-            yield self._to_batch(carry, slice(0, len(carry["label"])))
+            if (b := self._to_batch(carry, slice(0, len(carry["label"])))) is not None:
+                yield b
 
-    def _to_batch(self, part: dict[str, np.ndarray], sl: slice) -> Batch:
+    def _to_batch(self, part: dict[str, np.ndarray], sl: slice) -> Batch | None:
+        if (share := self._share(sl.start, sl.stop)) is None:
+            return None
+        sl = slice(*share)
         cuda = self.device.type == "cuda"
 
         def move(a: np.ndarray) -> torch.Tensor:

@@ -8,6 +8,10 @@ Adagrad over static shapes, so nothing waits for the host), fused capturable Ada
 the whole step (copy-in, forward, backward, updates) captured once in a CUDA graph and replayed. The loss is
 summed on the device and read asynchronously.
 
+Under ``torchrun`` (``ddp=True``) the model runs in DDP and the tables keep row-sparse gradients, averaged over
+the ranks by :func:`~ctrkit.training.distributed.allreduce_sparse_` before :class:`RowSparseOptimizer` applies
+them (no row updates and no CUDA graph there), so every rank holds the weights one process would.
+
 A batch ``scale`` times larger than :data:`BASE_BATCH` can get CowClip's rule (:class:`LargeBatchRule`).
 """
 
@@ -26,6 +30,7 @@ from torch import nn
 
 from ctrkit.data.dataset import Batch
 from ctrkit.models.base import CTRModel
+from ctrkit.training.distributed import allreduce_sparse_, wrap
 from ctrkit.training.losses import Loss, bce
 from ctrkit.training.optim import RowSparseOptimizer, cowclip, update_rows_
 
@@ -96,21 +101,24 @@ class TrainStep:
     ``lr``, ``optimizer`` ("adam" / "adagrad") and ``weight_decay`` apply to every weight; ``rule`` is the
     large-batch rule or None; ``compile`` ("auto" = on a GPU) compiles the forward and backward; ``graphs``
     captures the step in a CUDA graph and ``row_updates`` updates tables from dense gradients at the batch's
-    rows instead of through sparse gradients (both default to on a GPU). :meth:`loss_mean` reads the mean loss
-    since the last read without waiting for the device; :meth:`close` gives the model back as it was built.
+    rows instead of through sparse gradients (both default to on a GPU, off with ``ddp``). :meth:`loss_mean` reads
+    the mean loss since the last read without waiting for the device; :meth:`close` gives the model back as it was built.
     """
 
     def __init__(self, model: CTRModel, device: torch.device, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, bf16: bool = False, rule: LargeBatchRule | None = None,
                  compile: str = "auto", graphs: bool | None = None, row_updates: bool | None = None,
-                 loss: Loss = bce) -> None:
+                 loss: Loss = bce, ddp: bool = False) -> None:
         if compile not in COMPILE:
             raise ValueError(f"compile must be one of {COMPILE}, got {compile!r}")
         self.model, self.device, self.bf16, self.rule, self.loss = model, device, bf16, rule, loss
         self.cuda = device.type == "cuda"
         if device.type == "cpu" and torch.get_num_threads() > cpu_threads():
             torch.set_num_threads(cpu_threads())  # more threads than CPUs only adds switching
-        self.graphs = self.cuda if graphs is None else graphs
+        if ddp and (graphs or row_updates):
+            raise ValueError("under DDP the tables are updated from row-sparse gradients: no graphs, no row updates")
+        self.ddp = ddp
+        self.graphs = self.cuda and not ddp if graphs is None else graphs
         if self.graphs and not (self.cuda and (row_updates is None or row_updates)):
             raise ValueError("CUDA graphs need device='cuda' and row updates")
         self.optimizer, self.betas, self.eps = optimizer, (0.9, 0.999), 1e-8 if optimizer == "adam" else 1e-10
@@ -122,7 +130,7 @@ class TrainStep:
         self._dense_lr = lr * self._warmup_factor(1)
         self._lr_dense: torch.Tensor | None = None
         self.opts: list[torch.optim.Optimizer] = []
-        self.row_updates = self.cuda if row_updates is None else row_updates
+        self.row_updates = self.cuda and not ddp if row_updates is None else row_updates
         if self.row_updates:
             # dense gradients for the tables (one memset, no sparse tensors), then a row update at the batch's ids
             self._tables = tables
@@ -161,6 +169,8 @@ class TrainStep:
         self._widest = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: Batch | None = None
+        self._sparse = [m.weight for m in tables]
+        self._net: nn.Module = wrap(model, device, self._sparse) if ddp else model
 
     # ---- building blocks -------------------------------------------------------------------------------------
 
@@ -188,7 +198,7 @@ class TrainStep:
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to report, loss to minimise) of one batch."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(batch)
+            logits = self._net(batch)
         loss = self.loss(logits, batch.label, batch.weight)
         reg = self.model.regularization()
         total = loss + self._l2_factor * reg if reg is not None else loss
@@ -258,6 +268,8 @@ class TrainStep:
             m.weight.grad = None
         loss, total = self._forward_compiled(batch) if compiled else self._forward_loss(batch)
         total.backward()
+        if self.ddp and self._sparse:
+            allreduce_sparse_(self._sparse)
         if not self._checked and self._tables:
             self._check_rows(batch)
         with torch.no_grad():

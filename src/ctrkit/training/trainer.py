@@ -3,6 +3,11 @@
 The trainer owns the optimizer and the device, not the model. Embedding tables with sparse gradients get
 the row-sparse variant of the optimizer (:class:`RowSparseOptimizer`: lazy Adam, the update of torch's
 SparseAdam, or Adagrad), so a step costs what the batch touches, not what the vocabulary holds.
+
+Launched by ``torchrun``, it trains data-parallel (:mod:`ctrkit.training.distributed`): each rank steps on its
+share of every global batch of ``batch_size`` rows; rank 0 computes the validation metrics over the whole
+validation set and sends them to the others (so every rank takes the same early-stopping decision), and writes
+the checkpoints, which resume on any number of ranks.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ctrkit.data.dataset import BatchIterator, EncodedData
 from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel
 from ctrkit.training.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from ctrkit.training.distributed import broadcast, setup, total
 from ctrkit.training.losses import make_loss
 from ctrkit.training.sampling import init_output_bias, prior_logit
 from ctrkit.training.step import COMPILE, LARGE_BATCH, TrainStep, large_batch_rule
@@ -237,9 +243,9 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     if valid_data is not None and len(valid_data) == 0:
         valid_data = None  # nothing to stop on: train every epoch, like without validation
     seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    world, device = setup(cfg.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma)
     model.fit_features(train_data)
     if cfg.init_bias and cfg.loss != "focal" and not getattr(model, "multi_head", False):
@@ -249,10 +255,12 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     model.to(device)
     lr = cfg.lr
     precision = resolve_precision(cfg.precision, device)
-    batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
+    batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
+                            rank=world.rank, world_size=world.size)
     rule = large_batch_rule(cfg.large_batch, cfg.batch_size, device, warmup_steps=len(batches))
     train_step = TrainStep(model, device, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                           bf16=precision == "bf16", rule=rule, compile=cfg.compile, loss=loss_fn)
+                           bf16=precision == "bf16", rule=rule, compile=cfg.compile, loss=loss_fn,
+                           ddp=world.distributed)
     valid_label = None if valid_data is None else np.asarray(valid_data.label)
     monitor = resolve_monitor(cfg.monitor, 0 if valid_label is None else  # clicks: the first label
                               int((valid_label if valid_label.ndim == 1 else valid_label[:, 0]).sum()))
@@ -272,6 +280,9 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         nonlocal last_ckpt
         if ckpt_dir is None:
             return
+        last_ckpt = f"{ckpt_dir}/last.pt (epoch {epoch}, step {step})"
+        if not world.main:
+            return
         save_checkpoint(ckpt_dir, {
             "epoch": epoch, "step": step, "epoch_done": done, "global_step": global_step,
             "model": _cpu_copy(model.state_dict()), "optimizers": train_step.state_dict(),
@@ -283,7 +294,6 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                        "train_seconds": result.train_seconds, "samples": result.samples},
             "n_train": len(train_data), "config": {k: v for k, v in cfg.to_dict().items()
                                                    if k in ("batch_size", "seed", "loss", "optimizer")}})
-        last_ckpt = f"{ckpt_dir}/last.pt (epoch {epoch}, step {step})"
 
     if cfg.resume:
         state = load_checkpoint(ckpt_dir)  # type: ignore[arg-type]
@@ -363,7 +373,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                     check_finite(epoch)
                     read_loss()
                     checkpoint(epoch, step + 1, False)
-                if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
+                if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
                     break
             skip = 0
             read_loss()
@@ -371,6 +381,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the epoch's steps are queued; its time is when they are done
             train_time = time.perf_counter() - t0
+            n_seen = int(total(n_seen))  # the rows of every rank
             progress.remove_task(task)
             result.train_seconds += train_time
             result.samples += n_seen
@@ -379,9 +390,12 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                                       "samples_per_s": round(n_seen / max(train_time, 1e-9), 1),
                                       "train_loss": loss_sum / loss_rows if loss_rows else float("nan")}
             if valid_data is not None:
-                p = predict_proba(model, valid_data, cfg.eval_batch_size, device, cfg.logit_shift)
-                m = evaluate_heads(np.asarray(valid_data.label), p, model.spec.label_names,
-                                   weight=None if valid_data.weight is None else np.asarray(valid_data.weight))
+                m = None
+                if world.main:
+                    p = predict_proba(model, valid_data, cfg.eval_batch_size, device, cfg.logit_shift)
+                    m = evaluate_heads(np.asarray(valid_data.label), p, model.spec.label_names,
+                                       weight=None if valid_data.weight is None else np.asarray(valid_data.weight))
+                m = broadcast(m)
                 record["valid"] = {k: m[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")}
                 # several heads: stop on their mean
                 score = float(np.mean([_score(monitor, h) for h in m.get("heads", {"": m}).values()]))
@@ -401,7 +415,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 on_epoch(record)
             if valid_data is not None and bad_epochs >= cfg.patience:
                 break
-            if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
+            if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
                 break
     train_step.close()
     if best_state is not None:
