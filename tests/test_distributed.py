@@ -3,7 +3,11 @@ that batch, and a checkpoint written by 2 ranks resumes in 1 process."""
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -85,15 +89,24 @@ def _worker(rank: int, out: str) -> None:
             torch.save(weights, Path(out) / "steps.pt")
         train(_model(), _data(300), _data(120), _config(epochs=2, checkpoint_dir=str(Path(out) / "ckpt")))
     finally:
+        gc.collect()  # the DDP wrappers and their reducers go before the group they hold
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The outputs of the 2-process run (spawned once; join returns when both ranks are done)."""
-    out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_worker, args=(str(out),), nprocs=2, join=True, start_method="spawn")
-    return out
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("ddp")
+        try:
+            mp.start_processes(_worker, args=(str(out),), nprocs=2, join=True, start_method="spawn")
+            return out
+        except mp.ProcessExitedException as e:  # killed by a signal: a Python error in a rank is not retried
+            if attempt == 2:
+                raise
+            warnings.warn(f"the 2-process gloo run died ({e}); its stacks are in the captured stderr; "
+                          "running it once more", stacklevel=1)
+    raise AssertionError("unreachable")
 
 
 def test_two_rank_steps_equal_one_process_steps(two_ranks: Path) -> None:
