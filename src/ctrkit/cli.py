@@ -315,7 +315,8 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
           segments: Optional[str] = typer.Option(None, help="Fields to monitor pred/actual by, comma-separated."),
           max_batch: int = typer.Option(10_000, help="Most records or candidates per request."),
           seed: Optional[int] = typer.Option(None, help="Seed of the exploration draws."),
-          threads: int = typer.Option(1, help="Torch threads per request (1 suits many concurrent requests)."),
+          threads: int = typer.Option(1, help="Torch / ONNX Runtime threads per request (1 suits many concurrent "
+                                             "requests)."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
     """Serve BUNDLE over HTTP: /score, /rank, /events, /health, /metrics, /admin/reload (docs at /docs)."""
     try:
@@ -329,7 +330,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     seg = tuple(s.strip() for s in segments.split(",") if s.strip()) if segments else ()
     try:
         api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
-                                      segments=seg, seed=seed))
+                                      segments=seg, seed=seed, threads=threads))
     except USER_ERRORS as exc:
         _fail(str(exc))
     err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")

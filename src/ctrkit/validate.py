@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -217,15 +218,34 @@ _TEXT = {str, type(None)}
 _NUMBERS = {int, float, type(None)}
 
 
-def _scalar_series(f: Field, values: list[Any]) -> pl.Series:
+def _scalar_series(f: Field, values: Sequence[Any]) -> pl.Series:
     """A scalar field's record values as one column, built in one call in the common cases (all text, or a
     numeric field of plain numbers); anything else through :func:`_scalar_text`, which names a bad value."""
+    try:  # the common case first: polars refuses (strictly) any value of another type, and the slow path runs
+        return pl.Series(f.name, values, dtype=pl.Float64 if f.kind == "numeric" else pl.String, strict=True)
+    except (TypeError, OverflowError):
+        pass
     types = set(map(type, values))
     if types <= _TEXT:
         return pl.Series(f.name, values, dtype=pl.String)
     if f.kind == "numeric" and types <= _NUMBERS:
         return pl.Series(f.name, values, dtype=pl.Float64, strict=False)
     return pl.Series(f.name, [_scalar_text(v, i, f.name) for i, v in enumerate(values)], dtype=pl.String)
+
+
+def _same_keys(rows: list[Any], need: set[str], allowed: set[str] | None) -> dict[str, tuple[Any, ...]] | None:
+    """Every key's values, in one pass over the records, when all records are dicts with one set of keys that
+    holds ``need`` and lies within ``allowed``; None otherwise (the caller then checks record by record)."""
+    if not rows or set(map(type, rows)) != {dict} or len(set(map(len, rows))) != 1:
+        return None
+    keys = tuple(rows[0])
+    if not need.issubset(keys) or (allowed is not None and not allowed.issuperset(keys)) or not keys:
+        return None
+    try:  # a record of the same size holding each of the first record's keys has exactly its keys
+        columns = zip(*map(itemgetter(*keys), rows)) if len(keys) > 1 else [tuple(r[keys[0]] for r in rows)]
+        return dict(zip(keys, columns))
+    except KeyError:
+        return None
 
 
 def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] | None = None,
@@ -255,7 +275,8 @@ def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] |
             raise DataError(f"context: unknown field(s) {stray}; the bundle's fields are {sorted(known)}")
         need = known - ctx.keys()
         allowed = None if extra is None else known | set(extra)
-        for i, r in enumerate(rows):
+        given = _same_keys(rows, need, allowed)
+        for i, r in enumerate(rows if given is None else ()):
             if not isinstance(r, Mapping):
                 raise DataError(f"record {i}: expected a mapping of field -> value, got {type(r).__name__}")
             keys = r.keys()
@@ -271,7 +292,10 @@ def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] |
         columns = {}
         for f in schema.fields:
             default = ctx.get(f.name)
-            values = [r.get(f.name, default) for r in rows] if f.name in ctx else [r[f.name] for r in rows]
+            if given is not None:
+                values = given[f.name] if f.name in given else [default] * len(rows)
+            else:
+                values = [r.get(f.name, default) for r in rows] if f.name in ctx else [r[f.name] for r in rows]
             columns[f.name] = (_list_series(f, [_items_text(v, i, f) for i, v in enumerate(values)])
                                if f.name in lists else _scalar_series(f, values))
         return pl.DataFrame(columns, height=len(rows))

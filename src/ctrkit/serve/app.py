@@ -1,7 +1,10 @@
 """HTTP scorer and ranker over a bundle (FastAPI): /score, /rank, /events, /health, /metrics, /admin/reload.
 
-Every score goes through :meth:`Bundle.predict`, so a bad value gets the answer it gets anywhere else, as a 422
-that names the field. /rank logs each shown item as an impression (``event_id`` = its ``impression_id``) with
+Every record goes through the validation and encoding of :meth:`Bundle.predict`, so a bad value gets the answer it
+gets anywhere else, as a 422 that names the field; the model runs on the bundle's fastest path (torch, or an ONNX
+graph exported into the bundle, timed at load: :mod:`ctrkit.serve.scorer`), which /health names. The large bodies
+of /score and /rank are parsed with orjson and their records judged column by column by the validation layer
+rather than value by value by pydantic; a body orjson refuses (NaN, 1e999) is judged by the strict models. /rank logs each shown item as an impression (``event_id`` = its ``impression_id``) with
 its pCTR, score, position and propensity into the event log, and answers once that is on disk; /events stores
 clicks and conversions (and client-side impressions) exactly once per ``event_id``. A reload loads the new
 bundle beside the old one and swaps a reference, so requests in flight finish on the bundle they started with.
@@ -26,11 +29,13 @@ import numpy as np
 import polars as pl
 
 try:
+    import orjson
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+    from pydantic.json_schema import models_json_schema
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"ctrkit's server needs the 'serve' extra: pip install 'ctrkit[serve]' ({exc})") from exc
 
@@ -40,7 +45,7 @@ from ctrkit.serve.bundle import Bundle, BundleError
 from ctrkit.serve.events import EventLog, EventLogError
 from ctrkit.serve.monitor import LiveMonitor
 from ctrkit.serve.rank import RESERVED, choose, objective_scores
-from ctrkit.validate import records_frame
+from ctrkit.serve.scorer import Scorer
 
 MAX_BATCH = 10_000
 MAX_BODY_BYTES = 32 << 20
@@ -67,9 +72,11 @@ class ScoreRequest(_Strict):
 
 
 class ScoreResponse(_Strict):
-    """Calibrated click probabilities, one per record, and the version of the bundle that gave them."""
+    """Calibrated click probabilities, one per record, and the version of the bundle that gave them; a model
+    with a head per label gives each head's probabilities by label name (``pctr`` is the first head's)."""
 
     pctr: list[float]
+    heads: dict[str, list[float]] | None = None
     bundle: str
 
 
@@ -136,6 +143,18 @@ class EventsResponse(_Strict):
     duplicates: int
 
 
+class _ScoreBody(ScoreRequest):
+    """ScoreRequest as parsed by orjson: the records are judged by the validation layer."""
+
+    records: list[Any]  # type: ignore[assignment]
+
+
+class _RankBody(RankRequest):
+    """RankRequest as parsed by orjson: the candidates are judged by the validation layer."""
+
+    candidates: Annotated[list[Any], Field(min_length=1)]  # type: ignore[assignment]
+
+
 class ReloadRequest(_Strict):
     """Load the bundle at ``path`` (default: the path the server started with, re-read)."""
 
@@ -162,6 +181,7 @@ class ServerConfig:
     segments: tuple[str, ...] = ()
     monitor_window: int = 100_000
     seed: int | None = None
+    threads: int = 1
 
 
 @dataclass
@@ -169,6 +189,7 @@ class _Live:
     bundle: Bundle
     version: str
     path: Path
+    scorer: Scorer
 
 
 class _Metrics:
@@ -263,10 +284,38 @@ def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=422, content={"detail": [{"field": k, "msg": v} for k, v in detail.items()]})
 
 
+async def _parse(request: Request, fast: type[BaseModel], strict: type[BaseModel]) -> Any:
+    """The JSON body as ``fast`` (orjson; records left to the validation layer) or, when only Python's json can
+    read it (NaN, Infinity, 1e999), as the ``strict`` model, whose errors name each bad value."""
+    raw = await request.body()
+    try:
+        data, model = orjson.loads(raw), fast
+    except orjson.JSONDecodeError:
+        try:
+            data, model = json.loads(raw), strict
+        except json.JSONDecodeError as exc:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                           "input": {}, "ctx": {"error": exc.msg}}]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _json(content: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json")
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body of a route that reads its body itself."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config.bundle``."""
     metrics = _Metrics()
-    live = _load(config.bundle)
+    live = _load(config.bundle, config.threads)
     log = EventLog(config.events) if config.events else None
     monitor = LiveMonitor(config.monitor_window, config.segments, live.bundle.metrics.get("pctr_reference"))
     rng = np.random.default_rng(config.seed)
@@ -293,23 +342,30 @@ def create_app(config: ServerConfig) -> FastAPI:
         if n > config.max_batch:
             raise DataError(f"{what}: {n} items exceed this server's limit of {config.max_batch} per request")
 
-    @app.post("/score", response_model=ScoreResponse)
-    async def score(req: ScoreRequest) -> dict[str, Any]:
-        """Calibrated pCTR of every record, in order."""
+    @app.post("/score", response_model=ScoreResponse, openapi_extra=_body_doc(ScoreRequest))
+    async def score(request: Request) -> Response:
+        """Calibrated pCTR of every record, in order (and of every head of a multi-task bundle)."""
+        req = await _parse(request, _ScoreBody, ScoreRequest)
         check_size(len(req.records), "records")
         cur: _Live = state["live"]
-        p = cur.bundle.predict(records_frame(req.records, cur.bundle.schema, extra=())) if req.records else np.zeros(0)
-        metrics.scored.inc(len(p))
-        monitor.scored(p)
-        return {"pctr": p.tolist(), "bundle": cur.version}
+        p = cur.scorer.predict(req.records, extra=())
+        first = p if p.ndim == 1 else p[:, 0]
+        metrics.scored.inc(len(first))
+        monitor.scored(first)
+        out: dict[str, Any] = {"pctr": first.tolist(), "bundle": cur.version}
+        if p.ndim == 2:
+            out["heads"] = {h: p[:, t].tolist() for t, h in enumerate(cur.bundle.schema.label_columns)}
+        return _json(out)
 
-    @app.post("/rank", response_model=RankResponse)
-    async def rank(req: RankRequest) -> dict[str, Any]:
+    @app.post("/rank", response_model=RankResponse, openapi_extra=_body_doc(RankRequest))
+    async def rank(request: Request) -> Response:
         """The top k candidates by pCTR or eCPM, with exploration, propensities and impression ids."""
+        req = await _parse(request, _RankBody, RankRequest)
         check_size(len(req.candidates), "candidates")
         cur: _Live = state["live"]
-        frame = records_frame(req.candidates, cur.bundle.schema, req.context, extra=RESERVED)
-        pctr = cur.bundle.predict(frame)
+        frame = cur.scorer.frame(req.candidates, req.context, extra=RESERVED)
+        pctr = cur.scorer.score(frame)
+        pctr = pctr if pctr.ndim == 1 else pctr[:, 0]  # a multi-task bundle ranks by its first (click) head
         metrics.scored.inc(len(pctr))
         monitor.scored(pctr)
         bids = _reserved(req.candidates, "bid", None if req.objective == "pctr" else "required")
@@ -323,7 +379,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             items.append({"index": i, "pctr": float(pctr[i]), "score": float(scores[i]), "position": pos,
                           "impression_id": uuid.uuid4().hex, "propensity": q})
         if log is not None or config.segments:
-            shown = frame[slate.index.tolist()].with_columns(
+            shown = frame.select(f.name for f in cur.bundle.schema.fields)[slate.index.tolist()].with_columns(
                 [pl.col(f.name).cast(pl.Float64, strict=False)
                  for f in cur.bundle.schema.fields if f.kind != "categorical"]).to_dicts()
             now = time.time()
@@ -338,7 +394,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                                "objective": req.objective, "bundle": cur.version})
             if log is not None:
                 await asyncio.wrap_future(log.append_async(events))
-        return {"items": items, "request_id": request_id, "bundle": cur.version}
+        return _json({"items": items, "request_id": request_id, "bundle": cur.version})
 
     @app.post("/events", response_model=EventsResponse)
     async def events(req: EventsRequest) -> dict[str, Any]:
@@ -361,7 +417,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Liveness, the bundle being served and the scoring path."""
         cur: _Live = state["live"]
         return {"status": "ok", "bundle": cur.version, "model": cur.bundle.model_name, "path": str(cur.path),
-                "scoring": "torch (Bundle.predict)", "uptime_s": round(time.time() - state["started"], 3),
+                "scoring": cur.scorer.describe(), "uptime_s": round(time.time() - state["started"], 3),
                 "events": None if log is None else {"path": str(log.path), "stored": len(log)}}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -379,18 +435,31 @@ def create_app(config: ServerConfig) -> FastAPI:
         async with reload_lock:
             old: _Live = state["live"]
             path = Path(req.path) if req and req.path else old.path
-            new = await asyncio.get_running_loop().run_in_executor(None, _load, path)
+            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads)
             state["live"] = new
             monitor.reference = new.bundle.metrics.get("pctr_reference")
             metrics.reloads.inc()
-        return {"bundle": new.version, "previous": old.version, "path": str(new.path)}
+        return {"bundle": new.version, "previous": old.version, "path": str(new.path),
+                "scoring": new.scorer.backend}
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus the request models of the routes that parse their own bodies."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            _, defs = models_json_schema([(ScoreRequest, "validation"), (RankRequest, "validation")],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def _load(path: Path) -> _Live:
+def _load(path: Path, threads: int = 1) -> _Live:
     try:
-        return _Live(Bundle.load(path), bundle_version(path), Path(path))
+        bundle = Bundle.load(path)
+        return _Live(bundle, bundle_version(path), Path(path), Scorer(bundle, path, threads))
     except FileNotFoundError as exc:
         raise BundleError(f"{path}: {exc}") from exc
 
