@@ -288,3 +288,30 @@ def test_hot_swap_fails_no_request_in_flight(client: TestClient, bundles: tuple[
         t.join()
     assert statuses and set(statuses) == {200}
     assert versions <= served and len(served) == 2  # every answer came from one of the two bundles
+
+
+_scalar = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False,
+                                                                                allow_infinity=False) | st.text(max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(records=st.lists(st.fixed_dictionaries({f.name: _scalar for f in synth_schema().fields}), min_size=1,
+                        max_size=4))
+def test_score_answers_as_bundle_predict(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame],
+                                         records: list[dict]) -> None:
+    """Records parsed by orjson and read column by column get Bundle.predict's scores, or its error as a 422."""
+    r = client.post("/score", content=json.dumps({"records": records}), headers={"content-type": "application/json"})
+    try:
+        want = _bundle(bundles[0]).predict(records)
+    except DataError as exc:
+        assert r.status_code == 422 and r.json()["detail"] == str(exc)
+    else:
+        assert r.status_code == 200, r.text
+        assert np.allclose(r.json()["pctr"], want, atol=1e-7)
+
+
+_loaded: dict[Path, Bundle] = {}
+
+
+def _bundle(path: Path) -> Bundle:
+    return _loaded.setdefault(path, Bundle.load(path))

@@ -29,11 +29,14 @@ MAX_AUC_DROP = 0.0005
 OPSET = 18
 
 
-def _need_onnx() -> Any:
+def _need_onnx(export: bool = True) -> Any:
+    """onnxruntime (and, to export, onnx and onnxscript), or an error naming the extra to install."""
     try:
-        import onnx  # noqa: F401
         import onnxruntime as ort
-        import onnxscript  # noqa: F401  (torch's ONNX exporter)
+
+        if export:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401  (torch's ONNX exporter)
     except ImportError as exc:
         raise ImportError(f"ONNX export needs the 'onnx' extra: pip install 'ctrkit[onnx]' ({exc})") from exc
     return ort
@@ -86,7 +89,7 @@ def export_onnx(bundle: Bundle, out: str | Path) -> Path:
 
 def session(path: str | Path, threads: int = 1) -> Any:
     """An ONNX Runtime CPU session for an exported model."""
-    ort = _need_onnx()
+    ort = _need_onnx(export=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

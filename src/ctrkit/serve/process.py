@@ -19,9 +19,9 @@ def free_port() -> int:
 
 
 def start_server(bundle: str | Path, port: int, events: str | Path | None = None, cpus: str | None = None,
-                 timeout: float = 120.0) -> subprocess.Popen[bytes]:
+                 timeout: float = 120.0, threads: int = 1) -> subprocess.Popen[bytes]:
     """Start ``ctrkit serve BUNDLE`` on 127.0.0.1:``port`` (pinned to ``cpus`` with taskset when given)."""
-    cmd = [sys.executable, "-m", "ctrkit", "serve", str(bundle), "--port", str(port)]
+    cmd = [sys.executable, "-m", "ctrkit", "serve", str(bundle), "--port", str(port), "--threads", str(threads)]
     if events is not None:
         cmd += ["--events", str(events)]
     if cpus:
