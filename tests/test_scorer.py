@@ -156,3 +156,30 @@ def test_server_scores_on_the_chosen_path(exported: tuple[Path, pl.DataFrame]) -
         spec = client.get("/openapi.json").json()
         assert "RankRequest" in spec["components"]["schemas"]
         assert spec["paths"]["/rank"]["post"]["requestBody"]["content"]["application/json"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_file_scored_in_chunks_equals_bundle_predict(exported: tuple[Path, pl.DataFrame], tmp_path: Path,
+                                                     suffix: str) -> None:
+    """Streamed in chunks of 64 rows with kept columns: one row per input row, in order, the bundle's scores;
+    a bad row in a late chunk is counted and reported like `ctrkit predict` and leaves no output."""
+    from ctrkit.serve.bundle import Bundle
+    from ctrkit.serve.scorer import Scorer
+
+    path, records = exported
+    bundle = Bundle.load(path)
+    src = tmp_path / "in.csv"
+    records.with_row_index("id").write_csv(src)
+    seen: list[int] = []
+    out = tmp_path / f"scores{suffix}"
+    report = Scorer(bundle, None).score_file(src, out, ["id", "user_id"], seen.append, chunk_rows=64)
+    got = pl.read_csv(out) if suffix == ".csv" else pl.read_parquet(out)
+    assert got.columns == ["id", "user_id", "pctr"] and sum(seen) == report.rows == records.height
+    assert got["id"].cast(pl.Int64).to_list() == list(range(records.height))
+    assert np.allclose(got["pctr"].to_numpy(), bundle.predict(records), atol=1e-7)
+    bad = records.with_columns(pl.col("price").cast(pl.String))
+    bad[250, "price"] = "cheap"
+    bad.write_csv(src)
+    with pytest.raises(DataError, match=r"1 row\(s\) cannot be scored: .* line 252: field 'price': not a number"):
+        Scorer(bundle, None).score_file(src, tmp_path / f"bad{suffix}", chunk_rows=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.csv", out.name])

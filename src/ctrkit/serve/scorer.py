@@ -10,7 +10,7 @@ only the model's arithmetic differs between paths; the fp32 graph is checked aga
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ import polars as pl
 import torch
 
 from ctrkit.data.dataset import Batch
+from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
+from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle, BundleError
-from ctrkit.validate import Records, records_frame
+from ctrkit.validate import DataError, Records, records_frame
 
 ONNX_FILES = {"onnx fp32": "model.onnx", "onnx int8": "model.int8.onnx"}
 FP32_TOLERANCE = 1e-4
@@ -124,3 +126,102 @@ class Scorer:
         """The serving path, each path's median ms at load, and the paths left out with the reason."""
         return {"backend": self.backend, "threads": self.threads, "probe_ms": self.timings_ms,
                 "skipped": self.skipped}
+
+    def score_file(self, source: Source, out: str | Path, keep: Sequence[str] = (),
+                   progress: Callable[[int], None] | None = None, **read_kwargs: Any) -> ReadReport:
+        """Stream ``source`` chunk by chunk into ``out`` (.csv or .parquet): the ``keep`` columns as text, then
+        ``pctr`` (``p_<label>`` per head of a multi-task bundle), one row per input row, in order.
+
+        Memory stays at a few chunks whatever the file's size; the next chunk is read while one is scored. The
+        output appears only complete: a file with rows that cannot be scored is read to its end, to count and
+        report them as ``ctrkit predict`` always has, and leaves no output. ``progress`` gets each chunk's rows.
+        """
+        out = Path(out)
+        if out.suffix not in (".csv", ".parquet"):
+            raise ValueError(f"the output must end in .csv or .parquet, got {out.name}")
+        report = ReadReport()
+        chunks = iter_chunks(source, self.bundle._features, report=report, with_label=False, **read_kwargs)
+        kept = _Rows(iter_chunks(source, _text_schema(keep, self.bundle.schema), with_label=False, **read_kwargs)
+                     ) if keep else None
+        partial = out.with_name(f".{out.name}.partial")
+        writer = _Writer(partial, out.suffix)
+        try:
+            with Prefetch(chunks) as stream:
+                for chunk in stream:
+                    if report.bad_rows == 0 and chunk.height:
+                        self.bundle._check_required(chunk)
+                        writer.write(self._scores_frame(chunk, kept))
+                    if progress is not None:
+                        progress(chunk.height)
+            if not writer.rows:
+                heads = self.bundle.schema.label_columns
+                names = ["pctr"] if self.bundle._heads == 1 else [f"p_{h}" for h in heads]
+                writer.write(pl.DataFrame(schema={**dict.fromkeys(keep, pl.String), **dict.fromkeys(names, pl.Float64)}))
+            writer.close()
+            if report.bad_rows:
+                raise DataError(f"{report.bad_rows} row(s) cannot be scored: " + "; ".join(report.examples))
+            partial.replace(out)
+        finally:
+            writer.close()
+            partial.unlink(missing_ok=True)
+        return report
+
+    def _scores_frame(self, chunk: pl.DataFrame, kept: _Rows | None) -> pl.DataFrame:
+        p = self.score(chunk)
+        heads = self.bundle.schema.label_columns
+        scores = pl.DataFrame({"pctr": p} if p.ndim == 1 else {f"p_{h}": p[:, t] for t, h in enumerate(heads)})
+        return scores if kept is None else pl.concat([kept.take(chunk.height), scores], how="horizontal")
+
+
+def _text_schema(columns: Sequence[str], schema: Schema) -> Schema:
+    """A schema reading ``columns`` (any: features, the label, an id) as text."""
+    label = next((c for c in [schema.label, *(schema.columns or [])] if c not in columns), "_label")
+    return Schema(fields=[Field(name=c) for c in columns], label=label, columns=schema.columns)
+
+
+class _Rows:
+    """The rows of a stream of chunks, taken in runs of any length (the kept columns, beside the scored rows)."""
+
+    def __init__(self, chunks: Iterator[pl.DataFrame]) -> None:
+        self.chunks, self.buffer = chunks, pl.DataFrame()
+
+    def take(self, n: int) -> pl.DataFrame:
+        parts = [self.buffer]
+        have = self.buffer.height
+        while have < n:
+            part = next(self.chunks).drop("_line")
+            parts.append(part)
+            have += part.height
+        rows = pl.concat([p for p in parts if p.width]) if have else self.buffer
+        self.buffer = rows.slice(n)
+        return rows.head(n)
+
+
+class _Writer:
+    """Appends frames to a CSV file (one header) or a Parquet file (one row group per frame)."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path, self.fmt, self.rows = path, fmt, 0
+        self._parquet: Any = None
+        self._csv: Any = None
+
+    def write(self, frame: pl.DataFrame) -> None:
+        self.rows += frame.height
+        if self.fmt == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = frame.to_arrow()
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.path, table.schema)
+            self._parquet.write_table(table.cast(self._parquet.schema))
+        else:
+            first = self._csv is None
+            if first:
+                self._csv = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+            frame.write_csv(self._csv, include_header=first)
+
+    def close(self) -> None:
+        for handle in (self._parquet, self._csv):
+            if handle is not None:
+                handle.close()
+        self._parquet = self._csv = None
