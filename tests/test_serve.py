@@ -315,3 +315,44 @@ _loaded: dict[Path, Bundle] = {}
 
 def _bundle(path: Path) -> Bundle:
     return _loaded.setdefault(path, Bundle.load(path))
+
+
+def test_watched_bundle_folder_is_reloaded_without_failing_a_request(bundles: tuple[Path, Path, pl.DataFrame],
+                                                                     tmp_path: Path) -> None:
+    """Copying another bundle over the served folder swaps it in once the copy has settled; requests running
+    meanwhile all succeed, and a folder that does not load leaves the last bundle serving and says why."""
+    import shutil
+    import threading
+    import time
+
+    served = tmp_path / "served"
+    shutil.copytree(bundles[0], served)
+    recs = _records(bundles[2], 100)
+    with TestClient(create_app(ServerConfig(bundle=served, watch=0.05))) as c:
+        before = c.get("/health").json()["bundle"]
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                statuses.append(c.post("/score", json={"records": recs}).status_code)
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        shutil.copytree(bundles[1], served, dirs_exist_ok=True)
+        deadline = time.time() + 60
+        while c.get("/health").json()["bundle"] == before and time.time() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        thread.join()
+        after = c.get("/health").json()
+        assert after["bundle"] != before and statuses and set(statuses) == {200}
+        assert np.allclose(c.post("/score", json={"records": recs}).json()["pctr"],
+                           _bundle(bundles[1]).predict(recs), atol=1e-7)
+        (served / "weights.safetensors").write_bytes(b"broken")
+        deadline = time.time() + 60
+        while not c.get("/health").json()["watch"]["error"] and time.time() < deadline:
+            time.sleep(0.05)
+        health = c.get("/health").json()
+        assert "weights.safetensors" in health["watch"]["error"] and health["bundle"] == after["bundle"]
+        assert c.post("/score", json={"records": recs}).status_code == 200

@@ -308,6 +308,8 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
           seed: Optional[int] = typer.Option(None, help="Seed of the exploration draws."),
           threads: int = typer.Option(1, help="Torch / ONNX Runtime threads per request (1 suits many concurrent "
                                              "requests)."),
+          watch: float = typer.Option(0.0, help="Reload BUNDLE when its files change, checking every WATCH "
+                                                "seconds (0: only on POST /admin/reload)."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
     """Serve BUNDLE over HTTP: /score, /rank, /events, /health, /metrics, /admin/reload (docs at /docs)."""
     try:
@@ -321,7 +323,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     seg = tuple(s.strip() for s in segments.split(",") if s.strip()) if segments else ()
     try:
         api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
-                                      segments=seg, seed=seed, threads=threads))
+                                      segments=seg, seed=seed, threads=threads, watch=watch))
     except USER_ERRORS as exc:
         _fail(str(exc))
     err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")

@@ -182,6 +182,7 @@ class ServerConfig:
     monitor_window: int = 100_000
     seed: int | None = None
     threads: int = 1
+    watch: float = 0.0
 
 
 @dataclass
@@ -322,9 +323,43 @@ def create_app(config: ServerConfig) -> FastAPI:
     state: dict[str, Any] = {"live": live, "started": time.time()}
     reload_lock = asyncio.Lock()
 
+    async def swap(path: Path) -> tuple[_Live, _Live]:
+        """Load the bundle at ``path`` beside the live one, then make it the live one."""
+        async with reload_lock:
+            old: _Live = state["live"]
+            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads)
+            state["live"] = new
+            monitor.reference = new.bundle.metrics.get("pctr_reference")
+            metrics.reloads.inc()
+        return old, new
+
+    async def watch() -> None:
+        """Reload the live bundle's folder once its files have changed and then stayed as they are for one
+        interval (a copy in progress is not read); a folder that does not load leaves the live bundle serving."""
+        watched = state["live"].path
+        seen = served = _stamp(watched)
+        while True:
+            await asyncio.sleep(config.watch)
+            path = state["live"].path
+            stamp = _stamp(path)
+            if path != watched:  # /admin/reload moved to another folder: watch that one from here
+                watched, seen, served = path, stamp, stamp
+            elif stamp != seen:
+                seen = stamp
+            elif stamp != served and stamp:
+                served = stamp
+                try:
+                    await swap(path)
+                    state.pop("watch_error", None)
+                except (BundleError, DataError, SchemaError, OSError, ValueError) as exc:
+                    state["watch_error"] = f"{path} changed but does not load: {exc}"
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(watch()) if config.watch > 0 else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         if log is not None:
             log.close()
 
@@ -418,6 +453,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         cur: _Live = state["live"]
         return {"status": "ok", "bundle": cur.version, "model": cur.bundle.model_name, "path": str(cur.path),
                 "scoring": cur.scorer.describe(), "uptime_s": round(time.time() - state["started"], 3),
+                "watch": {"every_s": config.watch, "error": state.get("watch_error")} if config.watch > 0 else None,
                 "events": None if log is None else {"path": str(log.path), "stored": len(log)}}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -432,13 +468,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/admin/reload")
     async def reload(req: ReloadRequest | None = None) -> dict[str, Any]:
         """Load a bundle and swap it in; requests already running finish on the previous one."""
-        async with reload_lock:
-            old: _Live = state["live"]
-            path = Path(req.path) if req and req.path else old.path
-            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads)
-            state["live"] = new
-            monitor.reference = new.bundle.metrics.get("pctr_reference")
-            metrics.reloads.inc()
+        old, new = await swap(Path(req.path) if req and req.path else state["live"].path)
         return {"bundle": new.version, "previous": old.version, "path": str(new.path),
                 "scoring": new.scorer.backend}
 
@@ -462,6 +492,14 @@ def _load(path: Path, threads: int = 1) -> _Live:
         return _Live(bundle, bundle_version(path), Path(path), Scorer(bundle, path, threads))
     except FileNotFoundError as exc:
         raise BundleError(f"{path}: {exc}") from exc
+
+
+def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and modification time of every file under a bundle folder (empty when it is gone)."""
+    try:
+        return tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()))
+    except OSError:  # a file went away while listed: the folder is changing
+        return ()
 
 
 def _reserved(candidates: list[dict[str, Any]], key: str, default: float | str | None) -> np.ndarray | None:
