@@ -308,6 +308,8 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
           seed: Optional[int] = typer.Option(None, help="Seed of the exploration draws."),
           threads: int = typer.Option(1, help="Torch / ONNX Runtime threads per request (1 suits many concurrent "
                                              "requests)."),
+          workers: int = typer.Option(1, help="Server processes sharing the port (and the event log: one writer "
+                                              "slot each, read as one log)."),
           watch: float = typer.Option(0.0, help="Reload BUNDLE when its files change, checking every WATCH "
                                                 "seconds (0: only on POST /admin/reload)."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
@@ -317,17 +319,30 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         import torch
 
         from ctrkit.serve.app import ServerConfig, create_app
+        from ctrkit.serve.bundle import Bundle
     except ImportError as exc:
         _fail(str(exc))
     torch.set_num_threads(threads)
     seg = tuple(s.strip() for s in segments.split(",") if s.strip()) if segments else ()
-    try:
-        api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
-                                      segments=seg, seed=seed, threads=threads, watch=watch))
+    config = ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch, segments=seg, seed=seed,
+                          threads=threads, watch=watch, workers=workers)
+    if workers < 1:
+        _fail(f"--workers must be at least 1, got {workers}")
+    try:  # with several processes, the bundle is checked here once so that a bad one fails before they start
+        api = create_app(config) if workers == 1 else Bundle.load(bundle) and None
     except USER_ERRORS as exc:
         _fail(str(exc))
-    err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
-    uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
+    err.print(f"serving {bundle} on http://{host}:{port} with {workers} process(es) (docs: /docs)")
+    if api is not None:
+        uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
+        return
+    import os
+
+    from ctrkit.serve.app import ENV_CONFIG
+
+    os.environ[ENV_CONFIG] = config.to_env()
+    uvicorn.run("ctrkit.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level, access_log=False)
 
 
 @app.command()

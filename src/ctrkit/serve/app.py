@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ctrkit.data.readers import DataError
 from ctrkit.schema import SchemaError
 from ctrkit.serve.bundle import Bundle, BundleError
-from ctrkit.serve.events import EventLog, EventLogError
+from ctrkit.serve.events import EventLog, EventLogError, open_writer
 from ctrkit.serve.monitor import LiveMonitor
 from ctrkit.serve.rank import RESERVED, choose, objective_scores
 from ctrkit.serve.scorer import Scorer
@@ -183,6 +184,11 @@ class ServerConfig:
     seed: int | None = None
     threads: int = 1
     watch: float = 0.0
+    workers: int = 1
+
+    def to_env(self) -> str:
+        """This configuration as the JSON that :func:`app_from_env` reads in each worker process."""
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()})
 
 
 @dataclass
@@ -317,7 +323,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config.bundle``."""
     metrics = _Metrics()
     live = _load(config.bundle, config.threads)
-    log = EventLog(config.events) if config.events else None
+    log = None if not config.events else open_writer(config.events) if config.workers > 1 else EventLog(config.events)
     monitor = LiveMonitor(config.monitor_window, config.segments, live.bundle.metrics.get("pctr_reference"))
     rng = np.random.default_rng(config.seed)
     state: dict[str, Any] = {"live": live, "started": time.time()}
@@ -484,6 +490,21 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+ENV_CONFIG = "CTRKIT_SERVE_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """The application of one of ``ctrkit serve --workers N``'s processes, configured by ``$CTRKIT_SERVE_CONFIG``."""
+    import torch
+
+    cfg = json.loads(os.environ[ENV_CONFIG])
+    cfg["bundle"] = Path(cfg["bundle"])
+    cfg["events"] = Path(cfg["events"]) if cfg["events"] else None
+    cfg["segments"] = tuple(cfg["segments"])
+    torch.set_num_threads(cfg["threads"])
+    return create_app(ServerConfig(**cfg))
 
 
 def _load(path: Path, threads: int = 1) -> _Live:

@@ -26,6 +26,7 @@ from ctrkit.validate import DataError, Records, records_frame
 
 ONNX_FILES = {"onnx fp32": "model.onnx", "onnx int8": "model.int8.onnx"}
 FP32_TOLERANCE = 1e-4
+BATCH_ROWS = 65536
 
 
 class Scorer:
@@ -110,8 +111,10 @@ class Scorer:
             return np.zeros((0, self.bundle._heads) if self.bundle._heads > 1 else 0)
         if self.backend == "torch":
             return self.bundle._score(good, 65536)
-        ids, dense = self.bundle.encoder.transform_frame(good)
-        p = self._probabilities(self.backend, ids, dense)
+        p = np.empty(good.height)
+        for start in range(0, good.height, BATCH_ROWS):  # as Bundle.predict: activations stay small
+            ids, dense = self.bundle.encoder.transform_frame(good.slice(start, BATCH_ROWS))
+            p[start:start + len(ids)] = self._probabilities(self.backend, ids, dense)
         if not np.isfinite(p).all():
             row = good["_line"][int(np.flatnonzero(~np.isfinite(p))[0])]
             raise BundleError(f"the model gave a non-finite score for row {row}")
