@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--trial-seconds", type=float, default=5.0)
     ap.add_argument("--p99-budget-ms", type=float, default=25.0)
     ap.add_argument("--server-cpus", default=None, help="taskset CPU list for the server process")
+    ap.add_argument("--workers", type=int, default=1, help="server processes (ctrkit serve --workers)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/bench_serve.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,7 +199,7 @@ def main() -> None:
 
     port = free_port()
     events = Path(tempfile.mkdtemp(prefix="events-", dir=args.work))
-    server = start_server(bundle_path, port, events, args.server_cpus, threads=args.threads)
+    server = start_server(bundle_path, port, events, args.server_cpus, threads=args.threads, workers=args.workers)
     url = f"http://127.0.0.1:{port}"
     body = json.dumps({"candidates": recs, "k": 10}).encode()
     result["request_bytes"] = len(body)
@@ -232,7 +233,7 @@ def main() -> None:
         result["load_test"] = load
         result["events_logged"] = httpx.get(f"{url}/health").json()["events"]["stored"]
     finally:
-        server.send_signal(signal.SIGTERM)
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     result["machine"]["load_avg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
