@@ -252,7 +252,7 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
                TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True) as bar:
         try:
-            scorer = Scorer(Bundle.load(bundle), bundle, threads=os.cpu_count() or 1, rows=8192)
+            scorer = Scorer(Bundle.load(bundle), bundle, threads=os.cpu_count() or 1, rows=8192, reps=3)
             task = bar.add_task(f"scoring ({scorer.backend})", total=None)
             report = scorer.score_file(file, out, cols, lambda n: bar.advance(task, n), **({"fmt": fmt} if fmt else {}))
         except USER_ERRORS as exc:

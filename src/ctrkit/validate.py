@@ -116,8 +116,11 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
     checks: list[pl.Expr] = []
     # a float column whose sum is finite holds no inf or NaN: only the others are checked row by row
     floats = [f.name for f in schema.fields if f.kind == "numeric" and types[f.name].is_float()]
-    sums = df.select(pl.col(c).sum() for c in floats).row(0) if floats and df.height else ()
+    sums = [df.get_column(c).sum() for c in floats] if df.height else []  # eager: a query costs more than a sum
     suspect = {c for c, v in zip(floats, sums) if v is not None and not math.isfinite(v)}
+    if not suspect and _typed_already(df, schema, with_label):  # eager: no query to plan and run
+        out = pl.DataFrame([df.get_column(c) for c in cols + ["_line"] * ("_line" in types)])
+        return out, out.clear().with_columns(pl.lit(None, pl.String).alias("_reason"))
     for f in schema.fields:
         dtype = types[f.name]
         if f.kind == "categorical":
@@ -178,6 +181,16 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
         return tagged.drop("_reason"), tagged.clear()
     bad_mask = tagged["_reason"].is_not_null()
     return tagged.filter(~bad_mask).drop("_reason"), tagged.filter(bad_mask)
+
+
+def _typed_already(df: pl.DataFrame, schema: Schema, with_label: bool) -> bool:
+    """True when typing would change nothing: text categories, float numbers (their sums finite, checked by the
+    caller), and no list, label, time, group, weight or cross column to derive."""
+    types, names = df.schema, {f.name for f in schema.fields}
+    derived = [c for c in (schema.time, schema.group) if c and c not in names]
+    return (not schema.crosses and not schema.list_fields and not derived
+            and not (with_label and (schema.label_columns or schema.weight))
+            and all(types[f.name] == (pl.String if f.kind == "categorical" else pl.Float64) for f in schema.fields))
 
 
 Records = Mapping[str, Any] | Sequence[Mapping[str, Any]] | pl.DataFrame | Any

@@ -222,8 +222,9 @@ class Bundle:
         """Raw records as a typed frame of the feature columns (with ``_line``, the record number), through the
         validation layer; the first bad record is an error naming it and the field."""
         df = records_frame(records, self.schema)
-        df = df.select(self.schema.input_columns).with_columns(
-            pl.int_range(0, df.height, dtype=pl.Int64).alias("_line"))
+        if df.columns != self.schema.input_columns:
+            df = df.select(self.schema.input_columns)
+        df = df.hstack([pl.Series("_line", np.arange(df.height, dtype=np.int64))])  # eager: no query to plan
         good, bad = coerce_chunk(df, self._features, with_label=False)
         if bad.height:
             row = bad.row(0, named=True)
