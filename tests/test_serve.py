@@ -173,6 +173,7 @@ def test_bad_rank_and_event_requests(client: TestClient) -> None:
 def test_health_metrics_and_reload(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]) -> None:
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["model"] == "deepfm" and h["events"]["stored"] == 0
+    assert h["scoring"] == {"backend": "torch", "threads": 1, "probe_ms": {}, "skipped": {}}  # no ONNX exported
     recs = _records(bundles[2], 5)
     client.post("/score", json={"records": recs})
     text = client.get("/metrics").text

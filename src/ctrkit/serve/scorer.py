@@ -39,8 +39,8 @@ class Scorer:
         self.skipped: dict[str, str] = {}
         if path is not None:
             self._open_sessions(Path(path))
-        self.timings_ms = self._time_paths(rows, reps)
-        self.backend = min(self.timings_ms, key=self.timings_ms.__getitem__)
+        self.timings_ms = self._time_paths(rows, reps)  # empty when torch is the only path
+        self.backend = min(self.timings_ms, key=self.timings_ms.__getitem__) if self.timings_ms else "torch"
 
     def _open_sessions(self, path: Path) -> None:
         present = {name: path / file for name, file in ONNX_FILES.items() if (path / file).exists()}
@@ -75,7 +75,7 @@ class Scorer:
         slows them alike); an fp32 graph that disagrees with torch is dropped."""
         paths = ["torch", *self.sessions]
         if len(paths) == 1:
-            return {"torch": float("nan")}
+            return {}
         ids, dense = self._probe(rows)
         ref = self._probabilities("torch", ids, dense)
         if "onnx fp32" in self.sessions:
