@@ -15,10 +15,12 @@ by: the ranker chose the slot from features the model sees, so a pointwise model
 regression EM (Wang et al., "Position Bias Estimation for Unbiased Learning to Rank in Personal Search", WSDM
 2018), with the click model in the M-step: a clicked row is relevant; an unclicked one at position k was
 relevant but unexamined with probability γ(1 - θ_k) / (1 - θ_k γ), so it is fitted as a relevant row of that
-weight and an irrelevant row of the rest (the schema's sample weights). θ starts from the CTR by position on the
-explored slots (items drawn at random) and γ from the CTR over the mean θ of the logged positions, the same
-for every row (starting from the served model instead anchors EM on the ranking it is to correct); θ is
-re-estimated after each M-step from all rows, θ_k ∝ Σ clicks / Σ γ(x) at position k. The candidate's bundle keeps θ in its metrics (``examination``); its pCTR
+weight and an irrelevant row of the rest (the schema's sample weights). EM starts from a click model fitted to
+the same rows (one more training): γ is its pCTR over the mean θ of the logged positions (its ranking, on the
+scale of position 1), and θ_k ∝ Σ clicks / Σ γ(x) at position k over all rows, with γ the click model's pCTR
+over the θ of each row's position, θ first taken from the CTR by position on the explored slots (items drawn
+at random). θ is re-estimated the same way after each M-step. (Starting from the served bundle anchors EM on
+the stale ranking it is to correct; starting from a constant treats every unexamined item as average.) The candidate's bundle keeps θ in its metrics (``examination``); its pCTR
 is the click probability at position 1, and it is compared with the base on the held-out window as
 θ_position · pCTR, the probability of the clicks it was fitted to.
 """
@@ -160,16 +162,16 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
     work_dir = Path(work) if work else Path(out).with_name(Path(out).name + ".work")
     plain = replace(sch, weight=None) if sch.weight == WEIGHT else sch
     exam: dict[int, float] | None = None
-    if not ips:
-        run = train(fit, schema=plain, model=base_bundle.model_name, out=work_dir, epochs=epochs, seed=seed,
-                    progress=progress)
-        cand = run.bundle
-        train_rows = fit.height
-    else:
+    run = train(fit, schema=plain, model=base_bundle.model_name, out=work_dir, epochs=epochs, seed=seed,
+                progress=progress)  # the click model: the candidate, or where EM starts
+    train_rows = fit.height
+    if ips:
         exam = examination(fit, label)
         if not exam:
             raise DataError(f"{events}: relevance retraining needs logged positions with clicks at the first one")
-        gamma = np.full(fit.height, float(fit[label].mean()) / float(_theta_at(fit, exam).mean()))
+        clicks = run.bundle.predict(fit)
+        exam = examination_given_relevance(fit, label, clicks / _theta_at(fit, exam)) or exam
+        gamma = clicks / _theta_at(fit, exam).mean()
         weighted = replace(sch, weight=WEIGHT)
         for _ in range(em_steps):
             step = relevance_rows(fit, label, exam, gamma)
@@ -179,10 +181,11 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
                         seed=seed, progress=progress)
             gamma = run.bundle.predict(fit)
             exam = examination_given_relevance(fit, label, gamma) or exam
-        cand = run.bundle
+        train_rows = step.height
+    cand = run.bundle
+    if ips:
         cand.metrics["examination"] = exam
         cand.save(work_dir / "bundle")
-        train_rows = step.height
     base_m = held_out_metrics(base_bundle, held, label)
     cand_m = held_out_metrics(cand, held, label)
     better = cand_m["logloss"] < base_m["logloss"]
