@@ -209,6 +209,27 @@ def test_scorer_matches_the_encoded_split_and_names_bad_items(logs, tmp_path: Pa
         bundle.predict([ODD_RECORDS[0], {**ODD_RECORDS[0], "history": [{"id": 3}]}])
     with pytest.raises(DataError, match=r"record 0: field 'genres'"):
         bundle.predict([{**ODD_RECORDS[0], "genres": {"a": 1}}])
+    # the server answers every head of the same bundle, named by its labels, and ranks by the first
+    pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install 'ctrkit[serve]'")
+    from fastapi.testclient import TestClient
+
+    from ctrkit.serve.app import ServerConfig, create_app
+
+    records = te.select(bundle.schema.input_columns).head(20).to_dicts()
+    want = bundle.predict(records)
+    with TestClient(create_app(ServerConfig(bundle=tmp_path / "bundle", events=tmp_path / "log"))) as c:
+        body = c.post("/score", json={"records": records}).json()
+        ranked = c.post("/rank", json={"candidates": records, "k": 3}).json()
+    assert list(body["heads"]) == ["click", "buy"]
+    np.testing.assert_allclose(body["heads"]["click"], want[:, 0], atol=1e-6)
+    np.testing.assert_allclose(body["heads"]["buy"], want[:, 1], atol=1e-6)
+    np.testing.assert_allclose(body["pctr"], want[:, 0], atol=1e-6)
+    assert [i["index"] for i in ranked["items"]] == list(np.argsort(-want[:, 0], kind="stable")[:3])
+    from ctrkit.serve.events import read_events
+
+    shown = read_events(tmp_path / "log")  # the impressions keep their list-valued fields as lists
+    assert shown.height == 3
+    assert shown["history"].to_list() == [records[i["index"]]["history"] for i in ranked["items"]]
 
 
 # -- the public tiny fixtures' columns ----------------------------------------------------------------------

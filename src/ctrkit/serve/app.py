@@ -431,7 +431,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if log is not None or config.segments:
             shown = frame.select(f.name for f in cur.bundle.schema.fields)[slate.index.tolist()].with_columns(
                 [pl.col(f.name).cast(pl.Float64, strict=False)
-                 for f in cur.bundle.schema.fields if f.kind != "categorical"]).to_dicts()
+                 for f in cur.bundle.schema.fields if f.kind == "numeric"]).to_dicts()
             now = time.time()
             events = []
             for it, feats, explored in zip(items, shown, slate.explored.tolist()):
