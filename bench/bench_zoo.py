@@ -189,11 +189,11 @@ def main() -> None:
                   f"({row['epochs']} epochs, {row['train_seconds']:.1f}s)", flush=True)
     rows = [r for r in rows if r["model"] in models and r["seed"] in seeds]
     steps = None
-    spec_json = args.work / f"seed{seeds[0]}" / "deepfm" / "bundle" / "model.json"
+    spec_json = next(iter(sorted(args.work.glob("seed*/*/bundle/model.json"))), None)  # every run has Frappe's spec
     if args.steps_from:
         steps = {m: ms / 1000 for m, ms in json.loads(args.steps_from.read_text())["step_ms"].items()}
         print(f"step times of {args.steps_from} ({sorted(steps)})")
-    elif args.step_timing and spec_json.exists():
+    elif args.step_timing and spec_json is not None:
         steps = step_times(sorted(set(models) | {"deepfm"}), spec_json)
         print("training step, median ms: " + ", ".join(f"{m} {1000 * t:.1f}" for m, t in steps.items()))
     table = summarise(rows, models, args.datasets, steps)
