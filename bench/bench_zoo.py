@@ -71,12 +71,12 @@ def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: 
     Frappe-shaped random batches, the models taking turns step by step so that they share the machine's load."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from ctrkit.data.dataset import Batch, EncodedData
     from ctrkit.models import build_model
     from ctrkit.nn.embedding import FeatureSpec
-    from ctrkit.training.trainer import TrainConfig, _optimizers, cpu_has_bf16
+    from ctrkit.training.step import TrainStep
+    from ctrkit.training.trainer import cpu_has_bf16
 
     spec = FeatureSpec.from_dict(json.loads(spec_json.read_text())["spec"])
     gen = np.random.default_rng(0)
@@ -91,22 +91,15 @@ def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: 
         net = build_model(m, spec)
         net.fit_features(data)
         net.train()
-        nets[m] = (net, _optimizers(net, TrainConfig()))
+        nets[m] = TrainStep(net, torch.device("cpu"), bf16=bf16)  # the trainer's step: loss, backward, update
     times: dict[str, list[float]] = {m: [] for m in models}
     for step in range(steps + 2):
         rows = gen.integers(0, len(ids), batch_size)
         batch = Batch(torch.from_numpy(ids[rows]), torch.zeros(batch_size, 0), torch.from_numpy(label[rows]))
-        for m, (net, opts) in nets.items():
+        for m, train_step in nets.items():
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = net(batch)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
-            reg = net.regularization()
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            (loss + reg if reg is not None else loss).backward()
-            for o in opts:
-                o.step()
+            train_step(batch)
+            train_step.loss_mean()  # waits for the step
             if step >= 2:  # two warm-up steps
                 times[m].append(time.perf_counter() - t0)
     return {m: statistics.median(t) for m, t in times.items()}
@@ -189,11 +182,11 @@ def main() -> None:
                   f"({row['epochs']} epochs, {row['train_seconds']:.1f}s)", flush=True)
     rows = [r for r in rows if r["model"] in models and r["seed"] in seeds]
     steps = None
-    spec_json = args.work / f"seed{seeds[0]}" / "deepfm" / "bundle" / "model.json"
+    spec_json = next(iter(sorted(args.work.glob("seed*/*/bundle/model.json"))), None)  # every run has Frappe's spec
     if args.steps_from:
         steps = {m: ms / 1000 for m, ms in json.loads(args.steps_from.read_text())["step_ms"].items()}
         print(f"step times of {args.steps_from} ({sorted(steps)})")
-    elif args.step_timing and spec_json.exists():
+    elif args.step_timing and spec_json is not None:
         steps = step_times(sorted(set(models) | {"deepfm"}), spec_json)
         print("training step, median ms: " + ", ".join(f"{m} {1000 * t:.1f}" for m, t in steps.items()))
     table = summarise(rows, models, args.datasets, steps)

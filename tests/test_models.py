@@ -60,7 +60,7 @@ def test_default_config_applies_overrides() -> None:
     cfg = default_config("deepfm", embed_dim=8, hidden=[32, 16], dropout=None)
     assert cfg.embed_dim == 8 and cfg.hidden == (32, 16)
     assert cfg.dropout == base.dropout and cfg.batch_norm == base.batch_norm
-    assert default_config("lr").emb_l2 == 0.0
+    assert (default_config("lr").emb_l2, default_config("lr").emb_l2_scope) == (1e-5, "table")
     with pytest.raises(ValueError, match="unknown model settings"):
         default_config("fm", embedding_size=8)
 
@@ -240,13 +240,20 @@ def test_batch_regularization_is_lambda_mean_squared_norm_of_looked_up_vectors(n
     assert model.regularization() is None
 
 
-def test_no_regularization_when_lambda_is_zero_or_for_lr() -> None:
+def test_no_regularization_when_lambda_is_zero() -> None:
     spec = make_spec()
     ids, dense = make_batch(spec)
-    for model in (build_model("fm", spec, ModelConfig(emb_l2=0.0)), build_model("lr", spec)):
+    for model in (build_model("fm", spec, ModelConfig(emb_l2=0.0)), build_model("lr", spec, ModelConfig(emb_l2=0.0))):
         model.train()
         model(Batch(ids, dense))
         assert model.regularization() is None
+    lr = build_model("lr", spec)  # its default: a table L2 on the per-id weights
+    weights = lr.linear.table.weight
+    with torch.no_grad():
+        weights.normal_()
+    lr.train()
+    lr(Batch(ids, dense))
+    assert torch.allclose(lr.regularization(), 0.5 * 1e-5 * weights.pow(2).sum())
 
 
 def test_sparse_parameters_follow_sparse_grad() -> None:

@@ -190,10 +190,11 @@ def test_cli_set_passes_typed_model_settings(log: tuple, tmp_path: Path) -> None
     synth_schema().save(tmp_path / "schema.yaml")
     args = ["train", str(tmp_path / "train.csv"), "--valid", str(tmp_path / "valid.csv"), "--schema",
             str(tmp_path / "schema.yaml"), "--model", "deepfm", "--epochs", "1", "--quiet", "--embed-dim", "4"]
-    out = CliRunner().invoke(app, args + ["--out", str(tmp_path / "a"), "--set", "fm=false", "--set", "hidden=[8]"])
+    out = CliRunner().invoke(app, args + ["--out", str(tmp_path / "a"), "--set", "fm=false", "--set", "hidden=[8]",
+                                             "--set", "emb_l2=1e-5"])
     assert out.exit_code == 0, out.output
     config = json.loads((tmp_path / "a" / "bundle" / "model.json").read_text())["config"]
-    assert config["fm"] is False and config["hidden"] == [8]
+    assert config["fm"] is False and config["hidden"] == [8] and config["emb_l2"] == 1e-5
     out = CliRunner().invoke(app, args + ["--out", str(tmp_path / "b"), "--set", "fm"])
     assert out.exit_code == 2 and "KEY=VALUE" in out.output
     out = CliRunner().invoke(app, args + ["--out", str(tmp_path / "c"), "--set", "depth=3"])

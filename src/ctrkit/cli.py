@@ -142,7 +142,11 @@ def train(
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set fm=false")
-        options[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        try:  # YAML 1.1 reads a number without a dot, such as 1e-5, as a string
+            options[key.strip()] = float(parsed) if isinstance(parsed, str) else parsed
+        except ValueError:
+            options[key.strip()] = parsed
     try:
         pw: float | str = pos_weight if pos_weight == "auto" else float(pos_weight)
     except ValueError:
