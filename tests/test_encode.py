@@ -455,3 +455,25 @@ def test_numeric_values_equal_polars_conversion(parts, start, length):
     chunks = [pl.Series("x", p, dtype=pl.Float64) for p in parts]
     column = pl.concat(chunks, rechunk=False).slice(start, length)
     np.testing.assert_array_equal(_numeric(pl.DataFrame(column), "x"), column.to_numpy())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(train=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=30),
+       other=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=30))
+def test_vocabulary_ids_of_all_fields_at_once_equal_a_dict_per_field(train, other):
+    """The one lookup of every vocabulary field's values (salted per field) against a literal dict per field:
+    value -> offset + 2 + its place in the vocabulary, unseen -> OOV, null and "" -> missing."""
+    schema = Schema(fields=[Field("v"), Field("w"), Field("h", hash_buckets=3)], label="y")
+    cols = {"v": [a for a, _ in train], "w": [b for _, b in train], "h": [a for a, _ in train]}
+    enc = Encoder(schema).fit(pl.DataFrame({**cols, "y": [0] * len(train)},
+                                           schema={"v": pl.String, "w": pl.String, "h": pl.String, "y": pl.Int64}))
+    rows = train + other
+    frame, _ = read_frame(pl.DataFrame({"v": [a for a, _ in rows], "w": [b for _, b in rows],
+                                        "h": [a for a, _ in rows], "y": [1] * len(rows)},
+                                       schema={"v": pl.String, "w": pl.String, "h": pl.String, "y": pl.Int64}), schema)
+    ids, _ = enc.transform_frame(frame)
+    for j, name in enumerate(("v", "w")):
+        lookup = {v: enc.offsets[name] + 2 + i for i, v in enumerate(enc.vocab[name].to_list())}
+        want = [enc.offsets[name] + MISSING if v in (None, "") else lookup.get(v, enc.offsets[name] + OOV)
+                for v in frame[name].to_list()]
+        assert ids[:, j].tolist() == want

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from ctrkit.data.readers import DataError
-from ctrkit.serve.events import EventLog, EventLogError, measure_frames, read_events
+from ctrkit.serve.events import EventLog, EventLogError, measure_frames, open_writer, read_events
 from ctrkit.serve.process import free_port, start_server
 
 
@@ -77,7 +77,26 @@ def test_bad_events_and_folders_name_the_problem(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
+def test_writers_of_one_log_are_read_as_one_with_each_event_once(tmp_path: Path) -> None:
+    """Two processes' writer slots: a retry stored by both is read once (the first stored); a slot is free
+    again once its writer is gone."""
+    a, b = open_writer(tmp_path / "log"), open_writer(tmp_path / "log")
+    assert (a.path.name, b.path.name) == ("00", "01")
+    a.append(_clicks(0, 30))
+    b.append([{**e, "timestamp": e["timestamp"] + 5} for e in _clicks(20, 40)])  # 20..29 retried elsewhere
+    df = read_events(tmp_path / "log", "click")
+    assert sorted(df["event_id"]) == sorted(f"e{i}" for i in range(40))
+    assert df.filter(pl.col("event_id") == "e25")["timestamp"][0] == 1.7e9 + 25
+    a.close()
+    c = open_writer(tmp_path / "log")
+    assert c.path.name == "00" and "e3" in c and len(c) == 30
+    b.close()
+    c.close()
+    assert read_events(tmp_path / "log").height == 40
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path, workers: int) -> None:
     httpx = pytest.importorskip("httpx2", reason="the test client needs the 'test' extra")
     from ctrkit.data.synth import make_click_log, synth_schema
     from ctrkit.pipeline import train
@@ -85,7 +104,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
     df, _ = make_click_log(n_rows=1500, n_users=50, n_items=30, seed=1)
     train(df.drop("p_click"), schema=synth_schema(), model="lr", out=tmp_path / "m", epochs=1, progress=False)
     bundle, log, port = tmp_path / "m" / "bundle", tmp_path / "log", free_port()
-    proc = start_server(bundle, port, log)
+    proc = start_server(bundle, port, log, workers=workers)
     acked: list[str] = []
     sent: list[list[dict]] = []
     stop = threading.Event()
@@ -108,11 +127,11 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
     t.start()
     while len(acked) < 300:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and, with --workers, every worker process
     proc.wait()
     stop.set()
     t.join()
-    proc = start_server(bundle, port, log)
+    proc = start_server(bundle, port, log, workers=workers)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
             for batch in sent:  # the client retries everything it is not sure of, and more
@@ -123,8 +142,9 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path) -> None:
         proc.wait(timeout=30)
     ids = read_events(log, "click")["event_id"].to_list()
     assert set(acked) <= set(ids)
-    assert len(ids) == len(set(ids)) == stored == sum(len(b) for b in sent)
-    assert not list((log / "segments").glob("*.jsonl")) or all(
-        p.stat().st_size == 0 for p in (log / "segments").glob("*.jsonl"))
+    assert len(ids) == len(set(ids)) == sum(len(b) for b in sent)
+    assert stored == len(ids) or workers > 1  # a worker counts the events of its own writer slot
+    segments = list(log.glob("segments/*.jsonl")) + list(log.glob("writers/*/segments/*.jsonl"))
+    assert all(p.stat().st_size == 0 for p in segments)
     assert json.loads((log / "ctrkit-events.json").read_text())["format"] == 1
-    assert os.path.isdir(log / "parquet")
+    assert any(p.is_dir() for p in log.glob("**/parquet"))

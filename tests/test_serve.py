@@ -173,6 +173,7 @@ def test_bad_rank_and_event_requests(client: TestClient) -> None:
 def test_health_metrics_and_reload(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]) -> None:
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["model"] == "deepfm" and h["events"]["stored"] == 0
+    assert h["scoring"] == {"backend": "torch", "threads": 1, "probe_ms": {}, "skipped": {}}  # no ONNX exported
     recs = _records(bundles[2], 5)
     client.post("/score", json={"records": recs})
     text = client.get("/metrics").text
@@ -288,3 +289,71 @@ def test_hot_swap_fails_no_request_in_flight(client: TestClient, bundles: tuple[
         t.join()
     assert statuses and set(statuses) == {200}
     assert versions <= served and len(served) == 2  # every answer came from one of the two bundles
+
+
+_scalar = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False,
+                                                                                allow_infinity=False) | st.text(max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(records=st.lists(st.fixed_dictionaries({f.name: _scalar for f in synth_schema().fields}), min_size=1,
+                        max_size=4))
+def test_score_answers_as_bundle_predict(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame],
+                                         records: list[dict]) -> None:
+    """Records parsed by orjson and read column by column get Bundle.predict's scores, or its error as a 422."""
+    r = client.post("/score", content=json.dumps({"records": records}), headers={"content-type": "application/json"})
+    try:
+        want = _bundle(bundles[0]).predict(records)
+    except DataError as exc:
+        assert r.status_code == 422 and r.json()["detail"] == str(exc)
+    else:
+        assert r.status_code == 200, r.text
+        assert np.allclose(r.json()["pctr"], want, atol=1e-7)
+
+
+_loaded: dict[Path, Bundle] = {}
+
+
+def _bundle(path: Path) -> Bundle:
+    return _loaded.setdefault(path, Bundle.load(path))
+
+
+def test_watched_bundle_folder_is_reloaded_without_failing_a_request(bundles: tuple[Path, Path, pl.DataFrame],
+                                                                     tmp_path: Path) -> None:
+    """Copying another bundle over the served folder swaps it in once the copy has settled; requests running
+    meanwhile all succeed, and a folder that does not load leaves the last bundle serving and says why."""
+    import shutil
+    import threading
+    import time
+
+    served = tmp_path / "served"
+    shutil.copytree(bundles[0], served)
+    recs = _records(bundles[2], 100)
+    with TestClient(create_app(ServerConfig(bundle=served, watch=0.05))) as c:
+        before = c.get("/health").json()["bundle"]
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                statuses.append(c.post("/score", json={"records": recs}).status_code)
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        shutil.copytree(bundles[1], served, dirs_exist_ok=True)
+        deadline = time.time() + 60
+        while c.get("/health").json()["bundle"] == before and time.time() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        thread.join()
+        after = c.get("/health").json()
+        assert after["bundle"] != before and statuses and set(statuses) == {200}
+        assert np.allclose(c.post("/score", json={"records": recs}).json()["pctr"],
+                           _bundle(bundles[1]).predict(recs), atol=1e-7)
+        (served / "weights.safetensors").write_bytes(b"broken")
+        deadline = time.time() + 60
+        while not c.get("/health").json()["watch"]["error"] and time.time() < deadline:
+            time.sleep(0.05)
+        health = c.get("/health").json()
+        assert "weights.safetensors" in health["watch"]["error"] and health["bundle"] == after["bundle"]
+        assert c.post("/score", json={"records": recs}).status_code == 200

@@ -237,12 +237,14 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
             keep: Optional[str] = typer.Option(None, help="Input columns (any, e.g. an id) to copy next to the score, "
                                                           "comma-separated."),
             fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
-    """Write the click probability (column `pctr`) of every row of FILE to OUT."""
-    import polars as pl
+    """Write the click probability (column `pctr`) of every row of FILE to OUT, streaming: chunk by chunk on
+    every core, on the bundle's fastest model path (torch or its exported ONNX graphs)."""
+    import os
 
-    from ctrkit.data.readers import iter_chunks
-    from ctrkit.schema import Field, Schema
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     from ctrkit.serve.bundle import Bundle
+    from ctrkit.serve.scorer import Scorer
 
     if out.suffix not in (".csv", ".parquet"):
         _fail(f"--out must end in .csv or .parquet, got {out.name}")
@@ -251,28 +253,17 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
     cols = list(dict.fromkeys(c.strip() for c in keep.split(",") if c.strip())) if keep else []
     if "pctr" in cols:
         _fail("--keep: 'pctr' is the name of the score column")
-    try:
-        b = Bundle.load(bundle)
-        kwargs = {"fmt": fmt} if fmt else {}
-        p = b.predict_file(file, **kwargs)
-        heads = b.schema.label_columns
-        frame = pl.DataFrame({"pctr": p} if p.ndim == 1 else {f"p_{h}": p[:, t] for t, h in enumerate(heads)})
-        if cols:
-            # the kept columns as text, row for row with the scores (every row was scored, or none)
-            # with_label=False reads no label; the schema still names one that is not among the kept columns
-            label = next((c for c in [b.schema.label, *(b.schema.columns or [])] if c not in cols), "_label")
-            sch = Schema(fields=[Field(name=c) for c in cols], label=label, columns=b.schema.columns)
-            parts = [c.drop("_line") for c in iter_chunks(file, sch, with_label=False, **kwargs)]
-            kept = pl.concat(parts) if parts else pl.DataFrame(schema={c: pl.String for c in cols})
-            frame = pl.concat([kept.select(cols), frame], how="horizontal")
-    except USER_ERRORS as exc:
-        _fail(str(exc) if not keep or "missing columns" not in str(exc) else f"--keep: {exc}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".csv":
-        frame.write_csv(out)
-    else:
-        frame.write_parquet(out)
-    err.print(f"{len(p):,} rows scored -> {out}")
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed:,} rows"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        try:
+            scorer = Scorer(Bundle.load(bundle), bundle, threads=os.cpu_count() or 1, rows=8192, reps=3)
+            task = bar.add_task(f"scoring ({scorer.backend})", total=None)
+            report = scorer.score_file(file, out, cols, lambda n: bar.advance(task, n), **({"fmt": fmt} if fmt else {}))
+        except USER_ERRORS as exc:
+            _fail(str(exc) if not keep or "missing columns" not in str(exc) else f"--keep: {exc}")
+    err.print(f"{report.rows:,} rows scored ({scorer.backend}) -> {out}")
 
 
 @app.command()
@@ -321,7 +312,12 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
           segments: Optional[str] = typer.Option(None, help="Fields to monitor pred/actual by, comma-separated."),
           max_batch: int = typer.Option(10_000, help="Most records or candidates per request."),
           seed: Optional[int] = typer.Option(None, help="Seed of the exploration draws."),
-          threads: int = typer.Option(1, help="Torch threads per request (1 suits many concurrent requests)."),
+          threads: int = typer.Option(1, help="Torch / ONNX Runtime threads per request (1 suits many concurrent "
+                                             "requests)."),
+          workers: int = typer.Option(1, help="Server processes sharing the port (and the event log: one writer "
+                                              "slot each, read as one log)."),
+          watch: float = typer.Option(0.0, help="Reload BUNDLE when its files change, checking every WATCH "
+                                                "seconds (0: only on POST /admin/reload)."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
     """Serve BUNDLE over HTTP: /score, /rank, /events, /health, /metrics, /admin/reload (docs at /docs)."""
     try:
@@ -329,17 +325,30 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         import torch
 
         from ctrkit.serve.app import ServerConfig, create_app
+        from ctrkit.serve.bundle import Bundle
     except ImportError as exc:
         _fail(str(exc))
     torch.set_num_threads(threads)
     seg = tuple(s.strip() for s in segments.split(",") if s.strip()) if segments else ()
-    try:
-        api = create_app(ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch,
-                                      segments=seg, seed=seed))
+    config = ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch, segments=seg, seed=seed,
+                          threads=threads, watch=watch, workers=workers)
+    if workers < 1:
+        _fail(f"--workers must be at least 1, got {workers}")
+    try:  # with several processes, the bundle is checked here once so that a bad one fails before they start
+        api = create_app(config) if workers == 1 else Bundle.load(bundle) and None
     except USER_ERRORS as exc:
         _fail(str(exc))
-    err.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
-    uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
+    err.print(f"serving {bundle} on http://{host}:{port} with {workers} process(es) (docs: /docs)")
+    if api is not None:
+        uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
+        return
+    import os
+
+    from ctrkit.serve.app import ENV_CONFIG
+
+    os.environ[ENV_CONFIG] = config.to_env()
+    uvicorn.run("ctrkit.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level, access_log=False)
 
 
 @app.command()
@@ -375,6 +384,8 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
         Console().print(table)
         psi_text = "-" if t["psi"] is None else f"{t['psi']:.3f}"
         Console().print(f"overall pred/actual {t['overall']['ratio']:.3f}, PSI {psi_text}")
+        for name, h in list(res["heads"].items())[1:]:
+            Console().print(f"head {name}: pred/actual {h['total']['ratio']:.3f} ({h['total']['clicks']:,} events)")
         for line in res["alerts"]:
             err.print(f"[bold red]alert:[/] {line}")
     err.print(f"report: {out}")
@@ -385,16 +396,20 @@ def retrain(events: Path = typer.Option(..., help="Event log folder written by `
             base: Path = typer.Option(..., help="The bundle being served."),
             out: Path = typer.Option(..., help="Where the new bundle goes if it is promoted."),
             holdout: float = typer.Option(0.2, help="Most recent share of the log kept aside to compare on."),
-            ips: bool = typer.Option(False, "--ips/--no-ips", help="Weight rows by 1 / logged propensity."),
-            max_weight: float = typer.Option(20.0, help="Clip of the IPS weights."),
+            ips: bool = typer.Option(False, "--ips/--no-ips",
+                                     help="Learn relevance: correct the examination bias of the logged positions."),
+            em_steps: int = typer.Option(1, help="With --ips: regression-EM steps (one training each)."),
+            candidates: Optional[Path] = typer.Option(None, help="Every candidate of the logged requests (CSV/Parquet, "
+                                                                 "request_id + features): also require a better "
+                                                                 "off-policy top-slot CTR to promote."),
             epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
             seed: int = typer.Option(0, help="Random seed.")) -> None:
     """Train on the served traffic, compare with BASE on the recent window, promote only if better."""
     from ctrkit.serve.retrain import retrain as run_retrain
 
     try:
-        res = run_retrain(events, base, out, holdout=holdout, ips=ips, max_weight=max_weight, epochs=epochs,
-                          seed=seed)
+        res = run_retrain(events, base, out, holdout=holdout, ips=ips, em_steps=em_steps, candidates=candidates,
+                          epochs=epochs, seed=seed)
     except USER_ERRORS as exc:
         _fail(str(exc))
     Console().print(_metrics_table({"base": res.base, "candidate": res.candidate}, "held-out recent window"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -115,8 +116,11 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
     checks: list[pl.Expr] = []
     # a float column whose sum is finite holds no inf or NaN: only the others are checked row by row
     floats = [f.name for f in schema.fields if f.kind == "numeric" and types[f.name].is_float()]
-    sums = df.select(pl.col(c).sum() for c in floats).row(0) if floats and df.height else ()
+    sums = [df.get_column(c).sum() for c in floats] if df.height else []  # eager: a query costs more than a sum
     suspect = {c for c, v in zip(floats, sums) if v is not None and not math.isfinite(v)}
+    if not suspect and _typed_already(df, schema, with_label):  # eager: no query to plan and run
+        out = pl.DataFrame([df.get_column(c) for c in cols + ["_line"] * ("_line" in types)])
+        return out, out.clear().with_columns(pl.lit(None, pl.String).alias("_reason"))
     for f in schema.fields:
         dtype = types[f.name]
         if f.kind == "categorical":
@@ -179,6 +183,16 @@ def coerce_chunk(df: pl.DataFrame, schema: Schema, with_label: bool = True) -> t
     return tagged.filter(~bad_mask).drop("_reason"), tagged.filter(bad_mask)
 
 
+def _typed_already(df: pl.DataFrame, schema: Schema, with_label: bool) -> bool:
+    """True when typing would change nothing: text categories, float numbers (their sums finite, checked by the
+    caller), and no list, label, time, group, weight or cross column to derive."""
+    types, names = df.schema, {f.name for f in schema.fields}
+    derived = [c for c in (schema.time, schema.group) if c and c not in names]
+    return (not schema.crosses and not schema.list_fields and not derived
+            and not (with_label and (schema.label_columns or schema.weight))
+            and all(types[f.name] == (pl.String if f.kind == "categorical" else pl.Float64) for f in schema.fields))
+
+
 Records = Mapping[str, Any] | Sequence[Mapping[str, Any]] | pl.DataFrame | Any
 
 
@@ -217,15 +231,34 @@ _TEXT = {str, type(None)}
 _NUMBERS = {int, float, type(None)}
 
 
-def _scalar_series(f: Field, values: list[Any]) -> pl.Series:
+def _scalar_series(f: Field, values: Sequence[Any]) -> pl.Series:
     """A scalar field's record values as one column, built in one call in the common cases (all text, or a
     numeric field of plain numbers); anything else through :func:`_scalar_text`, which names a bad value."""
+    try:  # the common case first: polars refuses (strictly) any value of another type, and the slow path runs
+        return pl.Series(f.name, values, dtype=pl.Float64 if f.kind == "numeric" else pl.String, strict=True)
+    except (TypeError, OverflowError):
+        pass
     types = set(map(type, values))
     if types <= _TEXT:
         return pl.Series(f.name, values, dtype=pl.String)
     if f.kind == "numeric" and types <= _NUMBERS:
         return pl.Series(f.name, values, dtype=pl.Float64, strict=False)
     return pl.Series(f.name, [_scalar_text(v, i, f.name) for i, v in enumerate(values)], dtype=pl.String)
+
+
+def _same_keys(rows: list[Any], need: set[str], allowed: set[str] | None) -> dict[str, tuple[Any, ...]] | None:
+    """Every key's values, in one pass over the records, when all records are dicts with one set of keys that
+    holds ``need`` and lies within ``allowed``; None otherwise (the caller then checks record by record)."""
+    if not rows or set(map(type, rows)) != {dict} or len(set(map(len, rows))) != 1:
+        return None
+    keys = tuple(rows[0])
+    if not need.issubset(keys) or (allowed is not None and not allowed.issuperset(keys)) or not keys:
+        return None
+    try:  # a record of the same size holding each of the first record's keys has exactly its keys
+        columns = zip(*map(itemgetter(*keys), rows)) if len(keys) > 1 else [tuple(r[keys[0]] for r in rows)]
+        return dict(zip(keys, columns))
+    except KeyError:
+        return None
 
 
 def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] | None = None,
@@ -255,7 +288,8 @@ def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] |
             raise DataError(f"context: unknown field(s) {stray}; the bundle's fields are {sorted(known)}")
         need = known - ctx.keys()
         allowed = None if extra is None else known | set(extra)
-        for i, r in enumerate(rows):
+        given = _same_keys(rows, need, allowed)
+        for i, r in enumerate(rows if given is None else ()):
             if not isinstance(r, Mapping):
                 raise DataError(f"record {i}: expected a mapping of field -> value, got {type(r).__name__}")
             keys = r.keys()
@@ -271,7 +305,10 @@ def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] |
         columns = {}
         for f in schema.fields:
             default = ctx.get(f.name)
-            values = [r.get(f.name, default) for r in rows] if f.name in ctx else [r[f.name] for r in rows]
+            if given is not None:
+                values = given[f.name] if f.name in given else [default] * len(rows)
+            else:
+                values = [r.get(f.name, default) for r in rows] if f.name in ctx else [r[f.name] for r in rows]
             columns[f.name] = (_list_series(f, [_items_text(v, i, f) for i, v in enumerate(values)])
                                if f.name in lists else _scalar_series(f, values))
         return pl.DataFrame(columns, height=len(rows))

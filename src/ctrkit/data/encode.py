@@ -324,7 +324,7 @@ class Encoder:
         self.offsets: dict[str, int] = {}
         self.n_ids = 0
         self.train_rows = 0
-        self._luts: dict[str, _HashTable] | None = None
+        self._luts: tuple[_HashTable, dict[str, np.uint64]] | None = None
         self._luts_lock = threading.Lock()
         self._fit_tables: dict[str, _HashTable] = {}
         self._remap: dict[str, np.ndarray] = {}
@@ -470,20 +470,21 @@ class Encoder:
         """Let go of what only the fitting pass needs (index remaps and hash tables of every value seen)."""
         self._remap, self._fit_tables = {}, {}
 
-    def _lookup_tables(self) -> dict[str, _HashTable]:
-        """Hash -> global id of the vocabulary, built on first use; null and "" map to the field's missing id."""
+    def _lookup_table(self) -> tuple[_HashTable, dict[str, np.uint64]]:
+        """One table from (field, value hash) to global id for every vocabulary, built on first use, and each
+        field's salt: a value's key is its hash plus the salt (mod 2^64), so all the fields of a batch are looked
+        up in one call. Null and "" map to the field's missing id; a key not in the table gets -1 (OOV)."""
         with self._luts_lock:
             if self._luts is None:
                 blank = pl.Series("s", [None, ""], dtype=pl.String).hash(seed=_SEED).to_numpy()
-                luts = {}
+                salts = dict(zip(self.vocab, _row_keys(0, len(self.vocab))))
+                keys, ids = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)]
                 for name, values in self.vocab.items():
                     off = self.offsets[name]
-                    ids = np.arange(2, 2 + len(values), dtype=np.int32) + off
-                    luts[name] = _HashTable(
-                        np.concatenate([values.hash(seed=_SEED).to_numpy(), blank]),
-                        np.concatenate([ids, np.array([off + MISSING, off + MISSING], dtype=np.int32)]),
-                        default=off + OOV)
-                self._luts = luts
+                    keys.append(np.concatenate([values.hash(seed=_SEED).to_numpy(), blank]) + salts[name])
+                    ids.append(np.concatenate([np.arange(2, 2 + len(values), dtype=np.int32) + off,
+                                               np.array([off + MISSING, off + MISSING], dtype=np.int32)]))
+                self._luts = (_HashTable(np.concatenate(keys), np.concatenate(ids), default=-1), salts)
             return self._luts
 
     def fit(self, source: Source | Iterable[pl.DataFrame], seed: int = 0, **read_kwargs: Any) -> Encoder:
@@ -519,10 +520,20 @@ class Encoder:
         if hashes is None:
             hashes = self._hashes(chunk)
         ids = np.empty((chunk.height, len(self.schema.sparse_fields)), np.int32)
+        vocab = [j for j, f in enumerate(self.schema.sparse_fields)
+                 if f.kind == "categorical" and f.hash_buckets is None]
+        if vocab and not self._fit_tables:  # every vocabulary field of the chunk in one lookup
+            names = [self.schema.sparse_fields[j].name for j in vocab]
+            table, salts = self._lookup_table()
+            keys = hashes.select(f"h:{n}" for n in names).to_numpy() + np.array([salts[n] for n in names])
+            found = table.lookup(keys.ravel()).reshape(keys.shape)
+            oov = np.array([self.offsets[n] + OOV for n in names], dtype=np.int32)
+            ids[:, vocab] = np.where(found < 0, oov, found)
         for j, f in enumerate(self.schema.sparse_fields):
             off = self.offsets[f.name]
             if f.kind == "categorical" and f.hash_buckets is None:
-                ids[:, j] = self._vocab_ids(f.name, hashes[f"h:{f.name}"].to_numpy())
+                if self._fit_tables:
+                    ids[:, j] = self._vocab_ids(f.name, hashes[f"h:{f.name}"].to_numpy())
             elif f.kind == "categorical":
                 ids[:, j] = _hash_buckets(chunk[f.name], int(f.hash_buckets or 1)) + off
             else:
@@ -535,7 +546,9 @@ class Encoder:
         """Global ids of values of the vocabulary field ``name`` given their hashes (OOV where unseen)."""
         if name in self._fit_tables:  # inside encode_files: every value seen while fitting is there
             return self._remap[name][self._fit_tables[name].lookup(hashes)]
-        return self._lookup_tables()[name].lookup(hashes)
+        table, salts = self._lookup_table()
+        found = table.lookup(hashes + salts[name])
+        return np.where(found < 0, np.int32(self.offsets[name] + OOV), found)
 
     def sequences(self, chunk: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Padded id blocks int32 [n, n_seq, seq_max] and lengths int32 [n, n_seq] of a typed chunk's multi

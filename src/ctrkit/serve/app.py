@@ -1,7 +1,10 @@
 """HTTP scorer and ranker over a bundle (FastAPI): /score, /rank, /events, /health, /metrics, /admin/reload.
 
-Every score goes through :meth:`Bundle.predict`, so a bad value gets the answer it gets anywhere else, as a 422
-that names the field. /rank logs each shown item as an impression (``event_id`` = its ``impression_id``) with
+Every record goes through the validation and encoding of :meth:`Bundle.predict`, so a bad value gets the answer it
+gets anywhere else, as a 422 that names the field; the model runs on the bundle's fastest path (torch, or an ONNX
+graph exported into the bundle, timed at load: :mod:`ctrkit.serve.scorer`), which /health names. The large bodies
+of /score and /rank are parsed with orjson and their records judged column by column by the validation layer
+rather than value by value by pydantic; a body orjson refuses (NaN, 1e999) is judged by the strict models. /rank logs each shown item as an impression (``event_id`` = its ``impression_id``) with
 its pCTR, score, position and propensity into the event log, and answers once that is on disk; /events stores
 clicks and conversions (and client-side impressions) exactly once per ``event_id``. A reload loads the new
 bundle beside the old one and swaps a reference, so requests in flight finish on the bundle they started with.
@@ -15,6 +18,7 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,21 +30,23 @@ import numpy as np
 import polars as pl
 
 try:
+    import orjson
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+    from pydantic.json_schema import models_json_schema
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"ctrkit's server needs the 'serve' extra: pip install 'ctrkit[serve]' ({exc})") from exc
 
 from ctrkit.data.readers import DataError
 from ctrkit.schema import SchemaError
 from ctrkit.serve.bundle import Bundle, BundleError
-from ctrkit.serve.events import EventLog, EventLogError
+from ctrkit.serve.events import EventLog, EventLogError, open_writer
 from ctrkit.serve.monitor import LiveMonitor
-from ctrkit.serve.rank import RESERVED, choose, objective_scores
-from ctrkit.validate import records_frame
+from ctrkit.serve.rank import RESERVED, choose, laplace_sd, objective_scores, thompson
+from ctrkit.serve.scorer import Scorer
 
 MAX_BATCH = 10_000
 MAX_BODY_BYTES = 32 << 20
@@ -67,17 +73,22 @@ class ScoreRequest(_Strict):
 
 
 class ScoreResponse(_Strict):
-    """Calibrated click probabilities, one per record, and the version of the bundle that gave them."""
+    """Calibrated click probabilities, one per record, and the version of the bundle that gave them; a model
+    with a head per label gives each head's probabilities by label name (``pctr`` is the first head's)."""
 
     pctr: list[float]
+    heads: dict[str, list[float]] | None = None
     bundle: str
 
 
 class Explore(_Strict):
-    """Epsilon-greedy exploration: each slot shows a uniformly drawn remaining item with probability epsilon."""
+    """Epsilon-greedy (each slot shows a uniformly drawn remaining item with probability epsilon) or Thompson
+    sampling (``samples`` posterior draws per request; see :mod:`ctrkit.serve.rank`)."""
 
-    method: Literal["epsilon_greedy"] = "epsilon_greedy"
+    method: Literal["epsilon_greedy", "thompson"] = "epsilon_greedy"
     epsilon: Annotated[Finite, Field(ge=0.0, le=1.0)] = 0.1
+    samples: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1000
+    prior_precision: Annotated[Finite, Field(gt=0.0, le=1e6)] = 1.0
 
 
 class RankRequest(_Strict):
@@ -136,6 +147,18 @@ class EventsResponse(_Strict):
     duplicates: int
 
 
+class _ScoreBody(ScoreRequest):
+    """ScoreRequest as parsed by orjson: the records are judged by the validation layer."""
+
+    records: list[Any]  # type: ignore[assignment]
+
+
+class _RankBody(RankRequest):
+    """RankRequest as parsed by orjson: the candidates are judged by the validation layer."""
+
+    candidates: Annotated[list[Any], Field(min_length=1)]  # type: ignore[assignment]
+
+
 class ReloadRequest(_Strict):
     """Load the bundle at ``path`` (default: the path the server started with, re-read)."""
 
@@ -162,6 +185,13 @@ class ServerConfig:
     segments: tuple[str, ...] = ()
     monitor_window: int = 100_000
     seed: int | None = None
+    threads: int = 1
+    watch: float = 0.0
+    workers: int = 1
+
+    def to_env(self) -> str:
+        """This configuration as the JSON that :func:`app_from_env` reads in each worker process."""
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()})
 
 
 @dataclass
@@ -169,6 +199,7 @@ class _Live:
     bundle: Bundle
     version: str
     path: Path
+    scorer: Scorer
 
 
 class _Metrics:
@@ -263,19 +294,81 @@ def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=422, content={"detail": [{"field": k, "msg": v} for k, v in detail.items()]})
 
 
+async def _parse(request: Request, fast: type[BaseModel], strict: type[BaseModel]) -> Any:
+    """The JSON body as ``fast`` (orjson; records left to the validation layer) or, when only Python's json can
+    read it (NaN, Infinity, 1e999), as the ``strict`` model, whose errors name each bad value."""
+    raw = await request.body()
+    try:
+        data, model = orjson.loads(raw), fast
+    except orjson.JSONDecodeError:
+        try:
+            data, model = json.loads(raw), strict
+        except json.JSONDecodeError as exc:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                           "input": {}, "ctx": {"error": exc.msg}}]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _json(content: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json")
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body of a route that reads its body itself."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config.bundle``."""
     metrics = _Metrics()
-    live = _load(config.bundle)
-    log = EventLog(config.events) if config.events else None
+    live = _load(config.bundle, config.threads)
+    log = None if not config.events else open_writer(config.events) if config.workers > 1 else EventLog(config.events)
     monitor = LiveMonitor(config.monitor_window, config.segments, live.bundle.metrics.get("pctr_reference"))
     rng = np.random.default_rng(config.seed)
     state: dict[str, Any] = {"live": live, "started": time.time()}
     reload_lock = asyncio.Lock()
 
+    async def swap(path: Path) -> tuple[_Live, _Live]:
+        """Load the bundle at ``path`` beside the live one, then make it the live one."""
+        async with reload_lock:
+            old: _Live = state["live"]
+            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads)
+            state["live"] = new
+            monitor.reference = new.bundle.metrics.get("pctr_reference")
+            metrics.reloads.inc()
+        return old, new
+
+    async def watch() -> None:
+        """Reload the live bundle's folder once its files have changed and then stayed as they are for one
+        interval (a copy in progress is not read); a folder that does not load leaves the live bundle serving."""
+        watched = state["live"].path
+        seen = served = _stamp(watched)
+        while True:
+            await asyncio.sleep(config.watch)
+            path = state["live"].path
+            stamp = _stamp(path)
+            if path != watched:  # /admin/reload moved to another folder: watch that one from here
+                watched, seen, served = path, stamp, stamp
+            elif stamp != seen:
+                seen = stamp
+            elif stamp != served and stamp:
+                served = stamp
+                try:
+                    await swap(path)
+                    state.pop("watch_error", None)
+                except (BundleError, DataError, SchemaError, OSError, ValueError) as exc:
+                    state["watch_error"] = f"{path} changed but does not load: {exc}"
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(watch()) if config.watch > 0 else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         if log is not None:
             log.close()
 
@@ -293,37 +386,50 @@ def create_app(config: ServerConfig) -> FastAPI:
         if n > config.max_batch:
             raise DataError(f"{what}: {n} items exceed this server's limit of {config.max_batch} per request")
 
-    @app.post("/score", response_model=ScoreResponse)
-    async def score(req: ScoreRequest) -> dict[str, Any]:
-        """Calibrated pCTR of every record, in order."""
+    @app.post("/score", response_model=ScoreResponse, openapi_extra=_body_doc(ScoreRequest))
+    async def score(request: Request) -> Response:
+        """Calibrated pCTR of every record, in order (and of every head of a multi-task bundle)."""
+        req = await _parse(request, _ScoreBody, ScoreRequest)
         check_size(len(req.records), "records")
         cur: _Live = state["live"]
-        p = cur.bundle.predict(records_frame(req.records, cur.bundle.schema, extra=())) if req.records else np.zeros(0)
-        metrics.scored.inc(len(p))
-        monitor.scored(p)
-        return {"pctr": p.tolist(), "bundle": cur.version}
+        p = cur.scorer.predict(req.records, extra=())
+        first = p if p.ndim == 1 else p[:, 0]
+        metrics.scored.inc(len(first))
+        monitor.scored(first)
+        out: dict[str, Any] = {"pctr": first.tolist(), "bundle": cur.version}
+        if p.ndim == 2:
+            out["heads"] = {h: p[:, t].tolist() for t, h in enumerate(cur.bundle.schema.label_columns)}
+        return _json(out)
 
-    @app.post("/rank", response_model=RankResponse)
-    async def rank(req: RankRequest) -> dict[str, Any]:
+    @app.post("/rank", response_model=RankResponse, openapi_extra=_body_doc(RankRequest))
+    async def rank(request: Request) -> Response:
         """The top k candidates by pCTR or eCPM, with exploration, propensities and impression ids."""
+        req = await _parse(request, _RankBody, RankRequest)
         check_size(len(req.candidates), "candidates")
         cur: _Live = state["live"]
-        frame = records_frame(req.candidates, cur.bundle.schema, req.context, extra=RESERVED)
-        pctr = cur.bundle.predict(frame)
+        frame = cur.scorer.frame(req.candidates, req.context, extra=RESERVED)
+        pctr = cur.scorer.score(frame)
+        pctr = pctr if pctr.ndim == 1 else pctr[:, 0]  # a multi-task bundle ranks by its first (click) head
         metrics.scored.inc(len(pctr))
         monitor.scored(pctr)
         bids = _reserved(req.candidates, "bid", None if req.objective == "pctr" else "required")
         quality = _reserved(req.candidates, "quality", 1.0)
         scores = objective_scores(pctr, req.objective, bids, quality)
-        eps = req.explore.epsilon if req.explore else 0.0
-        slate = choose(scores, req.k, eps, rng)
+        ex = req.explore
+        if ex is not None and ex.method == "thompson":
+            scale = None if req.objective == "pctr" else objective_scores(np.ones_like(pctr), "ecpm", bids, quality)
+            ids = cur.bundle.encoder.transform_frame(frame)[0]  # the frame is typed and checked already
+            slate = thompson(_logit(pctr), ids, laplace_sd(cur.bundle, ex.prior_precision), req.k, ex.samples, rng,
+                             scale)
+        else:
+            slate = choose(scores, req.k, ex.epsilon if ex else 0.0, rng)
         request_id = req.request_id or uuid.uuid4().hex
         items = []
         for pos, (i, q) in enumerate(zip(slate.index.tolist(), slate.propensity.tolist()), start=1):
             items.append({"index": i, "pctr": float(pctr[i]), "score": float(scores[i]), "position": pos,
                           "impression_id": uuid.uuid4().hex, "propensity": q})
         if log is not None or config.segments:
-            shown = frame[slate.index.tolist()].with_columns(
+            shown = frame.select(f.name for f in cur.bundle.schema.fields)[slate.index.tolist()].with_columns(
                 [pl.col(f.name).cast(pl.Float64, strict=False)
                  for f in cur.bundle.schema.fields if f.kind != "categorical"]).to_dicts()
             now = time.time()
@@ -338,7 +444,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                                "objective": req.objective, "bundle": cur.version})
             if log is not None:
                 await asyncio.wrap_future(log.append_async(events))
-        return {"items": items, "request_id": request_id, "bundle": cur.version}
+        return _json({"items": items, "request_id": request_id, "bundle": cur.version})
 
     @app.post("/events", response_model=EventsResponse)
     async def events(req: EventsRequest) -> dict[str, Any]:
@@ -361,7 +467,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Liveness, the bundle being served and the scoring path."""
         cur: _Live = state["live"]
         return {"status": "ok", "bundle": cur.version, "model": cur.bundle.model_name, "path": str(cur.path),
-                "scoring": "torch (Bundle.predict)", "uptime_s": round(time.time() - state["started"], 3),
+                "scoring": cur.scorer.describe(), "uptime_s": round(time.time() - state["started"], 3),
+                "watch": {"every_s": config.watch, "error": state.get("watch_error")} if config.watch > 0 else None,
                 "events": None if log is None else {"path": str(log.path), "stored": len(log)}}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -376,23 +483,58 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/admin/reload")
     async def reload(req: ReloadRequest | None = None) -> dict[str, Any]:
         """Load a bundle and swap it in; requests already running finish on the previous one."""
-        async with reload_lock:
-            old: _Live = state["live"]
-            path = Path(req.path) if req and req.path else old.path
-            new = await asyncio.get_running_loop().run_in_executor(None, _load, path)
-            state["live"] = new
-            monitor.reference = new.bundle.metrics.get("pctr_reference")
-            metrics.reloads.inc()
-        return {"bundle": new.version, "previous": old.version, "path": str(new.path)}
+        old, new = await swap(Path(req.path) if req and req.path else state["live"].path)
+        return {"bundle": new.version, "previous": old.version, "path": str(new.path),
+                "scoring": new.scorer.backend}
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus the request models of the routes that parse their own bodies."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            _, defs = models_json_schema([(ScoreRequest, "validation"), (RankRequest, "validation")],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def _load(path: Path) -> _Live:
+ENV_CONFIG = "CTRKIT_SERVE_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """The application of one of ``ctrkit serve --workers N``'s processes, configured by ``$CTRKIT_SERVE_CONFIG``."""
+    import torch
+
+    cfg = json.loads(os.environ[ENV_CONFIG])
+    cfg["bundle"] = Path(cfg["bundle"])
+    cfg["events"] = Path(cfg["events"]) if cfg["events"] else None
+    cfg["segments"] = tuple(cfg["segments"])
+    torch.set_num_threads(cfg["threads"])
+    return create_app(ServerConfig(**cfg))
+
+
+def _load(path: Path, threads: int = 1) -> _Live:
     try:
-        return _Live(Bundle.load(path), bundle_version(path), Path(path))
+        bundle = Bundle.load(path)
+        return _Live(bundle, bundle_version(path), Path(path), Scorer(bundle, path, threads))
     except FileNotFoundError as exc:
         raise BundleError(f"{path}: {exc}") from exc
+
+
+def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and modification time of every file under a bundle folder (empty when it is gone)."""
+    try:
+        return tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()))
+    except OSError:  # a file went away while listed: the folder is changing
+        return ()
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-7, 1.0 - 1e-7)
+    return np.log(q / (1.0 - q))
 
 
 def _reserved(candidates: list[dict[str, Any]], key: str, default: float | str | None) -> np.ndarray | None:

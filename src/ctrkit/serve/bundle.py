@@ -222,8 +222,9 @@ class Bundle:
         """Raw records as a typed frame of the feature columns (with ``_line``, the record number), through the
         validation layer; the first bad record is an error naming it and the field."""
         df = records_frame(records, self.schema)
-        df = df.select(self.schema.input_columns).with_columns(
-            pl.int_range(0, df.height, dtype=pl.Int64).alias("_line"))
+        if df.columns != self.schema.input_columns:
+            df = df.select(self.schema.input_columns)
+        df = df.hstack([pl.Series("_line", np.arange(df.height, dtype=np.int64))])  # eager: no query to plan
         good, bad = coerce_chunk(df, self._features, with_label=False)
         if bad.height:
             row = bad.row(0, named=True)
@@ -240,6 +241,10 @@ class Bundle:
         if good.height == 0:
             return np.zeros((0, self._heads) if self._heads > 1 else 0, dtype=np.float64)
         return self._score(good, batch_size)
+
+    def ids(self, records: Records) -> np.ndarray:
+        """The global categorical ids [n, F] of raw records, as the model sees them (the same checks as predict)."""
+        return self.encoder.transform_frame(self._frame(records))[0]
 
     def _check_required(self, df: pl.DataFrame, where: str = "row") -> None:
         for f in self.schema.fields:

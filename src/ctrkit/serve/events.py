@@ -13,11 +13,17 @@ harmless. A segment is compacted by writing its Parquet file under a temporary n
 only then deleting the JSON lines, so a crash at any point leaves each event in exactly one of the two. On open,
 a torn last line (a write that never completed, hence was never acknowledged) is cut off.
 
+Several server processes (``ctrkit serve --workers N``) share one log folder: each claims a writer slot,
+``LOG/writers/NN``, an event log of its own held under an exclusive lock while the process lives (a restarted
+process takes a free slot and recovers it). A retry that reaches another process than the first attempt is
+stored twice; readers keep the first copy of each ``event_id``, so every acknowledged event is read exactly once.
+
 ``ctrkit measure`` and ``ctrkit train`` read a log folder directly (:func:`read_events`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -98,6 +104,7 @@ class EventLog:
             raise EventLogError(f"{self.path}: event log format {json.loads(marker.read_text()).get('format')} "
                                 f"is not supported")
         self._ids: set[str] = set()
+        self._slot_lock: Any = None  # the writer slot's lock file, set by open_writer
         self._recover()
         self._queue: list[tuple[list[dict[str, Any]], Future[list[bool]]]] = []
         self._cond = threading.Condition()
@@ -238,12 +245,37 @@ class EventLog:
         self._fh.close()
         events, _ = _read_lines(self._segment)
         self._compact(self._segment, events)
+        if self._slot_lock is not None:
+            self._slot_lock.close()
 
     def __enter__(self) -> EventLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_writer(path: str | Path, slots: int = 1024) -> EventLog:
+    """An event log of its own for this process inside the shared log folder ``path``: the first writer slot
+    ``path/writers/NN`` that no living process holds (the lock goes with the process, a crash included)."""
+    root = Path(path)
+    if root.exists() and any(root.iterdir()) and not is_event_log(root):
+        raise EventLogError(f"{root} exists and is not a ctrkit event log (no {MARKER})")
+    (root / "writers").mkdir(parents=True, exist_ok=True)
+    if not is_event_log(root):
+        (root / MARKER).write_text(json.dumps({"format": LOG_FORMAT}))
+        _fsync_dir(root)
+    for slot in range(slots):
+        lock = open(root / "writers" / f"{slot:02d}.lock", "a")  # noqa: SIM115 - held while the log is open
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        log = EventLog(root / "writers" / f"{slot:02d}")
+        log._slot_lock = lock
+        return log
+    raise EventLogError(f"{root}: all {slots} writer slots are held by running processes")
 
 
 def _drop_empty(df: pl.DataFrame, keep: tuple[str, ...] = ("event_id", "kind")) -> pl.DataFrame:
@@ -261,6 +293,18 @@ def read_events(path: str | Path, kind: str | None = None) -> pl.DataFrame:
         raise DataError(f"{p} is not a ctrkit event log (no {MARKER}); `ctrkit serve --events {p}` writes one")
     if kind is not None and kind not in KINDS:
         raise DataError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    writers = sorted(w for w in (p / "writers").glob("*") if is_event_log(w))
+    if writers:  # several processes wrote: one copy of each event id, the first stored
+        df = pl.concat([_read_one(p), *(_read_one(w) for w in writers)], how="diagonal_relaxed")
+        df = df.sort("timestamp", nulls_last=True, maintain_order=True).unique("event_id", keep="first",
+                                                                              maintain_order=True)
+    else:
+        df = _read_one(p)
+    return df if kind is None else _drop_empty(df.filter(pl.col("kind") == kind))
+
+
+def _read_one(p: Path) -> pl.DataFrame:
+    """Every stored event of one writer's folder."""
     # Segments first, Parquet after: a segment compacted in between is then found as Parquet and its JSON
     # lines, already read, are skipped, so a live reader sees every event once.
     segments: dict[str, list[dict[str, Any]]] = {}
@@ -273,8 +317,7 @@ def read_events(path: str | Path, kind: str | None = None) -> pl.DataFrame:
     frames = [pl.read_parquet(f) for f in parts]
     done = {f.stem for f in parts}
     frames += [_frame(ev) for stem, ev in segments.items() if ev and stem not in done]
-    df = pl.concat(frames, how="diagonal_relaxed") if frames else _frame([])
-    return df if kind is None else _drop_empty(df.filter(pl.col("kind") == kind))
+    return pl.concat(frames, how="diagonal_relaxed") if frames else _frame([])
 
 
 def measure_frames(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:
@@ -286,9 +329,11 @@ def measure_frames(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame | None,
     return imps, clicks if clicks.height else None, convs if convs.height else None
 
 
-def attributed_impressions(path: str | Path, config: Any = None, label: str = "click") -> pl.DataFrame:
+def attributed_impressions(path: str | Path, config: Any = None, label: str = "click",
+                           conversion: str | None = None) -> pl.DataFrame:
     """Impressions that survive attribution (dedup, bot and window rules of ``ctrkit.measure``), each with
-    ``label`` 0/1 (a click) joined from the click events by ``ctrkit.measure.attribution``; every feature column kept."""
+    ``label`` 0/1 (a click) joined from the click events by ``ctrkit.measure.attribution``; every feature column kept.
+    With ``conversion`` and conversion events in the log, also that column: 0/1, a conversion attributed."""
     from ctrkit.measure.attribution import Attribution
     from ctrkit.measure.engine import make_engine
 
@@ -301,6 +346,9 @@ def attributed_impressions(path: str | Path, config: Any = None, label: str = "c
         out = pl.from_pandas(engine.query("SELECT * FROM ctr_events WHERE _status = 0 ORDER BY _ts, position"))
     finally:
         engine.close()
-    keep = [c for c in out.columns if not c.startswith("_") and c not in ("kind", "event_id", label)]
+    keep = [c for c in out.columns if not c.startswith("_") and c not in ("kind", "event_id", label, conversion)]
     stamp = pl.from_epoch((pl.col("timestamp") * 1e6).round().cast(pl.Int64), "us").dt.replace_time_zone("UTC")
-    return out.select([*keep, pl.col("_click").cast(pl.Int8).alias(label)]).with_columns(stamp.alias("timestamp"))
+    labels = [pl.col("_click").cast(pl.Int8).alias(label)]
+    if conversion and convs is not None:
+        labels.append(pl.col("_conv").cast(pl.Int8).alias(conversion))
+    return out.select([*keep, *labels]).with_columns(stamp.alias("timestamp"))

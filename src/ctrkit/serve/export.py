@@ -1,5 +1,7 @@
 """ONNX export of a bundle's model, and INT8 dynamic quantisation kept only where it keeps AUC.
 
+Exported into the bundle folder (the default), the graphs and ``onnx.json`` (the AUC decision) join the bundle's
+manifest, so ``Bundle.load`` checks them like every other file and ``ctrkit serve`` can score through them.
 The exported graph takes the encoder's output (``ids`` int64 [B, F], ``dense`` float32 [B, D]) and returns the
 click probability [B], so any ONNX runtime scores pre-encoded rows; the encoder stays in the bundle. INT8
 dynamic quantisation (weights int8, activations quantised on the fly) is compared with fp32 on labelled rows
@@ -8,6 +10,7 @@ and written only when the AUC moves by at most ``max_auc_drop``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,17 +23,20 @@ from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import Source, iter_chunks
 from ctrkit.evaluate.calibrate import Calibrator
 from ctrkit.evaluate.metrics import evaluate
-from ctrkit.serve.bundle import Bundle
+from ctrkit.serve.bundle import MANIFEST, Bundle, _sha256
 
 MAX_AUC_DROP = 0.0005
 OPSET = 18
 
 
-def _need_onnx() -> Any:
+def _need_onnx(export: bool = True) -> Any:
+    """onnxruntime (and, to export, onnx and onnxscript), or an error naming the extra to install."""
     try:
-        import onnx  # noqa: F401
         import onnxruntime as ort
-        import onnxscript  # noqa: F401  (torch's ONNX exporter)
+
+        if export:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401  (torch's ONNX exporter)
     except ImportError as exc:
         raise ImportError(f"ONNX export needs the 'onnx' extra: pip install 'ctrkit[onnx]' ({exc})") from exc
     return ort
@@ -83,10 +89,12 @@ def export_onnx(bundle: Bundle, out: str | Path) -> Path:
 
 def session(path: str | Path, threads: int = 1) -> Any:
     """An ONNX Runtime CPU session for an exported model."""
-    ort = _need_onnx()
+    ort = _need_onnx(export=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # idle threads sleep instead of spinning: on a few shared cores a spinning pool takes them from the rest
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -124,25 +132,41 @@ def encoded_rows(bundle: Bundle, source: Source, max_rows: int = 200_000, **read
 
 def export_bundle(bundle_path: str | Path, out_dir: str | Path | None = None, valid: Source | None = None,
                   max_auc_drop: float = MAX_AUC_DROP, **read_kwargs: Any) -> ExportResult:
-    """``model.onnx`` (and ``model.int8.onnx`` when it keeps AUC on ``valid``) in ``out_dir``, default the
-    bundle folder."""
+    """``model.onnx`` (and ``model.int8.onnx`` when it keeps AUC on ``valid``) and ``onnx.json`` in ``out_dir``,
+    default the bundle folder, whose manifest then lists them."""
     bundle = Bundle.load(bundle_path)
     out = Path(out_dir) if out_dir else Path(bundle_path)
     fp32 = export_onnx(bundle, out / "model.onnx")
     res = ExportResult(fp32=str(fp32))
+    int8 = out / "model.int8.onnx"
     if valid is None:
+        int8.unlink(missing_ok=True)  # an INT8 graph of an earlier export belongs to other weights
         res.decision = "no labelled rows given (--valid): INT8 not written, its AUC cannot be checked"
-        return res
-    ids, dense, y = encoded_rows(bundle, valid, **read_kwargs)
-    int8 = quantize_int8(fp32, out / "model.int8.onnx")
-    res.rows = len(y)
-    res.auc_fp32 = float(evaluate(y, run_session(session(fp32), ids, dense).astype(np.float64))["auc"])
-    res.auc_int8 = float(evaluate(y, run_session(session(int8), ids, dense).astype(np.float64))["auc"])
-    if res.auc_fp32 - res.auc_int8 <= max_auc_drop:
-        res.int8 = str(int8)
-        res.decision = f"INT8 kept: AUC {res.auc_int8:.5f} vs fp32 {res.auc_fp32:.5f}"
     else:
-        int8.unlink()
-        res.decision = (f"INT8 dropped: AUC {res.auc_int8:.5f} is more than {max_auc_drop} below fp32 "
-                        f"{res.auc_fp32:.5f}")
+        ids, dense, y = encoded_rows(bundle, valid, **read_kwargs)
+        quantize_int8(fp32, int8)
+        res.rows = len(y)
+        res.auc_fp32 = float(evaluate(y, run_session(session(fp32), ids, dense).astype(np.float64))["auc"])
+        res.auc_int8 = float(evaluate(y, run_session(session(int8), ids, dense).astype(np.float64))["auc"])
+        if res.auc_fp32 - res.auc_int8 <= max_auc_drop:
+            res.int8 = str(int8)
+            res.decision = f"INT8 kept: AUC {res.auc_int8:.5f} vs fp32 {res.auc_fp32:.5f}"
+        else:
+            int8.unlink()
+            res.decision = (f"INT8 dropped: AUC {res.auc_int8:.5f} is more than {max_auc_drop} below fp32 "
+                            f"{res.auc_fp32:.5f}")
+    (out / "onnx.json").write_text(json.dumps(res.to_dict(), indent=1))
+    if (out / MANIFEST).exists() and out.resolve() == Path(bundle_path).resolve():
+        _list_in_manifest(out, ["model.onnx", "model.int8.onnx", "onnx.json"])
     return res
+
+
+def _list_in_manifest(root: Path, names: list[str]) -> None:
+    """Record the sha256 of the files ``names`` in the bundle's manifest (dropping those that do not exist)."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    for name in names:
+        if (root / name).exists():
+            manifest["files"][name] = _sha256(root / name)
+        else:
+            manifest["files"].pop(name, None)
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,14 +21,16 @@ def free_port() -> int:
 
 
 def start_server(bundle: str | Path, port: int, events: str | Path | None = None, cpus: str | None = None,
-                 timeout: float = 120.0) -> subprocess.Popen[bytes]:
+                 timeout: float = 120.0, threads: int = 1, workers: int = 1) -> subprocess.Popen[bytes]:
     """Start ``ctrkit serve BUNDLE`` on 127.0.0.1:``port`` (pinned to ``cpus`` with taskset when given)."""
-    cmd = [sys.executable, "-m", "ctrkit", "serve", str(bundle), "--port", str(port)]
+    cmd = [sys.executable, "-m", "ctrkit", "serve", str(bundle), "--port", str(port), "--threads", str(threads),
+           "--workers", str(workers)]
     if events is not None:
         cmd += ["--events", str(events)]
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a session of its own: os.killpg reaches every worker process of ``--workers N``
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -35,6 +39,6 @@ def start_server(bundle: str | Path, port: int, events: str | Path | None = None
                     return proc
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.1)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     raise RuntimeError(f"ctrkit serve {bundle} did not answer on port {port} within {timeout:.0f} s: {stderr}")

@@ -1,0 +1,230 @@
+"""The server's scorer: a bundle's records -> calibrated pCTR on the fastest of the bundle's model paths.
+
+A bundle always scores through torch. When ``ctrkit export`` has written ONNX graphs into the bundle folder
+(``model.onnx``, and ``model.int8.onnx`` where INT8 kept the AUC), each path is timed at load on a batch of
+encoded rows the size of a ranking request, taking turns, and the one with the lowest median serves. Records go
+through the same validation and encoding as :meth:`Bundle.predict` (the ONNX graphs hold the calibrator), so
+only the model's arithmetic differs between paths; the fp32 graph is checked against torch before it may serve.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from ctrkit.data.dataset import Batch
+from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
+from ctrkit.schema import Field, Schema
+from ctrkit.serve.bundle import Bundle, BundleError
+from ctrkit.validate import DataError, Records, records_frame
+
+ONNX_FILES = {"onnx fp32": "model.onnx", "onnx int8": "model.int8.onnx"}
+FP32_TOLERANCE = 1e-4
+BATCH_ROWS = 65536
+
+
+class Scorer:
+    """Scores raw records through ``bundle`` on its fastest model path (``backend``), timed at load."""
+
+    def __init__(self, bundle: Bundle, path: str | Path | None = None, threads: int = 1, rows: int = 1000,
+                 reps: int = 15) -> None:
+        self.bundle, self.threads = bundle, threads
+        self.sessions: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}
+        if path is not None:
+            self._open_sessions(Path(path))
+        self.timings_ms = self._time_paths(rows, reps)  # empty when torch is the only path
+        self.backend = min(self.timings_ms, key=self.timings_ms.__getitem__) if self.timings_ms else "torch"
+
+    def _open_sessions(self, path: Path) -> None:
+        present = {name: path / file for name, file in ONNX_FILES.items() if (path / file).exists()}
+        if not present:
+            return
+        if self.bundle.encoder.seq_names or self.bundle._heads > 1:
+            self.skipped = {name: "the graph takes ids and dense only, one head" for name in present}
+            return
+        try:
+            from ctrkit.serve.export import session
+        except ImportError as exc:
+            self.skipped = {name: str(exc) for name in present}
+            return
+        for name, file in present.items():
+            try:
+                self.sessions[name] = session(file, self.threads)
+            except Exception as exc:  # noqa: BLE001 - a graph ONNX Runtime cannot load is reported, torch serves
+                self.skipped[name] = f"{file}: {exc}"
+
+    def _probe(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded rows of random in-vocabulary ids and standard normal dense values."""
+        enc = self.bundle.encoder
+        rng = np.random.default_rng(0)
+        sizes = np.asarray(enc.field_sizes(), dtype=np.int64)
+        offsets = np.asarray([enc.offsets[n] for n in enc.sparse_names], dtype=np.int64)
+        ids = (offsets + (rng.random((rows, len(sizes))) * sizes).astype(np.int64)).astype(np.int32)
+        dense = rng.standard_normal((rows, len(enc.dense_names))).astype(np.float32)
+        return ids, dense
+
+    def _time_paths(self, rows: int, reps: int) -> dict[str, float]:
+        """Median milliseconds of each path on one batch of ``rows``, the paths taking turns (a loaded machine
+        slows them alike); an fp32 graph that disagrees with torch is dropped."""
+        paths = ["torch", *self.sessions]
+        if len(paths) == 1:
+            return {}
+        ids, dense = self._probe(rows)
+        ref = self._probabilities("torch", ids, dense)
+        if "onnx fp32" in self.sessions:
+            gap = float(np.max(np.abs(self._probabilities("onnx fp32", ids, dense) - ref)))
+            if not gap <= FP32_TOLERANCE:
+                self.skipped["onnx fp32"] = f"differs from torch by {gap:.2g} (> {FP32_TOLERANCE})"
+                paths.remove("onnx fp32")
+                del self.sessions["onnx fp32"]
+        ms: dict[str, list[float]] = {p: [] for p in paths}
+        for _ in range(reps):
+            for p in paths:
+                t0 = time.perf_counter()
+                self._probabilities(p, ids, dense)
+                ms[p].append((time.perf_counter() - t0) * 1e3)
+        return {p: round(float(np.median(v)), 3) for p, v in ms.items()}
+
+    @torch.no_grad()
+    def _probabilities(self, path: str, ids: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        if path == "torch":
+            logits = self.bundle.model(Batch(torch.from_numpy(ids), torch.from_numpy(dense)))
+            return self.bundle.calibrator(logits.double().numpy())
+        out = self.sessions[path].run(None, {"ids": ids.astype(np.int64, copy=False), "dense": dense})[0]
+        return out.astype(np.float64, copy=False)
+
+    def frame(self, records: Records, context: Mapping[str, Any] | None = None,
+              extra: Sequence[str] | None = None) -> pl.DataFrame:
+        """The typed, validated feature frame of raw records (``_line`` numbers them), as Bundle.predict reads it."""
+        return self.bundle._frame(records_frame(records, self.bundle.schema, context, extra))
+
+    def score(self, good: pl.DataFrame) -> np.ndarray:
+        """Calibrated pCTR of a frame from :meth:`frame`, on the chosen path."""
+        if good.height == 0:
+            return np.zeros((0, self.bundle._heads) if self.bundle._heads > 1 else 0)
+        if self.backend == "torch":
+            return self.bundle._score(good, 65536)
+        p = np.empty(good.height)
+        for start in range(0, good.height, BATCH_ROWS):  # as Bundle.predict: activations stay small
+            ids, dense = self.bundle.encoder.transform_frame(good.slice(start, BATCH_ROWS))
+            p[start:start + len(ids)] = self._probabilities(self.backend, ids, dense)
+        if not np.isfinite(p).all():
+            row = good["_line"][int(np.flatnonzero(~np.isfinite(p))[0])]
+            raise BundleError(f"the model gave a non-finite score for row {row}")
+        return p
+
+    def predict(self, records: Records, context: Mapping[str, Any] | None = None,
+                extra: Sequence[str] | None = None) -> np.ndarray:
+        """Calibrated pCTR of raw records (the checks and answers of :meth:`Bundle.predict`)."""
+        return self.score(self.frame(records, context, extra))
+
+    def describe(self) -> dict[str, Any]:
+        """The serving path, each path's median ms at load, and the paths left out with the reason."""
+        return {"backend": self.backend, "threads": self.threads, "probe_ms": self.timings_ms,
+                "skipped": self.skipped}
+
+    def score_file(self, source: Source, out: str | Path, keep: Sequence[str] = (),
+                   progress: Callable[[int], None] | None = None, **read_kwargs: Any) -> ReadReport:
+        """Stream ``source`` chunk by chunk into ``out`` (.csv or .parquet): the ``keep`` columns as text, then
+        ``pctr`` (``p_<label>`` per head of a multi-task bundle), one row per input row, in order.
+
+        Memory stays at a few chunks whatever the file's size; the next chunk is read while one is scored. The
+        output appears only complete: a file with rows that cannot be scored is read to its end, to count and
+        report them as ``ctrkit predict`` always has, and leaves no output. ``progress`` gets each chunk's rows.
+        """
+        out = Path(out)
+        if out.suffix not in (".csv", ".parquet"):
+            raise ValueError(f"the output must end in .csv or .parquet, got {out.name}")
+        report = ReadReport()
+        chunks = iter_chunks(source, self.bundle._features, report=report, with_label=False, **read_kwargs)
+        kept = _Rows(iter_chunks(source, _text_schema(keep, self.bundle.schema), with_label=False, **read_kwargs)
+                     ) if keep else None
+        partial = out.with_name(f".{out.name}.partial")
+        writer = _Writer(partial, out.suffix)
+        try:
+            with Prefetch(chunks) as stream:
+                for chunk in stream:
+                    if report.bad_rows == 0 and chunk.height:
+                        self.bundle._check_required(chunk)
+                        writer.write(self._scores_frame(chunk, kept))
+                    if progress is not None:
+                        progress(chunk.height)
+            if not writer.rows:
+                heads = self.bundle.schema.label_columns
+                names = ["pctr"] if self.bundle._heads == 1 else [f"p_{h}" for h in heads]
+                writer.write(pl.DataFrame(schema={**dict.fromkeys(keep, pl.String), **dict.fromkeys(names, pl.Float64)}))
+            writer.close()
+            if report.bad_rows:
+                raise DataError(f"{report.bad_rows} row(s) cannot be scored: " + "; ".join(report.examples))
+            partial.replace(out)
+        finally:
+            writer.close()
+            partial.unlink(missing_ok=True)
+        return report
+
+    def _scores_frame(self, chunk: pl.DataFrame, kept: _Rows | None) -> pl.DataFrame:
+        p = self.score(chunk)
+        heads = self.bundle.schema.label_columns
+        scores = pl.DataFrame({"pctr": p} if p.ndim == 1 else {f"p_{h}": p[:, t] for t, h in enumerate(heads)})
+        return scores if kept is None else pl.concat([kept.take(chunk.height), scores], how="horizontal")
+
+
+def _text_schema(columns: Sequence[str], schema: Schema) -> Schema:
+    """A schema reading ``columns`` (any: features, the label, an id) as text."""
+    label = next((c for c in [schema.label, *(schema.columns or [])] if c not in columns), "_label")
+    return Schema(fields=[Field(name=c) for c in columns], label=label, columns=schema.columns)
+
+
+class _Rows:
+    """The rows of a stream of chunks, taken in runs of any length (the kept columns, beside the scored rows)."""
+
+    def __init__(self, chunks: Iterator[pl.DataFrame]) -> None:
+        self.chunks, self.buffer = chunks, pl.DataFrame()
+
+    def take(self, n: int) -> pl.DataFrame:
+        parts = [self.buffer]
+        have = self.buffer.height
+        while have < n:
+            part = next(self.chunks).drop("_line")
+            parts.append(part)
+            have += part.height
+        rows = pl.concat([p for p in parts if p.width]) if have else self.buffer
+        self.buffer = rows.slice(n)
+        return rows.head(n)
+
+
+class _Writer:
+    """Appends frames to a CSV file (one header) or a Parquet file (one row group per frame)."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path, self.fmt, self.rows = path, fmt, 0
+        self._parquet: Any = None
+        self._csv: Any = None
+
+    def write(self, frame: pl.DataFrame) -> None:
+        self.rows += frame.height
+        if self.fmt == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = frame.to_arrow()
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.path, table.schema)
+            self._parquet.write_table(table.cast(self._parquet.schema))
+        else:
+            first = self._csv is None
+            if first:
+                self._csv = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+            frame.write_csv(self._csv, include_header=first)
+
+    def close(self) -> None:
+        for handle in (self._parquet, self._csv):
+            if handle is not None:
+                handle.close()
+        self._parquet = self._csv = None
