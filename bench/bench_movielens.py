@@ -59,14 +59,21 @@ def prepare(folder: Path) -> pl.DataFrame:
     when = pl.from_epoch("timestamp", time_unit="s")
     log = log.with_columns((pl.col("rating") == 5).cast(pl.Int8).alias("conversion"),
                            when.dt.hour().alias("hour"), when.dt.weekday().alias("weekday")).drop("rating")
-    # per user in time order: row k's history is the items of the rows before the first row of its timestamp
+    return earlier_items(log, "history")
+
+
+def earlier_items(log: pl.DataFrame, name: str, n: int = HISTORY) -> pl.DataFrame:
+    """``log`` with ``name``: per row, the items (as text, oldest first) of the same user's rows whose time is
+    strictly earlier, the ``n`` most recent. Rows of one second never see each other, so no row's history holds
+    its own outcome or a later one; the row order of ``log`` is kept."""
     log = log.with_row_index("_row").sort(["user_id", "timestamp", "_row"])
-    log = log.with_columns(pl.int_range(pl.len()).over("user_id").alias("_k"))
-    log = log.with_columns(pl.col("_k").min().over(["user_id", "timestamp"]).alias("_before"))
+    # how many of the user's rows come before this row's first row of its timestamp
+    log = log.with_columns(pl.int_range(pl.len()).over("user_id").alias("_before"))
+    log = log.with_columns(pl.col("_before").min().over(["user_id", "timestamp"]))
     items = pl.col("item_id").cast(pl.String).implode().over("user_id")
-    start = (pl.col("_before") - HISTORY).clip(lower_bound=0)
-    log = log.with_columns(items.list.slice(start, pl.col("_before") - start).alias("history"))
-    return log.sort("_row").drop("_row", "_k", "_before")
+    start = (pl.col("_before") - n).clip(lower_bound=0)
+    log = log.with_columns(items.list.slice(start, pl.col("_before") - start).alias(name))
+    return log.sort("_row").drop("_row", "_before")
 
 
 def schema(labels: list[str], history: bool = True) -> Schema:
@@ -122,8 +129,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--models", default="", help="comma-separated single-task models (default: every one)")
+    ap.add_argument("--models", default="", help="comma-separated row names (a model's name, or e.g. 'deepfm (no "
+                    "history)'); only these rows run (default: every row)")
     ap.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: the model's)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="train nothing: table the runs of earlier outputs (e.g. one invocation per seed)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "movielens.json")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -131,8 +141,6 @@ def main() -> None:
     parts = split(log)
     no_history = tuple(p.drop("history") for p in parts)
     single = [n for n in model_names() if not model_class(n).multi_head]
-    if args.models:
-        single = [n for n in single if n in args.models.split(",")]
     # the rows the acceptance checks compare come first, so an interrupted run still holds them for every seed
     plan = [("din", "click", parts, schema(["click"]), "din", "click"),
             ("deepfm (no history)", "click", no_history, schema(["click"], history=False), "deepfm", "click"),
@@ -141,8 +149,11 @@ def main() -> None:
     plan += [(n, "click", parts, schema(["click"]), n, "click") for n in single if n != "din"]
     plan += [(f"{n} (pCTCVR head)", "conversion", parts, schema(["click", "conversion"]), n, "conversion")
              for n in model_names() if model_class(n).multi_head and n != "esmm"]
-    rows = []
-    for name, task, data, sch, model, head in plan:
+    if args.models:
+        plan = [p for p in plan if p[0] in args.models.split(",")]
+    rows = [r for f in args.merge for r in json.loads(f.read_text())["runs"]] if args.merge else []
+    seeds = sorted({r["seed"] for r in rows}) if args.merge else seeds
+    for name, task, data, sch, model, head in plan if not args.merge else []:
         for seed in seeds:
             rows.append(run(name, task, data, sch, model, seed, head, args.epochs))
             r = rows[-1]
@@ -157,6 +168,13 @@ def main() -> None:
         for t in sorted((t for t in table if t["task"] == task), key=lambda t: -t["auc_mean"]):
             print(f"{t['row']:28s} {t['auc_mean']:.4f} ± {t['auc_std']:.4f} {t['logloss_mean']:.4f} ± "
                   f"{t['logloss_std']:.4f} {t['parameters']:9,d} {t['seconds_per_epoch']:8.2f}")
+    din = {r["seed"]: r["test_auc"] for r in rows if r["row"] == "din"}
+    base = {r["seed"]: r["test_auc"] for r in rows if r["row"] == "deepfm (no history)"}
+    both = sorted(set(din) & set(base))
+    if both:
+        print("\nDIN - DeepFM without history, test AUC per seed: " +
+              ", ".join(f"{s}: {din[s] - base[s]:+.4f}" for s in both) +
+              f" (mean {np.mean([din[s] - base[s] for s in both]):+.4f})")
     meta = {"rows": {k: p.height for k, p in zip(("train", "valid", "test"), parts)},
             "click_rate": float(log["click"].mean()), "conversion_rate": float(log["conversion"].mean()),
             "ctrkit": ctrkit.__version__, "python": platform.python_version(), "machine": platform.processor()}

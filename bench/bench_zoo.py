@@ -3,8 +3,9 @@
 Train = shared/datasets/frappe_x1_train_reconstructed, valid/test = shared/datasets/frappe_x1_nfm_partial. Each
 (model, seed) runs as the CLI a user would type (`ctrkit train --model M --seed S`, a subprocess, one after the
 other) and its row is appended to a JSONL file as soon as it finishes: a rerun skips the pairs already there, so
-an interrupted invocation resumes. `--peers` adds FuxiCTR's DCNv2 and FinalMLP when the peer harness is set up
-(bench/setup_peers.sh).
+an interrupted invocation resumes. `--peers` runs FuxiCTR's DCNv2 and FinalMLP with their BARS Frappe_x1 settings
+(bench/peers.py, FRAPPE_ZOO) on the same split right after ctrkit's runs of each seed, and adds a table of AUC
+difference and training-time ratio, model for model (set up the peers first: bench/setup_peers.sh).
 
     python bench/bench_zoo.py                                  # every model, seeds 0 1 2
     python bench/bench_zoo.py --models deepfm,fibinet --seeds 0
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -29,12 +31,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_frappe  # noqa: E402
+import peers  # noqa: E402
 
 ROOT = HERE.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
 BARS_NAMES = {"lr": "LR", "fm": "FM", "ffm": "FFM", "dnn": "YoutubeDNN", "wide_deep": "Wide&Deep", "deepfm": "DeepFM",
               "dcn": "DCN", "dcnv2": "DCN-V2", "xdeepfm": "xDeepFM", "autoint": "AutoInt", "autoint_plus": "AutoInt+",
               "fibinet": "FiBiNET", "dlrm": "DLRM", "finalmlp": "FinalMLP", "finalnet": "FinalNet"}
+PEER_MODELS = {"dcnv2": "DCNv2", "finalmlp": "FinalMLP"}  # ctrkit name -> FuxiCTR model-zoo name (`--peers`)
 
 
 def bars_targets(datasets: Path) -> dict[str, float]:
@@ -64,6 +68,44 @@ def run_one(model: str, seed: int, work: Path) -> dict:
                batch_size=m["train"]["config"]["batch_size"],
                epoch_seconds=statistics.median(h["train_seconds"] for h in m["train"]["history"]))
     return row
+
+
+def run_peer(model: str, seed: int, work: Path) -> dict:
+    """FuxiCTR's `model` with its BARS Frappe_x1 settings on the same split (FuxiCTR seed = 2021 + ``seed``),
+    with the 1-minute load average before and after."""
+    csv_dir = work / "frappe_csv"
+    if not (csv_dir / "test.csv").exists():
+        conv = peers.frappe_to_csv(csv_dir, bench_frappe.TRAIN, bench_frappe.VALID, bench_frappe.TEST)
+        if conv["returncode"] != 0:
+            raise RuntimeError(f"frappe_to_csv failed:\n{conv['stdout_tail']}")
+    load0 = os.getloadavg()[0]
+    run = peers.fuxictr_zoo_frappe(PEER_MODELS[model], csv_dir, work / "fuxictr", seed=2021 + seed,
+                                   log_path=work / "fuxictr" / f"{model}_seed{seed}.log")
+    if run["returncode"] != 0:
+        raise RuntimeError(f"FuxiCTR {PEER_MODELS[model]} failed:\n{run['stdout_tail']}")
+    get = lambda k: peers.result_value(run, k)  # noqa: E731
+    return {"lib": "fuxictr 2.3.10", "model": f"fuxictr:{model}", "seed": seed, "test_auc": get("test_AUC"),
+            "test_logloss": get("test_logloss"), "train_seconds": get("fit_wall_seconds"),
+            "epochs": round(get("epochs")), "parameters": get("parameters"), "wall_s": run["wall_s"],
+            "peak_rss_mb": run["peak_rss_mb"], "load": [load0, os.getloadavg()[0]]}
+
+
+def peer_table(rows: list[dict]) -> list[dict]:
+    """ctrkit against FuxiCTR, model for model and seed for seed: AUC difference and training-time ratio."""
+    out = []
+    for r in rows:
+        if not r["model"].startswith("fuxictr:"):
+            continue
+        ours = next((o for o in rows if o["model"] == r["model"][8:] and o["seed"] == r["seed"]), None)
+        if ours is None:
+            continue
+        out.append({"model": ours["model"], "seed": r["seed"], "ctrkit_auc": ours["test_auc"],
+                    "fuxictr_auc": r["test_auc"], "auc_diff": ours["test_auc"] - r["test_auc"],
+                    "ctrkit_seconds": ours["train_seconds"], "fuxictr_seconds": r["train_seconds"],
+                    "time_ratio": ours["train_seconds"] / r["train_seconds"], "ctrkit_epochs": ours["epochs"],
+                    "fuxictr_epochs": r["epochs"], "load": (ours.get("load") or []) + r["load"],
+                    "met": ours["test_auc"] >= r["test_auc"] and ours["train_seconds"] <= 0.5 * r["train_seconds"]})
+    return out
 
 
 def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: int = 4096) -> dict[str, float]:
@@ -155,6 +197,8 @@ def main() -> None:
     ap.add_argument("--summary-only", action="store_true", help="train nothing: summarise the rows already run")
     ap.add_argument("--steps-from", type=Path, default=None,
                     help="take the interleaved step times from an earlier zoo.json instead of timing again")
+    ap.add_argument("--peers", action="store_true",
+                    help="after ctrkit's dcnv2 and finalmlp, FuxiCTR's DCNv2 and FinalMLP (bench/setup_peers.sh)")
     ap.add_argument("--datasets", type=Path, default=DATASETS, help="the shared datasets folder")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "zoo", help="scratch folder and resume log")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "zoo.json")
@@ -174,12 +218,23 @@ def main() -> None:
         for model in models:
             if (model, seed) in done or args.summary_only:
                 continue
+            load0 = os.getloadavg()[0]
             row = run_one(model, seed, args.work)
+            row["load"] = [load0, os.getloadavg()[0]]
             rows.append(row)
             with log.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(f"{model} seed {seed}: test AUC {row['test_auc']:.5f} logloss {row['test_logloss']:.5f} "
                   f"({row['epochs']} epochs, {row['train_seconds']:.1f}s)", flush=True)
+        for model in (m for m in models if args.peers and m in PEER_MODELS and not args.summary_only):
+            if (f"fuxictr:{model}", seed) not in done:  # right after ctrkit's runs of the same seed
+                row = run_peer(model, seed, args.work)
+                rows.append(row)
+                with log.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"FuxiCTR {PEER_MODELS[model]} seed {seed}: test AUC {row['test_auc']:.5f} logloss "
+                      f"{row['test_logloss']:.5f} ({row['epochs']} epochs, {row['train_seconds']:.1f}s)", flush=True)
+    pairs = peer_table([r for r in rows if r["seed"] in seeds])
     rows = [r for r in rows if r["model"] in models and r["seed"] in seeds]
     steps = None
     spec_json = next(iter(sorted(args.work.glob("seed*/*/bundle/model.json"))), None)  # every run has Frappe's spec
@@ -200,9 +255,17 @@ def main() -> None:
               f"{t['logloss_spread']:7.5f} {t['parameters']:10,d} {t['epoch_seconds']:8.2f} {t['step_ms']:8.1f} "
               f"{rel:>8} {bars:>7}  {ok}")
     print("\n" + markdown(table))
+    if pairs:
+        print("\n| model | seed | ctrkit AUC | FuxiCTR AUC | AUC diff | ctrkit train s | FuxiCTR train s | ratio | "
+              "epochs (ctrkit / FuxiCTR) | 1-min load | met |\n" + "|---" * 11 + "|")
+        for p in pairs:
+            print(f"| {p['model']} | {p['seed']} | {p['ctrkit_auc']:.5f} | {p['fuxictr_auc']:.5f} | "
+                  f"{p['auc_diff']:+.5f} | {p['ctrkit_seconds']:.1f} | {p['fuxictr_seconds']:.1f} | "
+                  f"{p['time_ratio']:.3f} | {p['ctrkit_epochs']} / {p['fuxictr_epochs']} | "
+                  f"{min(p['load']):.1f}-{max(p['load']):.1f} | {'yes' if p['met'] else 'no'} |")
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-              "command": "python bench/bench_zoo.py " + " ".join(sys.argv[1:]), "table": table, "rows": rows,
+              "command": "python bench/bench_zoo.py " + " ".join(sys.argv[1:]), "table": table, "peers": pairs, "rows": rows,
               "step_ms": {m: 1000 * t for m, t in (steps or {}).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

@@ -42,12 +42,14 @@ from typing import Any
 
 __all__ = [
     "FRAPPE_FLAGS",
+    "FRAPPE_ZOO",
     "PeerEnvError",
     "deepctr_deepfm",
     "frappe_to_csv",
     "fuxictr_frappe",
     "fuxictr_preprocess",
     "fuxictr_train",
+    "fuxictr_zoo_frappe",
     "gen_synth_criteo",
     "peer_versions",
     "peers_python",
@@ -63,6 +65,23 @@ FRAPPE_FLAGS: dict[str, Any] = {
     "ext": "csv", "sep": ",", "schema": "frappe", "dataset_name": "frappe_x1_recon", "min_categr_count": 1,
     "train_rows": 0, "embedding_dim": 10, "emb_reg": 0.05, "net_dropout": 0.2, "batch_norm": True,
     "epochs": 100, "patience": 2, "seed": 2021,
+}
+
+# BARS Frappe_x1 settings of other FuxiCTR model-zoo models, as published in reczoo/BARS
+# ranking/ctr/<Model>/<Model>_frappe_x1/README.md (the logged params of the leaderboard run): DCNv2_frappe_x1_007
+# (FuxiCTR 1.1.0) and FinalMLP_frappe_x1_004 (FuxiCTR 2.0.1). Early stopping on validation AUC, patience 2.
+FRAPPE_ZOO: dict[str, dict[str, Any]] = {
+    "DCNv2": {"model_structure": "parallel", "use_low_rank_mixture": False, "low_rank": 32, "num_experts": 4,
+              "num_cross_layers": 4, "parallel_dnn_hidden_units": [400, 400, 400],
+              "stacked_dnn_hidden_units": [500, 500, 500], "dnn_activations": "relu", "net_dropout": 0.4,
+              "batch_norm": True, "embedding_dim": 10, "embedding_regularizer": 0.05, "learning_rate": 1e-3,
+              "batch_size": 4096, "epochs": 100, "early_stop_patience": 2},
+    "FinalMLP": {"mlp1_hidden_units": [400], "mlp1_hidden_activations": "relu", "mlp1_dropout": 0.4,
+                 "mlp1_batch_norm": True, "mlp2_hidden_units": [100], "mlp2_hidden_activations": "relu",
+                 "mlp2_dropout": 0.4, "mlp2_batch_norm": True, "use_fs": True, "fs_hidden_units": [400],
+                 "fs1_context": ["user"], "fs2_context": ["item"], "num_heads": 5, "embedding_dim": 10,
+                 "embedding_regularizer": 0.05, "learning_rate": 1e-3, "batch_size": 4096, "epochs": 100,
+                 "early_stop_patience": 2},
 }
 
 
@@ -474,6 +493,41 @@ def fuxictr_frappe(frappe_csv_dir: str | os.PathLike[str], work_dir: str | os.Pa
     """
     run_kw = {k: overrides.pop(k) for k in ("timeout", "log_path") if k in overrides}
     return _fuxictr(frappe_csv_dir, work_dir, {**FRAPPE_FLAGS, **overrides}, zoo, results_path, **run_kw)
+
+
+def fuxictr_zoo_frappe(model: str, frappe_csv_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str], *,
+                       seed: int = 2021, zoo: str | os.PathLike[str] | None = None,
+                       results_path: str | os.PathLike[str] | None = None, **run_kw: Any) -> dict[str, Any]:
+    """FuxiCTR model-zoo `model` (a key of `FRAPPE_ZOO`) on Frappe_x1 with its BARS settings.
+
+    Preprocesses `frappe_csv_dir` (from `frappe_to_csv`) once into `work_dir` with the harness's preprocess stage
+    (its ``RESULT`` rows come back as ``preprocess``), then trains with ``bench/fuxictr_zoo_model.py``: FuxiCTR's
+    ``model.fit`` with early stopping, then ``model.evaluate`` on test. ``RESULT`` rows: ``fit_wall_seconds``,
+    ``train_samples_per_s``, ``epochs``, ``parameters``, ``test_AUC``, ``test_logloss``. ``timeout``/``log_path``
+    go to `run_peer`.
+    """
+    zoo_p = Path(zoo) if zoo is not None else _zoo()
+    if model not in FRAPPE_ZOO:
+        raise ValueError(f"no BARS Frappe settings for {model!r}; known: {sorted(FRAPPE_ZOO)}")
+    if not (zoo_p / model / "src" / f"{model}.py").is_file():
+        raise PeerEnvError(f"FuxiCTR {model} model-zoo source not found under {zoo_p}: {_SETUP_HINT}")
+    work = Path(work_dir)
+    data_dir = work / "data" / f"{FRAPPE_FLAGS['dataset_name']}_fx"
+    prep = None
+    if not (data_dir / "feature_map.json").is_file():
+        keep = ("ext", "sep", "schema", "dataset_name", "min_categr_count")
+        prep = fuxictr_preprocess(frappe_csv_dir, work, zoo=zoo_p, results_path=results_path,
+                                  **{k: FRAPPE_FLAGS[k] for k in keep})
+        if prep["returncode"] != 0:
+            return prep
+    py = _require(overlay=True)
+    cmd = [str(py), str(Path(__file__).resolve().parent / "fuxictr_zoo_model.py"), "--model", model,
+           "--data-dir", str(data_dir), "--zoo", str(zoo_p), "--harness", str(_harness()), "--work", str(work),
+           "--params", json.dumps(FRAPPE_ZOO[model]), "--seed", str(seed),
+           "--dataset-name", str(FRAPPE_FLAGS["dataset_name"]),
+           "--results", str(results_path or work / "results.jsonl")]
+    run = run_peer(cmd, {"PYTHONPATH": str(_polars_overlay())}, cwd=work, **run_kw)
+    return {**run, "preprocess": prep["results"] if prep else None}
 
 
 def deepctr_deepfm(data_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str], *,

@@ -7,7 +7,7 @@
 #   $PEERS_VENV (default /tmp/peers)      Python 3.11 venv: torch 2.13.0 (CPU), fuxictr 2.3.10,
 #                                          deepctr-torch 0.3.0 and what they pull in (ray, polars, ...)
 #   $PEERBENCH  (default /tmp/peerbench)  scratch: polars1/ (polars 1.44.2 overlay), fuxictr_zoo/
-#                                          (FuxiCTR's DeepFM model-zoo source), whl/ (downloaded wheels)
+#                                          (FuxiCTR's DeepFM, DCNv2 and FinalMLP model-zoo source), whl/
 #
 # Why a polars 1.x overlay: fuxictr's metadata does not pin polars, so pip installs polars 2.x,
 # but FuxiCTR 2.3.10's FeatureProcessor.read_data calls pl.scan_csv(dtypes=...), an argument that
@@ -18,7 +18,7 @@
 # torch is installed first and then pinned with a constraints file, so that installing fuxictr
 # and deepctr-torch (which only ask for torch>=...) never replaces it with another build.
 #
-# The DeepFM model-zoo source is not part of the fuxictr wheel; it is taken from a git clone of
+# The model-zoo source (DeepFM, DCNv2, FinalMLP) is not part of the fuxictr wheel; it is taken from a git clone of
 # reczoo/FuxiCTR (the figures in ../shared/peers/README.md used commit 0245987) with `git archive`.
 #
 # Usage: bench/setup_peers.sh [FUXICTR_GIT_DIR]
@@ -96,16 +96,19 @@ else
     "$PY" -m pip install -q --no-deps --target "$OVERLAY" "$PEERBENCH"/whl/polars*"$POLARS1_VERSION"*.whl
 fi
 
-# 5. FuxiCTR DeepFM model-zoo source
-if [ -f "$ZOO/DeepFM_torch/src/DeepFM.py" ]; then
-    say "model-zoo source $ZOO/DeepFM_torch exists"
-else
+# 5. FuxiCTR model-zoo source: DeepFM (bench_frappe, bench_criteo), DCNv2 and FinalMLP (bench_zoo --peers)
+need_git() {
     if [ -z "$FUXICTR_GIT" ]; then
-        say "error: $ZOO is missing; pass the git dir of a reczoo/FuxiCTR clone: $0 /path/to/FuxiCTR[/.git]"
+        say "error: $1 is missing; pass the git dir of a reczoo/FuxiCTR clone: $0 /path/to/FuxiCTR[/.git]"
         exit 2
     fi
     git -C "$FUXICTR_GIT" rev-parse HEAD >/dev/null \
         || { say "error: $FUXICTR_GIT is not a git repository"; exit 2; }
+}
+if [ -f "$ZOO/DeepFM_torch/src/DeepFM.py" ]; then
+    say "model-zoo source $ZOO/DeepFM_torch exists"
+else
+    need_git "$ZOO/DeepFM_torch"
     if [ -f "$PEERS_HARNESS/extract_fuxictr_zoo.sh" ]; then
         sh "$PEERS_HARNESS/extract_fuxictr_zoo.sh" "$ZOO" "$FUXICTR_GIT"   # usage: DEST SNAPSHOT_GIT_DIR
     else
@@ -113,6 +116,16 @@ else
         git -C "$FUXICTR_GIT" archive HEAD model_zoo/DeepFM/DeepFM_torch | tar -x -C "$ZOO" --strip-components=2
     fi
 fi
+for model in DCNv2 FinalMLP; do
+    if [ -f "$ZOO/$model/src/$model.py" ]; then
+        say "model-zoo source $ZOO/$model exists"
+    else
+        need_git "$ZOO/$model"
+        mkdir -p "$ZOO"
+        git -C "$FUXICTR_GIT" archive HEAD "model_zoo/$model/src" | tar -x -C "$ZOO" --strip-components=1
+        say "extracted $(git -C "$FUXICTR_GIT" rev-parse --short HEAD):model_zoo/$model/src -> $ZOO/$model/src"
+    fi
+done
 
 # 6. smoke check: fuxictr imports with the overlay, and the overlay's scan_csv still takes dtypes=
 PYTHONPATH=$OVERLAY "$PY" - <<'EOF'
