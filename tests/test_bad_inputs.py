@@ -331,6 +331,8 @@ def test_truncated_gzip_is_named(work, tmp_path, command):
     (["--batch-size", "0"], "epochs and batch_size must be >= 1"),
     (["--lr", "-1"], "lr must be > 0"),
     (["--precision", "fp8"], "precision must be one of"),
+    (["--large-batch", "lars"], "large_batch must be one of"),
+    (["--compile", "yes"], "compile must be one of"),
     (["--format", "xls"], "unknown format 'xls'"),
 ])
 def test_bad_training_settings(work, tmp_path, args, message):

@@ -116,11 +116,13 @@ def test_train_libfm_with_fields_and_no_valid(tmp_path: Path) -> None:
     path = tmp_path / "toy.libfm"
     path.write_text("\n".join(lines) + "\n")
     res = runner.invoke(app, ["train", str(path), "--format", "libfm", "--fields", "a,b,c", "--model", "fm",
-                              "--out", str(tmp_path / "run"), "--epochs", "3", "--quiet"])
+                              "--out", str(tmp_path / "run"), "--epochs", "3", "--quiet", "--large-batch",
+                              "cowclip", "--compile", "off"])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["valid"]["n"] + m["train"]["rows"] == 3000 and "test" not in m
     assert m["valid"]["auc"] > 0.6
+    assert m["train"]["config"]["large_batch"] == "cowclip" and m["train"]["config"]["compile"] == "off"
 
 
 def test_models_command_lists_the_zoo() -> None:

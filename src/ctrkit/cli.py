@@ -109,6 +109,11 @@ def train(
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
+    large_batch: str = typer.Option("auto", help="Large-batch rule: cowclip (per-id embedding gradient clipping, "
+                                                 "LR scaled with the batch), off, or auto (cowclip above batch "
+                                                 "4096 on a GPU)."),
+    compile_step: str = typer.Option("auto", "--compile", help="Compile the training step: on, off, or auto (on "
+                                                               "a GPU)."),
     bad_rows: Optional[Path] = typer.Option(None, help="Keep rejected training rows (original line, line number, "
                                                       "reason) in this file."),
     loss: str = typer.Option("bce", help="bce, weighted (positives count --pos-weight times) or focal."),
@@ -147,7 +152,8 @@ def train(
         run = run_train(data, schema=schema, valid=valid, test=test, model=model, out=out, fmt=fmt,
                         fields=field_list, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim,
                         seed=seed, device=device, bad_rows=bad_rows, progress=not quiet, model_options=options,
-                        train_options={"precision": precision, "focal_alpha": focal_alpha,
+                        train_options={"precision": precision, "large_batch": large_batch,
+                                       "compile": compile_step, "focal_alpha": focal_alpha,
                                        "focal_gamma": focal_gamma},
                         loss=loss, pos_weight=pw, neg_sample_rate=neg_sample_rate, calibrate=calibrate,
                         split=split, report_by=[f.strip() for f in report_by.split(",")] if report_by else None,
