@@ -3,16 +3,26 @@ rounds; after each round the model is retrained from the server's own event log 
 
 World: items with a planted relevance (logit q_i), a genre each; users young or old with an age x genre
 interaction; P(click | item shown at position k) = k^-eta * sigmoid(q_i + interaction + b). Each request ranks
-``--candidates`` random items for one user, shows the top ``--k`` with epsilon-greedy exploration, and the
-simulated user clicks by the planted model; clicks go back through POST /events.
+``--candidates`` random items for one user, shows the top ``--k`` with exploration (epsilon-greedy, or
+Thompson sampling with ``--explore thompson``), and the simulated user clicks by the planted model; clicks go
+back through POST /events.
+
+After each round ``ctrkit.serve.retrain.retrain`` trains two candidates on the log: naive (clicks as they
+are) and ``ips=True`` (relevance, the examination bias removed by regression EM). Both are compared with the
+served bundle on the most recent 20 % of the log: held-out logloss, and the off-policy top-slot CTR of their
+greedy rankings on the held-out requests (the round's candidates are passed, as ``--candidates`` would be).
+The naive candidate is served next if it is promoted (its pCTR is calibrated to the logged clicks, which the
+monitor's pred/actual needs; the relevance model's pCTR is the position-1 click probability).
 
 Measured per round, all printed and written as JSON:
   realised CTR        clicks / impressions served with the round's model (should rise round over round)
-  Kendall tau         of the items' relevance ranked by the naive and by the IPS-weighted retrained model,
+  Kendall tau         of the items' relevance ranked by the naive and by the relevance (ips) retrained model,
                       against the planted q_i
-  off-policy estimate of the next model's slot-1 CTR (IPS / SNIPS of ``ctrkit.measure.ope`` on the round's
-                      logged slot-1 traffic with its propensities), and the slot-1 CTR that model then
-                      realises on its greedy slots
+  off-policy estimate of the promoted model's top-slot CTR (IPS / SNIPS / DR of ``ctrkit measure ope
+                      --bundle`` on the round's logged top slots), and the top-slot CTR that model then
+                      realises on its greedy picks in the next round: whether the interval holds it, and whether
+                      the two agree within their joint 95 % error (the realised CTR is a mean of a few hundred
+                      clicks itself)
   monitor             the server's live pred/actual and PSI; the last round shifts the traffic (users click
                       ``--shift`` times as often as the model expects) and pred/actual should leave the band.
                       PSI compares every scored candidate's pCTR with the bundle's validation pCTR; a bundle
@@ -38,8 +48,7 @@ import polars as pl
 from scipy.stats import kendalltau
 
 from ctrkit.data.synth import examination_curve, sigmoid, solve_intercept
-from ctrkit.measure.engine import make_engine
-from ctrkit.measure.ope import ips_snips
+from ctrkit.measure.ope import bundle_top_slot_value
 from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle
@@ -108,18 +117,18 @@ def item_tau(bundle_path: Path, world: World) -> float:
     return float(kendalltau(np.log(p / (1 - p)).mean(axis=0), world.quality).statistic)
 
 
-def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, epsilon: float
+def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, explore: dict[str, Any]
                 ) -> dict[str, Any]:
-    """One round of traffic; returns realised CTR and the slot-1 log with each request's candidates."""
+    """One round of traffic; returns realised CTR, the top-slot log and every request's candidates."""
     n_users, n_items = len(world.young), len(world.genre)
     shown = clicked = greedy1 = greedy1_clicks = 0
-    slot1, cands = [], {}
+    slot1, cands = [], []
     for _ in range(requests):
         u = int(world.rng.integers(n_users))
         items = world.rng.choice(n_items, n_cand, replace=False)
         r = client.post("/rank", json={"context": world.context(u), "candidates": [world.candidate(int(i))
                                                                                    for i in items],
-                                       "k": k, "explore": {"epsilon": epsilon}})
+                                       "k": k, "explore": explore})
         r.raise_for_status()
         out = r.json()
         order = np.array([items[it["index"]] for it in out["items"]])
@@ -131,31 +140,30 @@ def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, e
         shown += len(order)
         clicked += int(c.sum())
         first = out["items"][0]
-        if first["propensity"] > epsilon:  # the greedy pick (an explored slot 1 has propensity epsilon / m)
+        if first["score"] >= max(out["items"], key=lambda it: it["score"])["score"]:  # the greedy pick
             greedy1 += 1
             greedy1_clicks += int(c[0])
-        slot1.append({"request_id": out["request_id"], "item_id": f"i{order[0]}", "propensity": first["propensity"],
-                      "click": int(c[0])})
-        cands[out["request_id"]] = (u, items)
+        slot1.append({"request_id": out["request_id"], "item_id": f"i{order[0]}", "position": 1,
+                      "propensity": first["propensity"], "click": int(c[0])})
+        cands += [{"request_id": out["request_id"], **world.context(u), **world.candidate(int(i))} for i in items]
     return {"impressions": shown, "clicks": clicked, "ctr": clicked / shown,
             "greedy_slot1_ctr": greedy1_clicks / max(greedy1, 1), "greedy_slot1_n": greedy1,
-            "slot1": slot1, "candidates": cands}
+            "slot1": pd.DataFrame(slot1), "candidates": pd.DataFrame(cands)}
 
 
-def ope_of(bundle_path: Path, world: World, rnd: dict[str, Any]) -> list[dict[str, Any]]:
-    """IPS / SNIPS of the greedy slot-1 CTR of ``bundle_path`` on the round's logged slot-1 traffic."""
-    b = Bundle.load(bundle_path)
-    target = []
-    for rid, (u, items) in rnd["candidates"].items():
-        p = b.predict(pl.DataFrame([{**world.context(u), **world.candidate(int(i))} for i in items]))
-        target.append({"request_id": rid, "item_id": f"i{items[int(np.argmax(p))]}", "propensity": 1.0})
-    eng = make_engine("duckdb", threads=2)
-    try:
-        eng.register("slot1", pd.DataFrame(rnd["slot1"]))
-        return [e.to_dict() for e in ips_snips(eng, "slot1", "click", "propensity", pd.DataFrame(target),
-                                              ["request_id"], "item_id")]
-    finally:
-        eng.close()
+def ope_of(bundle_path: Path, rnd: dict[str, Any]) -> dict[str, Any]:
+    """IPS / SNIPS / DR of the top-slot CTR of ``bundle_path``'s greedy ranking on the round's logged top slots
+    (``ctrkit measure ope --bundle``'s estimator)."""
+    return bundle_top_slot_value(rnd["slot1"], rnd["candidates"], bundle_path)
+
+
+def covers(e: dict[str, Any], realised: float, n: int) -> dict[str, Any]:
+    """Whether the interval holds the realised CTR, and whether the two agree within their joint 95 % error
+    (the realised CTR is itself a mean of ``n`` clicks)."""
+    se_est = (e["ci_high"] - e["ci_low"]) / (2 * 1.959964)
+    se_real = np.sqrt(realised * (1 - realised) / max(n, 1))
+    return {"realised": realised, "covers_realised": bool(e["ci_low"] <= realised <= e["ci_high"]),
+            "agrees_within_joint_error": bool(abs(e["value"] - realised) <= 1.959964 * np.hypot(se_est, se_real))}
 
 
 def main() -> None:
@@ -169,6 +177,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=30)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--epsilon", type=float, default=0.2)
+    ap.add_argument("--explore", choices=("epsilon_greedy", "thompson"), default="epsilon_greedy")
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--items", type=int, default=120)
     ap.add_argument("--eta", type=float, default=1.0, help="examination curve k^-eta")
@@ -190,7 +199,8 @@ def main() -> None:
             last = r == args.rounds
             world.shift = args.shift if last else 1.0
             t0 = time.perf_counter()
-            rnd = serve_round(client, world, args.requests, args.candidates, args.k, args.epsilon)
+            explore = {"method": args.explore, "epsilon": args.epsilon}
+            rnd = serve_round(client, world, args.requests, args.candidates, args.k, explore)
             snap = app.state.monitor.snapshot()
             row: dict[str, Any] = {"round": r, "bundle": str(current), "ctr": round(rnd["ctr"], 5),
                                    "greedy_slot1_ctr": round(rnd["greedy_slot1_ctr"], 5),
@@ -199,18 +209,19 @@ def main() -> None:
                                                "alerts": snap["alerts"]},
                                    "shifted": last, "serve_seconds": round(time.perf_counter() - t0, 1)}
             if pending_ope is not None:
-                for e in pending_ope:
-                    e["realised"] = rnd["greedy_slot1_ctr"]
-                    e["covers_realised"] = e["ci_low"] <= rnd["greedy_slot1_ctr"] <= e["ci_high"]
+                for e in pending_ope["estimates"]:
+                    e.update(covers(e, rnd["greedy_slot1_ctr"], rnd["greedy_slot1_n"]))
                 row["ope_of_this_model"] = pending_ope
             if not last:
-                naive = retrain(log, current, work / f"naive{r}", epochs=5, seed=r, keep_candidate=True)
-                ips = retrain(log, current, work / f"ips{r}", ips=True, epochs=5, seed=r, keep_candidate=True)
+                naive = retrain(log, current, work / f"naive{r}", candidates=rnd["candidates"], epochs=5, seed=r,
+                                keep_candidate=True)
+                ips = retrain(log, current, work / f"ips{r}", ips=True, candidates=rnd["candidates"], epochs=5,
+                              seed=r, keep_candidate=True)
                 row["retrain"] = {"naive": naive.reason, "ips": ips.reason}
                 row["tau_naive"] = item_tau(Path(str(naive.candidate_path)), world)
                 row["tau_ips"] = item_tau(Path(str(ips.candidate_path)), world)
                 if naive.promoted:
-                    pending_ope = ope_of(work / f"naive{r}", world, rnd)
+                    pending_ope = ope_of(work / f"naive{r}", rnd)
                     client.post("/admin/reload", json={"path": str(work / f"naive{r}")}).raise_for_status()
                     current = work / f"naive{r}"
                 else:
@@ -228,8 +239,14 @@ def main() -> None:
         "pred_actual_alert_on_shift": not 0.8 <= rounds[-1]["monitor"]["pred_actual"] <= 1.2,
         "pred_actual_quiet_before_shift": 0.8 <= rounds[-2]["monitor"]["pred_actual"] <= 1.2,
         "psi_by_round": [r["monitor"]["psi"] for r in rounds],
-        "ope_covers_realised": [e["covers_realised"] for r in rounds if not r["shifted"]  # the shift moves
-                                for e in r.get("ope_of_this_model", [])],  # the truth the estimate was of
+        "ope_covers_realised": {  # the shifted round is left out: the shift moves the truth estimated
+            name: [e["covers_realised"] for r in rounds if not r["shifted"]
+                   for e in r.get("ope_of_this_model", {}).get("estimates", []) if e["estimator"] == name]
+            for name in ("ips", "snips", "dr")},
+        "ope_agrees_within_joint_error": {
+            name: [e["agrees_within_joint_error"] for r in rounds if not r["shifted"]
+                   for e in r.get("ope_of_this_model", {}).get("estimates", []) if e["estimator"] == name]
+            for name in ("ips", "snips", "dr")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rounds": rounds,

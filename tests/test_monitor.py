@@ -76,7 +76,8 @@ def test_monitor_log_alerts_when_traffic_shifts(tmp_path: Path) -> None:
     with EventLog(tmp_path / "log") as log:
         log.append(events)
     ref = reference_distribution(rng.uniform(0.02, 0.2, 5000))
-    bundle = SimpleNamespace(metrics={"pctr_reference": ref}, predict=None)
+    bundle = SimpleNamespace(metrics={"pctr_reference": ref}, predict=None,
+                             schema=SimpleNamespace(label_columns=["click"]))
     res = monitor_log(tmp_path / "log", bundle, segments=["segment"], windows=4)
     w = res["windows"]
     assert res["impressions"] == 4000
@@ -88,3 +89,36 @@ def test_monitor_log_alerts_when_traffic_shifts(tmp_path: Path) -> None:
     assert "ALERT" in page and "data:image/png;base64" in page
     with pytest.raises(ValueError, match="no column 'nope'"):
         monitor_log(tmp_path / "log", bundle, segments=["nope"])
+
+
+def test_monitor_log_checks_every_head_of_a_multi_task_bundle(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    events, p_conv, convs = [], [], 0
+    for i in range(3000):
+        late = i >= 1500
+        pc, pv = rng.uniform(0.05, 0.3), rng.uniform(0.01, 0.05)  # pCTR and pCTCVR of the two heads
+        clicked = rng.random() < pc
+        converted = clicked and rng.random() < (pv / pc) * (0.3 if late else 1.0)  # late: a third converts
+        events.append({"event_id": f"imp{i}", "kind": "impression", "impression_id": f"imp{i}",
+                       "timestamp": 1.7e9 + i, "position": 1, "pc": pc, "pv": pv})
+        if clicked:
+            events.append({"event_id": f"clk{i}", "kind": "click", "impression_id": f"imp{i}",
+                           "timestamp": 1.7e9 + i + 1})
+        if converted:
+            events.append({"event_id": f"cv{i}", "kind": "conversion", "impression_id": f"imp{i}",
+                           "timestamp": 1.7e9 + i + 2})
+            convs += 1
+        p_conv.append(pv)
+    with EventLog(tmp_path / "log") as log:
+        log.append(events)
+    bundle = SimpleNamespace(metrics={}, schema=SimpleNamespace(label_columns=["click", "conversion"]),
+                             predict=lambda df: np.column_stack([df["pc"].to_numpy(), df["pv"].to_numpy()]))
+    res = monitor_log(tmp_path / "log", bundle, windows=2, min_clicks=5)
+    conv = res["heads"]["conversion"]
+    assert conv["total"]["clicks"] == convs and conv["total"]["pred"] == pytest.approx(sum(p_conv))
+    assert conv["total"]["ratio"] == pytest.approx(sum(p_conv) / convs)
+    assert 0.8 <= conv["windows"][0]["ratio"] <= 1.2 and conv["windows"][1]["ratio"] > 2.0
+    assert res["heads"]["click"]["total"] == res["total"]["overall"]
+    assert any(a.startswith("head conversion, window 1:") for a in res["alerts"])
+    assert not any("head conversion, window 0" in a for a in res["alerts"])
+    assert "head conversion" in html_report(res, tmp_path / "m.html").read_text()

@@ -1,4 +1,4 @@
-"""Retrain from the event log: promotes a better model, keeps the base otherwise; IPS resampling by propensity."""
+"""Retrain from the event log: promotes a better model, keeps the base otherwise; relevance by regression EM."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from ctrkit.data.readers import DataError
 from ctrkit.data.synth import make_click_log, synth_schema
 from ctrkit.pipeline import train
 from ctrkit.serve.events import EventLog
-from ctrkit.serve.retrain import examination, ips_resample, ips_weights
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctrkit.serve.retrain import (_theta_at, examination, examination_given_relevance, relevance_rows,
+                                  WEIGHT)
 
 
 def _log_from(df: pl.DataFrame, path: Path, shuffle_clicks: bool = False) -> None:
@@ -34,7 +38,7 @@ def _log_from(df: pl.DataFrame, path: Path, shuffle_clicks: bool = False) -> Non
     events = []
     for i, r in enumerate(rows.to_dicts()):
         events.append({**r, "event_id": f"imp{i}", "kind": "impression", "impression_id": f"imp{i}",
-                       "propensity": 0.5 if i % 2 else 1.0})
+                       "request_id": f"r{i}", "propensity": 0.5 if i % 2 else 1.0})
         if clicks[i]:
             events.append({"event_id": f"c{i}", "kind": "click", "impression_id": f"imp{i}",
                            "timestamp": r["timestamp"] + 5.0})
@@ -80,24 +84,79 @@ def test_retrain_keeps_the_base_when_the_candidate_is_worse(world: tuple[Path, p
     assert not report["promoted"] and not (out / "worse").exists() and "kept the base" in res.output
 
 
-def test_ips_weights_follow_propensity_and_examination() -> None:
+def test_retrain_ips_learns_relevance_and_ope_gates_promotion(world: tuple[Path, pl.DataFrame]) -> None:
+    out, df = world
+    part = df.slice(300, 3000)
+    _log_from(part, out / "ipslog")
+    res = CliRunner().invoke(app, ["retrain", "--events", str(out / "ipslog"), "--base", str(out / "weak" / "bundle"),
+                                   "--out", str(out / "rel"), "--ips", "--em-steps", "1", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "rel.retrain.json").read_text())
+    exam = {int(k): v for k, v in report["examination"].items()}
+    assert report["ips"] and exam[min(exam)] == 1.0 and all(0 < v <= 1 for v in exam.values())
+    assert report["rows"]["train"] > 0.8 * report["rows"]["log"]  # unclicked rows split in two
+    # the candidates of each logged top slot: the shown row and two others, under the request's id
+    rng = np.random.default_rng(0)
+    feats = part.drop("click", "p_click", "timestamp").with_columns(pl.col("hour").cast(pl.String),
+                                                                    pl.col("weekday").cast(pl.String))
+    top = np.flatnonzero(part["position"].to_numpy() == part["position"].min())
+    cands = pl.concat([feats[[int(i), *rng.integers(0, feats.height, 2).tolist()]]
+                       .with_columns(pl.lit(f"r{i}").alias("request_id")) for i in top])
+    cands.write_parquet(out / "cands.parquet")
+    res = CliRunner().invoke(app, ["measure", "ope", str(out / "ipslog"), "--bundle", str(out / "weak" / "bundle"),
+                                   "--candidates", str(out / "cands.parquet"), "--json"])
+    assert res.exit_code == 0, res.output
+    ope = json.loads(res.stdout)
+    assert {e["estimator"] for e in ope["estimates"]} == {"ips", "snips", "dr"}
+    assert ope["requests"] == len(top) and 0 < ope["agreement"] <= 1
+    res = CliRunner().invoke(app, ["measure", "ope", str(out / "ipslog")])
+    assert res.exit_code != 0 and "--candidates" in res.output
+    res = CliRunner().invoke(app, ["retrain", "--events", str(out / "ipslog"), "--base", str(out / "weak" / "bundle"),
+                                   "--out", str(out / "gated"), "--candidates", str(out / "cands.parquet"),
+                                   "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "gated.retrain.json").read_text())
+    assert "off-policy top-slot CTR (DR" in report["reason"] and report["candidate"]["ope"]["requests"] > 0
+    dr = [next(e for e in report[k]["ope"]["estimates"] if e["estimator"] == "dr")["value"]
+          for k in ("base", "candidate")]
+    assert report["promoted"] == (report["candidate"]["logloss"] < report["base"]["logloss"] and dr[1] > dr[0])
+
+
+def test_relevance_rows_examination_and_theta_literal() -> None:
+    rows = pl.DataFrame({"position": [1, 2, 2, 1], "click": [1, 0, 1, 0]})
+    step = relevance_rows(rows, "click", {1: 1.0, 2: 0.5}, np.full(4, 0.4))
+    # a non-click at position 2: relevant but unexamined with r = 0.4 * 0.5 / (1 - 0.5 * 0.4) = 0.25
+    got = sorted(zip(step["position"].to_list(), step["click"].to_list(), step[WEIGHT].to_list()))
+    assert got == [(1, 0, 1.0), (1, 1, 1.0), (2, 0, 0.75), (2, 1, 0.25), (2, 1, 1.0)]
+    # E[click | x, k] = theta_k gamma(x): position 1 has 1 click over gamma 0.8; position 2 1 click over 1.6
+    assert examination_given_relevance(rows, "click", np.array([0.5, 0.9, 0.7, 0.3])) == {1: 1.0, 2: 0.5}
+    # ... or over 0.2, a ratio of 4 clipped to 1
+    assert examination_given_relevance(rows, "click", np.array([0.5, 0.1, 0.1, 0.3])) == {1: 1.0, 2: 1.0}
+    explored = rows.with_columns(pl.Series("explored", [True, True, True, False]))
+    assert examination(explored, "click") == {1: 1.0, 2: 0.5}  # CTR 1 at 1, 1/2 at 2 on explored slots
+    assert examination(rows.drop("position"), "click") == {}
+    theta = _theta_at(pl.DataFrame({"position": [1, 3, 9, None]}), {1: 1.0, 2: 0.5, 4: 0.3})
+    assert np.allclose(theta, [1.0, 0.4, 0.3, 1.0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5), st.booleans(), st.floats(0.0, 1.0)), min_size=1, max_size=40))
+def test_relevance_rows_keep_each_row_whole(cells: list[tuple[int, bool, float]]) -> None:
+    rows = pl.DataFrame({"position": [c[0] for c in cells], "click": [int(c[1]) for c in cells]})
+    exam = {k: 1.0 / k for k in range(1, 6)}
+    step = relevance_rows(rows, "click", exam, np.array([c[2] for c in cells]))
+    assert step[WEIGHT].sum() == pytest.approx(len(cells)) and (step[WEIGHT] > 0).all()
+    assert (step.filter(pl.col("click") == 1)[WEIGHT].sum() >= rows["click"].sum() - 1e-9)
+
+
+def test_examination_given_relevance_undoes_a_ranker_s_confounding() -> None:
     rng = np.random.default_rng(3)
-    n = 40000
-    pos = rng.integers(1, 5, n)
-    explored = rng.random(n) < 0.5
-    exam = 1.0 / pos
-    click = (rng.random(n) < 0.3 * exam).astype(np.int8)  # relevance 0.3 everywhere: CTR_k / CTR_1 = 1 / k
-    rows = pl.DataFrame({"position": pos, "explored": explored, "click": click,
-                         "propensity": np.where(explored, 0.25, 1.0)})
-    est = examination(rows, "click")
-    assert est[1] == 1.0 and all(abs(est[k] - 1.0 / k) < 0.06 for k in (2, 3, 4))
-    w = ips_weights(rows, "click", max_weight=100.0)
-    k4 = (pos == 4) & (click == 1) & ~explored
-    assert np.allclose(w[k4], 1.0 / est[4]) and np.allclose(w[(click == 0) & explored], 4.0)
-    drawn = ips_resample(rows, w, seed=1)
-    assert drawn.height == n and (drawn["propensity"] == 0.25).mean() > 0.7
-    assert examination(rows.drop("explored"), "click") == {}
-    with pytest.raises(DataError, match="propensity"):
-        ips_weights(rows.drop("propensity"), "click")
-    with pytest.raises(DataError, match=r"\(0, 1\]"):
-        ips_weights(rows.with_columns(pl.lit(0.0).alias("propensity")), "click")
+    n = 60000
+    gamma = rng.uniform(0.05, 0.6, n)
+    pos = np.clip(6 - np.ceil(gamma * 10).astype(int) + rng.integers(0, 2, n), 1, 5)  # good items on top
+    theta = 1.0 / pos
+    rows = pl.DataFrame({"position": pos, "click": (rng.random(n) < theta * gamma).astype(np.int8)})
+    naive = examination(rows, "click")  # CTR by position: examination times the ranker's selection
+    fixed = examination_given_relevance(rows, "click", gamma)
+    assert max(abs(fixed[k] - 1.0 / k) for k in range(2, 6)) < 0.05
+    assert max(abs(naive[k] - 1.0 / k) for k in range(2, 6)) > 0.1

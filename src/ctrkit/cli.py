@@ -375,6 +375,8 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
         Console().print(table)
         psi_text = "-" if t["psi"] is None else f"{t['psi']:.3f}"
         Console().print(f"overall pred/actual {t['overall']['ratio']:.3f}, PSI {psi_text}")
+        for name, h in list(res["heads"].items())[1:]:
+            Console().print(f"head {name}: pred/actual {h['total']['ratio']:.3f} ({h['total']['clicks']:,} events)")
         for line in res["alerts"]:
             err.print(f"[bold red]alert:[/] {line}")
     err.print(f"report: {out}")
@@ -385,16 +387,20 @@ def retrain(events: Path = typer.Option(..., help="Event log folder written by `
             base: Path = typer.Option(..., help="The bundle being served."),
             out: Path = typer.Option(..., help="Where the new bundle goes if it is promoted."),
             holdout: float = typer.Option(0.2, help="Most recent share of the log kept aside to compare on."),
-            ips: bool = typer.Option(False, "--ips/--no-ips", help="Weight rows by 1 / logged propensity."),
-            max_weight: float = typer.Option(20.0, help="Clip of the IPS weights."),
+            ips: bool = typer.Option(False, "--ips/--no-ips",
+                                     help="Learn relevance: correct the examination bias of the logged positions."),
+            em_steps: int = typer.Option(1, help="With --ips: regression-EM steps (one training each)."),
+            candidates: Optional[Path] = typer.Option(None, help="Every candidate of the logged requests (CSV/Parquet, "
+                                                                 "request_id + features): also require a better "
+                                                                 "off-policy top-slot CTR to promote."),
             epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
             seed: int = typer.Option(0, help="Random seed.")) -> None:
     """Train on the served traffic, compare with BASE on the recent window, promote only if better."""
     from ctrkit.serve.retrain import retrain as run_retrain
 
     try:
-        res = run_retrain(events, base, out, holdout=holdout, ips=ips, max_weight=max_weight, epochs=epochs,
-                          seed=seed)
+        res = run_retrain(events, base, out, holdout=holdout, ips=ips, em_steps=em_steps, candidates=candidates,
+                          epochs=epochs, seed=seed)
     except USER_ERRORS as exc:
         _fail(str(exc))
     Console().print(_metrics_table({"base": res.base, "candidate": res.candidate}, "held-out recent window"))

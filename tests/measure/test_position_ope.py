@@ -126,3 +126,46 @@ def test_ope_clipping_policy_from_log_and_bad_propensities() -> None:
     e.register("bad", log.assign(p0=0.0))
     with pytest.raises(MeasureError, match="outside \\(0, 1\\]"):
         ope.ips_snips(e, "bad", "click", "p0", pol, ["position"], "item_id")
+
+
+def test_top_slot_value_of_a_greedy_model_matches_the_literal_case() -> None:
+    logged = pd.DataFrame({"request_id": ["r1", "r2", "r3", "r4", "r5", "r1"],
+                           "item_id": ["a", "b", "b", "b", "a", "b"], "position": [1, 1, 1, 1, 1, 2],
+                           "propensity": [0.6, 0.4, 0.4, 0.5, 0.5, 1.0], "click": [0, 1, 0, 1, 1, 1]})
+    cands = pd.DataFrame({"request_id": ["r1", "r1", "r2", "r2", "r3", "r3", "r4", "r4", "r4"],
+                          "item_id": ["a", "b", "a", "b", "a", "b", "a", "b", "c"]})
+    pctr = {"a": 0.2, "b": 0.5, "c": 0.1}  # the target shows b on top of every request
+    res = ope.top_slot_value(logged, cands, lambda df: df["item_id"].map(pctr).to_numpy(), recalibrate=False)
+    est = {e["estimator"]: e for e in res["estimates"]}
+    # weights 1{logged = b} / q: 0, 2.5, 2.5, 2; r5 has no candidates and the position-2 row is not a top slot
+    assert est["ips"]["value"] == pytest.approx((2.5 + 2.0) / 4)
+    assert est["snips"]["value"] == pytest.approx(4.5 / 7.0)
+    # DR: q(b) + w (r - q(logged)) = 0.5, 0.5 + 2.5 * 0.5, 0.5 - 2.5 * 0.5, 0.5 + 2 * 0.5
+    assert est["dr"]["value"] == pytest.approx((0.5 + 1.75 - 0.75 + 1.5) / 4)
+    assert all(e["ci_low"] <= e["value"] <= e["ci_high"] and e["n"] == 4 for e in est.values())
+    assert res["requests"] == 4 and res["without_candidates"] == 1 and res["agreement"] == 0.75
+    assert res["logged_ctr"] == 0.5
+    with pytest.raises(MeasureError, match="'r1': the logged top item 'a' is not among its candidates"):
+        ope.top_slot_value(logged, cands[cands["item_id"] != "a"], lambda df: df["item_id"].map(pctr).to_numpy())
+    with pytest.raises(MeasureError, match="no logged request has its candidates"):
+        ope.top_slot_value(logged, cands.assign(request_id="x"), lambda df: np.ones(len(df)))
+
+
+def test_top_slot_dr_recalibrates_a_click_model_to_the_top_slot() -> None:
+    # a logger that shows its pick on top with probability 0.9; the target always shows item 1 of each request;
+    # the model's pCTR is a third of the top slot's CTR (fitted to every position): the direct part alone errs
+    rng = np.random.default_rng(0)
+    n, truth = 4000, np.array([0.3, 0.6])
+    pick = np.where(rng.random(n) < 0.9, 0, 1)
+    logged = pd.DataFrame({"request_id": np.arange(n), "item_id": pick, "position": 1,
+                           "propensity": np.where(pick == 0, 0.9, 0.1), "click": rng.random(n) < truth[pick]})
+    cands = pd.DataFrame({"request_id": np.repeat(np.arange(n), 2), "item_id": np.tile([0, 1], n)})
+    model = lambda df: truth[df["item_id"].to_numpy()] / 3  # noqa: E731
+    widths = []
+    for recalibrate in (False, True):
+        est = {e["estimator"]: e for e in ope.top_slot_value(logged, cands, model,
+                                                            recalibrate=recalibrate)["estimates"]}
+        assert est["ips"]["ci_low"] <= 0.6 <= est["ips"]["ci_high"]
+        assert est["dr"]["ci_low"] <= 0.6 <= est["dr"]["ci_high"]
+        widths.append(est["dr"]["ci_high"] - est["dr"]["ci_low"])
+    assert widths[1] < 0.85 * widths[0]  # the residuals of a top-slot model are smaller

@@ -316,7 +316,8 @@ def propensity(impressions: Path = typer.Argument(..., help="Impression log with
 
 
 @app.command()
-def ope(log: Path = typer.Argument(..., help="Logged data: one row per logged action with its propensity."),
+def ope(log: Path = typer.Argument(..., help="Logged data: one row per logged action with its propensity, or "
+                                           "an event log folder of `ctrkit serve` (with --bundle, --candidates)."),
         reward: str = typer.Option("click", "--reward", help="Reward column (0/1 click)."),
         logging: str = typer.Option("propensity_score", "--logging-propensity",
                                     help="Column with the logging policy's probability of the logged action."),
@@ -333,11 +334,37 @@ def ope(log: Path = typer.Argument(..., help="Logged data: one row per logged ac
         dr_features: str | None = typer.Option(None, "--dr-features",
                                                help="Categorical columns of a logistic reward model for DR "
                                                     "(the action and keys are always included)."),
-        bundle: Path | None = typer.Option(None, "--bundle", help="A ctrkit model bundle as DR reward model."),
+        bundle: Path | None = typer.Option(None, "--bundle", help="A ctrkit model bundle as DR reward model; on "
+                                                                  "an event log, also the policy evaluated."),
+        candidates: Path | None = typer.Option(None, "--candidates",
+                                               help="Event log: every candidate of each request (CSV/Parquet: "
+                                                    "request_id and the features), to rank with --bundle."),
         engine: str = EngineOpt, as_json: bool = JsonOpt) -> None:
-    """IPS, SNIPS and doubly robust estimates of a target policy's CTR from logs with propensities."""
-    from ctrkit.measure import ope as op
+    """IPS, SNIPS and doubly robust estimates of a target policy's CTR from logs with propensities.
 
+    On an event log of `ctrkit serve` with --bundle and --candidates: the top-slot CTR that the bundle's greedy
+    ranking of each logged request's candidates would get, from the served top slots and their propensities.
+    """
+    from ctrkit.measure import ope as op
+    from ctrkit.serve.events import is_event_log
+
+    if is_event_log(log):
+        try:
+            if bundle is None or candidates is None:
+                raise MeasureError(f"{log} is an event log: give the policy to evaluate as --bundle BUNDLE and "
+                                   "the requests' candidates as --candidates FILE")
+            result = op.bundle_top_slot_value(log, candidates, bundle, action=action, max_weight=max_weight)
+        except USER_ERRORS as exc:
+            _fail(exc)
+            return
+        if as_json:
+            _dump(result)
+            return
+        out.print(frame_table(pd.DataFrame(result["estimates"]), f"Top-slot CTR of {bundle} on {log}"))
+        out.print(f"{result['requests']:,} logged requests ({result['without_candidates']:,} without candidates "
+                  f"left out); logged top-slot CTR {result['logged_ctr']:.5f}; the bundle picks the logged item in "
+                  f"{result['agreement']:.1%}")
+        return
     try:
         eng = _engine(engine, None, None)
         eng.register("ope_log", str(log), what=str(log))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,8 @@ def doubly_robust(engine: Engine, view: str, reward: str, logging: str, target: 
     pol = target[keys + [action, "propensity"]]
     q_logged = np.asarray(reward_model(rows), dtype=np.float64)
     dm = np.zeros(len(rows))
-    base = rows.drop(columns=[action]).assign(_row=np.arange(len(rows)))
+    clash = [c for c in pol.columns if c in rows.columns and c not in keys]  # e.g. a logged 'propensity'
+    base = rows.drop(columns=clash).assign(_row=np.arange(len(rows)))
     for start in range(0, len(rows), max(1, batch_rows // max(1, len(pol)))):
         chunk = base.iloc[start:start + max(1, batch_rows // max(1, len(pol)))]
         cand = chunk.merge(pol, on=keys, how="inner") if keys else chunk.merge(pol, how="cross")
@@ -191,3 +193,96 @@ def bundle_reward_model(path: str) -> RewardModel:
         return np.asarray(bundle.predict(df), dtype=np.float64)
 
     return predict
+
+
+def top_slot_value(logged: pd.DataFrame, candidates: pd.DataFrame, predict: RewardModel, *,
+                   request: str = "request_id", action: str = "item_id", reward: str = "click",
+                   logging: str = "propensity", position: str = "position", max_weight: float | None = None,
+                   alpha: float = 0.05, recalibrate: bool = True) -> dict[str, Any]:
+    """IPS, SNIPS and DR estimates of the top-slot CTR of the greedy policy that ``predict`` (a model's pCTR of
+    candidate rows) defines, from logged rankings with their propensities.
+
+    ``logged``: served impressions (``request``, ``action``, ``position``, ``reward``, ``logging``), of which
+    the first position is used, since the logged propensity of a deeper slot is conditional
+    on the slots above it. ``candidates``: every candidate of each request, with the features ``predict``
+    reads; the target shows the one with the highest pCTR (first on ties). DR's reward model is ``predict``
+    recalibrated to the top slot (with ``recalibrate``: Platt scaling of its logit on the logged top slots),
+    since a click model fitted to every position underestimates the top slot's CTR, and DR's direct part keeps
+    that bias wherever target and logger disagree and exploration rarely shows the target's pick. Requests
+    without candidates are left out and counted.
+    """
+    for frame, what, cols in ((logged, "the log", [request, action, position, reward, logging]),
+                              (candidates, "the candidates", [request, action])):
+        _check_cols({c: "" for c in frame.columns}, cols, what)
+    top = logged[logged[position] == logged[position].min()]
+    cand = candidates[candidates[request].isin(top[request])].drop_duplicates([request, action])
+    cand = cand.reset_index(drop=True)
+    if cand.empty:
+        raise MeasureError(f"no logged request has its candidates: none of {top[request].nunique()} request ids "
+                           f"in the log is in the candidates' {request!r} column")
+    q = cand[[request, action]].assign(_q=np.asarray(predict(cand), dtype=np.float64))
+    target = q.loc[q.groupby(request, sort=False)["_q"].idxmax(), [request, action]].assign(propensity=1.0)
+    rows = top[top[request].isin(q[request])][[request, action, reward, logging]].reset_index(drop=True)
+    unmatched = int(top[request].nunique() - rows[request].nunique())
+    missing = rows.merge(q, on=[request, action], how="left")["_q"].isna()
+    if missing.any():
+        raise MeasureError(f"request {rows.loc[missing.idxmax(), request]!r}: the logged top item "
+                           f"{rows.loc[missing.idxmax(), action]!r} is not among its candidates")
+
+    if recalibrate and rows[reward].nunique() == 2:
+        from sklearn.linear_model import LogisticRegression
+
+        def logit(p: np.ndarray) -> np.ndarray:
+            p = np.clip(p, 1e-6, 1 - 1e-6)
+            return (np.log(p) - np.log1p(-p))[:, None]
+
+        shown = rows.merge(q, on=[request, action], how="left")["_q"].to_numpy()
+        platt = LogisticRegression(C=1e4).fit(logit(shown), rows[reward].to_numpy())
+        q["_q"] = platt.predict_proba(logit(q["_q"].to_numpy()))[:, 1]
+
+    def lookup(df: pd.DataFrame) -> np.ndarray:
+        return df[[request, action]].merge(q, on=[request, action], how="left")["_q"].fillna(0.0).to_numpy()
+
+    from ctrkit.measure.engine import make_engine
+
+    eng = make_engine("duckdb", threads=1)
+    try:
+        eng.register("_top_slot", rows)
+        ests = ips_snips(eng, "_top_slot", reward, logging, target, [request], action, max_weight, alpha)
+        ests.append(doubly_robust(eng, "_top_slot", reward, logging, target, lookup, [request], action,
+                                  max_weight, alpha))
+    finally:
+        eng.close()
+    agree = float(rows.merge(target, on=[request, action], how="inner").shape[0]) / len(rows)
+    return {"estimates": [e.to_dict() for e in ests], "requests": len(rows), "without_candidates": unmatched,
+            "logged_ctr": float(rows[reward].mean()), "agreement": agree}
+
+
+def bundle_top_slot_value(events: Any, candidates: Any, bundle: Any, *, action: str = "item_id",
+                          max_weight: float | None = None, alpha: float = 0.05) -> dict[str, Any]:
+    """:func:`top_slot_value` of a bundle's greedy ranking on an event log of ``ctrkit serve``: ``events`` a log
+    folder or a frame of attributed impressions, ``candidates`` a CSV/Parquet file or a frame, ``bundle`` a
+    folder or a loaded bundle."""
+    import polars as pl
+
+    from ctrkit.serve.bundle import Bundle
+    from ctrkit.serve.events import attributed_impressions
+
+    model = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    label = model.schema.label
+    rows = events if isinstance(events, (pl.DataFrame, pd.DataFrame)) else attributed_impressions(events, label=label)
+    rows = rows.to_pandas() if isinstance(rows, pl.DataFrame) else rows
+    if isinstance(candidates, (str, Path)):
+        path = Path(candidates)
+        if not path.is_file():
+            raise MeasureError(f"candidates file {path} does not exist")
+        cand = (pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)).to_pandas()
+    else:
+        cand = candidates.to_pandas() if isinstance(candidates, pl.DataFrame) else candidates
+
+    def predict(df: pd.DataFrame) -> np.ndarray:
+        p = np.asarray(model.predict(df), dtype=np.float64)
+        return p if p.ndim == 1 else p[:, 0]
+
+    res = top_slot_value(rows, cand, predict, action=action, reward=label, max_weight=max_weight, alpha=alpha)
+    return {"bundle": str(bundle), **res}

@@ -39,7 +39,7 @@ from ctrkit.schema import SchemaError
 from ctrkit.serve.bundle import Bundle, BundleError
 from ctrkit.serve.events import EventLog, EventLogError
 from ctrkit.serve.monitor import LiveMonitor
-from ctrkit.serve.rank import RESERVED, choose, objective_scores
+from ctrkit.serve.rank import RESERVED, choose, laplace_sd, objective_scores, thompson
 from ctrkit.validate import records_frame
 
 MAX_BATCH = 10_000
@@ -74,10 +74,13 @@ class ScoreResponse(_Strict):
 
 
 class Explore(_Strict):
-    """Epsilon-greedy exploration: each slot shows a uniformly drawn remaining item with probability epsilon."""
+    """Epsilon-greedy (each slot shows a uniformly drawn remaining item with probability epsilon) or Thompson
+    sampling (``samples`` posterior draws per request; see :mod:`ctrkit.serve.rank`)."""
 
-    method: Literal["epsilon_greedy"] = "epsilon_greedy"
+    method: Literal["epsilon_greedy", "thompson"] = "epsilon_greedy"
     epsilon: Annotated[Finite, Field(ge=0.0, le=1.0)] = 0.1
+    samples: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1000
+    prior_precision: Annotated[Finite, Field(gt=0.0, le=1e6)] = 1.0
 
 
 class RankRequest(_Strict):
@@ -315,8 +318,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         bids = _reserved(req.candidates, "bid", None if req.objective == "pctr" else "required")
         quality = _reserved(req.candidates, "quality", 1.0)
         scores = objective_scores(pctr, req.objective, bids, quality)
-        eps = req.explore.epsilon if req.explore else 0.0
-        slate = choose(scores, req.k, eps, rng)
+        ex = req.explore
+        if ex is not None and ex.method == "thompson":
+            scale = None if req.objective == "pctr" else objective_scores(np.ones_like(pctr), "ecpm", bids, quality)
+            slate = thompson(_logit(pctr), cur.bundle.ids(frame), laplace_sd(cur.bundle, ex.prior_precision), req.k,
+                             ex.samples, rng, scale)
+        else:
+            slate = choose(scores, req.k, ex.epsilon if ex else 0.0, rng)
         request_id = req.request_id or uuid.uuid4().hex
         items = []
         for pos, (i, q) in enumerate(zip(slate.index.tolist(), slate.propensity.tolist()), start=1):
@@ -393,6 +401,11 @@ def _load(path: Path) -> _Live:
         return _Live(Bundle.load(path), bundle_version(path), Path(path))
     except FileNotFoundError as exc:
         raise BundleError(f"{path}: {exc}") from exc
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-7, 1.0 - 1e-7)
+    return np.log(q / (1.0 - q))
 
 
 def _reserved(candidates: list[dict[str, Any]], key: str, default: float | str | None) -> np.ndarray | None:

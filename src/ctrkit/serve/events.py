@@ -286,9 +286,11 @@ def measure_frames(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame | None,
     return imps, clicks if clicks.height else None, convs if convs.height else None
 
 
-def attributed_impressions(path: str | Path, config: Any = None, label: str = "click") -> pl.DataFrame:
+def attributed_impressions(path: str | Path, config: Any = None, label: str = "click",
+                           conversion: str | None = None) -> pl.DataFrame:
     """Impressions that survive attribution (dedup, bot and window rules of ``ctrkit.measure``), each with
-    ``label`` 0/1 (a click) joined from the click events by ``ctrkit.measure.attribution``; every feature column kept."""
+    ``label`` 0/1 (a click) joined from the click events by ``ctrkit.measure.attribution``; every feature column kept.
+    With ``conversion`` and conversion events in the log, also that column: 0/1, a conversion attributed."""
     from ctrkit.measure.attribution import Attribution
     from ctrkit.measure.engine import make_engine
 
@@ -301,6 +303,9 @@ def attributed_impressions(path: str | Path, config: Any = None, label: str = "c
         out = pl.from_pandas(engine.query("SELECT * FROM ctr_events WHERE _status = 0 ORDER BY _ts, position"))
     finally:
         engine.close()
-    keep = [c for c in out.columns if not c.startswith("_") and c not in ("kind", "event_id", label)]
+    keep = [c for c in out.columns if not c.startswith("_") and c not in ("kind", "event_id", label, conversion)]
     stamp = pl.from_epoch((pl.col("timestamp") * 1e6).round().cast(pl.Int64), "us").dt.replace_time_zone("UTC")
-    return out.select([*keep, pl.col("_click").cast(pl.Int8).alias(label)]).with_columns(stamp.alias("timestamp"))
+    labels = [pl.col("_click").cast(pl.Int8).alias(label)]
+    if conversion and convs is not None:
+        labels.append(pl.col("_conv").cast(pl.Int8).alias(conversion))
+    return out.select([*keep, *labels]).with_columns(stamp.alias("timestamp"))

@@ -151,21 +151,29 @@ def monitor_log(log: str | Path, bundle: Any, segments: Sequence[str] = (), wind
 
     Impressions and their clicks come from :func:`ctrkit.serve.events.attributed_impressions` (the attribution
     of ``ctrkit.measure``); the pCTR is the one logged when the item was served, or the bundle's score where
-    the log has none. The reference distribution for PSI is the bundle's validation pCTR.
+    the log has none. The reference distribution for PSI is the bundle's validation pCTR. A multi-task bundle
+    (labels such as [click, conversion]) is also checked per head where the log has the label: the first head
+    against clicks, the second against the conversions attributed to each impression (``heads``).
     """
     from ctrkit.serve.events import attributed_impressions
 
-    data = attributed_impressions(log).sort("timestamp")
+    names = bundle.schema.label_columns
+    data = attributed_impressions(log, label=names[0], conversion=names[1] if len(names) > 1 else None)
+    data = data.sort("timestamp")
     missing = [s for s in segments if s not in data.columns]
     if missing:
         raise DataError(f"{log}: no column {missing[0]!r} to segment by; columns are {data.columns}")
-    if "pctr" not in data.columns or data["pctr"].null_count():
-        data = data.with_columns(pl.Series("pctr", bundle.predict(data)))
+    scores = bundle.predict(data) if len(names) > 1 or "pctr" not in data.columns or data["pctr"].null_count() \
+        else None
+    heads = {n: (scores if scores.ndim == 1 else scores[:, j]) if scores is not None else data["pctr"].to_numpy()
+             for j, n in enumerate(names) if n in data.columns}
+    if "pctr" in data.columns and not data["pctr"].null_count():
+        heads[names[0]] = data["pctr"].to_numpy()  # what was served
     reference = bundle.metrics.get("pctr_reference")
     t = data["timestamp"].dt.epoch("us").to_numpy() / 1e6
     edges = np.linspace(t.min(), t.max(), windows + 1) if len(t) else np.zeros(windows + 1)
     which = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, windows - 1)
-    p, c = data["pctr"].to_numpy(), data["click"].to_numpy().astype(np.float64)
+    p, c = heads[names[0]], data[names[0]].to_numpy().astype(np.float64)
     rows = []
     for w in range(windows):
         ix = which == w
@@ -187,8 +195,18 @@ def monitor_log(log: str | Path, bundle: Any, segments: Sequence[str] = (), wind
     for r in rows:
         snap = {"overall": r, "segments": {n: r[n] for n in segments}, "psi": r["psi"]}
         lines += [f"window {r['window']}: {a}" for a in alerts(snap)]
+    per_head: dict[str, Any] = {}
+    for name, ph in heads.items():
+        y = data[name].to_numpy().astype(np.float64)
+        per_head[name] = {"total": ratio_row(ph.sum(), y.sum(), len(y), min_clicks),
+                          "windows": [ratio_row(ph[which == w].sum(), y[which == w].sum(), int((which == w).sum()),
+                                                min_clicks) for w in range(windows)]}
+        if name != names[0]:
+            lines += [f"head {name}: {a}" for a in alerts({"overall": per_head[name]["total"]})]
+            lines += [f"head {name}, window {w}: {a}" for w, r in enumerate(per_head[name]["windows"])
+                      for a in alerts({"overall": r})]
     return {"log": str(log), "impressions": len(p), "clicks": int(c.sum()), "band": list(BAND),
-            "reference": bool(reference), "total": overall, "windows": rows, "alerts": lines}
+            "reference": bool(reference), "total": overall, "windows": rows, "heads": per_head, "alerts": lines}
 
 
 def html_report(result: Mapping[str, Any], path: str | Path) -> Path:
@@ -231,6 +249,12 @@ def html_report(result: Mapping[str, Any], path: str | Path) -> Path:
             [[v, r["impressions"], r["clicks"], r["pred"], r["ratio"], "ALERT" if r["alert"] else ""]
              for v, r in vals.items()])
         for name, vals in result["total"]["segments"].items())
+    heads = "".join(
+        f"<h3>head {esc.escape(name)}</h3>" + table(
+            ["window", "impressions", "events", "pred", "pred/actual", "alert"],
+            [[w, r["impressions"], r["clicks"], r["pred"], r["ratio"], "ALERT" if r["alert"] else ""]
+             for w, r in enumerate(h["windows"])])
+        for name, h in list(result.get("heads", {}).items())[1:])
     al = "".join(f"<li>{esc.escape(a)}</li>" for a in result["alerts"]) or "<li>none</li>"
     t = result["total"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ctrkit monitor</title>
@@ -240,7 +264,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.alerts li{{color
 <p>{result['impressions']:,} impressions, {result['clicks']:,} clicks; overall pred/actual
 <b>{_fmt(t['overall']['ratio'])}</b>, PSI against the training pCTR <b>{_fmt(t['psi'])}</b>.</p>
 <h2>Alerts</h2><ul class="alerts">{al}</ul>
-{chart}<h2>Per window</h2>{win}<h2>Segments (whole log)</h2>{segs}</body></html>"""
+{chart}<h2>Per window</h2>{win}{heads}<h2>Segments (whole log)</h2>{segs}</body></html>"""
     out = Path(path)
     out.write_text(page)
     return out

@@ -3,21 +3,33 @@
 The training rows are the logged impressions with their clicks joined by ``ctrkit.measure``'s attribution
 (:func:`ctrkit.serve.events.attributed_impressions`). The most recent ``holdout`` share by time is kept aside;
 the candidate is trained on the rest with the base bundle's schema and model, and both are scored on the
-held-out window. The candidate is promoted (written to ``out``) only if its logloss there is lower.
+held-out window. The candidate is promoted (written to ``out``) only if its logloss there is lower and, given
+the requests' candidates, only if its greedy ranking also gets the higher off-policy top-slot CTR there.
 
-With ``ips=True`` the rows are weighted by 1 / logged propensity (clipped at ``max_weight``), so that items the
-logging policy rarely showed count as much as they would under uniform exposure, and clicks also by
-1 / examination of their position, estimated on the explored slots (:func:`examination`), so that a click
-deep in the list counts for the relevance it reveals. The trainer takes no sample weights, so the weighting is
-done by importance resampling: as many rows as the log holds, drawn with replacement with probability
-proportional to their weight (seeded).
+With ``ips=True`` the candidate learns relevance rather than clicks. A click needs the item examined and
+relevant, P(click | x, position k) = θ_k · γ(x) (the examination hypothesis); a ranker shows the items it likes
+where θ is high, so a model fitted to clicks learns γ(x) times the examination its own ranking gave x, and
+ranking by that repeats yesterday's ranking. The logged propensity of the shown slot is not the one to divide
+by: the ranker chose the slot from features the model sees, so a pointwise model is not biased by that choice
+(weighting by it only shrinks the effective sample). The examination propensity θ_k is; it is corrected by
+regression EM (Wang et al., "Position Bias Estimation for Unbiased Learning to Rank in Personal Search", WSDM
+2018), with the click model in the M-step: a clicked row is relevant; an unclicked one at position k was
+relevant but unexamined with probability γ(1 - θ_k) / (1 - θ_k γ), so it is fitted as a relevant row of that
+weight and an irrelevant row of the rest (the schema's sample weights). EM starts from a click model fitted to
+the same rows (one more training): γ is its pCTR over the mean θ of the logged positions (its ranking, on the
+scale of position 1), and θ_k ∝ Σ clicks / Σ γ(x) at position k over all rows, with γ the click model's pCTR
+over the θ of each row's position, θ first taken from the CTR by position on the explored slots (items drawn
+at random). θ is re-estimated the same way after each M-step. (Starting from the served bundle anchors EM on
+the stale ranking it is to correct; starting from a constant treats every unexamined item as average.) The candidate's bundle keeps θ in its metrics (``examination``); its pCTR
+is the click probability at position 1, and it is compared with the base on the held-out window as
+θ_position · pCTR, the probability of the clicks it was fitted to.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +37,12 @@ import numpy as np
 import polars as pl
 
 from ctrkit.data.readers import DataError
+from ctrkit.evaluate.metrics import evaluate
 from ctrkit.serve.bundle import Bundle
 from ctrkit.serve.events import attributed_impressions
+
+WEIGHT = "relevance_weight"
+GAMMA_CLIP = (1e-4, 1.0 - 1e-4)
 
 
 @dataclass
@@ -39,6 +55,7 @@ class RetrainResult:
     candidate: dict[str, Any]
     rows: dict[str, int] = field(default_factory=dict)
     ips: bool = False
+    examination: dict[int, float] | None = None
     out: str | None = None
     candidate_path: str | None = None
 
@@ -47,78 +64,148 @@ class RetrainResult:
         return asdict(self)
 
 
+def _theta_at(rows: pl.DataFrame, exam: dict[int, float]) -> np.ndarray:
+    """θ of every row's position: interpolated between known positions, 1.0 where the position is missing."""
+    if "position" not in rows.columns or not exam:
+        return np.ones(rows.height)
+    pos = rows["position"].cast(pl.Float64).to_numpy()
+    known = np.array(sorted(exam), dtype=np.float64)
+    theta = np.interp(pos, known, [exam[int(k)] for k in known])
+    return np.where(np.isnan(pos), 1.0, theta)
+
+
+def _normalised(clicks: pl.DataFrame) -> dict[int, float]:
+    """``position, num, den`` -> θ_k = (num/den)_k / (num/den)_first, in [1e-3, 1]."""
+    t = clicks.filter(pl.col("den") > 0).sort("position")
+    ratio = (t["num"] / t["den"]).to_numpy()
+    if len(ratio) == 0 or ratio[0] <= 0:
+        return {}
+    return {int(k): float(np.clip(r / ratio[0], 1e-3, 1.0)) for k, r in zip(t["position"].to_list(), ratio)}
+
+
 def examination(rows: pl.DataFrame, label: str) -> dict[int, float]:
-    """Examination propensity per position relative to position 1, from the explored slots only (there the
-    shown item was drawn at random, so CTR by position reflects examination; ``ctrkit.measure``'s randomised
-    estimator). Empty when the log has no explored traffic with clicks at the top position."""
-    from ctrkit.measure.engine import MeasureError
-    from ctrkit.measure.position import propensity_randomized
-
-    if not {"explored", "position"} <= set(rows.columns):
+    """Examination propensity per position relative to the first, from the CTR by position of the explored
+    slots (items drawn at random, so their CTR by position reflects examination; ``ctrkit.measure``'s
+    randomised estimator), or of all slots where the log has no explored traffic. Empty without positions or
+    without clicks at the first position."""
+    if "position" not in rows.columns:
         return {}
-    ex = rows.filter(pl.col("explored").fill_null(False) & pl.col("position").is_not_null())
-    cube = ex.group_by("position").agg(pl.len().alias("impressions"), pl.col(label).sum().alias("clicks"))
-    try:
-        props = propensity_randomized(cube.to_pandas())
-    except MeasureError:
+    has = rows.filter(pl.col("position").is_not_null())
+    if "explored" in has.columns and has["explored"].fill_null(False).any():
+        has = has.filter(pl.col("explored").fill_null(False))
+    cube = has.group_by("position").agg(pl.col(label).sum().cast(pl.Float64).alias("num"),
+                                        pl.len().cast(pl.Float64).alias("den"))
+    return _normalised(cube)
+
+
+def examination_given_relevance(rows: pl.DataFrame, label: str, gamma: np.ndarray) -> dict[int, float]:
+    """θ_k ∝ Σ clicks / Σ γ(x) over the rows at position k (E[click | x, k] = θ_k γ(x)), relative to the first
+    position: every row counts, since γ accounts for which items the ranker put where."""
+    if "position" not in rows.columns:
         return {}
-    return {k: max(v, 1e-3) for k, v in props.lookup().items()}
+    cube = (rows.with_columns(pl.Series("_g", gamma)).filter(pl.col("position").is_not_null())
+            .group_by("position").agg(pl.col(label).sum().cast(pl.Float64).alias("num"),
+                                      pl.col("_g").sum().alias("den")))
+    return _normalised(cube)
 
 
-def ips_weights(rows: pl.DataFrame, label: str, max_weight: float = 20.0) -> np.ndarray:
-    """min(1 / logged propensity, max_weight), times 1 / examination(position) on clicks where the log's
-    explored slots give an examination curve (clicks at deep positions stand for more relevance)."""
-    if "propensity" not in rows.columns:
-        raise DataError("IPS weighting needs the logged 'propensity' column (impressions served by /rank)")
-    q = rows["propensity"].fill_null(1.0).to_numpy()
-    if np.any((q <= 0) | (q > 1)):
-        raise DataError("logged propensities must lie in (0, 1]")
-    w = np.minimum(1.0 / q, max_weight)
-    exam = examination(rows, label)
-    if exam:
-        theta = rows["position"].replace_strict(exam, default=1.0, return_dtype=pl.Float64).to_numpy()
-        clicked = rows[label].to_numpy() > 0
-        w = np.where(clicked, np.minimum(w / theta, max_weight), w)
-    return w
+def relevance_rows(rows: pl.DataFrame, label: str, exam: dict[int, float], gamma: np.ndarray) -> pl.DataFrame:
+    """The E-step as weighted rows: a click is a relevant row of weight 1; a non-click at position k splits into
+    a relevant row of weight r = γ(1 - θ_k) / (1 - θ_k γ) and an irrelevant row of weight 1 - r."""
+    theta = _theta_at(rows, exam)
+    g = np.clip(gamma, *GAMMA_CLIP)
+    clicked = rows[label].to_numpy() > 0
+    r = np.where(clicked, 1.0, g * (1.0 - theta) / (1.0 - theta * g))
+    base = rows.with_columns(pl.Series(WEIGHT, np.where(clicked, 1.0, 1.0 - r)))
+    hidden = rows.with_columns(pl.Series(WEIGHT, r), pl.lit(1).cast(rows[label].dtype).alias(label)).filter(
+        pl.Series(~clicked & (r > 0)))
+    out = pl.concat([base, hidden]).filter(pl.col(WEIGHT) > 0)
+    return out.sort("timestamp", maintain_order=True) if "timestamp" in out.columns else out
 
 
-def ips_resample(rows: pl.DataFrame, weights: np.ndarray, seed: int = 0) -> pl.DataFrame:
-    """As many rows as given, drawn with replacement with probability proportional to ``weights``."""
-    pick = np.random.default_rng(seed).choice(rows.height, rows.height, replace=True, p=weights / weights.sum())
-    return rows[np.sort(pick)]
+def held_out_metrics(bundle: Bundle, rows: pl.DataFrame, label: str) -> dict[str, Any]:
+    """The bundle's metrics on logged clicks: pCTR as it is, or θ_position · pCTR for a bundle trained on
+    relevance (its metrics carry ``examination``)."""
+    if "examination" not in bundle.metrics:
+        return bundle.evaluate(rows)[0]
+    exam = {int(k): float(v) for k, v in bundle.metrics["examination"].items()}
+    p = np.clip(bundle.predict(rows) * _theta_at(rows, exam), *GAMMA_CLIP)
+    return evaluate(rows[label].to_numpy().astype(np.float64), p)
 
 
 def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: float = 0.2, ips: bool = False,
-            max_weight: float = 20.0, epochs: int | None = None, seed: int = 0, work: str | Path | None = None,
-            keep_candidate: bool = False, progress: bool = False) -> RetrainResult:
+            em_steps: int = 1, candidates: Any = None, epochs: int | None = None, seed: int = 0,
+            work: str | Path | None = None, keep_candidate: bool = False, progress: bool = False) -> RetrainResult:
     """Train a candidate on the log (all but the recent ``holdout``), compare on the holdout, promote if better.
 
+    With ``ips`` the candidate is fitted to relevance by ``em_steps`` rounds of regression EM (module docstring).
+    With ``candidates`` (every candidate of the logged requests, a file or a frame), both bundles' greedy rankings
+    are also evaluated off-policy on the held-out requests' top slots (doubly robust estimate of their CTR,
+    :func:`ctrkit.measure.ope.bundle_top_slot_value`), and the candidate is promoted only if it is better on both.
     With ``keep_candidate`` the candidate's run folder (``work``, default ``OUT.work``) is kept either way.
     """
     from ctrkit.pipeline import train
 
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    if em_steps < 1:
+        raise ValueError(f"em_steps must be >= 1, got {em_steps}")
     base_bundle = Bundle.load(base)
-    label = base_bundle.schema.label
+    sch = base_bundle.schema
+    label = sch.label
     rows = attributed_impressions(events, label=label).sort("timestamp")
     cut = int(rows.height * (1.0 - holdout))
     fit, held = rows[:cut], rows[cut:]
     if fit.height == 0 or held.height == 0 or held[label].n_unique() < 2:
         raise DataError(f"{events}: {rows.height} impressions are too few to train and compare "
                         f"(the held-out {holdout:.0%} needs clicks and non-clicks)")
-    train_rows = ips_resample(fit, ips_weights(fit, label, max_weight), seed) if ips else fit
     work_dir = Path(work) if work else Path(out).with_name(Path(out).name + ".work")
-    run = train(train_rows, schema=base_bundle.schema, model=base_bundle.model_name, out=work_dir, epochs=epochs,
-                seed=seed, progress=progress)
-    base_m, _ = base_bundle.evaluate(held)
-    cand_m, _ = run.bundle.evaluate(held)
+    plain = replace(sch, weight=None) if sch.weight == WEIGHT else sch
+    exam: dict[int, float] | None = None
+    run = train(fit, schema=plain, model=base_bundle.model_name, out=work_dir, epochs=epochs, seed=seed,
+                progress=progress)  # the click model: the candidate, or where EM starts
+    train_rows = fit.height
+    if ips:
+        exam = examination(fit, label)
+        if not exam:
+            raise DataError(f"{events}: relevance retraining needs logged positions with clicks at the first one")
+        clicks = run.bundle.predict(fit)
+        exam = examination_given_relevance(fit, label, clicks / _theta_at(fit, exam)) or exam
+        gamma = clicks / _theta_at(fit, exam).mean()
+        weighted = replace(sch, weight=WEIGHT)
+        for _ in range(em_steps):
+            step = relevance_rows(fit, label, exam, gamma)
+            if plain.weight:
+                step = step.with_columns(pl.col(WEIGHT) * pl.col(plain.weight))
+            run = train(step, schema=weighted, model=base_bundle.model_name, out=work_dir, epochs=epochs,
+                        seed=seed, progress=progress)
+            gamma = run.bundle.predict(fit)
+            exam = examination_given_relevance(fit, label, gamma) or exam
+        train_rows = step.height
+    cand = run.bundle
+    if ips:
+        cand.metrics["examination"] = exam
+        cand.save(work_dir / "bundle")
+    base_m = held_out_metrics(base_bundle, held, label)
+    cand_m = held_out_metrics(cand, held, label)
     better = cand_m["logloss"] < base_m["logloss"]
     reason = (f"held-out logloss {cand_m['logloss']:.5f} (candidate) vs {base_m['logloss']:.5f} (base); "
               f"AUC {cand_m['auc']:.4f} vs {base_m['auc']:.4f}")
+    if candidates is not None:
+        from ctrkit.measure.ope import bundle_top_slot_value
+
+        for name, bundle, m in (("base", base_bundle, base_m), ("candidate", cand, cand_m)):
+            m["ope"] = bundle_top_slot_value(held, candidates, bundle)
+            m["ope"]["bundle"] = name
+        dr = {name: next(e for e in m["ope"]["estimates"] if e["estimator"] == "dr")
+              for name, m in (("base", base_m), ("candidate", cand_m))}
+        better = better and dr["candidate"]["value"] > dr["base"]["value"]
+        reason += (f"; off-policy top-slot CTR (DR, {cand_m['ope']['requests']} held-out requests) "
+                   f"{dr['candidate']['value']:.4f} [{dr['candidate']['ci_low']:.4f}, {dr['candidate']['ci_high']:.4f}] "
+                   f"vs {dr['base']['value']:.4f} [{dr['base']['ci_low']:.4f}, {dr['base']['ci_high']:.4f}]")
     res = RetrainResult(promoted=better, reason=("promoted: " if better else "kept the base: ") + reason,
-                        base=base_m, candidate=cand_m, ips=ips,
-                        rows={"log": rows.height, "train": train_rows.height, "holdout": held.height})
+                        base=base_m, candidate=cand_m, ips=ips, examination=exam,
+                        rows={"log": rows.height, "train": train_rows, "holdout": held.height})
     if better:
         dest = Path(out)
         if dest.exists():
