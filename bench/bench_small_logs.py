@@ -151,7 +151,8 @@ def ctrkit_run(files: dict, model: str, seed: int, work: Path) -> dict:
     return {"seed": seed, "test_auc": m["test"]["auc"], "test_logloss": m["test"]["logloss"],
             "test_pred_actual": m["test"]["pred_actual_ratio"], "test_ece": m["test"]["ece"],
             "valid_auc": m["valid"]["auc"], "epochs": m["train"]["epochs"], "best_epoch": m["train"]["best_epoch"],
-            "calibration": m["calibration"]["method"], "seconds": round(time.perf_counter() - t0, 1)}
+            "calibration": m["calibration"]["method"], "first_order_l2": m["train"]["auto"]["model"].get("linear_l2"),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:

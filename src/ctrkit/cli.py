@@ -473,6 +473,8 @@ def resolved_defaults(name: str) -> dict[str, Any]:
         cfg["emb_l2_scope"] = f"table up to {SMALL_TABLE:,} embedding parameters, else batch"
     if cfg["sparse_grad"] is None:
         cfg["sparse_grad"] = f"true above {SMALL_TABLE:,} embedding parameters"
+    if cfg["linear_l2"] is None:
+        cfg["linear_l2"] = "chosen with the first-order weights under 100,000 training rows, else emb_l2"
     train = {k: v for k, v in asdict(TrainConfig()).items()
              if k in ("epochs", "batch_size", "lr", "optimizer", "patience")}
     train = {**train, **cls.train_defaults}

@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from ctrkit.nn.embedding import FeatureSpec
+from ctrkit.nn.embedding import FeatureLinear, FeatureSpec
 
 
 SMALL_TABLE = 1 << 22  # embedding parameters up to which dense gradients and a whole-table L2 are used
@@ -27,7 +27,8 @@ class ModelConfig:
     batch (cost proportional to the batch; works with sparse gradients, for large vocabularies).
     ``None`` / "auto" values are resolved by :meth:`resolve` from the size of the id space: tables up to
     ``SMALL_TABLE`` parameters train with dense gradients and a table L2 (0.05 unless the model sets its
-    own ``auto_l2``), larger ones with sparse gradients and a batch L2 of 1e-5.
+    own ``auto_l2``), larger ones with sparse gradients and a batch L2 of 1e-5. ``linear_l2`` is the table-scope
+    L2 of the first-order weights (the 1-wide tables of :class:`~ctrkit.nn.embedding.FeatureLinear`); None: ``emb_l2``.
     """
 
     embed_dim: int = 16
@@ -38,6 +39,7 @@ class ModelConfig:
     emb_l2_scope: str = "auto"
     sparse_grad: bool | None = None
     init_std: float = 1e-2
+    linear_l2: float | None = None
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
@@ -46,8 +48,9 @@ class ModelConfig:
             raise ValueError(f"hidden sizes must be >= 1, got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.emb_l2 is not None and self.emb_l2 < 0:
-            raise ValueError(f"emb_l2 must be >= 0, got {self.emb_l2}")
+        for name in ("emb_l2", "linear_l2"):
+            if (value := getattr(self, name)) is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if self.emb_l2_scope not in ("auto", "batch", "table"):
             raise ValueError(f"emb_l2_scope must be 'auto', 'batch' or 'table', got {self.emb_l2_scope!r}")
         if self.emb_l2_scope == "table" and self.sparse_grad:
@@ -126,9 +129,16 @@ class CTRModel(nn.Module):
 
         A batch-scope term is handed over once: the model lets go of it (and of its graph) when asked.
         """
-        if self.training and self.config.emb_l2 and self.config.emb_l2_scope == "table":
-            tables = [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
-            return 0.5 * self.config.emb_l2 * sum(w.pow(2).sum() for w in tables)
+        cfg = self.config
+        if self.training and cfg.emb_l2_scope == "table":
+            tables = [m for m in self.modules() if isinstance(m, nn.Embedding)]
+            if cfg.linear_l2 is None and cfg.emb_l2:
+                return 0.5 * cfg.emb_l2 * sum(m.weight.pow(2).sum() for m in tables)
+            if cfg.linear_l2 is not None:
+                linear = {id(m.table) for m in self.modules() if isinstance(m, FeatureLinear)}
+                terms = [(cfg.linear_l2 if id(m) in linear else cfg.emb_l2, m.weight) for m in tables]
+                if any(l2 for l2, _ in terms):
+                    return 0.5 * sum(l2 * w.pow(2).sum() for l2, w in terms if l2)
         penalty, self._penalty = self._penalty, None
         return penalty if self.training else None
 
