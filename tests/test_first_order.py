@@ -135,8 +135,11 @@ def test_linear_l2_penalises_the_first_order_table_alone() -> None:
 
 def test_only_small_logs_get_the_fit() -> None:
     assert adaptive_settings("deepfm", SMALL_LOG - 1, 100, 1000)["first_order_fit"]
-    large = adaptive_settings("lr", SMALL_LOG, 100, 1000)
+    large = adaptive_settings("gbdt_lr", SMALL_LOG, 100, 1000)  # no L2 of its own: the rows rule sets it
     assert not large["first_order_fit"] and large["model"]["emb_l2"] == pytest.approx(20.0 / SMALL_LOG)
+    own = adaptive_settings("lr", SMALL_LOG, 100, 1000)  # lr's YAML L2 (1e-5) stands on large logs
+    assert not own["first_order_fit"] and "emb_l2" not in own["model"]
+    assert adaptive_settings("lr", SMALL_LOG - 1, 100, 1000)["first_order_fit"]
 
 
 def test_train_fits_the_first_order_term_of_a_small_log(tmp_path: Path) -> None:
