@@ -13,9 +13,9 @@ time. Stages are timed in the same run so the table shows what encoding and HTTP
                     model path (timed at load, as `ctrkit serve` does) -> top-k; also each of its steps alone
   http /rank        a `ctrkit serve` process on 127.0.0.1, the JSON body pre-serialised, one request at a time
 
-Then the load test: short open-loop trials at rising (or, when the first misses, falling) rates find the highest
-rate whose p99 stays <= 25 ms, and a 60 s run at that rate reloads the bundle (POST /admin/reload) halfway and
-counts failed requests.
+Then the load test: short open-loop trials at rising (or, when the first misses, falling) rates, then a bisection
+between the last rate that kept p99 <= 25 ms and the first that missed, find the highest rate within the budget;
+a 60 s run at that rate reloads the bundle (POST /admin/reload) halfway and counts failed requests.
 Latency in the load test is measured from each request's scheduled send time (no coordinated omission).
 
     python bench/bench_serve.py            # prints the table, writes bench/results/bench_serve.json
@@ -216,16 +216,22 @@ def main() -> None:
         result["latency"] = rows
         rate = max(1.0, 0.5 * rows["http /rank (loopback, one client)"]["req_per_s"])
         trials = []
-        best = None
-        while True:  # up by 1.25x while the budget holds; when the first rate misses it, down by 2x to 1 req/s
+        best, worst = None, None  # the highest rate that kept the budget, the lowest that missed it
+        while len(trials) < 12:  # up by 1.25x, or down by 2x from a first miss, then bisect to within 10 %
             t = asyncio.run(open_loop(url, body, rate, args.trial_seconds))
             trials.append(t)
             print(f"trial {rate:7.1f} req/s: p99 {t['p99_ms']:.1f} ms, errors {t['errors']}", flush=True)
-            kept = t["p99_ms"] <= args.p99_budget_ms and not t["errors"]
-            if kept:
+            if t["p99_ms"] <= args.p99_budget_ms and not t["errors"]:
                 best = rate
+            else:
+                worst = rate
+            if best is not None and worst is not None:
+                if worst <= best * 1.1:
+                    break
+                rate = (best + worst) / 2
+            elif best is not None:
                 rate *= 1.25
-            elif best is None and rate > 1.0:
+            elif rate > 1.0:
                 rate = max(1.0, rate / 2)
             else:
                 break
