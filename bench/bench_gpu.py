@@ -13,9 +13,14 @@ one-time work and is not timed.
   shuffling, batch gathering, the last partial batch and the validation pass included; the first epoch, which
   also compiles, is reported apart. Time to quality is the wall time from the call of ``train`` to the end of
   the epoch that reached the final (best) validation AUC, compilation included; the test AUC is of the restored
-  best weights. The large batch also runs with ``large_batch="off"``, to show what CowClip's rule changes.
-* ``zoo``: the other registered models among DCNv2, xDeepFM, FinalMLP, AutoInt+ and DIN at the largest batch
+  best weights. The large batch also runs with ``large_batch="cowclip"`` and ``"off"``, to show what the default
+  rule ("rows") changes.
+* ``zoo``: the other registered models among DCNv2, xDeepFM, FinalMLP, AutoInt+ and DIN (over an added
+  behaviour sequence of 10 ids of C4, :func:`with_history`) at the largest batch
   size, two epochs, the second timed.
+* ``rules``: DeepFM at the largest batch size under variants of the large-batch rule (the shipped "rows" rule,
+  half its power, with CowClip and the L2 scaled, CowClip alone, the dense rule alone) and at 4,096 in fp32, to
+  show what each part of the rule does.
 * ``score``: 1,000 encoded candidates through the trained DeepFM on the GPU (eval mode, bf16), p50/p99 of the
   model part over 2,000 calls, host tensors in, host probabilities out.
 * ``big``: ``--big-rows`` rows resampled from the training rows, one epoch, resident on the GPU, with the
@@ -26,7 +31,7 @@ one-time work and is not timed.
 Prints a table and writes ``<out>/gpu.json``. Usage::
 
     python bench/bench_gpu.py --peers ../shared/peers [--rows 10000000] [--batch-sizes 4096,16384,65536]
-        [--parts speed,zoo,score,big] [--harness-ref] [--out bench/results]
+        [--parts speed,rules,zoo,score,big] [--harness-ref] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 ZOO = ("dcnv2", "xdeepfm", "finalmlp", "autoint_plus", "din")
+RULES = {  # large-batch rule variants: LargeBatchRule fields, "warm" = warm-up as a share of the first epoch
+    "rows (default)": {"cowclip": False, "row_lr_power": 1.0, "scale_l2": False},
+    "rows, power 0.5": {"cowclip": False, "row_lr_power": 0.5, "scale_l2": False},
+    "rows + CowClip + L2 x scale": {"row_lr_power": 1.0},
+    "rows, warm-up 0.1 epoch": {"cowclip": False, "row_lr_power": 1.0, "scale_l2": False, "warm": 0.1},
+    "CowClip (paper)": {},
+    "dense rule only, warm-up 0.1 epoch": {"cowclip": False, "scale_l2": False, "warm": 0.1},
+}
 
 
 def encode(d: dict[str, Any], n_train: int, gen: Any) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
@@ -77,6 +90,33 @@ def encode(d: dict[str, Any], n_train: int, gen: Any) -> tuple[dict[str, np.ndar
 
 def split(arrays: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
     return {k: v[lo:hi] for k, v in arrays.items()}
+
+
+HISTORY = 10  # items in DIN's behaviour sequence
+
+
+def with_history(data: dict[str, Any], spec: Any, field: str = "C4") -> tuple[dict[str, Any], Any]:
+    """The data and spec with a behaviour sequence over ``field``'s ids (for DIN): ``HISTORY`` ids drawn from
+    other rows' values of that field, a random length of 1..HISTORY, and the row's own id at a random position
+    in half of the rows, so that attending to the candidate pays."""
+    from dataclasses import replace
+
+    from ctrkit.data.dataset import EncodedData
+
+    j = spec.sparse_names.index(field)
+    rng = np.random.default_rng(7)
+    out = {}
+    for part, d in data.items():
+        ids = np.asarray(d.ids)
+        n = len(ids)
+        seq = ids[rng.integers(0, n, (n, HISTORY)), j].reshape(n, 1, HISTORY)
+        lens = rng.integers(1, HISTORY + 1, (n, 1)).astype(np.int32)
+        own = rng.random(n) < 0.5
+        pos = (rng.random(n) * lens[:, 0]).astype(np.int64)
+        seq[own, 0, pos[own]] = ids[own, j]
+        out[part] = EncodedData(ids=ids, dense=d.dense, label=d.label, seq=seq, seq_len=lens)
+    return out, replace(spec, seq_names=("history",), seq_kinds=("sequence",), seq_pooling=("mean",),
+                        seq_targets=(field,), seq_max=HISTORY)
 
 
 DEVICE = ["cuda"]  # --device cpu: a quick check of the script itself, without the reference
@@ -195,18 +235,43 @@ def main() -> None:
                 torch.cuda.empty_cache()
             row, model = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, bs, args.epochs)
             emit(row)
-        row, _ = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, sizes[-1], args.epochs,
-                            large_batch="off")
-        emit(row)
+        for other in ("cowclip", "off"):  # the default rule against CowClip's and against none, same data
+            row, _ = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, sizes[-1], args.epochs,
+                                large_batch=other)
+            emit(row)
     if "zoo" in parts:
         from ctrkit.models import model_names
 
+        seq_data, seq_spec = with_history(data, spec) if "din" in model_names() else (data, spec)
         for name in [z for z in ZOO if z in model_names()]:
+            d, sp = (seq_data, seq_spec) if name == "din" else (data, spec)
             try:
-                row, _ = ctrkit_run(name, data["train"], data["valid"], data["test"], spec, sizes[-1], 2, patience=2)
+                row, _ = ctrkit_run(name, d["train"], d["valid"], d["test"], sp, sizes[-1], 2, patience=2)
                 emit(row)
-            except Exception as err:  # a model that needs inputs this data lacks (DIN's sequences)
+            except Exception as err:  # one model's failure is reported, not the end of the benchmark
                 emit({"lib": "ctrkit", "model": name, "error": f"{type(err).__name__}: {err}"[:300]})
+    if "rules" in parts:
+        import ctrkit.training.trainer as trainer_module
+        from ctrkit.training.step import BASE_BATCH, LargeBatchRule
+
+        shipped = trainer_module.large_batch_rule
+        for label, fields in RULES.items():
+            kw = {k: v for k, v in fields.items() if k != "warm"}
+            warm = float(fields.get("warm", 1.0))
+            trainer_module.large_batch_rule = (  # type: ignore[assignment]
+                lambda _s, bs, _d, warmup_steps=0, kw=kw, warm=warm:
+                LargeBatchRule(scale=bs / BASE_BATCH, warmup_steps=int(warmup_steps * warm), **kw))
+            try:
+                row, _ = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, sizes[-1], args.epochs)
+            finally:
+                trainer_module.large_batch_rule = shipped
+            row["rule"] = label
+            emit(row)
+        if cuda:
+            row, _ = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, BASE_BATCH, args.epochs,
+                                precision="fp32")
+            row["rule"] = "fp32"
+            emit(row)
     if "score" in parts:
         from ctrkit.data.dataset import Batch
 
@@ -251,7 +316,7 @@ def main() -> None:
     for r in results:
         if "batch" not in r:
             continue
-        label = r["lib"] if r["lib"] != "ctrkit" else f"ctrkit {r['model']} {r.get('large_batch', '')}"
+        label = r["lib"] if r["lib"] != "ctrkit" else f"ctrkit {r['model']} {r.get('rule', r.get('large_batch', ''))}"
         sps = r.get("samples_per_s") or 0
         first = r.get("first_epoch_samples_per_s") or 0
         auc_v = r.get("test_auc") or float("nan")

@@ -59,12 +59,55 @@ def test_row_updates_match_sparse_gradient_optimizer(optimizer: str) -> None:
         torch.testing.assert_close(rows[k], sparse[k], rtol=1e-9, atol=1e-11, msg=k)
 
 
-def test_row_updates_with_cowclip_match_sparse_gradient_optimizer() -> None:
-    rule = LargeBatchRule(scale=4.0, clip_ratio=0.5, clip_floor=1e-3)
-    sparse = trained({"rule": rule, "row_updates": False}, name="deepfm")
-    rows = trained({"rule": rule, "row_updates": True}, name="deepfm")
+@pytest.mark.parametrize("rule", [LargeBatchRule(scale=4.0, clip_ratio=0.5, clip_floor=1e-3),
+                                  LargeBatchRule(scale=4.0, cowclip=False, row_lr_power=0.5),
+                                  LargeBatchRule(scale=3.0, clip_ratio=0.5, clip_floor=1e-3, row_lr_power=1.0)])
+def test_row_updates_with_large_batch_rules_match_sparse_gradient_optimizer(rule: LargeBatchRule) -> None:
+    # no batch norm: Adam would turn the rounding noise of the (gradient-free) bias before it into steps
+    sparse = trained({"rule": rule, "row_updates": False}, name="deepfm", batch_norm=False)
+    rows = trained({"rule": rule, "row_updates": True}, name="deepfm", batch_norm=False)
     for k in sparse:
         torch.testing.assert_close(rows[k], sparse[k], rtol=1e-9, atol=1e-11, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused row update runs on a CUDA device")
+@pytest.mark.parametrize(("optimizer", "clip", "row_lr", "dim"),
+                         [("adam", None, None, 16), ("adam", (0.5, 1e-3), None, 16), ("adagrad", None, None, 1),
+                          ("adam", (1.0, 1e-5), (4.0, 1.0), 1), ("adagrad", (0.5, 1e-3), None, 10),
+                          ("adam", None, (16.0, 0.5), 16)])
+def test_fused_row_update_matches_the_portable_one(optimizer: str, clip: tuple[float, float] | None,
+                                                   row_lr: tuple[float, float] | None, dim: int) -> None:
+    from ctrkit.training import rows_gpu
+    from ctrkit.training.optim import update_rows_
+
+    gpu = torch.device("cuda")
+    g = torch.Generator(device=gpu).manual_seed(5)
+    n_rows = 5000
+    rows = (torch.rand(64 * 26, device=gpu, generator=g) ** 3 * n_rows).int()  # skewed: rows repeat
+    weight = torch.randn(n_rows, dim, device=gpu, generator=g)
+    grad = torch.zeros(n_rows, dim, device=gpu)
+    grad.index_add_(0, rows.long(), torch.randn(len(rows), dim, device=gpu, generator=g))
+    state = tuple(torch.rand(n_rows, dim, device=gpu, generator=g) for _ in range(2 if optimizer == "adam" else 1))
+    lr = torch.tensor(0.01, dtype=torch.float64, device=gpu)
+    ref_w, ref_state = weight.clone(), tuple(s.clone() for s in state)
+    r = rows.long()
+    counts = torch.bincount(r, minlength=n_rows).float()
+    summed = grad.index_select(0, r)
+    if clip is not None:
+        summed = cowclip(summed, ref_w.index_select(0, r), counts.index_select(0, r), *clip)
+    ref_lr = lr if row_lr is None else lr * counts.index_select(0, r).clamp(max=row_lr[0]).pow(row_lr[1])[:, None]
+    update_rows_(ref_w, r, summed, ref_state, optimizer, ref_lr, 0.9, 0.999, 1e-8)
+    owner = torch.full((n_rows,), -1, dtype=torch.int32, device=gpu)
+    scratch = torch.zeros(n_rows, device=gpu) if clip is not None or row_lr is not None else None
+    rows_gpu.claim(rows, owner, scratch)
+    if scratch is not None:
+        torch.testing.assert_close(scratch, counts)
+    rows_gpu.update(weight, grad, state, rows, owner, lr, optimizer, 0.9, 0.999, 1e-8, scratch, clip, row_lr)
+    torch.testing.assert_close(weight, ref_w, rtol=1e-5, atol=1e-6)
+    for a, b in zip(state, ref_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if scratch is not None:
+        assert not scratch.any()  # counts are zeroed for the next step
 
 
 def test_row_updates_touch_only_the_rows_read() -> None:
@@ -127,8 +170,13 @@ def test_large_batch_rule_is_chosen_on_a_gpu_for_large_batches() -> None:
     assert large_batch_rule("auto", 4 * BASE_BATCH, CPU) is None
     rule = large_batch_rule("auto", 16 * BASE_BATCH, gpu, warmup_steps=10)
     assert rule is not None and rule.scale == 16 and rule.dense_lr_factor == 4 and rule.warmup_steps == 10
+    # the default ("rows"): a row's learning rate grows with its uses, no clipping, the L2 unchanged
+    assert rule.row_lr == (16, 1.0) and rule.clip is None and rule.l2_factor == 1.0
     assert large_batch_rule("off", 16 * BASE_BATCH, gpu) is None
+    paper = large_batch_rule("cowclip", 16 * BASE_BATCH, CPU)
+    assert paper is not None and paper.clip == (1.0, 1e-5) and paper.row_lr is None and paper.l2_factor == 16
     assert large_batch_rule("cowclip", BASE_BATCH // 2, CPU).scale == 1.0  # type: ignore[union-attr]
+    assert large_batch_rule("rows", 2 * BASE_BATCH, CPU).row_lr == (2.0, 1.0)  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="large_batch must be one of"):
         large_batch_rule("lars", 1, CPU)
 

@@ -109,9 +109,10 @@ def train(
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
-    large_batch: str = typer.Option("auto", help="Large-batch rule: cowclip (per-id embedding gradient clipping, "
-                                                 "LR scaled with the batch), off, or auto (cowclip above batch "
-                                                 "4096 on a GPU)."),
+    large_batch: str = typer.Option("auto", help="Large-batch rule: rows (each embedding row's LR times its uses "
+                                                 "in the batch, dense LR times sqrt(batch/4096)), cowclip (the "
+                                                 "CowClip paper's rule), off, or auto (rows above batch 4096 on a "
+                                                 "GPU)."),
     compile_step: str = typer.Option("auto", "--compile", help="Compile the training step: on, off, or auto (on "
                                                                "a GPU)."),
     bad_rows: Optional[Path] = typer.Option(None, help="Keep rejected training rows (original line, line number, "

@@ -34,6 +34,11 @@ class DIN(CTRModel):
         self.register_buffer("_seq_idx", torch.tensor([j for j, _ in pairs]), persistent=False)
         self.register_buffer("_target_idx", torch.tensor([t for _, t in pairs]), persistent=False)
         self.register_buffer("_mean", torch.tensor([p == "mean" for p in spec.seq_pooling]), persistent=False)
+        # where each list field's attended vector comes from (a gather and a select, not an index_copy, which
+        # torch 2.11's compiler could not lower in the backward pass on a GPU)
+        slot = {j: k for k, (j, _) in enumerate(pairs)}
+        self.register_buffer("_attended", torch.tensor([j in slot for j in range(spec.n_seq)]), persistent=False)
+        self.register_buffer("_slot", torch.tensor([slot.get(j, 0) for j in range(spec.n_seq)]), persistent=False)
         self.embedding = FeatureEmbedding(spec, cfg.embed_dim, sparse=bool(cfg.sparse_grad), init_std=cfg.init_std)
         self.attention = TargetAttention(cfg.embed_dim, self.attention_hidden)
         self.mlp = MLP(spec.n_fields * cfg.embed_dim, cfg.hidden, 1, cfg.dropout, cfg.batch_norm)
@@ -46,7 +51,7 @@ class DIN(CTRModel):
         b, fa, length, d = keys.shape
         attended = self.attention(keys.reshape(b * fa, length, d), target.reshape(b * fa, d),
                                   m.reshape(b * fa, length)).view(b, fa, d)
-        pooled = pooled.index_copy(1, self._seq_idx, attended.to(pooled.dtype))
+        pooled = torch.where(self._attended.view(1, -1, 1), attended[:, self._slot].to(pooled.dtype), pooled)
         emb = self.embedding.fields(batch, pooled)
         self._remember_penalty(emb.pow(2).sum(dim=(1, 2)))
         return self.mlp(emb.flatten(1)).squeeze(-1)

@@ -58,18 +58,20 @@ def update_rows_(p: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, state:
 class RowSparseOptimizer(torch.optim.Optimizer):
     """Adam or Adagrad on 2-D parameters whose gradients are sparse COO tensors over rows.
 
-    ``clip`` = (ratio, floor) applies :func:`cowclip` to each row's summed gradient first.
+    ``clip`` = (ratio, floor) applies :func:`cowclip` to each row's summed gradient first; ``row_lr`` = (cap,
+    power) multiplies a row's learning rate by min(its uses in the batch, cap) ** power.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3, rule: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float | None = None,
-                 initial_accumulator: float = 0.0, clip: tuple[float, float] | None = None) -> None:
+                 initial_accumulator: float = 0.0, clip: tuple[float, float] | None = None,
+                 row_lr: tuple[float, float] | None = None) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         eps = eps if eps is not None else (1e-8 if rule == "adam" else 1e-10)
-        self.clip = clip
+        self.clip, self.row_lr = clip, row_lr
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "rule": rule,
                                   "initial_accumulator": initial_accumulator})
 
@@ -124,9 +126,12 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     seen.append((idx, p.shape[0], rows, inverse))
                 grad = torch.zeros(len(rows), p.shape[1], dtype=vals.dtype, device=vals.device)
                 grad.index_add_(0, inverse, vals)
+                counts = (torch.bincount(inverse, minlength=len(rows)).to(grad.dtype)
+                          if self.clip is not None or self.row_lr is not None else None)
                 if self.clip is not None:
-                    counts = torch.bincount(inverse, minlength=len(rows)).to(grad.dtype)
                     grad = cowclip(grad, p.index_select(0, rows), counts, *self.clip)
+                if self.row_lr is not None:
+                    lr = group["lr"] * counts.clamp(max=self.row_lr[0]).pow(self.row_lr[1]).unsqueeze(1)
                 if rule == "adam" and "m" not in state:
                     state["step"] = 0
                     state["m"] = torch.zeros_like(p)
