@@ -203,3 +203,22 @@ def test_fm_beats_lr_on_the_planted_xor_interaction(seed: int, tmp_path: object)
     lr_auc, fm_auc = synthetic_auc_margin(seed, tmp_path)
     assert lr_auc > 0.65
     assert fm_auc - lr_auc >= 0.05, (lr_auc, fm_auc)
+
+
+def test_a_fitted_start_is_kept_when_no_epoch_beats_it() -> None:
+    from ctrkit.training.first_order import fit_first_order, load_first_order
+
+    tr, va = planted_data(3000, 1), planted_data(1000, 2)
+    m = fresh("lr")
+    load_first_order(m, fit_first_order(SPEC, tr, seed=0).state)
+    start = {k: v.clone() for k, v in m.state_dict().items()}
+    before = evaluate(np.asarray(va.label), predict_proba(m, va))
+    # a learning rate far too high: every epoch is worse than the exact fit, which must come back
+    res = train(m, tr, va, quiet(epochs=3, patience=2, lr=5.0, validate_start=True, init_bias=False))
+    assert res.best_epoch == 0 and res.history[0]["epoch"] == 0
+    assert res.history[0]["valid"]["auc"] == pytest.approx(before["auc"], abs=1e-9)
+    assert all(torch.equal(v, start[k]) for k, v in m.state_dict().items())
+    # without it the last good epoch is kept, not the start
+    m2 = fresh("lr")
+    load_first_order(m2, fit_first_order(SPEC, tr, seed=0).state)
+    assert train(m2, tr, va, quiet(epochs=3, patience=2, lr=5.0, init_bias=False)).best_epoch >= 1

@@ -72,7 +72,8 @@ class TrainConfig:
     validation rows hold fewer than ``FEW_POSITIVES`` positives and AUC otherwise. ``logit_shift`` is added to
     the model's logit before validation metrics (the exact correction of downsampling and class weights), so
     the monitor sees what will be served. ``init_bias`` starts the output bias at the log-odds the loss expects
-    from the training labels. With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every``
+    from the training labels. ``validate_start`` scores the model before the first epoch too, so that a start
+    already fitted (the exact first-order fit of a small log) stays if no epoch beats it. With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every``
     steps (0: none within an epoch) and after each epoch; ``resume`` continues from the one there.
     """
 
@@ -100,6 +101,7 @@ class TrainConfig:
     focal_gamma: float = 2.0
     logit_shift: float = 0.0
     init_bias: bool = True
+    validate_start: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
@@ -361,6 +363,39 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                                    f"stopped. Last good checkpoint: {last_ckpt}. Lower --lr, or look for "
                                    "extreme values in the data")
 
+    def validate() -> dict[str, Any]:
+        """The validation figures of the model as it is (computed on the main process, shared with the rest)."""
+        nonlocal valid_batches, valid_y, valid_w
+        assert valid_data is not None
+        m = None
+        if world.main:
+            if valid_batches is None:  # built once: on a GPU the rows then stay on the device
+                valid_batches = BatchIterator(valid_data, batch_size=cfg.eval_batch_size, device=device)
+                valid_y = torch.tensor(np.asarray(valid_data.label), device=device)
+                valid_w = None if valid_data.weight is None else torch.tensor(np.asarray(valid_data.weight),
+                                                                               device=device)
+            p = torch.sigmoid(_valid_logits(model, valid_batches).double() + cfg.logit_shift)
+            m = fast.evaluate_heads(valid_y, p, model.spec.label_names, weight=valid_w)
+        return broadcast(m)
+
+    def keep_if_best(m: dict[str, Any], epoch: int) -> bool:
+        """Whether ``m`` beats the best so far (several heads: their mean); if so, remember it and the weights."""
+        nonlocal best, bad_epochs, best_state
+        score = float(np.mean([_score(monitor, h) for h in m.get("heads", {"": m}).values()]))
+        if not _better(score, best):
+            return False
+        best, bad_epochs = score, 0
+        result.best_epoch, result.best_valid = epoch, m
+        if cfg.restore_best:
+            best_state = _snapshot(model, device)
+        return True
+
+    if cfg.validate_start and valid_data is not None and first_epoch == 1 and not skip:
+        m0 = validate()
+        keep_if_best(m0, 0)
+        result.history.append({"epoch": 0, "lr": lr, "valid": {k: m0[k] for k in ("auc", "logloss", "ece",
+                                                                                     "pred_actual_ratio")}})
+
     def read_loss() -> float | None:
         """Fold the mean loss of the steps since the last read into the epoch's (one term per read)."""
         nonlocal loss_sum, loss_rows
@@ -415,25 +450,9 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                                       "samples_per_s": round(n_seen / max(train_time, 1e-9), 1),
                                       "train_loss": loss_sum / loss_rows if loss_rows else float("nan")}
             if valid_data is not None:
-                m = None
-                if world.main:
-                    if valid_batches is None:  # built once: on a GPU the rows then stay on the device
-                        valid_batches = BatchIterator(valid_data, batch_size=cfg.eval_batch_size, device=device)
-                        valid_y = torch.as_tensor(np.asarray(valid_data.label)).to(device)
-                        valid_w = (None if valid_data.weight is None
-                                   else torch.as_tensor(np.asarray(valid_data.weight)).to(device))
-                    p = torch.sigmoid(_valid_logits(model, valid_batches).double() + cfg.logit_shift)
-                    m = fast.evaluate_heads(valid_y, p, model.spec.label_names, weight=valid_w)
-                m = broadcast(m)
+                m = validate()
                 record["valid"] = {k: m[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")}
-                # several heads: stop on their mean
-                score = float(np.mean([_score(monitor, h) for h in m.get("heads", {"": m}).values()]))
-                if _better(score, best):
-                    best, bad_epochs = score, 0
-                    result.best_epoch, result.best_valid = epoch, m
-                    if cfg.restore_best:
-                        best_state = _snapshot(model, device)
-                else:
+                if not keep_if_best(m, epoch):
                     bad_epochs += 1
                     if cfg.lr_decay < 1.0 and lr > cfg.min_lr:
                         lr = max(lr * cfg.lr_decay, cfg.min_lr)
