@@ -301,7 +301,8 @@ def _child_train(args: argparse.Namespace) -> None:
                                                     batch_norm=False, emb_l2=1e-5))
     # the harness counts a step's rows from the hooked module's tensor input: the MLP gets one per step
     timer = StepTimer(model.mlp)
-    cfg = TrainConfig(epochs=1, batch_size=4096, lr=1e-3, progress=False, precision=args.child_precision)
+    cfg = TrainConfig(epochs=1, batch_size=4096, lr=1e-3, progress=False, precision=args.child_precision,
+                      compile=args.child_compile or "auto")
     t0 = time.perf_counter()
     res = train(model, train_set, None, cfg)
     fit_s = time.perf_counter() - t0
@@ -309,7 +310,7 @@ def _child_train(args: argparse.Namespace) -> None:
     tp = timer.throughput(4096, warmup=10)
     p = predict_proba(model, test_set)
     m = evaluate(np.asarray(test_set.label), p)
-    row = {"precision": args.child_precision, "train_samples_per_s": tp["samples_per_s"],
+    row = {"precision": args.child_precision, "compile": cfg.compile, "train_samples_per_s": tp["samples_per_s"],
            "median_step_ms": tp["median_step_ms"], "epoch_samples_per_s": res.samples_per_s,
            "fit_wall_s": fit_s, "test_auc": m["auc"], "test_logloss": m["logloss"], "train_rows": len(train_set),
            "test_rows": len(test_set), "threads": torch.get_num_threads(),
@@ -344,7 +345,7 @@ def stage_train(args: argparse.Namespace) -> dict[str, Any]:
     report["ctrkit"] = []
     for prec in args.precisions.split(","):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child-fit", "--child-out", str(enc_dir),
-               "--child-precision", prec]
+               "--child-precision", prec, "--child-compile", args.compile]
         load = _loadavg()
         r = peers.run_peer(cmd, {"PYTHONPATH": str(ROOT / "src")}, cwd=ROOT)
         if r["returncode"] != 0 or not r["results"]:
@@ -414,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuxictr-work", default="/tmp/peerbench/fx", help="FuxiCTR work folder (preprocessed data)")
     p.add_argument("--child-encode", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-fit", action="store_true", help=argparse.SUPPRESS)
-    for k in ("out", "train", "valid", "test", "precision"):
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="ctrkit's training step compiled (torch.compile) for --stage train: on, off, auto (GPU only)")
+    for k in ("out", "train", "valid", "test", "precision", "compile"):
         p.add_argument(f"--child-{k}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_encode:
