@@ -58,7 +58,7 @@ WARMUP_STEPS = 3  # eager steps before a GPU step is captured: compilation and a
 class LargeBatchRule:
     """How a batch ``scale`` times :data:`BASE_BATCH` changes the updates.
 
-    CowClip's rule (Zheng et al., AAAI 2023), on by default: embedding gradients are clipped row by row
+    The field defaults are CowClip's rule (Zheng et al., AAAI 2023): embedding gradients are clipped row by row
     (:func:`~ctrkit.training.optim.cowclip` with ``clip_ratio`` and ``clip_floor``) and keep their learning
     rate; the embedding L2 grows with ``scale`` (an id is seen ``scale`` times fewer steps per epoch); dense
     weights get ``sqrt(scale)`` times the learning rate, warmed up linearly over ``warmup_steps``.
@@ -102,7 +102,7 @@ def large_batch_rule(setting: str, batch_size: int, device: torch.device,
 
     "rows" scales each table row's learning rate by its uses in the batch (up to the scale) and the dense
     learning rate by sqrt(scale), without clipping or a larger L2: on 10M synthetic Criteo rows at batch 65,536
-    it kept batch 4,096's test AUC (0.7969 against 0.7972), where CowClip's rule lost 0.011 (BENCHMARKS.md).
+    it kept batch 4,096's test AUC (0.7968 against 0.7973), where CowClip's rule lost 0.011 (BENCHMARKS.md).
     "cowclip" is the paper's rule; "auto" is "rows" on a GPU above :data:`BASE_BATCH`; "off" is no rule.
     """
     if setting not in LARGE_BATCH:
