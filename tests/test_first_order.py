@@ -142,6 +142,20 @@ def test_only_small_logs_get_the_fit() -> None:
     assert adaptive_settings("lr", SMALL_LOG - 1, 100, 1000)["first_order_fit"]
 
 
+def test_a_small_log_the_run_cannot_fit_gets_the_rows_rule_on_its_first_order_weights() -> None:
+    # downsampling, focal loss or several labels: no exact fit, so the first-order table gets 20 / rows
+    lr = adaptive_settings("lr", 16_583, 100, 1000, fit=False)
+    assert not lr["first_order_fit"] and lr["model"]["linear_l2"] == pytest.approx(20.0 / 16_583)
+    deep = adaptive_settings("deepfm", 5000, 100, 1000, fit=False)
+    assert deep["model"]["linear_l2"] == pytest.approx(20.0 / 5000) and "emb_l2" not in deep["model"]
+    assert "linear_l2" not in adaptive_settings("lr", SMALL_LOG, 100, 1000, fit=False)["model"]
+    model = build_model("lr", SPEC, linear_l2=0.03)  # lr's only table is its first-order one
+    model.train()
+    with torch.no_grad():
+        model.linear.table.weight.fill_(2.0)
+    assert model.regularization().item() == pytest.approx(0.5 * 0.03 * 4.0 * model.linear.table.weight.numel())
+
+
 def test_train_fits_the_first_order_term_of_a_small_log(tmp_path: Path) -> None:
     log, _ = make_click_log(n_rows=4000, n_users=100, n_items=50, ctr=0.05, seed=4)
     for name, part in zip(("train", "valid", "test"), split_by_time(log.drop("p_click"))):

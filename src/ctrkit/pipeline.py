@@ -128,7 +128,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         else:
             pw = float(pos_weight)
         shift = logit_shift(neg_sample_rate, pw if loss == "weighted" else 1.0)
-        auto = adaptive_settings(model, len(train_set), int(labels.sum()), enc.encoder.n_ids)
+        fit = loss != "focal" and neg_sample_rate == 1.0 and np.asarray(train_set.label).ndim == 1
+        auto = adaptive_settings(model, len(train_set), int(labels.sum()), enc.encoder.n_ids, fit=fit)
+        if "emb_l2" in (model_options or {}):
+            auto["model"].pop("linear_l2", None)  # the user's L2 covers the first-order weights too
         mopts = {**auto["model"], **(model_options or {})}
         if embed_dim is not None:
             mopts["embed_dim"] = embed_dim
@@ -145,9 +148,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         valid_set = enc.data.get("valid")
         # not with downsampling: there the fit served a mean pCTR 13-17% under the actual rate, also when its L2
         # was chosen by the served (corrected, negatives reweighted) out-of-fold logloss
-        if (auto.pop("first_order_fit") and loss != "focal" and neg_sample_rate == 1.0
-                and not {"emb_l2", "linear_l2"} & set(model_options or {})
-                and np.asarray(train_set.label).ndim == 1 and not getattr(net, "multi_head", False)
+        if (auto.pop("first_order_fit") and not {"emb_l2", "linear_l2"} & set(model_options or {})
+                and not getattr(net, "multi_head", False)
                 and any(isinstance(m, FeatureLinear) for m in net.modules())):
             net = _fit_first_order(model, spec, mcfg, tcfg, train_set, auto)
         # the batch iterator decides whether the data becomes resident or streams from the memory map
@@ -279,8 +281,11 @@ def recalibrate(bundle: str | Path, data: Source, out: str | Path, method: str =
     return new
 
 
-def adaptive_settings(model: str, rows: int, positives: int, n_ids: int) -> dict[str, Any]:
+def adaptive_settings(model: str, rows: int, positives: int, n_ids: int, fit: bool = True) -> dict[str, Any]:
     """Training and model settings chosen from the data: rows, positives and the size of the id space.
+
+    ``fit``: whether the run can fit the first-order term of a small log exactly (not with downsampling, focal
+    loss or several labels); where it cannot, the first-order weights get the rows rule's L2 instead.
 
     Explicit options override them; docs/training.md explains each rule. Returns ``{"train": ..., "model":
     ..., "reasons": [...]}``; the reasons go into metrics.json and the report.
@@ -291,11 +296,17 @@ def adaptive_settings(model: str, rows: int, positives: int, n_ids: int) -> dict
     cfg = default_config(model)
     mopts: dict[str, Any] = {}
     table_l2 = cfg.emb_l2_scope in ("auto", "table") and n_ids * cfg.embed_dim <= SMALL_TABLE
-    first_order = table_l2 and rows < SMALL_LOG  # the pipeline fits it when the model has a first-order term
+    small = table_l2 and rows < SMALL_LOG
+    first_order = small and fit  # the pipeline fits it when the model has a first-order term
     if cfg.emb_l2 == 0.0 and table_l2 and not first_order:
         mopts["emb_l2"] = LR_L2_ROWS / max(rows, 1)
         reasons.append(f"L2 {mopts['emb_l2']:.2g} on the first-order weights ({LR_L2_ROWS:g} / rows): an "
                        "unregularised weight per id overfits ids seen a few times")
+    elif small and not fit:
+        mopts["linear_l2"] = LR_L2_ROWS / max(rows, 1)
+        reasons.append(f"L2 {mopts['linear_l2']:.2g} on the first-order weights ({LR_L2_ROWS:g} / rows): under "
+                       f"{SMALL_LOG:,} rows, where this run does not fit them exactly (downsampling, focal loss "
+                       "or several labels), a fixed L2 tuned on larger logs leaves rare ids overfitted")
     if rows < SMALL_LOG and "hidden" in model_class(model).defaults:  # a model with an MLP
         mopts.update({"hidden": SMALL_HIDDEN, "dropout": SMALL_DROPOUT, "batch_norm": False})
         reasons.append(f"MLP {'-'.join(map(str, SMALL_HIDDEN))}, dropout {SMALL_DROPOUT}, no batch norm: fewer "
