@@ -7,6 +7,7 @@ import faulthandler
 import gc
 import os
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -93,13 +94,12 @@ def _worker(rank: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The outputs of the 2-process run (spawned once; join returns when both ranks are done)."""
+def spawn_two(worker: Callable[[int, str], None], tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """The folder ``worker(rank, folder)`` wrote on 2 spawned ranks (join returns when both are done)."""
     for attempt in (1, 2):
-        out = tmp_path_factory.mktemp("ddp")
+        out = tmp_path_factory.mktemp(name)
         try:
-            mp.start_processes(_worker, args=(str(out),), nprocs=2, join=True, start_method="spawn")
+            mp.start_processes(worker, args=(str(out),), nprocs=2, join=True, start_method="spawn")
             return out
         except mp.ProcessExitedException as e:  # killed by a signal: a Python error in a rank is not retried
             if attempt == 2:
@@ -107,6 +107,12 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
             warnings.warn(f"the 2-process gloo run died ({e}); its stacks are in the captured stderr; "
                           "running it once more", stacklevel=1)
     raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The outputs of the 2-process run (spawned once)."""
+    return spawn_two(_worker, tmp_path_factory, "ddp")
 
 
 def test_two_rank_steps_equal_one_process_steps(two_ranks: Path) -> None:

@@ -115,6 +115,10 @@ def train(
                                                  "GPU)."),
     compile_step: str = typer.Option("auto", "--compile", help="Compile the training step: on, off, or auto (on "
                                                                "a GPU)."),
+    optimizer: Optional[str] = typer.Option(None, help="adam or adagrad (default per model: adam)."),
+    embedding_backend: str = typer.Option("plain", help="plain (ctrkit's tables) or torchrec (tables sharded "
+                                                        "row-wise over the ranks by TorchRec, FBGEMM's fused "
+                                                        "optimizer; the extra ctrkit[torchrec])."),
     bad_rows: Optional[Path] = typer.Option(None, help="Keep rejected training rows (original line, line number, "
                                                       "reason) in this file."),
     loss: str = typer.Option("bce", help="bce, weighted (positives count --pos-weight times) or focal."),
@@ -159,7 +163,9 @@ def train(
                         seed=seed, device=device, bad_rows=bad_rows, progress=not quiet, model_options=options,
                         train_options={"precision": precision, "large_batch": large_batch,
                                        "compile": compile_step, "focal_alpha": focal_alpha,
-                                       "focal_gamma": focal_gamma},
+                                       "focal_gamma": focal_gamma,
+                                       **({"optimizer": optimizer} if optimizer else {})},
+                        embedding_backend=embedding_backend,
                         loss=loss, pos_weight=pw, neg_sample_rate=neg_sample_rate, calibrate=calibrate,
                         split=split, report_by=[f.strip() for f in report_by.split(",")] if report_by else None,
                         checkpoint_every=checkpoint_every, resume=resume,

@@ -68,7 +68,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
           model_options: dict[str, Any] | None = None, train_options: dict[str, Any] | None = None,
           loss: str = "bce", pos_weight: float | str = "auto", neg_sample_rate: float = 1.0,
           calibrate: str = "auto", split: str = "auto", report_by: list[str] | None = None,
-          resume: bool = False, checkpoint_every: int = 0, log: Any = None) -> Run:
+          resume: bool = False, checkpoint_every: int = 0, embedding_backend: str = "plain",
+          log: Any = None) -> Run:
     """Encode ``train_data`` (fitting the encoder on it only), train ``model``, calibrate, evaluate, save.
 
     Without ``valid`` a validation part is cut from the training data (``split``: by time when the schema has
@@ -76,6 +77,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     W of the negatives for training; the bundle corrects the odds exactly. The calibrator (``calibrate``) is
     fitted on the validation rows only, so the test figures are untouched by it. With ``out``, writes
     ``out/bundle/``, ``out/metrics.json``, ``out/report.html`` and checkpoints under ``out/checkpoints/``.
+    ``embedding_backend`` "torchrec" trains the tables sharded by TorchRec (sparse gradients and the batch L2,
+    no first-order fit, no checkpoints yet); the bundle holds them as plain tables.
     """
     t0 = time.perf_counter()
     sch = _resolve_schema(schema, fmt, fields)
@@ -128,11 +131,16 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         else:
             pw = float(pos_weight)
         shift = logit_shift(neg_sample_rate, pw if loss == "weighted" else 1.0)
-        fit = loss != "focal" and neg_sample_rate == 1.0 and np.asarray(train_set.label).ndim == 1
+        torchrec = embedding_backend == "torchrec"
+        fit = loss != "focal" and neg_sample_rate == 1.0 and not torchrec and np.asarray(train_set.label).ndim == 1
         auto = adaptive_settings(model, len(train_set), int(labels.sum()), enc.encoder.n_ids, fit=fit)
         if "emb_l2" in (model_options or {}):
             auto["model"].pop("linear_l2", None)  # the user's L2 covers the first-order weights too
         mopts = {**auto["model"], **(model_options or {})}
+        if torchrec:  # a sharded table is only ever read at a batch's rows: no whole-table L2
+            mopts.update(sparse_grad=True, emb_l2_scope="batch")
+            if "emb_l2" in auto["model"] and "emb_l2" not in (model_options or {}):
+                mopts.pop("emb_l2")  # the automatic value is a whole-table L2
         if embed_dim is not None:
             mopts["embed_dim"] = embed_dim
         mcfg = default_config(model, **mopts)
@@ -144,7 +152,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                 topts[key] = value
         tcfg = TrainConfig(seed=seed, device=device, progress=progress, loss=loss, pos_weight=pw,
                            logit_shift=shift, resume=resume, checkpoint_every=checkpoint_every,
-                           checkpoint_dir=str(Path(out) / "checkpoints") if out else None, **topts)
+                           checkpoint_dir=str(Path(out) / "checkpoints") if out else None,
+                           embedding_backend=embedding_backend, **topts)
         valid_set = enc.data.get("valid")
         # not with downsampling: there the fit served a mean pCTR 13-17% under the actual rate, also when its L2
         # was chosen by the served (corrected, negatives reweighted) out-of-fold logloss

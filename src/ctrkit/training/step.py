@@ -12,6 +12,10 @@ Under ``torchrun`` (``ddp=True``) the model runs in DDP and the tables keep row-
 the ranks by :func:`~ctrkit.training.distributed.allreduce_sparse_` before :class:`RowSparseOptimizer` applies
 them (no row updates and no CUDA graph there), so every rank holds the weights one process would.
 
+With ``embedding_backend="torchrec"`` the tables are sharded over the ranks by TorchRec and updated by FBGEMM's
+fused optimizer inside the backward pass (:mod:`ctrkit.training.sharded`); the step then runs eagerly, and
+TorchRec's DistributedModelParallel keeps the dense weights in DDP.
+
 A batch ``scale`` times larger than :data:`BASE_BATCH` gets a large-batch rule (:class:`LargeBatchRule`).
 """
 
@@ -30,7 +34,7 @@ from torch import nn
 
 from ctrkit.data.dataset import Batch
 from ctrkit.models.base import CTRModel
-from ctrkit.training import rows_gpu
+from ctrkit.training import rows_gpu, sharded
 from ctrkit.training.distributed import allreduce_sparse_, wrap
 from ctrkit.training.losses import Loss, bce
 from ctrkit.training.optim import RowSparseOptimizer, cowclip, update_rows_
@@ -126,16 +130,29 @@ class TrainStep:
     ``lr``, ``optimizer`` ("adam" / "adagrad") and ``weight_decay`` apply to every weight; ``rule`` is the
     large-batch rule or None; ``compile`` ("auto" = on a GPU) compiles the forward and backward; ``graphs``
     captures the step in a CUDA graph and ``row_updates`` updates tables from dense gradients at the batch's
-    rows instead of through sparse gradients (both default to on a GPU, off with ``ddp``). :meth:`loss_mean` reads
+    rows instead of through sparse gradients (both default to on a GPU, off with ``ddp``); ``embedding_backend``
+    "torchrec" shards the tables (:mod:`~ctrkit.training.sharded`; no compile, graphs or row updates, and only
+    the dense part of a large-batch rule). :meth:`loss_mean` reads
     the mean loss since the last read without waiting for the device; :meth:`close` gives the model back as it was built.
     """
 
     def __init__(self, model: CTRModel, device: torch.device, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, bf16: bool = False, rule: LargeBatchRule | None = None,
                  compile: str = "auto", graphs: bool | None = None, row_updates: bool | None = None,
-                 loss: Loss = bce, ddp: bool = False) -> None:
+                 loss: Loss = bce, ddp: bool = False, embedding_backend: str = "plain") -> None:
         if compile not in COMPILE:
             raise ValueError(f"compile must be one of {COMPILE}, got {compile!r}")
+        if embedding_backend not in sharded.BACKENDS:
+            raise ValueError(f"embedding_backend must be one of {sharded.BACKENDS}, got {embedding_backend!r}")
+        self.torchrec = embedding_backend == "torchrec"
+        if self.torchrec:
+            if graphs or row_updates or compile == "on":
+                raise ValueError("with TorchRec tables the step runs eagerly: no compile, graphs or row updates")
+            if rule is not None and (rule.clip or rule.row_lr):
+                raise ValueError("the large-batch rules 'rows' and 'cowclip' act on ctrkit's own row updates; "
+                                 "with TorchRec tables only the dense part applies (large_batch 'auto' or 'off')")
+            graphs = row_updates = False
+            compile, ddp = "off", False  # DistributedModelParallel puts the dense weights in DDP itself
         self.model, self.device, self.bf16, self.rule, self.loss = model, device, bf16, rule, loss
         self.cuda = device.type == "cuda"
         if device.type == "cpu" and torch.get_num_threads() > cpu_threads():
@@ -148,9 +165,12 @@ class TrainStep:
             raise ValueError("CUDA graphs need device='cuda' and row updates")
         self.optimizer, self.betas, self.eps = optimizer, (0.9, 0.999), 1e-8 if optimizer == "adam" else 1e-10
         self._l2_factor = rule.l2_factor if rule is not None else 1.0
+        self._sharded = (sharded.shard(model, device, optimizer, lr, self.eps, self.betas) if self.torchrec
+                         else None)
         tables = _tables(model)
         table_ids = {id(m.weight) for m in tables}
-        dense = [p for p in model.parameters() if id(p) not in table_ids and p.requires_grad]
+        dense = (sharded.dense_parameters(self._sharded) if self._sharded is not None else
+                 [p for p in model.parameters() if id(p) not in table_ids and p.requires_grad])
         self._base_lr, self._calls = lr, 0
         self._dense_lr = lr * self._warmup_factor(1)
         self._lr_dense: torch.Tensor | None = None
@@ -204,7 +224,8 @@ class TrainStep:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: Batch | None = None
         self._sparse = [m.weight for m in tables]
-        self._net: nn.Module = wrap(model, device, self._sparse) if ddp else model
+        self._net: nn.Module = (self._sharded if self._sharded is not None else
+                                wrap(model, device, self._sparse) if ddp else model)
 
     # ---- building blocks -------------------------------------------------------------------------------------
 
@@ -398,6 +419,8 @@ class TrainStep:
     def set_lr(self, lr: float) -> None:
         """A new base learning rate (after a plateau): rows get ``lr``, dense weights ``lr`` times the rule's factor."""
         self._base_lr = lr
+        if self._sharded is not None:
+            sharded.set_table_lr(self._sharded, lr)
         if self.row_updates:
             self._lr_rows.fill_(lr)
         for o in self.opts:
@@ -444,6 +467,8 @@ class TrainStep:
     def state_dict(self) -> dict[str, Any]:
         """A copy of everything the updates remember (optimizer states, row moments, step counts), for a
         checkpoint."""
+        if self._sharded is not None:
+            raise ValueError("checkpoints of TorchRec-sharded tables are not supported yet")
         rows = [[t.detach().cpu().clone() for t in st] for st in self._row_state] if self.row_updates else []
         return {"opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "rows": rows, "calls": self._calls,
                 "t": float(self._t) if self.row_updates else 0.0}
@@ -464,9 +489,14 @@ class TrainStep:
         self._set_dense_lr(self._base_lr * self._warmup_factor(self._calls + 1))
 
     def close(self) -> None:
-        """Wait for the queued steps, drop the graph and give the tables back their sparse gradients."""
+        """Wait for the queued steps, drop the graph and give the tables back their sparse gradients (TorchRec
+        tables are gathered back into plain ones)."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        if self._sharded is not None:
+            sharded.unshard(self.model)
+            self._sharded = None
+            self._net = self.model
         self._graph, self._static = None, None
         for m in self._tables:
             m.weight.grad = None

@@ -7,7 +7,8 @@ SparseAdam, or Adagrad), so a step costs what the batch touches, not what the vo
 Launched by ``torchrun``, it trains data-parallel (:mod:`ctrkit.training.distributed`): each rank steps on its
 share of every global batch of ``batch_size`` rows; rank 0 computes the validation metrics over the whole
 validation set and sends them to the others (so every rank takes the same early-stopping decision), and writes
-the checkpoints, which resume on any number of ranks.
+the checkpoints, which resume on any number of ranks. With TorchRec tables (``embedding_backend="torchrec"``)
+every rank takes part in each validation lookup, and the tables are gathered back into plain ones at the end.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from ctrkit.data.dataset import BatchIterator, EncodedData
 from ctrkit.evaluate import fast
 from ctrkit.models.base import CTRModel
+from ctrkit.training import sharded
 from ctrkit.training.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from ctrkit.training.distributed import broadcast, setup, total
 from ctrkit.training.losses import make_loss
@@ -75,6 +78,8 @@ class TrainConfig:
     from the training labels. ``validate_start`` scores the model before the first epoch too, so that a start
     already fitted (the exact first-order fit of a small log) stays if no epoch beats it. With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every``
     steps (0: none within an epoch) and after each epoch; ``resume`` continues from the one there.
+    ``embedding_backend`` "torchrec" shards the embedding tables over the ranks with TorchRec
+    (:mod:`ctrkit.training.sharded`; no checkpoints yet, and of a large-batch rule only the dense part).
     """
 
     epochs: int = 30
@@ -105,8 +110,13 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    embedding_backend: str = "plain"
 
     def __post_init__(self) -> None:
+        if self.embedding_backend not in sharded.BACKENDS:
+            raise ValueError(f"embedding_backend must be one of {sharded.BACKENDS}, got {self.embedding_backend!r}")
+        if self.embedding_backend == "torchrec" and self.resume:
+            raise ValueError("--resume: runs with TorchRec tables write no checkpoints yet")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -281,9 +291,12 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
                             rank=world.rank, world_size=world.size)
     rule = large_batch_rule(cfg.large_batch, cfg.batch_size, device, warmup_steps=len(batches))
+    torchrec = cfg.embedding_backend == "torchrec"
+    if torchrec and rule is not None and cfg.large_batch == "auto":  # the fused table update has no row rule
+        rule = replace(rule, cowclip=False, row_lr_power=0.0, scale_l2=False)
     train_step = TrainStep(model, device, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                           bf16=precision == "bf16", rule=rule, compile=cfg.compile, loss=loss_fn,
-                           ddp=world.distributed)
+                           bf16=precision == "bf16", rule=rule, compile="off" if torchrec else cfg.compile,
+                           loss=loss_fn, ddp=world.distributed, embedding_backend=cfg.embedding_backend)
     valid_label = None if valid_data is None else np.asarray(valid_data.label)
     valid_batches: BatchIterator | None = None
     valid_y: torch.Tensor | None = None
@@ -299,7 +312,10 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     loss_sum, loss_rows, n_seen = 0.0, 0, 0
     in_epoch: list[Any] = [0.0, 0, 0]  # a resumed epoch's running loss and rows
     epoch_rng = batches.rng_state()  # the shuffling state at the start of the current epoch
-    ckpt_dir = cfg.checkpoint_dir
+    ckpt_dir = None if torchrec else cfg.checkpoint_dir
+    if torchrec and cfg.checkpoint_dir:
+        warnings.warn("no checkpoints are written with --embedding-backend torchrec yet (the sharded tables would "
+                      "need a distributed checkpoint)", stacklevel=2)
     last_ckpt = "none"
 
     def checkpoint(epoch: int, step: int, done: bool) -> None:
@@ -368,14 +384,16 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         nonlocal valid_batches, valid_y, valid_w
         assert valid_data is not None
         m = None
-        if world.main:
+        if world.main or torchrec:  # a lookup in sharded tables takes every rank
             if valid_batches is None:  # built once: on a GPU the rows then stay on the device
                 valid_batches = BatchIterator(valid_data, batch_size=cfg.eval_batch_size, device=device)
                 valid_y = torch.tensor(np.asarray(valid_data.label), device=device)
                 valid_w = None if valid_data.weight is None else torch.tensor(np.asarray(valid_data.weight),
                                                                                device=device)
-            p = torch.sigmoid(_valid_logits(model, valid_batches).double() + cfg.logit_shift)
-            m = fast.evaluate_heads(valid_y, p, model.spec.label_names, weight=valid_w)
+            logits = _valid_logits(model, valid_batches)
+            if world.main:
+                p = torch.sigmoid(logits.double() + cfg.logit_shift)
+                m = fast.evaluate_heads(valid_y, p, model.spec.label_names, weight=valid_w)
         return broadcast(m)
 
     def keep_if_best(m: dict[str, Any], epoch: int) -> bool:
@@ -387,7 +405,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         best, bad_epochs = score, 0
         result.best_epoch, result.best_valid = epoch, m
         if cfg.restore_best:
-            best_state = _snapshot(model, device)
+            best_state = sharded.snapshot(model) if torchrec else _snapshot(model, device)
         return True
 
     if cfg.validate_start and valid_data is not None and first_epoch == 1 and not skip:
@@ -465,8 +483,10 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 break
             if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
                 break
+    if best_state is not None and torchrec:
+        sharded.restore(model, best_state)
     train_step.close()
-    if best_state is not None:
+    if best_state is not None and not torchrec:
         model.load_state_dict(best_state)
     elif valid_data is None:
         result.best_epoch = result.epochs
