@@ -101,6 +101,24 @@ def test_adagrad_matches_torch_adagrad_when_every_row_is_touched() -> None:
     torch.testing.assert_close(ours.state[a.weight]["sum"], ref.state[b.weight]["sum"], rtol=0, atol=1e-12)
 
 
+def test_rowwise_adagrad_two_steps_match_the_literal_formula() -> None:
+    a, _ = twin_tables()
+    opt = RowSparseOptimizer([a.weight], lr=0.2, rule="rowwise_adagrad", initial_accumulator=0.5)
+    w = a.weight.detach().clone()
+    acc = torch.full((N_ROWS,), 0.5, dtype=torch.float64)
+    for ids in (torch.tensor([1, 3, 3]), torch.tensor([3, 6])):
+        targets = torch.ones(len(ids), DIM, dtype=torch.float64)
+        opt.zero_grad()
+        loss_of(a, ids, targets).backward()
+        opt.step()
+        g = torch.zeros_like(w).index_add_(0, ids, 2 * (w[ids] - targets))  # d/dw of sum (w - t)^2
+        rows = ids.unique()
+        acc[rows] += (g[rows] ** 2).mean(dim=1)
+        w[rows] -= 0.2 * g[rows] / (acc[rows].sqrt() + 1e-10).unsqueeze(1)
+        torch.testing.assert_close(a.weight, w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(opt.state[a.weight]["sum"], acc, rtol=0, atol=1e-12)
+
+
 def test_adagrad_untouched_rows_stay_unchanged() -> None:
     a, _ = twin_tables()
     opt = RowSparseOptimizer([a.weight], lr=0.3, rule="adagrad", initial_accumulator=0.5)
@@ -113,7 +131,7 @@ def test_adagrad_untouched_rows_stay_unchanged() -> None:
     assert not torch.equal(a.weight[0], before[0])
 
 
-@pytest.mark.parametrize("rule", ["adam", "adagrad"])
+@pytest.mark.parametrize("rule", ["adam", "adagrad", "rowwise_adagrad"])
 def test_duplicate_ids_in_a_batch_are_summed(rule: str) -> None:
     a, _ = twin_tables()
     opt = RowSparseOptimizer([a.weight], lr=0.1, rule=rule, betas=(0.9, 0.999))
@@ -128,13 +146,17 @@ def test_duplicate_ids_in_a_batch_are_summed(rule: str) -> None:
         torch.testing.assert_close(state["v"][5], 0.001 * g * g, rtol=0, atol=1e-12)
         step = 0.1 * (0.001 ** 0.5) / 0.1
         want = w[5] - step * (0.1 * g) / ((0.001 * g * g).sqrt() + 1e-8)
+    elif rule == "rowwise_adagrad":  # one accumulator per row: the mean of the row's squared gradient
+        assert state["sum"].shape == (N_ROWS,)
+        torch.testing.assert_close(state["sum"][5], (g * g).mean(), rtol=0, atol=1e-12)
+        want = w[5] - 0.1 * g / ((g * g).mean().sqrt() + 1e-10)
     else:
         torch.testing.assert_close(state["sum"][5], g * g, rtol=0, atol=1e-12)
         want = w[5] - 0.1 * g / (g.abs() + 1e-10)
     torch.testing.assert_close(a.weight[5], want, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("rule", ["adam", "adagrad"])
+@pytest.mark.parametrize("rule", ["adam", "adagrad", "rowwise_adagrad"])
 def test_tables_sharing_ids_in_one_optimizer_step_as_if_alone(rule: str) -> None:
     torch.manual_seed(3)
     tables = [nn.Embedding(N_ROWS, d, sparse=True).double() for d in (DIM, 1, DIM)]

@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 from ctrkit.cli import app
 from ctrkit.data.dataset import Batch
 from ctrkit.data.synth import make_click_log, split_by_time
+from ctrkit.models import build_model
+from ctrkit.nn.embedding import tables_on
 from ctrkit.serve.bundle import Bundle
 from ctrkit.training import sharded
 from ctrkit.training.step import LargeBatchRule, TrainStep
 from ctrkit.training.trainer import TrainConfig, train
 
-from test_distributed import _config, _data, _global_batches, _model, spawn_two
+from test_distributed import SPEC, _config, _data, _global_batches, _model, spawn_two
 
 try:
     sharded.require()
@@ -40,11 +42,14 @@ def _one_process_group() -> object:
         dist.destroy_process_group()
 
 
-def _steps(backend: str, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-    """Weights after 3 Adagrad steps on the global batches (this rank's share of each)."""
+def _steps(backend: str, rank: int = 0, world_size: int = 1, optimizer: str = "adagrad") -> dict[str, torch.Tensor]:
+    """Weights after 3 steps on the global batches (this rank's share of each), the learning rate lowered after
+    the first."""
     m = _model()
-    step = TrainStep(m, torch.device("cpu"), lr=0.05, optimizer="adagrad", embedding_backend=backend)
-    for b in _global_batches(3, 64):
+    step = TrainStep(m, torch.device("cpu"), lr=0.05, optimizer=optimizer, embedding_backend=backend)
+    for i, b in enumerate(_global_batches(3, 64)):
+        if i == 1:
+            step.set_lr(0.02)
         share = torch.tensor_split(torch.arange(64), world_size)[rank]
         step(Batch(ids=b.ids[share], dense=b.dense[share].float(), label=b.label[share].float()))
     step.close()
@@ -91,8 +96,10 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-def test_a_sharded_step_is_the_plain_step() -> None:
-    plain, rec = _steps("plain"), _steps("torchrec")
+@pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
+def test_a_sharded_step_is_the_plain_step(optimizer: str) -> None:
+    # row-wise Adagrad: the 1-wide first-order table is stored 4 wide, its learning rate scaled back to match
+    plain, rec = _steps("plain", optimizer=optimizer), _steps("torchrec", optimizer=optimizer)
     start = _model().state_dict()
     assert any(not torch.equal(start[k], plain[k]) for k in plain)  # the steps moved the weights
     _same(rec, plain)
@@ -117,6 +124,29 @@ def test_two_rank_sharded_training_equals_the_plain_run(two_ranks: dict) -> None
     assert got == pytest.approx([h["valid"]["auc"] for h in h_plain], abs=1e-6)
     _same(two_ranks["final"], w_plain)
     np.testing.assert_allclose(two_ranks["scores"], s_plain, atol=1e-5)
+
+
+def _meta_model() -> torch.nn.Module:
+    torch.manual_seed(7)
+    with tables_on("meta"):
+        return build_model("deepfm", SPEC, embed_dim=4, hidden=(8,), sparse_grad=True, batch_norm=False,
+                           dropout=0.0)
+
+
+def test_a_model_built_on_meta_gets_its_tables_only_as_shards() -> None:
+    m = _meta_model()
+    assert m.embedding.table.weight.is_meta and m.linear.table.weight.is_meta
+    assert not any(p.is_meta for n, p in m.named_parameters() if "table" not in n)
+    sharded.shard(m, torch.device("cpu"), "adagrad", 0.05, 1e-10)
+    shards = {k: torch.cat([t for _, t in v]) for k, v in sharded._local_shards(m).items()}
+    emb = next(v for k, v in shards.items() if k.startswith("embedding."))
+    lin = next(v for k, v in shards.items() if k.startswith("linear."))
+    assert emb.shape == (SPEC.n_ids, 4) and 0.005 < float(emb.std()) < 0.015  # the plain table's normal(0.01)
+    assert lin.shape == (SPEC.n_ids, 4) and not lin.any()  # first-order weights start at zero (stored 4 wide)
+    trained = _meta_model()
+    res = train(trained, _data(300), _data(120), _config(epochs=2, optimizer="adagrad", embedding_backend="torchrec"))
+    assert isinstance(trained.embedding.table, torch.nn.Embedding) and not trained.embedding.table.weight.is_meta
+    assert res.best_valid["auc"] > 0.55
 
 
 def test_a_missing_torchrec_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,7 +51,7 @@ def trained(step_kwargs: dict, name: str = "fm", steps: int = 6, **overrides: ob
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "rowwise_adagrad"])
 def test_row_updates_match_sparse_gradient_optimizer(optimizer: str) -> None:
     sparse = trained({"optimizer": optimizer, "row_updates": False})
     rows = trained({"optimizer": optimizer, "row_updates": True})

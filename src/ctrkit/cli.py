@@ -115,7 +115,9 @@ def train(
                                                  "GPU)."),
     compile_step: str = typer.Option("auto", "--compile", help="Compile the training step: on, off, or auto (on "
                                                                "a GPU)."),
-    optimizer: Optional[str] = typer.Option(None, help="adam or adagrad (default per model: adam)."),
+    optimizer: Optional[str] = typer.Option(None, help="adam, adagrad or rowwise_adagrad (one accumulator per "
+                                                      "embedding row: the state of a huge table stays small); "
+                                                      "default per model: adam."),
     embedding_backend: str = typer.Option("plain", help="plain (ctrkit's tables) or torchrec (tables sharded "
                                                         "row-wise over the ranks by TorchRec, FBGEMM's fused "
                                                         "optimizer; the extra ctrkit[torchrec])."),

@@ -5,6 +5,7 @@ This is what ``ctrkit train`` runs; from Python, ``ctrkit.train(...)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ from ctrkit.evaluate.report import render_report, save_report_data
 from ctrkit.serve.monitor import reference_distribution
 from ctrkit.training.distributed import world
 from ctrkit.training.sampling import downsample_negatives, logit_shift
-from ctrkit.nn.embedding import FeatureLinear, FeatureSpec
+from ctrkit.nn.embedding import FeatureLinear, FeatureSpec, tables_on
 from ctrkit.training.first_order import FOLDS, fit_first_order, load_first_order
 from ctrkit.training.trainer import TrainConfig, TrainResult, predict_logits, train as train_model
 from ctrkit.validate import DataError, check_labels
@@ -145,7 +146,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             mopts["embed_dim"] = embed_dim
         mcfg = default_config(model, **mopts)
         torch.manual_seed(seed)
-        net = build_model(model, spec, mcfg)
+        # sharded tables larger than a small one are allocated only as shards, never whole in this process
+        lazy = torchrec and enc.encoder.n_ids * mcfg.embed_dim > SMALL_TABLE
+        with tables_on("meta") if lazy else contextlib.nullcontext():
+            net = build_model(model, spec, mcfg)
         topts = {**cls.train_defaults, **auto["train"], **(train_options or {})}
         for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:

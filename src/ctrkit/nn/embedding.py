@@ -8,6 +8,9 @@ it; models that attend over a sequence (DIN) also get the unpooled vectors and t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +18,19 @@ import torch
 from torch import nn
 
 from ctrkit.data.dataset import Batch
+
+_TABLES_ON: ContextVar[str | None] = ContextVar("tables_on", default=None)
+
+
+@contextmanager
+def tables_on(device: str) -> Iterator[None]:
+    """Build the embedding tables of the models made inside on ``device``; "meta" allocates nothing, for tables
+    that a sharding backend (:mod:`ctrkit.training.sharded`) allocates and initialises shard by shard."""
+    token = _TABLES_ON.set(device)
+    try:
+        yield
+    finally:
+        _TABLES_ON.reset(token)
 
 
 @dataclass(frozen=True)
@@ -116,8 +132,8 @@ class FeatureEmbedding(nn.Module):
             raise ValueError(f"embedding dim must be >= 1, got {dim}")
         if spec.n_fields == 0:
             raise ValueError("the feature spec has no fields: a model needs at least one categorical or numeric field")
-        self.spec, self.dim = spec, dim
-        self.table = nn.Embedding(max(spec.n_ids, 1), dim, sparse=sparse)
+        self.spec, self.dim, self.init_std = spec, dim, init_std
+        self.table = nn.Embedding(max(spec.n_ids, 1), dim, sparse=sparse, device=_TABLES_ON.get())
         nn.init.normal_(self.table.weight, std=init_std)
         self.dense_vec = nn.Parameter(torch.randn(spec.n_dense, dim) * init_std)
         self.dense_missing = nn.Parameter(torch.randn(spec.n_dense, dim) * init_std)
@@ -156,8 +172,8 @@ class FeatureLinear(nn.Module):
 
     def __init__(self, spec: FeatureSpec, sparse: bool = False) -> None:
         super().__init__()
-        self.spec = spec
-        self.table = nn.Embedding(max(spec.n_ids, 1), 1, sparse=sparse)
+        self.spec, self.init_std = spec, 0.0  # the first-order weights start at zero
+        self.table = nn.Embedding(max(spec.n_ids, 1), 1, sparse=sparse, device=_TABLES_ON.get())
         nn.init.zeros_(self.table.weight)
         self.dense_w = nn.Parameter(torch.zeros(spec.n_dense))
         self.dense_missing = nn.Parameter(torch.zeros(spec.n_dense))

@@ -3,7 +3,9 @@
 A batch touches a few thousand rows of a table that may hold millions. These optimizers sum the batch's
 gradient per distinct row and update only those rows (and their optimizer state), so a step costs what
 the batch touches. Adam here is the "lazy" variant: moments of untouched rows are not decayed, and the
-bias correction uses the global step, as in TensorFlow's LazyAdam and torch's SparseAdam.
+bias correction uses the global step, as in TensorFlow's LazyAdam and torch's SparseAdam. Row-wise Adagrad keeps
+one accumulator per row (the mean of the row's squared gradient), not one per entry: the optimizer state of a
+table with billions of rows is then a vector, not a second table (the DLRM / FBGEMM choice for large tables).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-RULES = ("adam", "adagrad")
+RULES = ("adam", "adagrad", "rowwise_adagrad")
 MARK_ROWS = 1 << 24
 
 
@@ -31,8 +33,8 @@ def cowclip(grad: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, rati
 
 def update_rows_(p: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, state: tuple[torch.Tensor, ...],
                  rule: str, lr: float | torch.Tensor, b1: float, b2: float, eps: float) -> None:
-    """One Adam (``state`` = (m, v), ``lr`` already bias-corrected) or Adagrad (``state`` = (sum,)) update of
-    ``p`` at ``rows`` with their summed gradients ``grad``.
+    """One Adam (``state`` = (m, v), ``lr`` already bias-corrected), Adagrad (``state`` = (sum,)) or row-wise
+    Adagrad (``state`` = (sum per row,)) update of ``p`` at ``rows`` with their summed gradients ``grad``.
 
     Every read happens before any write, so ``rows`` may repeat a row as long as its ``grad`` rows repeat too:
     each copy then writes the same values (the GPU path relies on this to keep shapes static).
@@ -45,6 +47,11 @@ def update_rows_(p: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, state:
         m_all.index_copy_(0, rows, m)
         v_all.index_copy_(0, rows, v)
         update = m.div_(v.sqrt_().add_(eps)).mul_(lr)
+    elif rule == "rowwise_adagrad":
+        (acc_all,) = state
+        acc = acc_all.index_select(0, rows).add_(grad.pow(2).mean(dim=1))
+        acc_all.index_copy_(0, rows, acc)
+        update = grad.div(acc.sqrt_().add_(eps).unsqueeze(1)).mul_(lr)
     else:
         (acc_all,) = state
         acc = acc_all.index_select(0, rows).addcmul_(grad, grad)
@@ -56,7 +63,7 @@ def update_rows_(p: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, state:
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
-    """Adam or Adagrad on 2-D parameters whose gradients are sparse COO tensors over rows.
+    """Adam, Adagrad or row-wise Adagrad on 2-D parameters whose gradients are sparse COO tensors over rows.
 
     ``clip`` = (ratio, floor) applies :func:`cowclip` to each row's summed gradient first; ``row_lr`` = (cap,
     power) multiplies a row's learning rate by min(its uses in the batch, cap) ** power.
@@ -136,8 +143,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     state["step"] = 0
                     state["m"] = torch.zeros_like(p)
                     state["v"] = torch.zeros_like(p)
-                if rule == "adagrad" and "sum" not in state:
-                    state["sum"] = torch.full_like(p, group["initial_accumulator"])
+                if rule != "adam" and "sum" not in state:
+                    shape = p.shape[:1] if rule == "rowwise_adagrad" else p.shape
+                    state["sum"] = torch.full(shape, group["initial_accumulator"], dtype=p.dtype, device=p.device)
                 if rule == "adam":
                     state["step"] += 1
                     t = state["step"]

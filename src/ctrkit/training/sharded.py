@@ -8,11 +8,14 @@ holding that one table. TorchRec's planner shards every table row-wise over the 
 optimizer inside the backward pass, at the rows the batch read, so no full-table gradient or optimizer step
 exists. The dense layers stay replicated and are averaged by DDP.
 
-The table optimizer follows the run's: lazy Adam on GPUs, exact Adagrad (FBGEMM's CPU kernels have no Adam).
+The table optimizer follows the run's: lazy Adam on GPUs, exact Adagrad, or exact row-wise Adagrad (one
+accumulator per row: the state for tables of billions of rows); FBGEMM's CPU kernels have no Adam.
 A rank's loss is the mean over its share of a global batch; the table gradients it sends are scaled by
 1 / ranks, so a step of N ranks is the step of one process on the global batch, as with the plain tables.
 The model keeps its own classes: :func:`unshard` gathers every table back into an ``nn.Embedding``, so the
-trained model saves and scores as a plain bundle (on any machine, without TorchRec).
+trained model saves and scores as a plain bundle (on any machine, without TorchRec). A model whose tables would
+not fit host memory is built inside :func:`ctrkit.nn.embedding.tables_on` ("meta"): its tables are then
+allocated only as shards, initialised as the plain tables would be (normal, or zero for first-order weights).
 
 Not covered yet: checkpoints (the trainer writes none with this backend; a distributed checkpoint of the shards
 would be needed), the large-batch rule's per-row learning rates and clipping (the fused update has no hook for
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -50,17 +54,19 @@ def require() -> None:
 class TorchRecTable(nn.Module):
     """``forward(ids)`` -> [*ids.shape, dim], like ``nn.Embedding``, through a TorchRec EmbeddingCollection."""
 
-    def __init__(self, name: str, num_embeddings: int, embedding_dim: int, sparse: bool = True) -> None:
+    def __init__(self, name: str, num_embeddings: int, embedding_dim: int, sparse: bool = True,
+                 init_std: float = 0.0) -> None:
         super().__init__()
         from torchrec import EmbeddingCollection, EmbeddingConfig
 
         self.name, self.num_embeddings, self.embedding_dim = name, num_embeddings, embedding_dim
         self.sparse = sparse  # the gradient kind of the nn.Embedding it replaced, given back by unshard()
         self.width = 4 * math.ceil(embedding_dim / 4)
-        self.grad_scale = 1.0
+        self.grad_scale = self.lr_scale = 1.0
         self.collection = EmbeddingCollection(
             tables=[EmbeddingConfig(name=name, embedding_dim=self.width, num_embeddings=num_embeddings,
-                                    feature_names=[name])], device=torch.device("meta"))
+                                    feature_names=[name], init_fn=partial(_init, std=init_std))],
+            device=torch.device("meta"))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -77,6 +83,11 @@ class TorchRecTable(nn.Module):
         if self.grad_scale != 1.0 and out.requires_grad:
             out.register_hook(lambda g: g * self.grad_scale)
         return out[:, :self.embedding_dim].reshape(*ids.shape, self.embedding_dim)
+
+
+def _init(weight: torch.Tensor, std: float) -> torch.Tensor:
+    """How TorchRec initialises each shard of a table built on "meta": as the plain table would be."""
+    return nn.init.normal_(weight, std=std) if std > 0 else nn.init.zeros_(weight)
 
 
 def _holders(model: nn.Module) -> list[FeatureEmbedding | FeatureLinear]:
@@ -117,16 +128,20 @@ def shard(model: nn.Module, device: torch.device, optimizer: str, lr: float, eps
         old = holder.table
         if not isinstance(old, nn.Embedding):
             continue
-        new = TorchRecTable(f"table_{k}", *old.weight.shape, sparse=old.sparse)
+        new = TorchRecTable(f"table_{k}", *old.weight.shape, sparse=old.sparse, init_std=holder.init_std)
         new.grad_scale = 1.0 / dist.get_world_size()
         holder.table = new
         tables.append(new)
-        start[new.name] = old.weight.detach().to("cpu")
+        if not old.weight.is_meta:  # built with real weights: the shards start from them
+            start[new.name] = old.weight.detach().to("cpu")
     if not tables:
         raise ValueError("the model has no embedding tables to shard")
-    rule, kwargs = ((torch.optim.Adam, {"lr": lr, "betas": betas, "eps": eps}) if optimizer == "adam"
-                    else (torch.optim.Adagrad, {"lr": lr, "eps": eps}))
-    apply_optimizer_in_backward(rule, [t.weight for t in tables], kwargs)
+    for t in tables:
+        # row-wise Adagrad averages g^2 over the stored width: a table padded to it gets its learning rate and
+        # eps scaled back, so that its update is the one of its real width
+        t.lr_scale = math.sqrt(t.embedding_dim / t.width) if optimizer == "rowwise_adagrad" else 1.0
+        rule, kwargs = _optimizer(optimizer, lr * t.lr_scale, eps * t.lr_scale, betas)
+        apply_optimizer_in_backward(rule, [t.weight], kwargs)
     size = dist.get_world_size()
     memory = {"hbm_cap": torch.cuda.get_device_properties(device).total_memory} if device.type == "cuda" else {}
     topology = Topology(world_size=size, compute_device=device.type,
@@ -140,6 +155,8 @@ def shard(model: nn.Module, device: torch.device, optimizer: str, lr: float, eps
     with torch.no_grad():
         for key, shards in _local_shards(model).items():
             table = next(t for suffix, t in owner.items() if key.endswith(suffix))
+            if table.name not in start:
+                continue
             full = start[table.name]
             for meta, tensor in shards:
                 (r0, c0), (nr, nc) = meta.shard_offsets, meta.shard_sizes
@@ -150,6 +167,23 @@ def shard(model: nn.Module, device: torch.device, optimizer: str, lr: float, eps
     return net
 
 
+def _optimizer(name: str, lr: float, eps: float, betas: tuple[float, float]) -> tuple[type, dict[str, Any]]:
+    """The torch / TorchRec optimizer class that TorchRec maps to FBGEMM's fused update of that name."""
+    if name == "adam":
+        return torch.optim.Adam, {"lr": lr, "betas": betas, "eps": eps}
+    if name == "rowwise_adagrad":
+        from torchrec.optim import RowWiseAdagrad
+
+        return RowWiseAdagrad, {"lr": lr, "eps": eps}
+    return torch.optim.Adagrad, {"lr": lr, "eps": eps}
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)`` for every weight but the tables built on "meta" (see
+    :func:`~ctrkit.nn.embedding.tables_on`), which :func:`shard` allocates on the ranks."""
+    return model._apply(lambda t: t if t.is_meta else t.to(device))
+
+
 def dense_parameters(net: nn.Module) -> list[nn.Parameter]:
     """The parameters the fused table optimizer does not update (for the dense optimizer)."""
     from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -158,10 +192,14 @@ def dense_parameters(net: nn.Module) -> list[nn.Parameter]:
 
 
 def set_table_lr(net: nn.Module, lr: float) -> None:
-    """Give the fused table optimizer a new learning rate (FBGEMM reads it at the next step)."""
+    """Give the fused table optimizers a new learning rate (FBGEMM reads it at the next step)."""
+    scale = {path: t.lr_scale for path, t in net.named_modules() if isinstance(t, TorchRecTable)}
     fused = net.fused_optimizer  # type: ignore[attr-defined]
-    for group in fused.param_groups:
-        group["lr"] = lr
+    for key, opt in fused.optimizers:  # keyed by the path of each table's collection
+        owner = key.removesuffix(".collection")
+        factor = next((v for path, v in scale.items() if path == owner or path.endswith("." + owner)), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
     fused.zero_grad()
 
 

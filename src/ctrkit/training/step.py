@@ -127,7 +127,8 @@ def _tables(model: nn.Module) -> list[nn.Embedding]:
 class TrainStep:
     """``step(batch)`` trains ``model`` on one batch; on a GPU nothing in it waits for the device.
 
-    ``lr``, ``optimizer`` ("adam" / "adagrad") and ``weight_decay`` apply to every weight; ``rule`` is the
+    ``lr``, ``optimizer`` ("adam" / "adagrad" / "rowwise_adagrad", the last Adagrad for the dense weights) and
+    ``weight_decay`` apply to every weight; ``rule`` is the
     large-batch rule or None; ``compile`` ("auto" = on a GPU) compiles the forward and backward; ``graphs``
     captures the step in a CUDA graph and ``row_updates`` updates tables from dense gradients at the batch's
     rows instead of through sparse gradients (both default to on a GPU, off with ``ddp``); ``embedding_backend``
@@ -186,7 +187,7 @@ class TrainStep:
             self._lr_rows = torch.tensor(lr, dtype=torch.float64, device=device)
             self._t = torch.zeros((), dtype=torch.float64, device=device)
             # on a GPU with Triton: fused kernels (rows_gpu); elsewhere the portable gather-update-scatter
-            self._fused = self.cuda and rows_gpu.AVAILABLE and bool(tables)
+            self._fused = self.cuda and rows_gpu.AVAILABLE and bool(tables) and optimizer != "rowwise_adagrad"
             most = max((m.weight.shape[0] for m in tables), default=0)
             self._owner = torch.zeros(most, dtype=torch.int32, device=device) if self._fused else None
             self._counts = torch.zeros(most, device=device) if rule and (rule.clip or rule.row_lr) else None
@@ -231,7 +232,7 @@ class TrainStep:
 
     def _dense_optimizer(self, params: list[nn.Parameter], lr: float | torch.Tensor, weight_decay: float,
                          capturable: bool = False) -> torch.optim.Optimizer:
-        if self.optimizer == "adagrad":
+        if self.optimizer != "adam":
             return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
         try:  # one kernel for all tensors: about 8x cheaper than the per-tensor loop for an MLP on a CPU
             return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True, capturable=capturable)
@@ -241,6 +242,8 @@ class TrainStep:
     def _new_row_state(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.optimizer == "adam":
             return torch.zeros_like(weight), torch.zeros_like(weight)
+        if self.optimizer == "rowwise_adagrad":
+            return (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),)
         return (torch.zeros_like(weight),)
 
     def _warmup_factor(self, step: int) -> float:

@@ -35,7 +35,7 @@ from ctrkit.training.losses import make_loss
 from ctrkit.training.sampling import init_output_bias, prior_logit
 from ctrkit.training.step import COMPILE, LARGE_BATCH, TrainStep, large_batch_rule
 
-OPTIMIZERS = ("adam", "adagrad")
+OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -285,7 +285,10 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         clicks = np.asarray(train_data.label)  # a one-head model of multi-label data learns the first label
         init_output_bias(model, prior_logit(clicks if clicks.ndim == 1 else clicks[:, 0], train_data.weight,
                                             cfg.pos_weight if cfg.loss == "weighted" else 1.0))
-    model.to(device)
+    if cfg.embedding_backend == "torchrec":
+        sharded.to_device(model, device)  # tables built on "meta" are allocated by the sharding
+    else:
+        model.to(device)
     lr = cfg.lr
     precision = resolve_precision(cfg.precision, device)
     batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
