@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -477,3 +478,40 @@ def test_vocabulary_ids_of_all_fields_at_once_equal_a_dict_per_field(train, othe
         want = [enc.offsets[name] + MISSING if v in (None, "") else lookup.get(v, enc.offsets[name] + OOV)
                 for v in frame[name].to_list()]
         assert ids[:, j].tolist() == want
+
+
+def test_a_hashed_id_space_wider_than_int32_gets_int64_ids(tmp_path):
+    # the literal example with "h" hashed into 3e9 buckets: vocabulary and bucketized fields first, "h" last
+    wide = Schema(fields=[Field("c"), Field("d", min_count=2), Field("h", hash_buckets=3_000_000_000),
+                          Field("x", kind="numeric"),
+                          Field("b", kind="numeric", transform="bucketize", n_buckets=4)], label="y")
+    res = encode_files(wide, TRAIN, tmp_path / "out", valid_fraction=0.0)
+    enc = res.encoder
+    assert enc.wide_ids and enc.id_dtype == np.int64 and not _fit().wide_ids
+    assert enc.offsets == {"c": 0, "d": 5, "b": 10, "h": 15} and enc.n_ids == 15 + 3_000_000_001
+    frame, _ = read_frame(TRAIN, wide)
+    ids, _ = enc.transform_frame(frame)
+    h = [15 + (MISSING if not v else zlib.crc32(v.encode()) % 3_000_000_000 + 1) for v in TRAIN["h"]]
+    assert ids.dtype == np.int64 and ids[:, 2].tolist() == h
+    np.testing.assert_array_equal(ids[:, [0, 1]], _fit().transform_frame(frame)[0][:, [0, 1]])
+    far = next(f"v{i}" for i in range(1000) if zlib.crc32(f"v{i}".encode()) % 3_000_000_000 >= 1 << 31)
+    far_ids, _ = enc.transform_frame(read_frame(TRAIN.with_columns(h=pl.lit(far)), wide)[0])
+    assert far_ids[0, 2] == 15 + zlib.crc32(far.encode()) % 3_000_000_000 + 1 > np.iinfo(np.int32).max
+    data = EncodedData.open(tmp_path / "out" / "train")
+    assert data.meta["wide_ids"] and data.ids.dtype == np.int64 and (tmp_path / "out" / "train" / "ids.i64").exists()
+    np.testing.assert_array_equal(np.asarray(data.ids), ids)
+    from ctrkit.data.dataset import BatchIterator
+
+    assert next(iter(BatchIterator(data, 4))).ids.dtype == torch.int64
+
+
+def test_an_int32_id_space_that_overflows_says_so(monkeypatch):
+    sizes = Schema(fields=[Field("c"), Field("h", hash_buckets=(1 << 29) + 1), Field("g", hash_buckets=1 << 29)],
+                   label="y")
+    assert Encoder(sizes).wide_ids  # 2^30 hashed buckets in all: int64
+    import ctrkit.data.encode as encode
+
+    monkeypatch.setattr(encode, "WIDE_BUCKETS", 1 << 40)  # as if int32 ids had been chosen for 3e9 buckets
+    wide = Schema(fields=[Field("c"), Field("h", hash_buckets=3_000_000_000)], label="y")
+    with pytest.raises(EncoderError, match="passes 2\\^31 at field 'h'"):
+        Encoder(wide).fit(TRAIN.select("c", "h", "y"))

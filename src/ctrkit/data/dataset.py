@@ -5,7 +5,8 @@ Layout of a dataset folder: ``ids.i32`` (int32 [n, n_sparse], already offset int
 optional ``group.i64`` (int64 [n], a hash of the group/user column, for group AUC), optional ``weight.f32``
 (float32 [n], sample weights), for multi and sequence fields ``seq.i32`` (int32 [n, n_seq, seq_max], padded
 blocks of global ids) and ``seq_len.i32`` (int32 [n, n_seq], how many leading positions of each block hold
-ids), and ``meta.json`` with the shapes.
+ids), and ``meta.json`` with the shapes. An id space wider than int32 (``wide_ids`` in meta.json) keeps its ids in
+``ids.i64`` and ``seq.i64`` (int64) instead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ _FILES = {"ids": ("ids.i32", np.int32), "dense": ("dense.f32", np.float32),
           "label": ("label.f32", np.float32), "group": ("group.i64", np.int64),
           "seq": ("seq.i32", np.int32), "seq_len": ("seq_len.i32", np.int32),
           "weight": ("weight.f32", np.float32)}
+_WIDE = {"ids": ("ids.i64", np.int64), "seq": ("seq.i64", np.int64)}
+
+
+def _file(key: str, wide: bool) -> tuple[str, type[np.generic]]:
+    """File name and dtype of array ``key`` in a dataset folder (int64 ids where ``wide``)."""
+    return _WIDE[key] if wide and key in _WIDE else _FILES[key]
 
 
 class DatasetWriter:
@@ -34,15 +41,16 @@ class DatasetWriter:
     """
 
     def __init__(self, path: str | Path, n_sparse: int, n_dense: int, with_group: bool = False,
-                 n_labels: int = 1, n_seq: int = 0, seq_max: int = 0, with_weight: bool = False) -> None:
+                 n_labels: int = 1, n_seq: int = 0, seq_max: int = 0, with_weight: bool = False,
+                 wide_ids: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.n_sparse, self.n_dense, self.with_group, self.with_weight = n_sparse, n_dense, with_group, with_weight
-        self.n_labels, self.n_seq, self.seq_max = n_labels, n_seq, seq_max
+        self.n_labels, self.n_seq, self.seq_max, self.wide_ids = n_labels, n_seq, seq_max, wide_ids
         self.n = self.n_seq_rows = 0
         names = (["ids", "dense", "label"] + (["group"] if with_group else []) + (["seq", "seq_len"] if n_seq else [])
                  + (["weight"] if with_weight else []))
-        self._fh: dict[str, IO[bytes]] = {k: open(self.path / _FILES[k][0], "wb") for k in names}
+        self._fh: dict[str, IO[bytes]] = {k: open(self.path / _file(k, wide_ids)[0], "wb") for k in names}
 
     def append(self, ids: np.ndarray, dense: np.ndarray, label: np.ndarray, group: np.ndarray | None = None,
                seq: np.ndarray | None = None, seq_len: np.ndarray | None = None,
@@ -59,7 +67,7 @@ class DatasetWriter:
         if self.with_weight and weight is None:
             raise ValueError("this dataset has a weight column; pass weights")
         # contiguous arrays are written straight from their buffers, without an intermediate bytes copy
-        self._fh["ids"].write(np.ascontiguousarray(ids, dtype=np.int32).data)
+        self._fh["ids"].write(np.ascontiguousarray(ids, dtype=_file("ids", self.wide_ids)[1]).data)
         self._fh["dense"].write(np.ascontiguousarray(dense, dtype=np.float32).data)
         self._fh["label"].write(np.ascontiguousarray(label, dtype=np.float32).data)
         if self.with_group:
@@ -76,7 +84,7 @@ class DatasetWriter:
         if seq.shape != (m, self.n_seq, self.seq_max) or seq_len.shape != (m, self.n_seq):
             raise ValueError(f"sequence shapes {seq.shape} / {seq_len.shape} do not match "
                              f"({m}, {self.n_seq}, {self.seq_max}) / ({m}, {self.n_seq})")
-        self._fh["seq"].write(np.ascontiguousarray(seq, dtype=np.int32).data)
+        self._fh["seq"].write(np.ascontiguousarray(seq, dtype=_file("seq", self.wide_ids)[1]).data)
         self._fh["seq_len"].write(np.ascontiguousarray(seq_len, dtype=np.int32).data)
         self.n_seq_rows += m
 
@@ -88,12 +96,12 @@ class DatasetWriter:
             raise ValueError(f"runs of {sum(sizes)} rows in all, but {self.n} rows were appended")
         widths = {"ids": self.n_sparse, "dense": self.n_dense}
         top = max(sizes, default=0)
-        bufs = {k: np.empty((top, w), _FILES[k][1]) for k, w in widths.items()}
+        bufs = {k: np.empty((top, w), _file(k, self.wide_ids)[1]) for k, w in widths.items()}
         fds: dict[str, int] = {}
         try:
             for k in widths:
                 self._fh[k].flush()
-                fds[k] = os.open(self.path / _FILES[k][0], os.O_RDWR)
+                fds[k] = os.open(self.path / _file(k, self.wide_ids)[0], os.O_RDWR)
             start = 0
             for m in sizes:
                 views = {k: bufs[k][:m] for k in widths}
@@ -111,7 +119,7 @@ class DatasetWriter:
         """Close and delete the files written so far (the folder stays): a failed encode leaves no partial dataset."""
         for key, fh in self._fh.items():
             fh.close()
-            (self.path / _FILES[key][0]).unlink(missing_ok=True)
+            (self.path / _file(key, self.wide_ids)[0]).unlink(missing_ok=True)
 
     def close(self, extra: dict[str, Any] | None = None) -> EncodedData:
         """Flush, write ``meta.json`` and return the dataset opened read-only."""
@@ -125,6 +133,8 @@ class DatasetWriter:
             meta["n_labels"] = self.n_labels
         if self.n_seq:
             meta.update(n_seq=self.n_seq, seq_max=self.seq_max)
+        if self.wide_ids:
+            meta["wide_ids"] = True
         meta.update(extra or {})
         (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
         return EncodedData.open(self.path)
@@ -174,7 +184,7 @@ class EncodedData:
         n = meta["n"]
 
         def load(key: str, *width: int) -> np.ndarray:
-            name, dtype = _FILES[key]
+            name, dtype = _file(key, bool(meta.get("wide_ids")))
             shape = (n, *width)
             if n == 0 or 0 in width:
                 return np.zeros(shape, dtype)

@@ -38,6 +38,8 @@ from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
 from ctrkit.schema import Field, Schema
 
 MISSING, OOV = 0, 1
+# hashed buckets from which ids are int64: the id space may pass int32 once the vocabularies are added
+WIDE_BUCKETS = 1 << 30
 ENCODER_FORMAT = 1
 _SAMPLE_SIZE = 200_000
 
@@ -353,10 +355,22 @@ class Encoder:
         """Positions of each block of ``seq``: the largest ``max_len`` of the list fields (0 without any)."""
         return max((f.max_len for f in self.schema.list_fields), default=0)
 
+    @property
+    def wide_ids(self) -> bool:
+        """Whether ids are int64: the schema's hashed fields hold at least :data:`WIDE_BUCKETS` buckets (an id
+        space that int32 may not hold; the vocabulary fields then come first in it, the hashed ones last)."""
+        return sum(int(f.hash_buckets) for f in self.schema.features if f.hash_buckets) >= WIDE_BUCKETS
+
+    @property
+    def id_dtype(self) -> type[np.signedinteger]:
+        """The dtype of encoded ids: int32, or int64 for a wide id space (:attr:`wide_ids`)."""
+        return np.int64 if self.wide_ids else np.int32
+
     def layout(self) -> dict[str, Any]:
-        """Label and sequence widths of an encoded dataset of this encoder (the DatasetWriter keywords)."""
+        """Label and sequence widths and the id dtype of an encoded dataset of this encoder (the DatasetWriter
+        keywords)."""
         return {"n_labels": len(self.schema.label_columns), "n_seq": len(self.seq_names), "seq_max": self.seq_max,
-                "with_weight": bool(self.schema.weight)}
+                "with_weight": bool(self.schema.weight), "wide_ids": self.wide_ids}
 
     def labels(self, chunk: pl.DataFrame) -> np.ndarray:
         """float32 labels of a typed chunk: [n] for one label, [n, T] for T."""
@@ -419,7 +433,7 @@ class Encoder:
         return out
 
     def _finish_fit(self) -> None:
-        offset = 0
+        blocks: list[Field] = []  # the fields that own a block of the id space
         remaps: dict[str, np.ndarray] = {}
         self.vocab, self.counts, self.boundaries, self.moments, self.sizes, self.offsets = {}, {}, {}, {}, {}, {}
         for f in self.schema.features:
@@ -452,8 +466,17 @@ class Encoder:
                     self.boundaries[f.name] = np.unique(qs)
                     self.sizes[f.name] = 2 + len(self.boundaries[f.name])
             if f.is_sparse or f.is_list:
-                self.offsets[f.name] = offset
-                offset += self.sizes[f.name]
+                blocks.append(f)
+        if self.wide_ids:  # vocabulary ids stay under 2^31 (their lookup table holds int32), hashed ones follow
+            blocks.sort(key=lambda f: f.hash_buckets is not None)
+        offset = 0
+        for f in blocks:
+            self.offsets[f.name] = offset
+            offset += self.sizes[f.name]
+            if offset > np.iinfo(np.int32).max and not (self.wide_ids and f.hash_buckets is not None):
+                raise EncoderError(f"the id space passes 2^31 at field {f.name!r} ({offset:,} ids): int32 ids "
+                                   f"cannot hold it (hashed fields of {WIDE_BUCKETS:,} buckets or more make them "
+                                   "int64)")
         for f in self.schema.list_fields:
             if f.share_vocab is not None:
                 self.offsets[f.name] = self.offsets[f.share_vocab]
@@ -512,14 +535,15 @@ class Encoder:
         return chunk.select([_hash(f.name).alias(f"h:{f.name}") for f in self._vocab_fields()])
 
     def _encode(self, chunk: pl.DataFrame, hashes: pl.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """ids [n, n_sparse] int32 and dense [n, n_dense] float32 of one typed chunk.
+        """ids [n, n_sparse] (int32, or int64 when :attr:`wide_ids`) and dense [n, n_dense] float32 of one typed
+        chunk.
 
         ``hashes`` holds ``h:<field>``, the value hashes of each vocabulary field (computed when not given).
         """
         self._check_fitted()
         if hashes is None:
             hashes = self._hashes(chunk)
-        ids = np.empty((chunk.height, len(self.schema.sparse_fields)), np.int32)
+        ids = np.empty((chunk.height, len(self.schema.sparse_fields)), self.id_dtype)
         vocab = [j for j, f in enumerate(self.schema.sparse_fields)
                  if f.kind == "categorical" and f.hash_buckets is None]
         if vocab and not self._fit_tables:  # every vocabulary field of the chunk in one lookup
@@ -527,7 +551,7 @@ class Encoder:
             table, salts = self._lookup_table()
             keys = hashes.select(f"h:{n}" for n in names).to_numpy() + np.array([salts[n] for n in names])
             found = table.lookup(keys.ravel()).reshape(keys.shape)
-            oov = np.array([self.offsets[n] + OOV for n in names], dtype=np.int32)
+            oov = np.array([self.offsets[n] + OOV for n in names], dtype=self.id_dtype)
             ids[:, vocab] = np.where(found < 0, oov, found)
         for j, f in enumerate(self.schema.sparse_fields):
             off = self.offsets[f.name]
@@ -561,7 +585,7 @@ class Encoder:
         self._check_fitted()
         fields = self.schema.list_fields
         n = chunk.height
-        seq = np.empty((n, len(fields), self.seq_max), np.int32)
+        seq = np.empty((n, len(fields), self.seq_max), self.id_dtype)
         lengths = np.empty((n, len(fields)), np.int32)
         for j, f in enumerate(fields):
             col = chunk[f.name]
@@ -614,7 +638,7 @@ class Encoder:
         Vocabulary fields hold their dense index from fitting (``found["i:<field>"]``), hashed fields their
         bucket without the field offset, bucketized numerics 0, dense fields their unscaled values.
         """
-        ids = np.zeros((chunk.height, len(self.schema.sparse_fields)), np.int32)
+        ids = np.zeros((chunk.height, len(self.schema.sparse_fields)), self.id_dtype)
         for j, f in enumerate(self.schema.sparse_fields):
             if f.kind == "categorical" and f.hash_buckets is None:
                 ids[:, j] = found[f"i:{f.name}"]

@@ -66,7 +66,7 @@ class Scorer:
         rng = np.random.default_rng(0)
         sizes = np.asarray(enc.field_sizes(), dtype=np.int64)
         offsets = np.asarray([enc.offsets[n] for n in enc.sparse_names], dtype=np.int64)
-        ids = (offsets + (rng.random((rows, len(sizes))) * sizes).astype(np.int64)).astype(np.int32)
+        ids = (offsets + (rng.random((rows, len(sizes))) * sizes).astype(np.int64)).astype(enc.id_dtype)
         dense = rng.standard_normal((rows, len(enc.dense_names))).astype(np.float32)
         return ids, dense
 
