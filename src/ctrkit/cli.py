@@ -120,7 +120,7 @@ def train(
                                                       "default per model: adam."),
     embedding_backend: str = typer.Option("plain", help="plain (ctrkit's tables) or torchrec (tables sharded "
                                                         "row-wise over the ranks by TorchRec, FBGEMM's fused "
-                                                        "optimizer; the extra ctrkit[torchrec])."),
+                                                        "optimizer; needs the torchrec extra)."),
     bad_rows: Optional[Path] = typer.Option(None, help="Keep rejected training rows (original line, line number, "
                                                       "reason) in this file."),
     loss: str = typer.Option("bce", help="bce, weighted (positives count --pos-weight times) or focal."),
