@@ -149,7 +149,8 @@ def shard(model: nn.Module, device: torch.device, optimizer: str, lr: float, eps
     rows = {t.name: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]) for t in tables}
     plan = EmbeddingShardingPlanner(topology=topology, constraints=rows).collective_plan(model, None, dist.group.WORLD)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        # sharding initialises the shards at random (overwritten below): the run's random stream stays as it was
+        # sharding draws each shard's initial values (replaced below when the model came with weights); the
+        # run's random stream stays as it was, so the dense layers see the draws of a plain run
         net = DistributedModelParallel(model, device=device, plan=plan)
     owner = {f"{t.name}.weight": t for t in tables}
     with torch.no_grad():
