@@ -285,7 +285,8 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         clicks = np.asarray(train_data.label)  # a one-head model of multi-label data learns the first label
         init_output_bias(model, prior_logit(clicks if clicks.ndim == 1 else clicks[:, 0], train_data.weight,
                                             cfg.pos_weight if cfg.loss == "weighted" else 1.0))
-    if cfg.embedding_backend == "torchrec":
+    torchrec = cfg.embedding_backend == "torchrec"
+    if torchrec:
         sharded.to_device(model, device)  # tables built on "meta" are allocated by the sharding
     else:
         model.to(device)
@@ -294,7 +295,6 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
                             rank=world.rank, world_size=world.size)
     rule = large_batch_rule(cfg.large_batch, cfg.batch_size, device, warmup_steps=len(batches))
-    torchrec = cfg.embedding_backend == "torchrec"
     if torchrec and rule is not None and cfg.large_batch == "auto":  # the fused table update has no row rule
         rule = replace(rule, cowclip=False, row_lr_power=0.0, scale_l2=False)
     train_step = TrainStep(model, device, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
@@ -487,11 +487,11 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
                 break
     if best_state is not None and torchrec:
-        sharded.restore(model, best_state)
-    train_step.close()
-    if best_state is not None and not torchrec:
+        sharded.restore(model, best_state)  # into the shards, before close() gathers them
+    elif best_state is not None:
         model.load_state_dict(best_state)
-    elif valid_data is None:
+    train_step.close()
+    if best_state is None and valid_data is None:
         result.best_epoch = result.epochs
     result.seconds = time.perf_counter() - t_start
     model.eval()
