@@ -6,6 +6,7 @@ A DeepFM bundle is trained on synthetic Criteo-shaped data (13 numeric + 26 cate
 time. Stages are timed in the same run so the table shows what encoding and HTTP add on top of the model:
 
   model only        torch forward on pre-encoded ids/dense (the bundle's model)
+  torch folded      the same model in its folded serving form (ctrkit.serve.fold), same tensors
   onnx fp32 / int8  ONNX Runtime session of the same model on the same pre-encoded tensors (`ctrkit export`
                     into the bundle; INT8 only where it kept the AUC within 0.0005)
   bundle            Bundle.predict (torch) on raw dicts + top-k
@@ -183,6 +184,9 @@ def main() -> None:
         bundle.model(batch)
 
     stages["model only (torch, pre-encoded)"] = model_only
+    if scorer.folded is not None:
+        folded, tids, tdense = scorer.folded, torch.from_numpy(ids), torch.from_numpy(dense)
+        stages["torch folded (pre-encoded)"] = lambda: folded(tids, tdense)
     if "int8_vs_fp32_auc" in result:
         exp = result["int8_vs_fp32_auc"]
         fp32 = session(exp["fp32"], args.threads)

@@ -1,5 +1,6 @@
 """The serving fast path: dict records read in one pass equal the record-by-record reading (values and errors),
-and the scorer's model paths (torch, ONNX fp32, ONNX INT8 exported into the bundle) give the bundle's answers."""
+and the scorer's model paths (torch, torch folded, ONNX fp32, ONNX INT8 exported into the bundle) give the
+bundle's answers."""
 
 from __future__ import annotations
 
@@ -126,18 +127,18 @@ def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.Dat
     path, records = exported
     bundle = Bundle.load(path)
     scorer = Scorer(bundle, path, rows=200, reps=3)
-    assert set(scorer.timings_ms) == {"torch", "onnx fp32", "onnx int8"} and scorer.skipped == {}
+    assert set(scorer.timings_ms) == {"torch", "torch folded", "onnx fp32", "onnx int8"} and scorer.skipped == {}
     assert scorer.backend == min(scorer.timings_ms, key=scorer.timings_ms.__getitem__)
     dicts = records.to_dicts()
     dicts[0]["item_id"] = "never-seen"
     want = bundle.predict(dicts)
-    for backend, tol in (("torch", 0.0), ("onnx fp32", 1e-5), ("onnx int8", 0.05)):
+    for backend, tol in (("torch", 0.0), ("torch folded", 1e-5), ("onnx fp32", 1e-5), ("onnx int8", 0.05)):
         scorer.backend = backend
         assert np.max(np.abs(scorer.predict(dicts) - want)) <= tol, backend
         bad = [*dicts[:3], {**dicts[3], "price": "cheap"}]
         assert _error(scorer.predict, bad) == _error(bundle.predict, bad)
         assert "record 3" in _error(scorer.predict, bad)
-    assert Scorer(bundle, None).describe()["backend"] == "torch"
+    assert set(Scorer(bundle, None, rows=200, reps=3).describe()["probe_ms"]) == {"torch", "torch folded"}
 
 
 def test_server_scores_on_the_chosen_path(exported: tuple[Path, pl.DataFrame]) -> None:
@@ -150,7 +151,7 @@ def test_server_scores_on_the_chosen_path(exported: tuple[Path, pl.DataFrame]) -
     path, records = exported
     with TestClient(create_app(ServerConfig(bundle=path))) as client:
         scoring = client.get("/health").json()["scoring"]
-        assert scoring["backend"] in scoring["probe_ms"] and len(scoring["probe_ms"]) == 3
+        assert scoring["backend"] in scoring["probe_ms"] and len(scoring["probe_ms"]) == 4
         p = client.post("/score", json={"records": records.to_dicts()}).json()["pctr"]
         assert np.max(np.abs(np.asarray(p) - Bundle.load(path).predict(records))) <= 0.05
         spec = client.get("/openapi.json").json()

@@ -1,10 +1,12 @@
 """The server's scorer: a bundle's records -> calibrated pCTR on the fastest of the bundle's model paths.
 
-A bundle always scores through torch. When ``ctrkit export`` has written ONNX graphs into the bundle folder
-(``model.onnx``, and ``model.int8.onnx`` where INT8 kept the AUC), each path is timed at load on a batch of
-encoded rows the size of a ranking request, taking turns, and the one with the lowest median serves. Records go
-through the same validation and encoding as :meth:`Bundle.predict` (the ONNX graphs hold the calibrator), so
-only the model's arithmetic differs between paths; the fp32 graph is checked against torch before it may serve.
+A bundle always scores through torch. The embedding-sum models (lr, fm, deepfm, dnn, wide_deep) also have a
+folded torch form (:mod:`ctrkit.serve.fold`: the first layer read from a precomputed table). When ``ctrkit
+export`` has written ONNX graphs into the bundle folder (``model.onnx``, and ``model.int8.onnx`` where INT8
+kept the AUC), those are paths too. Each path is timed at load on a batch of encoded rows the size of a ranking
+request, taking turns, and the one with the lowest median serves. Records go through the same validation and
+encoding as :meth:`Bundle.predict` (the ONNX graphs hold the calibrator), so only the model's arithmetic differs
+between paths; the folded form and the fp32 graph are checked against torch before they may serve.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle, BundleError
+from ctrkit.serve.fold import FoldedModel, FoldError, fold
 from ctrkit.validate import DataError, Records, records_frame
 
 ONNX_FILES = {"onnx fp32": "model.onnx", "onnx int8": "model.int8.onnx"}
+FOLDED = "torch folded"
 FP32_TOLERANCE = 1e-4
 BATCH_ROWS = 65536
 
@@ -37,6 +41,11 @@ class Scorer:
         self.bundle, self.threads = bundle, threads
         self.sessions: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
+        self.folded: FoldedModel | None = None
+        try:
+            self.folded = fold(bundle.model, [bundle.encoder.offsets[n] for n in bundle.encoder.sparse_names])
+        except FoldError as exc:
+            self.skipped[FOLDED] = str(exc)
         if path is not None:
             self._open_sessions(Path(path))
         self.timings_ms = self._time_paths(rows, reps)  # empty when torch is the only path
@@ -61,29 +70,34 @@ class Scorer:
                 self.skipped[name] = f"{file}: {exc}"
 
     def _probe(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """Encoded rows of random in-vocabulary ids and standard normal dense values."""
+        """Encoded rows of random in-vocabulary ids and standard normal dense values, a tenth of them missing."""
         enc = self.bundle.encoder
         rng = np.random.default_rng(0)
         sizes = np.asarray(enc.field_sizes(), dtype=np.int64)
         offsets = np.asarray([enc.offsets[n] for n in enc.sparse_names], dtype=np.int64)
         ids = (offsets + (rng.random((rows, len(sizes))) * sizes).astype(np.int64)).astype(enc.id_dtype)
         dense = rng.standard_normal((rows, len(enc.dense_names))).astype(np.float32)
+        dense[rng.random(dense.shape) < 0.1] = np.nan
         return ids, dense
 
     def _time_paths(self, rows: int, reps: int) -> dict[str, float]:
         """Median milliseconds of each path on one batch of ``rows``, the paths taking turns (a loaded machine
         slows them alike); an fp32 graph that disagrees with torch is dropped."""
-        paths = ["torch", *self.sessions]
+        paths = ["torch", *([FOLDED] if self.folded is not None else []), *self.sessions]
         if len(paths) == 1:
             return {}
         ids, dense = self._probe(rows)
         ref = self._probabilities("torch", ids, dense)
-        if "onnx fp32" in self.sessions:
-            gap = float(np.max(np.abs(self._probabilities("onnx fp32", ids, dense) - ref)))
+        for exact in (FOLDED, "onnx fp32"):
+            if exact not in paths:
+                continue
+            gap = float(np.max(np.abs(self._probabilities(exact, ids, dense) - ref)))
             if not gap <= FP32_TOLERANCE:
-                self.skipped["onnx fp32"] = f"differs from torch by {gap:.2g} (> {FP32_TOLERANCE})"
-                paths.remove("onnx fp32")
-                del self.sessions["onnx fp32"]
+                self.skipped[exact] = f"differs from torch by {gap:.2g} (> {FP32_TOLERANCE})"
+                paths.remove(exact)
+                self.sessions.pop(exact, None)
+                if exact == FOLDED:
+                    self.folded = None
         ms: dict[str, list[float]] = {p: [] for p in paths}
         for _ in range(reps):
             for p in paths:
@@ -96,6 +110,10 @@ class Scorer:
     def _probabilities(self, path: str, ids: np.ndarray, dense: np.ndarray) -> np.ndarray:
         if path == "torch":
             logits = self.bundle.model(Batch(torch.from_numpy(ids), torch.from_numpy(dense)))
+            return self.bundle.calibrator(logits.double().numpy())
+        if path == FOLDED:
+            assert self.folded is not None
+            logits = self.folded(torch.from_numpy(ids), torch.from_numpy(dense))
             return self.bundle.calibrator(logits.double().numpy())
         out = self.sessions[path].run(None, {"ids": ids.astype(np.int64, copy=False), "dense": dense})[0]
         return out.astype(np.float64, copy=False)
