@@ -44,6 +44,7 @@ from ctrkit.data.dataset import Batch
 from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle
+from ctrkit.serve.fold import FoldError, fold
 from ctrkit.serve.process import free_port, start_server
 from ctrkit.serve.rank import choose
 from ctrkit.serve.scorer import Scorer
@@ -184,9 +185,12 @@ def main() -> None:
         bundle.model(batch)
 
     stages["model only (torch, pre-encoded)"] = model_only
-    if scorer.folded is not None:
-        folded, tids, tdense = scorer.folded, torch.from_numpy(ids), torch.from_numpy(dense)
+    try:
+        folded = fold(bundle.model, [bundle.encoder.offsets[n] for n in bundle.encoder.sparse_names])
+        tids, tdense = torch.from_numpy(ids), torch.from_numpy(dense)
         stages["torch folded (pre-encoded)"] = lambda: folded(tids, tdense)
+    except FoldError as exc:
+        result["folded"] = f"skipped: {exc}"
     if "int8_vs_fp32_auc" in result:
         exp = result["int8_vs_fp32_auc"]
         fp32 = session(exp["fp32"], args.threads)

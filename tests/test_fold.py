@@ -4,6 +4,9 @@ with the reason."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 from ctrkit.data.dataset import Batch
 from ctrkit.models import build_model
 from ctrkit.nn.embedding import FeatureSpec
+from ctrkit.schema import Field
 from ctrkit.serve.fold import FoldError, fold
 
 SIZES = (5, 7, 3)
@@ -92,3 +96,29 @@ def test_models_that_do_not_fold_say_why() -> None:
         fold(_model("deepfm").train())
     with pytest.raises(FoldError, match=r"would take .* GiB \(15 ids x 406 columns\)"):
         fold(_model("deepfm", hidden=[400]), max_bytes=1000)
+
+
+def test_scorer_folds_a_bundle_with_hashed_bucketized_and_crossed_fields(tmp_path: Path) -> None:
+    """Through a real encoder (hashed, bucketized and crossed fields beside vocabularies, a missing numeric
+    value): the scorer's folded path scores raw records as the bundle does."""
+    from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
+    from ctrkit.pipeline import train
+    from ctrkit.serve.bundle import Bundle
+    from ctrkit.serve.scorer import FOLDED, Scorer
+
+    base = synth_schema()
+    fields = [Field(name=f.name, kind=f.kind, hash_buckets=64) if f.name == "item_id" else
+              Field(name=f.name, kind="numeric", transform="bucketize", n_buckets=4) if f.name == "price" else f
+              for f in base.fields]
+    schema = replace(base, fields=fields, crosses=[["genre", "device"]])
+    log, _ = make_click_log(n_rows=2000, n_users=60, n_items=50, seed=3)
+    tr, va, te = split_by_time(log.drop("p_click"))
+    train(tr, schema=schema, valid=va, model="wide_deep", out=tmp_path / "m", epochs=1, batch_size=256,
+          progress=False)
+    bundle = Bundle.load(tmp_path / "m" / "bundle")
+    scorer = Scorer(bundle, rows=100, reps=1)
+    assert FOLDED in scorer.timings_ms and FOLDED not in scorer.skipped
+    scorer.backend = FOLDED
+    records = te.select(schema.input_columns).head(200).to_dicts()
+    records[0]["price"] = None
+    np.testing.assert_allclose(scorer.predict(records), bundle.predict(records), atol=1e-6)

@@ -543,17 +543,17 @@ class Encoder:
         self._check_fitted()
         if hashes is None:
             hashes = self._hashes(chunk)
-        ids = np.empty((chunk.height, len(self.schema.sparse_fields)), self.id_dtype)
-        vocab = [j for j, f in enumerate(self.schema.sparse_fields)
-                 if f.kind == "categorical" and f.hash_buckets is None]
+        sparse = self.schema.sparse_fields  # a derived list: built once here, not once per field
+        ids = np.empty((chunk.height, len(sparse)), self.id_dtype)
+        vocab = [j for j, f in enumerate(sparse) if f.kind == "categorical" and f.hash_buckets is None]
         if vocab and not self._fit_tables:  # every vocabulary field of the chunk in one lookup
-            names = [self.schema.sparse_fields[j].name for j in vocab]
+            names = [sparse[j].name for j in vocab]
             table, salts = self._lookup_table()
             keys = hashes.select(f"h:{n}" for n in names).to_numpy() + np.array([salts[n] for n in names])
             found = table.lookup(keys.ravel()).reshape(keys.shape)
             oov = np.array([self.offsets[n] + OOV for n in names], dtype=self.id_dtype)
             ids[:, vocab] = np.where(found < 0, oov, found)
-        for j, f in enumerate(self.schema.sparse_fields):
+        for j, f in enumerate(sparse):
             off = self.offsets[f.name]
             if f.kind == "categorical" and f.hash_buckets is None:
                 if self._fit_tables:

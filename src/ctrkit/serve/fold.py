@@ -71,7 +71,7 @@ class FoldedModel(nn.Module):
             x = torch.where(miss, 0.0, dense)
             s = torch.addmm(s, torch.cat([x, miss.to(x.dtype), x * x], dim=1), self.dense)
         h = self.hidden
-        logit = self.rest(s[:, :h]).squeeze(-1) if h else torch.zeros(len(s), dtype=s.dtype)
+        logit = self.rest(s[:, :h]).squeeze(-1) if h else s.new_zeros(len(s))
         if self.linear:
             logit = logit + s[:, h]
         if self.fm_dim:
