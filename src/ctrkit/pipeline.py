@@ -79,7 +79,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     fitted on the validation rows only, so the test figures are untouched by it. With ``out``, writes
     ``out/bundle/``, ``out/metrics.json``, ``out/report.html`` and checkpoints under ``out/checkpoints/``.
     ``embedding_backend`` "torchrec" trains the tables sharded by TorchRec (sparse gradients and the batch L2,
-    no first-order fit, no checkpoints yet); the bundle holds them as plain tables.
+    no first-order fit, distributed checkpoints); the bundle holds them as plain tables.
     """
     t0 = time.perf_counter()
     sch = _resolve_schema(schema, fmt, fields)

@@ -10,31 +10,43 @@ exists. The dense layers stay replicated and are averaged by DDP.
 
 The table optimizer follows the run's: lazy Adam on GPUs, exact Adagrad, or exact row-wise Adagrad (one
 accumulator per row: the state for tables of billions of rows); FBGEMM's CPU kernels have no Adam.
-A rank's loss is the mean over its share of a global batch; the table gradients it sends are scaled by
-1 / ranks, so a step of N ranks is the step of one process on the global batch, as with the plain tables.
+A rank's loss is the mean over its share of a global batch; TorchRec's collectives divide the table gradients
+they send back by the number of ranks (``torchrec.distributed.comm_ops``' gradient division, on by default, as
+DDP averages), so a step of N ranks is the step of one process on the global batch, as with the plain tables,
+and the optimizer state is the same whatever the number of ranks (which lets a checkpoint resume on another).
+With that division turned off, each table scales its gradients by 1 / ranks itself.
 The model keeps its own classes: :func:`unshard` gathers every table back into an ``nn.Embedding``, so the
 trained model saves and scores as a plain bundle (on any machine, without TorchRec). A model whose tables would
 not fit host memory is built inside :func:`ctrkit.nn.embedding.tables_on` ("meta"): its tables are then
 allocated only as shards, initialised as the plain tables would be (normal, or zero for first-order weights).
 
-Not covered yet: checkpoints (the trainer writes none with this backend; a distributed checkpoint of the shards
-would be needed), the large-batch rule's per-row learning rates and clipping (the fused update has no hook for
+Checkpoints are distributed (:func:`checkpoint_state`, :func:`load_checkpoint_state`, written and read by
+:mod:`ctrkit.training.checkpoint` with ``torch.distributed.checkpoint``): each rank saves the shards it holds
+of every table and of its fused optimizer state, so no rank ever gathers a table, and a checkpoint resumes on
+any number of ranks (DCP reshards the rows on load).
+
+Not covered yet: the large-batch rule's per-row learning rates and clipping (the fused update has no hook for
 them), and tables whose width is not a multiple of 4 are padded to one (FBGEMM's kernels need it; the 1-wide
 first-order table costs 4 floats per row).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear
+
+if TYPE_CHECKING:
+    from ctrkit.training.step import TrainStep
 
 BACKENDS = ("plain", "torchrec")
 INSTALL = ("pip install 'ctrkit[torchrec]' with the FBGEMM build that matches this torch: fbgemm-gpu for CUDA, "
@@ -113,6 +125,7 @@ def shard(model: nn.Module, device: torch.device, optimizer: str, lr: float, eps
     """Replace ``model``'s tables by row-wise sharded TorchRec tables (starting from their current weights)
     updated by FBGEMM's fused ``optimizer``; returns the DistributedModelParallel that trains it."""
     require()
+    from torchrec.distributed.comm_ops import get_gradient_division
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingType
@@ -129,7 +142,7 @@ def shard(model: nn.Module, device: torch.device, optimizer: str, lr: float, eps
         if not isinstance(old, nn.Embedding):
             continue
         new = TorchRecTable(f"table_{k}", *old.weight.shape, sparse=old.sparse, init_std=holder.init_std)
-        new.grad_scale = 1.0 / dist.get_world_size()
+        new.grad_scale = 1.0 if get_gradient_division() else 1.0 / dist.get_world_size()
         holder.table = new
         tables.append(new)
         if not old.weight.is_meta:  # built with real weights: the shards start from them
@@ -205,10 +218,19 @@ def set_table_lr(net: nn.Module, lr: float) -> None:
 
 
 def snapshot(model: nn.Module) -> dict[str, Any]:
-    """A copy of the weights on this rank: plain tensors, and the local shards of the sharded tables."""
-    shards = _local_shards(model)
-    return {k: [t.detach().clone() for _, t in shards[k]] if k in shards else v.detach().clone()
-            for k, v in model.state_dict().items()}
+    """A copy of the weights on this rank: plain tensors, and each sharded table as a ShardedTensor over copies
+    of this rank's shards (the form :func:`checkpoint_state` saves and reshards)."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+    out: dict[str, Any] = {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, ShardedTensor):
+            shards = [Shard(s.tensor.detach().clone(), copy.deepcopy(s.metadata)) for s in v.local_shards()]
+            out[k] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                shards, sharded_tensor_metadata=copy.deepcopy(v.metadata()), process_group=v._process_group)
+        else:
+            out[k] = v.detach().clone()
+    return out
 
 
 @torch.no_grad()
@@ -217,10 +239,46 @@ def restore(model: nn.Module, state: dict[str, Any]) -> None:
     shards = _local_shards(model)
     for k, v in model.state_dict().items():
         if k in shards:
-            for (_, t), saved in zip(shards[k], state[k], strict=True):
-                t.copy_(saved)
+            for (_, t), saved in zip(shards[k], state[k].local_shards(), strict=True):
+                t.copy_(saved.tensor)
         else:
             v.copy_(state[k])
+
+
+def table_optimizer(model: nn.Module) -> Any:
+    """The fused optimizers of ``model``'s sharded tables as one TorchRec ``CombinedOptimizer``, its state keyed
+    by each table's state-dict key (the optimizer DistributedModelParallel drives, reached from the model)."""
+    from torchrec.optim.fused import FusedOptimizerModule
+    from torchrec.optim.keyed import CombinedOptimizer
+
+    fused = [(path, m.fused_optimizer) for path, m in model.named_modules() if isinstance(m, FusedOptimizerModule)]
+    if not fused:
+        raise ValueError("the model has no sharded tables (was it sharded by shard()?)")
+    return CombinedOptimizer(fused)
+
+
+def checkpoint_state(model: nn.Module, best: dict[str, Any] | None) -> dict[str, Any]:
+    """The state dict that a distributed checkpoint saves for sharded ``model``: its weights ("model": each table a
+    ShardedTensor of row shards, the dense weights plain), the fused optimizer's per-table state ("table_optim",
+    sharded as its table) and, when there is one, the :func:`snapshot` of the best weights ("best")."""
+    out: dict[str, Any] = {"model": model.state_dict(), "table_optim": table_optimizer(model).state_dict()["state"]}
+    if best is not None:
+        out["best"] = best
+    return out
+
+
+@torch.no_grad()
+def load_checkpoint_state(model: nn.Module, read: Callable[[dict[str, Any]], None],
+                          best: bool) -> dict[str, Any] | None:
+    """Fill sharded ``model`` and its fused optimizer from a checkpoint: ``read(state)`` loads a
+    :func:`checkpoint_state` (laid out for this run's ranks) in place. Returns the best weights it held (as
+    :func:`snapshot`), or None when ``best`` says it held none."""
+    opt = table_optimizer(model)
+    target = checkpoint_state(model, snapshot(model) if best else None)
+    read(target)
+    model.load_state_dict(target["model"])
+    opt.load_state_dict({"state": target["table_optim"]})
+    return target.get("best")
 
 
 @torch.no_grad()

@@ -469,9 +469,8 @@ class TrainStep:
 
     def state_dict(self) -> dict[str, Any]:
         """A copy of everything the updates remember (optimizer states, row moments, step counts), for a
-        checkpoint."""
-        if self._sharded is not None:
-            raise ValueError("checkpoints of TorchRec-sharded tables are not supported yet")
+        checkpoint. TorchRec-sharded tables keep their fused optimizer state beside their shards
+        (:func:`ctrkit.training.sharded.checkpoint_state`), not here."""
         rows = [[t.detach().cpu().clone() for t in st] for st in self._row_state] if self.row_updates else []
         return {"opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "rows": rows, "calls": self._calls,
                 "t": float(self._t) if self.row_updates else 0.0}

@@ -8,7 +8,9 @@ Launched by ``torchrun``, it trains data-parallel (:mod:`ctrkit.training.distrib
 share of every global batch of ``batch_size`` rows; rank 0 computes the validation metrics over the whole
 validation set and sends them to the others (so every rank takes the same early-stopping decision), and writes
 the checkpoints, which resume on any number of ranks. With TorchRec tables (``embedding_backend="torchrec"``)
-every rank takes part in each validation lookup, and the tables are gathered back into plain ones at the end.
+every rank takes part in each validation lookup and writes its shards of each checkpoint (a distributed
+checkpoint, :func:`~ctrkit.training.checkpoint.save_sharded_checkpoint`, which also resumes on any number of
+ranks), and the tables are gathered back into plain ones at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import math
 import random
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -29,7 +30,8 @@ from ctrkit.data.dataset import BatchIterator, EncodedData
 from ctrkit.evaluate import fast
 from ctrkit.models.base import CTRModel
 from ctrkit.training import sharded
-from ctrkit.training.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from ctrkit.training.checkpoint import (check_backend, load_checkpoint, load_sharded_checkpoint, rng_states,
+                                       save_checkpoint, save_sharded_checkpoint, set_rng_states)
 from ctrkit.training.distributed import broadcast, setup, total
 from ctrkit.training.losses import make_loss
 from ctrkit.training.sampling import init_output_bias, prior_logit
@@ -79,7 +81,8 @@ class TrainConfig:
     already fitted (the exact first-order fit of a small log) stays if no epoch beats it. With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every``
     steps (0: none within an epoch) and after each epoch; ``resume`` continues from the one there.
     ``embedding_backend`` "torchrec" shards the embedding tables over the ranks with TorchRec
-    (:mod:`ctrkit.training.sharded`; no checkpoints yet, and of a large-batch rule only the dense part).
+    (:mod:`ctrkit.training.sharded`; its checkpoints are distributed ones, of a large-batch rule only the dense
+    part applies).
     """
 
     epochs: int = 30
@@ -115,8 +118,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.embedding_backend not in sharded.BACKENDS:
             raise ValueError(f"embedding_backend must be one of {sharded.BACKENDS}, got {self.embedding_backend!r}")
-        if self.embedding_backend == "torchrec" and self.resume:
-            raise ValueError("--resume: runs with TorchRec tables write no checkpoints yet")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -315,10 +316,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     loss_sum, loss_rows, n_seen = 0.0, 0, 0
     in_epoch: list[Any] = [0.0, 0, 0]  # a resumed epoch's running loss and rows
     epoch_rng = batches.rng_state()  # the shuffling state at the start of the current epoch
-    ckpt_dir = None if torchrec else cfg.checkpoint_dir
-    if torchrec and cfg.checkpoint_dir:
-        warnings.warn("no checkpoints are written with --embedding-backend torchrec yet (the sharded tables would "
-                      "need a distributed checkpoint)", stacklevel=2)
+    ckpt_dir = cfg.checkpoint_dir
     last_ckpt = "none"
 
     def checkpoint(epoch: int, step: int, done: bool) -> None:
@@ -326,32 +324,44 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         if ckpt_dir is None:
             return
         last_ckpt = f"{ckpt_dir}/last.pt (epoch {epoch}, step {step})"
-        if not world.main:
+        if not (world.main or torchrec):  # every rank writes its shards of a sharded checkpoint
             return
-        save_checkpoint(ckpt_dir, {
+        state = {
             "epoch": epoch, "step": step, "epoch_done": done, "global_step": global_step,
-            "model": _cpu_copy(model.state_dict()), "optimizers": train_step.state_dict(),
             "rng": rng_states(), "batches_rng": batches.rng_state() if done else epoch_rng,
-            "in_epoch": [loss_sum, loss_rows, n_seen], "best": best,
-            "best_state": None if best_state is None else _cpu_copy(best_state),
-            "bad_epochs": bad_epochs, "lr": lr,
+            "in_epoch": [loss_sum, loss_rows, n_seen], "best": best, "bad_epochs": bad_epochs, "lr": lr,
             "result": {"history": result.history, "best_epoch": result.best_epoch,
                        "best_valid": result.best_valid, "epochs": result.epochs,
                        "train_seconds": result.train_seconds, "samples": result.samples},
             "n_train": len(train_data), "config": {k: v for k, v in cfg.to_dict().items()
-                                                   if k in ("batch_size", "seed", "loss", "optimizer")}})
+                                                   if k in ("batch_size", "seed", "loss", "optimizer")}}
+        if torchrec:  # the weights, fused optimizer state and best weights go to DCP, as shards
+            save_sharded_checkpoint(ckpt_dir, {**state, "optimizers": train_step.state_dict(),
+                                               "has_best_state": best_state is not None},
+                                    sharded.checkpoint_state(model, best_state))
+            return
+        save_checkpoint(ckpt_dir, {**state, "model": _cpu_copy(model.state_dict()),
+                                   "optimizers": train_step.state_dict(),
+                                   "best_state": None if best_state is None else _cpu_copy(best_state)})
 
     if cfg.resume:
         state = load_checkpoint(ckpt_dir)  # type: ignore[arg-type]
         if state is not None:
+            check_backend(ckpt_dir, state, cfg.embedding_backend)  # type: ignore[arg-type]
             saved = state["config"]
             now = {k: v for k, v in cfg.to_dict().items() if k in saved}
             if saved != now or state["n_train"] != len(train_data):
                 raise RuntimeError(f"the checkpoint in {ckpt_dir} belongs to another run (settings {saved}, "
                                    f"{state['n_train']} training rows); now {now}, {len(train_data)} rows")
-            model.load_state_dict(state["model"])
+            if torchrec:  # every rank reads the rows of its own shards, however many ranks wrote them
+                best_state = sharded.load_checkpoint_state(
+                    model, lambda shards: load_sharded_checkpoint(ckpt_dir, state, shards),  # type: ignore[arg-type]
+                    state["has_best_state"])
+            else:
+                model.load_state_dict(state["model"])
+                best_state = state["best_state"]
             train_step.load_state_dict(state["optimizers"])
-            best, best_state, bad_epochs, lr = state["best"], state["best_state"], state["bad_epochs"], state["lr"]
+            best, bad_epochs, lr = state["best"], state["bad_epochs"], state["lr"]
             if lr != cfg.lr:
                 train_step.set_lr(lr)
             for k, v in state["result"].items():
