@@ -2,20 +2,34 @@
 rounds; after each round the model is retrained from the server's own event log and hot-swapped in.
 
 World: items with a planted relevance (logit q_i), a genre each; users young or old with an age x genre
-interaction; P(click | item shown at position k) = k^-eta * sigmoid(q_i + interaction + b). Each request ranks
-``--candidates`` random items for one user, shows the top ``--k`` with exploration (epsilon-greedy, or
-Thompson sampling with ``--explore thompson``), and the simulated user clicks by the planted model; clicks go
-back through POST /events.
+interaction; P(click | item shown at position k) = k^-eta * sigmoid(q_i + interaction + b). The log starts
+with ``--seed-rows`` impressions of uniformly random rankings (every slot explored), written as the server
+writes its impressions, and the seed model is trained on it. Each request then ranks ``--candidates`` random
+items for one user, shows the top ``--k`` with exploration (epsilon-greedy, or Thompson sampling with
+``--explore thompson``), and the simulated user clicks by the planted model; clicks go back through POST
+/events in batches, as a client buffers them. A round reaches the server within seconds, so its users click
+many times a minute: the log is read with attribution's bot rule (more than 20 clicks a user a minute) off,
+which would otherwise drop the users who click most, with all their history.
 
-After each round ``ctrkit.serve.retrain.retrain`` trains two candidates on the log: naive (clicks as they
-are) and ``ips=True`` (relevance, the examination bias removed by regression EM). Both are compared with the
-served bundle on the most recent 20 % of the log: held-out logloss, and the off-policy top-slot CTR of their
-greedy rankings on the held-out requests (the round's candidates are passed, as ``--candidates`` would be).
-The naive candidate is served next if it is promoted (its pCTR is calibrated to the logged clicks, which the
-monitor's pred/actual needs; the relevance model's pCTR is the position-1 click probability).
+After each round ``ctrkit.serve.retrain.retrain`` trains two candidates on the whole log so far (the seed
+traffic and every round): naive (clicks as they are) and ``ips=True`` (relevance, the examination bias removed
+by regression EM). Both are compared with the served bundle on the most recent 20 % of the log: held-out
+logloss, and the off-policy top-slot CTR of their greedy rankings on the held-out requests (the round's
+candidates are passed, as ``--candidates`` would be). With ``--rule not_worse`` (the default) a candidate is
+promoted unless it is worse than the served bundle beyond the noise of that window (``--rule better`` wants
+both point estimates better, which refuses a candidate that is as good within noise about half the time, and
+the round after it serves the same model again); a promoted candidate is refit on the whole log, the held-out
+window too (``--no-refit``: promote the candidate as gated). The naive candidate is served next if it is
+promoted (its pCTR is calibrated to the logged clicks, which the monitor's pred/actual needs; the relevance
+model's pCTR is the position-1 click probability).
 
 Measured per round, all printed and written as JSON:
-  realised CTR        clicks / impressions served with the round's model (should rise round over round)
+  realised CTR        clicks / impressions served with the round's model (should rise round over round), with
+                      its standard error over requests (``--requests`` sets a round's size and so this error;
+                      a round of data gains less as the model nears what this world's log can teach it, so the
+                      last rounds' rises are the ones noise can hide), and the planted CTR of the shown rankings
+                      (the expectation of the realised CTR given the rankings: the same figure without the
+                      click noise, printed, not judged)
   Kendall tau         of the items' relevance ranked by the naive and by the relevance (ips) retrained model,
                       against the planted q_i
   off-policy estimate of the promoted model's top-slot CTR (IPS / SNIPS / DR of ``ctrkit measure ope
@@ -29,7 +43,7 @@ Measured per round, all printed and written as JSON:
                       retrained on its own served impressions was validated on shown items only, a selection
                       of the candidates, so its PSI reads high without any drift (printed, not judged)
 
-    python bench/loop_sim.py               # writes bench/results/loop_sim.json
+    python bench/loop_sim.py --seed 0      # writes bench/results/loop_sim.json
 """
 
 from __future__ import annotations
@@ -48,13 +62,16 @@ import polars as pl
 from scipy.stats import kendalltau
 
 from ctrkit.data.synth import examination_curve, sigmoid, solve_intercept
+from ctrkit.measure.attribution import AttributionConfig
 from ctrkit.measure.ope import bundle_top_slot_value
 from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle
-from ctrkit.serve.retrain import retrain
+from ctrkit.serve.events import EventLog, attributed_impressions
+from ctrkit.serve.retrain import RULES, retrain
 
 GENRES = ("action", "comedy", "drama", "documentary", "kids")
+ATTRIBUTION = AttributionConfig(max_clicks_per_user_minute=None)  # no bot rule: a round takes seconds
 
 
 class World:
@@ -94,17 +111,28 @@ def schema() -> Schema:
                   label="click", time="timestamp")
 
 
-def seed_bundle(world: World, rows: int, out: Path) -> Path:
-    """A first model from a small log of uniformly random rankings."""
-    n_users = len(world.young)
-    recs = []
-    for _ in range(rows // 10):
+def seed_bundle(world: World, rows: int, log: Path, out: Path) -> Path:
+    """A first model from the traffic before it: ``rows`` impressions of uniformly random rankings of 10 items,
+    logged as the server logs its own (every slot explored, the propensity 1 / items left) into ``log``, so that
+    each retraining learns from them too."""
+    n_users, n_items, shown = len(world.young), len(world.genre), 10
+    events: list[dict[str, Any]] = []
+    for r in range(rows // shown):
         u = int(world.rng.integers(n_users))
-        items = world.rng.choice(len(world.genre), 10, replace=False)
-        for it, c in zip(items, world.clicks(u, items)):
-            recs.append({**world.context(u), **world.candidate(int(it)), "click": int(c),
-                         "timestamp": 1.7e9 + len(recs)})
-    train(pl.DataFrame(recs), schema=schema(), model="fm", out=out, epochs=5, progress=False)
+        items = world.rng.choice(n_items, shown, replace=False)
+        t = 1.7e9 + 10.0 * r
+        for pos, (it, c) in enumerate(zip(items, world.clicks(u, items)), start=1):
+            iid = f"seed-{r}-{pos}"
+            events.append({**world.context(u), **world.candidate(int(it)), "event_id": iid,
+                           "kind": "impression", "impression_id": iid, "timestamp": t, "request_id": f"seed-{r}",
+                           "position": pos, "propensity": 1.0 / (shown - pos + 1), "explored": True})
+            if c:
+                events.append({"event_id": f"c-{iid}", "kind": "click", "impression_id": iid,
+                               "timestamp": t + 1.0})
+    with EventLog(log) as writer:
+        writer.append(events)
+    train(attributed_impressions(log, ATTRIBUTION), schema=schema(), model="fm", out=out, epochs=5,
+          progress=False)
     return out / "bundle"
 
 
@@ -117,13 +145,16 @@ def item_tau(bundle_path: Path, world: World) -> float:
     return float(kendalltau(np.log(p / (1 - p)).mean(axis=0), world.quality).statistic)
 
 
-def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, explore: dict[str, Any]
-                ) -> dict[str, Any]:
-    """One round of traffic; returns realised CTR, the top-slot log and every request's candidates."""
+def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, explore: dict[str, Any],
+                click_batch: int = 50) -> dict[str, Any]:
+    """One round of traffic; returns realised CTR (with its standard error and the planted CTR of the shown
+    rankings), the top-slot log and every request's candidates. Clicks go back in batches of about
+    ``click_batch``, as a client buffers its events."""
     n_users, n_items = len(world.young), len(world.genre)
-    shown = clicked = greedy1 = greedy1_clicks = 0
-    slot1, cands = [], []
-    for _ in range(requests):
+    greedy1 = greedy1_clicks = 0
+    slot1, cands, per_request, pending = [], [], [], []
+    expected = 0.0
+    for n in range(requests):
         u = int(world.rng.integers(n_users))
         items = world.rng.choice(n_items, n_cand, replace=False)
         r = client.post("/rank", json={"context": world.context(u), "candidates": [world.candidate(int(i))
@@ -133,12 +164,14 @@ def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, e
         out = r.json()
         order = np.array([items[it["index"]] for it in out["items"]])
         c = world.clicks(u, order)
-        events = [{"event_id": f"c-{it['impression_id']}", "kind": "click", "impression_id": it["impression_id"]}
-                  for it, hit in zip(out["items"], c) if hit]
-        if events:
-            client.post("/events", json={"events": events}).raise_for_status()
-        shown += len(order)
-        clicked += int(c.sum())
+        pending += [{"event_id": f"c-{it['impression_id']}", "kind": "click",
+                     "impression_id": it["impression_id"]} for it, hit in zip(out["items"], c) if hit]
+        if pending and (len(pending) >= click_batch or n == requests - 1):
+            client.post("/events", json={"events": pending}).raise_for_status()
+            pending = []
+        per_request.append((len(order), int(c.sum())))
+        expected += float(np.minimum(world.exam[: len(order)] * world.relevance(u, order) * world.shift,
+                                     1.0).sum())
         first = out["items"][0]
         if first["score"] >= max(out["items"], key=lambda it: it["score"])["score"]:  # the greedy pick
             greedy1 += 1
@@ -146,9 +179,21 @@ def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, e
         slot1.append({"request_id": out["request_id"], "item_id": f"i{order[0]}", "position": 1,
                       "propensity": first["propensity"], "click": int(c[0])})
         cands += [{"request_id": out["request_id"], **world.context(u), **world.candidate(int(i))} for i in items]
-    return {"impressions": shown, "clicks": clicked, "ctr": clicked / shown,
+    shown, clicks = np.array(per_request, dtype=np.float64).T
+    return {"impressions": int(shown.sum()), "clicks": int(clicks.sum()), "ctr": clicks.sum() / shown.sum(),
+            "ctr_se": ratio_se(clicks, shown), "planted_ctr": expected / shown.sum(),
             "greedy_slot1_ctr": greedy1_clicks / max(greedy1, 1), "greedy_slot1_n": greedy1,
             "slot1": pd.DataFrame(slot1), "candidates": pd.DataFrame(cands)}
+
+
+def ratio_se(clicks: np.ndarray, shown: np.ndarray) -> float:
+    """Standard error of Σclicks / Σshown with the request as the unit (a request's slots share its user and
+    candidates, so its clicks are not independent draws): the delta method for a ratio of means."""
+    n = len(clicks)
+    ctr = clicks.sum() / shown.sum()
+    if n < 2:
+        return float("nan")
+    return float(np.sqrt(np.sum((clicks - ctr * shown) ** 2) / (n * (n - 1))) / shown.mean())
 
 
 def ope_of(bundle_path: Path, rnd: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +211,30 @@ def covers(e: dict[str, Any], realised: float, n: int) -> dict[str, Any]:
             "agrees_within_joint_error": bool(abs(e["value"] - realised) <= 1.959964 * np.hypot(se_est, se_real))}
 
 
+def rises(ctrs: list[float], ses: list[float]) -> list[dict[str, float]]:
+    """Each round's change of realised CTR over the round before, with the change in standard errors."""
+    return [{"change": b - a, "z": (b - a) / float(np.hypot(sa, sb))}
+            for a, b, sa, sb in zip(ctrs, ctrs[1:], ses, ses[1:])]
+
+
+def summary_line(seed: int, rounds: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """One line per run: the realised CTR of every round before the shift and whether it rose every round."""
+    ctrs = ", ".join(f"{r['ctr']:.4f} ± {r['ctr_se']:.4f}" for r in rounds[:-1])
+    rose = "yes" if summary["ctr_rises_round_over_round"] else "no"
+    z = ", ".join(f"{x['z']:+.1f}" for x in summary["ctr_rise"])
+    ips = sum(summary["ips_tau_above_naive"])
+    ope = "; ".join(f"{name} {sum(summary['ope_covers_realised'][name])}/{len(summary['ope_covers_realised'][name])}"
+                    f" ({sum(summary['ope_agrees_within_joint_error'][name])} within the joint error)"
+                    for name in ("ips", "snips", "dr"))
+    planted = "yes" if summary["planted_ctr_rises_round_over_round"] else "no"
+    return (f"seed {seed}: realised CTR by round (± SE) {ctrs}; rises every round before the shift: {rose} "
+            f"(changes in SE: {z}; the planted CTR of the shown rankings rises every round: {planted}); tau ips > naive in {ips} of {len(summary['ips_tau_above_naive'])} rounds; "
+            f"pred/actual {rounds[-2]['monitor']['pred_actual']:.3f} before the shift, "
+            f"{rounds[-1]['monitor']['pred_actual']:.3f} at it (alert: "
+            f"{'yes' if summary['pred_actual_alert_on_shift'] else 'no'}); top-slot OPE interval holds the "
+            f"realised CTR: {ope}")
+
+
 def main() -> None:
     from fastapi.testclient import TestClient
 
@@ -173,7 +242,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--requests", type=int, default=400, help="requests per round")
+    ap.add_argument("--requests", type=int, default=1600, help="requests per round")
     ap.add_argument("--candidates", type=int, default=30)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--epsilon", type=float, default=0.2)
@@ -182,14 +251,17 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=120)
     ap.add_argument("--eta", type=float, default=1.0, help="examination curve k^-eta")
     ap.add_argument("--seed-rows", type=int, default=1500)
+    ap.add_argument("--rule", choices=RULES, default="not_worse", help="retrain's promotion rule")
+    ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                    help="refit a promoted candidate on the whole log")
     ap.add_argument("--shift", type=float, default=0.4, help="click-rate multiplier of the last round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/loop_sim.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ctrkit-loop-"))
     world = World(args.users, args.items, args.k, args.eta, 0.1, args.seed)
-    current = seed_bundle(world, args.seed_rows, work / "seed")
     log = work / "events"
+    current = seed_bundle(world, args.seed_rows, log, work / "seed")
     rounds: list[dict[str, Any]] = []
     app = create_app(ServerConfig(bundle=current, events=log, seed=args.seed, segments=("age_group",),
                                   monitor_window=args.requests * args.k))
@@ -203,6 +275,7 @@ def main() -> None:
             rnd = serve_round(client, world, args.requests, args.candidates, args.k, explore)
             snap = app.state.monitor.snapshot()
             row: dict[str, Any] = {"round": r, "bundle": str(current), "ctr": round(rnd["ctr"], 5),
+                                   "ctr_se": round(rnd["ctr_se"], 5), "planted_ctr": round(rnd["planted_ctr"], 5),
                                    "greedy_slot1_ctr": round(rnd["greedy_slot1_ctr"], 5),
                                    "impressions": rnd["impressions"], "tau_served": item_tau(current, world),
                                    "monitor": {"pred_actual": snap["overall"]["ratio"], "psi": snap["psi"],
@@ -213,11 +286,14 @@ def main() -> None:
                     e.update(covers(e, rnd["greedy_slot1_ctr"], rnd["greedy_slot1_n"]))
                 row["ope_of_this_model"] = pending_ope
             if not last:
-                naive = retrain(log, current, work / f"naive{r}", candidates=rnd["candidates"], epochs=5, seed=r,
-                                keep_candidate=True)
-                ips = retrain(log, current, work / f"ips{r}", ips=True, candidates=rnd["candidates"], epochs=5,
-                              seed=r, keep_candidate=True)
+                t0 = time.perf_counter()
+                gate = {"candidates": rnd["candidates"], "epochs": 5, "seed": r, "keep_candidate": True,
+                        "rule": args.rule, "attribution": ATTRIBUTION}
+                naive = retrain(log, current, work / f"naive{r}", refit=args.refit, **gate)
+                ips = retrain(log, current, work / f"ips{r}", ips=True, **gate)
                 row["retrain"] = {"naive": naive.reason, "ips": ips.reason}
+                row["promoted"] = naive.promoted
+                row["log_rows"] = naive.rows["log"]
                 row["tau_naive"] = item_tau(Path(str(naive.candidate_path)), world)
                 row["tau_ips"] = item_tau(Path(str(ips.candidate_path)), world)
                 if naive.promoted:
@@ -226,12 +302,20 @@ def main() -> None:
                     current = work / f"naive{r}"
                 else:
                     pending_ope = None
+                row["retrain_seconds"] = round(time.perf_counter() - t0, 1)
             rounds.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("retrain",)}, default=float), flush=True)
     ctrs = [r["ctr"] for r in rounds[:-1]]
+    ses = [r["ctr_se"] for r in rounds[:-1]]
+    planted = [r["planted_ctr"] for r in rounds[:-1]]
     summary = {
         "ctr_by_round": ctrs,
+        "ctr_se_by_round": ses,
+        "planted_ctr_by_round": planted,
+        "ctr_rise": rises(ctrs, ses),
         "ctr_rises_round_over_round": all(b > a for a, b in zip(ctrs, ctrs[1:])),
+        "planted_ctr_rises_round_over_round": all(b > a for a, b in zip(planted, planted[1:])),
+        "promoted_by_round": [r["promoted"] for r in rounds[:-1]],
         "tau_naive": [r.get("tau_naive") for r in rounds[:-1]],
         "tau_ips": [r.get("tau_ips") for r in rounds[:-1]],
         "ips_tau_above_naive": [r["tau_ips"] > r["tau_naive"] for r in rounds[:-1]],
@@ -248,10 +332,12 @@ def main() -> None:
                    for e in r.get("ope_of_this_model", {}).get("estimates", []) if e["estimator"] == name]
             for name in ("ips", "snips", "dr")},
     }
+    summary["line"] = summary_line(args.seed, rounds, summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rounds": rounds,
                                       "summary": summary}, indent=1, default=float))
-    print(json.dumps(summary, indent=1, default=float))
+    print(json.dumps({k: v for k, v in summary.items() if k != "line"}, indent=1, default=float))
+    print(summary["line"])
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -13,13 +13,15 @@ from typer.testing import CliRunner
 from ctrkit.cli import app
 from ctrkit.data.readers import DataError
 from ctrkit.data.synth import make_click_log, synth_schema
+from ctrkit.measure.attribution import AttributionConfig
 from ctrkit.pipeline import train
 from ctrkit.serve.events import EventLog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrkit.serve.retrain import (_theta_at, examination, examination_given_relevance, relevance_rows,
-                                  WEIGHT)
+from ctrkit.serve.bundle import Bundle
+from ctrkit.serve.retrain import (_theta_at, clustered_mean, examination, examination_given_relevance,
+                                  logloss_gap, relevance_rows, retrain, WEIGHT)
 
 
 def _log_from(df: pl.DataFrame, path: Path, shuffle_clicks: bool = False) -> None:
@@ -160,3 +162,38 @@ def test_examination_given_relevance_undoes_a_ranker_s_confounding() -> None:
     fixed = examination_given_relevance(rows, "click", gamma)
     assert max(abs(fixed[k] - 1.0 / k) for k in range(2, 6)) < 0.05
     assert max(abs(naive[k] - 1.0 / k) for k in range(2, 6)) > 0.1
+
+
+def test_not_worse_with_refit_promotes_the_refit_and_refuses_a_worse_candidate(
+        world: tuple[Path, pl.DataFrame]) -> None:
+    out, df = world
+    _log_from(df.slice(300, 3000), out / "good")
+    res = retrain(out / "good", out / "weak" / "bundle", out / "good_new", epochs=2, rule="not_worse", refit=True,
+                  keep_candidate=True)
+    assert res.promoted and res.rows["refit"] == res.rows["log"] > res.rows["train"]
+    assert "paired logloss difference" in res.reason and "refit on all" in res.reason
+    served, gated = Bundle.load(out / "good_new"), Bundle.load(str(res.candidate_path))
+    rows = df.slice(3300, 200).drop("p_click")
+    assert not np.allclose(served.predict(rows), gated.predict(rows))  # the refit, not the gated candidate
+    _log_from(df.slice(300, 2000), out / "noise2", shuffle_clicks=True)
+    res = retrain(out / "noise2", out / "good_new", out / "worse2", epochs=2, rule="not_worse", refit=True)
+    gap = res.candidate["logloss_gap"]
+    assert not res.promoted and gap["value"] > 1.645 * gap["se"] > 0 and not (out / "worse2").exists()
+    assert "refit" not in res.rows and "kept the base" in res.reason
+    with pytest.raises(ValueError, match="rule"):
+        retrain(out / "good", out / "weak" / "bundle", out / "x", rule="maybe")
+    # the attribution rules are the caller's: clicks 5 s after their impression, a 1 s click window, no clicks
+    with pytest.raises(DataError, match="too few"):
+        retrain(out / "good", out / "weak" / "bundle", out / "x", attribution=AttributionConfig(click_window_s=1.0))
+
+
+def test_logloss_gap_is_paired_and_clustered(world: tuple[Path, pl.DataFrame]) -> None:
+    out, df = world
+    weak = Bundle.load(out / "weak" / "bundle")
+    rows = df.slice(300, 500).with_columns((pl.int_range(500) // 10).cast(pl.String).alias("request_id"))
+    assert logloss_gap(weak, weak, rows, "click") == (0.0, 0.0)
+    # two requests: row differences (1, 3) and (2, 6) -> request sums 4 and 8 over 2 rows each
+    mean, se = clustered_mean(np.array([1.0, 3.0, 2.0, 6.0]), np.ones(4), np.array(["a", "a", "b", "b"]))
+    assert mean == pytest.approx(3.0) and se == pytest.approx(np.sqrt(((4 - 6) ** 2 + (8 - 6) ** 2) / 2) / 2)
+    mean, se = clustered_mean(np.array([1.0, 3.0, 2.0, 6.0]), np.ones(4), None)
+    assert mean == pytest.approx(3.0) and se == pytest.approx(np.std([1.0, 3.0, 2.0, 6.0], ddof=1) / 2)

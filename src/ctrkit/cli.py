@@ -416,13 +416,19 @@ def retrain(events: Path = typer.Option(..., help="Event log folder written by `
                                                                  "request_id + features): also require a better "
                                                                  "off-policy top-slot CTR to promote."),
             epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping decides)."),
-            seed: int = typer.Option(0, help="Random seed.")) -> None:
+            seed: int = typer.Option(0, help="Random seed."),
+            rule: str = typer.Option("better", help="Promote when the candidate is 'better' on the point "
+                                                    "estimates, or 'not_worse': unless worse beyond the noise."),
+            alpha: float = typer.Option(0.05, help="With --rule not_worse: the one-sided test's level."),
+            refit: bool = typer.Option(False, "--refit/--no-refit",
+                                       help="Retrain a candidate that passes on the whole log, the held-out "
+                                            "window included, and promote that.")) -> None:
     """Train on the served traffic, compare with BASE on the recent window, promote only if better."""
     from ctrkit.serve.retrain import retrain as run_retrain
 
     try:
         res = run_retrain(events, base, out, holdout=holdout, ips=ips, em_steps=em_steps, candidates=candidates,
-                          epochs=epochs, seed=seed)
+                          epochs=epochs, seed=seed, rule=rule, alpha=alpha, refit=refit)
     except USER_ERRORS as exc:
         _fail(str(exc))
     Console().print(_metrics_table({"base": res.base, "candidate": res.candidate}, "held-out recent window"))

@@ -1,10 +1,21 @@
-"""Retrain from the server's own event log and promote the new bundle only if it beats the base.
+"""Retrain from the server's own event log and promote the new bundle only if it holds up against the base.
 
 The training rows are the logged impressions with their clicks joined by ``ctrkit.measure``'s attribution
 (:func:`ctrkit.serve.events.attributed_impressions`). The most recent ``holdout`` share by time is kept aside;
 the candidate is trained on the rest with the base bundle's schema and model, and both are scored on the
 held-out window. The candidate is promoted (written to ``out``) only if its logloss there is lower and, given
 the requests' candidates, only if its greedy ranking also gets the higher off-policy top-slot CTR there.
+
+That is ``rule="better"``, and it compares point estimates: a candidate as good as the base within the noise
+of the held-out window is refused about half the time, and the off-policy estimate of a ranking that often
+differs from the logged one is noisy (an explored top slot weighs 1 / propensity). ``rule="not_worse"``
+promotes unless the candidate is worse beyond that noise, a one-sided test at ``alpha`` on each figure: the
+held-out logloss by the paired per-impression difference (its standard error taken over requests, whose
+impressions share a user and a slate), and the off-policy top-slot CTR by the difference of the two estimates
+against their joint error (unpaired: the two share the held-out requests, so this error is if anything too
+wide, and the rule errs towards the candidate, which has seen more of the log). With ``refit`` a candidate
+that passes is trained once more, by the same recipe, on every logged impression, the held-out window too (the
+freshest traffic, the served model's own), and that bundle is promoted.
 
 With ``ips=True`` the candidate learns relevance rather than clicks. A click needs the item examined and
 relevant, P(click | x, position k) = θ_k · γ(x) (the examination hypothesis); a ranker shows the items it likes
@@ -31,18 +42,23 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+from scipy.stats import norm
 
 from ctrkit.data.readers import DataError
 from ctrkit.evaluate.metrics import evaluate
 from ctrkit.serve.bundle import Bundle
 from ctrkit.serve.events import attributed_impressions
 
+if TYPE_CHECKING:
+    from ctrkit.measure.attribution import AttributionConfig
+
 WEIGHT = "relevance_weight"
 GAMMA_CLIP = (1e-4, 1.0 - 1e-4)
+RULES = ("better", "not_worse")
 
 
 @dataclass
@@ -128,69 +144,132 @@ def held_out_metrics(bundle: Bundle, rows: pl.DataFrame, label: str) -> dict[str
     relevance (its metrics carry ``examination``)."""
     if "examination" not in bundle.metrics:
         return bundle.evaluate(rows)[0]
-    exam = {int(k): float(v) for k, v in bundle.metrics["examination"].items()}
-    p = np.clip(bundle.predict(rows) * _theta_at(rows, exam), *GAMMA_CLIP)
-    return evaluate(rows[label].to_numpy().astype(np.float64), p)
+    return evaluate(rows[label].to_numpy().astype(np.float64), held_out_pctr(bundle, rows))
+
+
+def held_out_pctr(bundle: Bundle, rows: pl.DataFrame) -> np.ndarray:
+    """The click probability :func:`held_out_metrics` scores, per row: pCTR, or θ_position · pCTR for a bundle
+    trained on relevance."""
+    p = np.asarray(bundle.predict(rows), dtype=np.float64)
+    p = p if p.ndim == 1 else p[:, 0]
+    if "examination" in bundle.metrics:
+        exam = {int(k): float(v) for k, v in bundle.metrics["examination"].items()}
+        p = p * _theta_at(rows, exam)
+    return np.clip(p, *GAMMA_CLIP)
+
+
+def clustered_mean(values: np.ndarray, weights: np.ndarray, groups: np.ndarray | None) -> tuple[float, float]:
+    """Weighted mean of ``values`` and its standard error with ``groups`` (e.g. requests) as the sampling unit
+    (rows of a group are not independent), by the delta method for a ratio of group sums; rows are the unit
+    without groups."""
+    wv = weights * values
+    if groups is not None:
+        _, inv = np.unique(groups, return_inverse=True)
+        wv, weights = np.bincount(inv, wv), np.bincount(inv, weights)
+    n = len(weights)
+    mean = float(wv.sum() / weights.sum())
+    if n < 2:
+        return mean, float("nan")
+    se = float(np.sqrt(np.sum((wv - mean * weights) ** 2) / (n * (n - 1))) / weights.mean())
+    return mean, se
+
+
+def logloss_gap(base: Bundle, cand: Bundle, rows: pl.DataFrame, label: str, weight: str | None = None
+                ) -> tuple[float, float]:
+    """Candidate minus base held-out logloss, paired per impression, and its standard error over requests."""
+    y = rows[label].to_numpy().astype(np.float64)
+
+    def loss(p: np.ndarray) -> np.ndarray:
+        return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+
+    d = loss(held_out_pctr(cand, rows)) - loss(held_out_pctr(base, rows))
+    w = rows[weight].to_numpy().astype(np.float64) if weight and weight in rows.columns else np.ones(len(d))
+    groups = rows["request_id"].to_numpy() if "request_id" in rows.columns else None
+    return clustered_mean(d, w, groups)
+
+
+def _fit(rows: pl.DataFrame, base: Bundle, work_dir: Path, *, ips: bool, em_steps: int, epochs: int | None,
+         seed: int, progress: bool, events: str | Path) -> tuple[Bundle, dict[int, float] | None, int]:
+    """The candidate recipe on ``rows``: a click model, or with ``ips`` the relevance model EM fits from it
+    (module docstring); returns the bundle (saved under ``work_dir/bundle``), θ and the training row count."""
+    from ctrkit.pipeline import train
+
+    sch = base.schema
+    label = sch.label
+    plain = replace(sch, weight=None) if sch.weight == WEIGHT else sch
+    run = train(rows, schema=plain, model=base.model_name, out=work_dir, epochs=epochs, seed=seed,
+                progress=progress)  # the click model: the candidate, or where EM starts
+    if not ips:
+        return run.bundle, None, rows.height
+    exam = examination(rows, label)
+    if not exam:
+        raise DataError(f"{events}: relevance retraining needs logged positions with clicks at the first one")
+    clicks = run.bundle.predict(rows)
+    exam = examination_given_relevance(rows, label, clicks / _theta_at(rows, exam)) or exam
+    gamma = clicks / _theta_at(rows, exam).mean()
+    weighted = replace(sch, weight=WEIGHT)
+    for _ in range(em_steps):
+        step = relevance_rows(rows, label, exam, gamma)
+        if plain.weight:
+            step = step.with_columns(pl.col(WEIGHT) * pl.col(plain.weight))
+        run = train(step, schema=weighted, model=base.model_name, out=work_dir, epochs=epochs,
+                    seed=seed, progress=progress)
+        gamma = run.bundle.predict(rows)
+        exam = examination_given_relevance(rows, label, gamma) or exam
+    run.bundle.metrics["examination"] = exam
+    run.bundle.save(work_dir / "bundle")
+    return run.bundle, exam, step.height
 
 
 def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: float = 0.2, ips: bool = False,
             em_steps: int = 1, candidates: Any = None, epochs: int | None = None, seed: int = 0,
-            work: str | Path | None = None, keep_candidate: bool = False, progress: bool = False) -> RetrainResult:
-    """Train a candidate on the log (all but the recent ``holdout``), compare on the holdout, promote if better.
+            work: str | Path | None = None, keep_candidate: bool = False, progress: bool = False,
+            rule: str = "better", alpha: float = 0.05, refit: bool = False,
+            attribution: AttributionConfig | None = None) -> RetrainResult:
+    """Train a candidate on the log (all but the recent ``holdout``), compare on the holdout, promote by ``rule``.
 
     With ``ips`` the candidate is fitted to relevance by ``em_steps`` rounds of regression EM (module docstring).
     With ``candidates`` (every candidate of the logged requests, a file or a frame), both bundles' greedy rankings
     are also evaluated off-policy on the held-out requests' top slots (doubly robust estimate of their CTR,
     :func:`ctrkit.measure.ope.bundle_top_slot_value`), and the candidate is promoted only if it is better on both.
+    ``rule`` "better" promotes on the point estimates, "not_worse" unless the candidate is worse beyond the
+    noise of the held-out window (one-sided at ``alpha``; module docstring). With ``refit`` a candidate that
+    passes is retrained on the whole log, the held-out window included, and that bundle is promoted.
+    ``attribution`` (default: ``ctrkit.measure``'s) sets the rules that turn the log into training rows.
     With ``keep_candidate`` the candidate's run folder (``work``, default ``OUT.work``) is kept either way.
     """
-    from ctrkit.pipeline import train
-
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     if em_steps < 1:
         raise ValueError(f"em_steps must be >= 1, got {em_steps}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     base_bundle = Bundle.load(base)
     sch = base_bundle.schema
     label = sch.label
-    rows = attributed_impressions(events, label=label).sort("timestamp")
+    rows = attributed_impressions(events, attribution, label=label).sort("timestamp")
     cut = int(rows.height * (1.0 - holdout))
     fit, held = rows[:cut], rows[cut:]
     if fit.height == 0 or held.height == 0 or held[label].n_unique() < 2:
         raise DataError(f"{events}: {rows.height} impressions are too few to train and compare "
                         f"(the held-out {holdout:.0%} needs clicks and non-clicks)")
     work_dir = Path(work) if work else Path(out).with_name(Path(out).name + ".work")
-    plain = replace(sch, weight=None) if sch.weight == WEIGHT else sch
-    exam: dict[int, float] | None = None
-    run = train(fit, schema=plain, model=base_bundle.model_name, out=work_dir, epochs=epochs, seed=seed,
-                progress=progress)  # the click model: the candidate, or where EM starts
-    train_rows = fit.height
-    if ips:
-        exam = examination(fit, label)
-        if not exam:
-            raise DataError(f"{events}: relevance retraining needs logged positions with clicks at the first one")
-        clicks = run.bundle.predict(fit)
-        exam = examination_given_relevance(fit, label, clicks / _theta_at(fit, exam)) or exam
-        gamma = clicks / _theta_at(fit, exam).mean()
-        weighted = replace(sch, weight=WEIGHT)
-        for _ in range(em_steps):
-            step = relevance_rows(fit, label, exam, gamma)
-            if plain.weight:
-                step = step.with_columns(pl.col(WEIGHT) * pl.col(plain.weight))
-            run = train(step, schema=weighted, model=base_bundle.model_name, out=work_dir, epochs=epochs,
-                        seed=seed, progress=progress)
-            gamma = run.bundle.predict(fit)
-            exam = examination_given_relevance(fit, label, gamma) or exam
-        train_rows = step.height
-    cand = run.bundle
-    if ips:
-        cand.metrics["examination"] = exam
-        cand.save(work_dir / "bundle")
+    weight = sch.weight if sch.weight != WEIGHT else None
+    fit_kw: dict[str, Any] = {"ips": ips, "em_steps": em_steps, "epochs": epochs, "seed": seed,
+                              "progress": progress, "events": events}
+    cand, exam, train_rows = _fit(fit, base_bundle, work_dir, **fit_kw)
     base_m = held_out_metrics(base_bundle, held, label)
     cand_m = held_out_metrics(cand, held, label)
-    better = cand_m["logloss"] < base_m["logloss"]
+    z = float(norm.isf(alpha))
+    gap, gap_se = logloss_gap(base_bundle, cand, held, label, weight)
+    cand_m["logloss_gap"] = {"value": gap, "se": gap_se}
+    better = cand_m["logloss"] < base_m["logloss"] if rule == "better" else not gap > z * np.nan_to_num(gap_se)
     reason = (f"held-out logloss {cand_m['logloss']:.5f} (candidate) vs {base_m['logloss']:.5f} (base); "
               f"AUC {cand_m['auc']:.4f} vs {base_m['auc']:.4f}")
+    if rule == "not_worse":
+        reason += f"; paired logloss difference {gap:+.5f} (SE {gap_se:.5f})"
     if candidates is not None:
         from ctrkit.measure.ope import bundle_top_slot_value
 
@@ -199,19 +278,36 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
             m["ope"]["bundle"] = name
         dr = {name: next(e for e in m["ope"]["estimates"] if e["estimator"] == "dr")
               for name, m in (("base", base_m), ("candidate", cand_m))}
-        better = better and dr["candidate"]["value"] > dr["base"]["value"]
+        if rule == "better":
+            better = better and dr["candidate"]["value"] > dr["base"]["value"]
+        else:
+            se = {k: (e["ci_high"] - e["ci_low"]) / (2.0 * float(norm.isf(0.025))) for k, e in dr.items()}
+            joint = float(np.nan_to_num(np.hypot(se["base"], se["candidate"])))
+            better = better and not dr["base"]["value"] - dr["candidate"]["value"] > z * joint
         reason += (f"; off-policy top-slot CTR (DR, {cand_m['ope']['requests']} held-out requests) "
                    f"{dr['candidate']['value']:.4f} [{dr['candidate']['ci_low']:.4f}, {dr['candidate']['ci_high']:.4f}] "
                    f"vs {dr['base']['value']:.4f} [{dr['base']['ci_low']:.4f}, {dr['base']['ci_high']:.4f}]")
+    if rule == "not_worse":
+        reason += f" (promoted unless worse beyond one-sided {1 - alpha:.0%} noise)"
+    promoted_dir = work_dir / "bundle"
+    refit_dir = work_dir.with_name(work_dir.name + ".refit")
+    counts = {"log": rows.height, "train": train_rows, "holdout": held.height}
+    if better and refit:
+        _, exam_all, refit_rows = _fit(rows, base_bundle, refit_dir, **fit_kw)
+        promoted_dir = refit_dir / "bundle"
+        counts["refit"] = refit_rows
+        reason += f"; refit on all {rows.height} logged impressions"
+        if exam_all is not None:
+            exam = exam_all
     res = RetrainResult(promoted=better, reason=("promoted: " if better else "kept the base: ") + reason,
-                        base=base_m, candidate=cand_m, ips=ips, examination=exam,
-                        rows={"log": rows.height, "train": train_rows, "holdout": held.height})
+                        base=base_m, candidate=cand_m, ips=ips, examination=exam, rows=counts)
     if better:
         dest = Path(out)
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(work_dir / "bundle", dest)
+        shutil.copytree(promoted_dir, dest)
         res.out = str(dest)
+    shutil.rmtree(refit_dir, ignore_errors=True)
     if keep_candidate:
         res.candidate_path = str(work_dir / "bundle")
     else:
