@@ -159,10 +159,10 @@ def test_dot_interaction_equals_pairwise_dots() -> None:
     close(DotInteraction(5)(x), want)
 
 
-@pytest.mark.parametrize("residual, scale", [(True, False), (False, True)])
-def test_field_self_attention_equals_autoint_formula(residual: bool, scale: bool) -> None:
+@pytest.mark.parametrize("residual, scale, norm", [(True, False, False), (False, True, False), (True, False, True)])
+def test_field_self_attention_equals_autoint_formula(residual: bool, scale: bool, norm: bool) -> None:
     b, f, d_in, d, heads = 2, 4, 3, 2, 3
-    layer = randomised(FieldSelfAttention(d_in, d, heads, residual, scale))
+    layer = randomised(FieldSelfAttention(d_in, d, heads, residual, scale, norm))
     x = rand(b, f, d_in)
     wq, wk, wv = layer.qkv.weight.view(3, heads, d, d_in)
     out, attn = layer(x)
@@ -177,6 +177,10 @@ def test_field_self_attention_equals_autoint_formula(residual: bool, scale: bool
             want = torch.cat(parts)
             if residual:
                 want = want + layer.res.weight @ x[s, i]
+            if norm:  # (v - mean) / sqrt(biased variance + eps) * gamma + beta over the field's heads * d values
+                centred = want - want.mean()
+                unit = centred / torch.sqrt(centred.pow(2).mean() + layer.norm.eps)
+                want = unit * layer.norm.weight + layer.norm.bias
             close(out[s, i], torch.relu(want))
 
 

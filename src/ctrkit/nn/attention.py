@@ -14,10 +14,14 @@ class FieldSelfAttention(nn.Module):
     """AutoInt's interacting layer (Song et al., 2019): multi-head self-attention over field vectors [B, F, in].
 
     Head h: a_{ij} = softmax_j(<W_Q e_i, W_K e_j> [/ sqrt(d)]), e~_i = sum_j a_{ij} W_V e_j; the heads are
-    concatenated and out_i = relu(e~_i + W_res e_i). Returns (out [B, F, heads * d], attention [B, heads, F, F]).
+    concatenated and out_i = relu(e~_i + W_res e_i), or relu(LN(e~_i + W_res e_i)) with ``layer_norm`` (a layer
+    norm over each field's heads * d values, as FuxiCTR offers): without it the output scales with the
+    embeddings, which an embedding L2 keeps small, so the layers learn slowly.
+    Returns (out [B, F, heads * d], attention [B, heads, F, F]).
     """
 
-    def __init__(self, in_dim: int, attn_dim: int, heads: int = 2, residual: bool = True, scale: bool = False) -> None:
+    def __init__(self, in_dim: int, attn_dim: int, heads: int = 2, residual: bool = True, scale: bool = False,
+                 layer_norm: bool = False) -> None:
         super().__init__()
         if in_dim < 1 or attn_dim < 1 or heads < 1:
             raise ValueError(f"sizes must be >= 1, got in_dim={in_dim}, attn_dim={attn_dim}, heads={heads}")
@@ -25,6 +29,7 @@ class FieldSelfAttention(nn.Module):
         self.qkv = nn.Linear(in_dim, 3 * heads * attn_dim, bias=False)
         self.res = nn.Linear(in_dim, heads * attn_dim, bias=False) if residual else None
         self.out_features = heads * attn_dim
+        self.norm = nn.LayerNorm(self.out_features) if layer_norm else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, f, _ = x.shape
@@ -36,6 +41,8 @@ class FieldSelfAttention(nn.Module):
         out = (attn @ v).transpose(1, 2).reshape(b, f, -1)
         if self.res is not None:
             out = out + self.res(x)
+        if self.norm is not None:
+            out = self.norm(out)
         return F.relu(out), attn
 
 
