@@ -141,6 +141,26 @@ def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.Dat
     assert set(Scorer(bundle, None, rows=200, reps=3).describe()["probe_ms"]) == {"torch", "torch folded"}
 
 
+def test_a_swap_to_the_same_shapes_keeps_the_timings(exported: tuple[Path, pl.DataFrame],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reloaded bundle of the same model and layout is checked (folded form and fp32 graph against torch) but
+    not timed again; other threads are timed afresh."""
+    from ctrkit.serve.bundle import Bundle
+    from ctrkit.serve.scorer import Scorer
+
+    path, _ = exported
+    first = Scorer(Bundle.load(path), path, rows=200, reps=3)
+    calls: list[str] = []
+    real = Scorer._probabilities
+    monkeypatch.setattr(Scorer, "_probabilities", lambda self, p, *a: calls.append(p) or real(self, p, *a))
+    again = Scorer(Bundle.load(path), path, rows=200, reps=3, like=first)
+    assert again.timings_ms == first.timings_ms and again.backend == first.backend
+    assert sorted(calls) == ["onnx fp32", "torch", "torch folded"]  # the checks only
+    calls.clear()
+    Scorer(Bundle.load(path), path, threads=2, rows=200, reps=3, like=first)
+    assert len(calls) == 3 + 3 * 4
+
+
 def test_server_scores_on_the_chosen_path(exported: tuple[Path, pl.DataFrame]) -> None:
     pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install 'ctrkit[serve]'")
     from fastapi.testclient import TestClient

@@ -336,7 +336,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Load the bundle at ``path`` beside the live one, then make it the live one."""
         async with reload_lock:
             old: _Live = state["live"]
-            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads)
+            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads, old.scorer)
             state["live"] = new
             monitor.reference = new.bundle.metrics.get("pctr_reference")
             metrics.reloads.inc()
@@ -516,10 +516,10 @@ def app_from_env() -> FastAPI:
     return create_app(ServerConfig(**cfg))
 
 
-def _load(path: Path, threads: int = 1) -> _Live:
+def _load(path: Path, threads: int = 1, live: Scorer | None = None) -> _Live:
     try:
         bundle = Bundle.load(path)
-        return _Live(bundle, bundle_version(path), Path(path), Scorer(bundle, path, threads))
+        return _Live(bundle, bundle_version(path), Path(path), Scorer(bundle, path, threads, like=live))
     except FileNotFoundError as exc:
         raise BundleError(f"{path}: {exc}") from exc
 

@@ -37,7 +37,10 @@ class Scorer:
     """Scores raw records through ``bundle`` on its fastest model path (``backend``), timed at load."""
 
     def __init__(self, bundle: Bundle, path: str | Path | None = None, threads: int = 1, rows: int = 1000,
-                 reps: int = 15) -> None:
+                 reps: int = 15, like: Scorer | None = None) -> None:
+        """``like``: the scorer this one replaces (a hot swap). When both bundles have the same model, layout and
+        paths, its timings stand for this one's (speed depends on the shapes, not the weights), so a swap costs
+        the correctness checks and not the timing, which would slow the requests served meanwhile."""
         self.bundle, self.threads = bundle, threads
         self.sessions: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
@@ -48,7 +51,7 @@ class Scorer:
             self.skipped[FOLDED] = str(exc)
         if path is not None:
             self._open_sessions(Path(path))
-        self.timings_ms = self._time_paths(rows, reps)  # empty when torch is the only path
+        self.timings_ms = self._time_paths(rows, reps, like)  # empty when torch is the only path
         self.backend = min(self.timings_ms, key=self.timings_ms.__getitem__) if self.timings_ms else "torch"
 
     def _open_sessions(self, path: Path) -> None:
@@ -80,9 +83,16 @@ class Scorer:
         dense[rng.random(dense.shape) < 0.1] = np.nan
         return ids, dense
 
-    def _time_paths(self, rows: int, reps: int) -> dict[str, float]:
+    def _same_shapes(self, other: Scorer) -> bool:
+        """True when ``other`` scores a model of the same kind, settings and id space with the same threads."""
+        a, b = self.bundle, other.bundle
+        return (a.model_name == b.model_name and a.model.config.to_dict() == b.model.config.to_dict()
+                and a.encoder.fingerprint() == b.encoder.fingerprint() and self.threads == other.threads)
+
+    def _time_paths(self, rows: int, reps: int, like: Scorer | None = None) -> dict[str, float]:
         """Median milliseconds of each path on one batch of ``rows``, the paths taking turns (a loaded machine
-        slows them alike); an fp32 graph that disagrees with torch is dropped."""
+        slows them alike), or ``like``'s when it had these paths for the same shapes; a folded form or fp32
+        graph that disagrees with torch is dropped."""
         paths = ["torch", *([FOLDED] if self.folded is not None else []), *self.sessions]
         if len(paths) == 1:
             return {}
@@ -98,6 +108,8 @@ class Scorer:
                 self.sessions.pop(exact, None)
                 if exact == FOLDED:
                     self.folded = None
+        if like is not None and set(like.timings_ms) == set(paths) and self._same_shapes(like):
+            return dict(like.timings_ms)
         ms: dict[str, list[float]] = {p: [] for p in paths}
         for _ in range(reps):
             for p in paths:
