@@ -37,6 +37,7 @@ from typing import Any
 import polars as pl
 
 from ctrkit.data.readers import DataError
+from ctrkit.fsutil import fsync_dir
 
 LOG_FORMAT = 1
 MARKER = "ctrkit-events.json"
@@ -51,14 +52,6 @@ class EventLogError(ValueError):
 def is_event_log(path: str | Path) -> bool:
     """True when ``path`` is an event log folder."""
     return (Path(path) / MARKER).is_file()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -99,7 +92,7 @@ class EventLog:
         (self.path / "parquet").mkdir(exist_ok=True)
         if not marker.exists():
             marker.write_text(json.dumps({"format": LOG_FORMAT}))
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         elif json.loads(marker.read_text()).get("format") != LOG_FORMAT:
             raise EventLogError(f"{self.path}: event log format {json.loads(marker.read_text()).get('format')} "
                                 f"is not supported")
@@ -138,7 +131,7 @@ class EventLog:
     def _open_segment(self) -> None:
         self._segment = self.path / "segments" / f"{self._seq:06d}.jsonl"
         self._fh = open(self._segment, "ab")
-        _fsync_dir(self._segment.parent)
+        fsync_dir(self._segment.parent)
 
     def _compact(self, seg: Path, events: list[dict[str, Any]]) -> None:
         """Write a closed segment's events as Parquet (temp name, sync, rename), then delete the segment."""
@@ -149,9 +142,9 @@ class EventLog:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         seg.unlink()
-        _fsync_dir(seg.parent)
+        fsync_dir(seg.parent)
 
     # -- appending ---------------------------------------------------------------------------------
     def append_async(self, events: Iterable[Mapping[str, Any]]) -> Future[list[bool]]:
@@ -264,7 +257,7 @@ def open_writer(path: str | Path, slots: int = 1024) -> EventLog:
     (root / "writers").mkdir(parents=True, exist_ok=True)
     if not is_event_log(root):
         (root / MARKER).write_text(json.dumps({"format": LOG_FORMAT}))
-        _fsync_dir(root)
+        fsync_dir(root)
     for slot in range(slots):
         lock = open(root / "writers" / f"{slot:02d}.lock", "a")  # noqa: SIM115 - held while the log is open
         try:

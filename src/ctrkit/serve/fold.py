@@ -100,7 +100,8 @@ def fold(model: CTRModel, offsets: Sequence[int] | None = None, max_bytes: int =
     mlp = getattr(model, "mlp", None)
     if model.name == "deepfm" and not getattr(cfg, "deep", True):
         mlp = None
-    has_linear = hasattr(model, "linear") or hasattr(model, "wide")
+    lin = getattr(model, "linear", None) or getattr(model, "wide", None)  # the first-order term, if any
+    has_linear = lin is not None
     fm_dim = int(cfg.embed_dim) if model.name in ("fm", "deepfm") and getattr(cfg, "fm", True) else 0
     layers = list(mlp) if mlp is not None else []
     if layers:
@@ -123,7 +124,6 @@ def fold(model: CTRModel, offsets: Sequence[int] | None = None, max_bytes: int =
     bias[:hidden] = b1
     dim = int(cfg.embed_dim)
     emb = getattr(model, "embedding", None)
-    lin = getattr(model, "linear", None) or getattr(model, "wide", None)
     e = emb.table.weight.detach() if emb is not None else None
     for j, (lo, size) in enumerate(zip(starts, spec.field_sizes) if hidden else ()):
         assert e is not None

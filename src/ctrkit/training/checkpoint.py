@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctrkit.fsutil import fsync_dir
+
 CHECKPOINT = "last.pt"
 SHARDS = "sharded-"  # prefix of the folders that hold the DCP shards of a "torchrec" checkpoint
 
@@ -147,7 +149,7 @@ def save_sharded_checkpoint(folder: str | Path, state: dict[str, Any], shards: d
     dcp.save(shards, checkpoint_id=target)  # returns on every rank once .metadata is written
     path = folder / CHECKPOINT
     if main:
-        _fsync_dir(target)
+        fsync_dir(target)
         path = save_checkpoint(folder, {**state, "backend": "torchrec", "tables": name,
                                         "ranks": dist.get_world_size() if dist.is_initialized() else 1})
         for old in folder.glob(f"{SHARDS}*"):  # committed: the shards of earlier checkpoints can go
@@ -214,12 +216,3 @@ def _barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (DCP fsyncs the files it writes, not the folder that lists them)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

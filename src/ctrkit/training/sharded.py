@@ -37,16 +37,13 @@ import math
 import os
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear
-
-if TYPE_CHECKING:
-    from ctrkit.training.step import TrainStep
 
 BACKENDS = ("plain", "torchrec")
 INSTALL = ("pip install 'ctrkit[torchrec]' with the FBGEMM build that matches this torch: fbgemm-gpu for CUDA, "
