@@ -21,8 +21,6 @@ one-time work and is not timed.
 * ``rules``: DeepFM at the largest batch size under variants of the large-batch rule (the shipped "rows" rule,
   half its power, with CowClip and the L2 scaled, CowClip alone, the dense rule alone) and at 4,096 in fp32, to
   show what each part of the rule does.
-* ``score``: 1,000 encoded candidates through the trained DeepFM on the GPU (eval mode, bf16), p50/p99 of the
-  model part over 2,000 calls, host tensors in, host probabilities out.
 * ``big``: ``--big-rows`` rows resampled from the training rows, one epoch, resident on the GPU, with the
   GPU's utilisation sampled by ``nvidia-smi`` every 100 ms.
 * ``--harness-ref`` runs ``../shared/peers/gpu_plain_ref.py`` (its own random ids) in a subprocess of the same
@@ -31,7 +29,9 @@ one-time work and is not timed.
 Prints a table and writes ``<out>/gpu.json``. Usage::
 
     python bench/bench_gpu.py --peers ../shared/peers [--rows 10000000] [--batch-sizes 4096,16384,65536]
-        [--parts speed,rules,zoo,score,big] [--harness-ref] [--out bench/results]
+        [--parts speed,rules,zoo,big] [--harness-ref] [--out bench/results]
+
+Scoring on the GPU (1,000 raw candidates through a bundle) is ``bench/bench_gpu_score.py``.
 """
 
 from __future__ import annotations
@@ -170,10 +170,13 @@ def main() -> None:
     ap.add_argument("--peers", default=str(ROOT.parent / "shared" / "peers"), help="folder of gen_synth_criteo.py")
     ap.add_argument("--rows", type=int, default=10_000_000, help="training rows (validation and test: 10%% each)")
     ap.add_argument("--batch-sizes", default="4096,16384,65536")
-    ap.add_argument("--parts", default="speed,zoo,score,big")
+    ap.add_argument("--parts", default="speed,zoo,big")
     ap.add_argument("--epochs", type=int, default=8, help="most epochs of an early-stopping run")
     ap.add_argument("--big-rows", type=int, default=100_000_000)
     ap.add_argument("--harness-ref", action="store_true", help="also run the harness's gpu_plain_ref.py")
+    ap.add_argument("--zoo", default=",".join(ZOO), help="models of the zoo part")
+    ap.add_argument("--no-rule-compare", dest="rule_compare", action="store_false",
+                    help="speed part: skip the large batch under CowClip's rule and under none")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
@@ -235,7 +238,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
             row, model = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, bs, args.epochs)
             emit(row)
-        for other in ("cowclip", "off"):  # the default rule against CowClip's and against none, same data
+        for other in ("cowclip", "off") if args.rule_compare else ():  # the default rule against the others
             row, _ = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, sizes[-1], args.epochs,
                                 large_batch=other)
             emit(row)
@@ -243,7 +246,7 @@ def main() -> None:
         from ctrkit.models import model_names
 
         seq_data, seq_spec = with_history(data, spec) if "din" in model_names() else (data, spec)
-        for name in [z for z in ZOO if z in model_names()]:
+        for name in [z for z in args.zoo.split(",") if z in model_names()]:
             d, sp = (seq_data, seq_spec) if name == "din" else (data, spec)
             try:
                 row, _ = ctrkit_run(name, d["train"], d["valid"], d["test"], sp, sizes[-1], 2, patience=2)
@@ -272,25 +275,6 @@ def main() -> None:
                                 precision="fp32")
             row["rule"] = "fp32"
             emit(row)
-    if "score" in parts:
-        from ctrkit.data.dataset import Batch
-
-        if model is None:
-            _, model = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, sizes[-1], 1)
-        model.eval()
-        cand = split(parts_np["test"], 0, 1000)
-        ids, dense = torch.from_numpy(cand["ids"]), torch.from_numpy(cand["dense"])
-        times = []
-        with torch.no_grad():
-            for i in range(2200):
-                t = time.perf_counter()
-                b = Batch(ids.to(args.device, non_blocking=True), dense.to(args.device, non_blocking=True))
-                with torch.autocast(args.device, torch.bfloat16):
-                    p = torch.sigmoid(model(b).float()).cpu()
-                times.append(time.perf_counter() - t)
-        ms = np.array(times[200:]) * 1e3
-        emit({"lib": "ctrkit", "part": "score 1000 candidates, model part", "p50_ms": float(np.percentile(ms, 50)),
-              "p99_ms": float(np.percentile(ms, 99)), "calls": len(ms), "checksum": float(p.sum())})
     if "big" in parts:
         rng = np.random.default_rng(1)
         t = time.perf_counter()

@@ -81,7 +81,7 @@ def criteo_schema() -> Schema:
                   [Field(name=c, kind="categorical", min_count=2) for c in CAT], label="label")
 
 
-def make_bundle(work: Path, rows: int, epochs: int, seed: int) -> Path:
+def make_bundle(work: Path, rows: int, epochs: int, seed: int, device: str = "cpu") -> Path:
     data = work / "data"
     if not (data / "train.tsv").exists():
         n_test = max(rows // 10, 5000)
@@ -90,7 +90,7 @@ def make_bundle(work: Path, rows: int, epochs: int, seed: int) -> Path:
     out = work / f"deepfm-{seed}"
     if not (out / "bundle" / "model.json").exists():
         train(data / "train.tsv", schema=criteo_schema(), valid=data / "valid.tsv", model="deepfm", out=out,
-              epochs=epochs, seed=seed, progress=False)
+              epochs=epochs, seed=seed, progress=False, device=device)
     return out / "bundle"
 
 

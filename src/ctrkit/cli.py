@@ -331,6 +331,8 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
                                               "slot each, read as one log)."),
           watch: float = typer.Option(0.0, help="Reload BUNDLE when its files change, checking every WATCH "
                                                 "seconds (0: only on POST /admin/reload)."),
+          device: str = typer.Option("cpu", help="cpu, or cuda to score on the GPU from CUDA graphs (the fastest "
+                                                 "path serves; /health says which)."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
     """Serve BUNDLE over HTTP: /score, /rank, /events, /health, /metrics, /admin/reload (docs at /docs)."""
     try:
@@ -344,7 +346,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     torch.set_num_threads(threads)
     seg = tuple(s.strip() for s in segments.split(",") if s.strip()) if segments else ()
     config = ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch, segments=seg, seed=seed,
-                          threads=threads, watch=watch, workers=workers)
+                          threads=threads, watch=watch, workers=workers, device=device)
     if workers < 1:
         _fail(f"--workers must be at least 1, got {workers}")
     try:  # with several processes, the bundle is checked here once so that a bad one fails before they start

@@ -188,6 +188,7 @@ class ServerConfig:
     threads: int = 1
     watch: float = 0.0
     workers: int = 1
+    device: str = "cpu"
 
     def to_env(self) -> str:
         """This configuration as the JSON that :func:`app_from_env` reads in each worker process."""
@@ -325,7 +326,7 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config.bundle``."""
     metrics = _Metrics()
-    live = _load(config.bundle, config.threads)
+    live = _load(config.bundle, config.threads, device=config.device)
     log = None if not config.events else open_writer(config.events) if config.workers > 1 else EventLog(config.events)
     monitor = LiveMonitor(config.monitor_window, config.segments, live.bundle.metrics.get("pctr_reference"))
     rng = np.random.default_rng(config.seed)
@@ -336,7 +337,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Load the bundle at ``path`` beside the live one, then make it the live one."""
         async with reload_lock:
             old: _Live = state["live"]
-            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads, old.scorer)
+            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads, old.scorer,
+                                                                     config.device)
             state["live"] = new
             monitor.reference = new.bundle.metrics.get("pctr_reference")
             metrics.reloads.inc()
@@ -516,10 +518,11 @@ def app_from_env() -> FastAPI:
     return create_app(ServerConfig(**cfg))
 
 
-def _load(path: Path, threads: int = 1, live: Scorer | None = None) -> _Live:
+def _load(path: Path, threads: int = 1, live: Scorer | None = None, device: str = "cpu") -> _Live:
     try:
         bundle = Bundle.load(path)
-        return _Live(bundle, bundle_version(path), Path(path), Scorer(bundle, path, threads, like=live))
+        return _Live(bundle, bundle_version(path), Path(path),
+                     Scorer(bundle, path, threads, like=live, device=device))
     except FileNotFoundError as exc:
         raise BundleError(f"{path}: {exc}") from exc
 

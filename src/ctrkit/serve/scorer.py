@@ -1,6 +1,7 @@
 """The server's scorer: a bundle's records -> calibrated pCTR on the fastest of the bundle's model paths.
 
-A bundle always scores through torch. The embedding-sum models (lr, fm, deepfm, dnn, wide_deep) also have a
+A bundle always scores through torch. With ``device="cuda"`` the model also runs on the GPU from CUDA graphs
+(:mod:`ctrkit.serve.gpu`), checked against torch like the other fp32 paths. The embedding-sum models (lr, fm, deepfm, dnn, wide_deep) also have a
 folded torch form (:mod:`ctrkit.serve.fold`: the first layer read from a precomputed table). When ``ctrkit
 export`` has written ONNX graphs into the bundle folder (``model.onnx``, and ``model.int8.onnx`` where INT8
 kept the AUC), those are paths too. Each path is timed at load on a batch of encoded rows the size of a ranking
@@ -25,10 +26,12 @@ from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle, BundleError
 from ctrkit.serve.fold import FoldedModel, FoldError, fold
+from ctrkit.serve.gpu import GPUError, GraphedModel
 from ctrkit.validate import DataError, Records, records_frame
 
 ONNX_FILES = {"onnx fp32": "model.onnx", "onnx int8": "model.int8.onnx"}
 FOLDED = "torch folded"
+GRAPHED = "torch cuda graph"
 FP32_TOLERANCE = 1e-4
 BATCH_ROWS = 65536
 
@@ -37,14 +40,24 @@ class Scorer:
     """Scores raw records through ``bundle`` on its fastest model path (``backend``), timed at load."""
 
     def __init__(self, bundle: Bundle, path: str | Path | None = None, threads: int = 1, rows: int = 1000,
-                 reps: int = 15, like: Scorer | None = None) -> None:
+                 reps: int = 15, like: Scorer | None = None, device: str = "cpu") -> None:
         """``like``: the scorer this one replaces (a hot swap). When both bundles have the same model, layout and
         paths, its timings stand for this one's (speed depends on the shapes, not the weights), so a swap costs
-        the correctness checks and not the timing, which would slow the requests served meanwhile."""
-        self.bundle, self.threads = bundle, threads
+        the correctness checks and not the timing, which would slow the requests served meanwhile.
+        ``device``: "cuda" adds the GPU path; a GPU that cannot be used is an error, not a silent CPU fallback."""
+        self.bundle, self.threads, self.device = bundle, threads, device
         self.sessions: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.folded: FoldedModel | None = None
+        self.graphed: GraphedModel | None = None
+        if torch.device(device).type == "cuda":
+            if bundle.encoder.seq_names or bundle._heads > 1:
+                raise BundleError("the GPU path takes ids and dense only, one head; this bundle has list fields "
+                                  "or several heads: serve it on the CPU")
+            try:
+                self.graphed = GraphedModel(bundle.model, device)
+            except GPUError as exc:
+                raise BundleError(f"cannot serve on {device}: {exc}") from exc
         try:
             self.folded = fold(bundle.model, [bundle.encoder.offsets[n] for n in bundle.encoder.sparse_names])
         except FoldError as exc:
@@ -87,18 +100,20 @@ class Scorer:
         """True when ``other`` scores a model of the same kind, settings and id space with the same threads."""
         a, b = self.bundle, other.bundle
         return (a.model_name == b.model_name and a.model.config.to_dict() == b.model.config.to_dict()
-                and a.encoder.fingerprint() == b.encoder.fingerprint() and self.threads == other.threads)
+                and a.encoder.fingerprint() == b.encoder.fingerprint() and self.threads == other.threads
+                and self.device == other.device)
 
     def _time_paths(self, rows: int, reps: int, like: Scorer | None = None) -> dict[str, float]:
         """Median milliseconds of each path on one batch of ``rows``, the paths taking turns (a loaded machine
         slows them alike), or ``like``'s when it had these paths for the same shapes; a folded form or fp32
         graph that disagrees with torch is dropped."""
-        paths = ["torch", *([FOLDED] if self.folded is not None else []), *self.sessions]
+        paths = ["torch", *([FOLDED] if self.folded is not None else []),
+                 *([GRAPHED] if self.graphed is not None else []), *self.sessions]
         if len(paths) == 1:
             return {}
         ids, dense = self._probe(rows)
         ref = self._probabilities("torch", ids, dense)
-        for exact in (FOLDED, "onnx fp32"):
+        for exact in (FOLDED, GRAPHED, "onnx fp32"):
             if exact not in paths:
                 continue
             gap = float(np.max(np.abs(self._probabilities(exact, ids, dense) - ref)))
@@ -108,6 +123,8 @@ class Scorer:
                 self.sessions.pop(exact, None)
                 if exact == FOLDED:
                     self.folded = None
+                if exact == GRAPHED:
+                    self.graphed = None
         if like is not None and set(like.timings_ms) == set(paths) and self._same_shapes(like):
             return dict(like.timings_ms)
         ms: dict[str, list[float]] = {p: [] for p in paths}
@@ -127,6 +144,9 @@ class Scorer:
             assert self.folded is not None
             logits = self.folded(torch.from_numpy(ids), torch.from_numpy(dense))
             return self.bundle.calibrator(logits.double().numpy())
+        if path == GRAPHED:
+            assert self.graphed is not None
+            return self.bundle.calibrator(self.graphed(ids, dense).astype(np.float64))
         out = self.sessions[path].run(None, {"ids": ids.astype(np.int64, copy=False), "dense": dense})[0]
         return out.astype(np.float64, copy=False)
 
@@ -157,7 +177,7 @@ class Scorer:
 
     def describe(self) -> dict[str, Any]:
         """The serving path, each path's median ms at load, and the paths left out with the reason."""
-        return {"backend": self.backend, "threads": self.threads, "probe_ms": self.timings_ms,
+        return {"backend": self.backend, "device": self.device, "threads": self.threads, "probe_ms": self.timings_ms,
                 "skipped": self.skipped}
 
     def score_file(self, source: Source, out: str | Path, keep: Sequence[str] = (),
