@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ctrkit.nn import cin_gpu
+
 
 class _PairwiseAndSquares(torch.autograd.Function):
     """Per sample of emb [B, F, D]: sum_{i<j} <e_i, e_j> and sum_i ||e_i||^2, with a one-pass backward.
@@ -115,6 +117,8 @@ class CIN(nn.Module):
         self.out_features = out
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        if x0.is_cuda and cin_gpu.AVAILABLE:  # the same layers without the outer product in memory
+            return cin_gpu.cin(x0, [conv.weight for conv in self.convs], self.split_half)
         b, m, d = x0.shape
         x, pooled = x0, []
         for k, conv in enumerate(self.convs):

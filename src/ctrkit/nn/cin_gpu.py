@@ -1,0 +1,226 @@
+"""xDeepFM's CIN layer on a GPU without its outer product in memory.
+
+A CIN layer maps X^{k-1} [B, Hp, D] and X^0 [B, m, D] to X^k_h = sum_{i,j} W_{h,i,j} X^{k-1}_i * X^0_j. Written as
+a 1x1 convolution it materialises the outer product [B, Hp * m, D]: 3.2 GB in bf16 for a batch of 65,536 Criteo
+rows (39 fields, 16 dims), written and read in the forward pass and again in the backward pass, which makes the
+layer memory-bound at a few percent of the GPU's matrix rate. Here, with every (row, embedding dim) pair as one
+row n of X [N = B * D, Hp] and X0 [N, m], three Triton kernels form the outer product block by block in registers
+and feed it straight to the tensor cores:
+
+* forward: out[n, :] = sum over blocks of i: (X[n, i] * X0[n, j])_{(i, j)} @ Wp[(i, j), :];
+* input gradients: G = dOut @ Wp^T per block of i, then dX[n, i] = sum_j G[n, (i, j)] X0[n, j] and
+  dX0[n, j] = sum_i G[n, (i, j)] X[n, i];
+* weight gradient: dWp = sum_n (X[n, i] * X0[n, j])^T dOut[n, :], split over row ranges and summed after.
+
+``Wp`` is the weight laid out [Hp (padded to the block), m (padded to a power of two), H (padded)], zeros in the
+padding. The op is a ``torch.library`` custom op with its own backward, so torch.compile and CUDA graphs treat it
+as one opaque call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch: the CIN runs as a convolution
+    triton = None
+
+AVAILABLE = triton is not None
+BLOCK_N = 64
+SPLIT_PROGRAMS = 528  # weight-gradient programs to aim for: four per multiprocessor of an H100 / H200
+
+
+def _p2(n: int) -> int:
+    """The next power of two from 16 (the smallest side of a tensor-core product)."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def layout(m: int, hp: int, h: int) -> tuple[int, int, int, int]:
+    """(MP, IB, Hp padded, HP2): the padded field count, the i's per block, Hp rounded up to a whole block, and
+    the padded output width."""
+    mp = _p2(m)
+    ib = max(1, 256 // mp)
+    return mp, ib, -(-hp // ib) * ib, _p2(h)
+
+
+def pad_weight(weight: torch.Tensor, hp: int, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """A Conv1d weight [H, Hp * m, 1] (channel i * m + j) as Wp [Hp padded, MP, HP2] in ``dtype``; differentiable."""
+    h = weight.shape[0]
+    mp, _, hp_pad, hp2 = layout(m, hp, h)
+    w = weight.reshape(h, hp, m).permute(1, 2, 0)
+    return F.pad(w, (0, hp2 - h, 0, mp - m, 0, hp_pad - hp)).to(dtype).contiguous()
+
+
+if AVAILABLE:
+    @triton.jit
+    def _forward(x_ptr, x0_ptr, w_ptr, out_ptr, n, hp, m, h, n_ib, IEEE: tl.constexpr,  # type: ignore[no-untyped-def]
+                 MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        live = rows < n
+        j = tl.arange(0, MP)
+        kk = tl.arange(0, IB * MP)
+        hh = tl.arange(0, HP2)
+        ii = tl.arange(0, IB)
+        x0 = tl.load(x0_ptr + rows[:, None] * m + j[None, :], mask=live[:, None] & (j < m)[None, :], other=0.0)
+        acc = tl.zeros((BN, HP2), tl.float32)
+        for ib in range(n_ib):
+            i = ib * IB + ii
+            xb = tl.load(x_ptr + rows[:, None] * hp + i[None, :], mask=live[:, None] & (i < hp)[None, :], other=0.0)
+            z = tl.reshape(xb[:, :, None] * x0[:, None, :], (BN, IB * MP))
+            w = tl.load(w_ptr + (ib * IB * MP + kk)[:, None] * HP2 + hh[None, :])
+            if IEEE:
+                acc += tl.dot(z, w, input_precision="ieee")
+            else:
+                acc += tl.dot(z, w)
+        tl.store(out_ptr + rows[:, None] * h + hh[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=live[:, None] & (hh < h)[None, :])
+
+    @triton.jit
+    def _backward_inputs(dout_ptr, x_ptr, x0_ptr, w_ptr, dx_ptr, dx0_ptr, n, hp, m, h,  # type: ignore[no-untyped-def]
+                         n_ib, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr,
+                         BN: tl.constexpr):
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        live = rows < n
+        j = tl.arange(0, MP)
+        kk = tl.arange(0, IB * MP)
+        hh = tl.arange(0, HP2)
+        ii = tl.arange(0, IB)
+        d_out = tl.load(dout_ptr + rows[:, None] * h + hh[None, :], mask=live[:, None] & (hh < h)[None, :], other=0.0)
+        x0 = tl.load(x0_ptr + rows[:, None] * m + j[None, :], mask=live[:, None] & (j < m)[None, :],
+                     other=0.0).to(tl.float32)
+        acc0 = tl.zeros((BN, MP), tl.float32)
+        for ib in range(n_ib):
+            i = ib * IB + ii
+            at = live[:, None] & (i < hp)[None, :]
+            w_t = tl.load(w_ptr + (ib * IB * MP + kk)[None, :] * HP2 + hh[:, None])
+            if IEEE:
+                g = tl.dot(d_out, w_t, input_precision="ieee")
+            else:
+                g = tl.dot(d_out, w_t)
+            g3 = tl.reshape(g, (BN, IB, MP))
+            xb = tl.load(x_ptr + rows[:, None] * hp + i[None, :], mask=at, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows[:, None] * hp + i[None, :], tl.sum(g3 * x0[:, None, :], axis=2)
+                     .to(dx_ptr.dtype.element_ty), mask=at)
+            acc0 += tl.sum(g3 * xb[:, :, None], axis=1)
+        tl.store(dx0_ptr + rows[:, None] * m + j[None, :], acc0.to(dx0_ptr.dtype.element_ty),
+                 mask=live[:, None] & (j < m)[None, :])
+
+    @triton.jit
+    def _backward_weight(dout_ptr, x_ptr, x0_ptr, part_ptr, n, hp, m, h, n_blocks,  # type: ignore[no-untyped-def]
+                         split, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr,
+                         BN: tl.constexpr, KP: tl.constexpr):
+        ib = tl.program_id(0)
+        sp = tl.program_id(1)
+        j = tl.arange(0, MP)
+        kk = tl.arange(0, IB * MP)
+        hh = tl.arange(0, HP2)
+        i = ib * IB + tl.arange(0, IB)
+        acc = tl.zeros((IB * MP, HP2), tl.float32)
+        for nb in range(sp, n_blocks, split):
+            rows = nb * BN + tl.arange(0, BN)
+            live = rows < n
+            d_out = tl.load(dout_ptr + rows[:, None] * h + hh[None, :], mask=live[:, None] & (hh < h)[None, :],
+                            other=0.0)
+            x0 = tl.load(x0_ptr + rows[:, None] * m + j[None, :], mask=live[:, None] & (j < m)[None, :], other=0.0)
+            xb = tl.load(x_ptr + rows[:, None] * hp + i[None, :], mask=live[:, None] & (i < hp)[None, :], other=0.0)
+            z = tl.reshape(xb[:, :, None] * x0[:, None, :], (BN, IB * MP))
+            if IEEE:
+                acc += tl.dot(tl.trans(z), d_out, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(z), d_out)
+        tl.store(part_ptr + sp * KP * HP2 + (ib * IB * MP + kk)[:, None] * HP2 + hh[None, :], acc)
+
+
+def _check(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    if not AVAILABLE:
+        raise RuntimeError("the fused CIN needs Triton (a CUDA build of torch)")
+    if x.dim() != 2 or x0.dim() != 2 or x.shape[0] != x0.shape[0] or not (x.is_contiguous() and x0.is_contiguous()):
+        raise ValueError(f"x [N, Hp] and x0 [N, m] must be contiguous with the same rows, got {tuple(x.shape)} and "
+                         f"{tuple(x0.shape)}")
+    n, hp = x.shape
+    m = x0.shape[1]
+    mp, ib, hp_pad, hp2 = layout(m, hp, 1)
+    if wp.shape[:2] != (hp_pad, mp) or not wp.is_contiguous():
+        raise ValueError(f"the padded weight must be [{hp_pad}, {mp}, H], got {tuple(wp.shape)}")
+    return n, hp, m, mp, ib, hp_pad
+
+
+@torch.library.custom_op("ctrkit::cin_layer", mutates_args=())
+def cin_layer(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> torch.Tensor:
+    """One CIN layer: x [N, Hp], x0 [N, m] and the padded weight ``wp`` (:func:`pad_weight`) -> [N, h], in x's
+    dtype (bf16 products accumulated in fp32; fp32 inputs multiply in full fp32)."""
+    n, hp, m, mp, ib, hp_pad = _check(x, x0, wp)
+    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+    if n:
+        _forward[(triton.cdiv(n, BLOCK_N),)](x, x0, wp, out, n, hp, m, h, hp_pad // ib, IEEE=x.dtype == torch.float32,
+                                             MP=mp, IB=ib, HP2=wp.shape[2], BN=BLOCK_N)
+    return out
+
+
+@cin_layer.register_fake
+def _(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], h))
+
+
+@torch.library.custom_op("ctrkit::cin_layer_backward", mutates_args=())
+def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
+                       wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dx0, dwp) of :func:`cin_layer` given the gradient of its output [N, h]."""
+    n, hp, m, mp, ib, hp_pad = _check(x, x0, wp)
+    h, hp2 = d_out.shape[1], wp.shape[2]
+    d_out = d_out.to(x.dtype).contiguous()
+    dx, dx0 = torch.empty_like(x), torch.empty_like(x0)
+    n_ib = hp_pad // ib
+    n_blocks = triton.cdiv(n, BLOCK_N) if n else 0
+    split = max(1, min(n_blocks, SPLIT_PROGRAMS // n_ib))
+    part = torch.zeros((split, hp_pad * mp, hp2), dtype=torch.float32, device=x.device)
+    ieee = x.dtype == torch.float32
+    if n:
+        _backward_inputs[(n_blocks,)](d_out, x, x0, wp, dx, dx0, n, hp, m, h, n_ib, IEEE=ieee, MP=mp, IB=ib,
+                                      HP2=hp2, BN=BLOCK_N)
+        _backward_weight[(n_ib, split)](d_out, x, x0, part, n, hp, m, h, n_blocks, split, IEEE=ieee, MP=mp, IB=ib,
+                                        HP2=hp2, BN=BLOCK_N, KP=hp_pad * mp)
+    return dx, dx0, part.sum(0).view(hp_pad, mp, hp2)
+
+
+@cin_layer_backward.register_fake
+def _(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
+      wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x0), wp.new_empty(wp.shape, dtype=torch.float32)
+
+
+def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, x0, wp, _ = inputs
+    ctx.save_for_backward(x, x0, wp)
+
+
+def _grads(ctx: torch.autograd.function.FunctionCtx,
+           d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    x, x0, wp = ctx.saved_tensors  # type: ignore[attr-defined]
+    dx, dx0, dwp = cin_layer_backward(d_out, x, x0, wp)
+    return dx, dx0, dwp.to(wp.dtype), None
+
+
+torch.library.register_autograd("ctrkit::cin_layer", _grads, setup_context=_setup)
+
+
+def cin(x0: torch.Tensor, weights: list[torch.Tensor], split_half: bool) -> torch.Tensor:
+    """The CIN of :class:`ctrkit.nn.interactions.CIN` over x0 [B, m, D] with its Conv1d weights, on the fused
+    kernels: the pooled outputs [B, sum of output maps] in fp32. Products run in bf16 under autocast."""
+    b, m, d = x0.shape
+    kind = x0.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x0.dtype
+    base = x0.transpose(1, 2).reshape(b * d, m).to(dtype).contiguous()
+    x, pooled = base, []
+    for k, weight in enumerate(weights):
+        h = weight.shape[0]
+        out = cin_layer(x, base, pad_weight(weight, x.shape[1], m, dtype), h)
+        if split_half and k < len(weights) - 1:
+            x, direct = out[:, :h // 2].contiguous(), out[:, h // 2:]
+        else:
+            x = direct = out
+        pooled.append(direct.view(b, d, -1).float().sum(dim=1))
+    return torch.cat(pooled, dim=1)
