@@ -184,6 +184,20 @@ def test_field_self_attention_equals_autoint_formula(residual: bool, scale: bool
             close(out[s, i], torch.relu(want))
 
 
+@pytest.mark.parametrize("scale", [False, True])
+def test_field_self_attention_without_maps_is_the_same_layer(scale: bool) -> None:
+    """The training path (one fused attention kernel, no maps) gives the outputs and gradients of the path that
+    also returns the attention maps."""
+    layer = randomised(FieldSelfAttention(5, 4, 2, True, scale, True))
+    x = rand(6, 7, 5).requires_grad_()
+    out, attn = layer(x)
+    fast, none = layer(x, weights=False)
+    assert attn.shape == (6, 2, 7, 7) and none is None
+    close(fast, out)
+    g = torch.randn_like(out)
+    close(torch.autograd.grad(fast, x, g)[0], torch.autograd.grad(out, x, g)[0])
+
+
 def test_fat_attention_equals_per_field_modulated_formula() -> None:
     b, f, d, heads, a_dim, ffn = 2, 3, 4, 2, 3, 5
     layer = randomised(FieldAwareAttention(f, d, heads, a_dim, ffn)).eval()

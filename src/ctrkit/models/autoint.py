@@ -56,7 +56,7 @@ class AutoInt(CTRModel):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         emb = self.embed_fields(batch)
-        logit = self.out(attend(self.attention, emb)[0].flatten(1)).squeeze(-1)
+        logit = self.out(attend(self.attention, emb, weights=False)[0].flatten(1)).squeeze(-1)
         return logit if self.mlp is None else logit + self.mlp(emb.flatten(1)).squeeze(-1)
 
     def explain(self, batch: Batch) -> dict[str, torch.Tensor]:

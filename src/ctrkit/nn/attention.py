@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,9 @@ class FieldSelfAttention(nn.Module):
     concatenated and out_i = relu(e~_i + W_res e_i), or relu(LN(e~_i + W_res e_i)) with ``layer_norm`` (a layer
     norm over each field's heads * d values, as FuxiCTR offers): without it the output scales with the
     embeddings, which an embedding L2 keeps small, so the layers learn slowly.
-    Returns (out [B, F, heads * d], attention [B, heads, F, F]).
+    Returns (out [B, F, heads * d], attention [B, heads, F, F]); with ``weights=False`` the attention is None and
+    the heads run as one fused attention kernel (``scaled_dot_product_attention``), which never writes the
+    [B, heads, F, F] scores to memory: the training path.
     """
 
     def __init__(self, in_dim: int, attn_dim: int, heads: int = 2, residual: bool = True, scale: bool = False,
@@ -31,14 +34,17 @@ class FieldSelfAttention(nn.Module):
         self.out_features = heads * attn_dim
         self.norm = nn.LayerNorm(self.out_features) if layer_norm else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, f, _ = x.shape
         q, k, v = self.qkv(x).view(b, f, 3, self.heads, self.attn_dim).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-1, -2)
-        if self.scale:
-            scores = scores / math.sqrt(self.attn_dim)
-        attn = torch.softmax(scores, dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(b, f, -1)
+        scale = 1.0 / math.sqrt(self.attn_dim) if self.scale else 1.0
+        attn = None
+        if weights:
+            attn = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+            mixed = attn @ v
+        else:
+            mixed = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = mixed.transpose(1, 2).reshape(b, f, -1)
         if self.res is not None:
             out = out + self.res(x)
         if self.norm is not None:
@@ -46,11 +52,12 @@ class FieldSelfAttention(nn.Module):
         return F.relu(out), attn
 
 
-def attend(blocks: Iterable[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run attention blocks one after the other: (last output, each block's attention [B, heads, F, F])."""
+def attend(blocks: Iterable[nn.Module], x: torch.Tensor, weights: bool = True) -> tuple[torch.Tensor, list[Any]]:
+    """Run attention blocks one after the other: (last output, each block's attention [B, heads, F, F]); with
+    ``weights=False`` blocks that can skip their attention maps do (their entries are None)."""
     maps = []
     for block in blocks:
-        x, a = block(x)
+        x, a = block(x, weights=False) if not weights and isinstance(block, FieldSelfAttention) else block(x)
         maps.append(a)
     return x, maps
 

@@ -256,11 +256,13 @@ def _snapshot(model: CTRModel, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _valid_logits(model: CTRModel, batches: BatchIterator) -> torch.Tensor:
-    """The model's logits over every validation batch, in order, left where the batches are."""
+def _valid_logits(model: CTRModel, batches: BatchIterator, bf16: bool = False) -> torch.Tensor:
+    """The model's logits over every validation batch, in order, left where the batches are; ``bf16``: the dense
+    layers in bf16 as in training (on a GPU, where that is several times faster than fp32)."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(b).float() for b in batches])
+    with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = torch.cat([model(b).float() for b in batches])
     model.train(was_training)
     return out
 
@@ -403,7 +405,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 valid_y = torch.tensor(np.asarray(valid_data.label), device=device)
                 valid_w = None if valid_data.weight is None else torch.tensor(np.asarray(valid_data.weight),
                                                                                device=device)
-            logits = _valid_logits(model, valid_batches)
+            logits = _valid_logits(model, valid_batches, bf16=precision == "bf16" and device.type == "cuda")
             if world.main:
                 p = torch.sigmoid(logits.double() + cfg.logit_shift)
                 m = fast.evaluate_heads(valid_y, p, model.spec.label_names, weight=valid_w)
