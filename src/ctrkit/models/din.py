@@ -47,11 +47,12 @@ class DIN(CTRModel):
         items, mask = self.embedding.sequences(batch)
         pooled = pool(items, mask, self._mean)
         keys, m = items[:, self._seq_idx], mask[:, self._seq_idx]  # [B, Fa, L, D], [B, Fa, L]
-        target = self.embedding.table(batch.ids[:, self._target_idx])  # [B, Fa, D]
+        rows = self.embedding.table(batch.ids)  # [B, Fs, D], the candidates among them
+        target = rows[:, self._target_idx]  # [B, Fa, D]
         b, fa, length, d = keys.shape
         attended = self.attention(keys.reshape(b * fa, length, d), target.reshape(b * fa, d),
                                   m.reshape(b * fa, length)).view(b, fa, d)
         pooled = torch.where(self._attended.view(1, -1, 1), attended[:, self._slot].to(pooled.dtype), pooled)
-        emb = self.embedding.fields(batch, pooled)
+        emb = self.embedding.fields(batch, pooled, rows)
         self._remember_penalty(emb.pow(2).sum(dim=(1, 2)))
         return self.mlp(emb.flatten(1)).squeeze(-1)

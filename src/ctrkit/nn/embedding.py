@@ -150,12 +150,14 @@ class FeatureEmbedding(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.fields(batch)
 
-    def fields(self, batch: Batch, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """Field vectors [B, F, dim]; ``pooled`` [B, Fq, dim] replaces the default pooling of the list fields."""
+    def fields(self, batch: Batch, pooled: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Field vectors [B, F, dim]; ``pooled`` [B, Fq, dim] replaces the default pooling of the list fields;
+        ``rows`` is ``self.table(batch.ids)`` when the caller has already looked it up (one lookup, one gradient)."""
         ids, dense = batch.ids, batch.dense
         parts = []
         if self.spec.n_sparse:
-            parts.append(self.table(ids))
+            parts.append(self.table(ids) if rows is None else rows)
         if self.spec.n_seq:
             if pooled is None:
                 pooled = pool(*self.sequences(batch), self._mean)

@@ -1,13 +1,14 @@
 """The server's scorer: a bundle's records -> calibrated pCTR on the fastest of the bundle's model paths.
 
 A bundle always scores through torch. With ``device="cuda"`` the model also runs on the GPU from CUDA graphs
-(:mod:`ctrkit.serve.gpu`), checked against torch like the other fp32 paths. The embedding-sum models (lr, fm, deepfm, dnn, wide_deep) also have a
-folded torch form (:mod:`ctrkit.serve.fold`: the first layer read from a precomputed table). When ``ctrkit
-export`` has written ONNX graphs into the bundle folder (``model.onnx``, and ``model.int8.onnx`` where INT8
-kept the AUC), those are paths too. Each path is timed at load on a batch of encoded rows the size of a ranking
-request, taking turns, and the one with the lowest median serves. Records go through the same validation and
-encoding as :meth:`Bundle.predict` (the ONNX graphs hold the calibrator), so only the model's arithmetic differs
-between paths; the folded form and the fp32 graph are checked against torch before they may serve.
+(:mod:`ctrkit.serve.gpu`), checked against torch like the other fp32 paths. The embedding-sum models (lr,
+fm, deepfm, dnn, wide_deep) also have a folded torch form (:mod:`ctrkit.serve.fold`: the first layer read from
+a precomputed table). When ``ctrkit export`` has written ONNX graphs into the bundle folder (``model.onnx``,
+and ``model.int8.onnx`` where INT8 kept the AUC), those are paths too. Each path is timed at load on a batch of
+encoded rows the size of a ranking request, taking turns, and the one with the lowest median serves. Records
+go through the same validation and encoding as :meth:`Bundle.predict` (the ONNX graphs hold the calibrator),
+so only the model's arithmetic differs between paths; the folded form, the GPU path and the fp32 graph are
+checked against torch before they may serve.
 """
 
 from __future__ import annotations
