@@ -56,19 +56,30 @@ def pad_weight(weight: torch.Tensor, hp: int, m: int, dtype: torch.dtype) -> tor
 
 if AVAILABLE:
     @triton.jit
-    def _forward(x_ptr, x0_ptr, w_ptr, out_ptr, n, hp, m, h, n_ib, IEEE: tl.constexpr,  # type: ignore[no-untyped-def]
-                 MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr):
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    def _x0_tile(x0_ptr, start, n, m, BN: tl.constexpr, MP: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Rows start..start+BN: their indices, which exist, and x0's tile [BN, MP] (zeros past m)."""
+        rows = start + tl.arange(0, BN)
         live = rows < n
         j = tl.arange(0, MP)
+        x0 = tl.load(x0_ptr + rows[:, None] * m + j[None, :], mask=live[:, None] & (j < m)[None, :], other=0.0)
+        return rows, live, x0
+
+    @triton.jit
+    def _x_block(x_ptr, rows, live, hp, ib, IB: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Block ``ib`` of x's columns at the rows: column indices, where they exist, x [BN, IB] (0 past hp)."""
+        i = ib * IB + tl.arange(0, IB)
+        at = live[:, None] & (i < hp)[None, :]
+        return i, at, tl.load(x_ptr + rows[:, None] * hp + i[None, :], mask=at, other=0.0)
+
+    @triton.jit
+    def _forward(x_ptr, x0_ptr, w_ptr, out_ptr, n, hp, m, h, n_ib, IEEE: tl.constexpr,  # type: ignore[no-untyped-def]
+                 MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr):
+        rows, live, x0 = _x0_tile(x0_ptr, tl.program_id(0) * BN, n, m, BN, MP)
         kk = tl.arange(0, IB * MP)
         hh = tl.arange(0, HP2)
-        ii = tl.arange(0, IB)
-        x0 = tl.load(x0_ptr + rows[:, None] * m + j[None, :], mask=live[:, None] & (j < m)[None, :], other=0.0)
         acc = tl.zeros((BN, HP2), tl.float32)
         for ib in range(n_ib):
-            i = ib * IB + ii
-            xb = tl.load(x_ptr + rows[:, None] * hp + i[None, :], mask=live[:, None] & (i < hp)[None, :], other=0.0)
+            xb = _x_block(x_ptr, rows, live, hp, ib, IB)[2]
             z = tl.reshape(xb[:, :, None] * x0[:, None, :], (BN, IB * MP))
             w = tl.load(w_ptr + (ib * IB * MP + kk)[:, None] * HP2 + hh[None, :])
             if IEEE:
@@ -82,26 +93,22 @@ if AVAILABLE:
     def _backward_inputs(dout_ptr, x_ptr, x0_ptr, w_ptr, dx_ptr, dx0_ptr, n, hp, m, h,  # type: ignore[no-untyped-def]
                          n_ib, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr,
                          BN: tl.constexpr):
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        live = rows < n
+        rows, live, x0 = _x0_tile(x0_ptr, tl.program_id(0) * BN, n, m, BN, MP)
+        x0 = x0.to(tl.float32)
         j = tl.arange(0, MP)
         kk = tl.arange(0, IB * MP)
         hh = tl.arange(0, HP2)
-        ii = tl.arange(0, IB)
         d_out = tl.load(dout_ptr + rows[:, None] * h + hh[None, :], mask=live[:, None] & (hh < h)[None, :], other=0.0)
-        x0 = tl.load(x0_ptr + rows[:, None] * m + j[None, :], mask=live[:, None] & (j < m)[None, :],
-                     other=0.0).to(tl.float32)
         acc0 = tl.zeros((BN, MP), tl.float32)
         for ib in range(n_ib):
-            i = ib * IB + ii
-            at = live[:, None] & (i < hp)[None, :]
+            i, at, xb = _x_block(x_ptr, rows, live, hp, ib, IB)
+            xb = xb.to(tl.float32)
             w_t = tl.load(w_ptr + (ib * IB * MP + kk)[None, :] * HP2 + hh[:, None])
             if IEEE:
                 g = tl.dot(d_out, w_t, input_precision="ieee")
             else:
                 g = tl.dot(d_out, w_t)
             g3 = tl.reshape(g, (BN, IB, MP))
-            xb = tl.load(x_ptr + rows[:, None] * hp + i[None, :], mask=at, other=0.0).to(tl.float32)
             tl.store(dx_ptr + rows[:, None] * hp + i[None, :], tl.sum(g3 * x0[:, None, :], axis=2)
                      .to(dx_ptr.dtype.element_ty), mask=at)
             acc0 += tl.sum(g3 * xb[:, :, None], axis=1)
@@ -114,18 +121,14 @@ if AVAILABLE:
                          BN: tl.constexpr, KP: tl.constexpr):
         ib = tl.program_id(0)
         sp = tl.program_id(1)
-        j = tl.arange(0, MP)
         kk = tl.arange(0, IB * MP)
         hh = tl.arange(0, HP2)
-        i = ib * IB + tl.arange(0, IB)
         acc = tl.zeros((IB * MP, HP2), tl.float32)
         for nb in range(sp, n_blocks, split):
-            rows = nb * BN + tl.arange(0, BN)
-            live = rows < n
+            rows, live, x0 = _x0_tile(x0_ptr, nb * BN, n, m, BN, MP)
             d_out = tl.load(dout_ptr + rows[:, None] * h + hh[None, :], mask=live[:, None] & (hh < h)[None, :],
                             other=0.0)
-            x0 = tl.load(x0_ptr + rows[:, None] * m + j[None, :], mask=live[:, None] & (j < m)[None, :], other=0.0)
-            xb = tl.load(x_ptr + rows[:, None] * hp + i[None, :], mask=live[:, None] & (i < hp)[None, :], other=0.0)
+            xb = _x_block(x_ptr, rows, live, hp, ib, IB)[2]
             z = tl.reshape(xb[:, :, None] * x0[:, None, :], (BN, IB * MP))
             if IEEE:
                 acc += tl.dot(tl.trans(z), d_out, input_precision="ieee")
