@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +62,11 @@ def main() -> None:
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "setup_seconds": round(time.perf_counter() - t0, 1), "scorer": scorer.describe(),
                               "valid_auc": bundle.metrics.get("valid", {}).get("auc")}
+    try:
+        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except OSError:
+        pass
     good = scorer.frame(recs)
     ids, dense = bundle.encoder.transform_frame(good)
     graphed = scorer.graphed
