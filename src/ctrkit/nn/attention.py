@@ -57,7 +57,7 @@ def attend(blocks: Iterable[nn.Module], x: torch.Tensor, weights: bool = True) -
     ``weights=False`` blocks that can skip their attention maps do (their entries are None)."""
     maps = []
     for block in blocks:
-        x, a = block(x, weights=False) if not weights and isinstance(block, FieldSelfAttention) else block(x)
+        x, a = block(x, weights=weights)
         maps.append(a)
     return x, maps
 
@@ -95,7 +95,9 @@ class FieldAwareAttention(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``weights`` is accepted for :func:`attend`; the per-pair modulation needs the maps, so they are always
+        computed."""
         b, f, _ = x.shape
         qkv = torch.einsum("bfd,fde->bfe", x, self.qkv).view(b, f, 3, self.heads, self.attn_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
