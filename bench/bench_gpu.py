@@ -225,7 +225,6 @@ def main() -> None:
     bounds = {"train": (0, args.rows), "valid": (args.rows, args.rows + n_va), "test": (args.rows + n_va, total)}
     parts_np = {k: split(arrays, *b) for k, b in bounds.items()}
     data = {k: EncodedData(**v) for k, v in parts_np.items()}
-    model = None
 
     def emit(row: dict[str, Any]) -> None:
         results.append(row)
@@ -236,7 +235,7 @@ def main() -> None:
             if cuda:
                 emit(gpu_reference.run(parts_np["train"], parts_np["test"], spec.n_ids, bs))
                 torch.cuda.empty_cache()
-            row, model = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, bs, args.epochs)
+            row, _ = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, bs, args.epochs)
             emit(row)
         for other in ("cowclip", "off") if args.rule_compare else ():  # the default rule against the others
             row, _ = ctrkit_run("deepfm", data["train"], data["valid"], data["test"], spec, sizes[-1], args.epochs,
