@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from ctrkit.nn import attention
 from ctrkit.nn.attention import FieldAwareAttention, FieldSelfAttention
 from ctrkit.nn.gating import BilinearFusion, FactorizedInteraction, FeatureGate, FieldGate
 from ctrkit.nn.mlp import MLP
@@ -184,10 +185,12 @@ def test_field_self_attention_equals_autoint_formula(residual: bool, scale: bool
             close(out[s, i], torch.relu(want))
 
 
-@pytest.mark.parametrize("scale", [False, True])
-def test_field_self_attention_without_maps_is_the_same_layer(scale: bool) -> None:
-    """The training path (one fused attention kernel, no maps) gives the outputs and gradients of the path that
-    also returns the attention maps."""
+@pytest.mark.parametrize("scale,rows_per_call", [(False, 32768), (True, 32768), (False, 4)])
+def test_field_self_attention_without_maps_is_the_same_layer(scale: bool, rows_per_call: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training path (fused attention kernels, no maps; the batch in parts of ``SDPA_ROWS`` rows) gives the
+    outputs and gradients of the path that also returns the attention maps."""
+    monkeypatch.setattr(attention, "SDPA_ROWS", rows_per_call)
     layer = randomised(FieldSelfAttention(5, 4, 2, True, scale, True))
     x = rand(6, 7, 5).requires_grad_()
     out, attn = layer(x)

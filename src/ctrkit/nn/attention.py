@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+SDPA_ROWS = 32768  # rows per fused-attention call
+
+
 class FieldSelfAttention(nn.Module):
     """AutoInt's interacting layer (Song et al., 2019): multi-head self-attention over field vectors [B, F, in].
 
@@ -42,8 +45,9 @@ class FieldSelfAttention(nn.Module):
         if weights:
             attn = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
             mixed = attn @ v
-        else:
-            mixed = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:  # cuDNN's fused attention fails at 65,536 or more rows in one call: larger batches go in parts
+            mixed = torch.cat([F.scaled_dot_product_attention(*qkv, scale=scale) for qkv in
+                               zip(q.split(SDPA_ROWS), k.split(SDPA_ROWS), v.split(SDPA_ROWS), strict=True)])
         out = mixed.transpose(1, 2).reshape(b, f, -1)
         if self.res is not None:
             out = out + self.res(x)
