@@ -136,6 +136,26 @@ def test_embedding_sparse_only_dense_only_and_sparse_gradients() -> None:
     assert torch.equal(out[0, 2], -2.0 * layer.dense_vec[2])
 
 
+@pytest.mark.parametrize("sizes,n_dense,dim", [(SIZES, 2, 4), (SIZES, 0, 4), ((), 3, 5), (SIZES, 2, 2)])
+def test_project_folds_numeric_columns_to_the_same_layer(sizes: tuple[int, ...], n_dense: int, dim: int) -> None:
+    """project(emb, batch, layer) is layer(emb.flatten(1)), and every weight gets the same gradient."""
+    torch.manual_seed(4)
+    spec = FeatureSpec(n_ids=sum(sizes), field_sizes=sizes, sparse_names=tuple(f"c{i}" for i in range(len(sizes))),
+                       dense_names=tuple(f"x{j}" for j in range(n_dense)))
+    emb_layer = FeatureEmbedding(spec, dim=dim).double()
+    linear = nn.Linear(spec.n_fields * dim, 7).double()
+    ids, dense = random_inputs(spec, 12, torch.Generator().manual_seed(5), missing=0.4)
+    batch = Batch(ids, dense)
+    params = [*emb_layer.parameters(), *linear.parameters()]
+    want = linear(emb_layer(batch).flatten(1))
+    want_grads = torch.autograd.grad(want.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
+    got = emb_layer.project(emb_layer(batch), batch, linear)
+    got_grads = torch.autograd.grad(got.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-11)
+
+
 def test_embedding_rejects_bad_dim() -> None:
     with pytest.raises(ValueError, match="dim"):
         FeatureEmbedding(make_spec(), dim=0)

@@ -57,7 +57,7 @@ class AutoInt(CTRModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         emb = self.embed_fields(batch)
         logit = self.out(attend(self.attention, emb, weights=False)[0].flatten(1)).squeeze(-1)
-        return logit if self.mlp is None else logit + self.mlp(emb.flatten(1)).squeeze(-1)
+        return logit if self.mlp is None else logit + self.mlp_over_fields(emb, batch).squeeze(-1)
 
     def explain(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Attention of the first interacting layer, averaged over heads: pairs [B, F, F] (row i attends to j)."""

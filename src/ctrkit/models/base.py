@@ -115,6 +115,15 @@ class CTRModel(nn.Module):
         else:
             self._penalty = None
 
+    def mlp_over_fields(self, emb: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``self.mlp(emb.flatten(1))`` [B, out] for the field vectors ``emb`` straight from ``self.embedding``;
+        a first ``nn.Linear`` layer runs through :meth:`~ctrkit.nn.embedding.FeatureEmbedding.project`, which
+        folds the numeric fields' columns (the same result, a third less work on Criteo's layout)."""
+        first = self.mlp[0]
+        if type(first) is not nn.Linear:
+            return self.mlp(emb.flatten(1))
+        return self.mlp.after_first(self.embedding.project(emb, batch, first))
+
     def embed_fields(self, batch: Any) -> torch.Tensor:
         """``self.embedding(batch)`` [B, F, D], remembering its batch-scope L2 term: the usual first line of a forward."""
         emb = self.embedding(batch)

@@ -23,7 +23,7 @@ class DNN(CTRModel):
         self.mlp = MLP(spec.n_fields * cfg.embed_dim, cfg.hidden, 1, cfg.dropout, cfg.batch_norm)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.mlp(self.embed_fields(batch).flatten(1)).squeeze(-1)
+        return self.mlp_over_fields(self.embed_fields(batch), batch).squeeze(-1)
 
 
 @register

@@ -55,4 +55,4 @@ class DIN(CTRModel):
         pooled = torch.where(self._attended.view(1, -1, 1), attended[:, self._slot].to(pooled.dtype), pooled)
         emb = self.embedding.fields(batch, pooled, rows)
         self._remember_penalty(emb.pow(2).sum(dim=(1, 2)))
-        return self.mlp(emb.flatten(1)).squeeze(-1)
+        return self.mlp_over_fields(emb, batch).squeeze(-1)

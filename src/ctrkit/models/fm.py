@@ -70,4 +70,4 @@ class DeepFM(FM):
             logit, emb = self._fm_terms(batch)
         else:
             logit, emb = self.linear(batch), self.embed_fields(batch)
-        return logit if self.mlp is None else logit + self.mlp(emb.flatten(1)).squeeze(-1)
+        return logit if self.mlp is None else logit + self.mlp_over_fields(emb, batch).squeeze(-1)

@@ -41,4 +41,4 @@ class XDeepFM(CTRModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         emb = self.embed_fields(batch)
         return (self.linear(batch) + self.cin_out(self.cin(emb)).squeeze(-1)
-                + self.mlp(emb.flatten(1)).squeeze(-1))
+                + self.mlp_over_fields(emb, batch).squeeze(-1))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ctrkit.data.dataset import Batch
@@ -167,6 +168,27 @@ class FeatureEmbedding(nn.Module):
             x = torch.nan_to_num(dense, nan=0.0).unsqueeze(-1)
             parts.append(torch.where(missing, self.dense_missing, x * self.dense_vec))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def project(self, emb: torch.Tensor, batch: Batch, layer: nn.Linear) -> torch.Tensor:
+        """``layer(emb.flatten(1))`` for the field vectors ``emb`` [B, F, dim] that :meth:`fields` gave for
+        ``batch``, with each numeric field's ``dim`` input columns folded into two.
+
+        A numeric field's vector is x * v (or the missing vector m), so its block of the layer is W_f (x v) =
+        x (W_f v): the layer reads [x, missing] against [W_f v, W_f m] instead of dim columns. The result is the
+        same up to rounding; on 26 categorical and 13 numeric fields of dim 16 the layer's matrix products read
+        442 columns instead of 624, in the forward and the backward pass.
+        """
+        fd, dim = self.spec.n_dense, self.dim
+        if fd == 0 or dim <= 2:
+            return layer(emb.flatten(1))
+        k = (emb.shape[1] - fd) * dim
+        w = layer.weight
+        blocks = w[:, k:].reshape(w.shape[0], fd, dim)
+        folded = torch.cat([torch.einsum("ofd,fd->of", blocks, self.dense_vec),
+                            torch.einsum("ofd,fd->of", blocks, self.dense_missing)], dim=1)  # [out, 2 * fd]
+        missing = torch.isnan(batch.dense)
+        x = torch.cat([torch.nan_to_num(batch.dense, nan=0.0), missing.to(batch.dense.dtype)], dim=1)
+        return F.linear(emb[:, :-fd].flatten(1), w[:, :k], layer.bias) + F.linear(x, folded)
 
 
 class FeatureLinear(nn.Module):

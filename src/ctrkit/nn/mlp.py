@@ -65,3 +65,9 @@ class MLP(nn.Sequential):
             layers.append(nn.Linear(d, out_dim))
         super().__init__(*layers)
         self.out_features = out_dim if out_dim is not None else d
+
+    def after_first(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP from its first layer's output ``h`` on, for a caller that computes that layer itself."""
+        for layer in list(self)[1:]:
+            h = layer(h)
+        return h
