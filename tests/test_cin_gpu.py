@@ -59,8 +59,10 @@ def test_fused_cin_in_bf16_under_autocast_is_within_bf16_precision() -> None:
 
 
 def test_bad_shapes_are_refused() -> None:
-    x = torch.randn(4, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="same rows"):
-        cin_gpu.cin_layer(x, torch.randn(5, 3, device=DEVICE), torch.zeros(48, 16, 16, device=DEVICE), 8)
+    x = torch.randn(4, 3, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="same B and D"):
+        cin_gpu.cin_layer(x, torch.randn(5, 3, 2, device=DEVICE), torch.zeros(48, 16, 16, device=DEVICE), 8)
+    with pytest.raises(ValueError, match="same B and D"):  # each row's [Hp, D] must be contiguous
+        cin_gpu.cin_layer(x.transpose(1, 2).contiguous().transpose(1, 2), x, torch.zeros(4, 16, 16, device=DEVICE), 8)
     with pytest.raises(ValueError, match="padded weight"):
         cin_gpu.cin_layer(x, x, torch.zeros(3, 16, 16, device=DEVICE), 8)

@@ -4,8 +4,10 @@ A CIN layer maps X^{k-1} [B, Hp, D] and X^0 [B, m, D] to X^k_h = sum_{i,j} W_{h,
 a 1x1 convolution it materialises the outer product [B, Hp * m, D]: 3.2 GB in bf16 for a batch of 65,536 Criteo
 rows (39 fields, 16 dims), written and read in the forward pass and again in the backward pass, which makes the
 layer memory-bound at a few percent of the GPU's matrix rate. Here, with every (row, embedding dim) pair as one
-row n of X [N = B * D, Hp] and X0 [N, m], three Triton kernels form the outer product block by block in registers
-and feed it straight to the tensor cores:
+row n = b * D + e of X [N = B * D, Hp] and X0 [N, m], three Triton kernels form the outer product block by block
+in registers and feed it straight to the tensor cores. The tensors stay in the embeddings' [B, fields, D] layout
+(row n's column c at b * stride + c * D + e): nothing is transposed around the layer, and the gradient of x0
+comes back in the layout the embedding's backward pass reads.
 
 * forward: out[n, :] = sum over blocks of i: (X[n, i] * X0[n, j])_{(i, j)} @ Wp[(i, j), :];
 * input gradients: G = dOut @ Wp^T per block of i, then dX[n, i] = sum_j G[n, (i, j)] X0[n, j] and
@@ -56,52 +58,58 @@ def pad_weight(weight: torch.Tensor, hp: int, m: int, dtype: torch.dtype) -> tor
 
 if AVAILABLE:
     @triton.jit
-    def _x0_tile(x0_ptr, start, n, m, BN: tl.constexpr, MP: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _at(rows, cols, d, sb):  # type: ignore[no-untyped-def]
+        """Offsets of (row n = b * d + e, column c) in a [B, C, d] tensor whose batch stride is ``sb``."""
+        rows = rows.to(tl.int64)
+        return (rows // d)[:, None] * sb + cols[None, :] * d + (rows % d)[:, None]
+
+    @triton.jit
+    def _x0_tile(x0_ptr, start, n, m, d, sb0, BN: tl.constexpr, MP: tl.constexpr):  # type: ignore[no-untyped-def]
         """Rows start..start+BN: their indices, which exist, and x0's tile [BN, MP] (zeros past m)."""
         rows = start + tl.arange(0, BN)
         live = rows < n
         j = tl.arange(0, MP)
-        x0 = tl.load(x0_ptr + rows[:, None] * m + j[None, :], mask=live[:, None] & (j < m)[None, :], other=0.0)
+        x0 = tl.load(x0_ptr + _at(rows, j, d, sb0), mask=live[:, None] & (j < m)[None, :], other=0.0)
         return rows, live, x0
 
     @triton.jit
-    def _x_block(x_ptr, rows, live, hp, ib, IB: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _x_block(x_ptr, rows, live, hp, ib, d, sbx, IB: tl.constexpr):  # type: ignore[no-untyped-def]
         """Block ``ib`` of x's columns at the rows: column indices, where they exist, x [BN, IB] (0 past hp)."""
         i = ib * IB + tl.arange(0, IB)
         at = live[:, None] & (i < hp)[None, :]
-        return i, at, tl.load(x_ptr + rows[:, None] * hp + i[None, :], mask=at, other=0.0)
+        return i, at, tl.load(x_ptr + _at(rows, i, d, sbx), mask=at, other=0.0)
 
     @triton.jit
-    def _forward(x_ptr, x0_ptr, w_ptr, out_ptr, n, hp, m, h, n_ib, IEEE: tl.constexpr,  # type: ignore[no-untyped-def]
-                 MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr):
-        rows, live, x0 = _x0_tile(x0_ptr, tl.program_id(0) * BN, n, m, BN, MP)
+    def _forward(x_ptr, x0_ptr, w_ptr, out_ptr, n, hp, m, h, d, sbx, sb0, n_ib,  # type: ignore[no-untyped-def]
+                 IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr):
+        rows, live, x0 = _x0_tile(x0_ptr, tl.program_id(0) * BN, n, m, d, sb0, BN, MP)
         kk = tl.arange(0, IB * MP)
         hh = tl.arange(0, HP2)
         acc = tl.zeros((BN, HP2), tl.float32)
         for ib in range(n_ib):
-            xb = _x_block(x_ptr, rows, live, hp, ib, IB)[2]
+            xb = _x_block(x_ptr, rows, live, hp, ib, d, sbx, IB)[2]
             z = tl.reshape(xb[:, :, None] * x0[:, None, :], (BN, IB * MP))
             w = tl.load(w_ptr + (ib * IB * MP + kk)[:, None] * HP2 + hh[None, :])
             if IEEE:
                 acc += tl.dot(z, w, input_precision="ieee")
             else:
                 acc += tl.dot(z, w)
-        tl.store(out_ptr + rows[:, None] * h + hh[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + _at(rows, hh, d, h * d), acc.to(out_ptr.dtype.element_ty),
                  mask=live[:, None] & (hh < h)[None, :])
 
     @triton.jit
-    def _backward_inputs(dout_ptr, x_ptr, x0_ptr, w_ptr, dx_ptr, dx0_ptr, n, hp, m, h,  # type: ignore[no-untyped-def]
-                         n_ib, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr,
+    def _backward_inputs(dout_ptr, x_ptr, x0_ptr, w_ptr, dx_ptr, dx0_ptr, n, hp, m, h, d,  # type: ignore[no-untyped-def]
+                         sbx, sb0, n_ib, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr,
                          BN: tl.constexpr):
-        rows, live, x0 = _x0_tile(x0_ptr, tl.program_id(0) * BN, n, m, BN, MP)
+        rows, live, x0 = _x0_tile(x0_ptr, tl.program_id(0) * BN, n, m, d, sb0, BN, MP)
         x0 = x0.to(tl.float32)
         j = tl.arange(0, MP)
         kk = tl.arange(0, IB * MP)
         hh = tl.arange(0, HP2)
-        d_out = tl.load(dout_ptr + rows[:, None] * h + hh[None, :], mask=live[:, None] & (hh < h)[None, :], other=0.0)
+        d_out = tl.load(dout_ptr + _at(rows, hh, d, h * d), mask=live[:, None] & (hh < h)[None, :], other=0.0)
         acc0 = tl.zeros((BN, MP), tl.float32)
         for ib in range(n_ib):
-            i, at, xb = _x_block(x_ptr, rows, live, hp, ib, IB)
+            i, at, xb = _x_block(x_ptr, rows, live, hp, ib, d, sbx, IB)
             xb = xb.to(tl.float32)
             w_t = tl.load(w_ptr + (ib * IB * MP + kk)[None, :] * HP2 + hh[:, None])
             if IEEE:
@@ -109,26 +117,26 @@ if AVAILABLE:
             else:
                 g = tl.dot(d_out, w_t)
             g3 = tl.reshape(g, (BN, IB, MP))
-            tl.store(dx_ptr + rows[:, None] * hp + i[None, :], tl.sum(g3 * x0[:, None, :], axis=2)
+            tl.store(dx_ptr + _at(rows, i, d, hp * d), tl.sum(g3 * x0[:, None, :], axis=2)
                      .to(dx_ptr.dtype.element_ty), mask=at)
             acc0 += tl.sum(g3 * xb[:, :, None], axis=1)
-        tl.store(dx0_ptr + rows[:, None] * m + j[None, :], acc0.to(dx0_ptr.dtype.element_ty),
+        tl.store(dx0_ptr + _at(rows, j, d, m * d), acc0.to(dx0_ptr.dtype.element_ty),
                  mask=live[:, None] & (j < m)[None, :])
 
     @triton.jit
-    def _backward_weight(dout_ptr, x_ptr, x0_ptr, part_ptr, n, hp, m, h, n_blocks,  # type: ignore[no-untyped-def]
-                         split, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr,
-                         BN: tl.constexpr, KP: tl.constexpr):
+    def _backward_weight(dout_ptr, x_ptr, x0_ptr, part_ptr, n, hp, m, h, d, sbx, sb0,  # type: ignore[no-untyped-def]
+                         n_blocks, split, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr,
+                         HP2: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr):
         ib = tl.program_id(0)
         sp = tl.program_id(1)
         kk = tl.arange(0, IB * MP)
         hh = tl.arange(0, HP2)
         acc = tl.zeros((IB * MP, HP2), tl.float32)
         for nb in range(sp, n_blocks, split):
-            rows, live, x0 = _x0_tile(x0_ptr, nb * BN, n, m, BN, MP)
-            d_out = tl.load(dout_ptr + rows[:, None] * h + hh[None, :], mask=live[:, None] & (hh < h)[None, :],
+            rows, live, x0 = _x0_tile(x0_ptr, nb * BN, n, m, d, sb0, BN, MP)
+            d_out = tl.load(dout_ptr + _at(rows, hh, d, h * d), mask=live[:, None] & (hh < h)[None, :],
                             other=0.0)
-            xb = _x_block(x_ptr, rows, live, hp, ib, IB)[2]
+            xb = _x_block(x_ptr, rows, live, hp, ib, d, sbx, IB)[2]
             z = tl.reshape(xb[:, :, None] * x0[:, None, :], (BN, IB * MP))
             if IEEE:
                 acc += tl.dot(tl.trans(z), d_out, input_precision="ieee")
@@ -137,62 +145,66 @@ if AVAILABLE:
         tl.store(part_ptr + sp * KP * HP2 + (ib * IB * MP + kk)[:, None] * HP2 + hh[None, :], acc)
 
 
-def _check(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+def _check(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
+    """(N = B * D, Hp, m, MP, IB, Hp padded, D) after checking the layouts the kernels read."""
     if not AVAILABLE:
         raise RuntimeError("the fused CIN needs Triton (a CUDA build of torch)")
-    if x.dim() != 2 or x0.dim() != 2 or x.shape[0] != x0.shape[0] or not (x.is_contiguous() and x0.is_contiguous()):
-        raise ValueError(f"x [N, Hp] and x0 [N, m] must be contiguous with the same rows, got {tuple(x.shape)} and "
-                         f"{tuple(x0.shape)}")
-    n, hp = x.shape
+    if (x.dim() != 3 or x0.dim() != 3 or x.shape[0] != x0.shape[0] or x.shape[2] != x0.shape[2]
+            or not x0.is_contiguous() or x.stride()[1:] != (x.shape[2], 1)):
+        raise ValueError(f"x [B, Hp, D] (each row's [Hp, D] contiguous) and x0 [B, m, D] (contiguous) must have the "
+                         f"same B and D, got {tuple(x.shape)} with strides {x.stride()} and {tuple(x0.shape)}")
+    b, hp, d = x.shape
     m = x0.shape[1]
-    mp, ib, hp_pad, hp2 = layout(m, hp, 1)
+    mp, ib, hp_pad, _ = layout(m, hp, 1)
     if wp.shape[:2] != (hp_pad, mp) or not wp.is_contiguous():
         raise ValueError(f"the padded weight must be [{hp_pad}, {mp}, H], got {tuple(wp.shape)}")
-    return n, hp, m, mp, ib, hp_pad
+    return b * d, hp, m, mp, ib, hp_pad, d
 
 
 @torch.library.custom_op("ctrkit::cin_layer", mutates_args=())
 def cin_layer(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> torch.Tensor:
-    """One CIN layer: x [N, Hp], x0 [N, m] and the padded weight ``wp`` (:func:`pad_weight`) -> [N, h], in x's
-    dtype (bf16 products accumulated in fp32; fp32 inputs multiply in full fp32)."""
-    n, hp, m, mp, ib, hp_pad = _check(x, x0, wp)
-    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+    """One CIN layer: x [B, Hp, D] (a view with any batch stride), x0 [B, m, D] and the padded weight ``wp``
+    (:func:`pad_weight`) -> [B, h, D], in x's dtype (bf16 products accumulated in fp32; fp32 inputs multiply in
+    full fp32). Every tensor keeps the embeddings' [B, fields, D] layout, so nothing is transposed around it."""
+    n, hp, m, mp, ib, hp_pad, d = _check(x, x0, wp)
+    out = torch.empty((x.shape[0], h, d), dtype=x.dtype, device=x.device)
     if n:
-        _forward[(triton.cdiv(n, BLOCK_N),)](x, x0, wp, out, n, hp, m, h, hp_pad // ib, IEEE=x.dtype == torch.float32,
-                                             MP=mp, IB=ib, HP2=wp.shape[2], BN=BLOCK_N)
+        _forward[(triton.cdiv(n, BLOCK_N),)](x, x0, wp, out, n, hp, m, h, d, x.stride(0), x0.stride(0),
+                                             hp_pad // ib, IEEE=x.dtype == torch.float32, MP=mp, IB=ib,
+                                             HP2=wp.shape[2], BN=BLOCK_N)
     return out
 
 
 @cin_layer.register_fake
 def _(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], h))
+    return x.new_empty((x.shape[0], h, x.shape[2]))
 
 
 @torch.library.custom_op("ctrkit::cin_layer_backward", mutates_args=())
 def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
                        wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dx, dx0, dwp) of :func:`cin_layer` given the gradient of its output [N, h]."""
-    n, hp, m, mp, ib, hp_pad = _check(x, x0, wp)
+    """Gradients (dx [B, Hp, D] contiguous, dx0, dwp) of :func:`cin_layer` given the gradient of its output."""
+    n, hp, m, mp, ib, hp_pad, d = _check(x, x0, wp)
     h, hp2 = d_out.shape[1], wp.shape[2]
     d_out = d_out.to(x.dtype).contiguous()
-    dx, dx0 = torch.empty_like(x), torch.empty_like(x0)
+    dx, dx0 = x.new_empty(x.shape), torch.empty_like(x0)
     n_ib = hp_pad // ib
     n_blocks = triton.cdiv(n, BLOCK_N) if n else 0
     split = max(1, min(n_blocks, SPLIT_PROGRAMS // n_ib))
     part = torch.zeros((split, hp_pad * mp, hp2), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     if n:
-        _backward_inputs[(n_blocks,)](d_out, x, x0, wp, dx, dx0, n, hp, m, h, n_ib, IEEE=ieee, MP=mp, IB=ib,
-                                      HP2=hp2, BN=BLOCK_N)
-        _backward_weight[(n_ib, split)](d_out, x, x0, part, n, hp, m, h, n_blocks, split, IEEE=ieee, MP=mp, IB=ib,
-                                        HP2=hp2, BN=BLOCK_N, KP=hp_pad * mp)
+        _backward_inputs[(n_blocks,)](d_out, x, x0, wp, dx, dx0, n, hp, m, h, d, x.stride(0), x0.stride(0), n_ib,
+                                      IEEE=ieee, MP=mp, IB=ib, HP2=hp2, BN=BLOCK_N)
+        _backward_weight[(n_ib, split)](d_out, x, x0, part, n, hp, m, h, d, x.stride(0), x0.stride(0), n_blocks,
+                                        split, IEEE=ieee, MP=mp, IB=ib, HP2=hp2, BN=BLOCK_N, KP=hp_pad * mp)
     return dx, dx0, part.sum(0).view(hp_pad, mp, hp2)
 
 
 @cin_layer_backward.register_fake
 def _(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
       wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(x0), wp.new_empty(wp.shape, dtype=torch.float32)
+    return x.new_empty(x.shape), torch.empty_like(x0), wp.new_empty(wp.shape, dtype=torch.float32)
 
 
 def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
@@ -213,17 +225,17 @@ torch.library.register_autograd("ctrkit::cin_layer", _grads, setup_context=_setu
 def cin(x0: torch.Tensor, weights: list[torch.Tensor], split_half: bool) -> torch.Tensor:
     """The CIN of :class:`ctrkit.nn.interactions.CIN` over x0 [B, m, D] with its Conv1d weights, on the fused
     kernels: the pooled outputs [B, sum of output maps] in fp32. Products run in bf16 under autocast."""
-    b, m, d = x0.shape
+    m = x0.shape[1]
     kind = x0.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x0.dtype
-    base = x0.transpose(1, 2).reshape(b * d, m).to(dtype).contiguous()
+    base = x0.to(dtype).contiguous()
     x, pooled = base, []
     for k, weight in enumerate(weights):
         h = weight.shape[0]
         out = cin_layer(x, base, pad_weight(weight, x.shape[1], m, dtype), h)
         if split_half and k < len(weights) - 1:
-            x, direct = out[:, :h // 2].contiguous(), out[:, h // 2:]
+            x, direct = out[:, :h // 2], out[:, h // 2:]
         else:
             x = direct = out
-        pooled.append(direct.view(b, d, -1).float().sum(dim=1))
+        pooled.append(direct.float().sum(dim=2))
     return torch.cat(pooled, dim=1)
