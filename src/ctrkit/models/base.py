@@ -118,7 +118,8 @@ class CTRModel(nn.Module):
     def mlp_over_fields(self, emb: torch.Tensor, batch: Any) -> torch.Tensor:
         """``self.mlp(emb.flatten(1))`` [B, out] for the field vectors ``emb`` straight from ``self.embedding``;
         a first ``nn.Linear`` layer runs through :meth:`~ctrkit.nn.embedding.FeatureEmbedding.project`, which
-        folds the numeric fields' columns (the same result, a third less work on Criteo's layout)."""
+        folds the numeric fields' columns (the same result; on Criteo's layout the first layer reads 442 of 624
+        columns)."""
         first = self.mlp[0]
         if type(first) is not nn.Linear:
             return self.mlp(emb.flatten(1))
