@@ -219,6 +219,41 @@ def test_compiled_step_matches_eager() -> None:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_eval_logits_are_the_models_compiled_for_full_batches_and_eager_for_the_last() -> None:
+    # batch norm in eval mode and dropout off: the compiled eval forward must be the model's eval forward
+    m = model("deepfm", dropout=0.3, batch_norm=True)
+    step = TrainStep(m, CPU, lr=0.05, compile="on", row_updates=True)
+    for b in batches(2, 32, seed=4):
+        step(b)
+    m.eval()
+    full, last = batches(1, 32, seed=5)[0], batches(1, 7, seed=6)[0]
+    with torch.no_grad():
+        want_full, want_last = m(full), m(last)
+    torch.testing.assert_close(step.logits(full), want_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(step.logits(last), want_last, rtol=1e-5, atol=1e-6)
+    assert step._compiled_ok == {"train", "eval"}
+    assert step.logits(full).requires_grad is False
+
+
+def test_a_failed_eval_compile_warns_and_validates_eagerly() -> None:
+    m = model()
+    step = TrainStep(m, CPU, compile="on", row_updates=True)
+
+    def broken(batch: Batch) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    step._compiled["eval"] = broken
+    b = batches(1, 16, seed=9)[0]
+    m.eval()
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler.*validating eagerly"):
+        got = step.logits(b)
+    with torch.no_grad():
+        torch.testing.assert_close(got, m(b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step.logits(b)
+
+
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="compile must be one of"):
         TrainStep(model(), CPU, compile="yes")
@@ -247,7 +282,7 @@ def test_a_failed_compile_warns_and_trains_eagerly() -> None:
     def broken(batch: Batch) -> None:
         raise RuntimeError("no C++ compiler")
 
-    step._compiled = broken
+    step._compiled["train"] = broken
     before = m.embedding.table.weight.detach().clone()
     with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler.*training eagerly"):
         step(batches(1, 16, seed=6)[0])

@@ -219,8 +219,12 @@ class TrainStep:
             # every step compiles the same method; torch caches its graphs per method and, after 8 models in one
             # process (a benchmark, a tuning run), silently runs the next ones eagerly: start each step afresh
             torch.compiler.reset()
-        self._compiled = torch.compile(self._forward_loss, dynamic=False) if want_compile else None
-        self._compiled_once = False
+        self._compiled: dict[str, Any] = {"train": None, "eval": None}
+        if want_compile:  # the eval forward is a graph of its own: no autograd, dropout and batch norm off
+            self._compiled = {"train": torch.compile(self._forward_loss, dynamic=False),
+                              "eval": torch.compile(self._eval_logits, dynamic=False)}
+        self._compiled_ok: set[str] = set()
+        self._eval_rows: int | None = None
         self._widest = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: Batch | None = None
@@ -262,22 +266,39 @@ class TrainStep:
         total = loss + self._l2_factor * reg if reg is not None else loss
         return loss.detach(), total
 
-    def _forward_compiled(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The compiled forward; if compiling fails (no compiler toolchain, an op it cannot trace), say so once
-        and train eagerly: an error of the model itself then surfaces from the eager call."""
-        if self._compiled is None:
-            return self._forward_loss(batch)
-        if self._compiled_once:
-            return self._compiled(batch)
+    def _eval_logits(self, batch: Batch) -> torch.Tensor:
+        """The model's float32 logits of one batch in the step's precision (the model is in eval mode)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.cuda):
+            return self.model(batch).float()
+
+    def _call_compiled(self, which: str, batch: Batch) -> Any:
+        """``which`` ("train": (loss, total) of :meth:`_forward_loss`; "eval": :meth:`_eval_logits`), compiled.
+        If compiling fails (no compiler toolchain, an op it cannot trace), say so once and run that part eagerly
+        from then on: an error of the model itself then surfaces from the eager call."""
+        eager = self._forward_loss if which == "train" else self._eval_logits
+        fn = self._compiled.get(which)
+        if fn is None:
+            return eager(batch)
+        if which in self._compiled_ok:
+            return fn(batch)
         try:
-            out = self._compiled(batch)
+            out = fn(batch)
         except Exception as err:  # noqa: BLE001 - any compiler failure; the eager call below re-raises real errors
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training eagerly",
-                          stacklevel=3)
-            self._compiled = None
-            return self._forward_loss(batch)
-        self._compiled_once = True
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                          f"{'training' if which == 'train' else 'validating'} eagerly", stacklevel=3)
+            self._compiled[which] = None
+            return eager(batch)
+        self._compiled_ok.add(which)
         return out
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The model's float32 logits of ``batch`` with the step's precision, for validation (call it with the
+        model in eval mode). Compiled when the step is, for batches of the first size it sees; other sizes (an
+        epoch's last, shorter batch) run eagerly, so that nothing recompiles."""
+        if self._eval_rows is None:
+            self._eval_rows = len(batch)
+        return self._call_compiled("eval", batch) if len(batch) == self._eval_rows else self._eval_logits(batch)
 
     def _row_ids(self, batch: Batch) -> torch.Tensor:
         """The rows of the tables this batch can read: every id of the batch (sequence ids too), in the ids' dtype."""
@@ -333,7 +354,7 @@ class TrainStep:
             o.zero_grad(set_to_none=True)
         for m in self._tables:
             m.weight.grad = None
-        loss, total = self._forward_compiled(batch) if compiled else self._forward_loss(batch)
+        loss, total = self._call_compiled("train", batch) if compiled else self._forward_loss(batch)
         total.backward()
         if self.ddp and self._sparse:
             allreduce_sparse_(self._sparse)

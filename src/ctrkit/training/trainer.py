@@ -255,14 +255,12 @@ def _snapshot(model: CTRModel, device: torch.device) -> dict[str, torch.Tensor]:
     return _cpu_copy(state)
 
 
-@torch.no_grad()
-def _valid_logits(model: CTRModel, batches: BatchIterator, bf16: bool = False) -> torch.Tensor:
-    """The model's logits over every validation batch, in order, left where the batches are; ``bf16``: the dense
-    layers in bf16 as in training (on a GPU, where that is several times faster than fp32)."""
+def _valid_logits(model: CTRModel, step: TrainStep, batches: BatchIterator) -> torch.Tensor:
+    """The model's logits over every validation batch, in order, left where the batches are, through the
+    step's eval forward (compiled where the step is, in its precision)."""
     was_training = model.training
     model.eval()
-    with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = torch.cat([model(b).float() for b in batches])
+    out = torch.cat([step.logits(b) for b in batches])
     model.train(was_training)
     return out
 
@@ -405,7 +403,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 valid_y = torch.tensor(np.asarray(valid_data.label), device=device)
                 valid_w = None if valid_data.weight is None else torch.tensor(np.asarray(valid_data.weight),
                                                                                device=device)
-            logits = _valid_logits(model, valid_batches, bf16=precision == "bf16" and device.type == "cuda")
+            logits = _valid_logits(model, train_step, valid_batches)
             if world.main:
                 p = torch.sigmoid(logits.double() + cfg.logit_shift)
                 m = fast.evaluate_heads(valid_y, p, model.spec.label_names, weight=valid_w)
