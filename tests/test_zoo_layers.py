@@ -160,10 +160,14 @@ def test_dot_interaction_equals_pairwise_dots() -> None:
     close(DotInteraction(5)(x), want)
 
 
-@pytest.mark.parametrize("residual, scale, norm", [(True, False, False), (False, True, False), (True, False, True)])
-def test_field_self_attention_equals_autoint_formula(residual: bool, scale: bool, norm: bool) -> None:
-    b, f, d_in, d, heads = 2, 4, 3, 2, 3
-    layer = randomised(FieldSelfAttention(d_in, d, heads, residual, scale, norm))
+@pytest.mark.parametrize("residual, scale, norm, identity", [(True, False, False, False), (False, True, False, False),
+                                                             (True, False, True, False), (True, False, True, True),
+                                                             (True, True, False, True)])
+def test_field_self_attention_equals_autoint_formula(residual: bool, scale: bool, norm: bool, identity: bool) -> None:
+    b, f, d, heads = 2, 4, 2, 3
+    d_in = heads * d if identity else 3
+    layer = randomised(FieldSelfAttention(d_in, d, heads, residual, scale, norm, identity_residual=identity))
+    assert (layer.res is None) == (identity or not residual)
     x = rand(b, f, d_in)
     wq, wk, wv = layer.qkv.weight.view(3, heads, d, d_in)
     out, attn = layer(x)
@@ -177,12 +181,18 @@ def test_field_self_attention_equals_autoint_formula(residual: bool, scale: bool
                 parts.append(sum(a[j] * (wv[h] @ x[s, j]) for j in range(f)))
             want = torch.cat(parts)
             if residual:
-                want = want + layer.res.weight @ x[s, i]
+                want = want + (x[s, i] if identity else layer.res.weight @ x[s, i])
             if norm:  # (v - mean) / sqrt(biased variance + eps) * gamma + beta over the field's heads * d values
                 centred = want - want.mean()
                 unit = centred / torch.sqrt(centred.pow(2).mean() + layer.norm.eps)
                 want = unit * layer.norm.weight + layer.norm.bias
             close(out[s, i], torch.relu(want))
+
+
+def test_identity_residual_only_where_the_widths_agree() -> None:
+    assert FieldSelfAttention(3, 2, 3, identity_residual=True).res is not None  # 3 -> 6: projected
+    assert FieldSelfAttention(6, 2, 3, identity_residual=True).res is None
+    assert FieldSelfAttention(6, 2, 3, residual=False, identity_residual=True).identity is False
 
 
 @pytest.mark.parametrize("scale,rows_per_call", [(False, 32768), (True, 32768), (False, 4)])

@@ -17,8 +17,9 @@ from ctrkit.nn.mlp import MLP
 @dataclass(frozen=True)
 class AutoIntConfig(ModelConfig):
     """``attn_layers`` interacting layers of ``heads`` heads of width ``attn_dim``; ``attn_scale`` divides the
-    scores by sqrt(attn_dim) (the paper does not); ``attn_residual`` adds W_res e_i; ``attn_layer_norm`` puts a
-    layer norm before each layer's ReLU (not in the paper; FuxiCTR's option)."""
+    scores by sqrt(attn_dim) (the paper does not); ``attn_residual`` adds W_res e_i, or e_i itself in the layers
+    whose input already has the output's width with ``attn_identity_residual`` (FuxiCTR's reading);
+    ``attn_layer_norm`` puts a layer norm before each layer's ReLU (not in the paper; FuxiCTR's option)."""
 
     attn_layers: int = 3
     heads: int = 2
@@ -26,6 +27,7 @@ class AutoIntConfig(ModelConfig):
     attn_residual: bool = True
     attn_scale: bool = False
     attn_layer_norm: bool = False
+    attn_identity_residual: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,7 +50,7 @@ class AutoInt(CTRModel):
         layers, d = [], cfg.embed_dim
         for _ in range(cfg.attn_layers):
             layers.append(FieldSelfAttention(d, cfg.attn_dim, cfg.heads, cfg.attn_residual, cfg.attn_scale,
-                                             cfg.attn_layer_norm))
+                                             cfg.attn_layer_norm, cfg.attn_identity_residual))
             d = layers[-1].out_features
         self.attention = nn.ModuleList(layers)
         self.out = nn.Linear(spec.n_fields * d, 1)

@@ -20,20 +20,23 @@ class FieldSelfAttention(nn.Module):
     Head h: a_{ij} = softmax_j(<W_Q e_i, W_K e_j> [/ sqrt(d)]), e~_i = sum_j a_{ij} W_V e_j; the heads are
     concatenated and out_i = relu(e~_i + W_res e_i), or relu(LN(e~_i + W_res e_i)) with ``layer_norm`` (a layer
     norm over each field's heads * d values, as FuxiCTR offers): without it the output scales with the
-    embeddings, which an embedding L2 keeps small, so the layers learn slowly.
+    embeddings, which an embedding L2 keeps small, so the layers learn slowly. ``identity_residual``: where
+    ``in_dim`` equals heads * d, add e_i itself instead of W_res e_i (FuxiCTR's AutoInt does), so that a stack of
+    layers keeps a residual path from its first layer's output to its last.
     Returns (out [B, F, heads * d], attention [B, heads, F, F]); with ``weights=False`` the attention is None and
     the heads run as one fused attention kernel (``scaled_dot_product_attention``), which never writes the
     [B, heads, F, F] scores to memory: the training path.
     """
 
     def __init__(self, in_dim: int, attn_dim: int, heads: int = 2, residual: bool = True, scale: bool = False,
-                 layer_norm: bool = False) -> None:
+                 layer_norm: bool = False, identity_residual: bool = False) -> None:
         super().__init__()
         if in_dim < 1 or attn_dim < 1 or heads < 1:
             raise ValueError(f"sizes must be >= 1, got in_dim={in_dim}, attn_dim={attn_dim}, heads={heads}")
         self.heads, self.attn_dim, self.scale = heads, attn_dim, scale
         self.qkv = nn.Linear(in_dim, 3 * heads * attn_dim, bias=False)
-        self.res = nn.Linear(in_dim, heads * attn_dim, bias=False) if residual else None
+        self.identity = residual and identity_residual and in_dim == heads * attn_dim
+        self.res = nn.Linear(in_dim, heads * attn_dim, bias=False) if residual and not self.identity else None
         self.out_features = heads * attn_dim
         self.norm = nn.LayerNorm(self.out_features) if layer_norm else None
 
@@ -51,6 +54,8 @@ class FieldSelfAttention(nn.Module):
         out = mixed.transpose(1, 2).reshape(b, f, -1)
         if self.res is not None:
             out = out + self.res(x)
+        elif self.identity:
+            out = out + x
         if self.norm is not None:
             out = self.norm(out)
         return F.relu(out), attn
