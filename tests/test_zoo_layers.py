@@ -196,12 +196,22 @@ def test_identity_residual_only_where_the_widths_agree() -> None:
 
 
 @pytest.mark.parametrize("scale,rows_per_call", [(False, 32768), (True, 32768), (False, 4)])
-def test_field_self_attention_without_maps_is_the_same_layer(scale: bool, rows_per_call: int,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The training path (fused attention kernels, no maps; the batch in parts of ``SDPA_ROWS`` rows) gives the
-    outputs and gradients of the path that also returns the attention maps."""
+def test_fused_mix_is_the_plain_attention(scale: bool, rows_per_call: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's training path (fused attention kernels, the batch in parts of ``SDPA_ROWS`` rows) gives the
+    outputs and gradients of softmax(q k^T) v."""
     monkeypatch.setattr(attention, "SDPA_ROWS", rows_per_call)
-    layer = randomised(FieldSelfAttention(5, 4, 2, True, scale, True))
+    q, k, v = (rand(6, 2, 7, 4).requires_grad_() for _ in range(3))
+    s = 0.5 if scale else 1.0
+    want = torch.softmax(q @ k.transpose(-1, -2) * s, dim=-1) @ v
+    got = attention.fused_mix(q, k, v, s)
+    close(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g), strict=True):
+        close(a, b)
+
+
+def test_field_self_attention_without_maps_is_the_same_layer() -> None:
+    layer = randomised(FieldSelfAttention(5, 4, 2, True, True, True))
     x = rand(6, 7, 5).requires_grad_()
     out, attn = layer(x)
     fast, none = layer(x, weights=False)
