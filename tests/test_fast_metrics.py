@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ctrkit.evaluate import fast, metrics
@@ -26,6 +26,7 @@ def same(a: dict, b: dict) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 300), levels=st.integers(1, 12), weighted=st.booleans(), seed=st.integers(0, 10_000))
+@example(n=21, levels=7, weighted=False, seed=3039)  # torch.quantile's edge sat one ulp off a tied prediction
 def test_fast_metrics_equal_the_numpy_ones(n: int, levels: int, weighted: bool, seed: int) -> None:
     rng = np.random.default_rng(seed)
     p = rng.integers(0, levels + 1, n) / levels  # few distinct values: many ties, 0 and 1 included

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from ctrkit.evaluate.metrics import EPS
@@ -46,10 +47,27 @@ def auc(y: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> float:
     return float(torch.sum(pos_run * (neg_before + 0.5 * neg_run)) / (w_pos * w_neg))
 
 
+def _numpy_quantiles(p: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """``np.quantile(p, np.linspace(0, 1, n_bins + 1))`` on the device, with NumPy's operations in NumPy's order
+    (NumPy's linspace, its virtual index (n - 1) q and its two-sided lerp, each a separate rounding):
+    torch.quantile rounds differently, and an edge one ulp off a tied prediction moves it to another bin."""
+    s = torch.sort(p).values
+    n = len(s)
+    q = torch.from_numpy(np.linspace(0, 1, n_bins + 1)).to(p)
+    vi = (n - 1) * q
+    lo = torch.floor(vi)
+    below, above = vi < 0, vi >= n - 1
+    lo = torch.where(above, torch.full_like(lo, n - 1), torch.where(below, torch.zeros_like(lo), lo))
+    hi = torch.where(above | below, lo, lo + 1)
+    a, b = s[lo.long()], s[hi.long()]
+    t = vi - lo
+    diff = b - a
+    return torch.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+
+
 def ece(y: torch.Tensor, p: torch.Tensor, w: torch.Tensor, n_bins: int = 20) -> float:
     """Expected calibration error over equal-mass bins (the edges of :func:`ctrkit.evaluate.metrics.ece`)."""
-    q = torch.linspace(0, 1, n_bins + 1, dtype=p.dtype, device=p.device)
-    edges = torch.unique(torch.quantile(p, q))
+    edges = torch.unique(_numpy_quantiles(p, n_bins))
     k = max(len(edges) - 1, 1)
     idx = torch.clamp(torch.searchsorted(edges, p, right=True) - 1, 0, max(len(edges) - 2, 0))
     count = torch.zeros(k, dtype=p.dtype, device=p.device).index_add_(0, idx, w)
