@@ -55,10 +55,9 @@ def _numpy_quantiles(p: torch.Tensor, n_bins: int) -> torch.Tensor:
     n = len(s)
     q = torch.from_numpy(np.linspace(0, 1, n_bins + 1)).to(p)
     vi = (n - 1) * q
-    lo = torch.floor(vi)
-    below, above = vi < 0, vi >= n - 1
-    lo = torch.where(above, torch.full_like(lo, n - 1), torch.where(below, torch.zeros_like(lo), lo))
-    hi = torch.where(above | below, lo, lo + 1)
+    above = vi >= n - 1  # q = 1: the last value (vi is never below 0)
+    lo = torch.where(above, torch.full_like(vi, n - 1), torch.floor(vi))
+    hi = torch.where(above, lo, lo + 1)
     a, b = s[lo.long()], s[hi.long()]
     t = vi - lo
     diff = b - a
