@@ -30,6 +30,10 @@ Measured per round, all printed and written as JSON:
                       last rounds' rises are the ones noise can hide), and the planted CTR of the shown rankings
                       (the expectation of the realised CTR given the rankings: the same figure without the
                       click noise, printed, not judged)
+  panel CTR           the same model's greedy CTR on a fixed evaluation panel (``--panel`` requests, scored
+                      in-process, never logged) whose clicks use common random numbers across rounds (see
+                      :class:`Panel`); its round-over-round change is tested paired by request, so a rise is
+                      told from click noise at a size the live traffic's CTR cannot resolve
   Kendall tau         of the items' relevance ranked by the naive and by the relevance (ips) retrained model,
                       against the planted q_i
   off-policy estimate of the promoted model's top-slot CTR (IPS / SNIPS / DR of ``ctrkit measure ope
@@ -68,6 +72,7 @@ from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bundle import Bundle
 from ctrkit.serve.events import EventLog, attributed_impressions
+from ctrkit.serve.rank import choose
 from ctrkit.serve.retrain import RULES, retrain
 
 GENRES = ("action", "comedy", "drama", "documentary", "kids")
@@ -91,7 +96,7 @@ class World:
         self.b = solve_intercept(self.logit.ravel(), self.exam.mean(), ctr)
         self.shift = 1.0
 
-    def relevance(self, user: int, items: np.ndarray) -> np.ndarray:
+    def relevance(self, user: int | np.ndarray, items: np.ndarray) -> np.ndarray:
         return sigmoid(self.logit[user, items] + self.b)
 
     def clicks(self, user: int, items: np.ndarray) -> np.ndarray:
@@ -186,6 +191,56 @@ def serve_round(client: Any, world: World, requests: int, n_cand: int, k: int, e
             "slot1": pd.DataFrame(slot1), "candidates": pd.DataFrame(cands)}
 
 
+class Panel:
+    """A fixed evaluation traffic for comparing the models of successive rounds with common random numbers.
+
+    ``requests`` (user, candidates) pairs and one uniform draw per (request, slot) are fixed once, from their
+    own random stream; each round's served model ranks every panel request greedily (:func:`choose` with no
+    exploration, ties by candidate order, as the server does) and slot k of request r is clicked when its
+    uniform is below the planted click probability of the item shown there. Two models that rank a request
+    alike get the same clicks on it, so the change of the panel's CTR between rounds is the change of the
+    ranking with little of the click noise that the live traffic's CTR carries (a standard variance reduction
+    for comparing policies in simulation). The panel is scored in-process and never reaches the event log, so
+    no model is trained on its fixed draws."""
+
+    def __init__(self, world: World, requests: int, n_cand: int, k: int, seed: int) -> None:
+        rng = np.random.default_rng([seed, 1])
+        n_users, n_items = len(world.young), len(world.genre)
+        self.users = rng.integers(n_users, size=requests)
+        self.items = np.stack([rng.choice(n_items, n_cand, replace=False) for _ in range(requests)])
+        self.uniform = rng.random((requests, k))
+        self.k = k
+        self.frame = pl.DataFrame([{**world.context(int(u)), **world.candidate(int(i))}
+                                   for u, row in zip(self.users, self.items) for i in row])
+
+    def clicks(self, world: World, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per request: the clicks on its greedy slate under ``scores`` [requests, candidates] and their
+        planted expectation."""
+        shown = np.stack([row[choose(s, self.k).index] for row, s in zip(self.items, scores)])
+        p = np.minimum(world.exam[: self.k] * world.relevance(self.users[:, None], shown) * world.shift, 1.0)
+        return (self.uniform < p).sum(axis=1), p.sum(axis=1)
+
+    def evaluate(self, world: World, bundle_path: Path) -> dict[str, Any]:
+        """The served model's greedy CTR on the panel, with per-request clicks for paired comparisons."""
+        scores = Bundle.load(bundle_path).predict(self.frame).reshape(self.items.shape)
+        clicks, expected = self.clicks(world, scores)
+        shown = np.full(len(clicks), float(self.k))
+        return {"ctr": float(clicks.sum() / shown.sum()), "ctr_se": ratio_se(clicks.astype(float), shown),
+                "planted_ctr": float(expected.sum() / shown.sum()), "per_request": clicks}
+
+
+def paired_rises(per_request: list[np.ndarray], k: int) -> list[dict[str, float]]:
+    """Each round's change of the panel CTR over the round before, and its z: the mean of the per-request
+    click differences over its standard error (the requests are the same, so the pairs share their noise)."""
+    out = []
+    for a, b in zip(per_request, per_request[1:]):
+        d = (b - a).astype(float) / k
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        z = float(d.mean() / se) if se > 0 else float(np.sign(d.mean()) * np.inf if d.mean() else 0.0)
+        out.append({"change": float(d.mean()), "z": z})
+    return out
+
+
 def ratio_se(clicks: np.ndarray, shown: np.ndarray) -> float:
     """Standard error of Σclicks / Σshown with the request as the unit (a request's slots share its user and
     candidates, so its clicks are not independent draws): the delta method for a ratio of means."""
@@ -227,8 +282,13 @@ def summary_line(seed: int, rounds: list[dict[str, Any]], summary: dict[str, Any
                     f" ({sum(summary['ope_agrees_within_joint_error'][name])} within the joint error)"
                     for name in ("ips", "snips", "dr"))
     planted = "yes" if summary["planted_ctr_rises_round_over_round"] else "no"
+    panel = ""
+    if summary["panel_ctr_rises_round_over_round"] is not None:
+        pz = ", ".join(f"{x['z']:+.1f}" for x in summary["panel_ctr_rise"])
+        panel = (f"panel CTR by round {', '.join(f'{c:.4f}' for c in summary['panel_ctr_by_round'])}; rises every "
+                 f"round: {'yes' if summary['panel_ctr_rises_round_over_round'] else 'no'} (paired z: {pz}); ")
     return (f"seed {seed}: realised CTR by round (± SE) {ctrs}; rises every round before the shift: {rose} "
-            f"(changes in SE: {z}; the planted CTR of the shown rankings rises every round: {planted}); tau ips > naive in {ips} of {len(summary['ips_tau_above_naive'])} rounds; "
+            f"(changes in SE: {z}; the planted CTR of the shown rankings rises every round: {planted}); {panel}tau ips > naive in {ips} of {len(summary['ips_tau_above_naive'])} rounds; "
             f"pred/actual {rounds[-2]['monitor']['pred_actual']:.3f} before the shift, "
             f"{rounds[-1]['monitor']['pred_actual']:.3f} at it (alert: "
             f"{'yes' if summary['pred_actual_alert_on_shift'] else 'no'}); top-slot OPE interval holds the "
@@ -255,6 +315,8 @@ def main() -> None:
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                     help="refit a promoted candidate on the whole log")
     ap.add_argument("--shift", type=float, default=0.4, help="click-rate multiplier of the last round")
+    ap.add_argument("--panel", type=int, default=2000,
+                    help="requests of the fixed evaluation panel (common random numbers; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/loop_sim.json"))
     args = ap.parse_args()
@@ -262,6 +324,8 @@ def main() -> None:
     world = World(args.users, args.items, args.k, args.eta, 0.1, args.seed)
     log = work / "events"
     current = seed_bundle(world, args.seed_rows, log, work / "seed")
+    panel = Panel(world, args.panel, args.candidates, args.k, args.seed) if args.panel > 0 else None
+    panel_clicks: list[np.ndarray] = []
     rounds: list[dict[str, Any]] = []
     app = create_app(ServerConfig(bundle=current, events=log, seed=args.seed, segments=("age_group",),
                                   monitor_window=args.requests * args.k))
@@ -281,6 +345,10 @@ def main() -> None:
                                    "monitor": {"pred_actual": snap["overall"]["ratio"], "psi": snap["psi"],
                                                "alerts": snap["alerts"]},
                                    "shifted": last, "serve_seconds": round(time.perf_counter() - t0, 1)}
+            if panel is not None and not last:
+                ev = panel.evaluate(world, current)
+                panel_clicks.append(ev.pop("per_request"))
+                row["panel"] = {key: round(v, 5) for key, v in ev.items()}
             if pending_ope is not None:
                 for e in pending_ope["estimates"]:
                     e.update(covers(e, rnd["greedy_slot1_ctr"], rnd["greedy_slot1_n"]))
@@ -315,6 +383,9 @@ def main() -> None:
         "ctr_rise": rises(ctrs, ses),
         "ctr_rises_round_over_round": all(b > a for a, b in zip(ctrs, ctrs[1:])),
         "planted_ctr_rises_round_over_round": all(b > a for a, b in zip(planted, planted[1:])),
+        "panel_ctr_by_round": [r["panel"]["ctr"] for r in rounds[:-1] if "panel" in r],
+        "panel_planted_ctr_by_round": [r["panel"]["planted_ctr"] for r in rounds[:-1] if "panel" in r],
+        "panel_ctr_rise": paired_rises(panel_clicks, args.k),
         "promoted_by_round": [r["promoted"] for r in rounds[:-1]],
         "tau_naive": [r.get("tau_naive") for r in rounds[:-1]],
         "tau_ips": [r.get("tau_ips") for r in rounds[:-1]],
@@ -332,6 +403,8 @@ def main() -> None:
                    for e in r.get("ope_of_this_model", {}).get("estimates", []) if e["estimator"] == name]
             for name in ("ips", "snips", "dr")},
     }
+    summary["panel_ctr_rises_round_over_round"] = (all(x["change"] > 0 for x in summary["panel_ctr_rise"])
+                                                    if panel is not None else None)
     summary["line"] = summary_line(args.seed, rounds, summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rounds": rounds,
