@@ -65,7 +65,7 @@ def compare(name: str, train: Path, valid: Path | None, test: Path, hand: Path, 
 def main() -> None:
     """Command line: the two dataset folders and the seeds."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--movielens", type=Path, required=True, help="folder with u.data(.gz), u.user, u.item")
+    ap.add_argument("--movielens", type=Path, required=True, help="folder with u.data(.gz), u.user, u.item, u.genre")
     ap.add_argument("--criteo", type=Path, required=True, help="folder with the wide_resdnn_criteo_* files")
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -224,9 +225,9 @@ class Panel:
         """The served model's greedy CTR on the panel, with per-request clicks for paired comparisons."""
         scores = Bundle.load(bundle_path).predict(self.frame).reshape(self.items.shape)
         clicks, expected = self.clicks(world, scores)
-        shown = np.full(len(clicks), float(self.k))
-        return {"ctr": float(clicks.sum() / shown.sum()), "ctr_se": ratio_se(clicks.astype(float), shown),
-                "planted_ctr": float(expected.sum() / shown.sum()), "per_request": clicks}
+        per_slot = clicks / self.k
+        return {"ctr": float(per_slot.mean()), "ctr_se": float(per_slot.std(ddof=1) / np.sqrt(len(per_slot))),
+                "planted_ctr": float(expected.mean() / self.k), "per_request": clicks}
 
 
 def paired_rises(per_request: list[np.ndarray], k: int) -> list[dict[str, float]]:
@@ -235,9 +236,9 @@ def paired_rises(per_request: list[np.ndarray], k: int) -> list[dict[str, float]
     out = []
     for a, b in zip(per_request, per_request[1:]):
         d = (b - a).astype(float) / k
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-        z = float(d.mean() / se) if se > 0 else float(np.sign(d.mean()) * np.inf if d.mean() else 0.0)
-        out.append({"change": float(d.mean()), "z": z})
+        mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+        z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+        out.append({"change": mean, "z": z})
     return out
 
 

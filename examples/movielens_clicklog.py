@@ -2,7 +2,8 @@
 
     python examples/movielens_clicklog.py /path/to/movielens_100k clicks.csv
 
-Reads ``u.data`` (or ``u.data.gz``), ``u.user`` and ``u.item`` from the folder and writes a CSV sorted by time:
+Reads ``u.data`` (or ``u.data.gz``), ``u.user``, ``u.item`` and ``u.genre`` (the names of u.item's genre flag
+columns, in order) from the folder and writes a CSV sorted by time:
 user_id, item_id, timestamp (epoch seconds), age, gender, occupation, zip_code, release_year, genres (the movie's
 genres joined by ``|``) and click. The rating itself is not written: it is the outcome.
 """
@@ -15,10 +16,6 @@ import io
 from pathlib import Path
 
 import polars as pl
-
-GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
-
 
 def _table(path: Path, names: list[str], sep: str) -> pl.DataFrame:
     """A headerless MovieLens table (latin-1 text, gzipped or not), every column as text."""
@@ -33,9 +30,11 @@ def build(folder: Path) -> pl.DataFrame:
     data = folder / "u.data" if (folder / "u.data").exists() else folder / "u.data.gz"
     ratings = _table(data, ["user_id", "item_id", "rating", "timestamp"], "\t")
     users = _table(folder / "u.user", ["user_id", "age", "gender", "occupation", "zip_code"], "|")
-    items = _table(folder / "u.item", ["item_id", "title", "release_date", "video_release_date", "url", *GENRES],
+    names = (_table(folder / "u.genre", ["genre", "index"], "|").drop_nulls()
+             .sort(pl.col("index").cast(pl.Int64))["genre"].to_list())
+    items = _table(folder / "u.item", ["item_id", "title", "release_date", "video_release_date", "url", *names],
                    "|")
-    genres = pl.concat_str([pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in GENRES], separator="|",
+    genres = pl.concat_str([pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in names], separator="|",
                            ignore_nulls=True)
     items = items.select("item_id",
                          pl.col("release_date").str.slice(-4).cast(pl.Int64, strict=False).alias("release_year"),
@@ -52,7 +51,7 @@ def build(folder: Path) -> pl.DataFrame:
 def main() -> None:
     """Command line: the MovieLens folder and the CSV to write."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("movielens", type=Path, help="folder with u.data(.gz), u.user and u.item")
+    ap.add_argument("movielens", type=Path, help="folder with u.data(.gz), u.user, u.item and u.genre")
     ap.add_argument("out", type=Path, help="CSV file to write")
     args = ap.parse_args()
     log = build(args.movielens)
