@@ -7,8 +7,8 @@ correction q = p / (p + (1 - p) / W) is all that stands between the sampled mode
 uncorrected network's figures (`*_raw`) show the gap.
 
 Part 2, calibration: Frappe_x1 DeepFM (the bench_frappe files) and the six OBD logs of bench_small_logs.py, with
-defaults. Platt and isotonic maps are fitted on the validation rows' logits, and the test ECE of each is compared
-with the raw model's; the OBD row also gives the pred/actual ratio that `ctrkit train` serves with its defaults
+defaults. Platt, isotonic and centred isotonic (cir) maps are fitted on the validation rows' logits, and the test
+ECE and AUC of each are compared with the raw model's; the OBD row also gives the pred/actual ratio that `ctrkit train` serves with its defaults
 (`--calibrate auto`).
 
     python bench/bench_calibration.py [--parts downsampling,frappe,obd] [--data ../shared/datasets]
@@ -59,7 +59,7 @@ def downsampling(work: Path, rows: int, seed: int) -> dict:
 
 
 def calibration(files: dict, model: str, work: Path, seed: int) -> dict:
-    """Defaults; then Platt and isotonic fitted on the validation logits, scored on the test logits."""
+    """Defaults; then Platt, isotonic and cir fitted on the validation logits, scored on the test logits."""
     import ctrkit
     from ctrkit.evaluate.calibrate import fit_calibrator
     from ctrkit.evaluate.metrics import evaluate
@@ -74,7 +74,7 @@ def calibration(files: dict, model: str, work: Path, seed: int) -> dict:
                                                                      "positives", "n")},
            "default_calibration": run.metrics["calibration"]["method"]}
     res["raw"] = evaluate(yt, 1 / (1 + np.exp(-zt)))
-    for method in ("platt", "isotonic"):
+    for method in ("platt", "isotonic", "cir"):
         res[method] = evaluate(yt, fit_calibrator(method, zv, yv)(zt))
     raw, platt = 1 / (1 + np.exp(-zt)), fit_calibrator("platt", zv, yv)(zt)
     res["ece_floor"] = ece_floor(raw, seed)
@@ -150,8 +150,9 @@ def main() -> None:
         print(f"\n{name}: test ECE raw {r['raw']['ece']:.5f} (a calibrated model's: {fl['median']:.5f}, 95% "
               f"{fl['low']:.5f}-{fl['high']:.5f}), Platt {r['platt']['ece']:.5f} (Platt - raw, bootstrap 95%: "
               f"{r['platt_minus_raw_ece']['low']:+.5f} to {r['platt_minus_raw_ece']['high']:+.5f}), isotonic "
-              f"{r['isotonic']['ece']:.5f}; logloss raw {r['raw']['logloss']:.5f}, Platt {r['platt']['logloss']:.5f}, "
-              f"isotonic {r['isotonic']['logloss']:.5f}; served by default ({r['default_calibration']}): pred/actual "
+              f"{r['isotonic']['ece']:.5f}, cir {r['cir']['ece']:.5f}; logloss raw {r['raw']['logloss']:.5f}, Platt "
+              f"{r['platt']['logloss']:.5f}, isotonic {r['isotonic']['logloss']:.5f}, cir {r['cir']['logloss']:.5f}; "
+              f"AUC raw {r['raw']['auc']:.5f}, isotonic {r['isotonic']['auc']:.5f}, cir {r['cir']['auc']:.5f}; served by default ({r['default_calibration']}): pred/actual "
               f"{r['served_by_default']['pred_actual_ratio']:.3f}, ECE {r['served_by_default']['ece']:.5f}, "
               f"AUC {r['served_by_default']['auc']:.4f} ({r['served_by_default']['positives']} test clicks)",
               flush=True)

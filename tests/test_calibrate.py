@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 import torch
 from sklearn.isotonic import IsotonicRegression
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 import ctrkit
@@ -40,12 +41,38 @@ def test_platt_and_isotonic_fit_the_literal_maps_and_lower_ece_on_new_rows() -> 
     iso = fit_calibrator("isotonic", z, y)
     ref = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(z, y)
     assert np.allclose(iso(zt), np.clip(ref.predict(zt), 1e-6, 1 - 1e-6))
+    cir = fit_calibrator("cir", z, y)
+    pooled = ref.predict(z)
+    knots = sorted((float(z[pooled == v].mean()), float(v)) for v in set(pooled.tolist()))  # each block's centre
+    want = np.interp(zt, [k[0] for k in knots], [k[1] for k in knots])
+    assert np.allclose(cir(zt), np.clip(want, 1e-6, 1 - 1e-6))
     raw = 1 / (1 + np.exp(-zt))
-    for cal in (platt, iso):
+    for cal in (platt, iso, cir):
         assert ece(yt, cal(zt)) < ece(yt, raw) / 3
     auto = fit_calibrator("auto", z, y)
-    assert auto.method in ("platt", "isotonic") and set(auto.info["cv_logloss"]) == {"none", "platt", "isotonic"}
+    assert auto.method in ("platt", "isotonic", "cir")
+    assert set(auto.info["cv_logloss"]) == {"none", "platt", "isotonic", "cir"}
     assert logloss(yt, auto(zt)) < logloss(yt, raw)
+
+
+def test_centred_isotonic_joins_block_centres_and_keeps_the_model_order() -> None:
+    # pooled adjacent violators: {0} -> 0, {1, 2} -> 0.5, {3} -> 1; knots at the blocks' mean logits 0, 1.5, 3
+    cal = fit_calibrator("cir", np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.0, 0.0, 1.0]))
+    assert cal.params == {"x": [0.0, 1.5, 3.0], "y": [0.0, 0.5, 1.0]}
+    assert np.allclose(cal(np.array([0.75, 1.5, 2.25, 9.0])), [0.25, 0.5, 0.75, 1 - 1e-6])
+    weighted = fit_calibrator("cir", np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.0, 0.0, 1.0]),
+                              weight=np.array([1.0, 3.0, 1.0, 1.0]))  # block {1, 2}: mean (3 * 1 + 2) / 4
+    assert weighted.params == {"x": [0.0, 1.25, 3.0], "y": [0.0, 0.75, 1.0]}
+    z, y = _miscalibrated(20_000, 5)
+    zt, yt = _miscalibrated(5_000, 6)
+    cal = fit_calibrator("cir", z, y)
+    p, knots = cal(zt), cal.params["x"]
+    inside = (zt > knots[0]) & (zt < knots[-1])
+    order = np.argsort(zt[inside])
+    assert (np.diff(p[inside][order]) > 0).all()  # no ties: the served order is the model's
+    assert roc_auc_score(yt, p) == pytest.approx(roc_auc_score(yt, zt), abs=1e-4)
+    steps = fit_calibrator("isotonic", z, y)(zt)  # the step map ties each block's logits
+    assert len(np.unique(steps)) < len(np.unique(p)) / 10 and roc_auc_score(yt, steps) < roc_auc_score(yt, zt)
 
 
 def test_auto_keeps_a_calibrated_model_and_the_shift_comes_first() -> None:
@@ -57,7 +84,7 @@ def test_auto_keeps_a_calibrated_model_and_the_shift_comes_first() -> None:
     assert np.allclose(Calibrator("none", np.log(0.1))(z - np.log(0.1)), 1 / (1 + np.exp(-z)))
 
 
-@pytest.mark.parametrize("method", ["none", "platt", "isotonic"])
+@pytest.mark.parametrize("method", ["none", "platt", "isotonic", "cir"])
 def test_the_torch_map_equals_the_numpy_map(method: str) -> None:
     z, y = _miscalibrated(3000, 4)
     cal = fit_calibrator(method, z, y, shift=0.3)

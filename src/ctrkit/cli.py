@@ -129,8 +129,9 @@ def train(
     focal_gamma: float = typer.Option(2.0, help="--loss focal: focusing exponent."),
     neg_sample_rate: float = typer.Option(1.0, help="Keep this fraction of negatives (all positives); the bundle "
                                                      "corrects the odds exactly."),
-    calibrate: str = typer.Option("auto", help="none, platt, isotonic or auto (lowest cross-validated logloss on "
-                                               "the validation rows)."),
+    calibrate: str = typer.Option("auto", help="none, platt, isotonic, cir (centred isotonic: keeps "
+                                               "the model's order) or auto (lowest cross-validated logloss on the "
+                                               "validation rows)."),
     split: str = typer.Option("auto", help="How validation is cut from TRAIN without --valid: time, random or "
                                            "group (auto: time when the schema has one)."),
     report_by: Optional[str] = typer.Option(None, help="Categorical fields for per-segment AUC and pred/actual "
@@ -194,8 +195,8 @@ def train(
 def calibrate(bundle: Path = typer.Argument(..., help="A bundle folder."),
               data: Path = typer.Argument(..., help="Newer labelled data in the bundle's schema."),
               out: Path = typer.Option(..., help="Folder of the new bundle version."),
-              method: str = typer.Option("auto", help="platt, isotonic, none or auto (lowest cross-validated "
-                                                      "logloss)."),
+              method: str = typer.Option("auto", help="platt, isotonic, cir, none or auto (lowest "
+                                                      "cross-validated logloss)."),
               fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
     """Refit BUNDLE's calibrator on DATA and save it as a new bundle version at OUT (weights unchanged)."""
     from ctrkit.pipeline import recalibrate
