@@ -112,6 +112,34 @@ def test_dcnv2_variants_compose_cross_and_mlp(structure: str, low_rank: int) -> 
     assert type(model.cross).__name__ == ("CrossNetMix" if low_rank else "CrossNetV2")
 
 
+def test_finalmlp_gates_read_their_context_fields() -> None:
+    torch.manual_seed(0)
+    model = build_model("finalmlp", SPEC, context1=["b"], context2=["x", "a"], gate_hidden=[5], **TINY).eval()
+    assert model.context is None  # both streams have context fields: no learned context to leave untrained
+    batch = batch_for(SPEC, n=7)
+    emb = model.embedding(batch)  # fields a, b, c, x
+    e = emb.flatten(1)
+    g1 = 2 * torch.sigmoid(model.gate1.mlp(emb[:, 1]))
+    g2 = 2 * torch.sigmoid(model.gate2.mlp(torch.cat([emb[:, 3], emb[:, 0]], 1)))
+    torch.testing.assert_close(model(batch), model.fusion(model.mlp1(e * g1), model.mlp2(e * g2)))
+    one = build_model("finalmlp", SPEC, context1=[], context2=["c"], **TINY).eval()  # stream 1 keeps its learned vector
+    assert one.context is not None and one.gate1.mlp[0].in_features == 4
+    spec = FeatureSpec(n_ids=17, field_sizes=(4, 9, 4), sparse_names=("a", "b", "c"), dense_names=("x",))
+    auto = build_model("finalmlp", spec, context1="auto", context2="auto", **TINY)
+    assert (auto.config.context1, auto.config.context2) == (("a",), ("b",))  # most ids: b; next (tie): a
+    only = FeatureSpec(n_ids=4, field_sizes=(4,), sparse_names=("a",), dense_names=("x",))
+    assert build_model("finalmlp", only, context1="auto", context2="auto", **TINY).config.context1 == ()
+    assert default_config("finalmlp").context1 == "auto"
+    saved_before = {k: v for k, v in default_config("finalmlp").to_dict().items() if not k.startswith("context")}
+    config = model_class("finalmlp").config_class.from_dict(saved_before)  # as Bundle.load reads model.json
+    old = build_model("finalmlp", spec, config)
+    assert (old.config.context1, old.config.context2) == ((), ()) and old.context is not None
+    with pytest.raises(ValueError, match="context1 must be 'auto' or a list"):
+        default_config("finalmlp", context1="user")
+    with pytest.raises(ValueError, match=r"context2: no field named \['user'\]; the fields are \['a', 'b', 'c', 'x'\]"):
+        build_model("finalmlp", SPEC, context2=["user"], **TINY)
+
+
 @pytest.mark.parametrize("name, key", [("autoint", "pairs"), ("autoint_plus", "pairs"), ("fat", "pairs"),
                                        ("fibinet", "fields"), ("dcn", "fields"), ("dcnv2", "pairs")])
 def test_explain_ranks_fields_of_models_that_show_weights(name: str, key: str) -> None:
