@@ -8,8 +8,8 @@ uncorrected network's figures (`*_raw`) show the gap.
 
 Part 2, calibration: Frappe_x1 DeepFM (the bench_frappe files) and the six OBD logs of bench_small_logs.py, with
 defaults. Platt, isotonic and centred isotonic (cir) maps are fitted on the validation rows' logits, and the test
-ECE and AUC of each are compared with the raw model's; the OBD row also gives the pred/actual ratio that `ctrkit train` serves with its defaults
-(`--calibrate auto`).
+ECE and AUC of each are compared with the raw model's; the OBD row also gives the pred/actual ratio that
+`ctrkit train` serves with its defaults (`--calibrate auto`).
 
     python bench/bench_calibration.py [--parts downsampling,frappe,obd] [--data ../shared/datasets]
 
@@ -152,7 +152,8 @@ def main() -> None:
               f"{r['platt_minus_raw_ece']['low']:+.5f} to {r['platt_minus_raw_ece']['high']:+.5f}), isotonic "
               f"{r['isotonic']['ece']:.5f}, cir {r['cir']['ece']:.5f}; logloss raw {r['raw']['logloss']:.5f}, Platt "
               f"{r['platt']['logloss']:.5f}, isotonic {r['isotonic']['logloss']:.5f}, cir {r['cir']['logloss']:.5f}; "
-              f"AUC raw {r['raw']['auc']:.5f}, isotonic {r['isotonic']['auc']:.5f}, cir {r['cir']['auc']:.5f}; served by default ({r['default_calibration']}): pred/actual "
+              f"AUC raw {r['raw']['auc']:.5f}, isotonic {r['isotonic']['auc']:.5f}, cir {r['cir']['auc']:.5f}; "
+              f"served by default ({r['default_calibration']}): pred/actual "
               f"{r['served_by_default']['pred_actual_ratio']:.3f}, ECE {r['served_by_default']['ece']:.5f}, "
               f"AUC {r['served_by_default']['auc']:.4f} ({r['served_by_default']['positives']} test clicks)",
               flush=True)

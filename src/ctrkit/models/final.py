@@ -92,8 +92,8 @@ class FinalMLP(CTRModel):
                            self.mlp2(self.gate2(x, self.gate_context(emb, 1))))
 
     def gate_context(self, emb: torch.Tensor, stream: int) -> torch.Tensor:
-        """What the gate of stream 0 (``context1``) or 1 (``context2``) reads [B, C]: its context fields'
-        embeddings side by side, or its learned vector."""
+        """What the gate of stream 1 (``stream=0``, ``context1``) or stream 2 (``stream=1``, ``context2``) reads
+        [B, C]: its context fields' embeddings side by side, or its learned vector."""
         if fields := self._ctx[stream]:
             return emb[:, fields].flatten(1)
         assert self.context is not None
