@@ -44,8 +44,10 @@ def run_ctrkit(model: str, work: Path, seed: int) -> dict:
     if run["returncode"] != 0:
         raise RuntimeError(f"ctrkit train {model} failed:\n{run['stdout_tail']}")
     m = json.loads((out / "metrics.json").read_text())
+    # valid_auc is served, so in-sample for the calibrator fitted on those rows; compare settings by valid_auc_raw
     return {"lib": "ctrkit", "model": model, "test_auc": m["test"]["auc"], "test_logloss": m["test"]["logloss"],
-            "valid_auc": m["valid"]["auc"], "epochs": m["train"]["epochs"], "best_epoch": m["train"]["best_epoch"],
+            "valid_auc": m["valid"]["auc"], "valid_auc_raw": m["valid"].get("auc_raw"),
+            "epochs": m["train"]["epochs"], "best_epoch": m["train"]["best_epoch"],
             "train_seconds": m["train"]["seconds"], "samples_per_s": m["train"]["samples_per_s"],
             "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"], "command": " ".join(cmd[1:])}
 
