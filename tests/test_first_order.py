@@ -131,6 +131,8 @@ def test_linear_l2_penalises_the_first_order_table_alone() -> None:
     assert model.regularization().item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="linear_l2"):
         ModelConfig(linear_l2=-1.0)
+    with pytest.raises(ValueError, match="table_l2"):
+        ModelConfig(table_l2=-0.1)
 
 
 def test_only_small_logs_get_the_fit() -> None:

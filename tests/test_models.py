@@ -95,6 +95,10 @@ def test_resolve_keeps_explicit_values() -> None:
     assert (cfg.sparse_grad, cfg.emb_l2_scope, cfg.emb_l2) == (True, "batch", BATCH_L2)
     cfg = ModelConfig(sparse_grad=False).resolve(big)
     assert (cfg.sparse_grad, cfg.emb_l2_scope, cfg.emb_l2) == (False, "table", TABLE_L2)
+    cfg = ModelConfig(table_l2=0.1).resolve(small)
+    assert (cfg.emb_l2_scope, cfg.emb_l2) == ("table", 0.1)
+    assert ModelConfig(table_l2=0.1).resolve(big).emb_l2 == BATCH_L2  # a large id space keeps the batch L2
+    assert ModelConfig(table_l2=0.1, emb_l2=0.02).resolve(small).emb_l2 == 0.02
     cfg = ModelConfig(emb_l2_scope="table").resolve(big)
     assert (cfg.sparse_grad, cfg.emb_l2_scope) == (False, "table")
     cfg = ModelConfig(emb_l2_scope="batch").resolve(small)

@@ -483,10 +483,12 @@ def resolved_defaults(name: str) -> dict[str, Any]:
 
     cls = model_class(name)
     cfg = default_config(name).to_dict()
-    l2 = {"table": TABLE_L2, "batch": BATCH_L2, **cls.auto_l2}
+    table_l2 = TABLE_L2 if cfg["table_l2"] is None else cfg["table_l2"]
     if cfg["emb_l2"] is None:
-        cfg["emb_l2"] = (f"{l2['table']:g} on the whole table up to {SMALL_TABLE:,} embedding parameters, "
-                         f"else {l2['batch']:g} on the rows of each batch")
+        cfg["emb_l2"] = (f"{table_l2:g} on the whole table up to {SMALL_TABLE:,} embedding parameters, "
+                         f"else {BATCH_L2:g} on the rows of each batch")
+    if cfg["table_l2"] is None:
+        cfg["table_l2"] = TABLE_L2
     if cfg["emb_l2_scope"] == "auto":
         cfg["emb_l2_scope"] = f"table up to {SMALL_TABLE:,} embedding parameters, else batch"
     if cfg["sparse_grad"] is None:

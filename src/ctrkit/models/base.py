@@ -26,8 +26,8 @@ class ModelConfig:
     dense gradients). Scope "batch": lambda * ||e||^2 of the rows each sample looks up, averaged over the
     batch (cost proportional to the batch; works with sparse gradients, for large vocabularies).
     ``None`` / "auto" values are resolved by :meth:`resolve` from the size of the id space: tables up to
-    ``SMALL_TABLE`` parameters train with dense gradients and a table L2 (0.05 unless the model sets its
-    own ``auto_l2``), larger ones with sparse gradients and a batch L2 of 1e-5. ``linear_l2`` is the table-scope
+    ``SMALL_TABLE`` parameters train with dense gradients and a table L2 (``table_l2``, 0.05 when None), larger
+    ones with sparse gradients and a batch L2 of 1e-5. ``linear_l2`` is the table-scope
     L2 of the first-order weights (the 1-wide tables of :class:`~ctrkit.nn.embedding.FeatureLinear`); None: ``emb_l2``.
     """
 
@@ -37,6 +37,7 @@ class ModelConfig:
     batch_norm: bool = False
     emb_l2: float | None = None
     emb_l2_scope: str = "auto"
+    table_l2: float | None = None
     sparse_grad: bool | None = None
     init_std: float = 1e-2
     linear_l2: float | None = None
@@ -48,7 +49,7 @@ class ModelConfig:
             raise ValueError(f"hidden sizes must be >= 1, got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("emb_l2", "linear_l2"):
+        for name in ("emb_l2", "linear_l2", "table_l2"):
             if (value := getattr(self, name)) is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.emb_l2_scope not in ("auto", "batch", "table"):
@@ -56,17 +57,13 @@ class ModelConfig:
         if self.emb_l2_scope == "table" and self.sparse_grad:
             raise ValueError("emb_l2_scope 'table' penalises every row each step, so it needs sparse_grad=False")
 
-    def resolve(self, spec: FeatureSpec, auto_l2: dict[str, float] | None = None) -> ModelConfig:
-        """A copy with every automatic setting decided for this id space.
-
-        ``auto_l2`` maps a scope ("table" / "batch") to the L2 used when ``emb_l2`` is None; models set it
-        (an FM, with no MLP to rescale its embeddings, wants a far lighter table L2 than DeepFM).
-        """
+    def resolve(self, spec: FeatureSpec) -> ModelConfig:
+        """A copy with every automatic setting decided for this id space."""
         sparse = self.sparse_grad
         if sparse is None:
             sparse = False if self.emb_l2_scope == "table" else spec.n_ids * self.embed_dim > SMALL_TABLE
         scope = self.emb_l2_scope if self.emb_l2_scope != "auto" else ("batch" if sparse else "table")
-        defaults = {"table": TABLE_L2, "batch": BATCH_L2, **(auto_l2 or {})}
+        defaults = {"table": TABLE_L2 if self.table_l2 is None else self.table_l2, "batch": BATCH_L2}
         l2 = self.emb_l2 if self.emb_l2 is not None else defaults[scope]
         return replace(self, sparse_grad=sparse, emb_l2_scope=scope, emb_l2=l2)
 
@@ -97,11 +94,10 @@ class CTRModel(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}
     config_version: ClassVar[int | None] = None
-    auto_l2: ClassVar[dict[str, float]] = {}
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
         super().__init__()
-        self.spec, self.config = spec, config.resolve(spec, self.auto_l2)
+        self.spec, self.config = spec, config.resolve(spec)
         self._penalty: torch.Tensor | None = None
 
     def _remember_penalty(self, squares: torch.Tensor) -> None:

@@ -81,7 +81,7 @@ class DCN(_CrossModel):
     name = "dcn"
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
-        cfg = config.resolve(spec, self.auto_l2)
+        cfg = config.resolve(spec)
         super().__init__(spec, config, CrossNet(spec.n_fields * cfg.embed_dim, cfg.cross_layers))  # type: ignore[attr-defined]
 
 
@@ -92,7 +92,7 @@ class DCNv2(_CrossModel):
     name = "dcnv2"
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig) -> None:
-        cfg: DCNConfig = config.resolve(spec, self.auto_l2)  # type: ignore[assignment]
+        cfg: DCNConfig = config.resolve(spec)  # type: ignore[assignment]
         d = spec.n_fields * cfg.embed_dim
         cross = (CrossNetMix(d, cfg.cross_layers, cfg.low_rank, cfg.experts) if cfg.low_rank
                  else CrossNetV2(d, cfg.cross_layers))

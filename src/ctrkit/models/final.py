@@ -45,9 +45,9 @@ class FinalMLPConfig(ModelConfig):
             if isinstance(value := getattr(self, key), str) and value != "auto":
                 raise ValueError(f"{key} must be 'auto' or a list of field names, got {value!r}")
 
-    def resolve(self, spec: FeatureSpec, auto_l2: dict[str, float] | None = None) -> ModelConfig:
+    def resolve(self, spec: FeatureSpec) -> ModelConfig:
         """The base settings resolved, and an "auto" context replaced by field names (see the class docstring)."""
-        cfg = super().resolve(spec, auto_l2)
+        cfg = super().resolve(spec)
         largest = sorted(range(spec.n_sparse), key=lambda i: -spec.field_sizes[i])[:2]  # ties: field order
         auto = {"context2": tuple(spec.sparse_names[i] for i in largest[:1]),
                 "context1": tuple(spec.sparse_names[i] for i in largest[1:])}
