@@ -6,8 +6,9 @@ them and scatters them back, in separate kernels so that repeated rows write ide
 gathers of [B * F, dim] blocks dominate a large batch's step. Here two Triton kernels do the same work with one
 read and one write of each distinct row:
 
-* ``claim``: every position writes its index into ``owner[row]``; one of a repeated row's positions wins. With
-  CowClip it also counts each row's uses.
+* ``claim``: each block of positions, sorted by row, writes one of its positions per distinct row into
+  ``owner[row]``; one of a repeated row's positions wins. With CowClip it also counts each row's uses, one atomic
+  add per row and block (Criteo-shaped batches put tens of thousands of positions on a few rows).
 * ``update``: the position that owns its row reads the row's summed gradient (the table's dense gradient),
   weight and moments, clips, updates and writes them back; the other positions do nothing.
 
@@ -30,19 +31,35 @@ BLOCK_POSITIONS = 1024
 
 if AVAILABLE:
     @triton.jit
-    def _claim(rows_ptr, owner_ptr, counts_ptr, n, COUNT: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _max(a, b):  # type: ignore[no-untyped-def]
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _claim(rows_ptr, owner_ptr, counts_ptr, n,  # type: ignore[no-untyped-def]
+               COUNT: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
+        # The block's positions sorted by row (key = row * BLOCK + position in the block, BLOCK = 2 ** SHIFT): the
+        # last position of each run of equal rows stores itself as the row's owner and adds the run's length to
+        # the row's count, so a row that fills the block costs one store and one atomic add, not BLOCK of each.
+        i = tl.arange(0, BLOCK)
+        offs = tl.program_id(0) * BLOCK + i
         mask = offs < n
         r = tl.load(rows_ptr + offs, mask=mask, other=0).to(tl.int64)
-        tl.store(owner_ptr + r, offs, mask=mask)
+        key = tl.sort(tl.where(mask, r, -1) * BLOCK + i.to(tl.int64))  # masked positions first, as row -1
+        row = key >> SHIFT
+        prev = tl.gather(row, tl.maximum(i - 1, 0), 0)
+        nxt = tl.gather(row, tl.minimum(i + 1, BLOCK - 1), 0)
+        last = ((row != nxt) | (i == BLOCK - 1)) & (row >= 0)
+        pos = tl.program_id(0) * BLOCK + (key & (BLOCK - 1)).to(tl.int32)
+        tl.store(owner_ptr + row, pos, mask=last)
         if COUNT:
-            tl.atomic_add(counts_ptr + r, 1.0, mask=mask, sem="relaxed")
+            first = tl.associative_scan(tl.where((row != prev) | (i == 0), i, 0), 0, _max)
+            tl.atomic_add(counts_ptr + row, (i - first + 1).to(tl.float32), mask=last, sem="relaxed")
 
     @triton.jit
     def _update(rows_ptr, owner_ptr, counts_ptr, w_ptr, g_ptr, s1_ptr, s2_ptr, lr_ptr,  # type: ignore[no-untyped-def]
                 n, dim, b1, b2, eps, clip_ratio, clip_floor, lr_cap, lr_power, ADAM: tl.constexpr,
-                CLIP: tl.constexpr, COUNT_LR: tl.constexpr, COUNTS: tl.constexpr, RESET: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+                CLIP: tl.constexpr, COUNT_LR: tl.constexpr, COUNTS: tl.constexpr, RESET: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         in_range = offs < n
         r = tl.load(rows_ptr + offs, mask=in_range, other=0).to(tl.int64)
@@ -86,7 +103,7 @@ def claim(rows: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor | None) 
     n = rows.numel()
     grid = (triton.cdiv(n, BLOCK_POSITIONS),)
     _claim[grid](rows, owner, owner if counts is None else counts, n, COUNT=counts is not None,
-                 BLOCK=BLOCK_POSITIONS)
+                 BLOCK=BLOCK_POSITIONS, SHIFT=BLOCK_POSITIONS.bit_length() - 1)
 
 
 def update(weight: torch.Tensor, grad: torch.Tensor, state: tuple[torch.Tensor, ...], rows: torch.Tensor,
