@@ -13,7 +13,8 @@ from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
 from ctrkit.evaluate.metrics import auc, evaluate
 from ctrkit.models import build_model
 from ctrkit.nn.embedding import FeatureSpec
-from ctrkit.training.trainer import TrainConfig, predict_proba, train
+import ctrkit.training.trainer as trainer_module
+from ctrkit.training.trainer import BF16_MIN_ROWS, TrainConfig, predict_proba, resolve_precision, train
 
 SIZES = (30, 20, 6)
 SPEC = FeatureSpec(n_ids=sum(SIZES), field_sizes=SIZES, sparse_names=("a", "b", "c"), dense_names=("x", "z"))
@@ -222,3 +223,17 @@ def test_a_fitted_start_is_kept_when_no_epoch_beats_it() -> None:
     m2 = fresh("lr")
     load_first_order(m2, fit_first_order(SPEC, tr, seed=0).state)
     assert train(m2, tr, va, quiet(epochs=3, patience=2, lr=5.0, init_bias=False)).best_epoch >= 1
+
+
+def test_auto_precision_turns_bf16_on_for_large_logs_on_a_bf16_cpu(monkeypatch: pytest.MonkeyPatch,
+                                                                   data: tuple[EncodedData, EncodedData]) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", cpu, BF16_MIN_ROWS) == "bf16"
+    assert resolve_precision("auto", cpu, BF16_MIN_ROWS - 1) == "fp32"
+    assert resolve_precision("auto", cpu) == "bf16"  # size unknown: the hardware decides
+    assert resolve_precision("bf16", cpu, 10) == "bf16" and resolve_precision("fp32", cpu, 10**9) == "fp32"
+    train_data, valid = data
+    assert train(build_model("deepfm", SPEC), train_data, valid, quiet(epochs=1)).precision == "fp32"
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", cpu, 10**9) == "fp32"

@@ -108,7 +108,8 @@ def train(
                                                  "repeatable: --set fm=false --set hidden=[256,128]."),
     seed: int = typer.Option(0, help="Random seed; CPU runs repeat exactly."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast on CPUs with bf16 units, else fp32), fp32 or bf16."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on GPUs, and on CPUs with bf16 units from "
+                                                "1M training rows; else fp32), fp32 or bf16."),
     large_batch: str = typer.Option("auto", help="Large-batch rule: rows (each embedding row's LR times its uses "
                                                  "in the batch, dense LR times sqrt(batch/4096)), cowclip (the "
                                                  "CowClip paper's rule), off, or auto (rows above batch 4096 on a "

@@ -54,14 +54,23 @@ def cpu_has_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 autocast where the hardware has bf16 units (a CPU with them, a GPU from Ampere on): same
-    AUC, fewer seconds; fp32 elsewhere."""
+BF16_MIN_ROWS = 1_000_000  # training rows from which "auto" turns bf16 on for a CPU
+
+
+def resolve_precision(precision: str, device: torch.device, rows: int | None = None) -> str:
+    """"auto" is bf16 autocast on a GPU from Ampere on, and on a CPU with bf16 units once the training set has
+    ``BF16_MIN_ROWS`` rows (``rows`` None: any size); fp32 elsewhere.
+
+    On a CPU, bf16 pays where epochs are long and costs where the log is small: on an AVX512-BF16 host it halved
+    DeepFM's step on 1M synthetic Criteo rows at the same test AUC (0.7793 against 0.7794), while on Frappe's 202k
+    rows FinalMLP lost 0.0004 test AUC over three seeds to save seconds.
+    """
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    big = rows is None or rows >= BF16_MIN_ROWS
+    return "bf16" if device.type == "cpu" and big and cpu_has_bf16() else "fp32"
 
 
 MONITORS = ("auto", "auc", "logloss", "auc-logloss")
@@ -292,7 +301,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     else:
         model.to(device)
     lr = cfg.lr
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, len(train_data))
     batches = BatchIterator(train_data, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
                             rank=world.rank, world_size=world.size)
     rule = large_batch_rule(cfg.large_batch, cfg.batch_size, device, warmup_steps=len(batches))
