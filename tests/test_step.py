@@ -292,6 +292,21 @@ def test_a_failed_compile_warns_and_trains_eagerly() -> None:
         step(batches(1, 16, seed=7)[0])
 
 
+def test_compile_with_sparse_table_gradients_warns_and_trains_eagerly() -> None:
+    # inductor cannot build a backward that yields a sparse gradient: it used to fail inside backward()
+    m = model("deepfm", dropout=0.0)
+    with pytest.warns(UserWarning, match="cannot differentiate into sparse embedding gradients"):
+        step = TrainStep(m, CPU, lr=0.05, compile="on", row_updates=False)
+    assert step._compiled["train"] is None and step._compiled["eval"] is not None
+    ref = model("deepfm", dropout=0.0)
+    ref_step = TrainStep(ref, CPU, lr=0.05, compile="off", row_updates=False)
+    for b in batches(2, 32, seed=11):
+        step(b)
+        ref_step(b)
+    for (k, got), want in zip(m.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, msg=k)
+
+
 @pytest.mark.parametrize("row_updates", [False, True])
 def test_a_step_restored_from_its_state_continues_exactly(row_updates: bool) -> None:
     bs = batches(5, 32, seed=8)

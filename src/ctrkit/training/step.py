@@ -223,6 +223,10 @@ class TrainStep:
         if want_compile:  # the eval forward is a graph of its own: no autograd, dropout and batch norm off
             self._compiled = {"train": torch.compile(self._forward_loss, dynamic=False),
                               "eval": torch.compile(self._eval_logits, dynamic=False)}
+            if tables and not self.row_updates:  # inductor fails inside backward() on a sparse gradient
+                warnings.warn("torch.compile cannot differentiate into sparse embedding gradients: the training "
+                              "step runs eagerly (validation stays compiled)", stacklevel=2)
+                self._compiled["train"] = None
         self._compiled_ok: set[str] = set()
         self._eval_rows: int | None = None
         self._widest = 0
