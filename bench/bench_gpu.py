@@ -51,6 +51,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
+
+from provenance import source_commit  # noqa: E402
+
 ZOO = ("dcnv2", "xdeepfm", "finalmlp", "autoint_plus", "din")
 RULES = {  # large-batch rule variants: LargeBatchRule fields, "warm" = warm-up as a share of the first epoch
     "rows (default)": {"cowclip": False, "row_lr_power": 1.0, "scale_l2": False},
@@ -196,11 +199,7 @@ def main() -> None:
     out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0) if cuda else "none", "torch": torch.__version__,
                            "rows": args.rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "runs": []}
-    try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip()
-    except OSError:
-        pass
+    out["commit"] = source_commit(ROOT)
     results: list[dict[str, Any]] = out["runs"]
     if args.harness_ref:
         ref = subprocess.run([sys.executable, os.path.join(args.peers, "gpu_plain_ref.py"), "--rows", str(args.rows),

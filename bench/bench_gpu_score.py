@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serve  # noqa: E402
+from provenance import source_commit  # noqa: E402
 
 from ctrkit.data.dataset import Batch  # noqa: E402
 from ctrkit.serve.bundle import Bundle  # noqa: E402
@@ -62,11 +62,7 @@ def main() -> None:
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "setup_seconds": round(time.perf_counter() - t0, 1), "scorer": scorer.describe(),
                               "valid_auc": bundle.metrics.get("valid", {}).get("auc")}
-    try:
-        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except OSError:
-        pass
+    result["commit"] = source_commit()
     good = scorer.frame(recs)
     ids, dense = bundle.encoder.transform_frame(good)
     graphed = scorer.graphed

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import source_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -86,8 +88,7 @@ def main() -> None:
         results.append(compare("criteo_raw", c / "wide_resdnn_criteo_train.tsv.gz", c / "wide_resdnn_criteo_dev.tsv",
                                c / "wide_resdnn_criteo_test.tsv", ROOT / "examples" / "criteo_raw.yaml", work,
                                seeds))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = source_commit(ROOT)
     print(f"{'dataset':16} {'schema':9} " + " ".join(f"seed {s:<4}" for s in seeds) + "   mean")
     for r in results:
         for kind in ("inferred", "hand"):
