@@ -118,6 +118,37 @@ def test_early_stopping_restores_the_best_epoch(data: tuple[EncodedData, Encoded
     assert auc(va.label, predict_proba(last, va)) == aucs[-1]
 
 
+def test_min_delta_counts_only_gains_above_it(data: tuple[EncodedData, EncodedData]) -> None:
+    tr = planted_data(1500, seed=3, noise_ids=700)
+    _, va = data
+    delta = 0.002
+    result = train(fresh("fm", emb_l2=0.0, embed_dim=8), tr, va,
+                   quiet(epochs=30, patience=2, lr=0.05, lr_decay=1.0, batch_size=128, min_delta=delta))
+    aucs = [r["valid"]["auc"] for r in result.history]
+    best, best_epoch, bad = -1.0, 0, 0  # the rule replayed on the run's own validation AUCs
+    for epoch, a in enumerate(aucs, start=1):
+        if a > best + delta:
+            best, best_epoch, bad = a, epoch, 0
+        else:
+            bad += 1
+        if bad == 2:
+            break
+    assert result.epochs == epoch < 30
+    assert result.best_epoch == best_epoch
+    assert result.best_valid["auc"] == best
+    never = train(fresh("fm", emb_l2=0.0, embed_dim=8), tr, va,
+                  quiet(epochs=30, patience=2, lr=0.05, lr_decay=1.0, batch_size=128, min_delta=1.0))
+    assert (never.epochs, never.best_epoch) == (3, 1)  # no AUC can gain 1.0: the first epoch stays the best
+
+
+def test_default_scoring_blocks_give_the_same_logits(data: tuple[EncodedData, EncodedData]) -> None:
+    _, va = data
+    model = fresh("deepfm", embed_dim=8)
+    small = trainer_module.predict_logits(model, va, batch_size=7)  # many blocks, the last one short
+    assert np.allclose(trainer_module.predict_logits(model, va), small, rtol=0, atol=1e-5)
+    assert np.allclose(trainer_module.predict_logits(model, va, batch_size=len(va)), small, rtol=0, atol=1e-5)
+
+
 def test_lr_decays_on_plateau(data: tuple[EncodedData, EncodedData]) -> None:
     tr = planted_data(1500, seed=3, noise_ids=700)
     _, va = data
@@ -174,6 +205,7 @@ def test_predict_proba_keeps_row_order_and_length(data: tuple[EncodedData, Encod
                                            ({"monitor": "accuracy"}, "monitor"), ({"lr_decay": 0.0}, "lr_decay"),
                                            ({"lr_decay": 1.5}, "lr_decay"), ({"patience": 0}, "patience"),
                                            ({"weight_decay": -1.0}, "weight_decay"), ({"min_lr": -1.0}, "min_lr"),
+                                           ({"min_delta": -0.1}, "min_delta"),
                                            ({"eval_batch_size": 0}, "eval_batch_size"),
                                            ({"max_seconds": 0.0}, "max_seconds")])
 def test_train_config_rejects_bad_values(kwargs: dict, match: str) -> None:

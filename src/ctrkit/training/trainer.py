@@ -75,6 +75,10 @@ def resolve_precision(precision: str, device: torch.device, rows: int | None = N
 
 MONITORS = ("auto", "auc", "logloss", "auc-logloss")
 FEW_POSITIVES = 300  # below this many validation positives, "auto" stops on logloss: AUC is too noisy
+# validation rows per forward pass when eval_batch_size is None: a CPU keeps a block's activations in its caches
+# (FinalMLP scored Frappe's 57,722 validation rows in 0.47 s in blocks of 4,096 and 0.94 s in one block), a GPU
+# wants large launches
+EVAL_ROWS_CPU, EVAL_ROWS_GPU = 8192, 65536
 
 
 @dataclass
@@ -83,7 +87,9 @@ class TrainConfig:
 
     ``loss``: "bce", "weighted" (positives count ``pos_weight`` times) or "focal" (``focal_alpha``,
     ``focal_gamma``). ``monitor``: what early stopping watches on validation; "auto" is logloss when the
-    validation rows hold fewer than ``FEW_POSITIVES`` positives and AUC otherwise. ``logit_shift`` is added to
+    validation rows hold fewer than ``FEW_POSITIVES`` positives and AUC otherwise. ``min_delta``: an epoch
+    counts as an improvement only when it beats the best monitored figure by more than this (so gains below the
+    validation split's noise neither keep the learning rate up nor postpone the stop). ``logit_shift`` is added to
     the model's logit before validation metrics (the exact correction of downsampling and class weights), so
     the monitor sees what will be served. ``init_bias`` starts the output bias at the log-odds the loss expects
     from the training labels. ``validate_start`` scores the model before the first epoch too, so that a start
@@ -100,13 +106,14 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     patience: int = 2
+    min_delta: float = 0.0
     lr_decay: float = 0.1
     min_lr: float = 1e-6
     restore_best: bool = True
     monitor: str = "auto"
     seed: int = 0
     device: str = "cpu"
-    eval_batch_size: int = 65536
+    eval_batch_size: int | None = None
     max_seconds: float | None = None
     progress: bool = True
     precision: str = "auto"
@@ -146,9 +153,11 @@ class TrainConfig:
         if self.patience < 1:
             # with 0 the first epoch, an improvement by definition, would already end training
             raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if not self.min_delta >= 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
         if self.weight_decay < 0 or self.min_lr < 0:
             raise ValueError(f"weight_decay and min_lr must be >= 0, got {self.weight_decay} and {self.min_lr}")
-        if self.eval_batch_size < 1:
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0 when set, got {self.max_seconds}")
@@ -197,10 +206,11 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict_logits(model: CTRModel, data: EncodedData, batch_size: int = 65536,
+def predict_logits(model: CTRModel, data: EncodedData, batch_size: int | None = None,
                    device: str | torch.device = "cpu") -> np.ndarray:
     """The model's logits for every row of ``data`` (eval mode, no gradients), in row order: [n], or [n, T] for a
-    model with T heads."""
+    model with T heads; ``batch_size`` None is the validation default of the device."""
+    batch_size = batch_size or (EVAL_ROWS_CPU if torch.device(device).type == "cpu" else EVAL_ROWS_GPU)
     was_training = model.training
     model.eval()
     out = np.empty(0, dtype=np.float64)
@@ -216,7 +226,7 @@ def predict_logits(model: CTRModel, data: EncodedData, batch_size: int = 65536,
     return out
 
 
-def predict_proba(model: CTRModel, data: EncodedData, batch_size: int = 65536,
+def predict_proba(model: CTRModel, data: EncodedData, batch_size: int | None = None,
                   device: str | torch.device = "cpu", logit_shift: float = 0.0) -> np.ndarray:
     """Click probabilities for every row of ``data``, in row order; ``logit_shift`` is added to each logit."""
     z = predict_logits(model, data, batch_size, device) + logit_shift
@@ -243,10 +253,10 @@ def _score(monitor: str, m: dict[str, Any]) -> float:
     return m["auc"] - m["logloss"]
 
 
-def _better(new: float, best: float | None) -> bool:
+def _better(new: float, best: float | None, min_delta: float = 0.0) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(new)
-    return new > best
+    return new > best + min_delta
 
 
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -408,7 +418,8 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         m = None
         if world.main or torchrec:  # a lookup in sharded tables takes every rank
             if valid_batches is None:  # built once: on a GPU the rows then stay on the device
-                valid_batches = BatchIterator(valid_data, batch_size=cfg.eval_batch_size, device=device)
+                rows = cfg.eval_batch_size or (EVAL_ROWS_CPU if device.type == "cpu" else EVAL_ROWS_GPU)
+                valid_batches = BatchIterator(valid_data, batch_size=rows, device=device)
                 valid_y = torch.tensor(np.asarray(valid_data.label), device=device)
                 valid_w = None if valid_data.weight is None else torch.tensor(np.asarray(valid_data.weight),
                                                                                device=device)
@@ -419,10 +430,11 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         return broadcast(m)
 
     def keep_if_best(m: dict[str, Any], epoch: int) -> bool:
-        """Whether ``m`` beats the best so far (several heads: their mean); if so, remember it and the weights."""
+        """Whether ``m`` beats the best so far by more than ``min_delta`` (several heads: their mean); if so,
+        remember it and the weights."""
         nonlocal best, bad_epochs, best_state
         score = float(np.mean([_score(monitor, h) for h in m.get("heads", {"": m}).values()]))
-        if not _better(score, best):
+        if not _better(score, best, cfg.min_delta):
             return False
         best, bad_epochs = score, 0
         result.best_epoch, result.best_valid = epoch, m
