@@ -7,6 +7,7 @@ time. Stages are timed in the same run so the table shows what encoding and HTTP
 
   model only        torch forward on pre-encoded ids/dense (the bundle's model)
   torch folded      the same model in its folded serving form (ctrkit.serve.fold), same tensors
+  torch bf16        the bf16 form of the same model (ctrkit.serve.bf16), same tensors, where the export kept it
   onnx fp32 / int8  ONNX Runtime session of the same model on the same pre-encoded tensors (`ctrkit export`
                     into the bundle; INT8 only where it kept the AUC within 0.0005)
   bundle            Bundle.predict (torch) on raw dicts + top-k
@@ -43,6 +44,7 @@ import torch
 from ctrkit.data.dataset import Batch
 from ctrkit.pipeline import train
 from ctrkit.schema import Field, Schema
+from ctrkit.serve.bf16 import bf16_form
 from ctrkit.serve.bundle import Bundle
 from ctrkit.serve.fold import FoldError, fold
 from ctrkit.serve.process import free_port, start_server
@@ -191,6 +193,9 @@ def main() -> None:
         stages["torch folded (pre-encoded)"] = lambda: folded(tids, tdense)
     except FoldError as exc:
         result["folded"] = f"skipped: {exc}"
+    if result.get("int8_vs_fp32_auc", {}).get("bf16"):
+        bf16 = bf16_form(bundle.model)
+        stages["torch bf16 (pre-encoded)"] = torch.no_grad()(lambda: bf16(batch))
     if "int8_vs_fp32_auc" in result:
         exp = result["int8_vs_fp32_auc"]
         fp32 = session(exp["fp32"], args.threads)
@@ -263,7 +268,7 @@ def main() -> None:
     print(f"model: {result['model']}; server scoring: {result.get('server_scoring')}")
     if "int8_vs_fp32_auc" in result:
         e = result["int8_vs_fp32_auc"]
-        print(f"AUC fp32 {e['auc_fp32']:.5f}, int8 {e['auc_int8']:.5f} on {e['rows']} rows: {e['decision']}")
+        print(f"on {e['rows']} rows: {e['decision']}")
     lt = result["load_test"]
     print(f"load test: {lt['requests']} requests at {lt['rate']:.1f} req/s for {lt['seconds']:.0f} s, "
           f"p50 {lt['p50_ms']:.1f} ms, p99 {lt['p99_ms']:.1f} ms, errors {lt['errors']}, "

@@ -120,19 +120,31 @@ def test_export_into_the_bundle_is_in_its_manifest(exported: tuple[Path, pl.Data
         Bundle.load(tampered)
 
 
-def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.DataFrame]) -> None:
+PATHS = {"torch", "torch folded", "torch bf16", "onnx fp32", "onnx int8"}
+
+
+@pytest.fixture()
+def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scorer believes the CPU has bf16 units (the path runs anywhere; only its speed needs them)."""
+    import ctrkit.serve.scorer as scorer_module
+
+    monkeypatch.setattr(scorer_module, "cpu_has_bf16", lambda: True)
+
+
+def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.DataFrame], bf16_cpu: None) -> None:
     from ctrkit.serve.bundle import Bundle
     from ctrkit.serve.scorer import Scorer
 
     path, records = exported
     bundle = Bundle.load(path)
     scorer = Scorer(bundle, path, rows=200, reps=3)
-    assert set(scorer.timings_ms) == {"torch", "torch folded", "onnx fp32", "onnx int8"} and scorer.skipped == {}
+    assert set(scorer.timings_ms) == PATHS and scorer.skipped == {}
     assert scorer.backend == min(scorer.timings_ms, key=scorer.timings_ms.__getitem__)
     dicts = records.to_dicts()
     dicts[0]["item_id"] = "never-seen"
     want = bundle.predict(dicts)
-    for backend, tol in (("torch", 0.0), ("torch folded", 1e-5), ("onnx fp32", 1e-5), ("onnx int8", 0.05)):
+    for backend, tol in (("torch", 0.0), ("torch folded", 1e-5), ("onnx fp32", 1e-5), ("onnx int8", 0.05),
+                         ("torch bf16", 0.02)):
         scorer.backend = backend
         assert np.max(np.abs(scorer.predict(dicts) - want)) <= tol, backend
         bad = [*dicts[:3], {**dicts[3], "price": "cheap"}]
@@ -142,7 +154,7 @@ def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.Dat
 
 
 def test_a_swap_to_the_same_shapes_keeps_the_timings(exported: tuple[Path, pl.DataFrame],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, bf16_cpu: None) -> None:
     """A reloaded bundle of the same model and layout is checked (folded form and fp32 graph against torch) but
     not timed again; other threads are timed afresh."""
     from ctrkit.serve.bundle import Bundle
@@ -158,10 +170,31 @@ def test_a_swap_to_the_same_shapes_keeps_the_timings(exported: tuple[Path, pl.Da
     assert sorted(calls) == ["onnx fp32", "torch", "torch folded"]  # the checks only
     calls.clear()
     Scorer(Bundle.load(path), path, threads=2, rows=200, reps=3, like=first)
-    assert len(calls) == 3 + 3 * 4
+    assert len(calls) == 3 + 3 * 5
 
 
-def test_server_scores_on_the_chosen_path(exported: tuple[Path, pl.DataFrame]) -> None:
+def test_bf16_is_offered_only_where_it_was_kept_and_the_cpu_has_it(exported: tuple[Path, pl.DataFrame],
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    import shutil
+
+    import ctrkit.serve.scorer as scorer_module
+    from ctrkit.serve.bundle import Bundle
+    from ctrkit.serve.scorer import Scorer
+
+    path, _ = exported
+    monkeypatch.setattr(scorer_module, "cpu_has_bf16", lambda: False)
+    scorer = Scorer(Bundle.load(path), path, rows=200, reps=3)
+    assert "torch bf16" not in scorer.timings_ms and scorer.skipped == {"torch bf16": "this CPU has no bf16 units"}
+    monkeypatch.setattr(scorer_module, "cpu_has_bf16", lambda: True)
+    dropped = tmp_path / "dropped"
+    shutil.copytree(path, dropped)
+    record = json.loads((dropped / "onnx.json").read_text())
+    (dropped / "onnx.json").write_text(json.dumps({**record, "bf16": False}))
+    assert "torch bf16" not in Scorer(Bundle.load(path), dropped, rows=200, reps=3).timings_ms
+
+
+def test_server_scores_on_the_chosen_path(exported: tuple[Path, pl.DataFrame], bf16_cpu: None) -> None:
     pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install 'ctrkit[serve]'")
     from fastapi.testclient import TestClient
 
@@ -171,7 +204,7 @@ def test_server_scores_on_the_chosen_path(exported: tuple[Path, pl.DataFrame]) -
     path, records = exported
     with TestClient(create_app(ServerConfig(bundle=path))) as client:
         scoring = client.get("/health").json()["scoring"]
-        assert scoring["backend"] in scoring["probe_ms"] and len(scoring["probe_ms"]) == 4
+        assert scoring["backend"] in scoring["probe_ms"] and set(scoring["probe_ms"]) == PATHS
         p = client.post("/score", json={"records": records.to_dicts()}).json()["pctr"]
         assert np.max(np.abs(np.asarray(p) - Bundle.load(path).predict(records))) <= 0.05
         spec = client.get("/openapi.json").json()

@@ -445,10 +445,11 @@ def retrain(events: Path = typer.Option(..., help="Event log folder written by `
 def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
                onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Write the model as ONNX."),
                out: Optional[Path] = typer.Option(None, help="Folder for model.onnx (default: the bundle folder)."),
-               valid: Optional[Path] = typer.Option(None, help="Labelled rows: INT8 is kept only if AUC holds."),
-               max_auc_drop: float = typer.Option(0.0005, help="Largest AUC loss INT8 may cost."),
+               valid: Optional[Path] = typer.Option(None, help="Labelled rows: INT8 and bf16 serve only if AUC holds."),
+               max_auc_drop: float = typer.Option(0.0005, help="Largest AUC loss INT8 or bf16 may cost."),
                fmt: Optional[str] = typer.Option(None, "--format", help="Format of --valid.")) -> None:
-    """Export BUNDLE's model to ONNX (pre-encoded ids/dense in, pCTR out), plus INT8 when it keeps AUC."""
+    """Export BUNDLE's model to ONNX (pre-encoded ids/dense in, pCTR out), plus INT8 and bf16 forms where they
+    keep AUC."""
     if not onnx:
         _fail("nothing to export: --onnx is the only export format")
     try:

@@ -1,11 +1,13 @@
-"""ONNX export of a bundle's model, and INT8 dynamic quantisation kept only where it keeps AUC.
+"""ONNX export of a bundle's model, and the lossy serving forms (INT8, bf16) kept only where they keep AUC.
 
 Exported into the bundle folder (the default), the graphs and ``onnx.json`` (the AUC decision) join the bundle's
 manifest, so ``Bundle.load`` checks them like every other file and ``ctrkit serve`` can score through them.
 The exported graph takes the encoder's output (``ids`` int64 [B, F], ``dense`` float32 [B, D]) and returns the
 click probability [B], so any ONNX runtime scores pre-encoded rows; the encoder stays in the bundle. INT8
 dynamic quantisation (weights int8, activations quantised on the fly) is compared with fp32 on labelled rows
-and written only when the AUC moves by at most ``max_auc_drop``.
+and written only when the AUC moves by at most ``max_auc_drop``. The same rows judge the bf16 form of the torch
+model (:mod:`ctrkit.serve.bf16`); ``onnx.json`` records both decisions, and the scorer offers only the forms
+kept.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class _Probability(nn.Module):
 
 @dataclass
 class ExportResult:
-    """Paths written and, with labelled rows, fp32 and INT8 AUC and the decision."""
+    """Paths written and, with labelled rows, the AUC of fp32, INT8 and bf16 and the decisions."""
 
     fp32: str
     int8: str | None = None
@@ -64,6 +66,9 @@ class ExportResult:
     auc_int8: float | None = None
     rows: int = 0
     decision: str = ""
+    bf16: bool = False
+    auc_torch: float | None = None
+    auc_bf16: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -141,7 +146,8 @@ def export_bundle(bundle_path: str | Path, out_dir: str | Path | None = None, va
     int8 = out / "model.int8.onnx"
     if valid is None:
         int8.unlink(missing_ok=True)  # an INT8 graph of an earlier export belongs to other weights
-        res.decision = "no labelled rows given (--valid): INT8 not written, its AUC cannot be checked"
+        res.decision = ("no labelled rows given (--valid): INT8 not written and bf16 not served, their AUC "
+                        "cannot be checked")
     else:
         ids, dense, y = encoded_rows(bundle, valid, **read_kwargs)
         quantize_int8(fp32, int8)
@@ -155,10 +161,30 @@ def export_bundle(bundle_path: str | Path, out_dir: str | Path | None = None, va
             int8.unlink()
             res.decision = (f"INT8 dropped: AUC {res.auc_int8:.5f} is more than {max_auc_drop} below fp32 "
                             f"{res.auc_fp32:.5f}")
+        res.decision += "; " + _judge_bf16(bundle, ids, dense, y, max_auc_drop, res)
     (out / "onnx.json").write_text(json.dumps(res.to_dict(), indent=1))
     if (out / MANIFEST).exists() and out.resolve() == Path(bundle_path).resolve():
         _list_in_manifest(out, ["model.onnx", "model.int8.onnx", "onnx.json"])
     return res
+
+
+def _judge_bf16(bundle: Bundle, ids: np.ndarray, dense: np.ndarray, y: np.ndarray, max_auc_drop: float,
+                res: ExportResult) -> str:
+    """Set ``res.bf16`` (and the two AUCs) by whether the bf16 form keeps the torch model's AUC on these rows,
+    both through the bundle's calibrator; the decision in words."""
+    from ctrkit.serve.bf16 import bf16_form
+
+    batch = Batch(torch.from_numpy(ids), torch.from_numpy(dense))
+    with torch.no_grad():
+        p = bundle.calibrator(bundle.model(batch).double().numpy())
+        try:
+            q = bundle.calibrator(bf16_form(bundle.model)(batch).double().numpy())
+        except (RuntimeError, TypeError) as exc:  # a layer that reads a linear layer's weight itself
+            return f"bf16 not kept: the bf16 form does not run ({exc})"
+    res.auc_torch, res.auc_bf16 = float(evaluate(y, p)["auc"]), float(evaluate(y, q)["auc"])
+    res.bf16 = res.auc_torch - res.auc_bf16 <= max_auc_drop
+    verdict = "kept" if res.bf16 else f"dropped (more than {max_auc_drop} below)"
+    return f"bf16 {verdict}: AUC {res.auc_bf16:.5f} vs torch fp32 {res.auc_torch:.5f}"
 
 
 def _list_in_manifest(root: Path, names: list[str]) -> None:

@@ -37,7 +37,8 @@ class FoldError(ValueError):
 def _bn_affine(layers: list[nn.Module], i: int, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(weight [out, in], bias [out]) of ``linear`` with an evaluation-mode BatchNorm1d at ``layers[i]`` folded
     in, and the index of the layer after them."""
-    w, b = linear.weight.detach().double(), linear.bias.detach().double()
+    w = linear.weight.detach().double()
+    b = linear.bias.detach().double() if linear.bias is not None else w.new_zeros(w.shape[0])
     if i < len(layers) and isinstance(layers[i], nn.BatchNorm1d):
         bn = layers[i]
         assert bn.running_mean is not None and bn.running_var is not None

@@ -4,15 +4,17 @@ A bundle always scores through torch. With ``device="cuda"`` the model also runs
 (:mod:`ctrkit.serve.gpu`), checked against torch like the other fp32 paths. The embedding-sum models (lr,
 fm, deepfm, dnn, wide_deep) also have a folded torch form (:mod:`ctrkit.serve.fold`: the first layer read from
 a precomputed table). When ``ctrkit export`` has written ONNX graphs into the bundle folder (``model.onnx``,
-and ``model.int8.onnx`` where INT8 kept the AUC), those are paths too. Each path is timed at load on a batch of
-encoded rows the size of a ranking request, taking turns, and the one with the lowest median serves. Records
-go through the same validation and encoding as :meth:`Bundle.predict` (the ONNX graphs hold the calibrator),
-so only the model's arithmetic differs between paths; the folded form, the GPU path and the fp32 graph are
-checked against torch before they may serve.
+and ``model.int8.onnx`` where INT8 kept the AUC), those are paths too, and so is the bf16 form of the torch
+model (:mod:`ctrkit.serve.bf16`) where that export kept its AUC and the CPU has bf16 units. Each path is timed
+at load on a batch of encoded rows the size of a ranking request, taking turns, and the one with the lowest
+median serves. Records go through the same validation and encoding as :meth:`Bundle.predict` (the ONNX graphs
+hold the calibrator), so only the model's arithmetic differs between paths; the folded form, the GPU path and
+the fp32 graph are checked against torch before they may serve (INT8 and bf16 were judged by AUC at export).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,14 +27,17 @@ import torch
 from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
 from ctrkit.schema import Field, Schema
+from ctrkit.serve.bf16 import bf16_form
 from ctrkit.serve.bundle import Bundle, BundleError
 from ctrkit.serve.fold import FoldedModel, FoldError, fold
 from ctrkit.serve.gpu import GPUError, GraphedModel
+from ctrkit.training.trainer import cpu_has_bf16
 from ctrkit.validate import DataError, Records, records_frame
 
 ONNX_FILES = {"onnx fp32": "model.onnx", "onnx int8": "model.int8.onnx"}
 FOLDED = "torch folded"
 GRAPHED = "torch cuda graph"
+BF16 = "torch bf16"
 FP32_TOLERANCE = 1e-4
 BATCH_ROWS = 65536
 
@@ -51,6 +56,7 @@ class Scorer:
         self.skipped: dict[str, str] = {}
         self.folded: FoldedModel | None = None
         self.graphed: GraphedModel | None = None
+        self.bf16: torch.nn.Module | None = None
         if torch.device(device).type == "cuda":
             if bundle.encoder.seq_names or bundle._heads > 1:
                 raise BundleError("the GPU path takes ids and dense only, one head; this bundle has list fields "
@@ -65,6 +71,7 @@ class Scorer:
             self.skipped[FOLDED] = str(exc)
         if path is not None:
             self._open_sessions(Path(path))
+            self._open_bf16(Path(path))
         self.timings_ms = self._time_paths(rows, reps, like)  # empty when torch is the only path
         self.backend = min(self.timings_ms, key=self.timings_ms.__getitem__) if self.timings_ms else "torch"
 
@@ -85,6 +92,19 @@ class Scorer:
                 self.sessions[name] = session(file, self.threads)
             except Exception as exc:  # noqa: BLE001 - a graph ONNX Runtime cannot load is reported, torch serves
                 self.skipped[name] = f"{file}: {exc}"
+
+    def _open_bf16(self, path: Path) -> None:
+        """The bf16 form, where ``ctrkit export --valid`` recorded that it keeps the AUC and this CPU has bf16
+        units (elsewhere bf16 arithmetic is emulated and slower than fp32)."""
+        record = path / "onnx.json"
+        if not record.exists() or not json.loads(record.read_text()).get("bf16"):
+            return
+        if self.device != "cpu" or not cpu_has_bf16():
+            self.skipped[BF16] = "this CPU has no bf16 units" if self.device == "cpu" else "served on the GPU"
+        elif self.bundle.encoder.seq_names or self.bundle._heads > 1:
+            self.skipped[BF16] = "the bf16 path takes ids and dense only, one head"
+        else:
+            self.bf16 = bf16_form(self.bundle.model)
 
     def _probe(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Encoded rows of random in-vocabulary ids and standard normal dense values, a tenth of them missing."""
@@ -109,7 +129,8 @@ class Scorer:
         slows them alike), or ``like``'s when it had these paths for the same shapes; a folded form or fp32
         graph that disagrees with torch is dropped."""
         paths = ["torch", *([FOLDED] if self.folded is not None else []),
-                 *([GRAPHED] if self.graphed is not None else []), *self.sessions]
+                 *([GRAPHED] if self.graphed is not None else []), *([BF16] if self.bf16 is not None else []),
+                 *self.sessions]
         if len(paths) == 1:
             return {}
         ids, dense = self._probe(rows)
@@ -148,6 +169,10 @@ class Scorer:
         if path == GRAPHED:
             assert self.graphed is not None
             return self.bundle.calibrator(self.graphed(ids, dense).astype(np.float64))
+        if path == BF16:
+            assert self.bf16 is not None
+            logits = self.bf16(Batch(torch.from_numpy(ids), torch.from_numpy(dense)))
+            return self.bundle.calibrator(logits.double().numpy())
         out = self.sessions[path].run(None, {"ids": ids.astype(np.int64, copy=False), "dense": dense})[0]
         return out.astype(np.float64, copy=False)
 
