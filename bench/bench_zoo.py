@@ -110,7 +110,8 @@ def peer_table(rows: list[dict]) -> list[dict]:
 
 def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: int = 4096) -> dict[str, float]:
     """Median seconds of one training step (forward, loss, backward, optimizer) of each model with its defaults on
-    Frappe-shaped random batches, the models taking turns step by step so that they share the machine's load."""
+    Frappe-shaped random batches, the models taking turns step by step so that they share the machine's load; in
+    the precision the runs trained in (``precision auto`` for their training rows)."""
     import numpy as np
     import torch
 
@@ -118,7 +119,7 @@ def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: 
     from ctrkit.models import build_model
     from ctrkit.nn.embedding import FeatureSpec
     from ctrkit.training.step import TrainStep
-    from ctrkit.training.trainer import cpu_has_bf16
+    from ctrkit.training.trainer import resolve_precision
 
     spec = FeatureSpec.from_dict(json.loads(spec_json.read_text())["spec"])
     gen = np.random.default_rng(0)
@@ -126,7 +127,8 @@ def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: 
     ids = (gen.integers(0, np.array(spec.field_sizes), (20 * batch_size, spec.n_sparse)) + offsets).astype(np.int32)
     label = gen.integers(0, 2, len(ids)).astype(np.float32)
     data = EncodedData(ids, np.zeros((len(ids), 0), np.float32), label)
-    bf16 = cpu_has_bf16()
+    train_rows = json.loads((spec_json.parent.parent / "metrics.json").read_text())["train"]["rows"]
+    bf16 = resolve_precision("auto", torch.device("cpu"), train_rows) == "bf16"
     nets = {}
     for m in models:
         torch.manual_seed(0)
