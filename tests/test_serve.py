@@ -320,6 +320,26 @@ def _bundle(path: Path) -> Bundle:
     return _loaded.setdefault(path, Bundle.load(path))
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpriority"), reason="thread priorities are a POSIX call")
+def test_a_bundle_loads_in_a_thread_of_the_lowest_priority() -> None:
+    import os
+    import threading
+
+    from ctrkit.serve.app import _lowest_priority
+
+    seen: list[int] = []
+
+    def probe() -> None:
+        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        _lowest_priority()
+        seen.extend([before, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())])
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert seen[1] == 19 and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == seen[0]
+
+
 def test_watched_bundle_folder_is_reloaded_without_failing_a_request(bundles: tuple[Path, Path, pl.DataFrame],
                                                                      tmp_path: Path) -> None:
     """Copying another bundle over the served folder swaps it in once the copy has settled; requests running

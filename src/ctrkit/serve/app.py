@@ -19,9 +19,11 @@ import hmac
 import json
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -332,12 +334,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     rng = np.random.default_rng(config.seed)
     state: dict[str, Any] = {"live": live, "started": time.time()}
     reload_lock = asyncio.Lock()
+    loader = ThreadPoolExecutor(1, thread_name_prefix="ctrkit-loader", initializer=_lowest_priority)
 
     async def swap(path: Path) -> tuple[_Live, _Live]:
         """Load the bundle at ``path`` beside the live one, then make it the live one."""
         async with reload_lock:
             old: _Live = state["live"]
-            new = await asyncio.get_running_loop().run_in_executor(None, _load, path, config.threads, old.scorer,
+            new = await asyncio.get_running_loop().run_in_executor(loader, _load, path, config.threads, old.scorer,
                                                                      config.device)
             state["live"] = new
             monitor.reference = new.bundle.metrics.get("pctr_reference")
@@ -371,6 +374,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         yield
         if watcher is not None:
             watcher.cancel()
+        loader.shutdown(wait=True)
         if log is not None:
             log.close()
 
@@ -516,6 +520,15 @@ def app_from_env() -> FastAPI:
     cfg["segments"] = tuple(cfg["segments"])
     torch.set_num_threads(cfg["threads"])
     return create_app(ServerConfig(**cfg))
+
+
+def _lowest_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (Linux sets it per thread): a bundle loading beside live
+    traffic then takes the CPU time that requests leave, instead of slowing every request of the swap."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # another system: the loading thread keeps the usual priority
+        pass
 
 
 def _load(path: Path, threads: int = 1, live: Scorer | None = None, device: str = "cpu") -> _Live:
