@@ -155,10 +155,10 @@ def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.Dat
 
 def test_a_swap_to_the_same_shapes_keeps_the_timings(exported: tuple[Path, pl.DataFrame],
                                                      monkeypatch: pytest.MonkeyPatch, bf16_cpu: None) -> None:
-    """A reloaded bundle of the same model and layout is checked (folded form and fp32 graph against torch) but
-    not timed again; other threads are timed afresh."""
+    """A reloaded bundle of the same model and layout is checked (folded form and fp32 graph against torch) and
+    its serving path warmed up, but not timed again; other threads are timed afresh."""
     from ctrkit.serve.bundle import Bundle
-    from ctrkit.serve.scorer import Scorer
+    from ctrkit.serve.scorer import WARMUP_CALLS, Scorer
 
     path, _ = exported
     first = Scorer(Bundle.load(path), path, rows=200, reps=3)
@@ -167,7 +167,8 @@ def test_a_swap_to_the_same_shapes_keeps_the_timings(exported: tuple[Path, pl.Da
     monkeypatch.setattr(Scorer, "_probabilities", lambda self, p, *a: calls.append(p) or real(self, p, *a))
     again = Scorer(Bundle.load(path), path, rows=200, reps=3, like=first)
     assert again.timings_ms == first.timings_ms and again.backend == first.backend
-    assert sorted(calls) == ["onnx fp32", "torch", "torch folded"]  # the checks only
+    # the checks, then the serving path's warm-up calls
+    assert sorted(calls) == sorted(["onnx fp32", "torch", "torch folded", *[first.backend] * WARMUP_CALLS])
     calls.clear()
     Scorer(Bundle.load(path), path, threads=2, rows=200, reps=3, like=first)
     assert len(calls) == 3 + 3 * 5

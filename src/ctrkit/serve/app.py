@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import hmac
 import json
@@ -343,6 +344,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             new = await asyncio.get_running_loop().run_in_executor(loader, _load, path, config.threads, old.scorer,
                                                                      config.device)
             state["live"] = new
+            gc.freeze()  # the new bundle's objects join the ones the collector no longer walks
             monitor.reference = new.bundle.metrics.get("pctr_reference")
             metrics.reloads.inc()
         return old, new
@@ -371,6 +373,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         watcher = asyncio.create_task(watch()) if config.watch > 0 else None
+        gc.collect()
+        gc.freeze()  # see _freeze_heap
         yield
         if watcher is not None:
             watcher.cancel()

@@ -39,6 +39,7 @@ FOLDED = "torch folded"
 GRAPHED = "torch cuda graph"
 BF16 = "torch bf16"
 FP32_TOLERANCE = 1e-4
+WARMUP_CALLS = 3
 BATCH_ROWS = 65536
 
 
@@ -148,6 +149,8 @@ class Scorer:
                 if exact == GRAPHED:
                     self.graphed = None
         if like is not None and set(like.timings_ms) == set(paths) and self._same_shapes(like):
+            for _ in range(WARMUP_CALLS):  # the path that will serve runs before the swap: its first calls are slow
+                self._probabilities(like.backend, ids, dense)
             return dict(like.timings_ms)
         ms: dict[str, list[float]] = {p: [] for p in paths}
         for _ in range(reps):
