@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=60.0)
     ap.add_argument("--trial-seconds", type=float, default=10.0)
     ap.add_argument("--p99-budget-ms", type=float, default=25.0)
+    ap.add_argument("--trials", type=int, default=12, help="most load trials before the 60 s run")
     ap.add_argument("--server-cpus", default=None, help="taskset CPU list for the server process")
     ap.add_argument("--workers", type=int, default=1, help="server processes (ctrkit serve --workers)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/bench_serve.json"))
@@ -235,7 +236,7 @@ def main() -> None:
         reload_body = json.dumps({"path": str(bundle_path)}).encode()
         trials = []
         best, worst = None, None  # the highest rate that kept the budget, the lowest that missed it
-        while len(trials) < 12:  # up by 1.25x, or down by 2x from a first miss, then bisect to within 10 %
+        while len(trials) < args.trials:  # up or down by 1.25x from the first trial, then bisect to within 10 %
             seconds = max(args.trial_seconds, TRIAL_REQUESTS / rate)
             t = asyncio.run(open_loop(url, body, rate, seconds, seconds / 2, reload_body))
             trials.append(t)
@@ -251,7 +252,7 @@ def main() -> None:
             elif best is not None:
                 rate *= 1.25
             elif rate > 1.0:
-                rate = max(1.0, rate / 2)
+                rate = max(1.0, rate / 1.25)
             else:
                 break
         result["load_trials"] = trials
