@@ -173,14 +173,22 @@ def _judge_bf16(bundle: Bundle, ids: np.ndarray, dense: np.ndarray, y: np.ndarra
     """Set ``res.bf16`` (and the two AUCs) by whether the bf16 form keeps the torch model's AUC on these rows,
     both through the bundle's calibrator; the decision in words."""
     from ctrkit.serve.bf16 import bf16_form
+    from ctrkit.training.trainer import eval_rows
 
-    batch = Batch(torch.from_numpy(ids), torch.from_numpy(dense))
-    with torch.no_grad():
-        p = bundle.calibrator(bundle.model(batch).double().numpy())
-        try:
-            q = bundle.calibrator(bf16_form(bundle.model)(batch).double().numpy())
-        except (RuntimeError, TypeError) as exc:  # a layer that reads a linear layer's weight itself
-            return f"bf16 not kept: the bf16 form does not run ({exc})"
+    step = eval_rows("cpu")
+
+    @torch.no_grad()
+    def probabilities(net: nn.Module) -> np.ndarray:
+        """The calibrated probabilities of every row, a block of rows at a time."""
+        logits = [net(Batch(torch.from_numpy(ids[i:i + step]), torch.from_numpy(dense[i:i + step])))
+                  for i in range(0, len(ids), step)]
+        return bundle.calibrator(torch.cat(logits).double().numpy())
+
+    p = probabilities(bundle.model)
+    try:
+        q = probabilities(bf16_form(bundle.model))
+    except (RuntimeError, TypeError) as exc:  # a layer that reads a linear layer's weight itself
+        return f"bf16 not kept: the bf16 form does not run ({exc})"
     res.auc_torch, res.auc_bf16 = float(evaluate(y, p)["auc"]), float(evaluate(y, q)["auc"])
     res.bf16 = res.auc_torch - res.auc_bf16 <= max_auc_drop
     verdict = "kept" if res.bf16 else f"dropped (more than {max_auc_drop} below)"
