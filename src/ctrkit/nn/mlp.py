@@ -33,7 +33,8 @@ class Dropout(nn.Module):
         n = x.numel()
         bits = torch.randint(-(2**63), 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self._threshold
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        # one product with the scaled mask: one pass forward and one backward instead of two each, same bits
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
