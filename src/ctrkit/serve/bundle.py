@@ -36,6 +36,7 @@ from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel, build_model, model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
+from ctrkit.training.trainer import eval_rows
 from ctrkit.validate import DataError, Records, coerce_chunk, records_frame
 
 BUNDLE_FORMAT = 1
@@ -232,10 +233,12 @@ class Bundle:
         self._check_required(good, "record")
         return good
 
-    def predict(self, records: Records, batch_size: int = 65536) -> np.ndarray:
+    def predict(self, records: Records, batch_size: int | None = None) -> np.ndarray:
         """Click probabilities for raw records (a dict, a list of dicts, or a polars/pandas DataFrame): [n], or
-        [n, T] for a model with a head per label (columns in the order of ``schema.label_columns``)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        [n, T] for a model with a head per label (columns in the order of ``schema.label_columns``); scored
+        ``batch_size`` rows at a time (None: the device's block, :func:`~ctrkit.training.trainer.eval_rows`)."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         good = self._frame(records)
         if good.height == 0:
@@ -254,8 +257,9 @@ class Bundle:
                     raise DataError(f"{where} {nulls['_line'][0]}: required field {f.name!r} is missing")
 
     @torch.no_grad()
-    def _logits(self, df: pl.DataFrame, batch_size: int = 65536) -> np.ndarray:
+    def _logits(self, df: pl.DataFrame, batch_size: int | None = None) -> np.ndarray:
         device = next(self.model.parameters()).device
+        batch_size = eval_rows(device, batch_size)
         out = np.empty((df.height, self._heads) if self._heads > 1 else df.height, dtype=np.float64)
         for start in range(0, df.height, batch_size):
             part = df.slice(start, batch_size)
@@ -269,7 +273,7 @@ class Bundle:
             raise BundleError(f"the model gave a non-finite score for row {df['_line'][first]}")
         return out
 
-    def _score(self, df: pl.DataFrame, batch_size: int) -> np.ndarray:
+    def _score(self, df: pl.DataFrame, batch_size: int | None = None) -> np.ndarray:
         return self.calibrator(self._logits(df, batch_size))
 
     @property
@@ -288,7 +292,7 @@ class Bundle:
 
     def _score_checked(self, chunk: pl.DataFrame) -> np.ndarray:
         self._check_required(chunk)
-        return self._score(chunk, 65536)
+        return self._score(chunk)
 
     def labelled_logits(self, source: Source, report: ReadReport | None = None,
                         **read_kwargs: Any) -> dict[str, np.ndarray | None]:

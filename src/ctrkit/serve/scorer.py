@@ -189,7 +189,7 @@ class Scorer:
         if good.height == 0:
             return np.zeros((0, self.bundle._heads) if self.bundle._heads > 1 else 0)
         if self.backend == "torch":
-            return self.bundle._score(good, 65536)
+            return self.bundle._score(good)
         p = np.empty(good.height)
         for start in range(0, good.height, BATCH_ROWS):  # as Bundle.predict: activations stay small
             ids, dense = self.bundle.encoder.transform_frame(good.slice(start, BATCH_ROWS))
