@@ -31,12 +31,12 @@ import ctrkit
 from ctrkit.data.dataset import Batch
 from ctrkit.data.encode import Encoder
 from ctrkit.data.readers import ReadReport, Source, iter_chunks
+from ctrkit.devices import eval_rows
 from ctrkit.evaluate.calibrate import Calibrator
 from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel, build_model, model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
-from ctrkit.training.trainer import eval_rows
 from ctrkit.validate import DataError, Records, coerce_chunk, records_frame
 
 BUNDLE_FORMAT = 1
@@ -236,7 +236,7 @@ class Bundle:
     def predict(self, records: Records, batch_size: int | None = None) -> np.ndarray:
         """Click probabilities for raw records (a dict, a list of dicts, or a polars/pandas DataFrame): [n], or
         [n, T] for a model with a head per label (columns in the order of ``schema.label_columns``); scored
-        ``batch_size`` rows at a time (None: the device's block, :func:`~ctrkit.training.trainer.eval_rows`)."""
+        ``batch_size`` rows at a time (None: the device's block, :func:`~ctrkit.devices.eval_rows`)."""
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -23,6 +23,7 @@ from torch import nn
 
 from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import Source, iter_chunks
+from ctrkit.devices import eval_rows
 from ctrkit.evaluate.calibrate import Calibrator
 from ctrkit.evaluate.metrics import evaluate
 from ctrkit.serve.bundle import MANIFEST, Bundle, _sha256
@@ -173,7 +174,6 @@ def _judge_bf16(bundle: Bundle, ids: np.ndarray, dense: np.ndarray, y: np.ndarra
     """Set ``res.bf16`` (and the two AUCs) by whether the bf16 form keeps the torch model's AUC on these rows,
     both through the bundle's calibrator; the decision in words."""
     from ctrkit.serve.bf16 import bf16_form
-    from ctrkit.training.trainer import eval_rows
 
     step = eval_rows("cpu")
 

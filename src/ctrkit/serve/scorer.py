@@ -26,12 +26,12 @@ import torch
 
 from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
+from ctrkit.devices import cpu_has_bf16
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bf16 import bf16_form
 from ctrkit.serve.bundle import Bundle, BundleError
 from ctrkit.serve.fold import FoldedModel, FoldError, fold
 from ctrkit.serve.gpu import GPUError, GraphedModel
-from ctrkit.training.trainer import cpu_has_bf16
 from ctrkit.validate import DataError, Records, records_frame
 
 ONNX_FILES = {"onnx fp32": "model.onnx", "onnx int8": "model.int8.onnx"}

@@ -27,6 +27,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctrkit.data.dataset import BatchIterator, EncodedData
+from ctrkit.devices import cpu_has_bf16, eval_rows
 from ctrkit.evaluate import fast
 from ctrkit.models.base import CTRModel
 from ctrkit.training import sharded
@@ -39,21 +40,6 @@ from ctrkit.training.step import COMPILE, LARGE_BATCH, TrainStep, large_batch_ru
 
 OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad")
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
-    return False
-
-
 BF16_MIN_ROWS = 1_000_000  # training rows from which "auto" turns bf16 on for a CPU
 
 
@@ -75,14 +61,6 @@ def resolve_precision(precision: str, device: torch.device, rows: int | None = N
 
 MONITORS = ("auto", "auc", "logloss", "auc-logloss")
 FEW_POSITIVES = 300  # below this many validation positives, "auto" stops on logloss: AUC is too noisy
-EVAL_ROWS_CPU, EVAL_ROWS_GPU = 8192, 65536
-
-
-def eval_rows(device: str | torch.device, asked: int | None = None) -> int:
-    """Rows per forward pass when scoring without gradients: ``asked``, else 8,192 on a CPU, whose caches then
-    hold a block's activations (FinalMLP scored Frappe's 57,722 validation rows in 0.47 s in blocks of 4,096 and
-    0.94 s in one block), and 65,536 on a GPU, which wants large launches."""
-    return asked or (EVAL_ROWS_CPU if torch.device(device).type == "cpu" else EVAL_ROWS_GPU)
 
 
 @dataclass
