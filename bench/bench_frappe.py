@@ -34,12 +34,13 @@ FIELDS = "user,item,daytime,weekday,isweekend,homework,cost,weather,country,city
 TARGETS = {"deepfm": (0.9845, 0.155), "fm": (0.965, None), "lr": (0.93, None)}
 
 
-def run_ctrkit(model: str, work: Path, seed: int) -> dict:
-    """`ctrkit train` on Frappe with the model's defaults; returns its metrics and outside measurements."""
-    out = work / model
+def run_ctrkit(model: str, work: Path, seed: int, ensemble: int = 1) -> dict:
+    """`ctrkit train` on Frappe with the model's defaults (``ensemble`` members: ``--ensemble N``); returns its
+    metrics and outside measurements."""
+    out = work / (model if ensemble == 1 else f"{model}-x{ensemble}")
     cmd = [sys.executable, "-m", "ctrkit", "train", str(TRAIN), "--valid", str(VALID), "--test", str(TEST),
            "--format", "libfm", "--fields", FIELDS, "--model", model, "--out", str(out), "--seed", str(seed),
-           "--quiet"]
+           "--quiet", *(["--ensemble", str(ensemble)] if ensemble > 1 else [])]
     run = peers.run_peer(cmd, {"PYTHONPATH": str(ROOT / "src")}, cwd=ROOT)
     if run["returncode"] != 0:
         raise RuntimeError(f"ctrkit train {model} failed:\n{run['stdout_tail']}")

@@ -9,6 +9,10 @@ difference and training-time ratio, model for model (set up the peers first: ben
 
     python bench/bench_zoo.py                                  # every model, seeds 0 1 2
     python bench/bench_zoo.py --models deepfm,fibinet --seeds 0
+    python bench/bench_zoo.py --models finalmlp*2              # an ensemble of two (`--ensemble 2`)
+
+A model written NAME*N is a deep ensemble of N models NAME (`ctrkit train --model NAME --ensemble N`, seeds S to
+S+N-1): a row of its own, whose step time is N times its members' (they train one after the other).
 
 Prints the table (test AUC / logloss mean and spread, parameters, seconds per epoch, training step time relative
 to DeepFM's, BARS target) and writes bench/results/zoo.json. The step times come from one interleaved timing at the
@@ -55,18 +59,32 @@ def bars_targets(datasets: Path) -> dict[str, float]:
     return out
 
 
+def members(entry: str) -> tuple[str, int]:
+    """A --models entry as (model, ensemble members): "finalmlp" -> ("finalmlp", 1), "finalmlp*2" -> (.., 2)."""
+    name, _, n = entry.partition("*")
+    return name, int(n) if n else 1
+
+
 def step_seconds(row: dict) -> float:
-    """Median over epochs of the seconds one training step took (batch size / samples per second)."""
-    return row["batch_size"] / statistics.median(h["samples_per_s"] for h in row["history"])
+    """Median over epochs of the seconds one training step took (batch size / samples per second); an ensemble's
+    is its members' summed (they train one after the other)."""
+    histories = row.get("member_histories") or [row["history"]]
+    return sum(row["batch_size"] / statistics.median(h["samples_per_s"] for h in hist) for hist in histories)
 
 
-def run_one(model: str, seed: int, work: Path) -> dict:
+def run_one(entry: str, seed: int, work: Path) -> dict:
     """One `ctrkit train` run with the extra fields the zoo table needs."""
-    row = bench_frappe.run_ctrkit(model, work / f"seed{seed}", seed)
-    m = json.loads((work / f"seed{seed}" / model / "metrics.json").read_text())
-    row.update(seed=seed, parameters=m["model"]["parameters"], history=m["train"]["history"],
-               batch_size=m["train"]["config"]["batch_size"],
-               epoch_seconds=statistics.median(h["train_seconds"] for h in m["train"]["history"]))
+    model, n = members(entry)
+    row = bench_frappe.run_ctrkit(model, work / f"seed{seed}", seed, ensemble=n)
+    folder = model if n == 1 else f"{model}-x{n}"
+    m = json.loads((work / f"seed{seed}" / folder / "metrics.json").read_text())
+    tr = m["train"]
+    histories = [r["history"] for r in tr["members"]] if n > 1 else [tr["history"]]
+    row.update(model=entry, seed=seed, parameters=m["model"]["parameters"], history=histories[0],
+               batch_size=tr["config"]["batch_size"],
+               epoch_seconds=sum(statistics.median(h["train_seconds"] for h in hist) for hist in histories))
+    if n > 1:
+        row["member_histories"] = histories
     return row
 
 
@@ -130,13 +148,13 @@ def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: 
     train_rows = json.loads((spec_json.parent.parent / "metrics.json").read_text())["train"]["rows"]
     bf16 = resolve_precision("auto", torch.device("cpu"), train_rows) == "bf16"
     nets = {}
-    for m in models:
+    for m in sorted({members(e)[0] for e in models}):
         torch.manual_seed(0)
         net = build_model(m, spec)
         net.fit_features(data)
         net.train()
         nets[m] = TrainStep(net, torch.device("cpu"), bf16=bf16)  # the trainer's step: loss, backward, update
-    times: dict[str, list[float]] = {m: [] for m in models}
+    times: dict[str, list[float]] = {m: [] for m in nets}
     for step in range(steps + 2):
         rows = gen.integers(0, len(ids), batch_size)
         batch = Batch(torch.from_numpy(ids[rows]), torch.zeros(batch_size, 0), torch.from_numpy(label[rows]))
@@ -146,7 +164,7 @@ def step_times(models: list[str], spec_json: Path, steps: int = 12, batch_size: 
             train_step.loss_mean()  # waits for the step
             if step >= 2:  # two warm-up steps
                 times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(t) for m, t in times.items()}
+    return {e: members(e)[1] * statistics.median(times[members(e)[0]]) for e in models}
 
 
 def summarise(rows: list[dict], models: list[str], datasets: Path, steps: dict[str, float] | None = None) -> list[dict]:
@@ -163,7 +181,7 @@ def summarise(rows: list[dict], models: list[str], datasets: Path, steps: dict[s
         if not rs:
             continue
         auc, ll = [r["test_auc"] for r in rs], [r["test_logloss"] for r in rs]
-        target = targets.get(m)
+        target = targets.get(m)  # a BARS figure is one model's: none for an ensemble
         table.append({"model": m, "seeds": len(rs), "auc_mean": statistics.mean(auc),
                       "auc_spread": max(auc) - min(auc), "logloss_mean": statistics.mean(ll),
                       "logloss_spread": max(ll) - min(ll), "parameters": rs[0]["parameters"],

@@ -197,3 +197,17 @@ def test_logloss_gap_is_paired_and_clustered(world: tuple[Path, pl.DataFrame]) -
     assert mean == pytest.approx(3.0) and se == pytest.approx(np.sqrt(((4 - 6) ** 2 + (8 - 6) ** 2) / 2) / 2)
     mean, se = clustered_mean(np.array([1.0, 3.0, 2.0, 6.0]), np.ones(4), None)
     assert mean == pytest.approx(3.0) and se == pytest.approx(np.std([1.0, 3.0, 2.0, 6.0], ddof=1) / 2)
+
+
+def test_retrain_keeps_the_ensemble_size_of_the_base(world: tuple[Path, pl.DataFrame]) -> None:
+    """The candidate follows the base's recipe: an ensemble base gets an ensemble candidate of as many members."""
+    from ctrkit.models.ensemble import Ensemble
+
+    out, df = world
+    train(df.head(300).drop("p_click"), schema=synth_schema(), model="lr", out=out / "weak2", epochs=1,
+          ensemble=2, progress=False)
+    _log_from(df.slice(300, 1500), out / "log2")
+    res = retrain(out / "log2", out / "weak2" / "bundle", out / "new2", epochs=1, keep_candidate=True)
+    assert res.candidate_path is not None
+    candidate = Bundle.load(res.candidate_path)
+    assert isinstance(candidate.model, Ensemble) and len(candidate.model.members) == 2

@@ -139,6 +139,8 @@ def train(
                                                        "in report.html, comma-separated."),
     checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (each epoch always)."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints where a run stopped."),
+    ensemble: int = typer.Option(1, help="Train N models of MODEL with seeds SEED..SEED+N-1 and serve the mean "
+                                         "of their logits (N times the training and scoring time)."),
     quiet: bool = typer.Option(False, help="No progress bars; only the one-line report of rejected rows."),
 ) -> None:
     """Train MODEL on TRAIN and write a bundle, metrics.json and report.html to OUT."""
@@ -172,7 +174,7 @@ def train(
                         embedding_backend=embedding_backend,
                         loss=loss, pos_weight=pw, neg_sample_rate=neg_sample_rate, calibrate=calibrate,
                         split=split, report_by=[f.strip() for f in report_by.split(",")] if report_by else None,
-                        checkpoint_every=checkpoint_every, resume=resume,
+                        checkpoint_every=checkpoint_every, resume=resume, ensemble=ensemble,
                         log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
     except USER_ERRORS as exc:
         _fail(str(exc))
@@ -187,8 +189,11 @@ def train(
         err.print(line, markup=False, highlight=False)
     m = run.metrics
     rows = {k: m[k] for k in ("valid", "test") if k in m}
-    Console().print(_metrics_table(rows, f"{model}: {m['train']['epochs']} epochs, best {m['train']['best_epoch']}, "
-                                         f"{m['train']['samples_per_s']:,.0f} samples/s"))
+    tr = m["train"]
+    name = f"{model} x{ensemble}" if ensemble > 1 else model
+    best = ", ".join(map(str, tr["best_epoch"])) if ensemble > 1 else tr["best_epoch"]
+    Console().print(_metrics_table(rows, f"{name}: {tr['epochs']} epochs, best {best}, "
+                                         f"{tr['samples_per_s']:,.0f} samples/s"))
     err.print(f"bundle: {out / 'bundle'}   metrics: {out / 'metrics.json'}   report: {out / 'report.html'}")
 
 

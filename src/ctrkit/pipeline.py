@@ -21,7 +21,8 @@ from ctrkit.data.encode import encode_files
 from ctrkit.data.readers import Source, libfm_schema
 from ctrkit.evaluate.metrics import evaluate, evaluate_heads
 import ctrkit.models  # noqa: F401  (registers the model zoo)
-from ctrkit.models.base import SMALL_TABLE, build_model, default_config, model_class
+from ctrkit.models.base import SMALL_TABLE, CTRModel, build_model, default_config, model_class
+from ctrkit.models.ensemble import Ensemble
 from ctrkit.schema import Schema
 from ctrkit.serve.bundle import Bundle
 from ctrkit.data.dataset import EncodedData
@@ -70,7 +71,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
           loss: str = "bce", pos_weight: float | str = "auto", neg_sample_rate: float = 1.0,
           calibrate: str = "auto", split: str = "auto", report_by: list[str] | None = None,
           resume: bool = False, checkpoint_every: int = 0, embedding_backend: str = "plain",
-          log: Any = None) -> Run:
+          ensemble: int = 1, log: Any = None) -> Run:
     """Encode ``train_data`` (fitting the encoder on it only), train ``model``, calibrate, evaluate, save.
 
     Without ``valid`` a validation part is cut from the training data (``split``: by time when the schema has
@@ -80,6 +81,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     ``out/bundle/``, ``out/metrics.json``, ``out/report.html`` and checkpoints under ``out/checkpoints/``.
     ``embedding_backend`` "torchrec" trains the tables sharded by TorchRec (sparse gradients and the batch L2,
     no first-order fit, distributed checkpoints); the bundle holds them as plain tables.
+    ``ensemble`` N > 1 trains N models one after another, with seeds ``seed`` .. ``seed + N - 1``, and serves
+    the mean of their logits (:class:`~ctrkit.models.ensemble.Ensemble`); each has its own checkpoints.
     """
     t0 = time.perf_counter()
     sch = _resolve_schema(schema, fmt, fields)
@@ -92,6 +95,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                              f"({[f.name for f in sch.sparse_fields]})")
     if resume and not out:
         raise ValueError("--resume needs --out, where the checkpoints of the run are")
+    if ensemble < 1:
+        raise ValueError(f"--ensemble must be >= 1 (members), got {ensemble}")
+    if ensemble > 1 and embedding_backend == "torchrec":
+        raise ValueError("--ensemble trains plain tables; TorchRec-sharded members are not supported")
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
     created = bool(out) and not Path(out).exists()
     if out:
@@ -145,29 +152,26 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         if embed_dim is not None:
             mopts["embed_dim"] = embed_dim
         mcfg = default_config(model, **mopts)
-        torch.manual_seed(seed)
-        # sharded tables larger than a small one are allocated only as shards, never whole in this process
-        lazy = torchrec and enc.encoder.n_ids * mcfg.embed_dim > SMALL_TABLE
-        with tables_on("meta") if lazy else contextlib.nullcontext():
-            net = build_model(model, spec, mcfg)
         topts = {**cls.train_defaults, **auto["train"], **(train_options or {})}
         for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:
                 topts[key] = value
-        tcfg = TrainConfig(seed=seed, device=device, progress=progress, loss=loss, pos_weight=pw,
-                           logit_shift=shift, resume=resume, checkpoint_every=checkpoint_every,
-                           checkpoint_dir=str(Path(out) / "checkpoints") if out else None,
-                           embedding_backend=embedding_backend, **topts)
         valid_set = enc.data.get("valid")
-        # not with downsampling: there the fit served a mean pCTR 13-17% under the actual rate, also when its L2
-        # was chosen by the served (corrected, negatives reweighted) out-of-fold logloss
-        if (auto.pop("first_order_fit") and not {"emb_l2", "linear_l2"} & set(model_options or {})
-                and not getattr(net, "multi_head", False)
-                and any(isinstance(m, FeatureLinear) for m in net.modules())):
-            net = _fit_first_order(model, spec, mcfg, tcfg, train_set, auto)
-        # the batch iterator decides whether the data becomes resident or streams from the memory map
-        result = train_model(net, train_set, valid_set, tcfg,
-                             on_epoch=(lambda r: log(_epoch_line(r))) if log else None)
+        first_order = auto.pop("first_order_fit")
+        members, results, configs, fits = [], [], [], []
+        for i in range(ensemble):
+            net, tcfg, result = _train_member(
+                model, spec, mcfg, train_set, valid_set, auto, topts, first_order, model_options,
+                seed=seed + i, device=device, progress=progress, loss=loss, pos_weight=pw, logit_shift=shift,
+                resume=resume, checkpoint_every=checkpoint_every, embedding_backend=embedding_backend,
+                checkpoint_dir=str(Path(out) / "checkpoints" / (f"member{i}" if ensemble > 1 else "")) if out
+                else None, n_ids=enc.encoder.n_ids, fits=fits,
+                log=(lambda line, i=i: log(f"member {i + 1}/{ensemble}: {line}" if ensemble > 1 else line))
+                if log else None)
+            members.append(net)
+            results.append(result)
+            configs.append(tcfg)
+        net = members[0] if ensemble == 1 else Ensemble(members)
         outputs = {name: _outputs(net, d, device) for name in ("valid", "test")
                    if (d := enc.data.get(name)) is not None and len(d)}
         if getattr(net, "multi_head", False):  # each head serves its own sigmoid
@@ -183,14 +187,14 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                                    for name, o in outputs.items()}
         if "valid" in outputs:  # what live pCTR is compared with for drift (PSI): the served (first-head) pCTR
             metrics["pctr_reference"] = reference_distribution(calibrator(_first_head(outputs["valid"])["logits"]))
-        metrics["train"] = {**result.to_dict(), "rows": len(train_set), "config": tcfg.to_dict(),
+        metrics["train"] = {**_train_record(results), "rows": len(train_set), "config": configs[0].to_dict(),
                             "rows_before_sampling": len(full_train), "neg_sample_rate": neg_sample_rate,
                             "positives": int(labels.sum()), "auto": auto}
         metrics["calibration"] = calibrator.to_dict()
         metrics["encode"] = {"seconds": round(enc.seconds, 3), "rows": enc.rows, "n_ids": enc.encoder.n_ids,
                              "rows_per_s": round(enc.rows / enc.seconds, 1) if enc.seconds else None}
         metrics["data"] = {k: r.to_dict() for k, r in enc.reports.items()}
-        metrics["model"] = {"name": model, "config": net.config.to_dict(),
+        metrics["model"] = {"name": model, "config": net.config.to_dict(), "members": ensemble,
                             "parameters": int(sum(p.numel() for p in net.parameters()))}
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         net.to("cpu")
@@ -201,31 +205,75 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             save_report_data(Path(out), {k: _first_head(o) for k, o in outputs.items()}, calibrator, enc.encoder,
                              report_by or [])
             render_report(Path(out))
-        return Run(bundle=bundle, metrics=metrics, result=result, out=Path(out) if out else None,
+        return Run(bundle=bundle, metrics=metrics, result=results[0], out=Path(out) if out else None,
                    reports={k: r.to_dict() for k, r in enc.reports.items()})
     except BaseException:
         # a failed run leaves no half-written output folder behind, unless a checkpoint to resume from is there
-        if created and not (Path(out) / "checkpoints" / "last.pt").exists():  # type: ignore[arg-type]
+        if created and not any((Path(out) / "checkpoints").rglob("last.pt")):  # type: ignore[arg-type]
             shutil.rmtree(out, ignore_errors=True)  # type: ignore[arg-type]
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _train_member(model: str, spec: FeatureSpec, mcfg: Any, train_set: EncodedData, valid_set: EncodedData | None,
+                  auto: dict[str, Any], topts: dict[str, Any], first_order: bool,
+                  model_options: dict[str, Any] | None, *, n_ids: int, fits: list[Any], log: Any,
+                  **settings: Any) -> tuple[CTRModel, TrainConfig, TrainResult]:
+    """Build and train one model (one member of an ensemble) with the seed and settings given; ``fits`` holds
+    the run's first-order fit once a member has made it, which the next members start from."""
+    seed = settings["seed"]
+    torch.manual_seed(seed)
+    # sharded tables larger than a small one are allocated only as shards, never whole in this process
+    lazy = settings["embedding_backend"] == "torchrec" and n_ids * mcfg.embed_dim > SMALL_TABLE
+    with tables_on("meta") if lazy else contextlib.nullcontext():
+        net = build_model(model, spec, mcfg)
+    tcfg = TrainConfig(**settings, **topts)
+    # not with downsampling: there the fit served a mean pCTR 13-17% under the actual rate, also when its L2
+    # was chosen by the served (corrected, negatives reweighted) out-of-fold logloss
+    if (first_order and not {"emb_l2", "linear_l2"} & set(model_options or {})
+            and not getattr(net, "multi_head", False)
+            and any(isinstance(m, FeatureLinear) for m in net.modules())):
+        net = _fit_first_order(model, spec, mcfg, tcfg, train_set, auto, fits)
+    # the batch iterator decides whether the data becomes resident or streams from the memory map
+    result = train_model(net, train_set, valid_set, tcfg, on_epoch=(lambda r: log(_epoch_line(r))) if log else None)
+    return net, tcfg, result
+
+
+def _train_record(results: list[TrainResult]) -> dict[str, Any]:
+    """The ``train`` block of metrics.json: the training record, or for an ensemble each member's under
+    ``members`` with the totals of time, samples and epochs (``best_epoch`` is then each member's)."""
+    if len(results) == 1:
+        return results[0].to_dict()
+    train_s = sum(r.train_seconds for r in results)
+    return {"seconds": round(sum(r.seconds for r in results), 3), "train_seconds": round(train_s, 3),
+            "samples_per_s": round(sum(r.samples for r in results) / train_s, 1) if train_s > 0 else float("nan"),
+            "epochs": sum(r.epochs for r in results), "precision": results[0].precision,
+            "best_epoch": [r.best_epoch for r in results], "monitor": results[0].monitor,
+            "members": [r.to_dict() for r in results]}
+
+
 def _fit_first_order(model: str, spec: FeatureSpec, mcfg: Any, tcfg: TrainConfig, train_set: EncodedData,
-                     auto: dict[str, Any]) -> torch.nn.Module:
-    """The model rebuilt with its first-order weights and their L2 fitted exactly (``ctrkit.training.first_order``)."""
-    fit = fit_first_order(spec, train_set, tcfg.pos_weight if tcfg.loss == "weighted" else 1.0, seed=tcfg.seed)
+                     auto: dict[str, Any], fits: list[Any]) -> torch.nn.Module:
+    """The model rebuilt with its first-order weights and their L2 fitted exactly (``ctrkit.training.first_order``),
+    the fit recorded in ``auto``; or with the fit in ``fits`` (an ensemble's later members share the first's, so
+    all members have one config)."""
+    first = not fits
+    if first:
+        fits.append(fit_first_order(spec, train_set, tcfg.pos_weight if tcfg.loss == "weighted" else 1.0,
+                                    seed=tcfg.seed))
+    fit = fits[0]
     torch.manual_seed(tcfg.seed)
     net = build_model(model, spec, replace(mcfg, linear_l2=fit.l2))
     load_first_order(net, fit.state)
     tcfg.init_bias = False  # the fitted bias is the right start
     tcfg.validate_start = True  # and the fit is kept when no epoch beats it (always so for `lr`, on most logs)
-    auto["model"]["linear_l2"] = fit.l2
-    auto["first_order"] = fit.path
-    auto["reasons"].append(f"first-order weights and their L2 {fit.l2:.2g} ({fit.l2 * len(train_set):g} / rows) "
-                           f"fitted by L-BFGS on every training row, the L2 chosen by {FOLDS}-fold "
-                           "cross-validated logloss on the training rows")
+    if first:
+        auto["model"]["linear_l2"] = fit.l2
+        auto["first_order"] = fit.path
+        auto["reasons"].append(f"first-order weights and their L2 {fit.l2:.2g} ({fit.l2 * len(train_set):g} / "
+                               f"rows) fitted by L-BFGS on every training row, the L2 chosen by {FOLDS}-fold "
+                               "cross-validated logloss on the training rows")
     return net
 
 

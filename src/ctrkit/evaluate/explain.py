@@ -59,7 +59,7 @@ class _Accumulator:
             raise ValueError(f"model {model.name!r} showed nothing")
         names = field_names(model, len(fields))
         ranked = sorted(zip(names, fields.tolist()), key=lambda t: -t[1])
-        out = Explanation(model=model.name, kind=kind, rows=self.rows, fields=ranked)
+        out = Explanation(model=getattr(model, "member_name", model.name), kind=kind, rows=self.rows, fields=ranked)
         if pairs is not None:
             i, j = np.triu_indices(len(fields), k=1)
             sym = (pairs[i, j] + pairs[j, i]) / 2

@@ -81,18 +81,25 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + f"</tr>{body}</table>"
 
 
-def _learning_curves(history: list[dict[str, Any]], best: int) -> Any:
+def _learning_curves(train: dict[str, Any]) -> Any:
+    """Loss and validation AUC by epoch: of the model, or of each member of an ensemble (one colour each)."""
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
-    ep = [r["epoch"] for r in history]
-    a1.plot(ep, [r.get("train_loss", np.nan) for r in history], "o-", label="train loss")
-    if history and "valid" in history[0]:
-        a1.plot(ep, [r["valid"]["logloss"] for r in history], "o-", label="valid logloss")
-        a2.plot(ep, [r["valid"]["auc"] for r in history], "o-", color="C2", label="valid AUC")
+    runs = train.get("members") or [train]
+    for k, run in enumerate(runs):
+        history, best = run.get("history", []), run.get("best_epoch", 0)
+        tag = f"member {k + 1}: " if len(runs) > 1 else ""
+        ep = [r["epoch"] for r in history]
+        a1.plot(ep, [r.get("train_loss", np.nan) for r in history], "o-", color=f"C{2 * k}",
+                label=f"{tag}train loss")
+        if history and "valid" in history[0]:
+            a1.plot(ep, [r["valid"]["logloss"] for r in history], "o--", color=f"C{2 * k + 1}",
+                    label=f"{tag}valid logloss")
+            a2.plot(ep, [r["valid"]["auc"] for r in history], "o-", color=f"C{2 * k}", label=f"{tag}valid AUC")
+        for a in (a1, a2) if best else ():
+            a.axvline(best, color=f"C{2 * k}", ls=":", lw=1, label=f"{tag}best epoch {best}")
     for a in (a1, a2):
-        if best:
-            a.axvline(best, color="grey", ls="--", lw=1, label=f"best epoch {best}")
         a.set_xlabel("epoch")
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
@@ -197,8 +204,7 @@ def render_report(run: str | Path) -> Path:
     parts.append(f"<p>Served = the bundle's probabilities (correction shift {cal.shift:+.4f} in logit, {fitted}); "
                  "raw = the network's own sigmoid. Validation figures of the served probabilities are in-sample "
                  "for a calibration map; the test rows were used by nothing.</p>")
-    parts.append("<h2>Learning curves</h2>" + _img("learning-curves", _learning_curves(
-        tr.get("history", []), tr.get("best_epoch", 0)),
+    parts.append("<h2>Learning curves</h2>" + _img("learning-curves", _learning_curves(tr),
         f"early stopping monitored {tr.get('monitor', '?')}; the best epoch's weights were kept"))
     y, z = data[f"{split}/label"], data[f"{split}/logits"]
     w = data[f"{split}/weight"] if f"{split}/weight" in data.files else None

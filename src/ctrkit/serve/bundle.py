@@ -35,6 +35,7 @@ from ctrkit.devices import eval_rows
 from ctrkit.evaluate.calibrate import Calibrator
 from ctrkit.evaluate.metrics import evaluate_heads
 from ctrkit.models.base import CTRModel, build_model, model_class
+from ctrkit.models.ensemble import Ensemble
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.schema import Schema
 from ctrkit.validate import DataError, Records, coerce_chunk, records_frame
@@ -147,6 +148,7 @@ class Bundle:
         self.encoder.save(p / "encoder")
         save_file(state, str(p / "weights.safetensors"), metadata={"run": self.run})
         meta = {"format": BUNDLE_FORMAT, "model": self.model_name, "config": self.model.config.to_dict(),
+                **({"members": len(self.model.members)} if isinstance(self.model, Ensemble) else {}),
                 "spec": self.model.spec.to_dict(), "encoder": self.encoder.fingerprint(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions(),
                 "info": self.info}
@@ -186,7 +188,10 @@ class Bundle:
                               f"was trained with ({meta.get('encoder')})")
         try:
             spec = FeatureSpec.from_dict(meta["spec"])
-            model = build_model(meta["model"], spec, model_class(meta["model"]).config_class.from_dict(meta["config"]))
+            config = model_class(meta["model"]).config_class.from_dict(meta["config"])
+            members = int(meta.get("members", 1))
+            nets = [build_model(meta["model"], spec, config) for _ in range(members)]
+            model = nets[0] if members == 1 else Ensemble(nets)
         except (KeyError, ValueError, TypeError) as exc:
             raise BundleError(f"{p / 'model.json'}: cannot build the model it describes ({exc})") from None
         weights = p / "weights.safetensors"

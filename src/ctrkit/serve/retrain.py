@@ -50,6 +50,7 @@ from scipy.stats import norm
 
 from ctrkit.data.readers import DataError
 from ctrkit.evaluate.metrics import evaluate
+from ctrkit.models.ensemble import Ensemble
 from ctrkit.serve.bundle import Bundle
 from ctrkit.serve.events import attributed_impressions
 
@@ -197,8 +198,9 @@ def _fit(rows: pl.DataFrame, base: Bundle, work_dir: Path, *, ips: bool, em_step
     sch = base.schema
     label = sch.label
     plain = replace(sch, weight=None) if sch.weight == WEIGHT else sch
+    members = len(base.model.members) if isinstance(base.model, Ensemble) else 1  # the base's recipe
     run = train(rows, schema=plain, model=base.model_name, out=work_dir, epochs=epochs, seed=seed,
-                progress=progress)  # the click model: the candidate, or where EM starts
+                ensemble=members, progress=progress)  # the click model: the candidate, or where EM starts
     if not ips:
         return run.bundle, None, rows.height
     exam = examination(rows, label)
@@ -213,7 +215,7 @@ def _fit(rows: pl.DataFrame, base: Bundle, work_dir: Path, *, ips: bool, em_step
         if plain.weight:
             step = step.with_columns(pl.col(WEIGHT) * pl.col(plain.weight))
         run = train(step, schema=weighted, model=base.model_name, out=work_dir, epochs=epochs,
-                    seed=seed, progress=progress)
+                    seed=seed, ensemble=members, progress=progress)
         gamma = run.bundle.predict(rows)
         exam = examination_given_relevance(rows, label, gamma) or exam
     run.bundle.metrics["examination"] = exam
