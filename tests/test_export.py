@@ -36,3 +36,21 @@ def test_onnx_matches_bundle_and_int8_guard(tmp_path: Path) -> None:
     assert not strict.bf16 and "bf16 dropped" in strict.decision
     assert not (tmp_path / "strict" / "model.int8.onnx").exists()
     json.dumps(res.to_dict())
+
+
+def test_an_ensemble_exports_one_graph_that_the_scorer_accepts(tmp_path: Path) -> None:
+    """An ensemble bundle exports to one ONNX graph that averages its members, and the scorer may use it."""
+    from ctrkit.serve.bundle import Bundle
+    from ctrkit.serve.scorer import Scorer
+
+    log, _ = make_click_log(n_rows=3000, n_users=100, n_items=80, seed=2)
+    tr, va, te = split_by_time(log.drop("p_click"))
+    run = train(tr, schema=synth_schema(), valid=va, model="deepfm", out=tmp_path / "m", epochs=1,
+                batch_size=512, ensemble=2, progress=False)
+    bundle_dir = tmp_path / "m" / "bundle"
+    res = export_bundle(bundle_dir, valid=te)
+    ids, dense, _ = encoded_rows(run.bundle, te)
+    assert np.max(np.abs(run_session(session(res.fp32), ids, dense) - run.bundle.predict(te))) < 1e-5
+    scorer = Scorer(Bundle.load(bundle_dir), bundle_dir)
+    assert "onnx fp32" in scorer.timings_ms and "onnx fp32" not in scorer.skipped
+    assert np.max(np.abs(scorer.predict(te.head(50).to_dicts()) - run.bundle.predict(te.head(50)))) < 5e-3

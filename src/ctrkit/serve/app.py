@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -439,9 +440,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             items.append({"index": i, "pctr": float(pctr[i]), "score": float(scores[i]), "position": pos,
                           "impression_id": uuid.uuid4().hex, "propensity": q})
         if log is not None or config.segments:
-            shown = frame.select(f.name for f in cur.bundle.schema.fields)[slate.index.tolist()].with_columns(
-                [pl.col(f.name).cast(pl.Float64, strict=False)
-                 for f in cur.bundle.schema.fields if f.kind == "numeric"]).to_dicts()
+            shown = frame[slate.index.tolist()].select(  # the k shown rows first: one query over k rows
+                pl.col(f.name).cast(pl.Float64, strict=False) if f.kind == "numeric" else pl.col(f.name)
+                for f in cur.bundle.schema.fields).to_dicts()
             now = time.time()
             events = []
             for it, feats, explored in zip(items, shown, slate.explored.tolist()):
@@ -559,8 +560,8 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def _reserved(candidates: list[dict[str, Any]], key: str, default: float | str | None) -> np.ndarray | None:
     """The ``bid`` or ``quality`` of every candidate as a non-negative array (None when none is given)."""
-    values = [c.get(key) for c in candidates]
-    if all(v is None for v in values) and default != "required":
+    values = list(map(dict.get, candidates, repeat(key)))  # no Python call per candidate: a ranking has many
+    if values.count(None) == len(values) and default != "required":
         return None if default is None else np.full(len(values), float(default))
     out = np.empty(len(values))
     for i, v in enumerate(values):
