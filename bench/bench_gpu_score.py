@@ -56,7 +56,7 @@ def main() -> None:
     path = bench_serve.make_bundle(args.work, args.rows, epochs=1, seed=0, device="cuda")
     bundle = Bundle.load(path)
     recs = bench_serve.candidates(args.work / "data" / "test.tsv", args.candidates)
-    scorer = Scorer(bundle, path, threads=1, device="cuda")
+    scorer = Scorer(bundle, path, threads=1, device="cuda", keep_paths=True)
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                               "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

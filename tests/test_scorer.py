@@ -137,7 +137,7 @@ def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.Dat
 
     path, records = exported
     bundle = Bundle.load(path)
-    scorer = Scorer(bundle, path, rows=200, reps=3)
+    scorer = Scorer(bundle, path, rows=200, reps=3, keep_paths=True)
     assert set(scorer.timings_ms) == PATHS and scorer.skipped == {}
     assert scorer.backend == min(scorer.timings_ms, key=scorer.timings_ms.__getitem__)
     dicts = records.to_dicts()
@@ -151,6 +151,10 @@ def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.Dat
         assert _error(scorer.predict, bad) == _error(bundle.predict, bad)
         assert "record 3" in _error(scorer.predict, bad)
     assert set(Scorer(bundle, None, rows=200, reps=3).describe()["probe_ms"]) == {"torch", "torch folded"}
+    lean = Scorer(bundle, path, rows=200, reps=3)  # the paths that lost the timing are let go
+    held = {"torch folded": lean.folded, "torch bf16": lean.bf16, **lean.sessions}
+    assert {k for k, v in held.items() if v is not None} == ({lean.backend} if lean.backend != "torch" else set())
+    assert np.max(np.abs(lean.predict(dicts) - want)) <= 0.05
 
 
 def test_a_swap_to_the_same_shapes_keeps_the_timings(exported: tuple[Path, pl.DataFrame],

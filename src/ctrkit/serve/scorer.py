@@ -26,7 +26,7 @@ import torch
 
 from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
-from ctrkit.devices import cpu_has_bf16
+from ctrkit.devices import cpu_has_bf16, eval_rows
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bf16 import bf16_form
 from ctrkit.serve.bundle import Bundle, BundleError
@@ -40,18 +40,19 @@ GRAPHED = "torch cuda graph"
 BF16 = "torch bf16"
 FP32_TOLERANCE = 1e-4
 WARMUP_CALLS = 3
-BATCH_ROWS = 65536
 
 
 class Scorer:
     """Scores raw records through ``bundle`` on its fastest model path (``backend``), timed at load."""
 
     def __init__(self, bundle: Bundle, path: str | Path | None = None, threads: int = 1, rows: int = 1000,
-                 reps: int = 15, like: Scorer | None = None, device: str = "cpu") -> None:
+                 reps: int = 15, like: Scorer | None = None, device: str = "cpu", keep_paths: bool = False) -> None:
         """``like``: the scorer this one replaces (a hot swap). When both bundles have the same model, layout and
         paths, its timings stand for this one's (speed depends on the shapes, not the weights), so a swap costs
         the correctness checks and not the timing, which would slow the requests served meanwhile.
-        ``device``: "cuda" adds the GPU path; a GPU that cannot be used is an error, not a silent CPU fallback."""
+        ``device``: "cuda" adds the GPU path; a GPU that cannot be used is an error, not a silent CPU fallback.
+        The paths that lose the timing are let go (a folded table and an ONNX Runtime arena hold hundreds of MB),
+        unless ``keep_paths`` (to compare paths by setting :attr:`backend`)."""
         self.bundle, self.threads, self.device = bundle, threads, device
         self.sessions: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
@@ -75,6 +76,11 @@ class Scorer:
             self._open_bf16(Path(path))
         self.timings_ms = self._time_paths(rows, reps, like)  # empty when torch is the only path
         self.backend = min(self.timings_ms, key=self.timings_ms.__getitem__) if self.timings_ms else "torch"
+        if not keep_paths:
+            self.sessions = {k: v for k, v in self.sessions.items() if k == self.backend}
+            self.folded = self.folded if self.backend == FOLDED else None
+            self.graphed = self.graphed if self.backend == GRAPHED else None
+            self.bf16 = self.bf16 if self.backend == BF16 else None
 
     def _open_sessions(self, path: Path) -> None:
         present = {name: path / file for name, file in ONNX_FILES.items() if (path / file).exists()}
@@ -191,8 +197,9 @@ class Scorer:
         if self.backend == "torch":
             return self.bundle._score(good)
         p = np.empty(good.height)
-        for start in range(0, good.height, BATCH_ROWS):  # as Bundle.predict: activations stay small
-            ids, dense = self.bundle.encoder.transform_frame(good.slice(start, BATCH_ROWS))
+        rows = eval_rows(self.device)  # as Bundle.predict: a block's activations stay in the caches
+        for start in range(0, good.height, rows):
+            ids, dense = self.bundle.encoder.transform_frame(good.slice(start, rows))
             p[start:start + len(ids)] = self._probabilities(self.backend, ids, dense)
         if not np.isfinite(p).all():
             row = good["_line"][int(np.flatnonzero(~np.isfinite(p))[0])]
