@@ -130,6 +130,8 @@ def test_bundle_reloads_and_scores_raw_records_the_same(runs: dict[str, Run],
     scorer = Scorer(loaded, path)
     np.testing.assert_allclose(scorer.predict(test.head(100).to_dicts()), before[:100], atol=1e-6)
     assert "torch folded" in scorer.skipped  # the folded form is for one embedding-sum model
+    single = Scorer(runs["s3"].bundle)
+    assert not scorer._same_shapes(single) and scorer._same_shapes(Scorer(run.bundle))  # a swap times it anew
 
 
 def test_a_bundle_with_a_bad_member_count_is_refused(runs: dict[str, Run], tmp_path: Path) -> None:

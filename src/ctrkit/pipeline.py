@@ -38,7 +38,8 @@ from ctrkit.validate import DataError, check_labels
 
 @dataclass
 class Run:
-    """The outcome of :func:`train`: the bundle, its metrics and the training record."""
+    """The outcome of :func:`train`: the bundle, its metrics and the training record (of an ensemble's first
+    member; ``metrics["train"]["members"]`` holds every member's)."""
 
     bundle: Bundle
     metrics: dict[str, Any]

@@ -128,6 +128,7 @@ class Scorer:
         """True when ``other`` scores a model of the same kind, settings and id space with the same threads."""
         a, b = self.bundle, other.bundle
         return (a.model_name == b.model_name and a.model.config.to_dict() == b.model.config.to_dict()
+                and len(getattr(a.model, "members", ())) == len(getattr(b.model, "members", ()))
                 and a.encoder.fingerprint() == b.encoder.fingerprint() and self.threads == other.threads
                 and self.device == other.device)
 
