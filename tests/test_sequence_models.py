@@ -175,12 +175,13 @@ ODD_RECORDS = [
 ]
 
 
-@pytest.mark.parametrize("name", model_names())
-def test_every_model_reloads_and_scores_list_records(name: str, logs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name,ensemble", [*((n, 1) for n in model_names()), ("din", 2), ("esmm", 2)])
+def test_every_model_reloads_and_scores_list_records(name: str, ensemble: int, logs, tmp_path: Path) -> None:
+    """Every model, and ensembles of the list-field and multi-head kinds, through the bundle."""
     tr, va, te = logs
     labels = ["click", "buy"] if model_class(name).multi_head else ["click"]
     run = train(tr, schema=_schema(labels), valid=va, test=te, model=name, out=tmp_path, epochs=1,
-                batch_size=256, progress=False)
+                batch_size=256, ensemble=ensemble, progress=False)
     back = Bundle.load(tmp_path / "bundle")
     frame = te.select(run.bundle.schema.input_columns)
     before, after = run.bundle.predict(frame), back.predict(frame)
