@@ -15,11 +15,13 @@ time. Stages are timed in the same run so the table shows what encoding and HTTP
                     model path (timed at load, as `ctrkit serve` does) -> top-k; also each of its steps alone
   http /rank        a `ctrkit serve` process on 127.0.0.1, the JSON body pre-serialised, one request at a time
 
-Then the load test: short open-loop trials at rising (or, when the first misses, falling) rates, then a bisection
-between the last rate that kept p99 <= 25 ms and the first that missed, find the highest rate within the budget;
-each trial reloads the bundle (POST /admin/reload) halfway, as the 60 s run at that rate then does, so the rate
-found is one that a hot swap does not push over the budget, and lasts long enough for its p99 to rest on at
-least 400 requests (at 3 req/s a 10 s trial's p99 would be its slowest request, one stall of a shared VM).
+Then the load test: short open-loop trials from 0.9 down to 0.2 of the one-client request rate (``--trials``
+steps); the first that keeps p99 <= 25 ms is the highest rate within the budget, and the 60 s run uses it (the
+trial of lowest p99 when none does). The rates are scanned rather than bisected because latency here is not
+monotone in the rate: on this VM a request waits longer when the cores idled before it (p99 30.7 ms at 28.5 req/s,
+39.8 ms at 11.7 in one run). Each trial reloads the bundle (POST /admin/reload) halfway, as the 60 s run then does,
+so the rate found is one that a hot swap does not push over the budget, and lasts long enough for its p99 to rest
+on at least 400 requests (at 3 req/s a 10 s trial's p99 would be its slowest request, one stall of a shared VM).
 The 60 s run counts failed requests.
 Latency in the load test is measured from each request's scheduled send time (no coordinated omission).
 
@@ -177,7 +179,8 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=60.0)
     ap.add_argument("--trial-seconds", type=float, default=10.0)
     ap.add_argument("--p99-budget-ms", type=float, default=25.0)
-    ap.add_argument("--trials", type=int, default=12, help="most load trials before the 60 s run")
+    ap.add_argument("--trials", type=int, default=8, help="load trials before the 60 s run: rates from 0.9 down "
+                    "to 0.2 of the one-client rate, stopping at the first within the budget")
     ap.add_argument("--server-cpus", default=None, help="taskset CPU list for the server process")
     ap.add_argument("--workers", type=int, default=1, help="server processes (ctrkit serve --workers)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/bench_serve.json"))
@@ -250,11 +253,12 @@ def main() -> None:
             rows = interleaved(stages, args.reps)
             result["server_scoring"] = c.get("/health").json()["scoring"]
         result["latency"] = rows
-        rate = max(1.0, 0.5 * rows["http /rank (loopback, one client)"]["req_per_s"])
+        one_client = rows["http /rank (loopback, one client)"]["req_per_s"]
         reload_body = json.dumps({"path": str(bundle_path)}).encode()
         trials = []
-        best, worst = None, None  # the highest rate that kept the budget, the lowest that missed it
-        while len(trials) < args.trials:  # up or down by 1.25x from the first trial, then bisect to within 10 %
+        best = None  # the highest rate that kept the budget
+        for fraction in np.linspace(0.9, 0.2, max(args.trials, 1)):
+            rate = max(1.0, round(float(fraction * one_client), 1))
             seconds = max(args.trial_seconds, TRIAL_REQUESTS / rate)
             t = asyncio.run(open_loop(url, body, rate, seconds, seconds / 2, reload_body))
             trials.append(t)
@@ -262,20 +266,9 @@ def main() -> None:
                   f"{t['send_delay_p99_ms']:.1f} ms at p99", flush=True)
             if t["p99_ms"] <= args.p99_budget_ms and not t["errors"]:
                 best = rate
-            else:
-                worst = rate
-            if best is not None and worst is not None:
-                if worst <= best * 1.1:
-                    break
-                rate = (best + worst) / 2
-            elif best is not None:
-                rate *= 1.25
-            elif rate > 1.0:
-                rate = max(1.0, rate / 1.25)
-            else:
                 break
         result["load_trials"] = trials
-        rate = best if best is not None else trials[-1]["rate"]
+        rate = best if best is not None else min(trials, key=lambda t: t["p99_ms"])["rate"]
         load = asyncio.run(open_loop(url, body, rate, args.load_seconds, args.load_seconds / 2, reload_body))
         load["p99_within_budget"] = load["p99_ms"] <= args.p99_budget_ms
         load["rate_found_within_budget"] = best is not None
