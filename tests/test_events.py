@@ -38,6 +38,35 @@ def test_append_is_exactly_once_across_reopen_and_segments(tmp_path: Path) -> No
     assert df.filter(pl.col("event_id") == "e7")["timestamp"][0] == 1.7e9 + 7
 
 
+def test_a_full_segment_is_compacted_beside_the_appends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rolling to a new segment does not make appends wait for the compaction, which runs in its own thread;
+    the compacted events read back as they were written (impressions with text, numbers and nulls, clicks)."""
+    real = EventLog._compact
+    started = threading.Event()
+
+    def slow(self: EventLog, seg: Path, events: list | None = None) -> None:
+        if events is None:  # the compactor thread's call
+            started.set()
+            time.sleep(1.0)
+        real(self, seg, events)
+
+    monkeypatch.setattr(EventLog, "_compact", slow)
+    imps = [{"event_id": f"m{i}", "kind": "impression", "impression_id": f"m{i}", "timestamp": 1.7e9 + i,
+             "item": None if i % 7 == 0 else f"it{i % 5}", "price": None if i % 3 == 0 else i / 4,
+             "position": 1 + i % 10, "explored": i % 2 == 0} for i in range(60)]
+    log = EventLog(tmp_path / "log", segment_bytes=3000)
+    log.append(imps[:30])  # past 3,000 bytes: the segment rolls and its compaction starts
+    assert started.wait(5)
+    t0 = time.perf_counter()
+    assert log.append(imps[30:] + _clicks(0, 5)) == [True] * 35
+    assert time.perf_counter() - t0 < 0.5  # did not wait for the second-long compaction
+    log.close()  # waits for the compactor
+    assert not list((tmp_path / "log" / "segments").glob("*.jsonl"))
+    back = read_events(tmp_path / "log").sort("timestamp")
+    want = pl.from_dicts(imps + _clicks(0, 5), infer_schema_length=None).sort("timestamp")
+    assert back.select(want.columns).to_dicts() == want.to_dicts()
+
+
 def test_torn_tail_is_cut_and_interrupted_compaction_is_not_doubled(tmp_path: Path) -> None:
     path = tmp_path / "log"
     log = EventLog(path)

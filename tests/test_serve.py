@@ -325,13 +325,13 @@ def test_a_bundle_loads_in_a_thread_of_the_lowest_priority() -> None:
     import os
     import threading
 
-    from ctrkit.serve.app import _lowest_priority
+    from ctrkit.serve.events import lowest_priority
 
     seen: list[int] = []
 
     def probe() -> None:
         before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        _lowest_priority()
+        lowest_priority()
         seen.extend([before, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())])
 
     t = threading.Thread(target=probe)

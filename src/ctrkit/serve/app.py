@@ -47,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ctrkit.data.readers import DataError
 from ctrkit.schema import SchemaError
 from ctrkit.serve.bundle import Bundle, BundleError
-from ctrkit.serve.events import EventLog, EventLogError, open_writer
+from ctrkit.serve.events import EventLog, EventLogError, lowest_priority, open_writer
 from ctrkit.serve.monitor import LiveMonitor
 from ctrkit.serve.rank import RESERVED, choose, laplace_sd, objective_scores, thompson
 from ctrkit.serve.scorer import Scorer
@@ -336,7 +336,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     rng = np.random.default_rng(config.seed)
     state: dict[str, Any] = {"live": live, "started": time.time()}
     reload_lock = asyncio.Lock()
-    loader = ThreadPoolExecutor(1, thread_name_prefix="ctrkit-loader", initializer=_lowest_priority)
+    loader = ThreadPoolExecutor(1, thread_name_prefix="ctrkit-loader", initializer=lowest_priority)
 
     async def swap(path: Path) -> tuple[_Live, _Live]:
         """Load the bundle at ``path`` beside the live one, then make it the live one."""
@@ -525,15 +525,6 @@ def app_from_env() -> FastAPI:
     cfg["segments"] = tuple(cfg["segments"])
     torch.set_num_threads(cfg["threads"])
     return create_app(ServerConfig(**cfg))
-
-
-def _lowest_priority() -> None:
-    """Run the calling thread at the lowest CPU priority (Linux sets it per thread): a bundle loading beside live
-    traffic then takes the CPU time that requests leave, instead of slowing every request of the swap."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # another system: the loading thread keeps the usual priority
-        pass
 
 
 def _load(path: Path, threads: int = 1, live: Scorer | None = None, device: str = "cpu") -> _Live:
