@@ -16,8 +16,9 @@ time. Stages are timed in the same run so the table shows what encoding and HTTP
   http /rank        a `ctrkit serve` process on 127.0.0.1, the JSON body pre-serialised, one request at a time
 
 Then the load test: short open-loop trials from 0.9 down to 0.2 of the one-client request rate (``--trials``
-steps); the first that keeps p99 <= 25 ms is the highest rate within the budget, and the 60 s run uses it (the
-trial of lowest p99 when none does). The rates are scanned rather than bisected because latency here is not
+steps). The first that keeps p99 <= 25 ms gets the 60 s run; a short trial near saturation can pass by luck, so
+when the 60 s run misses, the scan goes on down and the next passing rate gets one (``--load-attempts`` runs at
+most; the trial of lowest p99 gets it when no trial passes). The rates are scanned rather than bisected because latency here is not
 monotone in the rate: on this VM a request waits longer when the cores idled before it (p99 30.7 ms at 28.5 req/s,
 39.8 ms at 11.7 in one run). Each trial reloads the bundle (POST /admin/reload) halfway, as the 60 s run then does,
 so the rate found is one that a hot swap does not push over the budget, and lasts long enough for its p99 to rest
@@ -181,6 +182,8 @@ def main() -> None:
     ap.add_argument("--p99-budget-ms", type=float, default=25.0)
     ap.add_argument("--trials", type=int, default=8, help="load trials before the 60 s run: rates from 0.9 down "
                     "to 0.2 of the one-client rate, stopping at the first within the budget")
+    ap.add_argument("--load-attempts", type=int, default=3,
+                    help="60 s runs at most: each at the next rate whose trial kept the budget")
     ap.add_argument("--server-cpus", default=None, help="taskset CPU list for the server process")
     ap.add_argument("--workers", type=int, default=1, help="server processes (ctrkit serve --workers)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/bench_serve.json"))
@@ -255,8 +258,19 @@ def main() -> None:
         result["latency"] = rows
         one_client = rows["http /rank (loopback, one client)"]["req_per_s"]
         reload_body = json.dumps({"path": str(bundle_path)}).encode()
-        trials = []
-        best = None  # the highest rate that kept the budget
+        trials: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []  # the 60 s runs, at the rates whose trial kept the budget
+
+        def within(t: dict[str, Any]) -> bool:
+            return t["p99_ms"] <= args.p99_budget_ms and not t["errors"]
+
+        def full_run(rate: float) -> dict[str, Any]:
+            load = asyncio.run(open_loop(url, body, rate, args.load_seconds, args.load_seconds / 2, reload_body))
+            load["p99_within_budget"] = within(load)
+            print(f"{args.load_seconds:.0f} s at {rate:.1f} req/s: p99 {load['p99_ms']:.1f} ms, errors "
+                  f"{load['errors']}", flush=True)
+            return load
+
         for fraction in np.linspace(0.9, 0.2, max(args.trials, 1)):
             rate = max(1.0, round(float(fraction * one_client), 1))
             seconds = max(args.trial_seconds, TRIAL_REQUESTS / rate)
@@ -264,15 +278,14 @@ def main() -> None:
             trials.append(t)
             print(f"trial {rate:7.1f} req/s: p99 {t['p99_ms']:.1f} ms, errors {t['errors']}, sent late by "
                   f"{t['send_delay_p99_ms']:.1f} ms at p99", flush=True)
-            if t["p99_ms"] <= args.p99_budget_ms and not t["errors"]:
-                best = rate
-                break
-        result["load_trials"] = trials
-        rate = best if best is not None else min(trials, key=lambda t: t["p99_ms"])["rate"]
-        load = asyncio.run(open_loop(url, body, rate, args.load_seconds, args.load_seconds / 2, reload_body))
-        load["p99_within_budget"] = load["p99_ms"] <= args.p99_budget_ms
-        load["rate_found_within_budget"] = best is not None
-        result["load_test"] = load
+            if within(t):  # a short trial can pass by luck: the full run decides, else the scan goes on
+                runs.append(full_run(rate))
+                if within(runs[-1]) or len(runs) >= args.load_attempts:
+                    break
+        if not runs:  # no rate kept the budget in its trial: the full run at the trial of lowest p99
+            runs.append(full_run(min(trials, key=lambda t: t["p99_ms"])["rate"]))
+        result["load_trials"], result["load_runs"] = trials, runs
+        result["load_test"] = next((r for r in runs if within(r)), min(runs, key=lambda r: r["p99_ms"]))
         result["events_logged"] = httpx.get(f"{url}/health").json()["events"]["stored"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
