@@ -20,7 +20,6 @@ import hmac
 import json
 import math
 import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
