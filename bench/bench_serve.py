@@ -15,14 +15,14 @@ time. Stages are timed in the same run so the table shows what encoding and HTTP
                     model path (timed at load, as `ctrkit serve` does) -> top-k; also each of its steps alone
   http /rank        a `ctrkit serve` process on 127.0.0.1, the JSON body pre-serialised, one request at a time
 
-Then the load test: short open-loop trials from 0.9 down to 0.2 of the one-client request rate (``--trials``
-steps). The first that keeps p99 <= 25 ms gets the 60 s run; a short trial near saturation can pass by luck, so
-when the 60 s run misses, the scan goes on down and the next passing rate gets one (``--load-attempts`` runs at
-most; the trial of lowest p99 gets it when no trial passes). The rates are scanned rather than bisected because latency here is not
+Then the load test: short open-loop trials from 0.9 down to 0.2 of the one-client request rate (``--trials`` steps).
+The first that keeps p99 <= 25 ms gets the 60 s run; a short trial near saturation can pass by luck, so when the
+60 s run misses, the scan goes on down and the next passing rate gets one (``--load-attempts`` runs at most; the trial
+of lowest p99 gets it when no trial passes). The rates are scanned rather than bisected because latency here is not
 monotone in the rate: on this VM a request waits longer when the cores idled before it (p99 30.7 ms at 28.5 req/s,
 39.8 ms at 11.7 in one run). Each trial reloads the bundle (POST /admin/reload) halfway, as the 60 s run then does,
-so the rate found is one that a hot swap does not push over the budget, and lasts long enough for its p99 to rest
-on at least 400 requests (at 3 req/s a 10 s trial's p99 would be its slowest request, one stall of a shared VM).
+so the rate found is one that a hot swap does not push over the budget, and lasts long enough for its p99 to rest on
+at least 400 requests (at 3 req/s a 10 s trial's p99 would be its slowest request, one stall of a shared VM).
 The 60 s run counts failed requests.
 Latency in the load test is measured from each request's scheduled send time (no coordinated omission).
 
