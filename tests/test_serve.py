@@ -98,6 +98,32 @@ def test_rank_orders_logs_and_explores(client: TestClient, bundles: tuple[Path, 
     assert math.isclose(first["pctr"], r["items"][0]["pctr"])
 
 
+def test_plain_bodies_take_the_compiled_path_with_the_reference_answers(
+        client: TestClient, bundles: tuple[Path, Path, pl.DataFrame], tmp_path: Path) -> None:
+    pytest.importorskip("ctrkit.data._records", reason="the compiled module is built only with a C compiler")
+    assert client.get("/health").json()["scoring"]["records"] == "compiled"
+    recs = _records(bundles[2], 40)
+    ctx = {k: recs[0][k] for k in ("user_id", "device")}
+    cands = [{**{k: v for k, v in r.items() if k not in ctx}, "bid": 1.0 + i % 3} for i, r in enumerate(recs)]
+    rank = {"context": ctx, "candidates": cands, "k": 6, "objective": "ecpm"}
+    score = {"records": recs}
+    fast = client.post("/rank", json=rank).json(), client.post("/score", json=score).json()
+    encoder = client.app.state.ctrkit["live"].bundle.encoder
+    plan, encoder._plan = encoder._plan, False  # no compiled plan: the reference path reads the same bodies
+    try:
+        slow = client.post("/rank", json=rank).json(), client.post("/score", json=score).json()
+    finally:
+        encoder._plan = plan
+    assert [it["index"] for it in fast[0]["items"]] == [it["index"] for it in slow[0]["items"]]
+    assert np.allclose([it["pctr"] for it in fast[0]["items"]], [it["pctr"] for it in slow[0]["items"]], atol=1e-12)
+    assert np.allclose(fast[1]["pctr"], slow[1]["pctr"], atol=1e-12)
+    shown = read_events(tmp_path / "log", "impression").sort("position")
+    names = [f.name for f in synth_schema().fields]
+    by_request = shown.partition_by("request_id", as_dict=False)
+    assert len(by_request) == 2
+    assert by_request[0].select(names).equals(by_request[1].select(names))  # the log types both alike
+
+
 def test_epsilon_greedy_propensities_are_the_slot_probabilities() -> None:
     """Against a literal count: the share of draws that put each item first equals its logged propensity."""
     scores = np.array([0.5, 0.9, 0.1, 0.3])

@@ -322,6 +322,24 @@ def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] |
     return df
 
 
+def plain_rows(records: Sequence[Mapping[str, Any]], schema: Schema,
+               context: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The typed feature values of plain records, those :meth:`ctrkit.data.encode.Encoder.encode_records` took
+    (every field present in the record or ``context``; categories str, int or None; numbers finite float, int or
+    None), as :func:`records_frame` and :func:`coerce_chunk` type them: numbers as float, categories as str,
+    missing as None. A few shown items are typed this way for the event log, where a frame costs a millisecond."""
+    ctx = context or {}
+    numeric = [f.name for f in schema.fields if f.kind == "numeric"]
+    text = [f.name for f in schema.fields if f.kind != "numeric"]
+    out = []
+    for r in records:
+        row = {**{n: ctx[n] for n in ctx if n not in r}, **r}
+        typed = {n: None if (v := row[n]) is None else float(v) for n in numeric}
+        typed.update({n: v if (v := row[n]) is None or type(v) is str else str(v) for n in text})
+        out.append({f.name: typed[f.name] for f in schema.fields})
+    return out
+
+
 def check_labels(label: np.ndarray, schema: Schema, source: str, split: str = "training") -> None:
     """A label that never varies trains and measures nothing (no AUC, no early stopping): an error saying so."""
     n = len(label)

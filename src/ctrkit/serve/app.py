@@ -22,7 +22,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -50,6 +50,7 @@ from ctrkit.serve.events import EventLog, EventLogError, lowest_priority, open_w
 from ctrkit.serve.monitor import LiveMonitor
 from ctrkit.serve.rank import RESERVED, choose, laplace_sd, objective_scores, thompson
 from ctrkit.serve.scorer import Scorer
+from ctrkit.validate import plain_rows
 
 MAX_BATCH = 10_000
 MAX_BODY_BYTES = 32 << 20
@@ -94,15 +95,20 @@ class Explore(_Strict):
     prior_precision: Annotated[Finite, Field(gt=0.0, le=1e6)] = 1.0
 
 
-class RankRequest(_Strict):
-    """A context shared by all candidates, the candidates (optional ``bid``, ``quality``), and k."""
+class _RankHead(_Strict):
+    """What a ranking request says besides its candidates (read so by the compiled path of /rank)."""
 
     context: Record = Field(default_factory=dict)
-    candidates: Annotated[list[Record], Field(min_length=1)]
     k: Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)] = 10
     objective: Literal["pctr", "ecpm"] = "pctr"
     explore: Explore | None = None
     request_id: Id | None = None
+
+
+class RankRequest(_RankHead):
+    """A context shared by all candidates, the candidates (optional ``bid``, ``quality``), and k."""
+
+    candidates: Annotated[list[Record], Field(min_length=1)]
 
 
 class RankedItem(_Strict):
@@ -399,10 +405,19 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/score", response_model=ScoreResponse, openapi_extra=_body_doc(ScoreRequest))
     async def score(request: Request) -> Response:
         """Calibrated pCTR of every record, in order (and of every head of a multi-task bundle)."""
-        req = await _parse(request, _ScoreBody, ScoreRequest)
-        check_size(len(req.records), "records")
         cur: _Live = state["live"]
-        p = cur.scorer.predict(req.records, extra=())
+        raw = await request.body()
+        got = cur.bundle.encoder.encode_json(raw, "records", max_records=config.max_batch)
+        encoded = None
+        if got is not None and got.n and got.rest == b"{}":  # the body holds the records and nothing else
+            check_size(got.n, "records")
+            encoded = cur.bundle.encoder.finish_json(got)
+        if encoded is not None:
+            p = cur.scorer.score_encoded(*encoded)
+        else:  # not plain, or no compiled path: the request models and the validation layer read it
+            req = await _parse(request, _ScoreBody, ScoreRequest)
+            check_size(len(req.records), "records")
+            p = cur.scorer.predict(req.records, extra=())
         first = p if p.ndim == 1 else p[:, 0]
         metrics.scored.inc(len(first))
         monitor.scored(first)
@@ -414,21 +429,26 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/rank", response_model=RankResponse, openapi_extra=_body_doc(RankRequest))
     async def rank(request: Request) -> Response:
         """The top k candidates by pCTR or eCPM, with exploration, propensities and impression ids."""
-        req = await _parse(request, _RankBody, RankRequest)
-        check_size(len(req.candidates), "candidates")
         cur: _Live = state["live"]
-        frame = cur.scorer.frame(req.candidates, req.context, extra=RESERVED)
-        pctr = cur.scorer.score(frame)
+        raw = await request.body()
+        plain = _plain_rank(raw, cur, config.max_batch)
+        if plain is None:  # not plain, or no compiled path: the request models and the validation layer read it
+            req = await _parse(request, _RankBody, RankRequest)
+            check_size(len(req.candidates), "candidates")
+            cands = _read_candidates(req, cur)
+        else:
+            req, cands = plain
+            check_size(cands.n, "candidates")
+        bids, quality = cands.bids, cands.quality
+        pctr = cur.scorer.score(cands.frame) if cands.encoded is None else cur.scorer.score_encoded(*cands.encoded)
         pctr = pctr if pctr.ndim == 1 else pctr[:, 0]  # a multi-task bundle ranks by its first (click) head
         metrics.scored.inc(len(pctr))
         monitor.scored(pctr)
-        bids = _reserved(req.candidates, "bid", None if req.objective == "pctr" else "required")
-        quality = _reserved(req.candidates, "quality", 1.0)
         scores = objective_scores(pctr, req.objective, bids, quality)
         ex = req.explore
         if ex is not None and ex.method == "thompson":
             scale = None if req.objective == "pctr" else objective_scores(np.ones_like(pctr), "ecpm", bids, quality)
-            ids = cur.bundle.encoder.transform_frame(frame)[0]  # the frame is typed and checked already
+            ids = cands.encoded[0] if cands.encoded is not None else cur.bundle.encoder.transform_frame(cands.frame)[0]
             slate = thompson(_logit(pctr), ids, laplace_sd(cur.bundle, ex.prior_precision), req.k, ex.samples, rng,
                              scale)
         else:
@@ -439,9 +459,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             items.append({"index": i, "pctr": float(pctr[i]), "score": float(scores[i]), "position": pos,
                           "impression_id": uuid.uuid4().hex, "propensity": q})
         if log is not None or config.segments:
-            shown = frame[slate.index.tolist()].select(  # the k shown rows first: one query over k rows
-                pl.col(f.name).cast(pl.Float64, strict=False) if f.kind == "numeric" else pl.col(f.name)
-                for f in cur.bundle.schema.fields).to_dicts()
+            shown = cands.typed(slate.index.tolist())
             now = time.time()
             events = []
             for it, feats, explored in zip(items, shown, slate.explored.tolist()):
@@ -546,6 +564,65 @@ def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
 def _logit(p: np.ndarray) -> np.ndarray:
     q = np.clip(p, 1e-7, 1.0 - 1e-7)
     return np.log(q / (1.0 - q))
+
+
+@dataclass
+class _Candidates:
+    """A ranking request's candidates as read: encoded (plain ones) or a typed frame (the others), their bids and
+    qualities, and ``typed``: the typed features of the candidates at some positions (the shown ones, for the
+    impression log; a frame costs a millisecond, so only those are typed)."""
+
+    n: int
+    encoded: tuple[np.ndarray, np.ndarray] | None
+    frame: pl.DataFrame | None
+    bids: np.ndarray | None
+    quality: np.ndarray | None
+    typed: Callable[[list[int]], list[dict[str, Any]]]
+
+
+def _plain_rank(raw: bytes, live: _Live, max_batch: int) -> tuple[_RankHead, _Candidates] | None:
+    """A ranking request read by the compiled path (:meth:`Encoder.encode_json`: candidates straight from the
+    body's bytes to ids) where it is plain; None sends it to the reference path (orjson, the request models, the
+    validation layer), which reads such a request the same and says what is wrong with any other."""
+    encoder = live.bundle.encoder
+    got = encoder.encode_json(raw, "candidates", RESERVED, max_batch)
+    if got is None or got.n == 0:
+        return None
+    try:
+        req = _RankHead.model_validate(orjson.loads(got.rest))
+    except (orjson.JSONDecodeError, ValidationError):
+        return None
+    encoded = encoder.finish_json(got, req.context)
+    bid, quality = got.extras[:, RESERVED.index("bid")], got.extras[:, RESERVED.index("quality")]
+    no_bid = np.isnan(bid)
+    if encoded is None or (bid < 0).any() or (quality < 0).any() or (no_bid.any() and not (
+            no_bid.all() and req.objective == "pctr")):  # _reserved's errors
+        return None
+    schema = live.bundle.schema
+
+    def typed(index: list[int]) -> list[dict[str, Any]]:
+        return plain_rows([orjson.loads(raw[a:b]) for a, b in got.spans[index].tolist()], schema, req.context)
+
+    return req, _Candidates(got.n, encoded, None, None if no_bid.all() else bid,
+                            np.where(np.isnan(quality), 1.0, quality), typed)
+
+
+def _read_candidates(req: RankRequest, live: _Live) -> _Candidates:
+    """The candidates of a request parsed by the request models: plain ones encoded in one compiled pass where
+    the extension is built, the others typed by the validation layer (which names any bad value)."""
+    encoded = live.bundle.encoder.encode_records(req.candidates, req.context, RESERVED)
+    frame = None if encoded is not None else live.scorer.frame(req.candidates, req.context, extra=RESERVED)
+    bids = _reserved(req.candidates, "bid", None if req.objective == "pctr" else "required")
+    quality = _reserved(req.candidates, "quality", 1.0)
+    schema = live.bundle.schema
+
+    def typed(index: list[int]) -> list[dict[str, Any]]:
+        if frame is None:
+            return plain_rows([req.candidates[i] for i in index], schema, req.context)
+        return frame[index].select(pl.col(f.name).cast(pl.Float64, strict=False) if f.kind == "numeric"
+                                   else pl.col(f.name) for f in schema.fields).to_dicts()
+
+    return _Candidates(len(req.candidates), encoded, frame, bids, quality, typed)
 
 
 def _reserved(candidates: list[dict[str, Any]], key: str, default: float | str | None) -> np.ndarray | None:

@@ -116,6 +116,7 @@ class Bundle:
         if model.spec.n_ids != encoder.n_ids or list(model.spec.sparse_names) != encoder.sparse_names:
             raise BundleError("the model was built for another id space than the encoder's")
         self.schema, self.encoder, self.model, self.model_name = schema, encoder, model, model_name
+        encoder.schema = schema  # equal by fingerprint: one object, so the bundle's checks and the encoder's agree
         self.metrics = metrics or {}
         self.info = info or {}
         # raw logit -> served probability: the exact downsampling / class-weight correction, then Platt or isotonic
@@ -245,6 +246,9 @@ class Bundle:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        encoded = self.encoder.encode_records(records)  # plain dicts in one compiled pass, where it is built
+        if encoded is not None:
+            return self.calibrator(self._forward_blocks(*encoded, batch_size=batch_size))
         good = self._frame(records)
         if good.height == 0:
             return np.zeros((0, self._heads) if self._heads > 1 else 0, dtype=np.float64)
@@ -263,20 +267,35 @@ class Bundle:
 
     @torch.no_grad()
     def _logits(self, df: pl.DataFrame, batch_size: int | None = None) -> np.ndarray:
-        device = next(self.model.parameters()).device
-        batch_size = eval_rows(device, batch_size)
+        rows = eval_rows(next(self.model.parameters()).device, batch_size)
         out = np.empty((df.height, self._heads) if self._heads > 1 else df.height, dtype=np.float64)
-        for start in range(0, df.height, batch_size):
-            part = df.slice(start, batch_size)
-            ids, dense = self.encoder.transform_frame(part)
-            seq = [torch.from_numpy(a).to(device) for a in self.encoder.sequences(part)] \
-                if self.encoder.seq_names else [None, None]
-            batch = Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device), None, None, *seq)
-            out[start:start + part.height] = self.model(batch).double().cpu().numpy()
-        if not np.isfinite(out).all():
-            first = int(np.flatnonzero(~np.isfinite(out))[0]) // (self._heads if out.ndim == 2 else 1)
-            raise BundleError(f"the model gave a non-finite score for row {df['_line'][first]}")
-        return out
+        for start in range(0, df.height, rows):
+            part = df.slice(start, rows)
+            seq = self.encoder.sequences(part) if self.encoder.seq_names else (None, None)
+            out[start:start + part.height] = self._forward(*self.encoder.transform_frame(part), *seq)
+        return self._finite(out, df["_line"].to_numpy())
+
+    @torch.no_grad()
+    def _forward_blocks(self, ids: np.ndarray, dense: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Raw logits of encoded rows without list fields (:meth:`Encoder.encode_records`), a block at a time."""
+        rows = eval_rows(next(self.model.parameters()).device, batch_size)
+        out = np.empty((len(ids), self._heads) if self._heads > 1 else len(ids), dtype=np.float64)
+        for s in range(0, len(ids), rows):
+            out[s:s + rows] = self._forward(ids[s:s + rows], dense[s:s + rows], None, None)
+        return self._finite(out, np.arange(len(ids)))
+
+    def _forward(self, ids: np.ndarray, dense: np.ndarray, seq: np.ndarray | None, lengths: np.ndarray | None
+                 ) -> np.ndarray:
+        device = next(self.model.parameters()).device
+        extra = [None, None] if seq is None else [torch.from_numpy(seq).to(device), torch.from_numpy(lengths).to(device)]
+        batch = Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device), None, None, *extra)
+        return self.model(batch).double().cpu().numpy()
+
+    def _finite(self, logits: np.ndarray, lines: np.ndarray) -> np.ndarray:
+        if not np.isfinite(logits).all():
+            first = int(np.flatnonzero(~np.isfinite(logits))[0]) // (self._heads if logits.ndim == 2 else 1)
+            raise BundleError(f"the model gave a non-finite score for row {lines[first]}")
+        return logits
 
     def _score(self, df: pl.DataFrame, batch_size: int | None = None) -> np.ndarray:
         return self.calibrator(self._logits(df, batch_size))

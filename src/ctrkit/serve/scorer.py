@@ -74,6 +74,7 @@ class Scorer:
         if path is not None:
             self._open_sessions(Path(path))
             self._open_bf16(Path(path))
+        self.records = "compiled" if bundle.encoder.records_plan() is not None else "reference"
         self.timings_ms = self._time_paths(rows, reps, like)  # empty when torch is the only path
         self.backend = min(self.timings_ms, key=self.timings_ms.__getitem__) if self.timings_ms else "torch"
         if not keep_paths:
@@ -191,31 +192,48 @@ class Scorer:
         """The typed, validated feature frame of raw records (``_line`` numbers them), as Bundle.predict reads it."""
         return self.bundle._frame(records_frame(records, self.bundle.schema, context, extra))
 
+    def score_encoded(self, ids: np.ndarray, dense: np.ndarray, lines: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated pCTR of encoded rows (:meth:`Encoder.encode_records`, :meth:`Encoder.encode_json`) on the
+        chosen path; ``lines`` numbers the rows in errors (default: their position)."""
+        if len(ids) == 0:
+            return self._none()
+        rows = eval_rows(self.device)  # as Bundle.predict: a block's activations stay in the caches
+        parts = [self._probabilities(self.backend, ids[s:s + rows], dense[s:s + rows])
+                 for s in range(0, len(ids), rows)]
+        p = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if not np.isfinite(p).all():
+            first = int(np.flatnonzero(~np.isfinite(p))[0]) // (self.bundle._heads if p.ndim == 2 else 1)
+            raise BundleError(f"the model gave a non-finite score for row {first if lines is None else lines[first]}")
+        return p
+
     def score(self, good: pl.DataFrame) -> np.ndarray:
         """Calibrated pCTR of a frame from :meth:`frame`, on the chosen path."""
         if good.height == 0:
-            return np.zeros((0, self.bundle._heads) if self.bundle._heads > 1 else 0)
-        if self.backend == "torch":
+            return self._none()
+        if self.backend == "torch":  # the bundle's own path: it also takes list fields
             return self.bundle._score(good)
-        p = np.empty(good.height)
-        rows = eval_rows(self.device)  # as Bundle.predict: a block's activations stay in the caches
-        for start in range(0, good.height, rows):
-            ids, dense = self.bundle.encoder.transform_frame(good.slice(start, rows))
-            p[start:start + len(ids)] = self._probabilities(self.backend, ids, dense)
-        if not np.isfinite(p).all():
-            row = good["_line"][int(np.flatnonzero(~np.isfinite(p))[0])]
-            raise BundleError(f"the model gave a non-finite score for row {row}")
-        return p
+        rows = eval_rows(self.device)
+        parts = [self.score_encoded(*self.bundle.encoder.transform_frame(block), block["_line"].to_numpy())
+                 for block in good.iter_slices(rows)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _none(self) -> np.ndarray:
+        return np.zeros((0, self.bundle._heads) if self.bundle._heads > 1 else 0)
 
     def predict(self, records: Records, context: Mapping[str, Any] | None = None,
                 extra: Sequence[str] | None = None) -> np.ndarray:
-        """Calibrated pCTR of raw records (the checks and answers of :meth:`Bundle.predict`)."""
-        return self.score(self.frame(records, context, extra))
+        """Calibrated pCTR of raw records (the checks and answers of :meth:`Bundle.predict`): plain records in one
+        compiled pass (:meth:`Encoder.encode_records`), others through :meth:`frame`, which names any bad value."""
+        encoded = self.bundle.encoder.encode_records(records, context, extra)
+        if encoded is None:
+            return self.score(self.frame(records, context, extra))
+        return self.score_encoded(*encoded)
 
     def describe(self) -> dict[str, Any]:
-        """The serving path, each path's median ms at load, and the paths left out with the reason."""
-        return {"backend": self.backend, "device": self.device, "threads": self.threads, "probe_ms": self.timings_ms,
-                "skipped": self.skipped}
+        """The serving path, how records are encoded (``compiled``: :meth:`Encoder.encode_records` where they are
+        plain), each path's median ms at load, and the paths left out with the reason."""
+        return {"backend": self.backend, "device": self.device, "threads": self.threads, "records": self.records,
+                "probe_ms": self.timings_ms, "skipped": self.skipped}
 
     def score_file(self, source: Source, out: str | Path, keep: Sequence[str] = (),
                    progress: Callable[[int], None] | None = None, **read_kwargs: Any) -> ReadReport:
