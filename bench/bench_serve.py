@@ -11,8 +11,10 @@ time. Stages are timed in the same run so the table shows what encoding and HTTP
   onnx fp32 / int8  ONNX Runtime session of the same model on the same pre-encoded tensors (`ctrkit export`
                     into the bundle; INT8 only where it kept the AUC within 0.0005)
   bundle            Bundle.predict (torch) on raw dicts + top-k
-  scorer            the server's in-process path: raw dicts -> validation -> encoding -> the bundle's fastest
-                    model path (timed at load, as `ctrkit serve` does) -> top-k; also each of its steps alone
+  scorer            the server's in-process path: raw dicts -> ids/dense in one compiled pass
+                    (Encoder.encode_records) -> the bundle's fastest model path (timed at load, as `ctrkit serve`
+                    does) -> top-k; also each of its steps alone, the JSON body -> ids/dense step of /rank
+                    (Encoder.encode_json), and the reference path the compiled one stands in for (validated frame)
   http /rank        a `ctrkit serve` process on 127.0.0.1, the JSON body pre-serialised, one request at a time
 
 Then the load test: short open-loop trials from 0.9 down to 0.2 of the one-client request rate (``--trials`` steps).
@@ -31,31 +33,36 @@ Latency in the load test is measured from each request's scheduled send time (no
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-import polars as pl
-import torch
+# read when torch loads its OpenMP runtime: idle threads sleep, as in `ctrkit serve` (spinning ones take the cores
+# from the server process while the HTTP stages run)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ctrkit.data.dataset import Batch
-from ctrkit.pipeline import train
-from ctrkit.schema import Field, Schema
-from ctrkit.serve.bf16 import bf16_form
-from ctrkit.serve.bundle import Bundle
-from ctrkit.serve.fold import FoldError, fold
-from ctrkit.serve.process import free_port, start_server
-from ctrkit.serve.rank import choose
-from ctrkit.serve.scorer import Scorer
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import torch  # noqa: E402
+
+from ctrkit.data.dataset import Batch  # noqa: E402
+from ctrkit.pipeline import train  # noqa: E402
+from ctrkit.schema import Field, Schema  # noqa: E402
+from ctrkit.serve.bf16 import bf16_form  # noqa: E402
+from ctrkit.serve.bundle import Bundle  # noqa: E402
+from ctrkit.serve.fold import FoldError, fold  # noqa: E402
+from ctrkit.serve.process import free_port, start_server  # noqa: E402
+from ctrkit.serve.rank import RESERVED, choose  # noqa: E402
+from ctrkit.serve.scorer import Scorer  # noqa: E402
 
 GEN = Path("/work/shared/peers/gen_synth_criteo.py")
 TRIAL_REQUESTS = 400  # a load trial's p99 rests on at least this many requests
@@ -176,7 +183,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--candidates", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=1, help="torch / ORT threads per request")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch / ORT threads per request, in this process and the server's (default: every core)")
     ap.add_argument("--load-seconds", type=float, default=60.0)
     ap.add_argument("--trial-seconds", type=float, default=10.0)
     ap.add_argument("--p99-budget-ms", type=float, default=25.0)
@@ -206,8 +214,7 @@ def main() -> None:
     recs = candidates(args.work / "data" / "test.tsv", args.candidates)
     scorer = Scorer(bundle, bundle_path, args.threads)
     result["scorer"] = scorer.describe()
-    good = scorer.frame(recs)
-    ids, dense = bundle.encoder.transform_frame(good)
+    ids, dense = bundle.encoder.transform_frame(scorer.frame(recs))
     batch = Batch(torch.from_numpy(ids), torch.from_numpy(dense))
     stages: dict[str, Any] = {}
 
@@ -232,10 +239,16 @@ def main() -> None:
         if exp["int8"]:
             int8 = session(exp["int8"], args.threads)
             stages["onnx runtime int8 (pre-encoded)"] = lambda: run_session(int8, ids, dense)
+    enc = bundle.encoder
+    body = json.dumps({"candidates": recs, "k": 10}).encode()
+    if enc.encode_records(recs) is None or enc.encode_json(body, "candidates", RESERVED) is None:
+        raise RuntimeError("the compiled record path did not take the requests: is ctrkit.data._records built?")
     stages["Bundle.predict (torch) on dicts + top-k"] = lambda: choose(bundle.predict(recs), 10)
-    stages["scorer step: dicts -> validated frame"] = lambda: scorer.frame(recs)
-    stages["scorer step: frame -> ids/dense"] = lambda: bundle.encoder.transform_frame(good)
-    stages[f"scorer step: frame -> pctr ({scorer.backend})"] = lambda: scorer.score(good)
+    stages["reference path: dicts -> validated frame -> ids/dense"] = lambda: enc.transform_frame(scorer.frame(recs))
+    stages["scorer step: dicts -> ids/dense (compiled)"] = lambda: enc.encode_records(recs)
+    stages["scorer step: JSON body -> ids/dense (compiled, as /rank)"] = lambda: enc.finish_json(
+        enc.encode_json(body, "candidates", RESERVED), {})
+    stages[f"scorer step: ids/dense -> pctr ({scorer.backend})"] = lambda: scorer.score_encoded(ids, dense)
     stages[f"in-process: dicts -> scorer ({scorer.backend}) -> top-k"] = lambda: choose(scorer.predict(recs), 10)
 
     import httpx2 as httpx
@@ -244,7 +257,6 @@ def main() -> None:
     events = Path(tempfile.mkdtemp(prefix="events-", dir=args.work))
     server = start_server(bundle_path, port, events, args.server_cpus, threads=args.threads, workers=args.workers)
     url = f"http://127.0.0.1:{port}"
-    body = json.dumps({"candidates": recs, "k": 10}).encode()
     result["request_bytes"] = len(body)
     try:
         with httpx.Client(base_url=url, timeout=10) as c:

@@ -21,10 +21,10 @@ def free_port() -> int:
 
 
 def start_server(bundle: str | Path, port: int, events: str | Path | None = None, cpus: str | None = None,
-                 timeout: float = 120.0, threads: int = 1, workers: int = 1) -> subprocess.Popen[bytes]:
+                 timeout: float = 120.0, threads: int | None = None, workers: int = 1) -> subprocess.Popen[bytes]:
     """Start ``ctrkit serve BUNDLE`` on 127.0.0.1:``port`` (pinned to ``cpus`` with taskset when given)."""
-    cmd = [sys.executable, "-m", "ctrkit", "serve", str(bundle), "--port", str(port), "--threads", str(threads),
-           "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "ctrkit", "serve", str(bundle), "--port", str(port), "--workers", str(workers),
+           *(["--threads", str(threads)] if threads is not None else [])]
     if events is not None:
         cmd += ["--events", str(events)]
     if cpus:
