@@ -8,6 +8,7 @@ time. Stages are timed in the same run so the table shows what encoding and HTTP
   model only        torch forward on pre-encoded ids/dense (the bundle's model)
   torch folded      the same model in its folded serving form (ctrkit.serve.fold), same tensors
   torch bf16        the bf16 form of the same model (ctrkit.serve.bf16), same tensors, where the export kept it
+  folded bf16       the folded form with its MLP in bf16 (ctrkit.serve.bf16.folded_bf16), where the export kept it
   onnx fp32 / int8  ONNX Runtime session of the same model on the same pre-encoded tensors (`ctrkit export`
                     into the bundle; INT8 only where it kept the AUC within 0.0005)
   bundle            Bundle.predict (torch) on raw dicts + top-k
@@ -57,7 +58,7 @@ import torch  # noqa: E402
 from ctrkit.data.dataset import Batch  # noqa: E402
 from ctrkit.pipeline import train  # noqa: E402
 from ctrkit.schema import Field, Schema  # noqa: E402
-from ctrkit.serve.bf16 import bf16_form  # noqa: E402
+from ctrkit.serve.bf16 import bf16_form, folded_bf16  # noqa: E402
 from ctrkit.serve.bundle import Bundle  # noqa: E402
 from ctrkit.serve.fold import FoldError, fold  # noqa: E402
 from ctrkit.serve.process import free_port, start_server  # noqa: E402
@@ -232,6 +233,9 @@ def main() -> None:
     if result.get("int8_vs_fp32_auc", {}).get("bf16"):
         bf16 = bf16_form(bundle.model)
         stages["torch bf16 (pre-encoded)"] = torch.no_grad()(lambda: bf16(batch))
+    if result.get("int8_vs_fp32_auc", {}).get("bf16_folded") and "folded" not in result:
+        folded_half = folded_bf16(folded)
+        stages["torch folded bf16 (pre-encoded)"] = lambda: folded_half(tids, tdense)
     if "int8_vs_fp32_auc" in result:
         exp = result["int8_vs_fp32_auc"]
         fp32 = session(exp["fp32"], args.threads)

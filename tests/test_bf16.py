@@ -11,7 +11,8 @@ from ctrkit.data.dataset import Batch
 from ctrkit.models import build_model, model_class, model_names
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.nn.mlp import MLP
-from ctrkit.serve.bf16 import Bf16Linear, bf16_form
+from ctrkit.serve.bf16 import Bf16Linear, bf16_form, folded_bf16
+from ctrkit.serve.fold import fold
 
 SPEC = FeatureSpec(n_ids=12, field_sizes=(4, 4, 4), sparse_names=("a", "b", "c"), dense_names=("x",))
 
@@ -72,3 +73,26 @@ def test_every_model_scores_in_bf16_close_to_fp32(name: str) -> None:
         got = bf16_form(model)(batch)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.allclose(got, want, rtol=0.05, atol=0.05), name
+
+
+def test_the_folded_form_runs_its_mlp_in_bf16_over_the_shared_fp32_table() -> None:
+    torch.manual_seed(0)
+    model = build_model("deepfm", SPEC, embed_dim=4, hidden=[8, 6]).eval()
+    _trained_statistics(model)
+    folded = fold(model)
+    form = folded_bf16(folded)
+    assert form.table.data_ptr() == folded.table.data_ptr()  # hundreds of MB in a real bundle: not copied
+    assert [type(m) for m in form.rest] == [nn.ReLU, Bf16Linear, nn.ReLU, Bf16Linear]
+    assert [m.keep for m in form.rest if isinstance(m, Bf16Linear)] == [True, False]
+    assert all(m.weight.dtype == torch.float32 for m in folded.rest if isinstance(m, nn.Linear))  # left as it was
+    x = torch.randn(16, 8)
+    (w1, b1), (w2, b2) = [(m.weight, m.bias) for m in folded.rest if isinstance(m, nn.Linear)]
+    h = _bf16(torch.relu(_bf16(torch.relu(x)) @ _bf16(w1).T + _bf16(b1)))  # the literal bf16 MLP
+    assert torch.allclose(form.rest(x), h @ _bf16(w2).T + _bf16(b2), rtol=0.02, atol=0.02)
+    gen = np.random.default_rng(0)
+    ids = torch.from_numpy(gen.integers(0, 4, (32, 3)) + np.array([0, 4, 8]))
+    dense = torch.from_numpy(gen.standard_normal((32, 1)).astype(np.float32))
+    with torch.no_grad():
+        want = model(Batch(ids, dense))
+        assert torch.allclose(folded(ids, dense), want, atol=1e-5)
+        assert torch.allclose(form(ids, dense), want, rtol=0.05, atol=0.05)

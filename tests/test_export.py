@@ -30,10 +30,13 @@ def test_onnx_matches_bundle_and_int8_guard(tmp_path: Path) -> None:
     kept = res.auc_fp32 - res.auc_int8 <= 0.0005
     assert (res.int8 is not None) == kept == (tmp_path / "onnx" / "model.int8.onnx").exists()
     assert res.bf16 == (res.auc_torch - res.auc_bf16 <= 0.0005) and abs(res.auc_torch - res.auc_fp32) < 1e-3
-    assert json.loads((tmp_path / "onnx" / "onnx.json").read_text())["bf16"] == res.bf16
+    assert res.bf16_folded == (res.auc_torch - res.auc_bf16_folded <= 0.0005)
+    record = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
+    assert record["bf16"] == res.bf16 and record["bf16_folded"] == res.bf16_folded
     strict = export_bundle(bundle_dir, tmp_path / "strict", valid=te, max_auc_drop=-1.0)
     assert strict.int8 is None and "INT8 dropped" in strict.decision
     assert not strict.bf16 and "bf16 dropped" in strict.decision
+    assert not strict.bf16_folded and "folded bf16 dropped" in strict.decision
     assert not (tmp_path / "strict" / "model.int8.onnx").exists()
     json.dumps(res.to_dict())
 

@@ -120,7 +120,7 @@ def test_export_into_the_bundle_is_in_its_manifest(exported: tuple[Path, pl.Data
         Bundle.load(tampered)
 
 
-PATHS = {"torch", "torch folded", "torch bf16", "onnx fp32", "onnx int8"}
+PATHS = {"torch", "torch folded", "torch bf16", "torch folded bf16", "onnx fp32", "onnx int8"}
 
 
 @pytest.fixture()
@@ -144,7 +144,7 @@ def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.Dat
     dicts[0]["item_id"] = "never-seen"
     want = bundle.predict(dicts)
     for backend, tol in (("torch", 0.0), ("torch folded", 1e-5), ("onnx fp32", 1e-5), ("onnx int8", 0.05),
-                         ("torch bf16", 0.02)):
+                         ("torch bf16", 0.02), ("torch folded bf16", 0.02)):
         scorer.backend = backend
         assert np.max(np.abs(scorer.predict(dicts) - want)) <= tol, backend
         bad = [*dicts[:3], {**dicts[3], "price": "cheap"}]
@@ -152,7 +152,8 @@ def test_every_path_gives_the_bundles_probabilities(exported: tuple[Path, pl.Dat
         assert "record 3" in _error(scorer.predict, bad)
     assert set(Scorer(bundle, None, rows=200, reps=3).describe()["probe_ms"]) == {"torch", "torch folded"}
     lean = Scorer(bundle, path, rows=200, reps=3)  # the paths that lost the timing are let go
-    held = {"torch folded": lean.folded, "torch bf16": lean.bf16, **lean.sessions}
+    held = {"torch folded": lean.folded, "torch bf16": lean.bf16, "torch folded bf16": lean.folded_bf16,
+            **lean.sessions}
     assert {k for k, v in held.items() if v is not None} == ({lean.backend} if lean.backend != "torch" else set())
     assert np.max(np.abs(lean.predict(dicts) - want)) <= 0.05
 
@@ -175,7 +176,7 @@ def test_a_swap_to_the_same_shapes_keeps_the_timings(exported: tuple[Path, pl.Da
     assert sorted(calls) == sorted(["onnx fp32", "torch", "torch folded", *[first.backend] * WARMUP_CALLS])
     calls.clear()
     Scorer(Bundle.load(path), path, threads=2, rows=200, reps=3, like=first)
-    assert len(calls) == 3 + 3 * 5
+    assert len(calls) == 3 + 3 * len(first.timings_ms)
 
 
 def test_bf16_is_offered_only_where_it_was_kept_and_the_cpu_has_it(exported: tuple[Path, pl.DataFrame],
@@ -190,13 +191,17 @@ def test_bf16_is_offered_only_where_it_was_kept_and_the_cpu_has_it(exported: tup
     path, _ = exported
     monkeypatch.setattr(scorer_module, "cpu_has_bf16", lambda: False)
     scorer = Scorer(Bundle.load(path), path, rows=200, reps=3)
-    assert "torch bf16" not in scorer.timings_ms and scorer.skipped == {"torch bf16": "this CPU has no bf16 units"}
+    assert "torch bf16" not in scorer.timings_ms and scorer.skipped == {
+        "torch bf16": "this CPU has no bf16 units", "torch folded bf16": "this CPU has no bf16 units"}
     monkeypatch.setattr(scorer_module, "cpu_has_bf16", lambda: True)
     dropped = tmp_path / "dropped"
     shutil.copytree(path, dropped)
     record = json.loads((dropped / "onnx.json").read_text())
-    (dropped / "onnx.json").write_text(json.dumps({**record, "bf16": False}))
-    assert "torch bf16" not in Scorer(Bundle.load(path), dropped, rows=200, reps=3).timings_ms
+    for key, name, other in (("bf16", "torch bf16", "torch folded bf16"),
+                             ("bf16_folded", "torch folded bf16", "torch bf16")):
+        (dropped / "onnx.json").write_text(json.dumps({**record, key: False}))
+        timed = Scorer(Bundle.load(path), dropped, rows=200, reps=3).timings_ms
+        assert name not in timed and other in timed
 
 
 def test_server_scores_on_the_chosen_path(exported: tuple[Path, pl.DataFrame], bf16_cpu: None) -> None:

@@ -6,8 +6,8 @@ The exported graph takes the encoder's output (``ids`` int64 [B, F], ``dense`` f
 click probability [B], so any ONNX runtime scores pre-encoded rows; the encoder stays in the bundle. INT8
 dynamic quantisation (weights int8, activations quantised on the fly) is compared with fp32 on labelled rows
 and written only when the AUC moves by at most ``max_auc_drop``. The same rows judge the bf16 form of the torch
-model (:mod:`ctrkit.serve.bf16`); ``onnx.json`` records both decisions, and the scorer offers only the forms
-kept.
+model and, where the model folds, the folded form with its MLP in bf16 (:mod:`ctrkit.serve.bf16`); ``onnx.json``
+records the decisions, and the scorer offers only the forms kept.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ class ExportResult:
     bf16: bool = False
     auc_torch: float | None = None
     auc_bf16: float | None = None
+    bf16_folded: bool = False
+    auc_bf16_folded: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -171,28 +173,46 @@ def export_bundle(bundle_path: str | Path, out_dir: str | Path | None = None, va
 
 def _judge_bf16(bundle: Bundle, ids: np.ndarray, dense: np.ndarray, y: np.ndarray, max_auc_drop: float,
                 res: ExportResult) -> str:
-    """Set ``res.bf16`` (and the two AUCs) by whether the bf16 form keeps the torch model's AUC on these rows,
-    both through the bundle's calibrator; the decision in words."""
-    from ctrkit.serve.bf16 import bf16_form
+    """Set ``res.bf16`` and ``res.bf16_folded`` (and the AUCs) by whether the bf16 form, and the folded form with
+    its MLP in bf16 where the model folds, keep the torch model's AUC on these rows, all through the bundle's
+    calibrator; the decisions in words."""
+    from ctrkit.serve.bf16 import bf16_form, folded_bf16
+    from ctrkit.serve.fold import FoldError, fold
 
     step = eval_rows("cpu")
 
     @torch.no_grad()
-    def probabilities(net: nn.Module) -> np.ndarray:
+    def probabilities(net: Any) -> np.ndarray:
         """The calibrated probabilities of every row, a block of rows at a time."""
-        logits = [net(Batch(torch.from_numpy(ids[i:i + step]), torch.from_numpy(dense[i:i + step])))
+        logits = [net(torch.from_numpy(ids[i:i + step]), torch.from_numpy(dense[i:i + step]))
                   for i in range(0, len(ids), step)]
         return bundle.calibrator(torch.cat(logits).double().numpy())
 
-    p = probabilities(bundle.model)
+    def on_batch(net: nn.Module) -> Any:
+        return lambda i, d: net(Batch(i, d))
+
+    p = probabilities(on_batch(bundle.model))
+    res.auc_torch = float(evaluate(y, p)["auc"])
+    words = []
     try:
-        q = probabilities(bf16_form(bundle.model))
+        res.auc_bf16 = float(evaluate(y, probabilities(on_batch(bf16_form(bundle.model))))["auc"])
+        res.bf16 = res.auc_torch - res.auc_bf16 <= max_auc_drop
+        words.append(f"bf16 {_verdict(res.bf16, max_auc_drop)}: AUC {res.auc_bf16:.5f} vs torch fp32 "
+                     f"{res.auc_torch:.5f}")
     except (RuntimeError, TypeError) as exc:  # a layer that reads a linear layer's weight itself
-        return f"bf16 not kept: the bf16 form does not run ({exc})"
-    res.auc_torch, res.auc_bf16 = float(evaluate(y, p)["auc"]), float(evaluate(y, q)["auc"])
-    res.bf16 = res.auc_torch - res.auc_bf16 <= max_auc_drop
-    verdict = "kept" if res.bf16 else f"dropped (more than {max_auc_drop} below)"
-    return f"bf16 {verdict}: AUC {res.auc_bf16:.5f} vs torch fp32 {res.auc_torch:.5f}"
+        words.append(f"bf16 not kept: the bf16 form does not run ({exc})")
+    try:
+        folded = folded_bf16(fold(bundle.model, [bundle.encoder.offsets[n] for n in bundle.encoder.sparse_names]))
+    except FoldError:
+        return "; ".join(words)
+    res.auc_bf16_folded = float(evaluate(y, probabilities(folded))["auc"])
+    res.bf16_folded = res.auc_torch - res.auc_bf16_folded <= max_auc_drop
+    words.append(f"folded bf16 {_verdict(res.bf16_folded, max_auc_drop)}: AUC {res.auc_bf16_folded:.5f}")
+    return "; ".join(words)
+
+
+def _verdict(kept: bool, max_auc_drop: float) -> str:
+    return "kept" if kept else f"dropped (more than {max_auc_drop} below)"
 
 
 def _list_in_manifest(root: Path, names: list[str]) -> None:

@@ -4,8 +4,9 @@ A bundle always scores through torch. With ``device="cuda"`` the model also runs
 (:mod:`ctrkit.serve.gpu`), checked against torch like the other fp32 paths. The embedding-sum models (lr,
 fm, deepfm, dnn, wide_deep) also have a folded torch form (:mod:`ctrkit.serve.fold`: the first layer read from
 a precomputed table). When ``ctrkit export`` has written ONNX graphs into the bundle folder (``model.onnx``,
-and ``model.int8.onnx`` where INT8 kept the AUC), those are paths too, and so is the bf16 form of the torch
-model (:mod:`ctrkit.serve.bf16`) where that export kept its AUC and the CPU has bf16 units. Each path is timed
+and ``model.int8.onnx`` where INT8 kept the AUC), those are paths too, and so are the bf16 form of the torch
+model and the folded form with its MLP in bf16 (:mod:`ctrkit.serve.bf16`), each where that export kept its AUC
+and the CPU has bf16 units. Each path is timed
 at load on a batch of encoded rows the size of a ranking request, taking turns, and the one with the lowest
 median serves. Records go through the same validation and encoding as :meth:`Bundle.predict` (the ONNX graphs
 hold the calibrator), so only the model's arithmetic differs between paths; the folded form, the GPU path and
@@ -28,7 +29,7 @@ from ctrkit.data.dataset import Batch
 from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
 from ctrkit.devices import cpu_has_bf16, eval_rows
 from ctrkit.schema import Field, Schema
-from ctrkit.serve.bf16 import bf16_form
+from ctrkit.serve.bf16 import bf16_form, folded_bf16
 from ctrkit.serve.bundle import Bundle, BundleError
 from ctrkit.serve.fold import FoldedModel, FoldError, fold
 from ctrkit.serve.gpu import GPUError, GraphedModel
@@ -38,6 +39,7 @@ ONNX_FILES = {"onnx fp32": "model.onnx", "onnx int8": "model.int8.onnx"}
 FOLDED = "torch folded"
 GRAPHED = "torch cuda graph"
 BF16 = "torch bf16"
+FOLDED_BF16 = "torch folded bf16"
 FP32_TOLERANCE = 1e-4
 WARMUP_CALLS = 3
 
@@ -59,6 +61,7 @@ class Scorer:
         self.folded: FoldedModel | None = None
         self.graphed: GraphedModel | None = None
         self.bf16: torch.nn.Module | None = None
+        self.folded_bf16: FoldedModel | None = None
         if torch.device(device).type == "cuda":
             if bundle.encoder.seq_names or bundle._heads > 1:
                 raise BundleError("the GPU path takes ids and dense only, one head; this bundle has list fields "
@@ -82,6 +85,7 @@ class Scorer:
             self.folded = self.folded if self.backend == FOLDED else None
             self.graphed = self.graphed if self.backend == GRAPHED else None
             self.bf16 = self.bf16 if self.backend == BF16 else None
+            self.folded_bf16 = self.folded_bf16 if self.backend == FOLDED_BF16 else None
 
     def _open_sessions(self, path: Path) -> None:
         present = {name: path / file for name, file in ONNX_FILES.items() if (path / file).exists()}
@@ -102,17 +106,21 @@ class Scorer:
                 self.skipped[name] = f"{file}: {exc}"
 
     def _open_bf16(self, path: Path) -> None:
-        """The bf16 form, where ``ctrkit export --valid`` recorded that it keeps the AUC and this CPU has bf16
-        units (elsewhere bf16 arithmetic is emulated and slower than fp32)."""
+        """The bf16 form and the folded form with its MLP in bf16, each where ``ctrkit export --valid`` recorded
+        that it keeps the AUC and this CPU has bf16 units (elsewhere bf16 arithmetic is emulated and slower than
+        fp32)."""
         record = path / "onnx.json"
-        if not record.exists() or not json.loads(record.read_text()).get("bf16"):
-            return
-        if self.device != "cpu" or not cpu_has_bf16():
-            self.skipped[BF16] = "this CPU has no bf16 units" if self.device == "cpu" else "served on the GPU"
-        elif self.bundle.encoder.seq_names or self.bundle._heads > 1:
-            self.skipped[BF16] = "the bf16 path takes ids and dense only, one head"
-        else:
-            self.bf16 = bf16_form(self.bundle.model)
+        kept = json.loads(record.read_text()) if record.exists() else {}
+        forms = [name for name, key in ((BF16, "bf16"), (FOLDED_BF16, "bf16_folded")) if kept.get(key)]
+        for name in forms:
+            if self.device != "cpu" or not cpu_has_bf16():
+                self.skipped[name] = "this CPU has no bf16 units" if self.device == "cpu" else "served on the GPU"
+            elif self.bundle.encoder.seq_names or self.bundle._heads > 1:
+                self.skipped[name] = "the bf16 paths take ids and dense only, one head"
+            elif name == BF16:
+                self.bf16 = bf16_form(self.bundle.model)
+            elif self.folded is not None:
+                self.folded_bf16 = folded_bf16(self.folded)
 
     def _probe(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Encoded rows of random in-vocabulary ids and standard normal dense values, a tenth of them missing."""
@@ -139,7 +147,7 @@ class Scorer:
         graph that disagrees with torch is dropped."""
         paths = ["torch", *([FOLDED] if self.folded is not None else []),
                  *([GRAPHED] if self.graphed is not None else []), *([BF16] if self.bf16 is not None else []),
-                 *self.sessions]
+                 *([FOLDED_BF16] if self.folded_bf16 is not None else []), *self.sessions]
         if len(paths) == 1:
             return {}
         ids, dense = self._probe(rows)
@@ -154,6 +162,10 @@ class Scorer:
                 self.sessions.pop(exact, None)
                 if exact == FOLDED:
                     self.folded = None
+                    if FOLDED_BF16 in paths:  # the same table: a folded form that disagrees serves in neither
+                        paths.remove(FOLDED_BF16)
+                        self.folded_bf16 = None
+                        self.skipped[FOLDED_BF16] = self.skipped[FOLDED]
                 if exact == GRAPHED:
                     self.graphed = None
         if like is not None and set(like.timings_ms) == set(paths) and self._same_shapes(like):
@@ -173,9 +185,10 @@ class Scorer:
         if path == "torch":
             logits = self.bundle.model(Batch(torch.from_numpy(ids), torch.from_numpy(dense)))
             return self.bundle.calibrator(logits.double().numpy())
-        if path == FOLDED:
-            assert self.folded is not None
-            logits = self.folded(torch.from_numpy(ids), torch.from_numpy(dense))
+        if path in (FOLDED, FOLDED_BF16):
+            folded = self.folded if path == FOLDED else self.folded_bf16
+            assert folded is not None
+            logits = folded(torch.from_numpy(ids), torch.from_numpy(dense))
             return self.bundle.calibrator(logits.double().numpy())
         if path == GRAPHED:
             assert self.graphed is not None
