@@ -286,9 +286,10 @@ class Bundle:
 
     def _forward(self, ids: np.ndarray, dense: np.ndarray, seq: np.ndarray | None, lengths: np.ndarray | None
                  ) -> np.ndarray:
+        """Raw logits of one block of encoded rows on the model's device."""
         device = next(self.model.parameters()).device
-        extra = [None, None] if seq is None else [torch.from_numpy(seq).to(device), torch.from_numpy(lengths).to(device)]
-        batch = Batch(torch.from_numpy(ids).to(device), torch.from_numpy(dense).to(device), None, None, *extra)
+        arrays = [ids, dense, None, None] + ([None, None] if seq is None else [seq, lengths])
+        batch = Batch(*(None if a is None else torch.from_numpy(a).to(device) for a in arrays))
         return self.model(batch).double().cpu().numpy()
 
     def _finite(self, logits: np.ndarray, lines: np.ndarray) -> np.ndarray:

@@ -6,11 +6,11 @@ fm, deepfm, dnn, wide_deep) also have a folded torch form (:mod:`ctrkit.serve.fo
 a precomputed table). When ``ctrkit export`` has written ONNX graphs into the bundle folder (``model.onnx``,
 and ``model.int8.onnx`` where INT8 kept the AUC), those are paths too, and so are the bf16 form of the torch
 model and the folded form with its MLP in bf16 (:mod:`ctrkit.serve.bf16`), each where that export kept its AUC
-and the CPU has bf16 units. Each path is timed
-at load on a batch of encoded rows the size of a ranking request, taking turns, and the one with the lowest
-median serves. Records go through the same validation and encoding as :meth:`Bundle.predict` (the ONNX graphs
-hold the calibrator), so only the model's arithmetic differs between paths; the folded form, the GPU path and
-the fp32 graph are checked against torch before they may serve (INT8 and bf16 were judged by AUC at export).
+and the CPU has bf16 units. Each path is timed at load on a batch of encoded rows the size of a ranking request,
+taking turns, and the one with the lowest median serves. Records go through the same validation and encoding as
+:meth:`Bundle.predict` (the ONNX graphs hold the calibrator), so only the model's arithmetic differs between
+paths; the folded form, the GPU path and the fp32 graph are checked against torch before they may serve (INT8
+and the bf16 forms were judged by AUC at export).
 """
 
 from __future__ import annotations
