@@ -552,7 +552,7 @@ static int utf8_valid(const unsigned char *s, Py_ssize_t n) {
     return 1;
 }
 
-/* A JSON string at p (*p == '"') with no escape: its bytes in [*s, *s + *len); returns the position after it, or
+/* A JSON key at p (*p == '"') with no escape: its bytes in [*s, *s + *len); returns the position after it, or
  * NULL (an escape, a control character, bytes that are not UTF-8, or no end: the reference path reads it). */
 static const char *plain_string(const char *p, const char *end, const char **s, Py_ssize_t *len) {
     const char *q = p + 1;
@@ -570,6 +570,96 @@ static const char *plain_string(const char *p, const char *end, const char **s, 
 }
 
 static inline int is_digit(char c) { return c >= '0' && c <= '9'; }
+
+/* Four hex digits -> their value; 0 when one is not a hex digit. */
+static int hex4(const char *p, uint32_t *cp) {
+    uint32_t v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+              : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return 0;
+        v = v * 16 + (uint32_t)d;
+    }
+    *cp = v;
+    return 1;
+}
+
+/* A JSON string value at p (*p == '"'): its text's UTF-8 bytes, where escapes (\n, \", \u00e9, surrogate pairs...)
+ * are decoded into ``scratch`` (room for the body's length; *stable is then 0: the bytes last until the next
+ * string); returns the position after it, or NULL (a control character, bytes that are not UTF-8, an escape a
+ * JSON reader refuses, a lone surrogate, or no end: the reference path reads it). */
+static const char *json_string(const char *p, const char *end, const char **s, Py_ssize_t *len, char *scratch,
+                               int *stable) {
+    const char *q = p + 1;
+    int ascii = 1, escaped = 0;
+    while (q < end && *q != '"') {
+        unsigned char c = (unsigned char)*q;
+        if (c < 0x20) return NULL;
+        if (c == '\\') {
+            escaped = 1;
+            q += 2;
+            continue;
+        }
+        ascii &= c < 0x80;
+        q++;
+    }
+    if (q >= end || (!ascii && !utf8_valid((const unsigned char *)p + 1, q - p - 1))) return NULL;
+    *stable = !escaped;
+    if (!escaped) {
+        *s = p + 1;
+        *len = q - p - 1;
+        return q + 1;
+    }
+    char *o = scratch;
+    for (const char *r = p + 1; r < q; r++) {
+        if (*r != '\\') {
+            *o++ = *r;
+            continue;
+        }
+        switch (*++r) {
+            case '"': case '\\': case '/': *o++ = *r; break;
+            case 'b': *o++ = '\b'; break;
+            case 'f': *o++ = '\f'; break;
+            case 'n': *o++ = '\n'; break;
+            case 'r': *o++ = '\r'; break;
+            case 't': *o++ = '\t'; break;
+            case 'u': {
+                uint32_t cp, lo;
+                if (q - r < 5 || !hex4(r + 1, &cp)) return NULL;
+                r += 4;
+                if (cp >= 0xDC00 && cp <= 0xDFFF) return NULL;  /* a low surrogate first */
+                if (cp >= 0xD800 && cp <= 0xDBFF) {  /* a high surrogate: its pair must follow */
+                    if (q - r < 7 || r[1] != '\\' || r[2] != 'u' || !hex4(r + 3, &lo) || lo < 0xDC00 || lo > 0xDFFF)
+                        return NULL;
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                    r += 6;
+                }
+                if (cp < 0x80) {
+                    *o++ = (char)cp;
+                } else if (cp < 0x800) {
+                    *o++ = (char)(0xC0 | (cp >> 6));
+                    *o++ = (char)(0x80 | (cp & 0x3F));
+                } else if (cp < 0x10000) {
+                    *o++ = (char)(0xE0 | (cp >> 12));
+                    *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+                    *o++ = (char)(0x80 | (cp & 0x3F));
+                } else {
+                    *o++ = (char)(0xF0 | (cp >> 18));
+                    *o++ = (char)(0x80 | ((cp >> 12) & 0x3F));
+                    *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+                    *o++ = (char)(0x80 | (cp & 0x3F));
+                }
+                break;
+            }
+            default: return NULL;
+        }
+    }
+    *s = scratch;
+    *len = o - scratch;
+    return q + 1;
+}
+
 
 /* A JSON number at p: returns its end, or NULL; *is_int: no fraction and no exponent. */
 static const char *number_token(const char *p, const char *end, int *is_int) {
@@ -646,7 +736,7 @@ static inline int literal(const char *p, const char *end, const char *word, Py_s
 
 /* A field's value at p -> its id or number in row r; returns the position after it, or NULL with *st set. */
 static const char *put_json(const FieldPlan *f, Out *o, Py_ssize_t r, const char *p, const char *end,
-                            int *st) {
+                            char *scratch, int *st) {
     if (p >= end) {
         *st = NOT_PLAIN;
         return NULL;
@@ -654,12 +744,13 @@ static const char *put_json(const FieldPlan *f, Out *o, Py_ssize_t r, const char
     if (*p == '"') {
         const char *s;
         Py_ssize_t len;
-        const char *q = plain_string(p, end, &s, &len);
+        int stable;
+        const char *q = json_string(p, end, &s, &len, scratch, &stable);
         if (q == NULL || f->kind == NUMBER) {  /* a number given as text: the reference path parses it */
             *st = NOT_PLAIN;
             return NULL;
         }
-        put_text(f, o, r, s, len, 1);
+        put_text(f, o, r, s, len, stable);
         return q;
     }
     if (*p == 'n' && literal(p, end, "null", 4)) {
@@ -728,8 +819,8 @@ static const char *skip_value(const char *p, const char *end) {
  * and numbers (as encode), its keys named in ``extra`` (a tuple) to ``extras`` [rows, len(extra)] (float64, NaN
  * where absent or null), its fields absent to ``missing`` [rows, n_fields] (uint8 1; the caller fills them from a
  * context: fill_missing), its byte span to ``spans`` [rows, 2] (int64). members: the (start, end) byte spans of
- * the object's other members, for a JSON reader. None when the body is not plain (an escape in a key or a text
- * value, a value of another type, a key twice, an unknown key, more records than rows, JSON it cannot read):
+ * the object's other members, for a JSON reader. None when the body is not plain (an escape in a key, a value of
+ * another type, a key twice, an unknown key, more records than rows, JSON it cannot read):
  * the reference path then reads it and says what is wrong.
  */
 static PyObject *plan_encode_json(Plan *p, PyObject *args) {
@@ -745,6 +836,7 @@ static PyObject *plan_encode_json(Plan *p, PyObject *args) {
     const char **names = NULL;
     Py_ssize_t *name_lens = NULL, *guess = NULL;
     unsigned char *seen = NULL;
+    char *scratch = NULL;
     int views = 0;
     if (get_outs(p, ids_obj, num_obj, -1, &iv, &nv, &o) < 0) goto done;
     views = 2;
@@ -765,9 +857,10 @@ static PyObject *plan_encode_json(Plan *p, PyObject *args) {
     name_lens = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n_keys + 1));
     guess = PyMem_Calloc(MAX_KEYS, sizeof(Py_ssize_t));
     seen = PyMem_Malloc((size_t)n_keys + 1);
+    scratch = PyMem_Malloc((size_t)body.len + 1);  /* decoded text is never longer than its escaped form */
     o.pending = PyMem_Malloc(sizeof(Lookup) * (size_t)(p->n_fields + 1));
     members = PyList_New(0);
-    if (key_s == NULL || !names || !name_lens || !guess || !seen || !o.pending || !members) {
+    if (key_s == NULL || !names || !name_lens || !guess || !seen || !scratch || !o.pending || !members) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
@@ -832,7 +925,7 @@ static PyObject *plan_encode_json(Plan *p, PyObject *args) {
                     if (q >= end || *q != ':') goto not_plain;
                     q = skip_ws(q + 1, end);
                     if (k < p->n_fields) {
-                        q = put_json(&p->fields[k], &o, r, q, end, &st);
+                        q = put_json(&p->fields[k], &o, r, q, end, scratch, &st);
                         if (q == NULL) goto not_plain;
                     } else {
                         double *d = &ext[r * n_extra + (k - p->n_fields)];
@@ -888,6 +981,7 @@ done:
     PyMem_Free(name_lens);
     PyMem_Free(guess);
     PyMem_Free(seen);
+    PyMem_Free(scratch);
     if (views >= 5) PyBuffer_Release(&sv);
     if (views >= 4) PyBuffer_Release(&mv);
     if (views >= 3) PyBuffer_Release(&ev);

@@ -584,9 +584,9 @@ class Encoder:
     def encode_json(self, body: bytes, key: str, extra: Sequence[str] = (),
                     max_records: int | None = None) -> JsonRecords | None:
         """The records of a JSON object's member ``key`` (an array of record objects), read from its bytes
-        straight into ids and numbers by the compiled plan, with no Python object per value; None when the body is
-        not plain (see :meth:`encode_records`; also an escape in a key or a text value, a float category, a key
-        twice, an unknown key, or JSON it cannot read): the reference path, a JSON reader then
+        straight into ids and numbers by the compiled plan, with no Python object per value (escapes in text
+        values decoded); None when the body is not plain (see :meth:`encode_records`; also an escape in a key, a
+        float category, a key twice, an unknown key, or JSON it cannot read): the reference path, a JSON reader then
         :meth:`encode_records` or frames, reads it and says what is wrong. :meth:`finish_json` completes it once
         the body's other members (a context) are read. A body of more than ``max_records`` records is not plain
         (a server's batch limit: the reference path reports it)."""
