@@ -11,7 +11,7 @@ from ctrkit.data.dataset import Batch
 from ctrkit.models import build_model, model_class, model_names
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.nn.mlp import MLP
-from ctrkit.serve.bf16 import Bf16Linear, bf16_form, folded_bf16
+from ctrkit.serve.bf16 import Bf16Linear, Fp32Head, bf16_form, folded_bf16
 from ctrkit.serve.fold import fold
 
 SPEC = FeatureSpec(n_ids=12, field_sizes=(4, 4, 4), sparse_names=("a", "b", "c"), dense_names=("x",))
@@ -36,8 +36,8 @@ def test_an_mlp_matches_its_literal_bf16_formula() -> None:
     mlp = MLP(6, [5, 4], dropout=0.3, batch_norm=True).eval()
     _trained_statistics(mlp)
     form = bf16_form(mlp)
-    assert [type(m) for m in form] == [Bf16Linear, nn.ReLU, Bf16Linear, nn.ReLU, Bf16Linear]
-    assert [m.keep for m in form if isinstance(m, Bf16Linear)] == [True, True, False]
+    assert [type(m) for m in form] == [Bf16Linear, nn.ReLU, Bf16Linear, nn.ReLU, Fp32Head]  # the logit in fp32
+    assert [m.keep for m in form if isinstance(m, Bf16Linear)] == [True, True]
     assert isinstance(form, MLP) and hasattr(form, "after_first")
     assert isinstance(mlp[1], nn.BatchNorm1d) and mlp[0].weight.dtype == torch.float32  # the model is untouched
     x = torch.randn(64, 6)
@@ -47,7 +47,7 @@ def test_an_mlp_matches_its_literal_bf16_formula() -> None:
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         w, b = lin.weight * scale[:, None], (lin.bias - bn.running_mean) * scale + bn.bias
         h = _bf16(torch.relu(h @ _bf16(w).T + _bf16(b)))  # each product rounded to bf16 for the next layer
-    want = h @ _bf16(layers[8].weight).T + _bf16(layers[8].bias)
+    want = h @ layers[8].weight.T + layers[8].bias  # fp32 from the bf16 activation
     got = form(x)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=0.02, atol=0.02)
@@ -82,13 +82,13 @@ def test_the_folded_form_runs_its_mlp_in_bf16_over_the_shared_fp32_table() -> No
     folded = fold(model)
     form = folded_bf16(folded)
     assert form.table.data_ptr() == folded.table.data_ptr()  # hundreds of MB in a real bundle: not copied
-    assert [type(m) for m in form.rest] == [nn.ReLU, Bf16Linear, nn.ReLU, Bf16Linear]
-    assert [m.keep for m in form.rest if isinstance(m, Bf16Linear)] == [True, False]
+    assert [type(m) for m in form.rest] == [nn.ReLU, Bf16Linear, nn.ReLU, Fp32Head]
+    assert [m.keep for m in form.rest if isinstance(m, Bf16Linear)] == [True]
     assert all(m.weight.dtype == torch.float32 for m in folded.rest if isinstance(m, nn.Linear))  # left as it was
     x = torch.randn(16, 8)
     (w1, b1), (w2, b2) = [(m.weight, m.bias) for m in folded.rest if isinstance(m, nn.Linear)]
     h = _bf16(torch.relu(_bf16(torch.relu(x)) @ _bf16(w1).T + _bf16(b1)))  # the literal bf16 MLP
-    assert torch.allclose(form.rest(x), h @ _bf16(w2).T + _bf16(b2), rtol=0.02, atol=0.02)
+    assert torch.allclose(form.rest(x), h @ w2.T + b2, rtol=0.02, atol=0.02)
     gen = np.random.default_rng(0)
     ids = torch.from_numpy(gen.integers(0, 4, (32, 3)) + np.array([0, 4, 8]))
     dense = torch.from_numpy(gen.standard_normal((32, 1)).astype(np.float32))

@@ -4,7 +4,9 @@ On a CPU with bf16 dot-product units (AVX512-BF16, AMX) a bf16 matrix product ru
 an fp32 one, and a ranking request's model time is mostly the MLP's products. This form keeps the embedding
 tables, the FM sums, attention and cross layers in fp32 and changes only ``nn.Linear``: evaluation-mode batch
 norm folded into the linear layer before it (an affine map), dropout dropped, the weight and bias rounded to
-bf16 once, and inside an MLP the activation kept in bf16 from one linear layer through its ReLU to the next.
+bf16 once, and inside an MLP the activation kept in bf16 from one linear layer through its ReLU to the next. A
+layer of a few outputs that no other layer reads (the logit) stays fp32: it costs nothing and keeps the logit's
+digits.
 The answer differs from the model's by bf16 rounding, so ``ctrkit export --valid`` serves it only where it
 keeps the AUC on labelled rows (:func:`ctrkit.serve.export.export_bundle`).
 
@@ -40,6 +42,27 @@ class Bf16Linear(nn.Module):
         return y if self.keep else y.float()
 
 
+HEAD_OUTPUTS = 16  # a linear layer of at most this many outputs (a logit, a few heads) stays fp32
+
+
+class Fp32Head(nn.Module):
+    """A linear layer of few outputs kept in fp32 (its input, bf16 or fp32, read as fp32): next to the MLP it costs
+    nothing, and a logit rounded to bf16 moves by up to 2^-8 (0.4%) of itself."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight, self.bias)
+
+
+def _low_precision(weight: torch.Tensor, bias: torch.Tensor | None, keep: bool) -> nn.Module:
+    """A folded linear layer's serving form: bf16, or fp32 for a head (:data:`HEAD_OUTPUTS`) no layer reads."""
+    return Fp32Head(weight, bias) if not keep and weight.shape[0] <= HEAD_OUTPUTS else Bf16Linear(weight, bias, keep)
+
+
 def _sequential(seq: nn.Sequential) -> nn.Sequential:
     """``seq`` (its class kept, its layers replaced) with batch norm folded into the linear layer before it,
     dropout gone and linear layers in bf16; a linear layer whose output reaches another linear layer through
@@ -58,7 +81,7 @@ def _sequential(seq: nn.Sequential) -> nn.Sequential:
         if isinstance(item, tuple):
             after = out[j + 1:]
             k = next((n for n, x in enumerate(after) if not isinstance(x, nn.ReLU)), len(after))
-            out[j] = Bf16Linear(*item, keep=k < len(after) and isinstance(after[k], tuple))
+            out[j] = _low_precision(*item, keep=k < len(after) and isinstance(after[k], tuple))
     seq._modules.clear()
     for j, layer in enumerate(out):
         seq.add_module(str(j), layer)
@@ -70,7 +93,7 @@ def _convert(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.Sequential):
         return _sequential(module)
     if isinstance(module, nn.Linear):
-        return Bf16Linear(module.weight.detach(), None if module.bias is None else module.bias.detach(), keep=False)
+        return _low_precision(module.weight.detach(), None if module.bias is None else module.bias.detach(), False)
     for name, child in list(module.named_children()):
         setattr(module, name, _convert(child))
     return module
