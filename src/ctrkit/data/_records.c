@@ -458,6 +458,47 @@ static PyObject *outcome_bool(int outcome) {
  * Returns True when every record was plain and the outputs are complete, False otherwise (the outputs are then
  * partly written and meaningless).
  */
+#define KEY_CACHE 256
+enum { UNKNOWN = -1, ALLOWED = -2 };  /* a key that names no field: refused, or allowed (extra / ignored) */
+
+/* The field a record key names (UNKNOWN or ALLOWED otherwise). Records from one source share their key objects
+ * and order, so the answer for the key at position m is cached by its address: every record of the call holds its
+ * keys, so no address is reused for another key during the call. */
+static int key_field(Plan *p, PyObject *key, Py_ssize_t m, PyObject *extra, PyObject **cache_key,
+                     Py_ssize_t *cache_field, Py_ssize_t *field) {
+    if (m < KEY_CACHE && cache_key[m] == key) {
+        *field = cache_field[m];
+        return OK;
+    }
+    if (!PyUnicode_CheckExact(key)) return NOT_PLAIN;  /* a subclass's __eq__ could run Python code */
+    *field = UNKNOWN;
+    for (Py_ssize_t i = 0; i < p->n_fields; i++) {
+        int eq = p->fields[i].name == key ? 1 : PyUnicode_Compare(p->fields[i].name, key) == 0;
+        if (eq) {
+            *field = i;
+            break;
+        }
+    }
+    if (*field == UNKNOWN) {
+        int allowed = extra == Py_None ? 1 : PySequence_Contains(extra, key);
+        if (allowed < 0) return FAILED;
+        *field = allowed ? ALLOWED : UNKNOWN;
+    }
+    if (m < KEY_CACHE) {
+        cache_key[m] = key;
+        cache_field[m] = *field;
+    }
+    return OK;
+}
+
+/* encode(records, context, ids, numbers, extra) -> bool
+ *
+ * records: a list or tuple of dicts; context: a dict of the values every record shares (a record's own value
+ * wins) or None; ids: int32/int64 [n, n_ids] and numbers: float64 [n, n_numbers], written in place; extra: None
+ * (keys that name no field are ignored) or a tuple of the other keys a record may hold.
+ * Returns True when every record was plain and the outputs are complete, False otherwise (the outputs are then
+ * partly written and meaningless).
+ */
 static PyObject *plan_encode(Plan *p, PyObject *args) {
     PyObject *records, *context, *ids_obj, *num_obj, *extra;
     if (!PyArg_ParseTuple(args, "OOOOO", &records, &context, &ids_obj, &num_obj, &extra)) return NULL;
@@ -472,40 +513,41 @@ static PyObject *plan_encode(Plan *p, PyObject *args) {
     Py_buffer iv, nv;
     Out o;
     if (get_outs(p, ids_obj, num_obj, n, &iv, &nv, &o) < 0) return NULL;
-    Py_ssize_t n_extra = extra == Py_None ? 0 : PyTuple_GET_SIZE(extra);
     int outcome = OK;
+    PyObject *cache_key[KEY_CACHE] = {NULL};
+    Py_ssize_t cache_field[KEY_CACHE];
+    unsigned char *seen = PyMem_Malloc((size_t)p->n_fields + 1);
     o.pending = PyMem_Malloc(sizeof(Lookup) * (size_t)(p->n_fields + 1));
-    if (o.pending == NULL) outcome = FAILED;
+    if (o.pending == NULL || seen == NULL) outcome = FAILED;
     for (Py_ssize_t r = 0; r < n && outcome == OK; r++) {
-        PyObject *rec = items[r];
+        PyObject *rec = items[r], *key, *v;
         if (!PyDict_CheckExact(rec)) {
             outcome = NOT_PLAIN;
             break;
         }
-        Py_ssize_t own = 0;
-        for (Py_ssize_t i = 0; i < p->n_fields && outcome == OK; i++) {
-            const FieldPlan *f = &p->fields[i];
-            PyObject *v = PyDict_GetItemWithError(rec, f->name);
-            if (v != NULL)
-                own++;
-            else if (PyErr_Occurred())
-                outcome = FAILED;
-            else if (context == Py_None || (v = PyDict_GetItemWithError(context, f->name)) == NULL)
+        memset(seen, 0, (size_t)p->n_fields);
+        Py_ssize_t pos = 0, m = 0, own = 0, field;
+        while (outcome == OK && PyDict_Next(rec, &pos, &key, &v)) {  /* the record's keys, in its own order */
+            outcome = key_field(p, key, m++, extra, cache_key, cache_field, &field);
+            if (outcome != OK || field == ALLOWED) continue;
+            if (field == UNKNOWN) {
+                outcome = NOT_PLAIN;
+                break;
+            }
+            seen[field] = 1;
+            own++;
+            outcome = put_object(&p->fields[field], &o, r, v);
+        }
+        for (Py_ssize_t i = 0; own < p->n_fields && i < p->n_fields && outcome == OK; i++) {
+            if (seen[i]) continue;  /* the fields the record lacks: from the context */
+            if (context == Py_None || (v = PyDict_GetItemWithError(context, p->fields[i].name)) == NULL)
                 outcome = PyErr_Occurred() ? FAILED : NOT_PLAIN;
-            if (outcome == OK) outcome = put_object(f, &o, r, v);
+            else
+                outcome = put_object(&p->fields[i], &o, r, v);
         }
         flush(&o);
-        if (outcome != OK || extra == Py_None) continue;
-        Py_ssize_t size = PyDict_GET_SIZE(rec);
-        if (size == own) continue;
-        Py_ssize_t allowed = 0;
-        for (Py_ssize_t k = 0; k < n_extra && outcome == OK; k++) {
-            int has = PyDict_Contains(rec, PyTuple_GET_ITEM(extra, k));
-            if (has < 0) outcome = FAILED;
-            allowed += has > 0;
-        }
-        if (outcome == OK && size != own + allowed) outcome = NOT_PLAIN;
     }
+    PyMem_Free(seen);
     PyMem_Free(o.pending);
     PyBuffer_Release(&iv);
     PyBuffer_Release(&nv);
