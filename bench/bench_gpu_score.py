@@ -5,8 +5,9 @@ categorical fields from ``gen_synth_criteo.py``), then loaded into the server's 
 (:mod:`ctrkit.serve.gpu`: CUDA graphs per request size). The stages are timed taking turns, so that the
 table shows what each part of a request costs:
 
-  encode: dicts -> frame      validation and typing of the raw records (CPU)
-  encode: frame -> ids/dense  the bundle's encoder (CPU)
+  encode, compiled            raw records -> ids/dense in one compiled pass (Encoder.encode_records; CPU)
+  encode: dicts -> frame      the reference path it stands in for: validation and typing of the records (CPU)
+  encode: frame -> ids/dense  ... then the bundle's encoder (CPU)
   model part, cuda graph      host ids/dense in, logits on the host out (copies, replay, sync)
   model part, eager torch     the same model on the GPU without graphs, for contrast
   scorer, dicts -> pctr       the whole in-process request on the chosen path
@@ -76,6 +77,7 @@ def main() -> None:
         eager(b).float().cpu()
 
     stages = {
+        "encode: dicts -> ids/dense, compiled (CPU)": lambda: bundle.encoder.encode_records(recs),
         "encode: dicts -> validated frame (CPU)": lambda: scorer.frame(recs),
         "encode: frame -> ids/dense (CPU)": lambda: bundle.encoder.transform_frame(good),
         "model part: cuda graph, host in and out": lambda: graphed(ids, dense),
