@@ -2,12 +2,15 @@
 
 Every record goes through the validation and encoding of :meth:`Bundle.predict`, so a bad value gets the answer it
 gets anywhere else, as a 422 that names the field; the model runs on the bundle's fastest path (torch, or an ONNX
-graph exported into the bundle, timed at load: :mod:`ctrkit.serve.scorer`), which /health names. The large bodies
-of /score and /rank are parsed with orjson and their records judged column by column by the validation layer
-rather than value by value by pydantic; a body orjson refuses (NaN, 1e999) is judged by the strict models. /rank logs each shown item as an impression (``event_id`` = its ``impression_id``) with
-its pCTR, score, position and propensity into the event log, and answers once that is on disk; /events stores
-clicks and conversions (and client-side impressions) exactly once per ``event_id``. A reload loads the new
-bundle beside the old one and swaps a reference, so requests in flight finish on the bundle they started with.
+graph exported into the bundle, timed at load: :mod:`ctrkit.serve.scorer`), which /health names. The records of a
+plain /score or /rank body go from its bytes to ids in one compiled pass (:meth:`Encoder.encode_json`; the rest of
+the body through orjson and the request models); any other body is parsed with orjson and its records judged
+column by column by the validation layer rather than value by value by pydantic, and a body orjson refuses (NaN,
+1e999) is judged by the strict models. /rank logs each shown item as an impression (``event_id`` = its
+``impression_id``) with its pCTR, score, position and propensity into the event log, and answers once that is on
+disk; /events stores clicks and conversions (and client-side impressions) exactly once per ``event_id``. A reload
+loads the new bundle beside the old one and swaps a reference, so requests in flight finish on the bundle they
+started with.
 """
 
 from __future__ import annotations
