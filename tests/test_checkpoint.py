@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.training import trainer
 from ctrkit.training.checkpoint import load_checkpoint
 from ctrkit.training.losses import bce
+from ctrkit.training.step import TrainStep
 from ctrkit.training.trainer import TrainConfig, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +110,22 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path: 
     state = load_checkpoint(tmp_path)
     assert state is not None and (state["epoch"], state["step"], state["global_step"]) == (2, 8, 20)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_failed_run_gives_the_model_back_as_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that stops with an error (here a NaN loss, with row updates as on a GPU) closes its step: the
+    tables get their sparse gradients back."""
+    def poisoned(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return bce(logits, label, weight) * float("nan")
+
+    monkeypatch.setattr(trainer, "make_loss", lambda *a, **k: poisoned)
+    monkeypatch.setattr(trainer, "TrainStep", functools.partial(TrainStep, row_updates=True))
+    spec, data = _tiny_data()
+    model = build_model("fm", spec, embed_dim=4, sparse_grad=True)
+    with pytest.raises(TrainingDiverged):
+        train(model, data, None, TrainConfig(epochs=1, batch_size=50, progress=False))
+    for table in (model.embedding.table, model.linear.table):
+        assert table.sparse
 
 
 def test_the_cli_exits_non_zero_on_a_nan_loss(files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

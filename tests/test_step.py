@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctrkit.data.dataset import Batch
-from ctrkit.models import build_model
+from ctrkit.models import build_model, model_names
+from ctrkit.models.base import model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.training.optim import RowSparseOptimizer, cowclip
 from ctrkit.training.step import BASE_BATCH, LargeBatchRule, TrainStep, cpu_threads, large_batch_rule
@@ -108,6 +109,37 @@ def test_fused_row_update_matches_the_portable_one(optimizer: str, clip: tuple[f
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if scratch is not None:
         assert not scratch.any()  # counts are zeroed for the next step
+
+
+@pytest.mark.parametrize("name", [n for n in model_names() if n != "gbdt_lr"])  # gbdt_lr: its forest is fitted first
+def test_row_updates_match_sparse_gradients_for_every_model(name: str) -> None:
+    """Every model, over ids, a numeric field, a multi and a sequence field (and two heads where it has them):
+    the tables' row updates from the gradients at the looked-up positions equal the sparse-gradient optimizer."""
+    multi = model_class(name).multi_head
+    spec = FeatureSpec(n_ids=30, field_sizes=(10, 10), sparse_names=("user", "item"), dense_names=("p",),
+                       seq_names=("tags", "history"), seq_kinds=("multi", "sequence"), seq_pooling=("mean", "sum"),
+                       seq_targets=("", "item"), seq_max=4, label_names=("click", "buy") if multi else ())
+
+    def run(row_updates: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        overrides = {"emb_l2_scope": "batch"} if name == "lr" else {}
+        if "batch_norm" in model_class(name).config_class.__dataclass_fields__:
+            overrides["batch_norm"] = False  # Adam turns the rounding noise of a bias before batch norm into steps
+        m = build_model(name, spec, sparse_grad=True, **overrides).double()
+        step = TrainStep(m, CPU, lr=0.05, row_updates=row_updates)
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.stack([torch.randint(0, 10, (16,), generator=g), torch.randint(10, 20, (16,), generator=g)], 1)
+            label = (torch.rand(16, 2 if multi else 1, generator=g) < 0.4).double()
+            step(Batch(ids=ids.int(), dense=torch.randn(16, 1, generator=g, dtype=torch.float64),
+                       label=label if multi else label[:, 0], seq=torch.randint(10, 30, (16, 2, 4), generator=g).int(),
+                       seq_len=torch.randint(0, 5, (16, 2), generator=g)))
+        step.close()
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    sparse, rows = run(False), run(True)
+    for k in sparse:
+        torch.testing.assert_close(rows[k], sparse[k], rtol=1e-9, atol=1e-11, msg=k)
 
 
 def test_row_updates_touch_only_the_rows_read() -> None:

@@ -438,67 +438,71 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             loss_sum, loss_rows = loss_sum + mean, loss_rows + 1
         return mean
 
-    with progress:
-        for epoch in range(first_epoch, cfg.epochs + 1):
-            model.train()
-            task = progress.add_task(f"epoch {epoch}", total=len(batches), info="")
-            t0 = time.perf_counter()
-            loss_sum, loss_rows, n_seen = in_epoch if skip else (0.0, 0, 0)
-            if skip == 0:
-                epoch_rng = batches.rng_state()
-            stream = iter(batches)
-            if skip:
-                rng_now = rng_states()  # skipping batches draws from no global generator, but be exact anyway
-                for _ in range(skip):
-                    next(stream)
-                set_rng_states(rng_now)
-            for step, batch in enumerate(stream, start=skip):
-                if len(batch.label) < 2:
-                    continue  # a single row cannot be batch-normalised; it is one row of one epoch
-                train_step(batch)
-                global_step += 1
-                n_seen += len(batch.label)
-                if global_step % check_every == 0:
-                    check_finite(epoch)
-                if step % 20 == 0 and (mean := read_loss()) is not None:
-                    progress.update(task, completed=step + 1, info=f"loss {mean:.4f}  "
-                                    f"{n_seen / max(time.perf_counter() - t0, 1e-9):,.0f}/s")
-                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < len(batches):
-                    check_finite(epoch)
-                    read_loss()
-                    checkpoint(epoch, step + 1, False)
+    try:
+        with progress:
+            for epoch in range(first_epoch, cfg.epochs + 1):
+                model.train()
+                task = progress.add_task(f"epoch {epoch}", total=len(batches), info="")
+                t0 = time.perf_counter()
+                loss_sum, loss_rows, n_seen = in_epoch if skip else (0.0, 0, 0)
+                if skip == 0:
+                    epoch_rng = batches.rng_state()
+                stream = iter(batches)
+                if skip:
+                    rng_now = rng_states()  # skipping batches draws from no global generator, but be exact anyway
+                    for _ in range(skip):
+                        next(stream)
+                    set_rng_states(rng_now)
+                for step, batch in enumerate(stream, start=skip):
+                    if len(batch.label) < 2:
+                        continue  # a single row cannot be batch-normalised; it is one row of one epoch
+                    train_step(batch)
+                    global_step += 1
+                    n_seen += len(batch.label)
+                    if global_step % check_every == 0:
+                        check_finite(epoch)
+                    if step % 20 == 0 and (mean := read_loss()) is not None:
+                        progress.update(task, completed=step + 1, info=f"loss {mean:.4f}  "
+                                        f"{n_seen / max(time.perf_counter() - t0, 1e-9):,.0f}/s")
+                    if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < len(batches):
+                        check_finite(epoch)
+                        read_loss()
+                        checkpoint(epoch, step + 1, False)
+                    if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
+                        break
+                skip = 0
+                read_loss()
+                check_finite(epoch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the epoch's steps are queued; its time is when they are done
+                train_time = time.perf_counter() - t0
+                n_seen = int(total(n_seen))  # the rows of every rank
+                progress.remove_task(task)
+                result.train_seconds += train_time
+                result.samples += n_seen
+                result.epochs = epoch
+                record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_seconds": round(train_time, 3),
+                                          "samples_per_s": round(n_seen / max(train_time, 1e-9), 1),
+                                          "train_loss": loss_sum / loss_rows if loss_rows else float("nan")}
+                if valid_data is not None:
+                    m = validate()
+                    record["valid"] = {k: m[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")}
+                    if not keep_if_best(m, epoch):
+                        bad_epochs += 1
+                        if cfg.lr_decay < 1.0 and lr > cfg.min_lr:
+                            lr = max(lr * cfg.lr_decay, cfg.min_lr)
+                            train_step.set_lr(lr)
+                result.history.append(record)
+                checkpoint(epoch, len(batches), True)
+                if on_epoch is not None:
+                    on_epoch(record)
+                if valid_data is not None and bad_epochs >= cfg.patience:
+                    break
                 if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
                     break
-            skip = 0
-            read_loss()
-            check_finite(epoch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the epoch's steps are queued; its time is when they are done
-            train_time = time.perf_counter() - t0
-            n_seen = int(total(n_seen))  # the rows of every rank
-            progress.remove_task(task)
-            result.train_seconds += train_time
-            result.samples += n_seen
-            result.epochs = epoch
-            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_seconds": round(train_time, 3),
-                                      "samples_per_s": round(n_seen / max(train_time, 1e-9), 1),
-                                      "train_loss": loss_sum / loss_rows if loss_rows else float("nan")}
-            if valid_data is not None:
-                m = validate()
-                record["valid"] = {k: m[k] for k in ("auc", "logloss", "ece", "pred_actual_ratio")}
-                if not keep_if_best(m, epoch):
-                    bad_epochs += 1
-                    if cfg.lr_decay < 1.0 and lr > cfg.min_lr:
-                        lr = max(lr * cfg.lr_decay, cfg.min_lr)
-                        train_step.set_lr(lr)
-            result.history.append(record)
-            checkpoint(epoch, len(batches), True)
-            if on_epoch is not None:
-                on_epoch(record)
-            if valid_data is not None and bad_epochs >= cfg.patience:
-                break
-            if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
-                break
+    except BaseException:
+        train_step.close()  # give the model back as it was built
+        raise
     if best_state is not None and torchrec:
         sharded.restore(model, best_state)  # into the shards, before close() gathers them
     elif best_state is not None:
