@@ -195,6 +195,22 @@ def test_deepfm_logit_is_linear_plus_fm_plus_mlp() -> None:
     assert model.embedding.table is not model.linear.table
 
 
+def test_mlp_over_fields_without_the_numeric_vectors_under_any_first_layer() -> None:
+    """Given the field vectors without the numeric fields, the MLP's output is the same whether its first layer
+    is an nn.Linear (folded numeric columns) or another module (a serving form's), which reads every vector."""
+    spec = make_spec()
+    model = build_model("deepfm", spec, **SMALL_DEEP).double().eval()
+    randomise(model)
+    ids, dense = make_batch(spec)
+    batch = Batch(ids, dense.double())
+    emb = model.embedding.fields(batch, numeric=False)
+    assert emb.shape[1] == spec.n_sparse
+    want = model.mlp(model.embedding(batch).flatten(1))
+    torch.testing.assert_close(model.mlp_over_fields(emb, batch, numeric=False), want, rtol=0, atol=1e-12)
+    model.mlp[0] = nn.Sequential(model.mlp[0])
+    torch.testing.assert_close(model.mlp_over_fields(emb, batch, numeric=False), want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["fm", "deepfm"])
 def test_table_regularization_is_half_lambda_squared_norm_of_every_table(name: str) -> None:
     spec = make_spec()

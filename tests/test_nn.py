@@ -69,6 +69,31 @@ def test_pairwise_and_squares_gradient_matches_finite_differences() -> None:
     assert torch.autograd.gradcheck(lambda e: pairwise_and_squares(e)[1], (emb,))
 
 
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 4), n_fields=st.integers(1, 5), n_extra=st.integers(1, 3), dim=st.integers(1, 4),
+       seed=st.integers(0, 2**31 - 1))
+def test_pairwise_and_squares_with_fields_given_by_their_sums(batch: int, n_fields: int, n_extra: int, dim: int,
+                                                               seed: int) -> None:
+    """Fields given only by (sum of vectors, sum of squared norms) count as if they were in emb: value and
+    gradients of both outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(batch, n_fields, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    more = torch.randn(batch, n_extra, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    pair, squares = pairwise_and_squares(emb, (more.sum(dim=1), more.pow(2).sum(dim=(1, 2))))
+    whole = torch.cat([emb, more], dim=1)
+    torch.testing.assert_close(pair, fm_loop(whole.detach()), rtol=0, atol=1e-9)
+    torch.testing.assert_close(squares, whole.pow(2).sum(dim=(1, 2)), rtol=0, atol=1e-9)
+    w = torch.randn(2, batch, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((w[0] * pair + w[1] * squares).sum(), (emb, more))
+    want_pair, want_sq = pairwise_and_squares(torch.cat([emb, more], dim=1))
+    want = torch.autograd.grad((w[0] * want_pair + w[1] * want_sq).sum(), (emb, more))
+    for g, x in zip(got, want, strict=True):
+        torch.testing.assert_close(g, x, rtol=0, atol=1e-9)
+    assert torch.autograd.gradcheck(lambda e, s, q: pairwise_and_squares(e, (s, q)),
+                                    (emb, more.sum(dim=1).detach().requires_grad_(),
+                                     more.pow(2).sum(dim=(1, 2)).detach().requires_grad_()))
+
+
 def test_pairwise_and_squares_stay_float32_under_bf16_autocast() -> None:
     emb = torch.randn(8, 5, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -149,11 +174,28 @@ def test_project_folds_numeric_columns_to_the_same_layer(sizes: tuple[int, ...],
     params = [*emb_layer.parameters(), *linear.parameters()]
     want = linear(emb_layer(batch).flatten(1))
     want_grads = torch.autograd.grad(want.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
-    got = emb_layer.project(emb_layer(batch), batch, linear)
-    got_grads = torch.autograd.grad(got.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-11)
+    for numeric in (True, False):  # the field vectors given with, or without, the numeric fields
+        got = emb_layer.project(emb_layer.fields(batch, numeric=numeric), batch, linear, numeric=numeric)
+        got_grads = torch.autograd.grad(got.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-11)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 6), n_dense=st.integers(1, 4), dim=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
+def test_numeric_sums_are_the_sums_of_the_numeric_fields_vectors(rows: int, n_dense: int, dim: int,
+                                                                  seed: int) -> None:
+    spec = FeatureSpec(n_ids=0, field_sizes=(), sparse_names=(), dense_names=tuple(f"x{j}" for j in range(n_dense)))
+    torch.manual_seed(seed)
+    layer = FeatureEmbedding(spec, dim=dim).double()
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(rows, n_dense, generator=gen, dtype=torch.float64)
+    dense[torch.rand(rows, n_dense, generator=gen) < 0.3] = float("nan")
+    vectors = layer(Batch(torch.zeros(rows, 0, dtype=torch.int64), dense))  # [rows, n_dense, dim]
+    total, squares = layer.numeric_sums(Batch(torch.zeros(rows, 0, dtype=torch.int64), dense))
+    torch.testing.assert_close(total, vectors.sum(dim=1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(squares, vectors.pow(2).sum(dim=(1, 2)), rtol=0, atol=1e-12)
 
 
 def test_embedding_rejects_bad_dim() -> None:

@@ -111,15 +111,17 @@ class CTRModel(nn.Module):
         else:
             self._penalty = None
 
-    def mlp_over_fields(self, emb: torch.Tensor, batch: Any) -> torch.Tensor:
-        """``self.mlp(emb.flatten(1))`` [B, out] for the field vectors ``emb`` straight from ``self.embedding``;
-        a first ``nn.Linear`` layer runs through :meth:`~ctrkit.nn.embedding.FeatureEmbedding.project`, which
-        folds the numeric fields' columns (the same result; on Criteo's layout the first layer reads 442 of 624
-        columns)."""
+    def mlp_over_fields(self, emb: torch.Tensor, batch: Any, numeric: bool = True) -> torch.Tensor:
+        """``self.mlp(emb.flatten(1))`` [B, out] for the field vectors ``emb`` straight from ``self.embedding``
+        (``numeric=False``: given without the numeric fields); a first ``nn.Linear`` layer runs through
+        :meth:`~ctrkit.nn.embedding.FeatureEmbedding.project`, which folds the numeric fields' columns (the same
+        result; on Criteo's layout the first layer reads 442 of 624 columns)."""
         first = self.mlp[0]
-        if type(first) is not nn.Linear:
-            return self.mlp(emb.flatten(1))
-        return self.mlp.after_first(self.embedding.project(emb, batch, first))
+        if type(first) is nn.Linear:
+            return self.mlp.after_first(self.embedding.project(emb, batch, first, numeric=numeric))
+        if not numeric and self.spec.n_dense:  # another first layer (a serving form's) reads every field's vector
+            emb = torch.cat([emb, self.embedding.numeric_vectors(batch)], dim=1)
+        return self.mlp(emb.flatten(1))
 
     def embed_fields(self, batch: Any) -> torch.Tensor:
         """``self.embedding(batch)`` [B, F, D], remembering its batch-scope L2 term: the usual first line of a forward."""

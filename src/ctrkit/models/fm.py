@@ -27,9 +27,13 @@ class FM(CTRModel):
                                           init_std=config.init_std)
 
     def _fm_terms(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first-order + pairwise logit, field embeddings), for this model and the ones built on it."""
-        emb = self.embedding(batch)
-        pairwise, squares = pairwise_and_squares(emb)
+        """(first-order + pairwise logit, the field embeddings but the numeric fields' [B, Fs + Fq, D]), for this
+        model and the ones built on it: the numeric fields enter the pairwise term through their sums
+        (:meth:`~ctrkit.nn.embedding.FeatureEmbedding.numeric_sums`), so their [B, Fd, D] vectors, and the
+        concatenation with them, are never built."""
+        emb = self.embedding.fields(batch, numeric=False)
+        extra = self.embedding.numeric_sums(batch) if self.spec.n_dense else None
+        pairwise, squares = pairwise_and_squares(emb, extra)
         self._remember_penalty(squares)
         return self.linear(batch) + pairwise, emb
 
@@ -66,8 +70,8 @@ class DeepFM(FM):
         self.mlp = MLP(spec.n_fields * cfg.embed_dim, cfg.hidden, 1, cfg.dropout, cfg.batch_norm) if cfg.deep else None
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        if self.config.fm:
-            logit, emb = self._fm_terms(batch)
-        else:
+        if not self.config.fm:
             logit, emb = self.linear(batch), self.embed_fields(batch)
-        return logit if self.mlp is None else logit + self.mlp_over_fields(emb, batch).squeeze(-1)
+            return logit if self.mlp is None else logit + self.mlp_over_fields(emb, batch).squeeze(-1)
+        logit, emb = self._fm_terms(batch)
+        return logit if self.mlp is None else logit + self.mlp_over_fields(emb, batch, numeric=False).squeeze(-1)

@@ -152,26 +152,47 @@ class FeatureEmbedding(nn.Module):
         return self.fields(batch)
 
     def fields(self, batch: Batch, pooled: torch.Tensor | None = None,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, numeric: bool = True) -> torch.Tensor:
         """Field vectors [B, F, dim]; ``pooled`` [B, Fq, dim] replaces the default pooling of the list fields;
-        ``rows`` is ``self.table(batch.ids)`` when the caller has already looked it up (one lookup, one gradient)."""
-        ids, dense = batch.ids, batch.dense
+        ``rows`` is ``self.table(batch.ids)`` when the caller has already looked it up (one lookup, one gradient);
+        ``numeric=False`` leaves the numeric fields out ([B, Fs + Fq, dim]), for a model that reads them through
+        :meth:`numeric_sums` and :meth:`project`."""
         parts = []
         if self.spec.n_sparse:
-            parts.append(self.table(ids) if rows is None else rows)
+            parts.append(self.table(batch.ids) if rows is None else rows)
         if self.spec.n_seq:
             if pooled is None:
                 pooled = pool(*self.sequences(batch), self._mean)
             parts.append(pooled)
-        if self.spec.n_dense:
-            missing = torch.isnan(dense).unsqueeze(-1)
-            x = torch.nan_to_num(dense, nan=0.0).unsqueeze(-1)
-            parts.append(torch.where(missing, self.dense_missing, x * self.dense_vec))
+        if self.spec.n_dense and numeric:
+            parts.append(self.numeric_vectors(batch))
+        if not parts:
+            return self.dense_vec.new_zeros(batch.dense.shape[0], 0, self.dim)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def project(self, emb: torch.Tensor, batch: Batch, layer: nn.Linear) -> torch.Tensor:
+    def numeric_vectors(self, batch: Batch) -> torch.Tensor:
+        """The numeric fields' vectors [B, Fd, dim]: x v_j, or the missing vector m_j where x is missing."""
+        missing = torch.isnan(batch.dense).unsqueeze(-1)
+        x = torch.nan_to_num(batch.dense, nan=0.0).unsqueeze(-1)
+        return torch.where(missing, self.dense_missing, x * self.dense_vec)
+
+    def numeric_sums(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the numeric fields' vectors [B, dim], sum of their squared norms [B]) in the weights' precision
+        (at least float32), without the [B, Fd, dim] vectors: x v_j sums to x @ V (plus the missing vectors m_j
+        where x is missing), and ||x v_j||^2 is x^2 ||v_j||^2."""
+        dtype = torch.promote_types(self.dense_vec.dtype, torch.float32)
+        with torch.autocast(batch.dense.device.type, enabled=False):
+            missing = torch.isnan(batch.dense).to(dtype)
+            x = torch.nan_to_num(batch.dense.to(dtype), nan=0.0)
+            vec, miss = self.dense_vec.to(dtype), self.dense_missing.to(dtype)
+            total = x @ vec + missing @ miss
+            squares = (x * x) @ vec.pow(2).sum(dim=1) + missing @ miss.pow(2).sum(dim=1)
+        return total, squares
+
+    def project(self, emb: torch.Tensor, batch: Batch, layer: nn.Linear, numeric: bool = True) -> torch.Tensor:
         """``layer(emb.flatten(1))`` for the field vectors ``emb`` [B, F, dim] that :meth:`fields` gave for
-        ``batch``, with each numeric field's ``dim`` input columns folded into two.
+        ``batch`` (``numeric=False``: given without the numeric fields), with each numeric field's ``dim`` input
+        columns folded into two.
 
         A numeric field's vector is x * v (or the missing vector m), so its block of the layer is W_f (x v) =
         x (W_f v): the layer reads [x, missing] against [W_f v, W_f m] instead of dim columns. The result is the
@@ -179,16 +200,16 @@ class FeatureEmbedding(nn.Module):
         442 columns instead of 624, in the forward and the backward pass.
         """
         fd, dim = self.spec.n_dense, self.dim
-        if fd == 0 or dim <= 2:
+        if fd == 0 or (dim <= 2 and numeric):
             return layer(emb.flatten(1))
-        k = (emb.shape[1] - fd) * dim
+        k = (emb.shape[1] - (fd if numeric else 0)) * dim
         w = layer.weight
         blocks = w[:, k:].reshape(w.shape[0], fd, dim)
         folded = torch.cat([torch.einsum("ofd,fd->of", blocks, self.dense_vec),
                             torch.einsum("ofd,fd->of", blocks, self.dense_missing)], dim=1)  # [out, 2 * fd]
         missing = torch.isnan(batch.dense)
         x = torch.cat([torch.nan_to_num(batch.dense, nan=0.0), missing.to(batch.dense.dtype)], dim=1)
-        return F.linear(emb[:, :-fd].flatten(1), w[:, :k], layer.bias) + F.linear(x, folded)
+        return F.linear((emb[:, :-fd] if numeric else emb).flatten(1), w[:, :k], layer.bias) + F.linear(x, folded)
 
 
 class FeatureLinear(nn.Module):

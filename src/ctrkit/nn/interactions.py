@@ -9,40 +9,51 @@ from ctrkit.nn import cin_gpu
 
 
 class _PairwiseAndSquares(torch.autograd.Function):
-    """Per sample of emb [B, F, D]: sum_{i<j} <e_i, e_j> and sum_i ||e_i||^2, with a one-pass backward.
+    """Per sample of emb [B, F, D] and the fields given by their sums only (``extra`` [B, D] and ``extra_sq``
+    [B]): sum_{i<j} <e_i, e_j> over all fields and sum_i ||e_i||^2, with a one-pass backward.
 
     Autograd through ``((sum e)^2 - sum e^2) / 2`` plus a separate squared norm for an L2 penalty walks the
     [B, F, D] tensor about ten times; here the forward reads it twice and the backward writes it once:
-    d pair / d e_i = s - e_i and d sq / d e_i = 2 e_i, with s = sum_j e_j.
+    d pair / d e_i = s - e_i and d sq / d e_i = 2 e_i, with s the sum of every field's vector.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx: torch.autograd.function.FunctionCtx, emb: torch.Tensor, extra: torch.Tensor | None,
+                extra_sq: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(emb.device.type, enabled=False):  # sums of squares stay in full precision
             s = emb.sum(dim=1)
             flat = emb.reshape(emb.shape[0], -1)
             sq = torch.linalg.vecdot(flat, flat)
+            if extra is not None and extra_sq is not None:
+                s, sq = s + extra.to(s.dtype), sq + extra_sq.to(sq.dtype)
             pair = 0.5 * (torch.linalg.vecdot(s, s) - sq)
         ctx.save_for_backward(emb, s)
+        ctx.extra = extra is not None
         return pair, sq
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, g_pair: torch.Tensor | None,
-                 g_sq: torch.Tensor | None) -> torch.Tensor:
+                 g_sq: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         emb, s = ctx.saved_tensors  # type: ignore[attr-defined]
         zero = torch.zeros(emb.shape[0], dtype=emb.dtype, device=emb.device)
         g_pair = zero if g_pair is None else g_pair
         g_sq = zero if g_sq is None else g_sq
-        return torch.addcmul((g_pair.unsqueeze(1) * s).unsqueeze(1), emb, (2 * g_sq - g_pair).view(-1, 1, 1))
+        g_s = g_pair.unsqueeze(1) * s
+        g_emb = torch.addcmul(g_s.unsqueeze(1), emb, (2 * g_sq - g_pair).view(-1, 1, 1))
+        if not ctx.extra:  # type: ignore[attr-defined]
+            return g_emb, None, None
+        return g_emb, g_s, g_sq - 0.5 * g_pair
 
 
-def pairwise_and_squares(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FM pairwise term [B], squared norm of each sample's embeddings [B]) of emb [B, F, D].
+def pairwise_and_squares(emb: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FM pairwise term [B], squared norm of each sample's embeddings [B]) of emb [B, F, D], plus the fields
+    given by ``extra`` = (their vectors' sum [B, D], their squared norms' sum [B]) only.
 
     The second output is what a per-sample L2 penalty on the looked-up rows needs, so a model with an FM
     term gets its penalty without another pass over the embeddings.
     """
-    return _PairwiseAndSquares.apply(emb)  # type: ignore[no-any-return]
+    return _PairwiseAndSquares.apply(emb, *(extra if extra is not None else (None, None)))  # type: ignore[no-any-return]
 
 
 class FactorizationMachine(nn.Module):
