@@ -53,7 +53,8 @@ def pairwise_and_squares(emb: torch.Tensor, extra: tuple[torch.Tensor, torch.Ten
     The second output is what a per-sample L2 penalty on the looked-up rows needs, so a model with an FM
     term gets its penalty without another pass over the embeddings.
     """
-    return _PairwiseAndSquares.apply(emb, *(extra if extra is not None else (None, None)))  # type: ignore[no-any-return]
+    total, squares = extra if extra is not None else (None, None)
+    return _PairwiseAndSquares.apply(emb, total, squares)  # type: ignore[no-any-return]
 
 
 class FactorizationMachine(nn.Module):
