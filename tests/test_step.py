@@ -251,6 +251,24 @@ def test_compiled_step_matches_eager() -> None:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_compiled_step_with_row_updates_has_no_graph_break() -> None:
+    """With row updates the whole forward, the tables' lookups included, traces into one compiled graph for
+    training and one for validation, with no graph break."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    m = model("deepfm", batch_norm=False)
+    step = TrainStep(m, CPU, lr=0.05, compile="on", row_updates=True)
+    for b in batches(4, 64, seed=1):
+        step(b)
+    m.eval()
+    step.logits(batches(1, 64, seed=2)[0])
+    step.close()
+    assert step._compiled_ok == {"train", "eval"}
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_eval_logits_are_the_models_compiled_for_full_batches_and_eager_for_the_last() -> None:
     # batch norm in eval mode and dropout off: the compiled eval forward must be the model's eval forward
     m = model("deepfm", dropout=0.3, batch_norm=True)
