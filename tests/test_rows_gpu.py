@@ -1,4 +1,5 @@
-"""The GPU claim kernel: one owning position per distinct row, and each row's count of uses.
+"""The GPU row update: positions sorted by row, each row's run summed and updated once, against the portable
+update (``index_add_`` of the positions' gradients, then :func:`update_rows_` at the distinct rows).
 
 Runs on a CUDA device, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``); skipped without Triton.
 """
@@ -9,45 +10,96 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctrkit.training import rows_gpu
+from ctrkit.training.optim import cowclip, update_rows_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not rows_gpu.AVAILABLE or (DEVICE == "cpu" and not INTERPRETED),
-                                reason="the claim kernel needs Triton on a CUDA device or its interpreter")
+                                reason="the row kernels need Triton on a CUDA device or its interpreter")
 
 
-def check_claim(rows: torch.Tensor, n_rows: int, count: bool) -> None:
-    owner = torch.full((n_rows,), -7, dtype=torch.int32, device=DEVICE)
-    counts = torch.zeros(n_rows, device=DEVICE) if count else None
-    rows_gpu.claim(rows, owner, counts)
-    r = rows.long().cpu()
-    seen = torch.zeros(n_rows, dtype=torch.bool)
-    seen[r] = True
-    own = owner.cpu().long()
-    assert (own[~seen] == -7).all()  # rows nobody reads keep what they held
-    claimed = own[seen]
-    assert ((claimed >= 0) & (claimed < len(r))).all()
-    assert torch.equal(r[claimed], torch.nonzero(seen).ravel())  # each owner is a position of its own row
-    if counts is not None:
-        assert torch.equal(counts.cpu(), torch.bincount(r, minlength=n_rows).float())
+def check_update(rows: torch.Tensor, n_rows: int, dim: int, optimizer: str, clip: tuple[float, float] | None,
+                 row_lr: tuple[float, float] | None, seed: int, fields: int = 0) -> None:
+    """The kernels against the reference; ``fields`` > 0 hands them the gradient as a [n / fields, fields, dim]
+    slice of a wider tensor, as the backward of a concatenation leaves it."""
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.randn(len(rows), dim, generator=g)
+    weight = torch.randn(n_rows, dim, generator=g)
+    state = tuple(torch.rand(n_rows, dim, generator=g) for _ in range(2 if optimizer == "adam" else 1))
+    lr = torch.tensor(0.01, dtype=torch.float64)
+    # the reference: each distinct row once, with its summed gradient and its number of uses
+    r = torch.unique(rows.long())
+    summed = torch.zeros(n_rows, dim, dtype=torch.float64).index_add_(0, rows.long(), grad.double())[r].float()
+    counts = torch.bincount(rows.long(), minlength=n_rows)[r].float()
+    ref_w, ref_state = weight.clone(), tuple(s.clone() for s in state)
+    if clip is not None:
+        summed = cowclip(summed, ref_w[r], counts, *clip)
+    ref_lr = lr if row_lr is None else lr * counts.clamp(max=row_lr[0]).pow(row_lr[1])[:, None]
+    update_rows_(ref_w, r, summed, ref_state, optimizer, ref_lr, 0.9, 0.999, 1e-8)
+
+    w, st_ = weight.to(DEVICE), tuple(s.to(DEVICE) for s in state)
+    keys, perm = rows_gpu.sort_rows(rows.to(DEVICE))
+    given = grad.to(DEVICE)
+    if fields:
+        wide = torch.zeros(len(rows) // fields, fields + 3, dim, device=DEVICE)
+        wide[:, 1:fields + 1] = given.reshape(-1, fields, dim)
+        given = wide[:, 1:fields + 1]
+        assert not given.is_contiguous()
+    rows_gpu.update(w, given, st_, keys, perm, lr.to(DEVICE), optimizer, 0.9, 0.999, 1e-8, clip, row_lr)
+    torch.testing.assert_close(w.cpu(), ref_w, rtol=1e-5, atol=1e-5)
+    for a, b in zip(st_, ref_state, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.integers(1, 3 * rows_gpu.BLOCK_POSITIONS + 5), st.integers(1, 3000), st.floats(1.0, 6.0),
-       st.booleans(), st.integers(0, 2**31 - 1))
-def test_claim_owns_each_read_row_once_and_counts_its_uses(n: int, n_rows: int, skew: float, count: bool,
-                                                           seed: int) -> None:
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 16 positions and runs added up 4 blocks at a time: many blocks and long runs on a few rows."""
+    monkeypatch.setattr(rows_gpu, "BLOCK_POSITIONS", 16)
+    monkeypatch.setattr(rows_gpu, "SPAN_CHUNK", 4)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 300), st.integers(1, 60), st.sampled_from([1, 3, 16]), st.floats(1.0, 8.0),
+       st.sampled_from(["adam", "adagrad"]), st.sampled_from([None, (0.5, 1e-3)]),
+       st.sampled_from([None, (4.0, 1.0), (16.0, 0.5)]), st.integers(0, 2**31 - 1))
+def test_update_sums_each_row_once_like_the_portable_update(small_blocks: None, n: int, n_rows: int, dim: int,
+                                                             skew: float, optimizer: str,
+                                                             clip: tuple[float, float] | None,
+                                                             row_lr: tuple[float, float] | None, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     rows = (torch.rand(n, generator=g) ** skew * n_rows).int().clamp(max=n_rows - 1)  # skewed: rows repeat
-    check_claim(rows.to(DEVICE), n_rows, count)
+    check_update(rows, n_rows, dim, optimizer, clip, row_lr, seed)
 
 
-def test_claim_of_a_row_that_fills_every_block() -> None:
+@pytest.mark.parametrize("hot", [15, 16, 17, 64, 65, 200])
+def test_a_run_across_many_blocks_is_updated_once(small_blocks: None, hot: int) -> None:
+    # a row used `hot` times between others: runs that end on, just before and just after block ends, and one
+    # longer than a chunk of blocks
+    rows = torch.cat([torch.tensor([0, 1, 1]), torch.full((hot,), 5), torch.tensor([7, 7, 9]),
+                      torch.full((hot,), 2)]).int()
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(hot))]
+    check_update(rows, 12, 3, "adam", (1.0, 1e-5), (8.0, 1.0), hot)
+
+
+def test_update_at_full_size_blocks() -> None:
+    g = torch.Generator().manual_seed(0)
     n = 2 * rows_gpu.BLOCK_POSITIONS + 17
-    rows = torch.full((n,), 3, dtype=torch.int32)
+    rows = (torch.rand(n, generator=g) ** 4 * 300).int()
     rows[::97] = 11
-    check_claim(rows.to(DEVICE), 20, True)
+    check_update(rows, 300, 16, "adam", None, (16.0, 1.0), 1)
+
+
+@pytest.mark.parametrize("dim", [1, 16])
+def test_update_reads_a_slice_of_a_wider_gradient(small_blocks: None, dim: int) -> None:
+    g = torch.Generator().manual_seed(dim)
+    rows = (torch.rand(40 * 7, generator=g) ** 3 * 50).int()
+    check_update(rows, 50, dim, "adam", None, (4.0, 1.0), dim, fields=7)
+
+
+def test_update_with_int64_ids(small_blocks: None) -> None:
+    rows = (torch.rand(90, generator=torch.Generator().manual_seed(4)) ** 2 * 30).long()
+    check_update(rows, 30, 4, "adagrad", (0.5, 1e-3), None, 4)

@@ -71,44 +71,17 @@ def test_row_updates_with_large_batch_rules_match_sparse_gradient_optimizer(rule
         torch.testing.assert_close(rows[k], sparse[k], rtol=1e-9, atol=1e-11, msg=k)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused row update runs on a CUDA device")
-@pytest.mark.parametrize(("optimizer", "clip", "row_lr", "dim"),
-                         [("adam", None, None, 16), ("adam", (0.5, 1e-3), None, 16), ("adagrad", None, None, 1),
-                          ("adam", (1.0, 1e-5), (4.0, 1.0), 1), ("adagrad", (0.5, 1e-3), None, 10),
-                          ("adam", None, (16.0, 0.5), 16)])
-def test_fused_row_update_matches_the_portable_one(optimizer: str, clip: tuple[float, float] | None,
-                                                   row_lr: tuple[float, float] | None, dim: int) -> None:
-    from ctrkit.training import rows_gpu
-    from ctrkit.training.optim import update_rows_
-
-    gpu = torch.device("cuda")
-    g = torch.Generator(device=gpu).manual_seed(5)
-    n_rows = 5000
-    rows = (torch.rand(64 * 26, device=gpu, generator=g) ** 3 * n_rows).int()  # skewed: rows repeat
-    weight = torch.randn(n_rows, dim, device=gpu, generator=g)
-    grad = torch.zeros(n_rows, dim, device=gpu)
-    grad.index_add_(0, rows.long(), torch.randn(len(rows), dim, device=gpu, generator=g))
-    state = tuple(torch.rand(n_rows, dim, device=gpu, generator=g) for _ in range(2 if optimizer == "adam" else 1))
-    lr = torch.tensor(0.01, dtype=torch.float64, device=gpu)
-    ref_w, ref_state = weight.clone(), tuple(s.clone() for s in state)
-    r = rows.long()
-    counts = torch.bincount(r, minlength=n_rows).float()
-    summed = grad.index_select(0, r)
-    if clip is not None:
-        summed = cowclip(summed, ref_w.index_select(0, r), counts.index_select(0, r), *clip)
-    ref_lr = lr if row_lr is None else lr * counts.index_select(0, r).clamp(max=row_lr[0]).pow(row_lr[1])[:, None]
-    update_rows_(ref_w, r, summed, ref_state, optimizer, ref_lr, 0.9, 0.999, 1e-8)
-    owner = torch.full((n_rows,), -1, dtype=torch.int32, device=gpu)
-    scratch = torch.zeros(n_rows, device=gpu) if clip is not None or row_lr is not None else None
-    rows_gpu.claim(rows, owner, scratch)
-    if scratch is not None:
-        torch.testing.assert_close(scratch, counts)
-    rows_gpu.update(weight, grad, state, rows, owner, lr, optimizer, 0.9, 0.999, 1e-8, scratch, clip, row_lr)
-    torch.testing.assert_close(weight, ref_w, rtol=1e-5, atol=1e-6)
-    for a, b in zip(state, ref_state, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    if scratch is not None:
-        assert not scratch.any()  # counts are zeroed for the next step
+def test_row_updates_touch_only_the_rows_read() -> None:
+    m = model()
+    before = m.embedding.table.weight.detach().clone()
+    step = TrainStep(m, CPU, lr=0.05, row_updates=True)
+    b = batches(1, 16, seed=2)[0]
+    step(b)
+    changed = (m.embedding.table.weight.detach() != before).any(dim=1)
+    read = torch.zeros(SPEC.n_ids, dtype=torch.bool)
+    read[b.ids.long().reshape(-1)] = True
+    assert changed.any()
+    assert not (changed & ~read).any()
 
 
 @pytest.mark.parametrize("name", [n for n in model_names() if n != "gbdt_lr"])  # gbdt_lr: its forest is fitted first
@@ -142,17 +115,19 @@ def test_row_updates_match_sparse_gradients_for_every_model(name: str) -> None:
         torch.testing.assert_close(rows[k], sparse[k], rtol=1e-9, atol=1e-11, msg=k)
 
 
-def test_row_updates_touch_only_the_rows_read() -> None:
+def test_row_updates_take_lookups_of_the_batch_ids_only() -> None:
     m = model()
-    before = m.embedding.table.weight.detach().clone()
-    step = TrainStep(m, CPU, lr=0.05, row_updates=True)
+    step = TrainStep(m, CPU, row_updates=True)
     b = batches(1, 16, seed=2)[0]
     step(b)
-    changed = (m.embedding.table.weight.detach() != before).any(dim=1)
-    read = torch.zeros(SPEC.n_ids, dtype=torch.bool)
-    read[b.ids.long().reshape(-1)] = True
-    assert changed.any()
-    assert not (changed & ~read).any()
+    table = m.embedding.table
+    with pytest.raises(ValueError, match=r"looked up with ids of shape \(16, 2\)"):
+        table(b.ids[:, :2])
+    with torch.no_grad():  # validation: a plain lookup of any ids
+        assert torch.equal(table(b.ids[:, :2]), table.weight[b.ids[:, :2].long()])
+    assert table.weight.grad is None  # the table itself never gets a gradient
+    step.close()
+    assert table(b.ids[:, :2]).requires_grad  # its own forward is back
 
 
 def test_tables_get_sparse_gradients_back_after_close() -> None:

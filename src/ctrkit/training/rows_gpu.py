@@ -1,18 +1,18 @@
 """Fused row updates of embedding tables on a GPU: lazy Adam / Adagrad (and CowClip) at the batch's rows.
 
-A batch of B rows and F fields reads B * F table rows, many of them repeated. The portable update
-(:func:`~ctrkit.training.optim.update_rows_`) gathers weight, gradient and moments at every position, updates
-them and scatters them back, in separate kernels so that repeated rows write identical values; on a GPU the
-gathers of [B * F, dim] blocks dominate a large batch's step. Here two Triton kernels do the same work with one
-read and one write of each distinct row:
+A batch of B rows and F fields reads B * F table rows, many of them repeated: Criteo-shaped batches put tens of
+thousands of positions on a few rows. The training step hands over the gradient at each looked-up position
+([B * F, dim], no [rows, dim] table gradient); here the positions are sorted by row once (:func:`sort_rows`,
+a radix sort), and :func:`update` sums each row's run of positions and updates the row, with one read and one
+write of each distinct row and no atomics:
 
-* ``claim``: each block of positions, sorted by row, writes one of its positions per distinct row into
-  ``owner[row]``; one of a repeated row's positions wins. With CowClip it also counts each row's uses, one atomic
-  add per row and block (Criteo-shaped batches put tens of thousands of positions on a few rows).
-* ``update``: the position that owns its row reads the row's summed gradient (the table's dense gradient),
-  weight and moments, clips, updates and writes them back; the other positions do nothing.
+* ``_runs``: each block of sorted positions sums its runs of equal rows in registers (a running sum less its
+  value before each run) and updates every row whose run starts and ends inside the block. A run that crosses the block's end leaves its
+  partial sum and count with the block; the block where a row's run starts owns it.
+* ``_spans``: each owning block adds the partial sums of the blocks its run covers (a few dozen for the hottest
+  rows, read in chunks) and updates the row.
 
-Both have static shapes and no host synchronisation, so a CUDA graph can hold them.
+All have static shapes and no host synchronisation, so a CUDA graph can hold them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ except ImportError:  # a CPU-only torch: the portable update is used instead
     triton = None
 
 AVAILABLE = triton is not None
-BLOCK_POSITIONS = 1024
+BLOCK_POSITIONS = 128
+WARPS = 4
+SPAN_CHUNK = 64  # blocks read at once while adding up a run that crosses blocks
 
 
 if AVAILABLE:
@@ -35,46 +37,13 @@ if AVAILABLE:
         return tl.maximum(a, b)
 
     @triton.jit
-    def _claim(rows_ptr, owner_ptr, counts_ptr, n,  # type: ignore[no-untyped-def]
-               COUNT: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
-        # The block's positions sorted by row (key = row * BLOCK + position in the block, BLOCK = 2 ** SHIFT): the
-        # last position of each run of equal rows stores itself as the row's owner and adds the run's length to
-        # the row's count, so a row that fills the block costs one store and one atomic add, not BLOCK of each.
-        i = tl.arange(0, BLOCK)
-        offs = tl.program_id(0) * BLOCK + i
-        mask = offs < n
-        r = tl.load(rows_ptr + offs, mask=mask, other=0).to(tl.int64)
-        key = tl.sort(tl.where(mask, r, -1) * BLOCK + i.to(tl.int64))  # masked positions first, as row -1
-        row = key >> SHIFT
-        prev = tl.gather(row, tl.maximum(i - 1, 0), 0)
-        nxt = tl.gather(row, tl.minimum(i + 1, BLOCK - 1), 0)
-        last = ((row != nxt) | (i == BLOCK - 1)) & (row >= 0)
-        pos = tl.program_id(0) * BLOCK + (key & (BLOCK - 1)).to(tl.int32)
-        tl.store(owner_ptr + row, pos, mask=last)
-        if COUNT:
-            first = tl.associative_scan(tl.where((row != prev) | (i == 0), i, 0), 0, _max)
-            tl.atomic_add(counts_ptr + row, (i - first + 1).to(tl.float32), mask=last, sem="relaxed")
-
-    @triton.jit
-    def _update(rows_ptr, owner_ptr, counts_ptr, w_ptr, g_ptr, s1_ptr, s2_ptr, lr_ptr,  # type: ignore[no-untyped-def]
-                n, dim, b1, b2, eps, clip_ratio, clip_floor, lr_cap, lr_power, ADAM: tl.constexpr,
-                CLIP: tl.constexpr, COUNT_LR: tl.constexpr, COUNTS: tl.constexpr, RESET: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        in_range = offs < n
-        r = tl.load(rows_ptr + offs, mask=in_range, other=0).to(tl.int64)
-        own = tl.load(owner_ptr + r, mask=in_range, other=-1)
-        active = in_range & (own == offs)
-        cols = tl.arange(0, BLOCK_D)
-        m2 = active[:, None] & (cols < dim)[None, :]
-        at = r[:, None] * dim + cols[None, :]
-        g = tl.load(g_ptr + at, mask=m2, other=0.0)
+    def _apply(w_ptr, s1_ptr, s2_ptr, row, cols, g, cnt, m2, lr, dim, b1, b2, eps,  # type: ignore[no-untyped-def]
+               clip_ratio, clip_floor, lr_cap, lr_power, ADAM: tl.constexpr, CLIP: tl.constexpr,
+               COUNT_LR: tl.constexpr):
+        # one update of rows ``row`` [R] with their summed gradients g [R, BLOCK_D] and uses cnt [R]
+        at = row[:, None] * dim + cols[None, :]
         w = tl.load(w_ptr + at, mask=m2, other=0.0)
-        lr = tl.load(lr_ptr).to(tl.float32)
-        if COUNTS:
-            cnt = tl.load(counts_ptr + r, mask=active, other=1.0)
-            if RESET:
-                tl.store(counts_ptr + r, 0.0, mask=active)
+        s1 = tl.load(s1_ptr + at, mask=m2, other=0.0)
         if CLIP:
             g_norm = tl.sqrt(tl.sum(g * g, axis=1))
             limit = cnt * tl.maximum(clip_ratio * tl.sqrt(tl.sum(w * w, axis=1)), clip_floor)
@@ -83,7 +52,6 @@ if AVAILABLE:
             row_lr = (lr * tl.exp2(lr_power * tl.log2(tl.minimum(cnt, lr_cap))))[:, None]
         else:
             row_lr = lr
-        s1 = tl.load(s1_ptr + at, mask=m2, other=0.0)
         if ADAM:
             s2 = tl.load(s2_ptr + at, mask=m2, other=0.0)
             s1 = b1 * s1 + (1.0 - b1) * g
@@ -96,40 +64,124 @@ if AVAILABLE:
         tl.store(s1_ptr + at, s1, mask=m2)
         tl.store(w_ptr + at, w, mask=m2)
 
+    @triton.jit
+    def _runs(keys_ptr, perm_ptr, g_ptr, w_ptr, s1_ptr, s2_ptr, lr_ptr,  # type: ignore[no-untyped-def]
+              part_ptr, info_ptr, n, dim, g_fields, g_stride0, g_stride1, b1, b2, eps, clip_ratio, clip_floor,
+              lr_cap, lr_power,
+              ADAM: tl.constexpr, CLIP: tl.constexpr, COUNT_LR: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        # info per block: [0] the row of a run that starts here and crosses the block's end (-1: none), [1] its
+        # uses here; for a block that starts inside a run, [2] that run's uses here and [3] whether it ends here.
+        # part per block: [0] the crossing run's sum here, [1] the sum here of the run the block starts inside of.
+        pid = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        offs = pid.to(tl.int64) * BLOCK + i
+        inb = offs < n
+        k = tl.load(keys_ptr + offs, mask=inb, other=-1)
+        prev = tl.load(keys_ptr + offs - 1, mask=inb & (offs > 0), other=-2)
+        nxt = tl.load(keys_ptr + offs + 1, mask=(offs + 1) < n, other=-3)
+        start = inb & (k != prev)
+        end = inb & (k != nxt)
+        p = tl.load(perm_ptr + offs, mask=inb, other=0).to(tl.int64)
+        at_g = (p // g_fields) * g_stride0 + (p % g_fields) * g_stride1  # position p of a [n / F, F, dim] view
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = (cols < dim)[None, :]
+        g = tl.load(g_ptr + at_g[:, None] + cols[None, :], mask=inb[:, None] & col_ok, other=0.0).to(tl.float32)
+        first = tl.associative_scan(tl.where(start | (i == 0), i, 0), 0, _max)  # where each run enters the block
+        # each run's sums: the block's running sum less its value before the run (in float64, where the
+        # difference of two long running sums keeps a float32 sum's digits)
+        c = tl.cumsum(g.to(tl.float64), 0)
+        before = tl.gather(c, tl.broadcast_to(tl.maximum(first - 1, 0)[:, None], (BLOCK, BLOCK_D)), 0)
+        s = (c - tl.where((first > 0)[:, None], before, 0.0)).to(tl.float32)
+        cnt = (i - first + 1).to(tl.float32)
+        block_start = pid.to(tl.int64) * BLOCK
+        k0 = tl.load(keys_ptr + block_start)
+        start0 = k0 != tl.load(keys_ptr + block_start - 1, mask=block_start > 0, other=-2)
+        began = (first > 0) | start0  # the run started in this block, not before it
+        done = end & began
+        lr = tl.load(lr_ptr).to(tl.float32)
+        _apply(w_ptr, s1_ptr, s2_ptr, k.to(tl.int64), cols, s, cnt, done[:, None] & col_ok, lr, dim, b1, b2, eps,
+               clip_ratio, clip_floor, lr_cap, lr_power, ADAM, CLIP, COUNT_LR)
+        # what _spans needs, each stored by the one position that holds it (no reductions across the block)
+        last = i == BLOCK - 1
+        crossing = last & inb & ~end
+        head_last = (first == 0) & ~start0 & inb & (end | last)  # the end, here, of a run begun before the block
+        same = i * 0
+        part_at = part_ptr + (pid * 2) * BLOCK_D + cols[None, :] + same[:, None]
+        tl.store(part_at, s, mask=crossing[:, None])
+        tl.store(part_at + BLOCK_D, s, mask=head_last[:, None])
+        info_at = info_ptr + pid * 4 + same
+        tl.store(info_at, tl.where(crossing & began, k, -1), mask=last)
+        tl.store(info_at + 1, i - first + 1, mask=crossing)
+        tl.store(info_at + 2, i + 1, mask=head_last)
+        tl.store(info_at + 3, end.to(tl.int32), mask=head_last)
 
-def claim(rows: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor | None) -> None:
-    """Mark one owning position per distinct row of ``rows`` in ``owner`` (int32, one per table row); with
-    ``counts`` (float32, zero on entry) also count each row's uses."""
-    n = rows.numel()
-    grid = (triton.cdiv(n, BLOCK_POSITIONS),)
-    _claim[grid](rows, owner, owner if counts is None else counts, n, COUNT=counts is not None,
-                 BLOCK=BLOCK_POSITIONS, SHIFT=BLOCK_POSITIONS.bit_length() - 1)
+    @triton.jit
+    def _spans(w_ptr, s1_ptr, s2_ptr, lr_ptr, part_ptr, info_ptr, n_blocks, dim,  # type: ignore[no-untyped-def]
+               b1, b2, eps, clip_ratio, clip_floor, lr_cap, lr_power, ADAM: tl.constexpr, CLIP: tl.constexpr,
+               COUNT_LR: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)
+        row = tl.load(info_ptr + pid * 4)
+        if row >= 0:
+            cols = tl.arange(0, BLOCK_D)
+            total = tl.load(part_ptr + (pid * 2) * BLOCK_D + cols)
+            uses = tl.load(info_ptr + pid * 4 + 1).to(tl.float32)
+            j = pid + 1
+            open_run = row >= 0
+            while open_run:  # the next CHUNK blocks: add each one's head up to the block where the run ends
+                b = j + tl.arange(0, CHUNK)
+                there = b < n_blocks
+                closes = tl.load(info_ptr + b * 4 + 3, mask=there, other=1)
+                stop = tl.min(tl.where(closes != 0, b, j + CHUNK), axis=0)
+                take = there & (b <= stop)
+                heads = tl.load(part_ptr + (b * 2 + 1)[:, None] * BLOCK_D + cols[None, :], mask=take[:, None],
+                                other=0.0)
+                total += tl.sum(heads, axis=0)
+                uses += tl.sum(tl.load(info_ptr + b * 4 + 2, mask=take, other=0), axis=0).to(tl.float32)
+                open_run = stop >= j + CHUNK
+                j += CHUNK
+            lr = tl.load(lr_ptr).to(tl.float32)
+            one = tl.full([1], 0, tl.int64) + row
+            _apply(w_ptr, s1_ptr, s2_ptr, one, cols, total[None, :], tl.full([1], 0.0, tl.float32) + uses,
+                   (cols < dim)[None, :], lr, dim, b1, b2, eps, clip_ratio, clip_floor, lr_cap, lr_power, ADAM,
+                   CLIP, COUNT_LR)
 
 
-def update(weight: torch.Tensor, grad: torch.Tensor, state: tuple[torch.Tensor, ...], rows: torch.Tensor,
-           owner: torch.Tensor, lr: torch.Tensor, rule: str, b1: float, b2: float, eps: float,
-           counts: torch.Tensor | None = None, clip: tuple[float, float] | None = None,
-           row_lr: tuple[float, float] | None = None, reset: bool = True) -> None:
-    """Update ``weight`` [rows, dim] and its ``state`` at the distinct rows of ``rows`` (after :func:`claim`).
+def sort_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The looked-up ``rows`` (int32 or int64) sorted, and the position each sorted key came from."""
+    keys, perm = torch.sort(rows.reshape(-1))
+    return keys, perm
 
-    ``lr`` is a device scalar (Adam's already bias-corrected); ``clip`` = (ratio, floor) applies CowClip with
-    ``counts``; ``row_lr`` = (cap, power) multiplies a row's learning rate by min(count, cap) ** power. The call
-    zeroes ``counts`` again at the rows it read when ``reset``.
+
+def update(weight: torch.Tensor, grad: torch.Tensor, state: tuple[torch.Tensor, ...], keys: torch.Tensor,
+           perm: torch.Tensor, lr: torch.Tensor, rule: str, b1: float, b2: float, eps: float,
+           clip: tuple[float, float] | None = None, row_lr: tuple[float, float] | None = None) -> None:
+    """Update ``weight`` [rows, dim] and its ``state`` once at each distinct row of the sorted ``keys`` (from
+    :func:`sort_rows`) with the sum of ``grad`` (the gradient at each looked-up position: [n, dim], or [B, F, dim]
+    with any strides but the last, such as a slice of a larger gradient) over the row's positions.
+
+    ``lr`` is a device scalar (Adam's already bias-corrected); ``clip`` = (ratio, floor) applies CowClip with each
+    row's uses in the batch; ``row_lr`` = (cap, power) multiplies a row's learning rate by min(uses, cap) ** power.
     """
-    if not (weight.is_contiguous() and grad.is_contiguous() and all(s.is_contiguous() for s in state)):
-        raise ValueError("fused row updates need contiguous weight, gradient and state")
-    n, dim = rows.numel(), weight.shape[1]
+    if not (weight.is_contiguous() and all(s.is_contiguous() for s in state)):
+        raise ValueError("fused row updates need contiguous weight and state")
+    n, dim = keys.numel(), weight.shape[1]
+    if grad.dim() != 3 or grad.stride(2) != 1:
+        grad = grad.reshape(-1, 1, dim).contiguous()
+    if n == 0:
+        return
     block_d = max(triton.next_power_of_2(dim), 2)
-    block_r = max(16, min(256, 4096 // block_d))
+    n_blocks = triton.cdiv(n, BLOCK_POSITIONS)
+    part = torch.empty(n_blocks * 2 * block_d, dtype=torch.float32, device=weight.device)
+    info = torch.empty(n_blocks * 4, dtype=torch.int64, device=weight.device)
     adam = rule == "adam"
     s1 = state[0]
     s2 = state[1] if adam else s1
     ratio, floor = clip if clip is not None else (0.0, 0.0)
     cap, power = row_lr if row_lr is not None else (1.0, 0.0)
-    if (clip is not None or row_lr is not None) and counts is None:
-        raise ValueError("CowClip and count-scaled learning rates need the rows' counts")
-    grid = (triton.cdiv(n, block_r),)
-    _update[grid](rows, owner, counts if counts is not None else s1, weight, grad, s1, s2, lr, n, dim,
-                  b1, b2, eps, ratio, floor, cap, power, ADAM=adam, CLIP=clip is not None,
-                  COUNT_LR=row_lr is not None,
-                  COUNTS=clip is not None or row_lr is not None, RESET=reset, BLOCK_R=block_r, BLOCK_D=block_d)
+    flags = {"ADAM": adam, "CLIP": clip is not None, "COUNT_LR": row_lr is not None, "BLOCK_D": block_d}
+    _runs[(n_blocks,)](keys, perm, grad, weight, s1, s2, lr, part, info, n, dim, grad.shape[1], grad.stride(0),
+                       grad.stride(1), b1, b2, eps, ratio, floor, cap, power, BLOCK=BLOCK_POSITIONS,
+                       num_warps=WARPS, **flags)
+    _spans[(n_blocks,)](weight, s1, s2, lr, part, info, n_blocks, dim, b1, b2, eps, ratio, floor, cap, power,
+                        CHUNK=SPAN_CHUNK, **flags)

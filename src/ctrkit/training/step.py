@@ -4,7 +4,9 @@ On a CPU the step runs eagerly, with no more threads than the process has CPUs: 
 gradients get :class:`RowSparseOptimizer`, the other weights fused Adam (or Adagrad). On a GPU it is built
 for the hardware: bf16 autocast for the dense layers over fp32 master weights, the forward and backward
 compiled with torch.compile, each embedding table updated only at the rows the batch reads (lazy Adam /
-Adagrad over static shapes, so nothing waits for the host), fused capturable Adam for the dense weights, and
+Adagrad over static shapes, so nothing waits for the host: the table gets no gradient of its own, only the
+gradient at each looked-up position, which the row update sums per row), fused capturable Adam for the dense
+weights, and
 the whole step (copy-in, forward, backward, updates) captured once in a CUDA graph and replayed. The loss is
 summed on the device and read asynchronously.
 
@@ -22,6 +24,7 @@ A batch ``scale`` times larger than :data:`BASE_BATCH` gets a large-batch rule (
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import warnings
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ctrkit.data.dataset import Batch
@@ -130,8 +134,9 @@ class TrainStep:
     ``lr``, ``optimizer`` ("adam" / "adagrad" / "rowwise_adagrad", the last Adagrad for the dense weights) and
     ``weight_decay`` apply to every weight; ``rule`` is the
     large-batch rule or None; ``compile`` ("auto" = on a GPU) compiles the forward and backward; ``graphs``
-    captures the step in a CUDA graph and ``row_updates`` updates tables from dense gradients at the batch's
-    rows instead of through sparse gradients (both default to on a GPU, off with ``ddp``); ``embedding_backend``
+    captures the step in a CUDA graph and ``row_updates`` updates tables at the batch's rows from the gradients
+    at the looked-up positions instead of through sparse gradients (both default to on a GPU, off with ``ddp``;
+    a table must then be looked up with the batch's ids or sequence ids, whole); ``embedding_backend``
     "torchrec" shards the tables (:mod:`~ctrkit.training.sharded`; no compile, graphs or row updates, and only
     the dense part of a large-batch rule). :meth:`loss_mean` reads
     the mean loss since the last read without waiting for the device; :meth:`close` gives the model back as it was built.
@@ -178,19 +183,26 @@ class TrainStep:
         self.opts: list[torch.optim.Optimizer] = []
         self.row_updates = self.cuda and not ddp if row_updates is None else row_updates
         if self.row_updates:
-            # dense gradients for the tables (one memset, no sparse tensors), then a row update at the batch's ids
+            # a table's lookups give it no gradient: the gradient at each looked-up position reaches the row
+            # update through a zero-stride view added to the lookup (see _table_forward and _set_positions)
             self._tables = tables
-            for m in tables:
+            for k, m in enumerate(tables):
                 m.sparse = False
+                m.forward = functools.partial(self._table_forward, k)
+            self._positions: list[dict[int, torch.Tensor]] = [{} for _ in tables]  # per table: ids rank -> view
+            self._views: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # (table, ids shape) -> view
+            self._grad_at: dict[tuple[int, int], torch.Tensor | None] = {}  # (table, ids rank) -> gradient
             self._row_state = [self._new_row_state(m.weight) for m in tables]
             # float64 scalars: the bias correction 1 - 0.999 ** t loses digits in float32
             self._lr_rows = torch.tensor(lr, dtype=torch.float64, device=device)
             self._t = torch.zeros((), dtype=torch.float64, device=device)
-            # on a GPU with Triton: fused kernels (rows_gpu); elsewhere the portable gather-update-scatter
+            # on a GPU with Triton: fused kernels over the positions sorted by row (rows_gpu); elsewhere the
+            # portable update, which sums the positions into a buffer of row gradients and zeroes it after
             self._fused = self.cuda and rows_gpu.AVAILABLE and bool(tables) and optimizer != "rowwise_adagrad"
+            self._grads = [] if self._fused else [torch.zeros_like(m.weight) for m in tables]
             most = max((m.weight.shape[0] for m in tables), default=0)
-            self._owner = torch.zeros(most, dtype=torch.int32, device=device) if self._fused else None
-            self._counts = torch.zeros(most, device=device) if rule and (rule.clip or rule.row_lr) else None
+            self._counts = (torch.zeros(most, device=device) if rule and (rule.clip or rule.row_lr)
+                            and not self._fused else None)
             if optimizer == "adam" and self.cuda:  # a device-side learning rate, so a captured step sees changes
                 self._lr_dense = torch.tensor(self._dense_lr, device=device)
             elif self.cuda:
@@ -309,34 +321,76 @@ class TrainStep:
         rows = batch.ids.reshape(-1)
         return rows if batch.seq is None else torch.cat([rows, batch.seq.reshape(-1)])
 
-    def _check_rows(self, batch: Batch) -> None:
-        """Once: every table row with a gradient must be among the batch's ids, or the row update would miss it."""
+    def _table_forward(self, k: int, ids: torch.Tensor) -> torch.Tensor:
+        """Table ``k``'s forward while this step trains it: the rows of ``ids`` plus the zero-stride view for ids
+        of this shape, so that the table gets no gradient and the view gets the gradient at each position (traced
+        into the compiled forward). Without gradients (validation) a plain lookup."""
+        weight = self._tables[k].weight
+        if not torch.is_grad_enabled():
+            return F.embedding(ids, weight)
+        view = self._positions[k].get(ids.dim())
+        if view is None or view.shape[:-1] != ids.shape:
+            raise ValueError(f"embedding table {tuple(weight.shape)} is looked up with ids of shape "
+                             f"{tuple(ids.shape)}; row updates need lookups of the batch's ids or sequence ids")
+        return F.embedding(ids, weight.detach()) + view
+
+    def _set_positions(self, batch: Batch) -> None:
+        """The zero-stride tensors that collect the gradient at each looked-up position of ``batch``, one per table
+        and id tensor (ids, seq), kept per shape so that a full batch always sees the same ones.
+
+        Each is a view of a one-element leaf; a hook keeps the gradient that reaches the view as it comes (no
+        copy into a leaf's ``.grad``, which would have to be contiguous) and passes zeros on to the leaf."""
+        for k, m in enumerate(self._tables):
+            for x in (batch.ids, batch.seq):
+                if x is None:
+                    continue
+                key = (k, tuple(x.shape))
+                view = self._views.get(key)
+                if view is None:
+                    leaf = torch.zeros(1, dtype=m.weight.dtype, device=m.weight.device, requires_grad=True)
+                    view = self._views[key] = leaf.expand(*x.shape, m.weight.shape[1])
+                    view.register_hook(functools.partial(self._keep_grad, (k, x.dim())))
+                self._positions[k][x.dim()] = view
+                self._grad_at[(k, x.dim())] = None
+
+    def _keep_grad(self, key: tuple[int, int], grad: torch.Tensor) -> torch.Tensor:
+        self._grad_at[key] = grad
+        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand_as(grad)
+
+    def _position_grads(self, k: int, batch: Batch) -> torch.Tensor | None:
+        """Table ``k``'s gradient at each position of :meth:`_row_ids`, or None if nothing looked it up: [B, F, dim]
+        as the backward left it (often a slice of a wider gradient) for ids alone, else [n, dim]."""
+        dim = self._tables[k].weight.shape[1]
+        parts = [(x, self._grad_at[(k, x.dim())]) for x in (batch.ids, batch.seq) if x is not None]
+        if all(g is None for _, g in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0][1]
+        return torch.cat([g.reshape(-1, dim) if g is not None else torch.zeros(x.numel(), dim, device=x.device)
+                          for x, g in parts])
+
+    def _check_rows(self) -> None:
+        """Once: a table must get its gradient through its lookups only, or the row update would miss it."""
         for m in self._tables:
-            g = m.weight.grad
-            if g is None:
-                continue
-            touched = g.abs().sum(dim=1) > 0
-            touched[self._row_ids(batch).long()] = False
-            if bool(touched.any()):
-                raise ValueError(f"embedding table {tuple(m.weight.shape)} gets gradients at rows outside the "
-                                 "batch's ids; build it with sparse=False")
+            if m.weight.grad is not None:
+                raise ValueError(f"embedding table {tuple(m.weight.shape)} gets gradients outside its lookups of "
+                                 "the batch's ids; build it with sparse=False")
         self._checked = True
 
     def _update_tables(self, batch: Batch) -> None:
-        """Lazy Adam / Adagrad at the batch's rows of every table, from its dense gradient (GPU path)."""
+        """Lazy Adam / Adagrad at the batch's rows of every table, from the gradients at its positions."""
         b1, b2 = self.betas
         self._t += 1
         lr = (self._lr_rows * torch.sqrt(1 - b2 ** self._t) / (1 - b1 ** self._t) if self.optimizer == "adam"
               else self._lr_rows)
-        live = [(m, state) for m, state in zip(self._tables, self._row_state, strict=True) if m.weight.grad is not None]
+        live = [(k, m, g) for k, m in enumerate(self._tables) if (g := self._position_grads(k, batch)) is not None]
         clip = self.rule.clip if self.rule is not None else None
         row_lr = self.rule.row_lr if self.rule is not None else None
         if self._fused:
-            rows = self._row_ids(batch)
-            rows_gpu.claim(rows, self._owner, self._counts)
-            for k, (m, state) in enumerate(live):
-                rows_gpu.update(m.weight.detach(), m.weight.grad, state, rows, self._owner, lr, self.optimizer, b1, b2,
-                                self.eps, self._counts, clip, row_lr, reset=k == len(live) - 1)
+            keys, perm = rows_gpu.sort_rows(self._row_ids(batch))
+            for k, m, g in live:
+                rows_gpu.update(m.weight.detach(), g, self._row_state[k], keys, perm, lr,
+                                self.optimizer, b1, b2, self.eps, clip, row_lr)
             return
         rows = self._row_ids(batch).long()
         counts = None
@@ -346,11 +400,14 @@ class TrainStep:
             self._counts.index_fill_(0, rows, 0.0)
         if row_lr is not None:
             lr = lr * counts.clamp(max=row_lr[0]).to(lr.dtype).pow(row_lr[1]).unsqueeze(1)
-        for m, state in live:
-            grad = m.weight.grad.index_select(0, rows)
+        for k, m, g in live:
+            buf = self._grads[k]
+            buf.index_add_(0, rows, g.reshape(len(rows), -1).to(buf.dtype))
+            grad = buf.index_select(0, rows)
+            buf.index_fill_(0, rows, 0.0)
             if clip is not None:
                 grad = cowclip(grad, m.weight.index_select(0, rows), counts, *clip)
-            update_rows_(m.weight, rows, grad, state, self.optimizer, lr, b1, b2, self.eps)
+            update_rows_(m.weight, rows, grad, self._row_state[k], self.optimizer, lr, b1, b2, self.eps)
 
     def _run(self, batch: Batch, compiled: bool = True) -> None:
         """Forward, backward and every update, as plain device work (what the CUDA graph records)."""
@@ -358,12 +415,14 @@ class TrainStep:
             o.zero_grad(set_to_none=True)
         for m in self._tables:
             m.weight.grad = None
+        if self._tables:
+            self._set_positions(batch)
         loss, total = self._call_compiled("train", batch) if compiled else self._forward_loss(batch)
         total.backward()
         if self.ddp and self._sparse:
             allreduce_sparse_(self._sparse)
         if not self._checked and self._tables:
-            self._check_rows(batch)
+            self._check_rows()
         with torch.no_grad():
             if self._tables:
                 self._update_tables(batch)
@@ -528,3 +587,4 @@ class TrainStep:
         for m in self._tables:
             m.weight.grad = None
             m.sparse = True
+            m.__dict__.pop("forward", None)

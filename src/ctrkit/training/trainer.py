@@ -501,7 +501,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
                     break
     except BaseException:
-        train_step.close()  # give the model back as it was built
+        train_step.close()  # give the model back as it was built (its tables' own lookups)
         raise
     if best_state is not None and torchrec:
         sharded.restore(model, best_state)  # into the shards, before close() gathers them
