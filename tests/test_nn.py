@@ -13,7 +13,7 @@ from torch import nn
 from ctrkit.data.dataset import Batch
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
 from ctrkit.nn.interactions import FactorizationMachine, pairwise_and_squares
-from ctrkit.nn.mlp import MLP, Dropout
+from ctrkit.nn.mlp import MLP, Dropout, linear_relu
 
 SIZES = (4, 3, 5)
 
@@ -253,6 +253,38 @@ def test_mlp_layouts() -> None:
     assert body.out_features == 16
     assert MLP(3, (), out_dim=None).out_features == 3
     assert layer_types(MLP(3, (), out_dim=1)) == [nn.Linear]
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 9), n_in=st.integers(1, 7), n_out=st.integers(1, 7), seed=st.integers(0, 2**31 - 1))
+def test_linear_relu_is_relu_of_the_layer_with_its_gradients(b: int, n_in: int, n_out: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(n_in, n_out).double()
+    x = torch.randn(b, n_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(b, n_out, generator=gen, dtype=torch.float64)
+    want = torch.relu(layer(x))
+    got = linear_relu(x, layer)
+    params = [x, layer.weight, layer.bias]
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_relu_under_bf16_autocast_is_the_autocast_layer() -> None:
+    """The product runs in bf16 as nn.Linear's would; gradients come back in each input's own dtype."""
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 5)
+    x = torch.randn(6, 12, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        want = torch.relu(layer(x))
+        got = linear_relu(x, layer)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+    params = [x, layer.weight, layer.bias]
+    grad = torch.randn(6, 5, dtype=torch.bfloat16)
+    for g, w in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("kwargs, match", [({"in_dim": 0, "hidden": (4,)}, "input size"),

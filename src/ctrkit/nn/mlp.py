@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,41 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class _LinearReLU(torch.autograd.Function):
+    """relu(x @ w.T + b) in one matrix product whose epilogue adds the bias and applies the ReLU (cuBLASLt's
+    on a GPU), so no separate pass reads and writes the layer's output; the backward masks by the saved output."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the product in the autocast dtype, as nn.Linear's would be
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            y = torch._addmm_activation(bias, x, weight.t())
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        x, weight, y = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad.to(y.dtype) * (y > 0).to(y.dtype)
+        grad_x = (g @ weight).to(x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, (g.t() @ x).to(w_dtype), g.sum(0).to(b_dtype)
+
+
+def linear_relu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``relu(layer(x))`` for a 2-D ``x`` and a ``layer`` with a bias, as one fused matrix product."""
+    return _LinearReLU.apply(x, layer.weight, layer.bias)
+
+
 class MLP(nn.Sequential):
     """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden layer, then an optional output layer.
 
     ``layer(in, out)`` builds each hidden layer's map (``nn.Linear``; FinalNet passes its factorized interaction).
+    On a GPU, an ``nn.Linear`` followed directly by its ReLU runs as :func:`linear_relu`.
     """
 
     def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int | None = 1, dropout: float = 0.0,
@@ -67,8 +99,23 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.out_features = out_dim if out_dim is not None else d
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._layers(x, 0)
+
     def after_first(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP from its first layer's output ``h`` on, for a caller that computes that layer itself."""
-        for layer in list(self)[1:]:
-            h = layer(h)
+        return self._layers(h, 1)
+
+    def _layers(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        layers = list(self)
+        i = start
+        while i < len(layers):
+            layer = layers[i]
+            if (h.is_cuda and h.dim() == 2 and type(layer) is nn.Linear and layer.bias is not None
+                    and i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU):
+                h = linear_relu(h, layer)
+                i += 2
+            else:
+                h = layer(h)
+                i += 1
         return h
