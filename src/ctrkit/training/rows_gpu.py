@@ -7,9 +7,9 @@ a radix sort), and :func:`update` sums each row's run of positions and updates t
 write of each distinct row and no atomics:
 
 * ``_runs``: each block of sorted positions sums its runs of equal rows in registers (a running sum less its
-  value before each run) and updates every row whose run starts and ends inside the block. A run that crosses the block's end leaves its
-  partial sum and count with the block; the block where a row's run starts owns it.
-* ``_spans``: each owning block adds the partial sums of the blocks its run covers (a few dozen for the hottest
+  value before each run) and updates every row whose run starts and ends inside the block. A run that crosses
+  the block's end leaves its partial sum and count with the block; the block where a row's run starts owns it.
+* ``_spans``: each owning block adds the partial sums of the blocks its run covers (hundreds for the hottest
   rows, read in chunks) and updates the row.
 
 All have static shapes and no host synchronisation, so a CUDA graph can hold them.
