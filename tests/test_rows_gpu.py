@@ -13,8 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ctrkit.data.dataset import Batch
+from ctrkit.models import build_model, model_names
+from ctrkit.models.base import model_class
+from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.training import rows_gpu
 from ctrkit.training.optim import cowclip, update_rows_
+from ctrkit.training.step import BASE_BATCH, TrainStep, large_batch_rule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -103,3 +108,50 @@ def test_update_reads_a_slice_of_a_wider_gradient(small_blocks: None, dim: int) 
 def test_update_with_int64_ids(small_blocks: None) -> None:
     rows = (torch.rand(90, generator=torch.Generator().manual_seed(4)) ** 2 * 30).long()
     check_update(rows, 30, 4, "adagrad", (0.5, 1e-3), None, 4)
+
+
+def fused_or_portable(step: TrainStep, fused: bool) -> TrainStep:
+    """``step`` with its row updates through the kernels (``fused``) or the portable update, whatever the device
+    (on a CPU the kernels run under Triton's interpreter)."""
+    step._fused = fused
+    step._grads = [] if fused else [torch.zeros_like(m.weight) for m in step._tables]
+    rule = step.rule
+    most = max(m.weight.shape[0] for m in step._tables)
+    step._counts = (torch.zeros(most, device=step.device) if not fused and rule and (rule.clip or rule.row_lr)
+                    else None)
+    return step
+
+
+@pytest.mark.parametrize("name", [n for n in model_names() if n != "gbdt_lr"])
+def test_every_model_trains_the_same_through_the_kernels(name: str) -> None:
+    """Each model over ids, a numeric, a multi and a sequence field (two heads where it has them), with the
+    large-batch rule's row learning rates: one step through the kernels gives the portable update's weights (one:
+    in float32, Adam would turn the tables' rounding differences into steps of the dense weights on the next)."""
+    multi = model_class(name).multi_head
+    spec = FeatureSpec(n_ids=30, field_sizes=(10, 10), sparse_names=("user", "item"), dense_names=("p",),
+                       seq_names=("tags", "history"), seq_kinds=("multi", "sequence"), seq_pooling=("mean", "sum"),
+                       seq_targets=("", "item"), seq_max=4, label_names=("click", "buy") if multi else ())
+    device = torch.device(DEVICE)
+
+    def run(fused: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        overrides = {"emb_l2_scope": "batch"} if name == "lr" else {}
+        if "batch_norm" in model_class(name).config_class.__dataclass_fields__:
+            overrides["batch_norm"] = False
+        m = build_model(name, spec, sparse_grad=True, **overrides).to(device)
+        step = fused_or_portable(TrainStep(m, device, lr=0.05, row_updates=True, compile="off", graphs=False,
+                                           rule=large_batch_rule("rows", 4 * BASE_BATCH, device, warmup_steps=2)),
+                                 fused)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.stack([torch.randint(0, 10, (48,), generator=g), torch.randint(10, 20, (48,), generator=g)], 1)
+        label = (torch.rand(48, 2 if multi else 1, generator=g) < 0.4).float()
+        parts = {"ids": ids.int(), "dense": torch.randn(48, 1, generator=g), "label": label if multi else label[:, 0],
+                 "seq": torch.randint(10, 30, (48, 2, 4), generator=g).int(),
+                 "seq_len": torch.randint(0, 5, (48, 2), generator=g)}
+        step(Batch(**{k: v.to(device) for k, v in parts.items()}))
+        step.close()
+        return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
+    portable, fused = run(False), run(True)
+    for k in portable:
+        torch.testing.assert_close(fused[k], portable[k], rtol=1e-5, atol=1e-5, msg=k)  # float32 sums, Adam
