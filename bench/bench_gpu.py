@@ -25,11 +25,18 @@ one-time work and is not timed.
   GPU's utilisation sampled by ``nvidia-smi`` every 100 ms.
 * ``--harness-ref`` runs ``../shared/peers/gpu_plain_ref.py`` (its own random ids) in a subprocess of the same
   invocation, to show the reference here is at least as fast as the harness's.
+* ``--fuxictr BUNDLE`` runs FuxiCTR 2.3.10's DeepFM on the same GPU in the same invocation, through the harness's
+  ``gpu_bench.py`` in a subprocess (``bench/peer_bundle.sh`` builds the bundle: FuxiCTR's wheels for the GPU
+  machine, its DeepFM model-zoo source, the harness scripts and the feature map FuxiCTR wrote for the harness's
+  data; copy it there with the checkout). On the harness's data, not this script's: the first 1M of 2M rows of
+  the same generator, in FuxiCTR's own encoding (checked against its feature map), the same model settings,
+  each batch size time-boxed (``--fuxictr-seconds``). Reported: steady-state samples/s, and samples/s with its
+  epoch boundaries and evaluation.
 
 Prints a table and writes ``<out>/gpu.json``. Usage::
 
     python bench/bench_gpu.py --peers ../shared/peers [--rows 10000000] [--batch-sizes 4096,16384,65536]
-        [--parts speed,rules,zoo,big] [--harness-ref] [--out bench/results]
+        [--parts speed,rules,zoo,big] [--harness-ref] [--fuxictr .peerbench] [--out bench/results]
 
 Scoring on the GPU (1,000 raw candidates through a bundle) is ``bench/bench_gpu_score.py``.
 """
@@ -39,8 +46,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -168,6 +177,43 @@ def gpu_util_sampler() -> subprocess.Popen | None:
         return None
 
 
+def fuxictr_run(bundle: Path, batch_sizes: str, seconds: float, device: str,
+                python: str | None = None) -> list[dict[str, Any]]:
+    """FuxiCTR's DeepFM at each batch size through the bundle's ``gpu_bench.py`` (a subprocess); its results as
+    rows of this benchmark. ``python``: an interpreter that has FuxiCTR already (a CPU check with the peers' venv);
+    by default the bundle's wheels are installed into a scratch folder beside this machine's packages."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    if python is None:
+        site = Path(tempfile.gettempdir()) / "ctrkit-peer-site"
+        if not site.exists():
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                            "--no-cache-dir", "--target", str(site), *map(str, sorted((bundle / "whl").glob("*.whl")))],
+                           check=True)
+        env["PYTHONPATH"] = str(site)
+        python = sys.executable
+    results = Path(tempfile.mkdtemp(prefix="fuxictr-")) / "results.jsonl"
+    n = len(batch_sizes.split(","))
+    cmd = [python, str(bundle / "harness" / "gpu_bench.py"), "--libs", "fuxictr", "--device", device,
+           "--feature-map", str(bundle / "feature_map.json"), "--zoo", str(bundle / "zoo"), "--results", str(results),
+           "--seconds", str(seconds), "--batch-sizes", batch_sizes, "--budget", str(60 + n * (seconds + 60)),
+           "--work", str(results.parent)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180 + n * (seconds + 90))
+    rows = []
+    for line in results.read_text().splitlines() if results.exists() else []:
+        r = json.loads(line)
+        size = re.fullmatch(r"train_samples_per_s_bs(\d+)", r["metric"])
+        if size is None:
+            continue
+        overall = re.search(r"incl\. epoch boundaries\+eval (\d+)/s", r.get("notes", ""))
+        rows.append({"lib": f"{r['lib']} DeepFM (harness data, {seconds:.0f} s per batch size)",
+                     "batch": int(size[1]), "samples_per_s": r["value"],
+                     "with_epochs_samples_per_s": float(overall[1]) if overall else None, "notes": r["notes"]})
+    if len(rows) < n:  # the process also exits non-zero after its runs (Ray's shutdown): judge by the rows
+        print(f"FuxiCTR: {len(rows)} of {n} batch sizes ran (rc {run.returncode})\n{run.stdout[-2000:]}"
+              f"\n{run.stderr[-3000:]}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", default=str(ROOT.parent / "shared" / "peers"), help="folder of gen_synth_criteo.py")
@@ -177,6 +223,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8, help="most epochs of an early-stopping run")
     ap.add_argument("--big-rows", type=int, default=100_000_000)
     ap.add_argument("--harness-ref", action="store_true", help="also run the harness's gpu_plain_ref.py")
+    ap.add_argument("--fuxictr", type=Path, default=None,
+                    help="bundle of bench/peer_bundle.sh: also run FuxiCTR's DeepFM on this device")
+    ap.add_argument("--fuxictr-seconds", type=float, default=30.0, help="FuxiCTR's time box per batch size")
+    ap.add_argument("--fuxictr-python", default=None,
+                    help="an interpreter with FuxiCTR installed (a CPU check), instead of the bundle's wheels")
     ap.add_argument("--zoo", default=",".join(ZOO), help="models of the zoo part")
     ap.add_argument("--no-rule-compare", dest="rule_compare", action="store_false",
                     help="speed part: skip the large batch under CowClip's rule and under none")
@@ -213,6 +264,10 @@ def main() -> None:
                 print("RESULT", json.dumps(r), flush=True)
         if ref.returncode:
             print(ref.stderr[-3000:], flush=True)
+    if args.fuxictr is not None:
+        for r in fuxictr_run(args.fuxictr, args.batch_sizes, args.fuxictr_seconds, args.device, args.fuxictr_python):
+            results.append(r)
+            print("RESULT", json.dumps(r), flush=True)
     t = time.perf_counter()
     n_va = args.rows // 10
     total = args.rows + 2 * n_va
