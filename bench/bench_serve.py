@@ -16,7 +16,9 @@ time. Stages are timed in the same run so the table shows what encoding and HTTP
                     (Encoder.encode_records) -> the bundle's fastest model path (timed at load, as `ctrkit serve`
                     does) -> top-k; also each of its steps alone, the JSON body -> ids/dense step of /rank
                     (Encoder.encode_json), and the reference path the compiled one stands in for (validated frame)
-  http /rank        a `ctrkit serve` process on 127.0.0.1, the JSON body pre-serialised, one request at a time
+  http /rank        a `ctrkit serve` process on 127.0.0.1, the JSON body pre-serialised, one request at a time,
+                    sent by httpx and, as its own stage, by the standard library's http.client (one keep-alive
+                    connection each): the client's own time is part of what a client sees, and the two differ
 
 Then the load test: short open-loop trials from 0.9 down to 0.2 of the one-client request rate (``--trials`` steps).
 The first that keeps p99 <= 25 ms gets the 60 s run; a short trial near saturation can pass by luck, so when the
@@ -42,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import http.client  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -262,13 +265,22 @@ def main() -> None:
     server = start_server(bundle_path, port, events, args.server_cpus, threads=args.threads, workers=args.workers)
     url = f"http://127.0.0.1:{port}"
     result["request_bytes"] = len(body)
+    plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         with httpx.Client(base_url=url, timeout=10) as c:
             def one() -> None:
                 r = c.post("/rank", content=body, headers={"content-type": "application/json"})
                 if r.status_code != 200:
                     raise RuntimeError(r.text)
+
+            def one_plain() -> None:
+                plain.request("POST", "/rank", body=body, headers={"content-type": "application/json"})
+                r = plain.getresponse()
+                text = r.read()
+                if r.status != 200:
+                    raise RuntimeError(text.decode())
             stages["http /rank (loopback, one client)"] = one
+            stages["http /rank (loopback, one client, http.client)"] = one_plain
             rows = interleaved(stages, args.reps)
             result["server_scoring"] = c.get("/health").json()["scoring"]
         result["latency"] = rows
@@ -304,6 +316,7 @@ def main() -> None:
         result["load_test"] = next((r for r in runs if within(r)), min(runs, key=lambda r: r["p99_ms"]))
         result["events_logged"] = httpx.get(f"{url}/health").json()["events"]["stored"]
     finally:
+        plain.close()
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     result["machine"]["load_avg_end"] = os.getloadavg()
