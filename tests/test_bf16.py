@@ -38,7 +38,7 @@ def test_an_mlp_matches_its_literal_bf16_formula() -> None:
     form = bf16_form(mlp)
     assert [type(m) for m in form] == [Bf16Linear, nn.ReLU, Bf16Linear, nn.ReLU, Fp32Head]  # the logit in fp32
     assert [m.keep for m in form if isinstance(m, Bf16Linear)] == [True, True]
-    assert isinstance(form, MLP) and hasattr(form, "after_first")
+    assert isinstance(form, MLP) and hasattr(form, "with_first_weight")
     assert isinstance(mlp[1], nn.BatchNorm1d) and mlp[0].weight.dtype == torch.float32  # the model is untouched
     x = torch.randn(64, 6)
     h = _bf16(x)

@@ -113,12 +113,12 @@ class CTRModel(nn.Module):
 
     def mlp_over_fields(self, emb: torch.Tensor, batch: Any, numeric: bool = True) -> torch.Tensor:
         """``self.mlp(emb.flatten(1))`` [B, out] for the field vectors ``emb`` straight from ``self.embedding``
-        (``numeric=False``: given without the numeric fields); a first ``nn.Linear`` layer runs through
-        :meth:`~ctrkit.nn.embedding.FeatureEmbedding.project`, which folds the numeric fields' columns (the same
-        result; on Criteo's layout the first layer reads 442 of 624 columns)."""
+        (``numeric=False``: given without the numeric fields); a first ``nn.Linear`` layer reads them through
+        :meth:`~ctrkit.nn.embedding.FeatureEmbedding.project_inputs`, which folds the numeric fields' columns (the
+        same result; on Criteo's layout the first layer reads 448 of 624 columns)."""
         first = self.mlp[0]
         if type(first) is nn.Linear:
-            return self.mlp.after_first(self.embedding.project(emb, batch, first, numeric=numeric))
+            return self.mlp.with_first_weight(*self.embedding.project_inputs(emb, batch, first.weight, numeric))
         if not numeric and self.spec.n_dense:  # another first layer (a serving form's) reads every field's vector
             emb = torch.cat([emb, self.embedding.numeric_vectors(batch)], dim=1)
         return self.mlp(emb.flatten(1))

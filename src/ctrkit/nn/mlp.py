@@ -61,14 +61,15 @@ class _LinearReLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         x, weight, y = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        g = grad.to(y.dtype) * (y > 0).to(y.dtype)
+        g = torch.where(y > 0, grad.to(y.dtype), 0.0)
         grad_x = (g @ weight).to(x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, (g.t() @ x).to(w_dtype), g.sum(0).to(b_dtype)
 
 
-def linear_relu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``relu(layer(x))`` for a 2-D ``x`` and a ``layer`` with a bias, as one fused matrix product."""
-    return _LinearReLU.apply(x, layer.weight, layer.bias)
+def linear_relu(x: torch.Tensor, layer: nn.Linear, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(layer(x))`` for a 2-D ``x`` and a ``layer`` with a bias, as one fused matrix product; ``weight``
+    stands in for the layer's own (a folded form of it) where given."""
+    return _LinearReLU.apply(x, layer.weight if weight is None else weight, layer.bias)
 
 
 class MLP(nn.Sequential):
@@ -100,21 +101,28 @@ class MLP(nn.Sequential):
         self.out_features = out_dim if out_dim is not None else d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._layers(x, 0)
+        return self._layers(x)
 
-    def after_first(self, h: torch.Tensor) -> torch.Tensor:
-        """The MLP from its first layer's output ``h`` on, for a caller that computes that layer itself."""
-        return self._layers(h, 1)
+    def with_first_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The MLP over ``x`` with ``weight`` in place of its first layer's (a folded form of it, such as
+        :meth:`~ctrkit.nn.embedding.FeatureEmbedding.project_inputs` gives), the first layer's bias kept."""
+        if type(self[0]) is not nn.Linear:
+            raise ValueError(f"with_first_weight needs an nn.Linear first layer, this MLP starts with {self[0]}")
+        return self._layers(x, weight)
 
-    def _layers(self, h: torch.Tensor, start: int) -> torch.Tensor:
+    def _layers(self, h: torch.Tensor, first_weight: torch.Tensor | None = None) -> torch.Tensor:
         layers = list(self)
-        i = start
+        i = 0
         while i < len(layers):
             layer = layers[i]
+            weight = first_weight if i == 0 else None
             if (h.is_cuda and h.dim() == 2 and type(layer) is nn.Linear and layer.bias is not None
                     and i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU):
-                h = linear_relu(h, layer)
+                h = linear_relu(h, layer, weight)
                 i += 2
+            elif type(layer) is nn.Linear:
+                h = F.linear(h, layer.weight if weight is None else weight, layer.bias)
+                i += 1
             else:
                 h = layer(h)
                 i += 1
