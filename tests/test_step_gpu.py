@@ -1,0 +1,68 @@
+"""On a GPU the step compiles the dense weights' Adam (its foreach form, whose kernels spread over the whole GPU):
+the same weights as torch's fused Adam, step for step, through the CUDA graph; a failed compile warns once and
+updates eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctrkit.data.dataset import Batch
+from ctrkit.models import build_model
+from ctrkit.nn.embedding import FeatureSpec
+from ctrkit.training.step import WARMUP_STEPS, TrainStep
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SPEC = FeatureSpec(n_ids=300, field_sizes=(100, 200), sparse_names=("a", "b"), dense_names=("x", "y"))
+CUDA = torch.device("cuda")
+
+
+def batches(n: int, rows: int = 512) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.stack([torch.randint(0, 100, (rows,), generator=g),
+                           torch.randint(100, 300, (rows,), generator=g)], dim=1)
+        out.append(Batch(ids=ids.int().to(CUDA), dense=torch.randn(rows, 2, generator=g).to(CUDA),
+                         label=(torch.rand(rows, generator=g) < 0.3).float().to(CUDA)))
+    return out
+
+
+def deepfm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("deepfm", SPEC, embed_dim=8, hidden=(64, 32), dropout=0.0, batch_norm=False).to(CUDA)
+
+
+def test_compiled_dense_adam_matches_torchs_fused_adam() -> None:
+    compiled_model, fused_model = deepfm(), deepfm()
+    compiled = TrainStep(compiled_model, CUDA, lr=0.01, bf16=False)
+    assert compiled._foreach is not None and compiled._compiled["dense"] is not None
+    fused = TrainStep(fused_model, CUDA, lr=0.01, bf16=False)
+    assert fused._foreach is not None
+    at = fused.opts.index(fused._foreach)
+    fused.opts[at] = torch.optim.Adam(fused._foreach.param_groups[0]["params"], lr=fused._lr_dense, fused=True,
+                                      capturable=True)
+    fused._foreach = None
+    for b in batches(WARMUP_STEPS + 4):
+        compiled(b)
+        fused(b)
+    assert compiled._graph is not None and fused._graph is not None  # both replay a captured step
+    want = fused_model.state_dict()
+    for k, v in compiled_model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_failed_dense_compile_warns_and_updates_eagerly() -> None:
+    model = deepfm()
+    step = TrainStep(model, CUDA, lr=0.01, bf16=False, graphs=False)
+
+    def broken() -> None:
+        raise RuntimeError("no compiler")
+
+    step._compiled["dense"] = broken
+    before = model.mlp[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="torch.compile failed .*no compiler.*updating the dense weights eagerly"):
+        step(batches(1)[0])
+    assert not torch.equal(before, model.mlp[0].weight.detach())
+    assert step._compiled["dense"] is None
