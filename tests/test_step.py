@@ -244,7 +244,7 @@ def test_compiled_step_with_row_updates_has_no_graph_break() -> None:
     assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_eval_logits_are_the_models_compiled_for_full_batches_and_eager_for_the_last() -> None:
+def test_eval_logits_are_the_models_compiled_for_full_batches_and_padded_for_the_last() -> None:
     # batch norm in eval mode and dropout off: the compiled eval forward must be the model's eval forward
     m = model("deepfm", dropout=0.3, batch_norm=True)
     step = TrainStep(m, CPU, lr=0.05, compile="on", row_updates=True)
@@ -255,7 +255,15 @@ def test_eval_logits_are_the_models_compiled_for_full_batches_and_eager_for_the_
     with torch.no_grad():
         want_full, want_last = m(full), m(last)
     torch.testing.assert_close(step.logits(full), want_full, rtol=1e-5, atol=1e-6)
+    seen = []
+    compiled = step._compiled["eval"]
+    step._compiled["eval"] = lambda b: seen.append(len(b)) or compiled(b)
     torch.testing.assert_close(step.logits(last), want_last, rtol=1e-5, atol=1e-6)
+    assert seen == [32]  # the 7 rows repeated up to the compiled size, then cut back
+    longer = batches(1, 40, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(step.logits(longer), m(longer), rtol=1e-5, atol=1e-6)
+    assert seen == [32]  # a longer batch runs eagerly
     assert step._compiled_ok == {"train", "eval"}
     assert step.logits(full).requires_grad is False
 

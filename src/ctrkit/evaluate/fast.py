@@ -17,43 +17,30 @@ import torch
 from ctrkit.evaluate.metrics import EPS
 
 
-def _segment_ends(sorted_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start and end (exclusive) of each run of equal values in a sorted vector."""
-    n = len(sorted_p)
-    change = torch.ones(n + 1, dtype=torch.bool, device=sorted_p.device)
-    change[1:n] = sorted_p[1:] != sorted_p[:-1]
-    edges = torch.nonzero(change).squeeze(1)
-    return edges[:-1], edges[1:]
+def _auc_terms(ys: torch.Tensor, ps: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """Weighted Mann-Whitney numerator (ties count one half) over rows sorted by prediction, as a device scalar:
+    each positive row's weight times the negative weight below its run of equal predictions plus half that in
+    it. The runs' bounds come from running max / min scans, so nothing waits for the host."""
+    n = len(ps)
+    idx = torch.arange(n, device=ps.device)
+    new_run = torch.ones(n, dtype=torch.bool, device=ps.device)
+    new_run[1:] = ps[1:] != ps[:-1]
+    start = torch.cummax(torch.where(new_run, idx, 0), 0).values  # first row of each row's run
+    last = torch.ones_like(new_run)
+    last[:-1] = new_run[1:]
+    end = torch.flip(torch.cummin(torch.flip(torch.where(last, idx, n), [0]), 0).values, [0])  # its last row
+    cneg = torch.cumsum(ws * (1 - ys), 0)
+    below = torch.where(start > 0, cneg[(start - 1).clamp(min=0)], 0.0)
+    return torch.sum(ws * ys * (below + 0.5 * (cneg[end] - below)))
 
 
-def _before(cum: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """cum[at - 1], and 0 where ``at`` is 0: the sum of everything before position ``at``."""
-    padded = torch.cat([cum.new_zeros(1), cum])
-    return padded[at]
-
-
-def auc(y: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> float:
-    """Weighted Mann-Whitney AUC (ties count one half); NaN with one class only."""
-    ps, order = torch.sort(p)
-    ys, ws = y[order], w[order]
-    cpos, cneg = torch.cumsum(ws * ys, 0), torch.cumsum(ws * (1 - ys), 0)
-    start, end = _segment_ends(ps)
-    pos_run = _before(cpos, end) - _before(cpos, start)
-    neg_before = _before(cneg, start)
-    neg_run = _before(cneg, end) - neg_before
-    w_pos, w_neg = cpos[-1], cneg[-1]
-    if float(w_pos) <= 0 or float(w_neg) <= 0:
-        return float("nan")
-    return float(torch.sum(pos_run * (neg_before + 0.5 * neg_run)) / (w_pos * w_neg))
-
-
-def _numpy_quantiles(p: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """``np.quantile(p, np.linspace(0, 1, n_bins + 1))`` on the device, with NumPy's operations in NumPy's order
-    (NumPy's linspace, its virtual index (n - 1) q and its two-sided lerp, each a separate rounding):
-    torch.quantile rounds differently, and an edge one ulp off a tied prediction moves it to another bin."""
-    s = torch.sort(p).values
+def _numpy_quantiles(s: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """``np.quantile(p, np.linspace(0, 1, n_bins + 1))`` of the sorted predictions ``s`` on the device, with NumPy's
+    operations in NumPy's order (NumPy's linspace, its virtual index (n - 1) q and its two-sided lerp, each a
+    separate rounding): torch.quantile rounds differently, and an edge one ulp off a tied prediction moves it to
+    another bin."""
     n = len(s)
-    q = torch.from_numpy(np.linspace(0, 1, n_bins + 1)).to(p)
+    q = torch.from_numpy(np.linspace(0, 1, n_bins + 1)).to(s)
     vi = (n - 1) * q
     above = vi >= n - 1  # q = 1: the last value (vi is never below 0)
     lo = torch.where(above, torch.full_like(vi, n - 1), torch.floor(vi))
@@ -64,40 +51,51 @@ def _numpy_quantiles(p: torch.Tensor, n_bins: int) -> torch.Tensor:
     return torch.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
 
 
-def ece(y: torch.Tensor, p: torch.Tensor, w: torch.Tensor, n_bins: int = 20) -> float:
-    """Expected calibration error over equal-mass bins (the edges of :func:`ctrkit.evaluate.metrics.ece`)."""
-    edges = torch.unique(_numpy_quantiles(p, n_bins))
+def _ece_terms(y: torch.Tensor, p: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
+               n_bins: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted sum of |actual - predicted| over equal-mass bins, weight in non-empty bins), the bins' edges
+    those of :func:`ctrkit.evaluate.metrics.ece`, from the sorted predictions ``s``."""
+    edges = torch.unique(_numpy_quantiles(s, n_bins))
     k = max(len(edges) - 1, 1)
     idx = torch.clamp(torch.searchsorted(edges, p, right=True) - 1, 0, max(len(edges) - 2, 0))
     count = torch.zeros(k, dtype=p.dtype, device=p.device).index_add_(0, idx, w)
     sum_p = torch.zeros_like(count).index_add_(0, idx, w * p)
     sum_y = torch.zeros_like(count).index_add_(0, idx, w * y)
     ok = count > 0
-    if not bool(ok.any()):
-        return float("nan")
-    gap = torch.abs(sum_y[ok] / count[ok] - sum_p[ok] / count[ok])
-    return float(torch.sum(count[ok] * gap) / count[ok].sum())
+    safe = torch.where(ok, count, 1.0)
+    gap = torch.where(ok, torch.abs(sum_y / safe - sum_p / safe), 0.0)
+    return torch.sum(count * gap), torch.sum(torch.where(ok, count, 0.0))
 
 
 def evaluate(y: torch.Tensor, p: torch.Tensor, weight: torch.Tensor | None = None) -> dict[str, Any]:
     """auc, logloss, ece, pred_actual_ratio, mean_pred, positive_rate, n, positives of one head, as
-    :func:`ctrkit.evaluate.metrics.evaluate` gives them (float64 throughout)."""
+    :func:`ctrkit.evaluate.metrics.evaluate` gives them (float64 throughout), from one sort of the predictions
+    and one transfer of the sums to the host."""
     y, p = y.reshape(-1).double(), p.reshape(-1).double()
     if len(y) != len(p):
         raise ValueError(f"labels and predictions differ in length: {len(y)} vs {len(p)}")
-    if len(y) and bool(torch.isnan(p).any() | (p < 0).any() | (p > 1).any()):
-        raise ValueError("predictions must be probabilities in [0, 1] without NaN")
-    w = torch.ones_like(y) if weight is None else weight.reshape(-1).double()
     n = len(y)
-    wsum, wpos = float(w.sum()), float(torch.dot(w, y))
-    mean_pred = float(torch.dot(w, p)) / wsum if wsum else float("nan")
+    nan = float("nan")
+    if n == 0:
+        return {"auc": nan, "logloss": nan, "ece": nan, "pred_actual_ratio": nan, "mean_pred": nan,
+                "positive_rate": nan, "n": 0, "positives": 0}
+    w = torch.ones_like(y) if weight is None else weight.reshape(-1).double()
+    ps, order = torch.sort(p)
+    ys, ws = y[order], w[order]
     c = torch.clamp(p, EPS, 1 - EPS)
-    logloss = float(-torch.sum(w * (y * torch.log(c) + (1 - y) * torch.log1p(-c)))) / wsum if wsum else float("nan")
-    return {"auc": auc(y, p, w) if n else float("nan"), "logloss": logloss,
-            "ece": ece(y, p, w) if n else float("nan"),
-            "pred_actual_ratio": mean_pred / (wpos / wsum) if wsum and wpos else float("nan"),
-            "mean_pred": mean_pred, "positive_rate": wpos / wsum if wsum else float("nan"),
-            "n": int(n), "positives": int(float(y.sum()))}
+    ece_sum, ece_weight = _ece_terms(y, p, w, ps)
+    bad = torch.isnan(ps[-1]) | (ps[0] < 0) | (ps[-1] > 1)  # NaN sorts last
+    wsum, wpos, wp, loss, u, positives, w_neg, ece_sum, ece_weight, bad = torch.stack([
+        w.sum(), torch.dot(w, y), torch.dot(w, p), -torch.sum(w * (y * torch.log(c) + (1 - y) * torch.log1p(-c))),
+        _auc_terms(ys, ps, ws), y.sum(), torch.dot(w, 1 - y), ece_sum, ece_weight, bad.double()]).tolist()
+    if bad:
+        raise ValueError("predictions must be probabilities in [0, 1] without NaN")
+    return {"auc": u / (wpos * w_neg) if wpos > 0 and w_neg > 0 else nan,
+            "logloss": loss / wsum if wsum else nan,
+            "ece": ece_sum / ece_weight if ece_weight > 0 else nan,
+            "pred_actual_ratio": (wp / wsum) / (wpos / wsum) if wsum and wpos else nan,
+            "mean_pred": wp / wsum if wsum else nan, "positive_rate": wpos / wsum if wsum else nan,
+            "n": int(n), "positives": int(positives)}
 
 
 def evaluate_heads(y: torch.Tensor, p: torch.Tensor, names: list[str] | tuple[str, ...] = (),

@@ -23,6 +23,7 @@ A batch ``scale`` times larger than :data:`BASE_BATCH` gets a large-batch rule (
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import os
@@ -59,6 +60,7 @@ BASE_BATCH = 4096
 LARGE_BATCH = ("auto", "rows", "cowclip", "off")
 COMPILE = ("auto", "on", "off")
 WARMUP_STEPS = 3  # eager steps before a GPU step is captured: compilation and allocator warm-up happen here
+BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))  # every tensor a batch can carry
 
 
 @dataclass(frozen=True)
@@ -325,11 +327,20 @@ class TrainStep:
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
         """The model's float32 logits of ``batch`` with the step's precision, for validation (call it with the
-        model in eval mode). Compiled when the step is, for batches of the first size it sees; other sizes (an
-        epoch's last, shorter batch) run eagerly, so that nothing recompiles."""
+        model in eval mode). Compiled when the step is, for batches of the first size it sees; a shorter batch (an
+        epoch's last) goes through the same compiled forward with its rows repeated up to that size, since each
+        row's logit depends on that row alone (an eager pass of a GPU model costs several compiled ones); a
+        longer one runs eagerly, so that nothing recompiles."""
+        n = len(batch)
         if self._eval_rows is None:
-            self._eval_rows = len(batch)
-        return self._call_compiled("eval", batch) if len(batch) == self._eval_rows else self._eval_logits(batch)
+            self._eval_rows = n
+        if n == self._eval_rows:
+            return self._call_compiled("eval", batch)
+        if n > self._eval_rows or self._compiled.get("eval") is None:
+            return self._eval_logits(batch)
+        rows = torch.arange(self._eval_rows, device=batch.ids.device) % n
+        return self._call_compiled("eval", Batch(**{k: None if getattr(batch, k) is None else getattr(batch, k)[rows]
+                                                    for k in BATCH_FIELDS}))[:n]
 
     def _row_ids(self, batch: Batch) -> torch.Tensor:
         """The rows of the tables this batch can read: every id of the batch (sequence ids too), in the ids' dtype."""
@@ -480,12 +491,12 @@ class TrainStep:
         assert s is not None
         return all((getattr(batch, k) is None) == (getattr(s, k) is None) and
                    (getattr(batch, k) is None or getattr(batch, k).shape == getattr(s, k).shape)
-                   for k in ("ids", "dense", "label", "weight", "seq", "seq_len"))
+                   for k in BATCH_FIELDS)
 
     def _copy_in(self, batch: Batch) -> None:
         s = self._static
         assert s is not None
-        for k in ("ids", "dense", "label", "weight", "seq", "seq_len"):
+        for k in BATCH_FIELDS:
             src = getattr(batch, k)
             if src is not None:
                 getattr(s, k).copy_(src, non_blocking=True)
@@ -493,7 +504,7 @@ class TrainStep:
     def _capture(self, batch: Batch) -> None:
         """Record the step on this batch's shapes once, then replay it for this batch."""
         self._static = Batch(**{k: None if getattr(batch, k) is None else getattr(batch, k).clone()
-                                for k in ("ids", "dense", "label", "weight", "seq", "seq_len")})
+                                for k in BATCH_FIELDS})
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
