@@ -336,7 +336,7 @@ class TrainStep:
             self._eval_rows = n
         if n == self._eval_rows:
             return self._call_compiled("eval", batch)
-        if n > self._eval_rows or self._compiled.get("eval") is None:
+        if n > self._eval_rows or n == 0 or self._compiled.get("eval") is None:
             return self._eval_logits(batch)
         rows = torch.arange(self._eval_rows, device=batch.ids.device) % n
         return self._call_compiled("eval", Batch(**{k: None if getattr(batch, k) is None else getattr(batch, k)[rows]
