@@ -31,12 +31,14 @@ one-time work and is not timed.
   data; copy it there with the checkout). On the harness's data, not this script's: the first 1M of 2M rows of
   the same generator, in FuxiCTR's own encoding (checked against its feature map), the same model settings,
   each batch size time-boxed (``--fuxictr-seconds``). Reported: steady-state samples/s, and samples/s with its
-  epoch boundaries and evaluation.
+  epoch boundaries and evaluation. ``--fuxictr-ttq BATCH`` also trains FuxiCTR's DeepFM to early stopping on this
+  script's own rows, in its own encoding (``bench/fuxictr_ttq.py``): its time to quality beside ctrkit's.
 
 Prints a table and writes ``<out>/gpu.json``. Usage::
 
     python bench/bench_gpu.py --peers ../shared/peers [--rows 10000000] [--batch-sizes 4096,16384,65536]
-        [--parts speed,rules,zoo,big] [--harness-ref] [--fuxictr .peerbench] [--out bench/results]
+        [--parts speed,rules,zoo,big] [--harness-ref] [--fuxictr .peerbench [--fuxictr-ttq 65536]]
+        [--out bench/results]
 
 Scoring on the GPU (1,000 raw candidates through a bundle) is ``bench/bench_gpu_score.py``.
 """
@@ -177,20 +179,27 @@ def gpu_util_sampler() -> subprocess.Popen | None:
         return None
 
 
+def peer_env(bundle: Path, python: str | None) -> tuple[str, dict[str, str]]:
+    """(interpreter, environment) for a FuxiCTR subprocess. ``python``: an interpreter that has FuxiCTR already (a
+    CPU check with the peers' venv); by default the bundle's wheels are installed into a scratch folder beside this
+    machine's packages."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    if python is not None:
+        return python, env
+    site = Path(tempfile.gettempdir()) / "ctrkit-peer-site"
+    if not site.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--target", str(site), *map(str, sorted((bundle / "whl").glob("*.whl")))],
+                       check=True)
+    env["PYTHONPATH"] = str(site)
+    return sys.executable, env
+
+
 def fuxictr_run(bundle: Path, batch_sizes: str, seconds: float, device: str,
                 python: str | None = None) -> list[dict[str, Any]]:
     """FuxiCTR's DeepFM at each batch size through the bundle's ``gpu_bench.py`` (a subprocess); its results as
-    rows of this benchmark. ``python``: an interpreter that has FuxiCTR already (a CPU check with the peers' venv);
-    by default the bundle's wheels are installed into a scratch folder beside this machine's packages."""
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    if python is None:
-        site = Path(tempfile.gettempdir()) / "ctrkit-peer-site"
-        if not site.exists():
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                            "--no-cache-dir", "--target", str(site), *map(str, sorted((bundle / "whl").glob("*.whl")))],
-                           check=True)
-        env["PYTHONPATH"] = str(site)
-        python = sys.executable
+    rows of this benchmark (``python``: see :func:`peer_env`)."""
+    python, env = peer_env(bundle, python)
     results = Path(tempfile.mkdtemp(prefix="fuxictr-")) / "results.jsonl"
     n = len(batch_sizes.split(","))
     cmd = [python, str(bundle / "harness" / "gpu_bench.py"), "--libs", "fuxictr", "--device", device,
@@ -214,6 +223,22 @@ def fuxictr_run(bundle: Path, batch_sizes: str, seconds: float, device: str,
     return rows
 
 
+def fuxictr_ttq(bundle: Path, rows: int, batch_size: int, epochs: int, device: str,
+                python: str | None = None) -> dict[str, Any] | None:
+    """FuxiCTR's DeepFM trained to early stopping on this benchmark's rows (``bench/fuxictr_ttq.py`` in a
+    subprocess, ``python``: see :func:`peer_env`): its time to quality, or None (and its output) if it gave none."""
+    python, env = peer_env(bundle, python)
+    cmd = [python, str(ROOT / "bench" / "fuxictr_ttq.py"), "--bundle", str(bundle), "--rows", str(rows),
+           "--batch-size", str(batch_size), "--epochs", str(epochs), "--device", device]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    for line in run.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"FuxiCTR to early stopping gave no result (rc {run.returncode})\n{run.stdout[-2000:]}\n"
+          f"{run.stderr[-3000:]}", flush=True)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", default=str(ROOT.parent / "shared" / "peers"), help="folder of gen_synth_criteo.py")
@@ -226,6 +251,8 @@ def main() -> None:
     ap.add_argument("--fuxictr", type=Path, default=None,
                     help="bundle of bench/peer_bundle.sh: also run FuxiCTR's DeepFM on this device")
     ap.add_argument("--fuxictr-seconds", type=float, default=30.0, help="FuxiCTR's time box per batch size")
+    ap.add_argument("--fuxictr-ttq", type=int, default=0, metavar="BATCH",
+                    help="with --fuxictr: also train FuxiCTR's DeepFM to early stopping on these rows at this batch")
     ap.add_argument("--fuxictr-python", default=None,
                     help="an interpreter with FuxiCTR installed (a CPU check), instead of the bundle's wheels")
     ap.add_argument("--zoo", default=",".join(ZOO), help="models of the zoo part")
@@ -347,6 +374,13 @@ def main() -> None:
         row["rows"] = args.big_rows
         emit(row)
         del big
+    if args.fuxictr is not None and args.fuxictr_ttq:
+        del data, parts_np, arrays
+        if cuda:
+            torch.cuda.empty_cache()
+        row = fuxictr_ttq(args.fuxictr, args.rows, args.fuxictr_ttq, args.epochs, args.device, args.fuxictr_python)
+        if row is not None:
+            emit(row)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu.json").write_text(json.dumps(out, indent=1, default=float))
     print(f"\n{'lib / model':<58} {'batch':>6} {'samples/s':>12} {'1st epoch/s':>12} {'AUC':>7} {'to best s':>9}")

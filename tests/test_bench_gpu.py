@@ -51,3 +51,24 @@ def test_fuxictr_says_when_batch_sizes_are_missing(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(bench_gpu.subprocess, "run", fake_harness([], rc=2))
     assert bench_gpu.fuxictr_run(tmp_path, "4096,16384", 30.0, "cuda", python="python3") == []
     assert "FuxiCTR: 0 of 2 batch sizes ran (rc 2)" in capsys.readouterr().out
+
+
+def test_fuxictr_time_to_quality_is_the_drivers_result_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    row = {"lib": "fuxictr 2.3.10 DeepFM to early stopping", "batch": 65536, "epochs": 3, "best_epoch": 2,
+           "seconds_to_best": 41.5, "test_auc": 0.79}
+    seen: list[list[str]] = []
+
+    def run(cmd: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "encoded and wrote {}\nRESULT " + json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(bench_gpu.subprocess, "run", run)
+    assert bench_gpu.fuxictr_ttq(tmp_path, 1000, 65536, 8, "cuda", python="python3") == row
+    cmd = seen[0]
+    assert cmd[1].endswith("fuxictr_ttq.py") and cmd[cmd.index("--batch-size") + 1] == "65536"
+    assert cmd[cmd.index("--rows") + 1] == "1000" and cmd[cmd.index("--epochs") + 1] == "8"
+    monkeypatch.setattr(bench_gpu.subprocess, "run",
+                        lambda cmd, **_: subprocess.CompletedProcess(cmd, 1, "", "Traceback: no GPU"))
+    assert bench_gpu.fuxictr_ttq(tmp_path, 1000, 65536, 8, "cuda", python="python3") is None
+    assert "gave no result (rc 1)" in capsys.readouterr().out
