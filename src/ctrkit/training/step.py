@@ -60,7 +60,7 @@ BASE_BATCH = 4096
 LARGE_BATCH = ("auto", "rows", "cowclip", "off")
 COMPILE = ("auto", "on", "off")
 WARMUP_STEPS = 3  # eager steps before a GPU step is captured: compilation and allocator warm-up happen here
-BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))  # every tensor a batch can carry
+BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))  # every tensor a batch may hold
 
 
 @dataclass(frozen=True)
