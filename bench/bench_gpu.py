@@ -261,6 +261,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
+    if args.fuxictr_ttq and args.fuxictr is None:
+        ap.error("--fuxictr-ttq needs --fuxictr BUNDLE (bench/peer_bundle.sh builds it)")
     DEVICE[0] = args.device
     import torch
 

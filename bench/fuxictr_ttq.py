@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -132,8 +133,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    import tempfile
-
     work = args.work or Path(tempfile.mkdtemp(prefix="fuxictr-ttq-"))
     shutil.rmtree(work / "ckpt", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
