@@ -200,15 +200,17 @@ def fuxictr_run(bundle: Path, batch_sizes: str, seconds: float, device: str,
     """FuxiCTR's DeepFM at each batch size through the bundle's ``gpu_bench.py`` (a subprocess); its results as
     rows of this benchmark (``python``: see :func:`peer_env`)."""
     python, env = peer_env(bundle, python)
-    results = Path(tempfile.mkdtemp(prefix="fuxictr-")) / "results.jsonl"
     n = len(batch_sizes.split(","))
-    cmd = [python, str(bundle / "harness" / "gpu_bench.py"), "--libs", "fuxictr", "--device", device,
-           "--feature-map", str(bundle / "feature_map.json"), "--zoo", str(bundle / "zoo"), "--results", str(results),
-           "--seconds", str(seconds), "--batch-sizes", batch_sizes, "--budget", str(60 + n * (seconds + 60)),
-           "--work", str(results.parent)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180 + n * (seconds + 90))
+    with tempfile.TemporaryDirectory(prefix="fuxictr-") as work:
+        results = Path(work) / "results.jsonl"
+        cmd = [python, str(bundle / "harness" / "gpu_bench.py"), "--libs", "fuxictr", "--device", device,
+               "--feature-map", str(bundle / "feature_map.json"), "--zoo", str(bundle / "zoo"),
+               "--results", str(results), "--seconds", str(seconds), "--batch-sizes", batch_sizes,
+               "--budget", str(60 + n * (seconds + 60)), "--work", work]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180 + n * (seconds + 90))
+        lines = results.read_text().splitlines() if results.exists() else []
     rows = []
-    for line in results.read_text().splitlines() if results.exists() else []:
+    for line in lines:
         r = json.loads(line)
         size = re.fullmatch(r"train_samples_per_s_bs(\d+)", r["metric"])
         if size is None:

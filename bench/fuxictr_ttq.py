@@ -129,17 +129,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=65536)
     ap.add_argument("--epochs", type=int, default=8, help="most epochs")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a fresh temporary one)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder, kept (default: a temporary one, removed at the end)")
     ap.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    work = args.work or Path(tempfile.mkdtemp(prefix="fuxictr-ttq-"))
-    shutil.rmtree(work / "ckpt", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    sizes = write_splits(args.bundle, args.rows, work)
-    print(f"encoded and wrote {sizes} in {time.perf_counter() - t:.1f} s", flush=True)
-    row = {**train(args.bundle, work, args.batch_size, args.epochs, args.device), **sizes}
+    with tempfile.TemporaryDirectory(prefix="fuxictr-ttq-") as scratch:
+        work = args.work or Path(scratch)
+        shutil.rmtree(work / "ckpt", ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        sizes = write_splits(args.bundle, args.rows, work)
+        print(f"encoded and wrote {sizes} in {time.perf_counter() - t:.1f} s", flush=True)
+        row = {**train(args.bundle, work, args.batch_size, args.epochs, args.device), **sizes}
     print("RESULT", json.dumps(row), flush=True)
     if args.out is not None:
         args.out.write_text(json.dumps(row, indent=1))
