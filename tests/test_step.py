@@ -17,7 +17,8 @@ from ctrkit.models import build_model, model_names
 from ctrkit.models.base import model_class
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.training.optim import RowSparseOptimizer, cowclip
-from ctrkit.training.step import BASE_BATCH, LargeBatchRule, TrainStep, cpu_threads, large_batch_rule
+from ctrkit.training.step import (BASE_BATCH, MAX_AUTOTUNE, LargeBatchRule, TrainStep, cpu_threads,
+                                  large_batch_rule)
 
 SIZES = (40, 25, 7)
 SPEC = FeatureSpec(n_ids=sum(SIZES), field_sizes=SIZES, sparse_names=("a", "b", "c"), dense_names=("x", "z"))
@@ -242,6 +243,22 @@ def test_compiled_step_with_row_updates_has_no_graph_break() -> None:
     assert step._compiled_ok == {"train", "eval"}
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_compile_max_autotunes_the_forward_and_backward_and_the_eval_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, object]] = []
+
+    def fake_compile(fn: object, **kw: object) -> object:
+        seen.append((getattr(fn, "__name__", ""), kw.get("mode")))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    TrainStep(model("deepfm"), CPU, compile="max", row_updates=True)
+    TrainStep(model("deepfm"), CPU, compile="on", row_updates=True)
+    assert seen == [("_forward_loss", MAX_AUTOTUNE), ("_eval_logits", MAX_AUTOTUNE), ("_forward_loss", None),
+                    ("_eval_logits", None)]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        TrainStep(model("deepfm"), CPU, compile="fast")
 
 
 def test_eval_logits_are_the_models_compiled_for_full_batches_and_padded_for_the_last() -> None:

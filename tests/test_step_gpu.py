@@ -66,3 +66,16 @@ def test_a_failed_dense_compile_warns_and_updates_eagerly() -> None:
         step(batches(1)[0])
     assert not torch.equal(before, model.mlp[0].weight.detach())
     assert step._compiled["dense"] is None
+
+
+def test_max_autotune_trains_like_the_default_compile() -> None:
+    default_model, tuned_model = deepfm(), deepfm()
+    default = TrainStep(default_model, CUDA, lr=0.01, bf16=False)
+    tuned = TrainStep(tuned_model, CUDA, lr=0.01, bf16=False, compile="max")
+    for b in batches(WARMUP_STEPS + 4):
+        default(b)
+        tuned(b)
+    assert tuned._graph is not None and tuned._compiled_ok >= {"train"}
+    want = default_model.state_dict()
+    for k, v in tuned_model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5, msg=k)

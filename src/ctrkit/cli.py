@@ -114,8 +114,9 @@ def train(
                                                  "in the batch, dense LR times sqrt(batch/4096)), cowclip (the "
                                                  "CowClip paper's rule), off, or auto (rows above batch 4096 on a "
                                                  "GPU)."),
-    compile_step: str = typer.Option("auto", "--compile", help="Compile the training step: on, off, or auto (on "
-                                                               "a GPU)."),
+    compile_step: str = typer.Option("auto", "--compile", help="Compile the training step: on, off, auto (on "
+                                                               "a GPU), or max (on, with autotuned matrix products: "
+                                                               "a faster step for a minute more of compilation)."),
     optimizer: Optional[str] = typer.Option(None, help="adam, adagrad or rowwise_adagrad (one accumulator per "
                                                       "embedding row: the state of a huge table stays small); "
                                                       "default per model: adam."),

@@ -58,7 +58,10 @@ def cpu_threads() -> int:
 
 BASE_BATCH = 4096
 LARGE_BATCH = ("auto", "rows", "cowclip", "off")
-COMPILE = ("auto", "on", "off")
+COMPILE = ("auto", "on", "off", "max")
+# "max": Inductor times Triton matrix products against cuBLAS for each product of the step and fuses the ReLU
+# masks into the winners (a minute more of compilation; its own CUDA graphs stay off, the step captures its own)
+MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
 WARMUP_STEPS = 3  # eager steps before a GPU step is captured: compilation and allocator warm-up happen here
 BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))  # every tensor a batch may hold
 
@@ -134,7 +137,8 @@ class TrainStep:
 
     ``lr``, ``optimizer`` ("adam" / "adagrad" / "rowwise_adagrad", the last Adagrad for the dense weights) and
     ``weight_decay`` apply to every weight; ``rule`` is the
-    large-batch rule or None; ``compile`` ("auto" = on a GPU) compiles the forward and backward; ``graphs``
+    large-batch rule or None; ``compile`` ("auto" = on a GPU) compiles the forward and backward ("max": with
+    Inductor's autotuned matrix products, see :data:`MAX_AUTOTUNE`); ``graphs``
     captures the step in a CUDA graph and ``row_updates`` updates tables at the batch's rows from the gradients
     at the looked-up positions instead of through sparse gradients (both default to on a GPU, off with ``ddp``;
     a table must then be looked up with the batch's ids or sequence ids, whole); ``embedding_backend``
@@ -153,7 +157,7 @@ class TrainStep:
             raise ValueError(f"embedding_backend must be one of {sharded.BACKENDS}, got {embedding_backend!r}")
         self.torchrec = embedding_backend == "torchrec"
         if self.torchrec:
-            if graphs or row_updates or compile == "on":
+            if graphs or row_updates or compile in ("on", "max"):
                 raise ValueError("with TorchRec tables the step runs eagerly: no compile, graphs or row updates")
             if rule is not None and (rule.clip or rule.row_lr):
                 raise ValueError("the large-batch rules 'rows' and 'cowclip' act on ctrkit's own row updates; "
@@ -183,7 +187,7 @@ class TrainStep:
         self._lr_dense: torch.Tensor | None = None
         self.opts: list[torch.optim.Optimizer] = []
         self._foreach: torch.optim.Optimizer | None = None  # the dense Adam that the step compiles, if any
-        want_compile = compile == "on" or (compile == "auto" and self.cuda)
+        want_compile = compile in ("on", "max") or (compile == "auto" and self.cuda)
         self.row_updates = self.cuda and not ddp if row_updates is None else row_updates
         if self.row_updates:
             # a table's lookups give it no gradient: the gradient at each looked-up position reaches the row
@@ -239,8 +243,9 @@ class TrainStep:
         self._eager: dict[str, Any] = {"train": self._forward_loss, "eval": self._eval_logits}
         self._compiled: dict[str, Any] = {"train": None, "eval": None}
         if want_compile:  # the eval forward is a graph of its own: no autograd, dropout and batch norm off
-            self._compiled = {"train": torch.compile(self._forward_loss, dynamic=False),
-                              "eval": torch.compile(self._eval_logits, dynamic=False)}
+            mode = MAX_AUTOTUNE if compile == "max" else None
+            self._compiled = {"train": torch.compile(self._forward_loss, dynamic=False, mode=mode),
+                              "eval": torch.compile(self._eval_logits, dynamic=False, mode=mode)}
             if self._foreach is not None:  # Inductor's kernels for the dense update: see _dense_optimizer
                 self._eager["dense"] = self._foreach.step
                 self._compiled["dense"] = torch.compile(self._foreach.step)
