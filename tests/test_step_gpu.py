@@ -34,7 +34,7 @@ def deepfm() -> torch.nn.Module:
     return build_model("deepfm", SPEC, embed_dim=8, hidden=(64, 32), dropout=0.0, batch_norm=False).to(CUDA)
 
 
-def test_compiled_dense_adam_matches_torchs_fused_adam() -> None:
+def test_captured_steps_with_compiled_adam_train_like_fused_adam() -> None:
     compiled_model, fused_model = deepfm(), deepfm()
     compiled = TrainStep(compiled_model, CUDA, lr=0.01, bf16=False)
     assert compiled._foreach is not None and compiled._compiled["dense"] is not None
@@ -48,9 +48,33 @@ def test_compiled_dense_adam_matches_torchs_fused_adam() -> None:
         compiled(b)
         fused(b)
     assert compiled._graph is not None and fused._graph is not None  # both replay a captured step
+    # the two updates round differently (a few ulps), and Adam's normalised step turns a last-digit difference of a
+    # near-zero gradient into a visible one later: the bound is 1% of one step (lr), far below a wrong update's lr
     want = fused_model.state_dict()
     for k, v in compiled_model.state_dict().items():
-        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6, msg=k)
+        gap = float((v - want[k]).abs().max())
+        print(f"{k}: max difference {gap:.2e}")
+        assert gap <= 1e-4, (k, gap)
+
+
+def test_compiled_dense_adam_equals_fused_adam_on_the_same_gradients() -> None:
+    """The step's compiled update against torch's fused Adam, fed the same gradients each step (no feedback through
+    training, so a last-digit difference cannot grow): equal to float32 rounding."""
+    step = TrainStep(deepfm(), CUDA, lr=0.01, bf16=False)
+    params = step._foreach.param_groups[0]["params"]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    fused = torch.optim.Adam(twins, lr=step._lr_dense, fused=True, capturable=True)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    for _ in range(6):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, device=CUDA, generator=g) * 10.0 ** float(torch.randint(-9, 1, ()))
+            q.grad = p.grad.clone()
+        with torch.no_grad():
+            step._call_compiled("dense")
+            fused.step()
+    assert "dense" in step._compiled_ok
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_a_failed_dense_compile_warns_and_updates_eagerly() -> None:

@@ -31,7 +31,8 @@ except ImportError:  # a CPU-only torch: the CIN runs as a convolution
     triton = None
 
 AVAILABLE = triton is not None
-BLOCK_N = 64
+BLOCK_N = 128  # rows per program in bf16 / fp16 (see _rows)
+BLOCK_N_FP32 = 64
 SPLIT_PROGRAMS = 528  # weight-gradient programs to aim for: four per multiprocessor of an H100 / H200
 
 
@@ -145,6 +146,12 @@ if AVAILABLE:
         tl.store(part_ptr + sp * KP * HP2 + (ib * IB * MP + kk)[:, None] * HP2 + hh[None, :], acc)
 
 
+def _rows(dtype: torch.dtype) -> int:
+    """Rows per program: 128 in bf16 / fp16 (on an H100 at xDeepFM's 39 fields, the layer's forward plus backward
+    took 2.83 ms a step against 3.05 ms at 64), 64 in fp32, whose tiles are twice as large."""
+    return BLOCK_N_FP32 if dtype == torch.float32 else BLOCK_N
+
+
 def _check(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
     """(N = B * D, Hp, m, MP, IB, Hp padded, D) after checking the layouts the kernels read."""
     if not AVAILABLE:
@@ -169,9 +176,10 @@ def cin_layer(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> to
     n, hp, m, mp, ib, hp_pad, d = _check(x, x0, wp)
     out = torch.empty((x.shape[0], h, d), dtype=x.dtype, device=x.device)
     if n:
-        _forward[(triton.cdiv(n, BLOCK_N),)](x, x0, wp, out, n, hp, m, h, d, x.stride(0), x0.stride(0),
-                                             hp_pad // ib, IEEE=x.dtype == torch.float32, MP=mp, IB=ib,
-                                             HP2=wp.shape[2], BN=BLOCK_N)
+        bn = _rows(x.dtype)
+        _forward[(triton.cdiv(n, bn),)](x, x0, wp, out, n, hp, m, h, d, x.stride(0), x0.stride(0),
+                                        hp_pad // ib, IEEE=x.dtype == torch.float32, MP=mp, IB=ib,
+                                        HP2=wp.shape[2], BN=bn)
     return out
 
 
@@ -189,15 +197,16 @@ def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
     d_out = d_out.to(x.dtype).contiguous()
     dx, dx0 = x.new_empty(x.shape), torch.empty_like(x0)
     n_ib = hp_pad // ib
-    n_blocks = triton.cdiv(n, BLOCK_N) if n else 0
+    bn = _rows(x.dtype)
+    n_blocks = triton.cdiv(n, bn) if n else 0
     split = max(1, min(n_blocks, SPLIT_PROGRAMS // n_ib))
     part = torch.zeros((split, hp_pad * mp, hp2), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     if n:
         _backward_inputs[(n_blocks,)](d_out, x, x0, wp, dx, dx0, n, hp, m, h, d, x.stride(0), x0.stride(0), n_ib,
-                                      IEEE=ieee, MP=mp, IB=ib, HP2=hp2, BN=BLOCK_N)
+                                      IEEE=ieee, MP=mp, IB=ib, HP2=hp2, BN=bn)
         _backward_weight[(n_ib, split)](d_out, x, x0, part, n, hp, m, h, d, x.stride(0), x0.stride(0), n_blocks,
-                                        split, IEEE=ieee, MP=mp, IB=ib, HP2=hp2, BN=BLOCK_N, KP=hp_pad * mp)
+                                        split, IEEE=ieee, MP=mp, IB=ib, HP2=hp2, BN=bn, KP=hp_pad * mp)
     return dx, dx0, part.sum(0).view(hp_pad, mp, hp2)
 
 
