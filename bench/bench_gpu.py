@@ -38,7 +38,7 @@ Prints a table and writes ``<out>/gpu.json``. Usage::
 
     python bench/bench_gpu.py --peers ../shared/peers [--rows 10000000] [--batch-sizes 4096,16384,65536]
         [--parts speed,rules,zoo,big] [--harness-ref] [--fuxictr .peerbench [--fuxictr-ttq 65536]]
-        [--out bench/results]
+        [--compile max] [--out bench/results]
 
 Scoring on the GPU (1,000 raw candidates through a bundle) is ``bench/bench_gpu_score.py``.
 """
@@ -133,7 +133,7 @@ def with_history(data: dict[str, Any], spec: Any, field: str = "C4") -> tuple[di
                         seq_targets=(field,), seq_max=HISTORY)
 
 
-DEVICE = ["cuda"]  # --device cpu: a quick check of the script itself, without the reference
+RUN = {"device": "cuda", "compile": "auto"}  # --device cpu: a quick check of the script, without the reference
 
 
 def ctrkit_run(name: str, train: Any, valid: Any, test: Any, spec: Any, batch_size: int, epochs: int,
@@ -148,17 +148,17 @@ def ctrkit_run(name: str, train: Any, valid: Any, test: Any, spec: Any, batch_si
     torch.manual_seed(0)
     model = build_model(name, spec, embed_dim=16, hidden=(400, 400, 400), dropout=0.0, batch_norm=False)
     marks: list[float] = []
-    config = TrainConfig(batch_size=batch_size, device=DEVICE[0], epochs=epochs, patience=patience, lr=1e-3,
-                         progress=False, seed=0, **cfg)
+    config = TrainConfig(batch_size=batch_size, device=RUN["device"], epochs=epochs, patience=patience, lr=1e-3,
+                         progress=False, seed=0, **{"compile": RUN["compile"], **cfg})
     t0 = time.perf_counter()
     res = fit(model, train, valid, config, on_epoch=lambda r: marks.append(time.perf_counter()))
     wall = time.perf_counter() - t0
     epoch_s = [b - a for a, b in zip([t0] + marks[:-1], marks)]
     steady = epoch_s[1:]
-    p = predict_proba(model, test, batch_size=65536, device=DEVICE[0])
+    p = predict_proba(model, test, batch_size=65536, device=RUN["device"])
     hist = res.history
     row = {"lib": "ctrkit", "model": name, "batch": batch_size, "precision": res.precision,
-           "large_batch": cfg.get("large_batch", "auto"), "epochs": res.epochs, "best_epoch": res.best_epoch,
+           "large_batch": cfg.get("large_batch", "auto"), "compile": config.compile, "epochs": res.epochs, "best_epoch": res.best_epoch,
            "epoch_seconds": [round(s, 3) for s in epoch_s],
            "first_epoch_samples_per_s": len(train) / epoch_s[0],
            "samples_per_s": len(train) / median(steady) if steady else None,
@@ -262,10 +262,12 @@ def main() -> None:
                     help="speed part: skip the large batch under CowClip's rule and under none")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile", default="auto", choices=("auto", "max"),
+                    help="ctrkit's compile setting (max: Inductor's autotuned matrix products)")
     args = ap.parse_args()
     if args.fuxictr_ttq and args.fuxictr is None:
         ap.error("--fuxictr-ttq needs --fuxictr BUNDLE (bench/peer_bundle.sh builds it)")
-    DEVICE[0] = args.device
+    RUN.update(device=args.device, compile=args.compile)
     import torch
 
     from ctrkit.data.dataset import EncodedData
@@ -391,7 +393,8 @@ def main() -> None:
     for r in results:
         if "batch" not in r:
             continue
-        label = r["lib"] if r["lib"] != "ctrkit" else f"ctrkit {r['model']} {r.get('rule', r.get('large_batch', ''))}"
+        label = r["lib"] if r["lib"] != "ctrkit" else (f"ctrkit {r['model']} {r.get('rule', r.get('large_batch', ''))}"
+                                                       f"{' compile max' if r.get('compile') == 'max' else ''}")
         sps = r.get("samples_per_s") or 0
         first = r.get("first_epoch_samples_per_s") or 0
         auc_v = r.get("test_auc") or float("nan")
