@@ -158,7 +158,8 @@ def ctrkit_run(name: str, train: Any, valid: Any, test: Any, spec: Any, batch_si
     p = predict_proba(model, test, batch_size=65536, device=RUN["device"])
     hist = res.history
     row = {"lib": "ctrkit", "model": name, "batch": batch_size, "precision": res.precision,
-           "large_batch": cfg.get("large_batch", "auto"), "compile": config.compile, "epochs": res.epochs, "best_epoch": res.best_epoch,
+           "large_batch": cfg.get("large_batch", "auto"), "compile": config.compile, "epochs": res.epochs,
+           "best_epoch": res.best_epoch,
            "epoch_seconds": [round(s, 3) for s in epoch_s],
            "first_epoch_samples_per_s": len(train) / epoch_s[0],
            "samples_per_s": len(train) / median(steady) if steady else None,

@@ -129,7 +129,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=65536)
     ap.add_argument("--epochs", type=int, default=8, help="most epochs")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder, kept (default: a temporary one, removed at the end)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="scratch folder, kept (default: a temporary one, removed at the end)")
     ap.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
