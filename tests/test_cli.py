@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -104,6 +105,23 @@ def test_predict_rejects_bad_output_name(files: Path, trained: Path) -> None:
 def test_train_without_schema_explains(files: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["train", str(files / "train.csv"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "schema is needed" in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+@pytest.mark.parametrize(("option", "said"), [
+    (["--compile", "fast"], "compile must be one of ('auto', 'on', 'off', 'max'), got 'fast'"),
+    (["--precision", "fp8"], "precision must be one of"), (["--large-batch", "big"], "large_batch must be one of"),
+    (["--loss", "hinge"], "loss must be one of"), (["--optimizer", "sgd"], "optimizer must be one of"),
+    (["--device", "gpu"], "device must be cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "cuda"], "torch sees no CUDA device"), (["--epochs", "0"], "epochs and batch_size must be >= 1")])
+def test_train_settings_are_checked_before_any_data_is_read(files: Path, trained: Path, tmp_path: Path,
+                                                            option: list[str], said: str) -> None:
+    """A mistyped setting is named at once, not after the encode of a log that may take minutes: the training file
+    here does not exist, and the answer is about the setting (``trained`` wrote the schema)."""
+    res = runner.invoke(app, ["train", str(tmp_path / "nowhere.csv"), "--schema", str(files / "schema.yaml"),
+                              "--out", str(tmp_path / "o"), *option])
+    assert res.exit_code == 2 and said in res.output, res.output
+    assert "nowhere.csv" not in res.output and not (tmp_path / "o").exists()
 
 
 def test_train_libfm_with_fields_and_no_valid(tmp_path: Path) -> None:

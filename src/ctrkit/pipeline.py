@@ -100,6 +100,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         raise ValueError(f"--ensemble must be >= 1 (members), got {ensemble}")
     if ensemble > 1 and embedding_backend == "torchrec":
         raise ValueError("--ensemble trains plain tables; TorchRec-sharded members are not supported")
+    # the training settings the caller chose, checked before any data is read (a typo must not wait for the encode)
+    explicit = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+    TrainConfig(**{**cls.train_defaults, **(train_options or {}), **explicit}, device=device, loss=loss,
+                pos_weight=1.0 if pos_weight == "auto" else float(pos_weight), embedding_backend=embedding_backend)
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
     created = bool(out) and not Path(out).exists()
     if out:
@@ -153,10 +157,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         if embed_dim is not None:
             mopts["embed_dim"] = embed_dim
         mcfg = default_config(model, **mopts)
-        topts = {**cls.train_defaults, **auto["train"], **(train_options or {})}
-        for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
-            if value is not None:
-                topts[key] = value
+        topts = {**cls.train_defaults, **auto["train"], **(train_options or {}), **explicit}
         valid_set = enc.data.get("valid")
         first_order = auto.pop("first_order_fit")
         members, results, configs, fits = [], [], [], []

@@ -114,6 +114,12 @@ class TrainConfig:
     embedding_backend: str = "plain"
 
     def __post_init__(self) -> None:
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but torch sees no CUDA device")
         if self.embedding_backend not in sharded.BACKENDS:
             raise ValueError(f"embedding_backend must be one of {sharded.BACKENDS}, got {self.embedding_backend!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -278,8 +284,6 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     if valid_data is not None and len(valid_data) == 0:
         valid_data = None  # nothing to stop on: train every epoch, like without validation
     seed_everything(cfg.seed)
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
     world, device = setup(cfg.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma)
     model.fit_features(train_data)
