@@ -124,6 +124,12 @@ def test_train_settings_are_checked_before_any_data_is_read(files: Path, trained
     assert "nowhere.csv" not in res.output and not (tmp_path / "o").exists()
 
 
+def test_calibrate_names_a_bad_method_before_reading_the_data(trained: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["calibrate", str(trained / "bundle"), str(tmp_path / "nowhere.csv"), "--method", "beta",
+                              "--out", str(tmp_path / "cal")])
+    assert res.exit_code == 2 and "--method must be one of" in res.output and "'beta'" in res.output, res.output
+
+
 def test_train_libfm_with_fields_and_no_valid(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     lines = []

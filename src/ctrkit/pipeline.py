@@ -327,6 +327,8 @@ def recalibrate(bundle: str | Path, data: Source, out: str | Path, method: str =
 
     The exact downsampling / class-weight shift is kept; the weights, encoder and schema are unchanged.
     """
+    if method not in CALIBRATE_CHOICES:  # before the data is scored
+        raise ValueError(f"--method must be one of {CALIBRATE_CHOICES}, got {method!r}")
     b = Bundle.load(bundle)
     if getattr(b.model, "multi_head", False):
         raise ValueError(f"{bundle}: a calibrator applies to one-head models; this one has "
