@@ -30,7 +30,7 @@ from ctrkit.evaluate.calibrate import CHOICES as CALIBRATE_CHOICES, Calibrator, 
 from ctrkit.evaluate.report import render_report, save_report_data
 from ctrkit.serve.monitor import reference_distribution
 from ctrkit.training.distributed import world
-from ctrkit.training.sampling import downsample_negatives, logit_shift
+from ctrkit.training.sampling import check_rate, downsample_negatives, logit_shift
 from ctrkit.nn.embedding import FeatureLinear, FeatureSpec, tables_on
 from ctrkit.training.first_order import FOLDS, fit_first_order, load_first_order
 from ctrkit.training.trainer import TrainConfig, TrainResult, predict_logits, train as train_model
@@ -100,10 +100,12 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         raise ValueError(f"--ensemble must be >= 1 (members), got {ensemble}")
     if ensemble > 1 and embedding_backend == "torchrec":
         raise ValueError("--ensemble trains plain tables; TorchRec-sharded members are not supported")
-    # the training settings the caller chose, checked before any data is read (a typo must not wait for the encode)
+    # the settings the caller chose, checked before any data is read (a typo must not wait for the encode)
     explicit = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
     TrainConfig(**{**cls.train_defaults, **(train_options or {}), **explicit}, device=device, loss=loss,
                 pos_weight=1.0 if pos_weight == "auto" else float(pos_weight), embedding_backend=embedding_backend)
+    default_config(model, **{**(model_options or {}), **({"embed_dim": embed_dim} if embed_dim is not None else {})})
+    check_rate(neg_sample_rate)
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
     created = bool(out) and not Path(out).exists()
     if out:

@@ -17,10 +17,15 @@ from ctrkit.data.dataset import EncodedData
 from ctrkit.nn.embedding import FeatureLinear
 
 
-def downsample_negatives(data: EncodedData, rate: float, seed: int = 0) -> EncodedData:
-    """Every positive and a seeded random fraction ``rate`` of the negatives, in their original order."""
+def check_rate(rate: float) -> None:
+    """A negative sampling rate must be in (0, 1]."""
     if not 0 < rate <= 1:
         raise ValueError(f"neg_sample_rate must be in (0, 1], got {rate}")
+
+
+def downsample_negatives(data: EncodedData, rate: float, seed: int = 0) -> EncodedData:
+    """Every positive and a seeded random fraction ``rate`` of the negatives, in their original order."""
+    check_rate(rate)
     if rate == 1:
         return data
     label = np.asarray(data.label)
