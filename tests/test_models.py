@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -124,6 +125,20 @@ def test_config_dict_round_trip_and_unknown_keys() -> None:
     assert ModelConfig.from_dict(d) == cfg
     with pytest.raises(ValueError, match=r"unknown model settings \['dim', 'layers'\]"):
         ModelConfig.from_dict({"dim": 8, "layers": 2, "dropout": 0.1})
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ({"hidden": "abc"}, "hidden must be a list of integers, got 'abc'"),
+    ({"hidden": [200, "x"]}, "hidden must be a list of integers"), ({"dropout": "x"}, "dropout must be a number"),
+    ({"batch_norm": 3}, "batch_norm must be true or false, got 3"), ({"embed_dim": 8.5}, "embed_dim must be an integer"),
+    ({"embed_dim": True}, "embed_dim must be an integer"), ({"emb_l2": "big"}, "emb_l2 must be a number or null"),
+    ({"emb_l2_scope": 1}, "emb_l2_scope must be a string")])
+def test_a_setting_of_the_wrong_type_is_named(setting: dict[str, object], said: str) -> None:
+    """Settings come from YAML (``--set``, config files): a value of the wrong type is named with the type its field
+    wants, instead of failing somewhere in a comparison."""
+    with pytest.raises(ValueError, match=re.escape(f"model setting {said}")):
+        ModelConfig.from_dict(setting)
+    assert ModelConfig.from_dict({"dropout": 0, "hidden": [8], "emb_l2": None}).dropout == 0  # an int is a number
 
 
 SPECS = {"sparse": make_spec(n_dense=0), "dense": make_spec(n_sparse=0), "mixed": make_spec()}
