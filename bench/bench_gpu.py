@@ -286,6 +286,14 @@ def main() -> None:
                            "runs": []}
     out["commit"] = source_commit(ROOT)
     results: list[dict[str, Any]] = out["runs"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    def emit(row: dict[str, Any]) -> None:
+        """Print a result and rewrite gpu.json with it, so a run cut short keeps what it measured."""
+        results.append(row)
+        print("RESULT", json.dumps(row, default=float), flush=True)
+        (Path(args.out) / "gpu.json").write_text(json.dumps(out, indent=1, default=float))
+
     if args.harness_ref:
         ref = subprocess.run([sys.executable, os.path.join(args.peers, "gpu_plain_ref.py"), "--rows", str(args.rows),
                               "--batch-sizes", args.batch_sizes, "--max-steps", "100000"],
@@ -294,14 +302,12 @@ def main() -> None:
             if line.startswith("RESULT "):
                 r = json.loads(line[7:])
                 r["lib"] = "harness gpu_plain_ref.py (random ids)"
-                results.append(r)
-                print("RESULT", json.dumps(r), flush=True)
+                emit(r)
         if ref.returncode:
             print(ref.stderr[-3000:], flush=True)
     if args.fuxictr is not None:
         for r in fuxictr_run(args.fuxictr, args.batch_sizes, args.fuxictr_seconds, args.device, args.fuxictr_python):
-            results.append(r)
-            print("RESULT", json.dumps(r), flush=True)
+            emit(r)
     t = time.perf_counter()
     n_va = args.rows // 10
     total = args.rows + 2 * n_va
@@ -313,10 +319,6 @@ def main() -> None:
     bounds = {"train": (0, args.rows), "valid": (args.rows, args.rows + n_va), "test": (args.rows + n_va, total)}
     parts_np = {k: split(arrays, *b) for k, b in bounds.items()}
     data = {k: EncodedData(**v) for k, v in parts_np.items()}
-
-    def emit(row: dict[str, Any]) -> None:
-        results.append(row)
-        print("RESULT", json.dumps(row, default=float), flush=True)
 
     if "speed" in parts:
         for bs in sizes:
@@ -388,7 +390,6 @@ def main() -> None:
         row = fuxictr_ttq(args.fuxictr, args.rows, args.fuxictr_ttq, args.epochs, args.device, args.fuxictr_python)
         if row is not None:
             emit(row)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu.json").write_text(json.dumps(out, indent=1, default=float))
     print(f"\n{'lib / model':<58} {'batch':>6} {'samples/s':>12} {'1st epoch/s':>12} {'AUC':>7} {'to best s':>9}")
     for r in results:
