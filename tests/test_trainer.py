@@ -213,6 +213,19 @@ def test_train_config_rejects_bad_values(kwargs: dict, match: str) -> None:
         TrainConfig(**kwargs)
 
 
+def test_train_config_checks_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N, got 'gpu'"):
+        TrainConfig(device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        TrainConfig(device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    with pytest.raises(ValueError, match="--device cuda:2: torch sees 2 CUDA device"):
+        TrainConfig(device="cuda:2")
+
+
 def synthetic_auc_margin(seed: int, tmp_path: object) -> tuple[float, float]:
     """Test AUC of LR and FM trained on an encoded synthetic click log (time split 80/10/10)."""
     df, _ = make_click_log(n_rows=40_000, n_users=4_000, n_items=1_000, seed=seed)

@@ -115,11 +115,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         try:
-            kind = torch.device(self.device).type
+            device = torch.device(self.device)
         except RuntimeError:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
-        if kind == "cuda" and not torch.cuda.is_available():
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {self.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
         if self.embedding_backend not in sharded.BACKENDS:
             raise ValueError(f"embedding_backend must be one of {sharded.BACKENDS}, got {self.embedding_backend!r}")
         if self.optimizer not in OPTIMIZERS:
