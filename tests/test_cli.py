@@ -132,6 +132,20 @@ def test_calibrate_names_a_bad_method_before_reading_the_data(trained: Path, tmp
     assert res.exit_code == 2 and "--method must be one of" in res.output and "'beta'" in res.output, res.output
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+@pytest.mark.parametrize(("option", "said"), [
+    (["--max-batch", "0"], "--max-batch must be at least 1, got 0"), (["--threads", "0"], "--threads must be at"),
+    (["--workers", "0"], "--workers must be at least 1"), (["--watch", "-1"], "--watch must be 0 (off) or"),
+    (["--device", "cudaa"], "device must be cpu, cuda or cuda:N, got 'cudaa'"),
+    (["--device", "cuda"], "torch sees no CUDA device"), (["--port", "70000"], "less than or equal to 65535")])
+def test_serve_settings_are_checked_before_the_bundle_loads(tmp_path: Path, option: list[str], said: str) -> None:
+    """A server setting that cannot work is named before anything loads or binds: the bundle here does not exist,
+    and the answer is about the setting, not a traceback from torch or a server that takes no request."""
+    res = runner.invoke(app, ["serve", str(tmp_path / "nobundle"), *option])
+    assert res.exit_code == 2 and said in res.output, res.output
+    assert "nobundle" not in res.output and "Traceback" not in res.output
+
+
 def test_train_libfm_with_fields_and_no_valid(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     lines = []

@@ -6,6 +6,7 @@ import builtins
 import io
 
 import pytest
+import torch
 
 from ctrkit import devices
 
@@ -30,3 +31,22 @@ def test_no_cpuinfo_means_no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(builtins, "open", missing)
     assert devices.cpu_has_bf16() is False
+
+
+@pytest.mark.parametrize("name", ["gpu", "cudaa", "meta", "mps", "", "cuda:x"])
+def test_a_device_string_that_is_not_cpu_or_cuda_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=f"device must be cpu, cuda or cuda:N, got {name!r}"):
+        devices.check_device(name)
+
+
+def test_cuda_is_checked_against_the_devices_torch_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert devices.check_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda was asked for but torch sees no CUDA device"):
+        devices.check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices.check_device("cuda:1") == torch.device("cuda", 1)
+    assert devices.check_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match="--device cuda:2: torch sees 2 CUDA device"):
+        devices.check_device("cuda:2")

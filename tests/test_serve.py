@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -405,3 +406,11 @@ def test_watched_bundle_folder_is_reloaded_without_failing_a_request(bundles: tu
         health = c.get("/health").json()
         assert "weights.safetensors" in health["watch"]["error"] and health["bundle"] == after["bundle"]
         assert c.post("/score", json={"records": recs}).status_code == 200
+
+
+@pytest.mark.parametrize(("kwargs", "said"), [({"max_body_bytes": 0}, "max_body_bytes must be at least 1, got 0"),
+                                              ({"monitor_window": -5}, "monitor_window must be at least 1, got -5"),
+                                              ({"watch": float("nan")}, "--watch must be 0 (off) or a number")])
+def test_server_config_refuses_settings_that_cannot_serve(tmp_path: Path, kwargs: dict, said: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(said)):
+        ServerConfig(bundle=tmp_path, **kwargs)

@@ -213,17 +213,9 @@ def test_train_config_rejects_bad_values(kwargs: dict, match: str) -> None:
         TrainConfig(**kwargs)
 
 
-def test_train_config_checks_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_config_checks_the_device() -> None:
     with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N, got 'gpu'"):
         TrainConfig(device="gpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="torch sees no CUDA device"):
-        TrainConfig(device="cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert TrainConfig(device="cuda:1").device == "cuda:1"
-    with pytest.raises(ValueError, match="--device cuda:2: torch sees 2 CUDA device"):
-        TrainConfig(device="cuda:2")
 
 
 def synthetic_auc_margin(seed: int, tmp_path: object) -> tuple[float, float]:

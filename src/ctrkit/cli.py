@@ -326,7 +326,7 @@ def explain(bundle: Path = typer.Argument(..., help="A bundle folder."),
 @app.command()
 def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
-          port: int = typer.Option(8000, help="TCP port."),
+          port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free one)."),
           events: Optional[Path] = typer.Option(None, help="Event log folder: shown items, clicks, conversions."),
           token: Optional[str] = typer.Option(None, envvar="CTRKIT_TOKEN",
                                               help="Require 'Authorization: Bearer TOKEN' on every route but /health."),
@@ -359,12 +359,13 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         from ctrkit.serve.bundle import Bundle
     except ImportError as exc:
         _fail(str(exc))
-    torch.set_num_threads(threads)
     seg = tuple(s.strip() for s in segments.split(",") if s.strip()) if segments else ()
-    config = ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch, segments=seg, seed=seed,
-                          threads=threads, watch=watch, workers=workers, device=device)
-    if workers < 1:
-        _fail(f"--workers must be at least 1, got {workers}")
+    try:
+        config = ServerConfig(bundle=bundle, events=events, token=token, max_batch=max_batch, segments=seg,
+                              seed=seed, threads=threads, watch=watch, workers=workers, device=device)
+    except ValueError as exc:
+        _fail(str(exc))
+    torch.set_num_threads(threads)
     try:  # with several processes, the bundle is checked here once so that a bad one fails before they start
         api = create_app(config) if workers == 1 else Bundle.load(bundle) and None
     except USER_ERRORS as exc:

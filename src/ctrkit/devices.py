@@ -21,6 +21,22 @@ def cpu_has_bf16() -> bool:
     return False
 
 
+def check_device(name: str) -> torch.device:
+    """``name`` as a torch device, or a ValueError saying why it cannot run here: not a device string, CUDA
+    asked for on a machine without it, or a ``cuda:N`` beyond the devices torch sees."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def eval_rows(device: str | torch.device, asked: int | None = None) -> int:
     """Rows per forward pass when scoring without gradients: ``asked``, else 8,192 on a CPU, whose caches then
     hold a block's activations (FinalMLP scored Frappe's 57,722 validation rows in 0.47 s in blocks of 4,096 and

@@ -47,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError(f"ctrkit's server needs the 'serve' extra: pip install 'ctrkit[serve]' ({exc})") from exc
 
 from ctrkit.data.readers import DataError
+from ctrkit.devices import check_device
 from ctrkit.schema import SchemaError
 from ctrkit.serve.bundle import Bundle, BundleError
 from ctrkit.serve.events import EventLog, EventLogError, lowest_priority, open_writer
@@ -201,6 +202,15 @@ class ServerConfig:
     watch: float = 0.0
     workers: int = 1
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name, flag in (("max_batch", "--max-batch"), ("threads", "--threads"), ("workers", "--workers"),
+                           ("max_body_bytes", "max_body_bytes"), ("monitor_window", "monitor_window")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        if not self.watch >= 0:
+            raise ValueError(f"--watch must be 0 (off) or a number of seconds, got {self.watch}")
+        check_device(self.device)
 
     def to_env(self) -> str:
         """This configuration as the JSON that :func:`app_from_env` reads in each worker process."""

@@ -27,7 +27,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctrkit.data.dataset import BatchIterator, EncodedData
-from ctrkit.devices import cpu_has_bf16, eval_rows
+from ctrkit.devices import check_device, cpu_has_bf16, eval_rows
 from ctrkit.evaluate import fast
 from ctrkit.models.base import CTRModel
 from ctrkit.training import sharded
@@ -114,14 +114,7 @@ class TrainConfig:
     embedding_backend: str = "plain"
 
     def __post_init__(self) -> None:
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but torch sees no CUDA device")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {self.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        check_device(self.device)
         if self.embedding_backend not in sharded.BACKENDS:
             raise ValueError(f"embedding_backend must be one of {sharded.BACKENDS}, got {self.embedding_backend!r}")
         if self.optimizer not in OPTIMIZERS:
