@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctrkit.serve.events import EventLog
-from ctrkit.serve.monitor import LiveMonitor, html_report, monitor_log, psi, reference_distribution
+from ctrkit.serve.monitor import LiveMonitor, html_report, monitor_log, psi, ratio_row, reference_distribution
 
 
 def test_psi_against_the_formula() -> None:
@@ -60,6 +60,15 @@ def test_live_monitor_window_ratio_and_alerts() -> None:
     assert not quiet.snapshot()["overall"]["alert"]  # 1 click cannot raise an alert
 
 
+def test_ratio_rows_alert_outside_the_band_once_enough_clicks() -> None:
+    assert ratio_row(30.0, 20, 1000, min_clicks=10) == {"impressions": 1000, "clicks": 20, "pred": 30.0,
+                                                         "ratio": 1.5, "alert": True}
+    assert not ratio_row(30.0, 20, 1000, min_clicks=30)["alert"]  # too few clicks to tell
+    assert not ratio_row(21.0, 20, 1000, min_clicks=10)["alert"]  # 1.05 is inside [0.8, 1.2]
+    empty = ratio_row(5.0, 0, 1000, min_clicks=0)  # no click: no ratio, and no alert even at min_clicks 0
+    assert math.isnan(empty["ratio"]) and not empty["alert"]
+
+
 def test_monitor_log_alerts_when_traffic_shifts(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     events = []
@@ -89,6 +98,10 @@ def test_monitor_log_alerts_when_traffic_shifts(tmp_path: Path) -> None:
     assert "ALERT" in page and "data:image/png;base64" in page
     with pytest.raises(ValueError, match="no column 'nope'"):
         monitor_log(tmp_path / "log", bundle, segments=["nope"])
+    with pytest.raises(ValueError, match="--windows must be >= 1, got 0"):
+        monitor_log(tmp_path / "log", bundle, windows=0)
+    with pytest.raises(ValueError, match="--min-clicks must be >= 0, got -1"):
+        monitor_log(tmp_path / "log", bundle, min_clicks=-1)
 
 
 def test_monitor_log_checks_every_head_of_a_multi_task_bundle(tmp_path: Path) -> None:

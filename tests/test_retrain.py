@@ -184,6 +184,8 @@ def test_not_worse_with_refit_promotes_the_refit_and_refuses_a_worse_candidate(
     assert "refit" not in res.rows and "kept the base" in res.reason
     with pytest.raises(ValueError, match="rule"):
         retrain(out / "good", out / "weak" / "bundle", out / "x", rule="maybe")
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        retrain(out / "good", out / "weak" / "bundle", out / "x", epochs=0)
     # the attribution rules are the caller's: clicks 5 s after their impression, a 1 s click window, no clicks
     with pytest.raises(DataError, match="too few"):
         retrain(out / "good", out / "weak" / "bundle", out / "x", attribution=AttributionConfig(click_window_s=1.0))

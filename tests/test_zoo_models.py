@@ -162,6 +162,13 @@ def test_explain_names_models_that_show_nothing() -> None:
         explain_batch(build_model("deepfm", SPEC, **TINY), batch_for(SPEC))
 
 
+@pytest.mark.parametrize("top", [0, -3])
+def test_explain_wants_at_least_one_pair(top: int) -> None:
+    """``top=-3`` once listed every pair but the last three (a slice from the end)."""
+    with pytest.raises(ValueError, match=f"--top must be at least 1, got {top}"):
+        explain_batch(build_model("dcnv2", SPEC, **TINY), batch_for(SPEC), top=top)
+
+
 def test_explain_bundle_and_cli(log: tuple, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -181,6 +188,8 @@ def test_explain_bundle_and_cli(log: tuple, tmp_path: Path) -> None:
     assert "fibinet" in out.output and result.fields[0][0] in out.output
     out = CliRunner().invoke(app, ["explain", str(tmp_path / "bundle"), str(tmp_path / "nope.csv")])
     assert out.exit_code == 2 and "nope.csv" in out.output
+    out = CliRunner().invoke(app, ["explain", str(tmp_path / "bundle"), str(data), "--rows", "0"])
+    assert out.exit_code == 2 and "--rows must be at least 1, got 0" in out.output, out.output
 
 
 def test_gbdt_lr_leaves_are_fields_of_an_lr() -> None:

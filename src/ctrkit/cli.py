@@ -394,8 +394,6 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
     from ctrkit.serve.monitor import html_report, monitor_log
 
     seg = [s.strip() for s in segments.split(",") if s.strip()] if segments else []
-    if windows < 1:
-        _fail(f"--windows must be >= 1, got {windows}")
     try:
         res = monitor_log(log, Bundle.load(bundle), seg, windows, min_clicks)
     except USER_ERRORS as exc:

@@ -68,10 +68,18 @@ class _Accumulator:
         return out
 
 
+def _check(**counts: int) -> None:
+    """A ValueError naming the first count below 1 (``top`` or ``rows``, as the CLI's options are called)."""
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+
+
 @torch.no_grad()
 def explain_batch(model: CTRModel, batch: Batch, top: int = 10) -> Explanation:
     """The model's field importances and top ``top`` field pairs on one batch (a ValueError when the model
     has nothing to show)."""
+    _check(top=top)
     model.eval()
     acc = _Accumulator()
     acc.add(model.explain(batch))
@@ -82,6 +90,7 @@ def explain_batch(model: CTRModel, batch: Batch, top: int = 10) -> Explanation:
 def explain_bundle(bundle: Any, source: Source, max_rows: int = 100_000, top: int = 10,
                    **read_kwargs: Any) -> Explanation:
     """:func:`explain_batch` over the first ``max_rows`` rows of a file, read and encoded as the bundle scores."""
+    _check(top=top, rows=max_rows)
     model: CTRModel = bundle.model
     model.eval()
     device = next(model.parameters()).device

@@ -49,9 +49,10 @@ def psi(reference: Mapping[str, Sequence[float]], p: np.ndarray) -> float:
 
 def ratio_row(pred: float, clicks: float, impressions: int, min_clicks: int,
               band: tuple[float, float] = BAND) -> dict[str, Any]:
-    """One line of a calibration table: sums, the ratio and whether it is an alert."""
+    """One line of a calibration table: sums, the ratio and whether it is an alert (never without a click, whose
+    ratio is undefined, whatever ``min_clicks`` says)."""
     ratio = pred / clicks if clicks else float("nan")
-    alert = bool(clicks >= min_clicks and not band[0] <= ratio <= band[1])
+    alert = bool(clicks and clicks >= min_clicks and not band[0] <= ratio <= band[1])
     return {"impressions": int(impressions), "clicks": int(clicks), "pred": float(pred), "ratio": float(ratio),
             "alert": alert}
 
@@ -157,6 +158,10 @@ def monitor_log(log: str | Path, bundle: Any, segments: Sequence[str] = (), wind
     """
     from ctrkit.serve.events import attributed_impressions
 
+    if windows < 1:
+        raise ValueError(f"--windows must be >= 1, got {windows}")
+    if min_clicks < 0:
+        raise ValueError(f"--min-clicks must be >= 0, got {min_clicks}")
     names = bundle.schema.label_columns
     data = attributed_impressions(log, label=names[0], conversion=names[1] if len(names) > 1 else None)
     data = data.sort("timestamp")

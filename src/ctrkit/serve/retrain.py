@@ -248,6 +248,8 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     base_bundle = Bundle.load(base)
     sch = base_bundle.schema
     label = sch.label
