@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -668,6 +669,44 @@ def test_measure_refuses_viewable_share_in_percent(logs, tmp_path):
 def test_measure_ctr_bad_flags(logs, args, message):
     code, out = _cli(["measure", "ctr", logs / "impressions.parquet", "--clicks", logs / "clicks.parquet", *args])
     assert code == 2 and message in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--memory-limit", "lots"], "--memory-limit 'lots' is not a size DuckDB reads, such as 3GB"),
+    (["--memory-limit", "3GB'; SELECT 1; --"], "is not a size DuckDB reads"),
+    (["--engine", "spark", "--threads", "2"], "--threads and --memory-limit are DuckDB settings"),
+])
+def test_measure_engine_bad_flags(logs, args, message):
+    """A DuckDB setting it cannot read was a ParserException traceback; with Spark, the flags were ignored."""
+    code, out = _cli(["measure", "ctr", logs / "impressions.parquet", "--clicks", logs / "clicks.parquet", *args])
+    assert code == 2 and message in " ".join(out.split()) and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--power", "0"], "--power must be in (0, 1), got 0.0"),
+    (["--alpha", "1"], "--alpha must be in (0, 1), got 1.0"),
+    (["--min-impressions", "-5"], "--min-impressions must be >= 0, got -5"),
+    (["--mde", "-1"], "--mde is a relative change: above -1 and not 0, got -1.0"),
+    (["--mde", "0"], "--mde is a relative change: above -1 and not 0, got 0.0"),
+    (["--primary", "ctrr"], "unknown metric 'ctrr'"), (["--correction", "none"], "correction must be 'holm' or"),
+])
+def test_abtest_settings_are_named_before_the_logs_are_read(tmp_path, args, message):
+    code, out = _cli(["measure", "abtest", tmp_path / "nope.parquet", *args])
+    assert code == 2 and message in " ".join(out.split()) and "nope.parquet" not in out, out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"variants": {"control": 0.0, "b": -1.0}}, "a variant's lift must be above -1 (-100%), got {'b': -1.0}"),
+    ({"ctr": 0.0}, "ctr must be in (0, 1), got 0.0"), ({"duplicate_rate": 1.5}, "duplicate_rate must be in [0, 1]"),
+    ({"conversion_rate": -0.1}, "conversion_rate must be in [0, 1]"), ({"days": 0.0}, "days must be > 0, got 0.0"),
+])
+def test_simulate_refuses_a_world_it_cannot_draw(overrides, message):
+    """A lift of -200% planted a click probability below zero, clipped to none at all, without a word."""
+    from ctrkit.measure.simulate import simulate_logs
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        simulate_logs(n_impressions=100, **overrides)
 
 
 def test_measure_impression_log_as_click_log(logs, tmp_path):

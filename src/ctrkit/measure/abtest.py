@@ -54,6 +54,20 @@ class ABConfig:
     mde: float = 0.02
     power: float = 0.8
 
+    def __post_init__(self) -> None:
+        if self.correction not in ("holm", "bonferroni"):
+            raise MeasureError(f"correction must be 'holm' or 'bonferroni', got {self.correction!r}")
+        for m in (self.primary, *self.guardrails):
+            if m not in METRICS:
+                raise MeasureError(f"unknown metric {m!r}; known: {list(METRICS)}")
+        for name in ("alpha", "power"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise MeasureError(f"--{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.min_impressions < 0:
+            raise MeasureError(f"--min-impressions must be >= 0, got {self.min_impressions}")
+        if not self.mde > -1.0 or self.mde == 0.0:
+            raise MeasureError(f"--mde is a relative change: above -1 and not 0, got {self.mde}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict."""
         return asdict(self)
@@ -64,11 +78,6 @@ def ab_test(cube: pd.DataFrame, variant: str = "variant", config: ABConfig | Non
     cfg = config or ABConfig()
     if variant not in cube.columns:
         raise MeasureError(f"no variant column {variant!r} in the data; columns are {list(cube.columns)}")
-    if cfg.correction not in ("holm", "bonferroni"):
-        raise MeasureError(f"correction must be 'holm' or 'bonferroni', got {cfg.correction!r}")
-    for m in (cfg.primary, *cfg.guardrails):
-        if m not in METRICS:
-            raise MeasureError(f"unknown metric {m!r}; known: {list(METRICS)}")
     v = rollup(cube, [variant]).dropna(subset=[variant])
     v[variant] = v[variant].astype(str)
     names = v[variant].tolist()

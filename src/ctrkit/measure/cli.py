@@ -48,6 +48,9 @@ MemOpt = typer.Option(None, "--memory-limit", help="DuckDB memory limit, e.g. 3G
 def _engine(name: str, threads: int | None, memory: str | None) -> Engine:
     if name == "duckdb":
         return make_engine("duckdb", threads=threads, memory_limit=memory)
+    if threads is not None or memory:
+        raise MeasureError(f"--threads and --memory-limit are DuckDB settings; --engine {name} takes its own "
+                           "configuration")
     return make_engine(name)
 
 
@@ -234,13 +237,13 @@ def abtest(impressions: Path = typer.Argument(..., help="Impression log with a v
            dedup_window: float | None = DedupWinOpt, vfrac: float = ViewFracOpt, vsec: float = ViewSecOpt,
            col: list[str] | None = ColOpt, threads: int | None = ThreadsOpt, memory: str | None = MemOpt) -> None:
     """Per-variant CTR, lifts with intervals, z-tests with Holm/Bonferroni, power, guardrails and a verdict."""
-    try:
-        eng = _engine(engine, threads, memory)
-        att = _attribution(eng, impressions, clicks, conversions,
-                           _config(window, ct, vt, bot_rate, bot_ua, dedup, dedup_window, vfrac, vsec), col)
+    try:  # the test's settings first: a typo is named before the logs are read
         cfg = ABConfig(control=control, primary=primary, alpha=alpha, correction=correction,
                        guardrails=tuple(g.strip() for g in guardrails.split(",") if g.strip()),
                        min_impressions=min_impressions, mde=mde, power=power)
+        eng = _engine(engine, threads, memory)
+        att = _attribution(eng, impressions, clicks, conversions,
+                           _config(window, ct, vt, bot_rate, bot_ua, dedup, dedup_window, vfrac, vsec), col)
         res = ab_test(att.cube([variant]), variant, cfg)
     except USER_ERRORS as exc:
         _fail(exc)

@@ -145,10 +145,16 @@ class DuckDBEngine:
         self.con = duckdb.connect(database)
         self.con.execute("SET preserve_insertion_order = false")
         self.con.execute("SET enable_progress_bar = false")
-        if threads:
+        if threads is not None:
+            if threads < 1:
+                raise MeasureError(f"--threads must be at least 1, got {threads}")
             self.con.execute(f"SET threads = {int(threads)}")
         if memory_limit:
-            self.con.execute(f"SET memory_limit = '{memory_limit}'")
+            try:
+                self.con.execute("SET memory_limit = ?", [memory_limit])
+            except duckdb.Error as exc:
+                raise MeasureError(f"--memory-limit {memory_limit!r} is not a size DuckDB reads, such as 3GB "
+                                   f"({exc})") from None
         tmp = temp_directory or os.path.join(tempfile.gettempdir(), "ctrkit-duckdb-spill")
         self.con.execute(f"SET temp_directory = '{tmp}'")
         self._frames: dict[str, Any] = {}

@@ -84,6 +84,17 @@ def simulate_logs(config: SimConfig | None = None, **overrides: object) -> SimLo
         cfg = SimConfig(**{**cfg.__dict__, **overrides})  # type: ignore[arg-type]
     if cfg.n_impressions < 1 or cfg.n_items < 1 or cfg.n_positions < 1 or cfg.n_users < 1:
         raise ValueError("n_impressions, n_users, n_items and n_positions must be >= 1")
+    low = {v: lift for v, lift in cfg.variants.items() if not lift > -1.0}
+    if low:  # a lift of -1 or below would plant a click probability of zero or less
+        raise ValueError(f"a variant's lift must be above -1 (-100%), got {low}")
+    if not 0.0 < cfg.ctr < 1.0:
+        raise ValueError(f"ctr must be in (0, 1), got {cfg.ctr}")
+    for name in ("repeat_click_rate", "duplicate_rate", "non_viewable_rate", "conversion_rate",
+                 "view_conversion_rate"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if not cfg.days > 0:
+        raise ValueError(f"days must be > 0, got {cfg.days}")
     rng = np.random.default_rng(cfg.seed)
     # n_impressions counts every row of the impression log: the bots' impressions and the duplicates are part of it
     n_dup = int(cfg.duplicate_rate * cfg.n_impressions)
