@@ -57,3 +57,32 @@ def test_an_ensemble_exports_one_graph_that_the_scorer_accepts(tmp_path: Path) -
     scorer = Scorer(Bundle.load(bundle_dir), bundle_dir)
     assert "onnx fp32" in scorer.timings_ms and "onnx fp32" not in scorer.skipped
     assert np.max(np.abs(scorer.predict(te.head(50).to_dicts()) - run.bundle.predict(te.head(50)))) < 5e-3
+
+
+def test_a_failed_export_leaves_the_bundle_loadable_with_its_earlier_export(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export into the bundle wrote model.onnx first and read --valid after: a missing file left a model.onnx
+    that the manifest did not list, and the bundle no longer loaded."""
+    import ctrkit.serve.export as export_module
+    from ctrkit.serve.bundle import Bundle
+
+    log, _ = make_click_log(n_rows=2000, n_users=100, n_items=80, seed=3)
+    tr, va, te = split_by_time(log.drop("p_click"))
+    train(tr, schema=synth_schema(), valid=va, model="lr", out=tmp_path / "m", epochs=1, progress=False)
+    bundle_dir = tmp_path / "m" / "bundle"
+    with pytest.raises(FileNotFoundError, match="nope.csv: no such file"):
+        export_bundle(bundle_dir, valid=tmp_path / "nope.csv")
+    assert not (bundle_dir / "model.onnx").exists() and Bundle.load(bundle_dir) is not None
+    export_bundle(bundle_dir)
+    before = {name: (bundle_dir / name).read_bytes() for name in ("model.onnx", "onnx.json", "manifest.json")}
+
+    def broken(fp32: object, out: object) -> None:
+        raise RuntimeError("quantisation failed")
+
+    monkeypatch.setattr(export_module, "quantize_int8", broken)
+    with pytest.raises(RuntimeError, match="quantisation failed"):
+        export_bundle(bundle_dir, valid=te)
+    assert {name: (bundle_dir / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in bundle_dir.iterdir() if p.name.startswith(".")) == []  # no scratch left
+    assert Bundle.load(bundle_dir) is not None
+

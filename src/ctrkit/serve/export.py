@@ -13,6 +13,8 @@ records the decisions, and the scorer offers only the forms kept.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -141,33 +143,44 @@ def encoded_rows(bundle: Bundle, source: Source, max_rows: int = 200_000, **read
 def export_bundle(bundle_path: str | Path, out_dir: str | Path | None = None, valid: Source | None = None,
                   max_auc_drop: float = MAX_AUC_DROP, **read_kwargs: Any) -> ExportResult:
     """``model.onnx`` (and ``model.int8.onnx`` when it keeps AUC on ``valid``) and ``onnx.json`` in ``out_dir``,
-    default the bundle folder, whose manifest then lists them."""
+    default the bundle folder, whose manifest then lists them.
+
+    The labelled rows are read before anything is written, and the files are made in a hidden folder beside their
+    place and moved in at the end: a failure leaves the bundle as it was, loadable, with its earlier export."""
     bundle = Bundle.load(bundle_path)
     out = Path(out_dir) if out_dir else Path(bundle_path)
-    fp32 = export_onnx(bundle, out / "model.onnx")
-    res = ExportResult(fp32=str(fp32))
-    int8 = out / "model.int8.onnx"
-    if valid is None:
-        int8.unlink(missing_ok=True)  # an INT8 graph of an earlier export belongs to other weights
-        res.decision = ("no labelled rows given (--valid): INT8 not written and bf16 not served, their AUC "
-                        "cannot be checked")
-    else:
-        ids, dense, y = encoded_rows(bundle, valid, **read_kwargs)
-        quantize_int8(fp32, int8)
-        res.rows = len(y)
-        res.auc_fp32 = float(evaluate(y, run_session(session(fp32), ids, dense).astype(np.float64))["auc"])
-        res.auc_int8 = float(evaluate(y, run_session(session(int8), ids, dense).astype(np.float64))["auc"])
-        if res.auc_fp32 - res.auc_int8 <= max_auc_drop:
-            res.int8 = str(int8)
-            res.decision = f"INT8 kept: AUC {res.auc_int8:.5f} vs fp32 {res.auc_fp32:.5f}"
+    rows = None if valid is None else encoded_rows(bundle, valid, **read_kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    res = ExportResult(fp32=str(out / "model.onnx"))
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
+        tmp = Path(scratch)
+        fp32, int8 = export_onnx(bundle, tmp / "model.onnx"), tmp / "model.int8.onnx"
+        if rows is None:
+            res.decision = ("no labelled rows given (--valid): INT8 not written and bf16 not served, their AUC "
+                            "cannot be checked")
         else:
-            int8.unlink()
-            res.decision = (f"INT8 dropped: AUC {res.auc_int8:.5f} is more than {max_auc_drop} below fp32 "
-                            f"{res.auc_fp32:.5f}")
-        res.decision += "; " + _judge_bf16(bundle, ids, dense, y, max_auc_drop, res)
-    (out / "onnx.json").write_text(json.dumps(res.to_dict(), indent=1))
+            ids, dense, y = rows
+            quantize_int8(fp32, int8)
+            res.rows = len(y)
+            res.auc_fp32 = float(evaluate(y, run_session(session(fp32), ids, dense).astype(np.float64))["auc"])
+            res.auc_int8 = float(evaluate(y, run_session(session(int8), ids, dense).astype(np.float64))["auc"])
+            if res.auc_fp32 - res.auc_int8 <= max_auc_drop:
+                res.int8 = str(out / int8.name)
+                res.decision = f"INT8 kept: AUC {res.auc_int8:.5f} vs fp32 {res.auc_fp32:.5f}"
+            else:
+                int8.unlink()
+                res.decision = (f"INT8 dropped: AUC {res.auc_int8:.5f} is more than {max_auc_drop} below fp32 "
+                                f"{res.auc_fp32:.5f}")
+            res.decision += "; " + _judge_bf16(bundle, ids, dense, y, max_auc_drop, res)
+        (tmp / "onnx.json").write_text(json.dumps(res.to_dict(), indent=1))
+        names = ["model.onnx", "model.int8.onnx", "onnx.json"]
+        for name in names:  # an INT8 graph of an earlier export belongs to other weights: it goes when none is new
+            if (tmp / name).exists():
+                os.replace(tmp / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
     if (out / MANIFEST).exists() and out.resolve() == Path(bundle_path).resolve():
-        _list_in_manifest(out, ["model.onnx", "model.int8.onnx", "onnx.json"])
+        _list_in_manifest(out, names)
     return res
 
 
