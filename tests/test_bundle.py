@@ -289,6 +289,22 @@ def test_non_finite_weights_are_not_saved(trained: tuple[Path, pl.DataFrame, Bun
     assert not (tmp_path / "inf").exists()
 
 
+def test_a_bundle_is_not_saved_among_other_files(trained: tuple[Path, pl.DataFrame, Bundle], tmp_path: Path) -> None:
+    """Every file under a bundle folder is listed in its manifest: saved into a folder of other files, the bundle
+    would have taken them in."""
+    out, _, _ = trained
+    b = Bundle.load(out / "bundle")
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="holds files that are not a bundle's; a bundle needs a folder of its own"):
+        b.save(tmp_path / "runs")
+    assert sorted(p.name for p in (tmp_path / "runs").rglob("*")) == ["notes.txt", "old"]
+    (tmp_path / "empty").mkdir()
+    b.save(tmp_path / "empty")
+    b.save(tmp_path / "empty")  # over a bundle: allowed, its files replaced
+    assert np.allclose(Bundle.load(tmp_path / "empty").predict(trained[1].head(5)), b.predict(trained[1].head(5)))
+
+
 def test_training_rejects_are_counted_and_kept(tmp_path: Path) -> None:
     log, _ = make_click_log(n_rows=2000, n_users=100, n_items=50, seed=1)
     path = tmp_path / "train.csv"

@@ -126,6 +126,14 @@ def test_train_settings_are_checked_before_any_data_is_read(files: Path, trained
     assert "nowhere.csv" not in res.output and not (tmp_path / "o").exists()
 
 
+def test_calibrate_does_not_write_over_its_own_bundle(trained: Path, tmp_path: Path) -> None:
+    before = (trained / "bundle" / "manifest.json").read_bytes()
+    res = runner.invoke(app, ["calibrate", str(trained / "bundle"), str(tmp_path / "nowhere.csv"), "--out",
+                              str(trained / "bundle")])
+    assert res.exit_code == 2 and "is the bundle itself: write the new version to a folder of its own" in res.output
+    assert (trained / "bundle" / "manifest.json").read_bytes() == before
+
+
 def test_calibrate_names_a_bad_method_before_reading_the_data(trained: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["calibrate", str(trained / "bundle"), str(tmp_path / "nowhere.csv"), "--method", "beta",
                               "--out", str(tmp_path / "cal")])

@@ -86,3 +86,21 @@ def test_a_failed_export_leaves_the_bundle_loadable_with_its_earlier_export(tmp_
     assert sorted(p.name for p in bundle_dir.iterdir() if p.name.startswith(".")) == []  # no scratch left
     assert Bundle.load(bundle_dir) is not None
 
+
+def test_a_recalibrated_version_says_that_its_onnx_graphs_need_an_export(tmp_path: Path) -> None:
+    """The graphs end in the calibrator they were exported with, so the new version does not take them along."""
+    from typer.testing import CliRunner
+
+    from ctrkit.cli import app
+
+    log, _ = make_click_log(n_rows=2000, n_users=100, n_items=80, seed=4)
+    tr, va, te = split_by_time(log.drop("p_click"))
+    train(tr, schema=synth_schema(), valid=va, model="lr", out=tmp_path / "m", epochs=1, progress=False)
+    export_bundle(tmp_path / "m" / "bundle")
+    te.write_csv(tmp_path / "te.csv")
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "m" / "bundle"), str(tmp_path / "te.csv"), "--out",
+                                   str(tmp_path / "v2"), "--method", "platt"])
+    assert res.exit_code == 0, res.output
+    assert "ONNX graphs hold its old calibrator and were not copied" in res.output
+    assert f"ctrkit export {tmp_path / 'v2'}" in " ".join(res.output.split())
+    assert not (tmp_path / "v2" / "model.onnx").exists()

@@ -186,6 +186,13 @@ def test_not_worse_with_refit_promotes_the_refit_and_refuses_a_worse_candidate(
         retrain(out / "good", out / "weak" / "bundle", out / "x", rule="maybe")
     with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
         retrain(out / "good", out / "weak" / "bundle", out / "x", epochs=0)
+    with pytest.raises(ValueError, match="is the base bundle itself"):
+        retrain(out / "good", out / "weak" / "bundle", out / "weak" / "bundle")
+    (out / "mine").mkdir()
+    (out / "mine" / "notes.txt").write_text("keep me")  # a promotion replaced whatever folder --out named
+    with pytest.raises(ValueError, match="exists and is not a bundle"):
+        retrain(out / "good", out / "weak" / "bundle", out / "mine")
+    assert (out / "mine" / "notes.txt").read_text() == "keep me"
     # the attribution rules are the caller's: clicks 5 s after their impression, a 1 s click window, no clicks
     with pytest.raises(DataError, match="too few"):
         retrain(out / "good", out / "weak" / "bundle", out / "x", attribution=AttributionConfig(click_window_s=1.0))

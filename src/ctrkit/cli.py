@@ -217,6 +217,9 @@ def calibrate(bundle: Path = typer.Argument(..., help="A bundle folder."),
                                    f"{new.calibrator.method} calibration on {data.name}, version "
                                    f"{new.info['version']}"))
     err.print(f"bundle: {out}")
+    if (bundle / "model.onnx").exists():  # the exported graphs end in the calibrator they were exported with
+        err.print(f"{bundle}'s ONNX graphs hold its old calibrator and were not copied: `ctrkit export {out}` "
+                  "makes the new version's")
 
 
 @app.command()

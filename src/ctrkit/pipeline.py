@@ -331,6 +331,9 @@ def recalibrate(bundle: str | Path, data: Source, out: str | Path, method: str =
     """
     if method not in CALIBRATE_CHOICES:  # before the data is scored
         raise ValueError(f"--method must be one of {CALIBRATE_CHOICES}, got {method!r}")
+    if Path(out).resolve() == Path(bundle).resolve():
+        raise ValueError(f"--out {out} is the bundle itself: write the new version to a folder of its own (the "
+                         "server swaps it in with POST /admin/reload), so that this one stays to go back to")
     b = Bundle.load(bundle)
     if getattr(b.model, "multi_head", False):
         raise ValueError(f"{bundle}: a calibrator applies to one-head models; this one has "

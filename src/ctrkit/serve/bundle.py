@@ -138,6 +138,9 @@ class Bundle:
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise BundleError(f"{p} exists and is not a folder")
+        if p.is_dir() and not (p / MANIFEST).exists() and _bundle_files(p):
+            raise BundleError(f"{p} holds files that are not a bundle's; a bundle needs a folder of its own "
+                              "(every file in it is part of the bundle)")
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         _check_finite(state, f"cannot save {p}")
         p.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ from scipy.stats import norm
 from ctrkit.data.readers import DataError
 from ctrkit.evaluate.metrics import evaluate
 from ctrkit.models.ensemble import Ensemble
-from ctrkit.serve.bundle import Bundle
+from ctrkit.serve.bundle import MANIFEST, Bundle
 from ctrkit.serve.events import attributed_impressions
 
 if TYPE_CHECKING:
@@ -250,6 +250,13 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    dest = Path(out)
+    if dest.resolve() == Path(base).resolve():
+        raise ValueError(f"--out {dest} is the base bundle itself: promote to a folder of its own (the server "
+                         "swaps it in with POST /admin/reload), so that the base stays to go back to")
+    if dest.exists() and not (dest / MANIFEST).exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"--out {dest} exists and is not a bundle: a promotion replaces the folder, so it must be "
+                         "a new one or an earlier promotion")
     base_bundle = Bundle.load(base)
     sch = base_bundle.schema
     label = sch.label
@@ -259,7 +266,7 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
     if fit.height == 0 or held.height == 0 or held[label].n_unique() < 2:
         raise DataError(f"{events}: {rows.height} impressions are too few to train and compare "
                         f"(the held-out {holdout:.0%} needs clicks and non-clicks)")
-    work_dir = Path(work) if work else Path(out).with_name(Path(out).name + ".work")
+    work_dir = Path(work) if work else dest.with_name(dest.name + ".work")
     weight = sch.weight if sch.weight != WEIGHT else None
     fit_kw: dict[str, Any] = {"ips": ips, "em_steps": em_steps, "epochs": epochs, "seed": seed,
                               "progress": progress, "events": events}
@@ -306,8 +313,7 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
     res = RetrainResult(promoted=better, reason=("promoted: " if better else "kept the base: ") + reason,
                         base=base_m, candidate=cand_m, ips=ips, examination=exam, rows=counts)
     if better:
-        dest = Path(out)
-        if dest.exists():
+        if dest.exists():  # an earlier promotion (checked above)
             shutil.rmtree(dest)
         shutil.copytree(promoted_dir, dest)
         res.out = str(dest)
@@ -316,6 +322,6 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
         res.candidate_path = str(work_dir / "bundle")
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
-    report = Path(out).with_name(Path(out).name + ".retrain.json")
+    report = dest.with_name(dest.name + ".retrain.json")
     report.write_text(json.dumps(res.to_dict(), indent=1, default=float))
     return res
