@@ -193,6 +193,10 @@ def test_not_worse_with_refit_promotes_the_refit_and_refuses_a_worse_candidate(
     with pytest.raises(ValueError, match="exists and is not a bundle"):
         retrain(out / "good", out / "weak" / "bundle", out / "mine")
     assert (out / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="work folder .* is not empty"):
+        retrain(out / "good", out / "weak" / "bundle", out / "x", work=out / "mine")
+    assert (out / "mine" / "notes.txt").read_text() == "keep me"
+    assert not list(out.glob(".worse2.work-*")), "a candidate's run folder outlived its retrain"
     # the attribution rules are the caller's: clicks 5 s after their impression, a 1 s click window, no clicks
     with pytest.raises(DataError, match="too few"):
         retrain(out / "good", out / "weak" / "bundle", out / "x", attribution=AttributionConfig(click_window_s=1.0))

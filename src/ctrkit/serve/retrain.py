@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -238,7 +239,8 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
     noise of the held-out window (one-sided at ``alpha``; module docstring). With ``refit`` a candidate that
     passes is retrained on the whole log, the held-out window included, and that bundle is promoted.
     ``attribution`` (default: ``ctrkit.measure``'s) sets the rules that turn the log into training rows.
-    With ``keep_candidate`` the candidate's run folder (``work``, default ``OUT.work``) is kept either way.
+    With ``keep_candidate`` the candidate's run folder (``work``, default a new hidden folder beside ``out``; its
+    bundle is ``candidate_path``) is kept either way.
     """
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
@@ -257,6 +259,8 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
     if dest.exists() and not (dest / MANIFEST).exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ValueError(f"--out {dest} exists and is not a bundle: a promotion replaces the folder, so it must be "
                          "a new one or an earlier promotion")
+    if work is not None and Path(work).is_dir() and any(Path(work).iterdir()):
+        raise ValueError(f"work folder {work} is not empty: the candidate's runs go there and are removed after")
     base_bundle = Bundle.load(base)
     sch = base_bundle.schema
     label = sch.label
@@ -266,62 +270,67 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
     if fit.height == 0 or held.height == 0 or held[label].n_unique() < 2:
         raise DataError(f"{events}: {rows.height} impressions are too few to train and compare "
                         f"(the held-out {holdout:.0%} needs clicks and non-clicks)")
-    work_dir = Path(work) if work else dest.with_name(dest.name + ".work")
-    weight = sch.weight if sch.weight != WEIGHT else None
-    fit_kw: dict[str, Any] = {"ips": ips, "em_steps": em_steps, "epochs": epochs, "seed": seed,
-                              "progress": progress, "events": events}
-    cand, exam, train_rows = _fit(fit, base_bundle, work_dir, **fit_kw)
-    base_m = held_out_metrics(base_bundle, held, label)
-    cand_m = held_out_metrics(cand, held, label)
-    z = float(norm.isf(alpha))
-    gap, gap_se = logloss_gap(base_bundle, cand, held, label, weight)
-    cand_m["logloss_gap"] = {"value": gap, "se": gap_se}
-    better = cand_m["logloss"] < base_m["logloss"] if rule == "better" else not gap > z * np.nan_to_num(gap_se)
-    reason = (f"held-out logloss {cand_m['logloss']:.5f} (candidate) vs {base_m['logloss']:.5f} (base); "
-              f"AUC {cand_m['auc']:.4f} vs {base_m['auc']:.4f}")
-    if rule == "not_worse":
-        reason += f"; paired logloss difference {gap:+.5f} (SE {gap_se:.5f})"
-    if candidates is not None:
-        from ctrkit.measure.ope import bundle_top_slot_value
+    # the candidate's runs go to a folder of their own, removed when done (kept with keep_candidate)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(work) if work else Path(tempfile.mkdtemp(prefix=f".{dest.name}.work-", dir=dest.parent))
+    refit_dir = work_dir / "refit"
+    try:
+        weight = sch.weight if sch.weight != WEIGHT else None
+        fit_kw: dict[str, Any] = {"ips": ips, "em_steps": em_steps, "epochs": epochs, "seed": seed,
+                                  "progress": progress, "events": events}
+        cand, exam, train_rows = _fit(fit, base_bundle, work_dir, **fit_kw)
+        base_m = held_out_metrics(base_bundle, held, label)
+        cand_m = held_out_metrics(cand, held, label)
+        z = float(norm.isf(alpha))
+        gap, gap_se = logloss_gap(base_bundle, cand, held, label, weight)
+        cand_m["logloss_gap"] = {"value": gap, "se": gap_se}
+        better = cand_m["logloss"] < base_m["logloss"] if rule == "better" else not gap > z * np.nan_to_num(gap_se)
+        reason = (f"held-out logloss {cand_m['logloss']:.5f} (candidate) vs {base_m['logloss']:.5f} (base); "
+                  f"AUC {cand_m['auc']:.4f} vs {base_m['auc']:.4f}")
+        if rule == "not_worse":
+            reason += f"; paired logloss difference {gap:+.5f} (SE {gap_se:.5f})"
+        if candidates is not None:
+            from ctrkit.measure.ope import bundle_top_slot_value
 
-        for name, bundle, m in (("base", base_bundle, base_m), ("candidate", cand, cand_m)):
-            m["ope"] = bundle_top_slot_value(held, candidates, bundle)
-            m["ope"]["bundle"] = name
-        dr = {name: next(e for e in m["ope"]["estimates"] if e["estimator"] == "dr")
-              for name, m in (("base", base_m), ("candidate", cand_m))}
-        if rule == "better":
-            better = better and dr["candidate"]["value"] > dr["base"]["value"]
-        else:
-            se = {k: (e["ci_high"] - e["ci_low"]) / (2.0 * float(norm.isf(0.025))) for k, e in dr.items()}
-            joint = float(np.nan_to_num(np.hypot(se["base"], se["candidate"])))
-            better = better and not dr["base"]["value"] - dr["candidate"]["value"] > z * joint
-        reason += (f"; off-policy top-slot CTR (DR, {cand_m['ope']['requests']} held-out requests) "
-                   f"{dr['candidate']['value']:.4f} [{dr['candidate']['ci_low']:.4f}, {dr['candidate']['ci_high']:.4f}] "
-                   f"vs {dr['base']['value']:.4f} [{dr['base']['ci_low']:.4f}, {dr['base']['ci_high']:.4f}]")
-    if rule == "not_worse":
-        reason += f" (promoted unless worse beyond one-sided {1 - alpha:.0%} noise)"
-    promoted_dir = work_dir / "bundle"
-    refit_dir = work_dir.with_name(work_dir.name + ".refit")
-    counts = {"log": rows.height, "train": train_rows, "holdout": held.height}
-    if better and refit:
-        _, exam_all, refit_rows = _fit(rows, base_bundle, refit_dir, **fit_kw)
-        promoted_dir = refit_dir / "bundle"
-        counts["refit"] = refit_rows
-        reason += f"; refit on all {rows.height} logged impressions"
-        if exam_all is not None:
-            exam = exam_all
-    res = RetrainResult(promoted=better, reason=("promoted: " if better else "kept the base: ") + reason,
-                        base=base_m, candidate=cand_m, ips=ips, examination=exam, rows=counts)
-    if better:
-        if dest.exists():  # an earlier promotion (checked above)
-            shutil.rmtree(dest)
-        shutil.copytree(promoted_dir, dest)
-        res.out = str(dest)
-    shutil.rmtree(refit_dir, ignore_errors=True)
+            for name, bundle, m in (("base", base_bundle, base_m), ("candidate", cand, cand_m)):
+                m["ope"] = bundle_top_slot_value(held, candidates, bundle)
+                m["ope"]["bundle"] = name
+            dr = {name: next(e for e in m["ope"]["estimates"] if e["estimator"] == "dr")
+                  for name, m in (("base", base_m), ("candidate", cand_m))}
+            if rule == "better":
+                better = better and dr["candidate"]["value"] > dr["base"]["value"]
+            else:
+                se = {k: (e["ci_high"] - e["ci_low"]) / (2.0 * float(norm.isf(0.025))) for k, e in dr.items()}
+                joint = float(np.nan_to_num(np.hypot(se["base"], se["candidate"])))
+                better = better and not dr["base"]["value"] - dr["candidate"]["value"] > z * joint
+            c, b = dr["candidate"], dr["base"]
+            reason += (f"; off-policy top-slot CTR (DR, {cand_m['ope']['requests']} held-out requests) "
+                       f"{c['value']:.4f} [{c['ci_low']:.4f}, {c['ci_high']:.4f}] "
+                       f"vs {b['value']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}]")
+        if rule == "not_worse":
+            reason += f" (promoted unless worse beyond one-sided {1 - alpha:.0%} noise)"
+        promoted_dir = work_dir / "bundle"
+        counts = {"log": rows.height, "train": train_rows, "holdout": held.height}
+        if better and refit:
+            _, exam_all, refit_rows = _fit(rows, base_bundle, refit_dir, **fit_kw)
+            promoted_dir = refit_dir / "bundle"
+            counts["refit"] = refit_rows
+            reason += f"; refit on all {rows.height} logged impressions"
+            if exam_all is not None:
+                exam = exam_all
+        res = RetrainResult(promoted=better, reason=("promoted: " if better else "kept the base: ") + reason,
+                            base=base_m, candidate=cand_m, ips=ips, examination=exam, rows=counts)
+        if better:
+            if dest.exists():  # an earlier promotion (checked above)
+                shutil.rmtree(dest)
+            shutil.copytree(promoted_dir, dest)
+            res.out = str(dest)
+    finally:
+        shutil.rmtree(refit_dir, ignore_errors=True)
+        if not keep_candidate:
+            shutil.rmtree(work_dir, ignore_errors=True)
     if keep_candidate:
         res.candidate_path = str(work_dir / "bundle")
-    else:
-        shutil.rmtree(work_dir, ignore_errors=True)
     report = dest.with_name(dest.name + ".retrain.json")
     report.write_text(json.dumps(res.to_dict(), indent=1, default=float))
     return res
