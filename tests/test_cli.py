@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,16 @@ def test_predict_rejects_bad_output_name(files: Path, trained: Path) -> None:
     res = runner.invoke(app, ["predict", str(trained / "bundle"), str(files / "new.parquet"), "--out",
                               str(files / "x.json")])
     assert res.exit_code == 2 and ".csv or .parquet" in res.output
+
+
+def test_predict_does_not_write_over_its_input(files: Path, trained: Path, tmp_path: Path) -> None:
+    """The scores were written beside the input and renamed over it: the records were gone, 'pctr' in their place."""
+    data = tmp_path / "new.parquet"
+    shutil.copy(files / "new.parquet", data)
+    before = data.read_bytes()
+    res = runner.invoke(app, ["predict", str(trained / "bundle"), str(data), "--out", str(data)])
+    assert res.exit_code == 2 and "is the file being scored: the scores would replace it" in res.output, res.output
+    assert data.read_bytes() == before
 
 
 def test_train_without_schema_explains(files: Path, tmp_path: Path) -> None:

@@ -260,6 +260,8 @@ class Scorer:
         out = Path(out)
         if out.suffix not in (".csv", ".parquet"):
             raise ValueError(f"the output must end in .csv or .parquet, got {out.name}")
+        if isinstance(source, (str, Path)) and out.resolve() == Path(source).resolve():
+            raise ValueError(f"{out} is the file being scored: the scores would replace it; write them elsewhere")
         report = ReadReport()
         chunks = iter_chunks(source, self.bundle._features, report=report, with_label=False, **read_kwargs)
         kept = _Rows(iter_chunks(source, _text_schema(keep, self.bundle.schema), with_label=False, **read_kwargs)
