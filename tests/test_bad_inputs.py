@@ -121,6 +121,16 @@ def test_train_counts_and_keeps_a_bad_number(work, tmp_path, value, reason):
     assert metrics["data"]["train"]["bad_rows"] == 1 and metrics["train"]["rows"] == N_ROWS - 1
 
 
+def test_bad_rows_file_is_not_the_training_file(work, tmp_path):
+    """The rejected rows went to a file opened for writing: naming the training file emptied it at the first one."""
+    path = _write(tmp_path / "t.csv", _with(work["rows"], "price", "abc"))
+    before = path.read_bytes()
+    code, out = _cli(["train", path, "--valid", work["dir"] / "valid.csv", "--schema", work["dir"] / "schema.yaml",
+                      "--model", "lr", "--epochs", "1", "--out", tmp_path / "run", "--bad-rows", path, "--quiet"])
+    assert code == 2 and "is the file being read: the first rejected row would empty it" in out, out
+    assert path.read_bytes() == before
+
+
 @pytest.mark.parametrize("value, reason", BAD_NUMBERS)
 def test_evaluate_counts_a_bad_number(work, tmp_path, value, reason):
     path = _write(tmp_path / "e.csv", _with(work["rows"], "price", value))

@@ -384,6 +384,8 @@ def iter_chunks(source: Source, schema: Schema, *, fmt: str | None = None, has_h
     """
     report = report if report is not None else ReadReport()
     report.source = report.source or (str(source) if not isinstance(source, pl.DataFrame) else "<frame>")
+    if bad_rows and not isinstance(source, pl.DataFrame) and Path(bad_rows).resolve() == Path(source).resolve():
+        raise DataError(f"--bad-rows {bad_rows} is the file being read: the first rejected row would empty it")
     sink = _BadRowSink(bad_rows)
     report.bad_rows_path = str(bad_rows) if bad_rows else None
     # rows read = good rows + every rejected row, whether the parser or the type checks rejected it
