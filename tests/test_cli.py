@@ -137,6 +137,23 @@ def test_train_settings_are_checked_before_any_data_is_read(files: Path, trained
     assert "nowhere.csv" not in res.output and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag", ["--valid", "--test"])
+def test_train_refuses_its_training_file_as_valid_or_test(files: Path, trained: Path, tmp_path: Path,
+                                                          flag: str) -> None:
+    res = runner.invoke(app, ["train", str(files / "train.csv"), "--schema", str(files / "schema.yaml"), flag,
+                              str(files / "train.csv"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and f"{flag} " in res.output and "is the training file" in " ".join(res.output.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_warns_when_valid_and_test_are_one_file(files: Path, trained: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["train", str(files / "train.csv"), "--schema", str(files / "schema.yaml"), "--valid",
+                              str(files / "valid.csv"), "--test", str(files / "valid.csv"), "--model", "lr",
+                              "--epochs", "1", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "warning: --valid and --test are the same file" in " ".join(res.output.split())
+
+
 def test_calibrate_does_not_write_over_its_own_bundle(trained: Path, tmp_path: Path) -> None:
     before = (trained / "bundle" / "manifest.json").read_bytes()
     res = runner.invoke(app, ["calibrate", str(trained / "bundle"), str(tmp_path / "nowhere.csv"), "--out",

@@ -106,6 +106,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                 pos_weight=1.0 if pos_weight == "auto" else float(pos_weight), embedding_backend=embedding_backend)
     default_config(model, **{**(model_options or {}), **({"embed_dim": embed_dim} if embed_dim is not None else {})})
     check_rate(neg_sample_rate)
+    _check_distinct_files(train_data, valid, test, log)
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
     created = bool(out) and not Path(out).exists()
     if out:
@@ -218,6 +219,22 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_distinct_files(train_data: Source, valid: Source | None, test: Source | None, log: Any) -> None:
+    """The training file given again as --valid or --test is an error (early stopping, the calibrator and the test
+    figures need rows the model did not train on); the same file as both --valid and --test, a warning."""
+    def path(src: Source | None) -> Path | None:
+        return Path(src).resolve() if isinstance(src, (str, Path)) else None
+
+    tr, va, te = path(train_data), path(valid), path(test)
+    for flag, other in (("--valid", va), ("--test", te)):
+        if tr is not None and other == tr:
+            raise ValueError(f"{flag} {other} is the training file: early stopping, the calibrator and the figures "
+                             f"need rows the model did not train on (without --valid the last 10% is held out)")
+    if va is not None and va == te and log:
+        log(f"warning: --valid and --test are the same file ({va}): the test figures are those early stopping and "
+            "the calibrator were chosen on, and overstate what the model will do on new rows")
 
 
 def _train_member(model: str, spec: FeatureSpec, mcfg: Any, train_set: EncodedData, valid_set: EncodedData | None,
