@@ -531,7 +531,10 @@ def test_bundle_save_over_a_file(work, tmp_path):
     (b"a,b\n1,2\n3,4\n", "cannot guess the label column among ['a', 'b']; pass --label COLUMN"),
     (b"a,a,click\n1,2,0\n", "line 1 names the column(s) ['a'] more than once"),
     (b"a,click\n1,2\n3,5\n", "the label column 'click' is not 0/1"),
-    (b"a,click\nx,1\ny,1\n", "the label column 'click' is not 0/1"),
+    (b"a,click\nx,1\ny,1\n", "the label column 'click' is 1 in all 2 sampled rows: a label must take both values"),
+    (b"a,click\nx,0.0\ny,0.0\n", "the label column 'click' is 0.0 in all 2 sampled rows"),
+    (b"a,click\nx,yes\ny,no\n", "the label column 'click' is not 0/1"),
+    (b"a;b;click\n1;x;1\n2;y;0\n", "the file looks separated by ';'; ctrkit reads commas in .csv files and tabs"),
 ])
 def test_schema_infer_refuses_unusable_files(tmp_path, content, message):
     path = tmp_path / "f.csv"

@@ -500,9 +500,16 @@ def infer(path: str | Path, label: str | None = None, sample_rows: int = 100_000
         if label is None and headerless:
             label = next((c for c in cols if _is_binary(df[c])), None)
         if label is None:
-            raise SchemaError(f"{path}: cannot guess the label column among {cols}; pass --label COLUMN")
+            odd = next((sep for sep in (";", "|", ":") if len(cols) == 1 and sep in cols[0]), None)
+            hint = (f" (one column: the file looks separated by {odd!r}; ctrkit reads commas in .csv files and tabs "
+                    "in .tsv files)") if odd else ""
+            raise SchemaError(f"{path}: cannot guess the label column among {cols}{hint}; pass --label COLUMN")
     elif label not in cols:
         raise SchemaError(f"{path}: label column {label!r} not found; columns are {cols}")
+    seen = df[label].drop_nulls()
+    if seen.dtype.is_numeric() and seen.n_unique() == 1 and float(seen[0]) in (-1.0, 0.0, 1.0):
+        raise SchemaError(f"{path}: the label column {label!r} is {seen[0]} in all {seen.len():,} sampled rows: a "
+                          "label must take both values (--rows samples more of the file)")
     if not _is_binary(df[label]):
         raise SchemaError(f"{path}: the label column {label!r} is not 0/1 (or -1/1) in the sampled rows; values "
                           f"like {df[label].drop_nulls().unique().head(5).to_list()}")
