@@ -474,6 +474,7 @@ def test_damaged_bundle_is_one_line(work, tmp_path, damage, message, command):
     ([{"user": "u1", "item": "i1", "price": 1.0, "hour": 3}, "u1"], r"record 1: expected a mapping"),
     ("user=u1", r"expected a dict, a list of dicts or a DataFrame, got str"),
     (42, r"expected a dict, a list of dicts or a DataFrame, got int"),
+    (Path("log.csv"), r"got PosixPath; a file is scored by Scorer.score_file or `ctrkit predict`, evaluated by"),
     ({"user": ["u1"], "item": "i1", "price": 1.0, "hour": 3}, r"record 0: field 'user' has a list value"),
     ({"user": "u1", "item": {"id": 1}, "price": 1.0, "hour": 3}, r"record 0: field 'item' has a dict value"),
     ({"user": "u1", "item": "i1", "price": b"1", "hour": 3}, r"record 0: field 'price' has a bytes value"),

@@ -10,6 +10,7 @@ field (a missing or misspelled key is an error naming it, as a frame with a miss
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
@@ -277,8 +278,10 @@ def records_frame(records: Records, schema: Schema, context: Mapping[str, Any] |
         df = records
     elif type(records).__module__.startswith("pandas"):
         df = pl.from_pandas(records)
-    elif isinstance(records, (str, bytes)) or not isinstance(records, (Mapping, Sequence)):
-        raise DataError(f"expected a dict, a list of dicts or a DataFrame, got {type(records).__name__}")
+    elif isinstance(records, (str, bytes, os.PathLike)) or not isinstance(records, (Mapping, Sequence)):
+        hint = ("; a file is scored by Scorer.score_file or `ctrkit predict`, evaluated by Bundle.evaluate"
+                if isinstance(records, (str, os.PathLike)) else "")
+        raise DataError(f"expected a dict, a list of dicts or a DataFrame, got {type(records).__name__}{hint}")
     else:
         rows = [records] if isinstance(records, Mapping) else list(records)
         ctx = dict(context or {})
