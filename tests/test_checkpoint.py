@@ -144,6 +144,25 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
     spec, data = _tiny_data()
     model = build_model("lr", spec)
     train(model, data, None, TrainConfig(epochs=1, batch_size=50, progress=False, checkpoint_dir=str(tmp_path)))
-    with pytest.raises(RuntimeError, match="belongs to another run"):
+    with pytest.raises(RuntimeError, match="belongs to another run.*batch_size: 50, 64$"):
         train(build_model("lr", spec), data, None, TrainConfig(epochs=2, batch_size=64, progress=False,
+                                                                checkpoint_dir=str(tmp_path), resume=True))
+    # another model, or the same with other settings, was a state_dict error from torch (or, with the same
+    # weights' shapes, a resumed run of settings it never had); another learning rate was silently replaced
+    with pytest.raises(RuntimeError, match="model: 'lr', 'fm'"):
+        train(build_model("fm", spec), data, None, TrainConfig(epochs=2, batch_size=50, progress=False,
+                                                                checkpoint_dir=str(tmp_path), resume=True))
+    with pytest.raises(RuntimeError, match="model settings emb_l2: 1e-05, 0.5$"):
+        train(build_model("lr", spec, emb_l2=0.5), data, None,
+              TrainConfig(epochs=2, batch_size=50, progress=False, checkpoint_dir=str(tmp_path), resume=True))
+    with pytest.raises(RuntimeError, match=r"lr: 0\.001, 0\.01"):
+        train(build_model("lr", spec), data, None, TrainConfig(epochs=2, batch_size=50, lr=0.01, progress=False,
+                                                                checkpoint_dir=str(tmp_path), resume=True))
+    train(build_model("lr", spec), data, None, TrainConfig(epochs=2, batch_size=50, progress=False,
+                                                            checkpoint_dir=str(tmp_path), resume=True))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)  # as written before the model was compared
+    state["config"] = {k: state["config"][k] for k in ("batch_size", "seed", "loss", "optimizer")}
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(RuntimeError, match="holds another model's weights; --resume continues a run with its own"):
+        train(build_model("fm", spec), data, None, TrainConfig(epochs=3, batch_size=50, progress=False,
                                                                 checkpoint_dir=str(tmp_path), resume=True))

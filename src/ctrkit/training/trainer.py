@@ -220,6 +220,22 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
+def _run_identity(cfg: TrainConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: the model and its settings, and the training
+    settings that decide which rows each step sees and how the weights move."""
+    config = getattr(model, "config", None)
+    return {**{k: v for k, v in cfg.to_dict().items() if k in ("batch_size", "seed", "loss", "optimizer", "lr")},
+            "model": getattr(model, "name", "") or type(model).__name__,
+            "model settings": config.to_dict() if hasattr(config, "to_dict") else None}
+
+
+def _pairs(saved: Any, now: Any) -> list[tuple[str, Any, Any]]:
+    """("", saved, now), or (key, saved value, now value) per key when both are dicts (a model's settings)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [(k, saved.get(k), now.get(k)) for k in dict.fromkeys([*saved, *now])]
+    return [("", saved, now)]
+
+
 def resolve_monitor(monitor: str, valid_positives: int) -> str:
     """"auto" is logloss with fewer than ``FEW_POSITIVES`` validation positives (their AUC is noise), else AUC."""
     if monitor != "auto":
@@ -333,8 +349,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             "result": {"history": result.history, "best_epoch": result.best_epoch,
                        "best_valid": result.best_valid, "epochs": result.epochs,
                        "train_seconds": result.train_seconds, "samples": result.samples},
-            "n_train": len(train_data), "config": {k: v for k, v in cfg.to_dict().items()
-                                                   if k in ("batch_size", "seed", "loss", "optimizer")}}
+            "n_train": len(train_data), "config": _run_identity(cfg, model)}
         if torchrec:  # the weights, fused optimizer state and best weights go to DCP, as shards
             save_sharded_checkpoint(ckpt_dir, {**state, "optimizers": train_step.state_dict(),
                                                "has_best_state": best_state is not None},
@@ -348,17 +363,25 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         state = load_checkpoint(ckpt_dir)  # type: ignore[arg-type]
         if state is not None:
             check_backend(ckpt_dir, state, cfg.embedding_backend)  # type: ignore[arg-type]
-            saved = state["config"]
-            now = {k: v for k, v in cfg.to_dict().items() if k in saved}
-            if saved != now or state["n_train"] != len(train_data):
-                raise RuntimeError(f"the checkpoint in {ckpt_dir} belongs to another run (settings {saved}, "
-                                   f"{state['n_train']} training rows); now {now}, {len(train_data)} rows")
+            saved, now = state["config"], _run_identity(cfg, model)  # an older checkpoint names fewer settings
+            differ = {f"{k} {kk}" if kk else k: (a, b) for k in saved for kk, a, b in _pairs(saved[k], now.get(k))
+                      if a != b}
+            if state["n_train"] != len(train_data):
+                differ["training rows"] = (state["n_train"], len(train_data))
+            if differ:
+                raise RuntimeError(f"the checkpoint in {ckpt_dir} belongs to another run; --resume continues a run "
+                                   "with its own data and settings. Differences (checkpoint, now): "
+                                   + "; ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in differ.items()))
             if torchrec:  # every rank reads the rows of its own shards, however many ranks wrote them
                 best_state = sharded.load_checkpoint_state(
                     model, lambda shards: load_sharded_checkpoint(ckpt_dir, state, shards),  # type: ignore[arg-type]
                     state["has_best_state"])
             else:
-                model.load_state_dict(state["model"])
+                try:
+                    model.load_state_dict(state["model"])
+                except RuntimeError as exc:  # a checkpoint from before the model was part of the run's identity
+                    raise RuntimeError(f"the checkpoint in {ckpt_dir} holds another model's weights; --resume "
+                                       f"continues a run with its own model ({str(exc).splitlines()[0]})") from None
                 best_state = state["best_state"]
             train_step.load_state_dict(state["optimizers"])
             best, bad_epochs, lr = state["best"], state["bad_epochs"], state["lr"]
