@@ -66,6 +66,20 @@ def test_load_missing_file(tmp_path):
         Schema.load(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("body, said", [
+    ("label: y\nfields:\n- {name: a, kind: numerc}\n", "field 'a': kind must be one of"),
+    ("label: y\nfields:\n- {name: a, kind: numeric, transform: bucketize, n_buckets: 1}\n", "n_buckets must be >= 2"),
+    ("label: y\nfields:\n- a\n- a\n", "duplicate field names: ['a']"),
+])
+def test_a_bad_schema_file_is_named_with_what_is_wrong_in_it(tmp_path, body, said):
+    """A field's or the schema's own check named what was wrong, not the file it was in."""
+    path = tmp_path / "s.yaml"
+    path.write_text(body)
+    with pytest.raises(SchemaError) as err:
+        Schema.load(path)
+    assert str(err.value).startswith(f"{path}: ") and said in str(err.value)
+
+
 def test_infer_schema_on_small_csv(tmp_path):
     rows = ["timestamp,user_id,city,price,n_views,click"]
     for i in range(200):

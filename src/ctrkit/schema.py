@@ -294,7 +294,17 @@ class Schema:
             bad = sorted(set(item) - field_keys)
             if bad:
                 raise SchemaError(f"{source}: field {item.get('name', i)!r} has unknown keys {bad}")
-            parsed.append(Field(**item))
+            try:
+                parsed.append(Field(**item))
+            except SchemaError as exc:
+                raise SchemaError(f"{source}: {exc}") from None
+        try:
+            return cls._of(data, parsed)
+        except SchemaError as exc:  # the file's name before what is wrong in it
+            raise SchemaError(f"{source}: {exc}") from None
+
+    @classmethod
+    def _of(cls, data: dict[str, Any], parsed: list[Field]) -> Schema:
         return cls(
             fields=parsed,
             label=data.get("label") or "",
