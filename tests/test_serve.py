@@ -414,3 +414,10 @@ def test_watched_bundle_folder_is_reloaded_without_failing_a_request(bundles: tu
 def test_server_config_refuses_settings_that_cannot_serve(tmp_path: Path, kwargs: dict, said: str) -> None:
     with pytest.raises(ValueError, match=re.escape(said)):
         ServerConfig(bundle=tmp_path, **kwargs)
+
+
+def test_segments_must_be_fields_of_the_bundle(bundles: tuple[Path, Path, pl.DataFrame]) -> None:
+    """A request carries the bundle's fields and nothing else: a segment by any other name put every impression
+    under "None"."""
+    with pytest.raises(ValueError, match=re.escape("--segments ['devise']: not fields of the bundle")):
+        create_app(ServerConfig(bundle=bundles[0], segments=("device", "devise")))

@@ -358,7 +358,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         import uvicorn
         import torch
 
-        from ctrkit.serve.app import ServerConfig, create_app
+        from ctrkit.serve.app import ServerConfig, check_segments, create_app
         from ctrkit.serve.bundle import Bundle
     except ImportError as exc:
         _fail(str(exc))
@@ -370,7 +370,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         _fail(str(exc))
     torch.set_num_threads(threads)
     try:  # with several processes, the bundle is checked here once so that a bad one fails before they start
-        api = create_app(config) if workers == 1 else Bundle.load(bundle) and None
+        api = create_app(config) if workers == 1 else check_segments(Bundle.load(bundle), seg)
     except USER_ERRORS as exc:
         _fail(str(exc))
     err.print(f"serving {bundle} on http://{host}:{port} with {workers} process(es) (docs: /docs)")

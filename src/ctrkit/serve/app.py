@@ -25,7 +25,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -345,10 +345,20 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
+def check_segments(bundle: Bundle, segments: Sequence[str]) -> None:
+    """The monitor's segments must be fields of the bundle: a request carries those and nothing else, so any
+    other name would put every impression under "None"."""
+    unknown = [s for s in segments if s not in bundle.schema.input_columns]
+    if unknown:
+        raise ValueError(f"--segments {unknown}: not fields of the bundle, which requests carry "
+                         f"({bundle.schema.input_columns})")
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config.bundle``."""
     metrics = _Metrics()
     live = _load(config.bundle, config.threads, device=config.device)
+    check_segments(live.bundle, config.segments)
     log = None if not config.events else open_writer(config.events) if config.workers > 1 else EventLog(config.events)
     monitor = LiveMonitor(config.monitor_window, config.segments, live.bundle.metrics.get("pctr_reference"))
     rng = np.random.default_rng(config.seed)
