@@ -126,6 +126,13 @@ def test_ope_clipping_policy_from_log_and_bad_propensities() -> None:
     e.register("bad", log.assign(p0=0.0))
     with pytest.raises(MeasureError, match="outside \\(0, 1\\]"):
         ope.ips_snips(e, "bad", "click", "p0", pol, ["position"], "item_id")
+    with pytest.raises(MeasureError, match="^logs/bad.csv: 5000 rows have a logging propensity"):
+        ope.ips_snips(e, "bad", "click", "p0", pol, ["position"], "item_id", what="logs/bad.csv")
+    with pytest.raises(MeasureError, match="^logs/t.csv: no column 'arm'"):
+        ope.policy_from_log(e, "log", ["position"], "arm", what="logs/t.csv")
+    for clip in (0.0, -1.0):  # -1 made every weight -1: an IPS CTR of -0.10
+        with pytest.raises(MeasureError, match=f"--max-weight clips importance weights: it must be > 0, got {clip}"):
+            ope.ips_snips(e, "log", "click", "p0", pol, ["position"], "item_id", max_weight=clip)
 
 
 def test_top_slot_value_of_a_greedy_model_matches_the_literal_case() -> None:

@@ -380,13 +380,13 @@ def ope(log: Path = typer.Argument(..., help="Logged data: one row per logged ac
             target = eng.query("SELECT * FROM ope_policy")
         elif target_log is not None:
             eng.register("ope_target_log", str(target_log), what=str(target_log))
-            target = op.policy_from_log(eng, "ope_target_log", key_cols, action)
+            target = op.policy_from_log(eng, "ope_target_log", key_cols, action, what=str(target_log))
             a = eng.query(f"SELECT COUNT(*) AS n, SUM({eng.dialect.q(reward)}) AS k FROM ope_target_log").iloc[0]
             actual = {"impressions": int(a["n"]), "clicks": int(a["k"]), "ctr": float(a["k"]) / float(a["n"])}
         else:
             raise MeasureError("give the target policy: --target-policy FILE, --target-log FILE or "
                                "--target-propensity COLUMN")
-        ests = op.ips_snips(eng, "ope_log", reward, logging, target, key_cols, action, max_weight)
+        ests = op.ips_snips(eng, "ope_log", reward, logging, target, key_cols, action, max_weight, what=str(log))
         if isinstance(target, pd.DataFrame) and (dr_features is not None or bundle is not None):
             if bundle is not None:
                 model = op.bundle_reward_model(str(bundle))

@@ -47,9 +47,11 @@ def _check_cols(kinds: dict[str, str], cols: list[str], what: str) -> None:
         raise MeasureError(f"{what}: no column {missing[0]!r}; columns are {list(kinds)}")
 
 
-def policy_from_log(engine: Engine, view: str, keys: list[str], action: str) -> pd.DataFrame:
-    """The empirical action distribution of a logged policy: share of each action within each key group."""
-    _check_cols(engine.columns(view), keys + [action], view)
+def policy_from_log(engine: Engine, view: str, keys: list[str], action: str, what: str | None = None
+                    ) -> pd.DataFrame:
+    """The empirical action distribution of a logged policy: share of each action within each key group
+    (``what`` names the view in errors, e.g. its file)."""
+    _check_cols(engine.columns(view), keys + [action], what or view)
     q = engine.dialect.q
     k = ", ".join(q(c) for c in keys)
     part = f"PARTITION BY {k}" if keys else ""
@@ -72,6 +74,8 @@ def _weights_sql(engine: Engine, view: str, logging: str, target: str | pd.DataF
         join = f"LEFT JOIN _target_policy p ON {on}"
         pe = "COALESCE(CAST(p.propensity AS DOUBLE), 0.0)"
     w = f"{pe} / CAST(l.{q(logging)} AS DOUBLE)"
+    if max_weight is not None and not max_weight > 0:  # a clip at 0 or below makes every weight 0 or negative
+        raise MeasureError(f"--max-weight clips importance weights: it must be > 0, got {max_weight}")
     if max_weight is not None:
         w = f"LEAST({w}, {float(max_weight)})"
     return f"SELECT l.*, {pe} AS _pe, {w} AS _w FROM {view} l {join}"
@@ -79,16 +83,18 @@ def _weights_sql(engine: Engine, view: str, logging: str, target: str | pd.DataF
 
 def ips_snips(engine: Engine, view: str, reward: str, logging: str, target: str | pd.DataFrame,
               keys: list[str] | None = None, action: str = "item_id", max_weight: float | None = None,
-              alpha: float = 0.05) -> list[Estimate]:
-    """IPS and self-normalised IPS of the target policy's mean reward, from one SQL aggregate."""
+              alpha: float = 0.05, what: str | None = None) -> list[Estimate]:
+    """IPS and self-normalised IPS of the target policy's mean reward, from one SQL aggregate (``what`` names
+    the view in errors, e.g. its file)."""
     keys = keys or []
     kinds = engine.columns(view)
-    _check_cols(kinds, [reward, logging] + ([target] if isinstance(target, str) else keys + [action]), view)
+    what = what or view
+    _check_cols(kinds, [reward, logging] + ([target] if isinstance(target, str) else keys + [action]), what)
     q = engine.dialect.q
     bad = engine.query(f"SELECT COUNT(*) AS n FROM {view} WHERE {q(logging)} IS NULL OR {q(logging)} <= 0 "
                        f"OR {q(logging)} > 1").iloc[0, 0]
     if int(bad):
-        raise MeasureError(f"{view}: {int(bad)} rows have a logging propensity {logging!r} outside (0, 1]; "
+        raise MeasureError(f"{what}: {int(bad)} rows have a logging propensity {logging!r} outside (0, 1]; "
                            "IPS needs every logged action's probability")
     r = f"CAST({q(reward)} AS DOUBLE)"
     agg = engine.query(
