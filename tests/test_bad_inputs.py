@@ -723,6 +723,27 @@ def test_simulate_refuses_a_world_it_cannot_draw(overrides, message):
         simulate_logs(n_impressions=100, **overrides)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--clip", "0"], "--clip is the lowest examination probability"), (["--clip", "2"], "be in (0, 1], got 2.0"),
+    (["--top-items", "-2"], "--top-items must be >= 0 (0: no item table), got -2"),
+    (["--min-item-impressions", "-1"], "--min-item-impressions must be >= 0, got -1"),
+])
+def test_measure_propensity_bad_flags(logs, args, message):
+    """--top-items -2 showed every item but the last two; --clip 2 halved every IPS CTR; --clip -1 went through."""
+    code, out = _cli(["measure", "propensity", logs / "impressions.parquet", "--clicks", logs / "clicks.parquet",
+                      *args])
+    assert code == 2 and message in " ".join(out.split()), out
+
+
+def test_measure_report_does_not_write_over_a_log(logs, tmp_path):
+    """--out imps.parquet wrote the HTML report over the impression log."""
+    imps = tmp_path / "imps.parquet"
+    shutil.copy(logs / "impressions.parquet", imps)
+    before = imps.read_bytes()
+    code, out = _cli(["measure", "report", imps, "--clicks", logs / "clicks.parquet", "--out", imps])
+    assert code == 2 and "must end in .html" in out and imps.read_bytes() == before
+
+
 def test_measure_impression_log_as_click_log(logs, tmp_path):
     code, out = _cli(["measure", "ctr", logs / "impressions.parquet", "--clicks", logs / "impressions.parquet"])
     assert code == 2 and "is the impression log itself; give the clicks log" in out

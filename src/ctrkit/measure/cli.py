@@ -283,6 +283,10 @@ def propensity(impressions: Path = typer.Argument(..., help="Impression log with
     from ctrkit.measure import position as pb
 
     try:
+        if top_items < 0:  # before the logs are read
+            raise MeasureError(f"--top-items must be >= 0 (0: no item table), got {top_items}")
+        if method not in ("randomized", "power-law", "em", "all"):
+            raise MeasureError(f"unknown --method {method!r}; expected randomized, power-law, em or all")
         eng = _engine(engine, threads, memory)
         att = _attribution(eng, impressions, clicks, None,
                            _config(window, 1.0, 1.0, bot_rate, bot_ua, dedup, None, 0.5, 1.0), col)
@@ -295,8 +299,6 @@ def propensity(impressions: Path = typer.Argument(..., help="Impression log with
             results.append(pb.propensity_power_law(cube, position))
         if method in ("em", "all"):
             results.append(pb.regression_em(cube, item, position))
-        if not results:
-            raise MeasureError(f"unknown --method {method!r}; expected randomized, power-law, em or all")
         best = results[-1]
         decomp = pb.examination_decomposition(cube, best, position)
         items = pb.ips_item_ctr(cube, best, item, position, clip, min_item_impressions) if top_items else None
@@ -429,6 +431,8 @@ def report(impressions: Path = typer.Argument(..., help="Impression log."),
     from ctrkit.measure.report import build_report
 
     try:
+        if out_path.suffix.lower() not in (".html", ".htm"):  # never over a log: --out imps.parquet replaced it
+            raise MeasureError(f"--out {out_path} must end in .html")
         eng = _engine(engine, threads, memory)
         att = _attribution(eng, impressions, clicks, conversions,
                            _config(window, 7 * 86400.0, 86400.0, bot_rate, bot_ua, dedup, None, 0.5, 1.0), col)

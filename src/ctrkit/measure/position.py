@@ -146,6 +146,11 @@ def ips_item_ctr(cube: pd.DataFrame, props: Propensities, item: str = "item_id",
                  clip: float = 0.01, min_impressions: int = 1) -> pd.DataFrame:
     """Per-item CTR: raw, IPS (mean of click/θ, θ clipped below at ``clip``) and self-normalised (clicks over
     expected examinations Σc/Σθ), all on the position-1 scale."""
+    if not 0.0 < clip <= 1.0:  # θ is a probability: a clip above 1 rescales every item, one at 0 divides by 0
+        raise MeasureError(f"--clip is the lowest examination probability an item's clicks are divided by: it must "
+                           f"be in (0, 1], got {clip}")
+    if min_impressions < 0:
+        raise MeasureError(f"--min-item-impressions must be >= 0, got {min_impressions}")
     cells = rollup(cube, [item, position]).dropna()
     theta = cells[position].map(props.lookup())
     if theta.isna().any():
