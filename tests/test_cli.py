@@ -154,6 +154,12 @@ def test_train_warns_when_valid_and_test_are_one_file(files: Path, trained: Path
     assert "warning: --valid and --test are the same file" in " ".join(res.output.split())
 
 
+def test_monitor_writes_only_an_html_report(trained: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["monitor", str(tmp_path / "log"), "--bundle", str(trained / "bundle"), "--out",
+                              str(trained / "bundle" / "metrics.json")])
+    assert res.exit_code == 2 and "must end in .html" in res.output, res.output
+
+
 def test_calibrate_does_not_write_over_its_own_bundle(trained: Path, tmp_path: Path) -> None:
     before = (trained / "bundle" / "manifest.json").read_bytes()
     res = runner.invoke(app, ["calibrate", str(trained / "bundle"), str(tmp_path / "nowhere.csv"), "--out",

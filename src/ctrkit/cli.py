@@ -397,6 +397,8 @@ def monitor(log: Path = typer.Argument(..., help="An event log folder written by
     from ctrkit.serve.monitor import html_report, monitor_log
 
     seg = [s.strip() for s in segments.split(",") if s.strip()] if segments else []
+    if out.suffix.lower() not in (".html", ".htm"):  # never over a log or a bundle's file
+        _fail(f"--out {out} must end in .html")
     try:
         res = monitor_log(log, Bundle.load(bundle), seg, windows, min_clicks)
     except USER_ERRORS as exc:
