@@ -647,6 +647,15 @@ def test_simulate_writes_exactly_n_impressions(logs):
     assert pl.read_parquet(logs / "impressions.parquet").height == 5000
 
 
+def test_simulate_does_not_replace_logs_unless_told(tmp_path):
+    (tmp_path / "clicks.parquet").write_bytes(b"a real log")
+    code, out = _cli(["measure", "simulate", tmp_path, "--impressions", "100", "--items", "10"])
+    assert code == 2 and "already holds ['clicks.parquet']; --overwrite replaces them" in " ".join(out.split())
+    assert (tmp_path / "clicks.parquet").read_bytes() == b"a real log" and not (tmp_path / "impressions.parquet").exists()
+    code, out = _cli(["measure", "simulate", tmp_path, "--impressions", "100", "--items", "10", "--overwrite"])
+    assert code == 0 and pl.read_parquet(tmp_path / "impressions.parquet").height == 100
+
+
 @pytest.mark.parametrize("n", [1, 3999, 4000, 20000])
 def test_simulate_writes_exactly_n_for_any_n(tmp_path, n):
     code, out = _cli(["measure", "simulate", tmp_path, "--impressions", n, "--items", "10"])

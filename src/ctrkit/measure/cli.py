@@ -452,13 +452,19 @@ def simulate(out_dir: Path = typer.Argument(..., help="Folder for impressions/cl
              randomized: bool = typer.Option(True, "--randomized/--ranker",
                                              help="Uniform positions, or a production ranker."),
              lift: float = typer.Option(0.03, "--lift", help="Planted relative CTR lift of variant 'treatment'."),
-             seed: int = typer.Option(0, "--seed")) -> None:
+             seed: int = typer.Option(0, "--seed"),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace the three files where they exist.")
+             ) -> None:
     """Write a synthetic log with planted examination curve, item relevance and A/B lift (exactly N impressions,
     two bot users' and 0.1% duplicates among them once N is 4,000 or more)."""
     import pyarrow.parquet as pq
 
     from ctrkit.measure.simulate import BOT_IMPRESSIONS, simulate_logs
 
+    names = ("impressions", "clicks", "conversions")
+    there = [f"{name}.parquet" for name in names if (out_dir / f"{name}.parquet").exists()]
+    if there and not overwrite:  # a folder of real logs has files of these very names
+        _fail(f"{out_dir} already holds {there}; --overwrite replaces them with simulated logs")
     bots = 2 if n >= 10 * BOT_IMPRESSIONS * 2 else 0
     try:
         logs = simulate_logs(n_impressions=n, n_items=items, randomized=randomized, seed=seed,
@@ -467,7 +473,7 @@ def simulate(out_dir: Path = typer.Argument(..., help="Folder for impressions/cl
     except USER_ERRORS as exc:
         _fail(exc)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("impressions", "clicks", "conversions"):
+    for name in names:
         pq.write_table(getattr(logs, name), out_dir / f"{name}.parquet")
     out.print(f"wrote {out_dir}/{{impressions,clicks,conversions}}.parquet "
               f"({logs.impressions.num_rows:,} impressions, {logs.clicks.num_rows:,} clicks)")
