@@ -305,6 +305,15 @@ def test_a_bundle_is_not_saved_among_other_files(trained: tuple[Path, pl.DataFra
     assert np.allclose(Bundle.load(tmp_path / "empty").predict(trained[1].head(5)), b.predict(trained[1].head(5)))
 
 
+@pytest.mark.parametrize("part", ["valid", "test"])
+def test_training_frame_given_again_is_refused(part: str, tmp_path: Path) -> None:
+    log, _ = make_click_log(n_rows=600, n_users=50, n_items=30, seed=2)
+    frame = log.drop("p_click")
+    with pytest.raises(ValueError, match=f"^{part} is the training frame itself"):
+        train(frame, schema=synth_schema(), model="lr", out=tmp_path / "o", progress=False, **{part: frame})
+    assert not (tmp_path / "o").exists()
+
+
 def test_training_rejects_are_counted_and_kept(tmp_path: Path) -> None:
     log, _ = make_click_log(n_rows=2000, n_users=100, n_items=50, seed=1)
     path = tmp_path / "train.csv"

@@ -228,7 +228,10 @@ def _check_distinct_files(train_data: Source, valid: Source | None, test: Source
         return Path(src).resolve() if isinstance(src, (str, Path)) else None
 
     tr, va, te = path(train_data), path(valid), path(test)
-    for flag, other in (("--valid", va), ("--test", te)):
+    for flag, other, src in (("--valid", va, valid), ("--test", te, test)):
+        if src is train_data and tr is None:  # the same frame object
+            raise ValueError(f"{flag[2:]} is the training frame itself: early stopping, the calibrator and the "
+                             "figures need rows the model did not train on")
         if tr is not None and other == tr:
             raise ValueError(f"{flag} {other} is the training file: early stopping, the calibrator and the figures "
                              f"need rows the model did not train on (without --valid the last 10% is held out)")
