@@ -102,7 +102,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         raise ValueError("--ensemble trains plain tables; TorchRec-sharded members are not supported")
     # the settings the caller chose, checked before any data is read (a typo must not wait for the encode)
     explicit = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
-    TrainConfig(**{**cls.train_defaults, **(train_options or {}), **explicit}, device=device, loss=loss,
+    TrainConfig(**{**cls.train_defaults, **(train_options or {}), **explicit, "seed": seed,
+                   "checkpoint_every": checkpoint_every}, device=device, loss=loss,
                 pos_weight=1.0 if pos_weight == "auto" else float(pos_weight), embedding_backend=embedding_backend)
     default_config(model, **{**(model_options or {}), **({"embed_dim": embed_dim} if embed_dim is not None else {})})
     check_rate(neg_sample_rate)

@@ -146,6 +146,10 @@ class TrainConfig:
             raise ValueError(f"max_seconds must be > 0 when set, got {self.max_seconds}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.seed < 0:  # NumPy's generators take none below 0
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not self.pos_weight > 0:
+            raise ValueError(f"pos_weight must be > 0, got {self.pos_weight}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs a checkpoint folder (checkpoint_dir)")
         make_loss(self.loss, self.pos_weight, self.focal_alpha, self.focal_gamma)  # validates the loss settings
