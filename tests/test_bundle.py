@@ -279,6 +279,14 @@ def test_saving_over_a_bundle_replaces_its_files(trained: tuple[Path, pl.DataFra
     assert np.allclose(Bundle.load(folder).predict(test_df.head(5)), b.predict(test_df.head(5)))
 
 
+def test_a_run_folder_or_a_bundle_file_points_at_the_bundle(trained: tuple[Path, pl.DataFrame, Bundle]) -> None:
+    out, _, _ = trained
+    with pytest.raises(BundleError, match=f"^{out} is a training run folder; its bundle is {out / 'bundle'}$"):
+        Bundle.load(out)
+    with pytest.raises(BundleError, match="no such bundle folder; a bundle is the folder that holds it"):
+        Bundle.load(out / "bundle" / "model.json")
+
+
 def test_non_finite_weights_are_not_saved(trained: tuple[Path, pl.DataFrame, Bundle], tmp_path: Path) -> None:
     out, _, _ = trained
     b = Bundle.load(out / "bundle")

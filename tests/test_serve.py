@@ -214,7 +214,7 @@ def test_health_metrics_and_reload(client: TestClient, bundles: tuple[Path, Path
     assert after["bundle"] == r["bundle"]
     assert np.allclose(after["pctr"], Bundle.load(bundles[1]).predict(recs), atol=1e-7)
     bad = client.post("/admin/reload", json={"path": str(bundles[1].parent)})
-    assert bad.status_code == 422 and "not a ctrkit bundle" in bad.text
+    assert bad.status_code == 422 and f"is a training run folder; its bundle is {bundles[1]}" in bad.text
     assert client.get("/health").json()["bundle"] == r["bundle"]
 
 

@@ -74,6 +74,8 @@ def verify_manifest(root: Path) -> dict[str, Any]:
     """Check every file of the bundle folder ``root`` against its manifest; returns the manifest."""
     path = root / MANIFEST
     if not path.exists():
+        if (root / "bundle" / MANIFEST).exists():  # the --out of ctrkit train, which holds the bundle
+            raise BundleError(f"{root} is a training run folder; its bundle is {root / 'bundle'}")
         raise BundleError(f"{path} is missing: {root} is not a ctrkit bundle, or one saved before manifests")
     try:
         manifest = json.loads(path.read_text())
@@ -172,7 +174,8 @@ class Bundle:
         """Read a bundle folder, checking that schema, encoder and weights belong together."""
         p = Path(path)
         if not p.is_dir():
-            raise BundleError(f"{p}: no such bundle folder")
+            inside = f"; a bundle is the folder that holds it, {p.parent}" if (p.parent / MANIFEST).exists() else ""
+            raise BundleError(f"{p}: no such bundle folder{inside}")
         manifest = verify_manifest(p)
         for part in ("schema.yaml", "encoder/encoder.json", "weights.safetensors", "model.json"):
             if not (p / part).exists():
