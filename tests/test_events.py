@@ -99,6 +99,8 @@ def test_bad_events_and_folders_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "plain" / "a.txt").write_text("x")
     with pytest.raises(EventLogError, match="not a ctrkit event log"):
         EventLog(tmp_path / "plain")
+    with pytest.raises(EventLogError, match="a.txt is a file; an event log is a folder"):
+        EventLog(tmp_path / "plain" / "a.txt")  # was '[Errno 20] Not a directory'
     with pytest.raises(DataError, match="not a ctrkit event log"):
         read_events(tmp_path / "plain")
     with pytest.raises(DataError, match="no impressions"):

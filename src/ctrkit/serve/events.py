@@ -116,6 +116,8 @@ class EventLog:
         self.segment_bytes = segment_bytes
         self.sync = sync
         marker = self.path / MARKER
+        if self.path.exists() and not self.path.is_dir():
+            raise EventLogError(f"{self.path} is a file; an event log is a folder (a new one is made where none is)")
         if self.path.exists() and any(self.path.iterdir()) and not marker.exists():
             raise EventLogError(f"{self.path} exists and is not a ctrkit event log (no {MARKER})")
         (self.path / "segments").mkdir(parents=True, exist_ok=True)
