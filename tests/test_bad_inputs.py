@@ -131,6 +131,16 @@ def test_bad_rows_file_is_not_the_training_file(work, tmp_path):
     assert path.read_bytes() == before
 
 
+def test_a_folder_given_for_a_data_file_is_named_as_one(work, tmp_path):
+    """A folder (of Parquet parts, say) was '[Errno 21] Is a directory', or an empty line from predict."""
+    (tmp_path / "parts").mkdir()
+    said = "parts is a folder; give one file (CSV, TSV, Parquet or libFM, .gz or not)"
+    for args in (["evaluate", work["bundle"], tmp_path / "parts"], ["schema", "infer", tmp_path / "parts"],
+                 ["predict", work["bundle"], tmp_path / "parts", "--out", tmp_path / "p.csv"]):
+        code, out = _cli(args)
+        assert code == 2 and said in " ".join(out.split()), out
+
+
 @pytest.mark.parametrize("value, reason", BAD_NUMBERS)
 def test_evaluate_counts_a_bad_number(work, tmp_path, value, reason):
     path = _write(tmp_path / "e.csv", _with(work["rows"], "price", value))

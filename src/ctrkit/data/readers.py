@@ -134,10 +134,18 @@ def detect_format(path: str | Path) -> str:
     return "csv"
 
 
-def _open_binary(path: str | Path) -> IO[bytes]:
+def _existing_file(path: str | Path) -> Path:
+    """``path`` when it is a file; a FileNotFoundError when nothing is there, a DataError for a folder."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
+    if p.is_dir():
+        raise DataError(f"{p} is a folder; give one file (CSV, TSV, Parquet or libFM, .gz or not)")
+    return p
+
+
+def _open_binary(path: str | Path) -> IO[bytes]:
+    p = _existing_file(path)
     with open(p, "rb") as fh:
         magic = fh.read(2)
     return gzip.open(p, "rb") if magic == b"\x1f\x8b" else open(p, "rb")
@@ -439,7 +447,7 @@ def _raw_chunks(source: Source, schema: Schema, fmt: str | None, has_header: boo
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(str(source))
+        pf = pq.ParquetFile(str(_existing_file(source)))
         cols = needed_columns(schema, with_label)
         have = pf.schema_arrow.names
         absent = [c for c in cols if c not in have]
@@ -549,7 +557,7 @@ def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
     fmt = detect_format(path)
     try:
         if fmt == "parquet":
-            return pl.read_parquet(path, n_rows=n_rows)
+            return pl.read_parquet(_existing_file(path), n_rows=n_rows)
         if fmt == "libfm":
             raise SchemaError(f"{path}: libFM files have no column names; use --format libfm --fields a,b,...")
         with _open_binary(path) as fh:
