@@ -154,6 +154,10 @@ def test_train_warns_when_valid_and_test_are_one_file(files: Path, trained: Path
                               "--epochs", "1", "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert "warning: --valid and --test are the same file" in " ".join(res.output.split())
+    res = runner.invoke(app, ["train", str(files / "train.csv"), "--schema", str(files / "schema.yaml"), "--valid",
+                              str(files / "valid.csv"), "--split", "random", "--model", "lr", "--epochs", "1",
+                              "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0 and "warning: --split random is not used" in " ".join(res.output.split())
 
 
 def test_monitor_writes_only_an_html_report(trained: Path, tmp_path: Path) -> None:

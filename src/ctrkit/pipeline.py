@@ -114,6 +114,9 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         if Path(out).exists() and not Path(out).is_dir():
             raise DataError(f"--out {out} exists and is not a folder")
         Path(out).mkdir(parents=True, exist_ok=True)
+    if valid is not None and split != "auto" and log:
+        log(f"warning: --split {split} is not used: it chooses how TRAIN is cut for validation, and --valid gives "
+            "the validation rows")
     if valid is None and split == "random" and sch.time and log:
         log(f"warning: --split random although the schema has a time field ({sch.time!r}): "
             "validation rows from the same period as training rows overstate what the model will do on "
