@@ -148,7 +148,7 @@ def test_train_refuses_its_training_file_as_valid_or_test(files: Path, trained: 
     assert not (tmp_path / "o").exists()
 
 
-def test_train_warns_when_valid_and_test_are_one_file(files: Path, trained: Path, tmp_path: Path) -> None:
+def test_train_warns_of_files_and_settings_it_cannot_use_as_asked(files: Path, trained: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["train", str(files / "train.csv"), "--schema", str(files / "schema.yaml"), "--valid",
                               str(files / "valid.csv"), "--test", str(files / "valid.csv"), "--model", "lr",
                               "--epochs", "1", "--out", str(tmp_path / "o")])
@@ -158,6 +158,10 @@ def test_train_warns_when_valid_and_test_are_one_file(files: Path, trained: Path
                               str(files / "valid.csv"), "--split", "random", "--model", "lr", "--epochs", "1",
                               "--out", str(tmp_path / "o2")])
     assert res.exit_code == 0 and "warning: --split random is not used" in " ".join(res.output.split())
+    res = runner.invoke(app, ["train", str(files / "train.csv"), "--schema", str(files / "schema.yaml"), "--valid",
+                              str(files / "valid.csv"), "--pos-weight", "5", "--model", "lr", "--epochs", "1",
+                              "--out", str(tmp_path / "o3")])
+    assert res.exit_code == 0 and "warning: --pos-weight 5.0 is not used" in " ".join(res.output.split())
 
 
 def test_monitor_writes_only_an_html_report(trained: Path, tmp_path: Path) -> None:

@@ -114,6 +114,9 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         if Path(out).exists() and not Path(out).is_dir():
             raise DataError(f"--out {out} exists and is not a folder")
         Path(out).mkdir(parents=True, exist_ok=True)
+    if pos_weight != "auto" and loss != "weighted" and log:
+        log(f"warning: --pos-weight {pos_weight} is not used: it weighs positives in --loss weighted, and the loss "
+            f"is {loss}")
     if valid is not None and split != "auto" and log:
         log(f"warning: --split {split} is not used: it chooses how TRAIN is cut for validation, and --valid gives "
             "the validation rows")
