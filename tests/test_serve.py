@@ -410,7 +410,8 @@ def test_watched_bundle_folder_is_reloaded_without_failing_a_request(bundles: tu
 
 @pytest.mark.parametrize(("kwargs", "said"), [({"max_body_bytes": 0}, "max_body_bytes must be at least 1, got 0"),
                                               ({"monitor_window": -5}, "monitor_window must be at least 1, got -5"),
-                                              ({"watch": float("nan")}, "--watch must be 0 (off) or a number")])
+                                              ({"watch": float("nan")}, "--watch must be 0 (off) or a number"),
+                                              ({"token": ""}, "--token is empty"), ({"token": "  "}, "--token is empty")])
 def test_server_config_refuses_settings_that_cannot_serve(tmp_path: Path, kwargs: dict, said: str) -> None:
     with pytest.raises(ValueError, match=re.escape(said)):
         ServerConfig(bundle=tmp_path, **kwargs)

@@ -208,6 +208,9 @@ class ServerConfig:
                            ("max_body_bytes", "max_body_bytes"), ("monitor_window", "monitor_window")):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        if self.token is not None and not self.token.strip():  # "--token $T" with T unset served with no check
+            raise ValueError("--token is empty: give the token requests must send, or leave --token out (and "
+                             "CTRKIT_TOKEN unset) to serve without one")
         if not self.watch >= 0:
             raise ValueError(f"--watch must be 0 (off) or a number of seconds, got {self.watch}")
         check_device(self.device)
