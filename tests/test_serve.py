@@ -422,3 +422,17 @@ def test_segments_must_be_fields_of_the_bundle(bundles: tuple[Path, Path, pl.Dat
     under "None"."""
     with pytest.raises(ValueError, match=re.escape("--segments ['devise']: not fields of the bundle")):
         create_app(ServerConfig(bundle=bundles[0], segments=("device", "devise")))
+
+
+@pytest.mark.parametrize(("host", "token", "warned"), [
+    ("127.0.0.1", None, False), ("::1", None, False), ("localhost", None, False), ("127.0.0.2", None, False),
+    ("0.0.0.0", None, True), ("10.1.2.3", None, True), ("::", None, True), ("myhost", None, True),
+    ("0.0.0.0", "s3cret", False)])
+def test_serving_beyond_this_machine_without_a_token_is_warned_of(host: str, token: str | None,
+                                                                  warned: bool) -> None:
+    from ctrkit.serve.app import exposure_warning
+
+    said = exposure_warning(host, token)
+    assert (said is not None) == warned
+    if warned:
+        assert f"serving on {host} without --token" in said and "/admin/reload" in said

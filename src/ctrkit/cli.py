@@ -358,7 +358,7 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
         import uvicorn
         import torch
 
-        from ctrkit.serve.app import ServerConfig, check_segments, create_app
+        from ctrkit.serve.app import ServerConfig, check_segments, create_app, exposure_warning
         from ctrkit.serve.bundle import Bundle
     except ImportError as exc:
         _fail(str(exc))
@@ -374,6 +374,8 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     except USER_ERRORS as exc:
         _fail(str(exc))
     err.print(f"serving {bundle} on http://{host}:{port} with {workers} process(es) (docs: /docs)")
+    if (warning := exposure_warning(host, token)) is not None:
+        err.print(warning, markup=False, highlight=False)
     if api is not None:
         uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
         return

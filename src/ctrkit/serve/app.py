@@ -20,6 +20,7 @@ import contextlib
 import gc
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -346,6 +347,19 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI request body of a route that reads its body itself."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """A warning when the server listens beyond this machine with no token: anyone who reaches the port can then
+    score, log events and swap the bundle through /admin/reload."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: only localhost is known to stay on this machine
+        loopback = host == "localhost"
+    if loopback or token:
+        return None
+    return (f"warning: serving on {host} without --token: anyone who reaches this port can score, send events "
+            "and load another bundle through /admin/reload")
 
 
 def check_segments(bundle: Bundle, segments: Sequence[str]) -> None:
