@@ -131,14 +131,37 @@ def test_bad_rows_file_is_not_the_training_file(work, tmp_path):
     assert path.read_bytes() == before
 
 
-def test_a_folder_given_for_a_data_file_is_named_as_one(work, tmp_path):
-    """A folder (of Parquet parts, say) was '[Errno 21] Is a directory', or an empty line from predict."""
+def test_a_folder_with_no_parquet_parts_is_named_as_one(work, tmp_path):
+    """A folder was '[Errno 21] Is a directory', or an empty line from predict; a folder of parts reads now."""
     (tmp_path / "parts").mkdir()
-    said = "parts is a folder; give one file (CSV, TSV, Parquet or libFM, .gz or not)"
+    (tmp_path / "parts" / "rows.csv").write_text(HEADER + "\n")
+    said = "parts is a folder with no Parquet files (*.parquet, *.pq) in it"
     for args in (["evaluate", work["bundle"], tmp_path / "parts"], ["schema", "infer", tmp_path / "parts"],
                  ["predict", work["bundle"], tmp_path / "parts", "--out", tmp_path / "p.csv"]):
         code, out = _cli(args)
-        assert code == 2 and said in " ".join(out.split()), out
+        assert code == 2 and said in out, out
+
+
+def test_a_folder_of_parquet_parts_trains_and_scores_like_the_file(work, tmp_path):
+    """A Spark-style folder (parts by day, _SUCCESS) trains to the metrics of the CSV holding the same rows."""
+    rows = pl.read_csv(work["dir"] / "train.csv", infer_schema_length=0)
+    for (day,), part in rows.group_by(pl.col("ts").str.slice(0, 10), maintain_order=True):
+        (tmp_path / "log" / f"day={day}").mkdir(parents=True)
+        part.write_parquet(tmp_path / "log" / f"day={day}" / "part-00000.parquet")
+    (tmp_path / "log" / "_SUCCESS").write_text("")
+    code, out = _cli(["train", tmp_path / "log", "--valid", work["dir"] / "valid.csv", "--schema",
+                      work["dir"] / "schema.yaml", "--model", "lr", "--epochs", "1", "--out", tmp_path / "run",
+                      "--quiet"])
+    assert code == 0, out
+    want = json.loads((work["dir"] / "run" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert got["data"]["train"]["rows"] == N_ROWS and got["valid"] == want["valid"]
+    code, out = _cli(["predict", work["bundle"], tmp_path / "log", "--out", tmp_path / "log" / "scores.csv"])
+    assert code == 2 and "is inside" in out and "the folder being scored" in out
+    for source, name in ((tmp_path / "log", "a.csv"), (work["dir"] / "train.csv", "b.csv")):
+        code, out = _cli(["predict", work["bundle"], source, "--out", tmp_path / name])
+        assert code == 0, out
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
 
 
 @pytest.mark.parametrize("value, reason", BAD_NUMBERS)

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from ctrkit.data.readers import (DataError, Prefetch, ReadReport, coerce_chunk, detect_format, iter_chunks,
-                                 libfm_schema, read_frame, read_sample)
+                                 libfm_schema, parquet_parts, read_frame, read_sample)
 from ctrkit.schema import Field, Schema
 
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
@@ -221,6 +221,68 @@ def test_parquet_bad_rows(tmp_path):
     df = pl.concat(list(iter_chunks(pq, SCHEMA, report=report)))
     assert df["city"].to_list() == ["a"]
     assert report.bad_rows == 3 and report.rows == 4
+
+
+def _parts(root: Path) -> Path:
+    """GOOD as a Hive-partitioned folder: Spark's markers and a hidden file beside the parts, read in path order."""
+    frames = {"day=2026-01-03/part-0.parquet": GOOD[3:], "day=2026-01-01/part-0.parquet": GOOD[:2],
+              "day=2026-01-01/part-1.pq": GOOD[2:3]}
+    for name, rows in frames.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({"city": [r[0] or None for r in rows], "price": [r[1] for r in rows],
+                      "click": [int(r[2]) for r in rows]}).write_parquet(root / name)
+    (root / "_SUCCESS").write_text("")
+    (root / "day=2026-01-01" / ".part-0.parquet.crc").write_bytes(b"\0\1")
+    (root / "_temporary" / "0").mkdir(parents=True)
+    (root / "_temporary" / "0" / "part-9.parquet").write_bytes(b"half written")
+    return root
+
+
+def test_a_folder_of_parquet_parts_reads_as_one_file(tmp_path):
+    """Parts in path order, each row numbered in its part; the Hive folder values are a column a schema can use."""
+    root = _parts(tmp_path / "log")
+    assert detect_format(root) == "parquet"
+    assert [p.relative_to(root).as_posix() for p in parquet_parts(root)] == [
+        "day=2026-01-01/part-0.parquet", "day=2026-01-01/part-1.pq", "day=2026-01-03/part-0.parquet"]
+    csv, _ = read_frame(_write(tmp_path / "d.csv", GOOD), SCHEMA)
+    df, rep = read_frame(root, SCHEMA)
+    assert df.drop("_line").equals(csv.drop("_line"))
+    assert df["_line"].to_list() == [1, 2, 1, 1] and rep.rows == 4 and rep.bad_rows == 0
+    with_day = Schema(fields=[*SCHEMA.fields, Field("day")], label="click")
+    days = read_frame(root, with_day)[0]["day"].to_list()
+    assert days == ["2026-01-01", "2026-01-01", "2026-01-01", "2026-01-03"]
+    sample = read_sample(root)
+    assert sample.height == 4 and sample.columns == ["city", "price", "click", "day"]
+
+
+def test_a_bad_row_of_a_part_names_the_part(tmp_path):
+    root = _parts(tmp_path / "log")
+    (root / "day=2026-01-02").mkdir()
+    pl.DataFrame({"city": ["x", "y"], "price": ["2", "lots"], "click": [0, 1]}).write_parquet(
+        root / "day=2026-01-02" / "part-1.parquet")
+    report, aside = ReadReport(), tmp_path / "bad.tsv"
+    df = pl.concat(list(iter_chunks(root, SCHEMA, report=report, bad_rows=aside)))
+    assert df["city"].to_list() == ["paris", "rome", None, "x", "oslo"]
+    assert report.rows == 6 and report.bad_rows == 1
+    assert report.examples == [f"{root}/day=2026-01-02/part-1.parquet line 2: field 'price': not a number"]
+    assert "first at day=2026-01-02/part-1.parquet line 2" in report.summary()
+    assert aside.read_text().splitlines()[1].startswith("day=2026-01-02/part-1.parquet:2\t")
+
+
+def test_a_folder_without_parts_or_with_a_broken_one_is_named(tmp_path):
+    (tmp_path / "empty" / "_temporary").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.csv").write_text("city,click\n")
+    with pytest.raises(DataError, match="empty is a folder with no Parquet files"):
+        read_frame(tmp_path / "empty", SCHEMA)
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
+        parquet_parts(tmp_path / "nowhere")
+    root = _parts(tmp_path / "log")
+    pl.DataFrame({"city": ["x"], "click": [0]}).write_parquet(root / "day=2026-01-03" / "part-0.parquet")
+    with pytest.raises(DataError, match=r"day=2026-01-03/part-0.parquet: missing columns \['price'\]"):
+        read_frame(root, SCHEMA)
+    (root / "day=2026-01-03" / "part-0.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="day=2026-01-03/part-0.parquet: cannot be read as parquet"):
+        read_frame(root, SCHEMA)
 
 
 def test_missing_columns_are_named(tmp_path):

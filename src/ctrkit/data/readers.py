@@ -1,4 +1,5 @@
-"""Readers: CSV/TSV (header or not), Parquet, libFM/libSVM and in-memory frames, ``.gz`` transparently.
+"""Readers: CSV/TSV (header or not), Parquet (a file or a folder of parts), libFM/libSVM and in-memory frames,
+``.gz`` transparently.
 
 Every reader yields chunks as polars DataFrames with the columns a schema needs, typed the same way:
 categorical fields as String, numeric fields as Float64, the label as Float32 in {0, 1}, the group as String
@@ -30,7 +31,7 @@ from ctrkit.schema import Field, Schema, SchemaError
 from ctrkit.validate import DataError, coerce_chunk, needed_columns
 
 __all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "has_header_line",
-           "iter_chunks", "libfm_schema", "needed_columns", "read_frame", "read_sample"]
+           "iter_chunks", "libfm_schema", "needed_columns", "parquet_parts", "read_frame", "read_sample"]
 
 # Blocks under glibc's 32 MiB mmap ceiling are recycled from the heap instead of being mapped (and
 # page-faulted) afresh each time, which halves the cost of reading them; larger blocks make fitting cheaper.
@@ -50,13 +51,16 @@ class ReadReport:
     bad_rows_path: str | None = None
     reasons: Counter[str] = field(default_factory=Counter)
 
-    def add_bad(self, line_no: int | None, reason: str) -> None:
-        """Count one rejected row under its reason and keep it as an example while fewer than five are kept."""
+    def add_bad(self, line_no: int | None, reason: str, part: str | None = None) -> None:
+        """Count one rejected row under its reason and keep it as an example while fewer than five are kept.
+
+        ``part`` is the file the row came from when the source is a folder of parts (``line_no`` counts in it).
+        """
         self.bad_rows += 1
         self.reasons[reason] += 1
         if len(self.examples) < 5:
             where = f"line {line_no}" if line_no is not None else "row"
-            self.examples.append(f"{self.source} {where}: {reason}")
+            self.examples.append(f"{self.source.rstrip('/') + '/' + part if part else self.source} {where}: {reason}")
 
     def top_reasons(self, n: int = 3) -> str:
         """The ``n`` commonest reasons with their counts, e.g. ``7 x field 'price': not a number``."""
@@ -66,7 +70,7 @@ class ReadReport:
         """One line for logs and the CLI: rows read and rejected, the top reasons, the first bad line."""
         s = f"{self.source}: {self.rows:,} rows read, {self.bad_rows:,} rejected"
         if self.bad_rows:
-            first = self.examples[0].removeprefix(self.source).strip().split(":", 1)[0]
+            first = self.examples[0].removeprefix(self.source.rstrip("/")).lstrip("/ ").split(":", 1)[0]
             s += f" ({self.top_reasons()}; first at {first})"
         if self.bad_rows_path and self.bad_rows:
             s += f", kept in {self.bad_rows_path}"
@@ -88,7 +92,8 @@ class ReadReport:
 
 class _BadRowSink:
     """Writes rejected rows as read (the original line of a text file), each with its line number and reason,
-    to a tab-separated file with a header line (created on first use)."""
+    to a tab-separated file with a header line (created on first use). A row of a folder of Parquet parts has
+    ``part/file.parquet:N`` for its line."""
 
     HEADER = "line\treason\toriginal\n"
 
@@ -96,14 +101,15 @@ class _BadRowSink:
         self.path = Path(path) if path else None
         self._fh: IO[str] | None = None
 
-    def write(self, line_no: int | None, reason: str, text: str) -> None:
+    def write(self, line_no: int | None, reason: str, text: str, part: str | None = None) -> None:
         if self.path is None:
             return
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "w", encoding="utf-8")
             self._fh.write(self.HEADER)
-        self._fh.write(f"{line_no if line_no is not None else ''}\t{reason}\t{text}\n")
+        line = "" if line_no is None else f"{part}:{line_no}" if part else str(line_no)
+        self._fh.write(f"{line}\t{reason}\t{text}\n")
 
     def close(self) -> None:
         if self._fh is not None:
@@ -113,7 +119,10 @@ class _BadRowSink:
 
 # --- format detection -------------------------------------------------------------------------------
 def detect_format(path: str | Path) -> str:
-    """csv, tsv, parquet or libfm from the file name; a plain ``.txt`` is sniffed from its first line."""
+    """csv, tsv, parquet or libfm from the file name; a plain ``.txt`` is sniffed from its first line; a folder
+    is read as Parquet parts."""
+    if Path(path).is_dir():
+        return "parquet"
     name = Path(path).name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
@@ -140,8 +149,63 @@ def _existing_file(path: str | Path) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
     if p.is_dir():
-        raise DataError(f"{p} is a folder; give one file (CSV, TSV, Parquet or libFM, .gz or not)")
+        raise DataError(f"{p} is a folder; give one file (CSV, TSV or libFM, .gz or not), or a folder of Parquet "
+                        "parts")
     return p
+
+
+def parquet_parts(path: str | Path) -> list[Path]:
+    """The Parquet files of ``path``: itself when a file; for a folder (a Spark, DuckDB or Hive-partitioned
+    dataset), every ``*.parquet`` / ``*.pq`` below it in path order, leaving out hidden and ``_``-prefixed
+    entries (``_SUCCESS``, ``_metadata``, ``.crc`` files)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    if not p.is_dir():
+        return [p]
+    parts = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".parquet", ".pq") and f.is_file()
+                   and not any(s.startswith((".", "_")) for s in f.relative_to(p).parts))
+    if not parts:
+        raise DataError(f"{p} is a folder with no Parquet files (*.parquet, *.pq) in it; give a data file or a "
+                        "folder of Parquet parts")
+    return parts
+
+
+def _hive_values(root: Path, part: Path) -> dict[str, str]:
+    """The ``key=value`` folders between ``root`` and ``part`` (Hive partitioning), as strings."""
+    pairs = (s.split("=", 1) for s in part.relative_to(root).parts[:-1] if "=" in s)
+    return {k: v for k, v in pairs if k}
+
+
+def _parquet_frames(path: str | Path, columns: list[str] | None, chunk_rows: int,
+                    ) -> Iterator[tuple[pl.DataFrame, str | None]]:
+    """Chunks of a Parquet file or folder of parts with ``_line`` (the row number in its file) and, for a folder,
+    the part's path inside it. Hive folder values (``date=2026-01-01/``) are columns, as strings."""
+    import pyarrow.parquet as pq
+
+    root = Path(path)
+    for file in parquet_parts(root):
+        part = file.relative_to(root).as_posix() if root.is_dir() else None
+        where = f"{root}/{part}" if part else str(root)
+        try:
+            pf = pq.ParquetFile(str(file))
+        except pa.ArrowException as exc:
+            raise DataError(f"{where}: cannot be read as parquet: {exc}") from None
+        hive = _hive_values(root, file) if part else {}
+        have = pf.schema_arrow.names
+        if columns is not None:
+            absent = [c for c in columns if c not in have and c not in hive]
+            if absent:
+                raise DataError(f"{where}: missing columns {absent}; the file has {have + list(hive)}")
+        read = [c for c in columns if c in have] if columns is not None else None
+        start = 1
+        for batch in pf.iter_batches(batch_size=chunk_rows, columns=read):
+            df = pl.from_arrow(batch)
+            assert isinstance(df, pl.DataFrame)
+            extra = [pl.lit(v, pl.String).alias(k) for k, v in hive.items()
+                     if k not in have and (columns is None or k in columns)]
+            yield df.with_columns(*extra, pl.int_range(start, start + df.height, dtype=pl.Int64).alias("_line")), part
+            start += df.height
 
 
 def _open_binary(path: str | Path) -> IO[bytes]:
@@ -399,16 +463,16 @@ def iter_chunks(source: Source, schema: Schema, *, fmt: str | None = None, has_h
     # rows read = good rows + every rejected row, whether the parser or the type checks rejected it
     base_rows, base_bad, good_rows = report.rows, report.bad_rows, 0
     try:
-        for raw, text_of in _raw_chunks(source, schema, fmt, has_header, report, sink, with_label, block_bytes,
-                                        chunk_rows):
+        for raw, text_of, part in _raw_chunks(source, schema, fmt, has_header, report, sink, with_label,
+                                              block_bytes, chunk_rows):
             good, bad = coerce_chunk(raw, schema, with_label)
             if bad.height:
                 lines, reasons = bad["_line"].to_list(), bad["_reason"].to_list()
                 for line, reason in zip(lines, reasons):
-                    report.add_bad(line, reason)
+                    report.add_bad(line, reason, part)
                 if sink.path is not None:
                     for line, reason, text in zip(lines, reasons, (text_of or _row_text(raw))(lines)):
-                        sink.write(line, reason, text)
+                        sink.write(line, reason, text, part)
             good_rows += good.height
             report.rows = base_rows + good_rows + report.bad_rows - base_bad
             if good.height:
@@ -434,41 +498,31 @@ def _row_text(raw: pl.DataFrame) -> TextOf:
 
 def _raw_chunks(source: Source, schema: Schema, fmt: str | None, has_header: bool | None, report: ReadReport,
                 sink: _BadRowSink, with_label: bool, block_bytes: int,
-                chunk_rows: int) -> Iterator[tuple[pl.DataFrame, TextOf | None]]:
+                chunk_rows: int) -> Iterator[tuple[pl.DataFrame, TextOf | None, str | None]]:
+    """Untyped chunks with ``_line``, how to get a row's text back by its line, and the part of a folder it is in."""
     if isinstance(source, pl.DataFrame):
         for start in range(0, max(source.height, 1), chunk_rows):
             part = source.slice(start, chunk_rows)
             yield part.with_columns(pl.int_range(start + 1, start + 1 + part.height, dtype=pl.Int64)
-                                    .alias("_line")), None
+                                    .alias("_line")), None, None
         return
     fmt = fmt or detect_format(source)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(str(_existing_file(source)))
-        cols = needed_columns(schema, with_label)
-        have = pf.schema_arrow.names
-        absent = [c for c in cols if c not in have]
-        if absent:
-            raise DataError(f"{source}: missing columns {absent}; the file has {have}")
-        start = 1
-        for batch in pf.iter_batches(batch_size=chunk_rows, columns=cols):
-            df = pl.from_arrow(batch)
-            assert isinstance(df, pl.DataFrame)
-            yield df.with_columns(pl.int_range(start, start + df.height, dtype=pl.Int64).alias("_line")), None
-            start += df.height
+        for df, part in _parquet_frames(source, needed_columns(schema, with_label), chunk_rows):
+            yield df, None, part
         return
     if fmt == "libfm":
-        yield from _libfm_chunks(source, schema, report, sink, block_bytes)
+        yield from ((df, text_of, None) for df, text_of in _libfm_chunks(source, schema, report, sink, block_bytes))
         return
     usecols = needed_columns(schema, with_label)
     names, _ = _csv_layout(source, schema, _separator(fmt), has_header)
     absent = [c for c in usecols if c not in names]
     if absent:
         raise DataError(f"{source}: missing columns {absent}; the file has {names}")
-    yield from _csv_chunks(source, schema, fmt, report, sink, has_header, block_bytes, usecols)
+    yield from ((df, text_of, None) for df, text_of in _csv_chunks(source, schema, fmt, report, sink, has_header,
+                                                                    block_bytes, usecols))
 
 
 _T = TypeVar("_T")
@@ -557,7 +611,13 @@ def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
     fmt = detect_format(path)
     try:
         if fmt == "parquet":
-            return pl.read_parquet(_existing_file(path), n_rows=n_rows)
+            frames, have = [], 0
+            for df, _ in _parquet_frames(path, None, n_rows):
+                frames.append(df.drop("_line").head(n_rows - have))
+                have += frames[-1].height
+                if have >= n_rows:
+                    break
+            return pl.concat(frames, how="diagonal_relaxed")
         if fmt == "libfm":
             raise SchemaError(f"{path}: libFM files have no column names; use --format libfm --fields a,b,...")
         with _open_binary(path) as fh:

@@ -262,6 +262,9 @@ class Scorer:
             raise ValueError(f"the output must end in .csv or .parquet, got {out.name}")
         if isinstance(source, (str, Path)) and out.resolve() == Path(source).resolve():
             raise ValueError(f"{out} is the file being scored: the scores would replace it; write them elsewhere")
+        if isinstance(source, (str, Path)) and Path(source).resolve() in out.resolve().parents:
+            raise ValueError(f"{out} is inside {source}, the folder being scored: the next read of the folder would "
+                             "take the scores for a part of it; write them elsewhere")
         report = ReadReport()
         chunks = iter_chunks(source, self.bundle._features, report=report, with_label=False, **read_kwargs)
         kept = _Rows(iter_chunks(source, _text_schema(keep, self.bundle.schema), with_label=False, **read_kwargs)
