@@ -134,8 +134,8 @@ def test_bad_rows_file_is_not_the_training_file(work, tmp_path):
 def test_a_folder_with_no_parquet_parts_is_named_as_one(work, tmp_path):
     """A folder was '[Errno 21] Is a directory', or an empty line from predict; a folder of parts reads now."""
     (tmp_path / "parts").mkdir()
-    (tmp_path / "parts" / "rows.csv").write_text(HEADER + "\n")
-    said = "parts is a folder with no Parquet files (*.parquet, *.pq) in it"
+    (tmp_path / "parts" / "rows.txt").write_text(HEADER + "\n")
+    said = "parts is a folder with no data files (*.parquet, *.csv, *.tsv, .gz or not) in it"
     for args in (["evaluate", work["bundle"], tmp_path / "parts"], ["schema", "infer", tmp_path / "parts"],
                  ["predict", work["bundle"], tmp_path / "parts", "--out", tmp_path / "p.csv"]):
         code, out = _cli(args)

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from ctrkit.data.readers import (DataError, Prefetch, ReadReport, coerce_chunk, detect_format, iter_chunks,
-                                 libfm_schema, parquet_parts, read_frame, read_sample)
+                                 libfm_schema, data_parts, read_frame, read_sample)
 from ctrkit.schema import Field, Schema
 
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
@@ -238,11 +238,11 @@ def _parts(root: Path) -> Path:
     return root
 
 
-def test_a_folder_of_parquet_parts_reads_as_one_file(tmp_path):
+def test_a_folder_of_data_parts_reads_as_one_file(tmp_path):
     """Parts in path order, each row numbered in its part; the Hive folder values are a column a schema can use."""
     root = _parts(tmp_path / "log")
     assert detect_format(root) == "parquet"
-    assert [p.relative_to(root).as_posix() for p in parquet_parts(root)] == [
+    assert [p.relative_to(root).as_posix() for p in data_parts(root)] == [
         "day=2026-01-01/part-0.parquet", "day=2026-01-01/part-1.pq", "day=2026-01-03/part-0.parquet"]
     csv, _ = read_frame(_write(tmp_path / "d.csv", GOOD), SCHEMA)
     df, rep = read_frame(root, SCHEMA)
@@ -269,14 +269,41 @@ def test_a_bad_row_of_a_part_names_the_part(tmp_path):
     assert aside.read_text().splitlines()[1].startswith("day=2026-01-02/part-1.parquet:2\t")
 
 
+def test_a_folder_of_csv_parts_names_the_part_of_a_bad_line(tmp_path):
+    """Spark's CSV output: a header in each part, gzip or not; a line of the wrong width is named in its part."""
+    root = tmp_path / "log"
+    (root / "day=2026-01-01").mkdir(parents=True)
+    (root / "day=2026-01-02").mkdir()
+    _write(root / "day=2026-01-01" / "part-0.csv.gz", GOOD[:2], gz=True)
+    _write(root / "day=2026-01-02" / "part-0.csv", GOOD[2:])
+    (root / "_SUCCESS").write_text("")
+    assert detect_format(root) == "csv"
+    assert read_sample(root).columns == ["city", "price", "click", "day"]
+    _write(root / "day=2026-01-02" / "part-0.csv", GOOD[2:], raw_lines=["rome,1,0,extra"])
+    report, aside = ReadReport(), tmp_path / "bad.tsv"
+    with_day = Schema(fields=[*SCHEMA.fields, Field("day")], label="click")
+    df = pl.concat(list(iter_chunks(root, with_day, report=report, bad_rows=aside)))
+    assert df["city"].to_list() == ["paris", "rome", None, "oslo"] and df["_line"].to_list() == [2, 3, 2, 3]
+    assert df["day"].to_list() == ["2026-01-01"] * 2 + ["2026-01-02"] * 2
+    assert report.rows == 5 and report.bad_rows == 1 and report.examples[0].startswith(
+        f"{root}/day=2026-01-02/part-0.csv line 4: ")
+    assert aside.read_text().splitlines()[1] == f"day=2026-01-02/part-0.csv:4\t{report.examples[0].split(': ', 1)[1]}" \
+        "\trome,1,0,extra"
+
+
 def test_a_folder_without_parts_or_with_a_broken_one_is_named(tmp_path):
     (tmp_path / "empty" / "_temporary").mkdir(parents=True)
-    (tmp_path / "empty" / "notes.csv").write_text("city,click\n")
-    with pytest.raises(DataError, match="empty is a folder with no Parquet files"):
+    (tmp_path / "empty" / "_temporary" / "part-0.csv").write_text("city,click\n")
+    (tmp_path / "empty" / "notes.txt").write_text("city,click\n")
+    with pytest.raises(DataError, match=r"empty is a folder with no data files \(\*.parquet, \*.csv, \*.tsv"):
         read_frame(tmp_path / "empty", SCHEMA)
     with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
-        parquet_parts(tmp_path / "nowhere")
+        data_parts(tmp_path / "nowhere")
     root = _parts(tmp_path / "log")
+    _write(root / "day=2026-01-03" / "extra.csv", GOOD)
+    with pytest.raises(DataError, match=r"several formats \(csv: day=2026-01-03/extra.csv, parquet: day=2026-01-01/"):
+        read_frame(root, SCHEMA)
+    (root / "day=2026-01-03" / "extra.csv").unlink()
     pl.DataFrame({"city": ["x"], "click": [0]}).write_parquet(root / "day=2026-01-03" / "part-0.parquet")
     with pytest.raises(DataError, match=r"day=2026-01-03/part-0.parquet: missing columns \['price'\]"):
         read_frame(root, SCHEMA)

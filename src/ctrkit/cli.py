@@ -63,7 +63,7 @@ def _metrics_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
 
 @schema_app.command("infer")
 def schema_infer(file: Path = typer.Argument(..., help="CSV/TSV/Parquet file with a header line, or a folder of "
-                                                       "Parquet parts."),
+                                                       "such parts."),
                  label: Optional[str] = typer.Option(None, help="The label column (guessed if omitted)."),
                  rows: int = typer.Option(100_000, help="Rows to sample.")) -> None:
     """Guess a schema from a sample of FILE and print it as YAML (edit it, then pass it to train)."""
@@ -93,8 +93,8 @@ def _event_log_rows(path: Path, schema: Path | None) -> Any:
 @app.command()
 def train(
     train_file: Path = typer.Argument(..., metavar="TRAIN",
-                                      help="Training data (CSV/TSV/Parquet/libFM, .gz ok, a folder of Parquet parts, "
-                                           "or a `ctrkit serve` event log)."),
+                                      help="Training data (CSV/TSV/Parquet/libFM, .gz ok, a folder of such parts, or "
+                                           "a `ctrkit serve` event log)."),
     valid: Optional[Path] = typer.Option(None, help="Validation file; if omitted, cut from TRAIN (by time if the schema has one)."),
     test: Optional[Path] = typer.Option(None, help="Test file, evaluated once at the end."),
     schema: Optional[Path] = typer.Option(None, help="Schema YAML (see `ctrkit schema infer`)."),

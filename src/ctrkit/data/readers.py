@@ -1,4 +1,4 @@
-"""Readers: CSV/TSV (header or not), Parquet (a file or a folder of parts), libFM/libSVM and in-memory frames,
+"""Readers: CSV/TSV (header or not), Parquet, libFM/libSVM, a folder of such parts and in-memory frames,
 ``.gz`` transparently.
 
 Every reader yields chunks as polars DataFrames with the columns a schema needs, typed the same way:
@@ -31,7 +31,7 @@ from ctrkit.schema import Field, Schema, SchemaError
 from ctrkit.validate import DataError, coerce_chunk, needed_columns
 
 __all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "has_header_line",
-           "iter_chunks", "libfm_schema", "needed_columns", "parquet_parts", "read_frame", "read_sample"]
+           "data_parts", "iter_chunks", "libfm_schema", "needed_columns", "read_frame", "read_sample"]
 
 # Blocks under glibc's 32 MiB mmap ceiling are recycled from the heap instead of being mapped (and
 # page-faulted) afresh each time, which halves the cost of reading them; larger blocks make fitting cheaper.
@@ -50,17 +50,20 @@ class ReadReport:
     examples: list[str] = field(default_factory=list)
     bad_rows_path: str | None = None
     reasons: Counter[str] = field(default_factory=Counter)
+    part: str | None = None  # the part being read when the source is a folder of parts; line numbers count in it
 
-    def add_bad(self, line_no: int | None, reason: str, part: str | None = None) -> None:
-        """Count one rejected row under its reason and keep it as an example while fewer than five are kept.
+    @property
+    def reading(self) -> str:
+        """The file being read: the source, or the part of a folder."""
+        return f"{self.source.rstrip('/')}/{self.part}" if self.part else self.source
 
-        ``part`` is the file the row came from when the source is a folder of parts (``line_no`` counts in it).
-        """
+    def add_bad(self, line_no: int | None, reason: str) -> None:
+        """Count one rejected row under its reason and keep it as an example while fewer than five are kept."""
         self.bad_rows += 1
         self.reasons[reason] += 1
         if len(self.examples) < 5:
             where = f"line {line_no}" if line_no is not None else "row"
-            self.examples.append(f"{self.source.rstrip('/') + '/' + part if part else self.source} {where}: {reason}")
+            self.examples.append(f"{self.reading} {where}: {reason}")
 
     def top_reasons(self, n: int = 3) -> str:
         """The ``n`` commonest reasons with their counts, e.g. ``7 x field 'price': not a number``."""
@@ -92,23 +95,24 @@ class ReadReport:
 
 class _BadRowSink:
     """Writes rejected rows as read (the original line of a text file), each with its line number and reason,
-    to a tab-separated file with a header line (created on first use). A row of a folder of Parquet parts has
-    ``part/file.parquet:N`` for its line."""
+    to a tab-separated file with a header line (created on first use). A row of a folder of parts has
+    ``part/file.csv:N`` for its line."""
 
     HEADER = "line\treason\toriginal\n"
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
+        self.part: str | None = None  # as ReadReport.part
         self._fh: IO[str] | None = None
 
-    def write(self, line_no: int | None, reason: str, text: str, part: str | None = None) -> None:
+    def write(self, line_no: int | None, reason: str, text: str) -> None:
         if self.path is None:
             return
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "w", encoding="utf-8")
             self._fh.write(self.HEADER)
-        line = "" if line_no is None else f"{part}:{line_no}" if part else str(line_no)
+        line = "" if line_no is None else f"{self.part}:{line_no}" if self.part else str(line_no)
         self._fh.write(f"{line}\t{reason}\t{text}\n")
 
     def close(self) -> None:
@@ -120,9 +124,9 @@ class _BadRowSink:
 # --- format detection -------------------------------------------------------------------------------
 def detect_format(path: str | Path) -> str:
     """csv, tsv, parquet or libfm from the file name; a plain ``.txt`` is sniffed from its first line; a folder
-    is read as Parquet parts."""
+    has the format of its parts."""
     if Path(path).is_dir():
-        return "parquet"
+        return _part_format(data_parts(path)[0]) or "csv"  # data_parts keeps only files with a format
     name = Path(path).name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
@@ -149,25 +153,38 @@ def _existing_file(path: str | Path) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
     if p.is_dir():
-        raise DataError(f"{p} is a folder; give one file (CSV, TSV or libFM, .gz or not), or a folder of Parquet "
-                        "parts")
+        raise DataError(f"{p} is a folder; give one file (CSV, TSV, Parquet or libFM, .gz or not) or a folder of "
+                        "CSV, TSV or Parquet parts")
     return p
 
 
-def parquet_parts(path: str | Path) -> list[Path]:
-    """The Parquet files of ``path``: itself when a file; for a folder (a Spark, DuckDB or Hive-partitioned
-    dataset), every ``*.parquet`` / ``*.pq`` below it in path order, leaving out hidden and ``_``-prefixed
-    entries (``_SUCCESS``, ``_metadata``, ``.crc`` files)."""
+PART_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
+
+
+def _part_format(path: Path) -> str | None:
+    """The format a part's name gives (``.csv.gz`` is csv), or None for a file that is not a part."""
+    name = path.name.lower().removesuffix(".gz")
+    return PART_SUFFIXES.get(name[name.rfind("."):]) if "." in name else None
+
+
+def data_parts(path: str | Path) -> list[Path]:
+    """The files of a dataset: ``path`` itself when a file; for a folder (as Spark, DuckDB or Hive write one),
+    every CSV, TSV or Parquet file below it (``.gz`` or not) in path order, leaving out hidden and
+    ``_``-prefixed entries (``_SUCCESS``, ``_temporary/``, ``.crc`` files). The parts must share one format."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     if not p.is_dir():
         return [p]
-    parts = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".parquet", ".pq") and f.is_file()
+    parts = sorted(f for f in p.rglob("*") if _part_format(f) and f.is_file()
                    and not any(s.startswith((".", "_")) for s in f.relative_to(p).parts))
     if not parts:
-        raise DataError(f"{p} is a folder with no Parquet files (*.parquet, *.pq) in it; give a data file or a "
-                        "folder of Parquet parts")
+        raise DataError(f"{p} is a folder with no data files (*.parquet, *.csv, *.tsv, .gz or not) in it")
+    formats = sorted({_part_format(f) or "" for f in parts})
+    if len(formats) > 1:
+        first = {fmt: next(f for f in parts if _part_format(f) == fmt).relative_to(p).as_posix() for fmt in formats}
+        raise DataError(f"{p} holds parts of several formats ({', '.join(f'{k}: {v}' for k, v in first.items())}); "
+                        "a folder is read as one dataset of one format")
     return parts
 
 
@@ -175,37 +192,6 @@ def _hive_values(root: Path, part: Path) -> dict[str, str]:
     """The ``key=value`` folders between ``root`` and ``part`` (Hive partitioning), as strings."""
     pairs = (s.split("=", 1) for s in part.relative_to(root).parts[:-1] if "=" in s)
     return {k: v for k, v in pairs if k}
-
-
-def _parquet_frames(path: str | Path, columns: list[str] | None, chunk_rows: int,
-                    ) -> Iterator[tuple[pl.DataFrame, str | None]]:
-    """Chunks of a Parquet file or folder of parts with ``_line`` (the row number in its file) and, for a folder,
-    the part's path inside it. Hive folder values (``date=2026-01-01/``) are columns, as strings."""
-    import pyarrow.parquet as pq
-
-    root = Path(path)
-    for file in parquet_parts(root):
-        part = file.relative_to(root).as_posix() if root.is_dir() else None
-        where = f"{root}/{part}" if part else str(root)
-        try:
-            pf = pq.ParquetFile(str(file))
-        except pa.ArrowException as exc:
-            raise DataError(f"{where}: cannot be read as parquet: {exc}") from None
-        hive = _hive_values(root, file) if part else {}
-        have = pf.schema_arrow.names
-        if columns is not None:
-            absent = [c for c in columns if c not in have and c not in hive]
-            if absent:
-                raise DataError(f"{where}: missing columns {absent}; the file has {have + list(hive)}")
-        read = [c for c in columns if c in have] if columns is not None else None
-        start = 1
-        for batch in pf.iter_batches(batch_size=chunk_rows, columns=read):
-            df = pl.from_arrow(batch)
-            assert isinstance(df, pl.DataFrame)
-            extra = [pl.lit(v, pl.String).alias(k) for k, v in hive.items()
-                     if k not in have and (columns is None or k in columns)]
-            yield df.with_columns(*extra, pl.int_range(start, start + df.height, dtype=pl.Int64).alias("_line")), part
-            start += df.height
 
 
 def _open_binary(path: str | Path) -> IO[bytes]:
@@ -463,25 +449,27 @@ def iter_chunks(source: Source, schema: Schema, *, fmt: str | None = None, has_h
     # rows read = good rows + every rejected row, whether the parser or the type checks rejected it
     base_rows, base_bad, good_rows = report.rows, report.bad_rows, 0
     try:
-        for raw, text_of, part in _raw_chunks(source, schema, fmt, has_header, report, sink, with_label,
-                                              block_bytes, chunk_rows):
+        for raw, text_of in _raw_chunks(source, schema, fmt, has_header, report, sink, with_label, block_bytes,
+                                        chunk_rows):
             good, bad = coerce_chunk(raw, schema, with_label)
             if bad.height:
                 lines, reasons = bad["_line"].to_list(), bad["_reason"].to_list()
                 for line, reason in zip(lines, reasons):
-                    report.add_bad(line, reason, part)
+                    report.add_bad(line, reason)
                 if sink.path is not None:
                     for line, reason, text in zip(lines, reasons, (text_of or _row_text(raw))(lines)):
-                        sink.write(line, reason, text, part)
+                        sink.write(line, reason, text)
             good_rows += good.height
             report.rows = base_rows + good_rows + report.bad_rows - base_bad
             if good.height:
                 yield good
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise DataError(_gzip_message(report.source, exc)) from None
+        raise DataError(_gzip_message(report.reading, exc)) from None
     except pa.ArrowException as exc:
-        raise DataError(f"{report.source}: cannot be read as {fmt or detect_format(source)}: {exc}") from None
+        raise DataError(f"{report.reading}: cannot be read as {fmt or detect_format(report.reading)}: {exc}") \
+            from None
     finally:
+        report.part = sink.part = None
         report.rows = base_rows + good_rows + report.bad_rows - base_bad
         sink.close()
 
@@ -498,31 +486,59 @@ def _row_text(raw: pl.DataFrame) -> TextOf:
 
 def _raw_chunks(source: Source, schema: Schema, fmt: str | None, has_header: bool | None, report: ReadReport,
                 sink: _BadRowSink, with_label: bool, block_bytes: int,
-                chunk_rows: int) -> Iterator[tuple[pl.DataFrame, TextOf | None, str | None]]:
-    """Untyped chunks with ``_line``, how to get a row's text back by its line, and the part of a folder it is in."""
+                chunk_rows: int) -> Iterator[tuple[pl.DataFrame, TextOf | None]]:
+    """Untyped chunks with ``_line``, and how to get a row's text back by its line (None: from the chunk)."""
+    usecols = needed_columns(schema, with_label)
     if isinstance(source, pl.DataFrame):
         for start in range(0, max(source.height, 1), chunk_rows):
             part = source.slice(start, chunk_rows)
             yield part.with_columns(pl.int_range(start + 1, start + 1 + part.height, dtype=pl.Int64)
-                                    .alias("_line")), None, None
+                                    .alias("_line")), None
         return
-    fmt = fmt or detect_format(source)
+    if not Path(source).is_dir():
+        yield from _file_chunks(Path(source), schema, fmt, has_header, report, sink, block_bytes, chunk_rows,
+                                usecols)
+        return
+    root = Path(source)
+    for file in data_parts(root):
+        report.part = sink.part = file.relative_to(root).as_posix()
+        hive = {k: v for k, v in _hive_values(root, file).items() if k in usecols}
+        for df, text_of in _file_chunks(file, schema, fmt, has_header, report, sink, block_bytes, chunk_rows,
+                                        [c for c in usecols if c not in hive]):
+            yield df.with_columns(pl.lit(v, pl.String).alias(k) for k, v in hive.items()), text_of
+    report.part = sink.part = None
+
+
+def _file_chunks(path: Path, schema: Schema, fmt: str | None, has_header: bool | None, report: ReadReport,
+                 sink: _BadRowSink, block_bytes: int, chunk_rows: int,
+                 usecols: list[str]) -> Iterator[tuple[pl.DataFrame, TextOf | None]]:
+    """:func:`_raw_chunks` of one file, reading the columns ``usecols``."""
+    fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "parquet":
-        for df, part in _parquet_frames(source, needed_columns(schema, with_label), chunk_rows):
-            yield df, None, part
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(str(_existing_file(path)))
+        have = pf.schema_arrow.names
+        absent = [c for c in usecols if c not in have]
+        if absent:
+            raise DataError(f"{path}: missing columns {absent}; the file has {have}")
+        start = 1
+        for batch in pf.iter_batches(batch_size=chunk_rows, columns=usecols):
+            df = pl.from_arrow(batch)
+            assert isinstance(df, pl.DataFrame)
+            yield df.with_columns(pl.int_range(start, start + df.height, dtype=pl.Int64).alias("_line")), None
+            start += df.height
         return
     if fmt == "libfm":
-        yield from ((df, text_of, None) for df, text_of in _libfm_chunks(source, schema, report, sink, block_bytes))
+        yield from _libfm_chunks(path, schema, report, sink, block_bytes)
         return
-    usecols = needed_columns(schema, with_label)
-    names, _ = _csv_layout(source, schema, _separator(fmt), has_header)
+    names, _ = _csv_layout(path, schema, _separator(fmt), has_header)
     absent = [c for c in usecols if c not in names]
     if absent:
-        raise DataError(f"{source}: missing columns {absent}; the file has {names}")
-    yield from ((df, text_of, None) for df, text_of in _csv_chunks(source, schema, fmt, report, sink, has_header,
-                                                                    block_bytes, usecols))
+        raise DataError(f"{path}: missing columns {absent}; the file has {names}")
+    yield from _csv_chunks(path, schema, fmt, report, sink, has_header, block_bytes, usecols)
 
 
 _T = TypeVar("_T")
@@ -610,14 +626,10 @@ def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
     """
     fmt = detect_format(path)
     try:
+        if Path(path).is_dir():
+            return _sample_parts(Path(path), n_rows)
         if fmt == "parquet":
-            frames, have = [], 0
-            for df, _ in _parquet_frames(path, None, n_rows):
-                frames.append(df.drop("_line").head(n_rows - have))
-                have += frames[-1].height
-                if have >= n_rows:
-                    break
-            return pl.concat(frames, how="diagonal_relaxed")
+            return pl.read_parquet(_existing_file(path), n_rows=n_rows)
         if fmt == "libfm":
             raise SchemaError(f"{path}: libFM files have no column names; use --format libfm --fields a,b,...")
         with _open_binary(path) as fh:
@@ -646,9 +658,22 @@ def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
     return df
 
 
+def _sample_parts(root: Path, n_rows: int) -> pl.DataFrame:
+    """:func:`read_sample` of a folder: its first parts up to ``n_rows`` rows, with the Hive folder columns."""
+    frames: list[pl.DataFrame] = []
+    for file in data_parts(root):
+        hive = _hive_values(root, file)
+        df = read_sample(file, n_rows - sum(f.height for f in frames))
+        frames.append(df.with_columns(pl.lit(v, pl.String).alias(k) for k, v in hive.items() if k not in df.columns))
+        if sum(f.height for f in frames) >= n_rows:
+            break
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
 def has_header_line(path: str | Path, sep: str) -> bool:
-    """Whether the first line of a text file names columns: every token non-empty and none a number."""
-    tokens = [t.strip().strip('"') for t in _first_line(path).split(sep)]
+    """Whether the first line of a text file (of the first part of a folder) names columns: every token non-empty
+    and none a number."""
+    tokens = [t.strip().strip('"') for t in _first_line(data_parts(path)[0]).split(sep)]
     for t in tokens:
         if not t:
             return False
