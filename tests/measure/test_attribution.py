@@ -171,3 +171,26 @@ def test_cli_click_column_and_errors(tmp_path: Path) -> None:
     assert [r["clicks"] for r in rows] == [1, 0]
     bad = CliRunner().invoke(app, ["ctr", str(p), "--by", "country"])
     assert bad.exit_code == 2 and "country" in bad.output
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_folders_of_parts_read_as_training_reads_them(tmp_path: Path, fmt: str) -> None:
+    """Impressions split by variant into Hive folders (the variant read back from the folder name), clicks in two
+    parts, Spark's markers and a half-written _temporary part beside them: the same counts as the frames."""
+    for variant, part in imps().groupby("variant"):
+        (tmp_path / "imps" / f"variant={variant}").mkdir(parents=True)
+        getattr(part.drop(columns="variant"), f"to_{fmt}")(tmp_path / "imps" / f"variant={variant}" / f"p.{fmt}",
+                                                           index=False)
+    (tmp_path / "clicks" / "_temporary").mkdir(parents=True)
+    (tmp_path / "clicks" / "_temporary" / f"p.{fmt}").write_text("half written")
+    (tmp_path / "clicks" / "_SUCCESS").write_text("")
+    for i, part in enumerate((clicks().iloc[:4], clicks().iloc[4:])):
+        getattr(part, f"to_{fmt}")(tmp_path / "clicks" / f"part-{i}.{fmt}", index=False)
+    want = ctr_table(Attribution(DuckDBEngine(), imps(), clicks()).cube(["variant"]), ["variant"])
+    att = Attribution(DuckDBEngine(), str(tmp_path / "imps"), str(tmp_path / "clicks"))
+    got = ctr_table(att.cube(["variant"]), ["variant"])
+    assert got[["variant", "impressions", "clicks"]].values.tolist() == \
+        want[["variant", "impressions", "clicks"]].values.tolist()
+    (tmp_path / "clicks" / "part-9.tsv").write_text("impression_id\ttimestamp\n")
+    with pytest.raises(MeasureError, match="holds parts of several formats"):
+        Attribution(DuckDBEngine(), str(tmp_path / "imps"), str(tmp_path / "clicks"))

@@ -118,19 +118,33 @@ def _kind_from_duckdb(t: str) -> str:
 
 
 def _source_sql_duckdb(source: str | Path, what: str) -> str:
-    """A DuckDB table function reading ``source``; errors name the file."""
+    """A DuckDB table function reading ``source`` (a file, a glob, or a folder of CSV/TSV/Parquet parts with
+    Hive ``key=value`` folders, listed as training lists them); errors name the file."""
+    from ctrkit.data.readers import DataError, data_parts, detect_format
+
     path = str(source)
     low = path.lower()
     if "*" not in path and not Path(path).exists():
         raise MeasureError(f"{what} file {path} does not exist")
-    esc = path.replace("'", "''")
-    if low.endswith(".parquet") or low.endswith(".pq") or (Path(path).is_dir()):
-        if Path(path).is_dir():
-            esc = esc.rstrip("/") + "/**/*.parquet"
-        return f"read_parquet('{esc}')"
-    if any(low.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
-        return f"read_csv('{esc}', header=true)"
-    raise MeasureError(f"{what} file {path}: expected .csv, .csv.gz, .tsv or .parquet (or a folder of Parquet)")
+
+    def quoted(p: str) -> str:
+        return "'" + p.replace("'", "''") + "'"
+
+    if Path(path).is_dir():
+        try:
+            parts, fmt = data_parts(path), detect_format(path)
+        except DataError as exc:
+            raise MeasureError(f"{what} file {exc}") from None
+        files = "[" + ", ".join(quoted(str(p)) for p in parts) + "]"
+        if fmt == "parquet":
+            return f"read_parquet({files}, hive_partitioning = true, union_by_name = true)"
+        sep = "\t" if fmt == "tsv" else ","
+        return f"read_csv({files}, header = true, delim = '{sep}', hive_partitioning = true, union_by_name = true)"
+    if low.endswith((".parquet", ".pq")):
+        return f"read_parquet({quoted(path)})"
+    if low.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+        return f"read_csv({quoted(path)}, header=true)"
+    raise MeasureError(f"{what} file {path}: expected .csv, .csv.gz, .tsv or .parquet (or a folder of parts)")
 
 
 class DuckDBEngine:
@@ -243,8 +257,15 @@ class SparkEngine:
             if "*" not in path and not Path(path).exists():
                 raise MeasureError(f"{what} file {path} does not exist")
             low = path.lower()
+            if Path(path).is_dir():  # Spark reads a folder of parts itself: Hive folders, no _ or . files
+                from ctrkit.data.readers import DataError, detect_format
+
+                try:
+                    low = "." + detect_format(path)
+                except DataError as exc:
+                    raise MeasureError(f"{what} file {exc}") from None
             try:
-                if low.endswith(".parquet") or Path(path).is_dir():
+                if low.endswith(".parquet"):
                     df = self.spark.read.parquet(path)
                 else:
                     sep = "\t" if ".tsv" in low else ","
