@@ -103,3 +103,18 @@ def test_max_autotune_trains_like_the_default_compile() -> None:
     want = default_model.state_dict()
     for k, v in tuned_model.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_sorting_rows_on_a_stream_of_their_own_changes_no_weight() -> None:
+    aside_model, inline_model = deepfm(), deepfm()
+    aside = TrainStep(aside_model, CUDA, lr=0.01, bf16=False)
+    inline = TrainStep(inline_model, CUDA, lr=0.01, bf16=False)
+    inline._sorter = None  # the sort on the main stream, as before it had one of its own
+    assert aside._sorter is not None
+    for b in batches(WARMUP_STEPS + 4):
+        aside(b)
+        inline(b)
+    assert aside._graph is not None
+    want = inline_model.state_dict()
+    for k, v in aside_model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
