@@ -59,7 +59,10 @@ def test_captured_steps_with_compiled_adam_train_like_fused_adam() -> None:
 
 def test_compiled_dense_adam_equals_fused_adam_on_the_same_gradients() -> None:
     """The step's compiled update against torch's fused Adam, fed the same gradients each step (no feedback through
-    training, so a last-digit difference cannot grow): equal to float32 rounding."""
+    training, so a last-digit difference cannot grow): equal to float32 rounding of the weights. Inductor's
+    division and square root round differently from the fused kernel's: against a float64 Adam, on an H200, the
+    compiled weights were up to 3.4e-7 off after six steps and the fused ones 6e-8, whatever the gradient's scale
+    (1e-9 to 1); the bound, 1e-6, is a ten-thousandth of one step (lr 0.01)."""
     step = TrainStep(deepfm(), CUDA, lr=0.01, bf16=False)
     params = step._foreach.param_groups[0]["params"]
     twins = [p.detach().clone().requires_grad_() for p in params]
@@ -74,7 +77,7 @@ def test_compiled_dense_adam_equals_fused_adam_on_the_same_gradients() -> None:
             fused.step()
     assert "dense" in step._compiled_ok
     for p, q in zip(params, twins):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_a_failed_dense_compile_warns_and_updates_eagerly() -> None:
