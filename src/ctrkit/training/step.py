@@ -206,6 +206,9 @@ class TrainStep:
             # on a GPU with Triton: fused kernels over the positions sorted by row (rows_gpu); elsewhere the
             # portable update, which sums the positions into a buffer of row gradients and zeroes it after
             self._fused = self.cuda and rows_gpu.AVAILABLE and bool(tables) and optimizer != "rowwise_adagrad"
+            # the positions' sort by row needs only the batch's ids: it runs on a stream of its own beside the
+            # forward and backward, and the row updates wait for it
+            self._sorter = torch.cuda.Stream(device) if self._fused else None
             self._grads = [] if self._fused else [torch.zeros_like(m.weight) for m in tables]
             most = max((m.weight.shape[0] for m in tables), default=0)
             self._counts = (torch.zeros(most, device=device) if rule and (rule.clip or rule.row_lr)
@@ -408,8 +411,22 @@ class TrainStep:
                                  "the batch's ids; build it with sparse=False")
         self._checked = True
 
-    def _update_tables(self, batch: Batch) -> None:
-        """Lazy Adam / Adagrad at the batch's rows of every table, from the gradients at its positions."""
+    def _sort_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`rows_gpu.sort_rows` of the batch's rows, queued on the sorting stream where there is one (the
+        caller waits for it before using the result)."""
+        if self._sorter is None:
+            return rows_gpu.sort_rows(self._row_ids(batch))
+        main = torch.cuda.current_stream(self.device)
+        self._sorter.wait_stream(main)  # the batch's ids are written on the main stream
+        with torch.cuda.stream(self._sorter):
+            keys, perm = rows_gpu.sort_rows(self._row_ids(batch))
+        keys.record_stream(main)
+        perm.record_stream(main)
+        return keys, perm
+
+    def _update_tables(self, batch: Batch, order: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Lazy Adam / Adagrad at the batch's rows of every table, from the gradients at its positions; ``order``
+        is :meth:`_sort_rows`'s, queued before the backward pass."""
         b1, b2 = self.betas
         self._t += 1
         lr = (self._lr_rows * torch.sqrt(1 - b2 ** self._t) / (1 - b1 ** self._t) if self.optimizer == "adam"
@@ -418,7 +435,9 @@ class TrainStep:
         clip = self.rule.clip if self.rule is not None else None
         row_lr = self.rule.row_lr if self.rule is not None else None
         if self._fused:
-            keys, perm = rows_gpu.sort_rows(self._row_ids(batch))
+            keys, perm = order if order is not None else self._sort_rows(batch)
+            if self._sorter is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._sorter)
             for k, m, g in live:
                 rows_gpu.update(m.weight.detach(), g, self._row_state[k], keys, perm, lr,
                                 self.optimizer, b1, b2, self.eps, clip, row_lr)
@@ -448,6 +467,7 @@ class TrainStep:
             m.weight.grad = None
         if self._tables:
             self._set_positions(batch)
+        order = self._sort_rows(batch) if self.row_updates and self._fused else None
         loss, total = self._call_compiled("train", batch) if compiled else self._forward_loss(batch)
         total.backward()
         if self.ddp and self._sparse:
@@ -456,7 +476,7 @@ class TrainStep:
             self._check_rows()
         with torch.no_grad():
             if self._tables:
-                self._update_tables(batch)
+                self._update_tables(batch, order)
             for o in self.opts:
                 if o is self._foreach:
                     self._call_compiled("dense")
