@@ -28,4 +28,11 @@ def test_source_commit_names_head_and_marks_changed_tracked_files(tmp_path: Path
     (tmp_path / "new.txt").write_text("untracked files do not count\n")
     assert source_commit(tmp_path) == head
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert source_commit(tmp_path) == head + "+changes"
+    (tmp_path / ".gitignore").write_text("*.log\n")
+    (tmp_path / "run.log").write_text("ignored files are not code\n")
+    said = source_commit(tmp_path)
+    assert git(tmp_path, "status", "--porcelain", "--untracked-files=no") == "M a.py"  # the index is untouched
+    # the tree id is that of the commit these files become: how a run on a copy with an older .git is traced
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "two")
+    assert said == f"{head}+changes, tree {git(tmp_path, 'rev-parse', '--short=7', 'HEAD^{tree}')}"
