@@ -148,6 +148,21 @@ def test_train_refuses_its_training_file_as_valid_or_test(files: Path, trained: 
     assert not (tmp_path / "o").exists()
 
 
+def test_train_refuses_a_valid_file_inside_its_training_folder(files: Path, trained: Path, tmp_path: Path) -> None:
+    """A folder given as TRAIN is read whole: a --valid (or --test) file inside it would be trained on too."""
+    (tmp_path / "data").mkdir()
+    for name in ("train.csv", "valid.csv"):
+        (tmp_path / "data" / name).write_bytes((files / name).read_bytes())
+    data = tmp_path / "data"
+    for flag, given, what in (("--valid", data / "valid.csv", f"shares 1 file(s) with TRAIN {data} (first: "
+                                                             f"{data.resolve() / 'valid.csv'})"),
+                              ("--test", data, "is the training file")):
+        res = runner.invoke(app, ["train", str(data), "--schema", str(files / "schema.yaml"), flag, str(given),
+                                  "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and f"{flag} {given} {what}" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_warns_of_files_and_settings_it_cannot_use_as_asked(files: Path, trained: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["train", str(files / "train.csv"), "--schema", str(files / "schema.yaml"), "--valid",
                               str(files / "valid.csv"), "--test", str(files / "valid.csv"), "--model", "lr",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ctrkit.data.encode import encode_files
-from ctrkit.data.readers import Source, libfm_schema
+from ctrkit.data.readers import Source, data_parts, libfm_schema
 from ctrkit.evaluate.metrics import evaluate, evaluate_heads
 import ctrkit.models  # noqa: F401  (registers the model zoo)
 from ctrkit.models.base import SMALL_TABLE, CTRModel, build_model, default_config, model_class
@@ -229,22 +229,29 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
 
 
 def _check_distinct_files(train_data: Source, valid: Source | None, test: Source | None, log: Any) -> None:
-    """The training file given again as --valid or --test is an error (early stopping, the calibrator and the test
-    figures need rows the model did not train on); the same file as both --valid and --test, a warning."""
-    def path(src: Source | None) -> Path | None:
-        return Path(src).resolve() if isinstance(src, (str, Path)) else None
+    """Training rows given again as --valid or --test are an error (early stopping, the calibrator and the test
+    figures need rows the model did not train on): the same file, or a file of a TRAIN folder of parts; the same
+    file as both --valid and --test, a warning."""
+    def parts(src: Source | None) -> set[Path]:
+        if not isinstance(src, (str, Path)) or not Path(src).exists():
+            return set()  # a frame, or a path that reading will name
+        return {p.resolve() for p in data_parts(src)}
 
-    tr, va, te = path(train_data), path(valid), path(test)
-    for flag, other, src in (("--valid", va, valid), ("--test", te, test)):
-        if src is train_data and tr is None:  # the same frame object
+    tr = parts(train_data)
+    for flag, src in (("--valid", valid), ("--test", test)):
+        if src is train_data and not isinstance(src, (str, Path)):  # the same frame object
             raise ValueError(f"{flag[2:]} is the training frame itself: early stopping, the calibrator and the "
                              "figures need rows the model did not train on")
-        if tr is not None and other == tr:
-            raise ValueError(f"{flag} {other} is the training file: early stopping, the calibrator and the figures "
-                             f"need rows the model did not train on (without --valid the last 10% is held out)")
-    if va is not None and va == te and log:
-        log(f"warning: --valid and --test are the same file ({va}): the test figures are those early stopping and "
-            "the calibrator were chosen on, and overstate what the model will do on new rows")
+        shared = sorted(parts(src) & tr)
+        if shared:
+            what = ("is the training file" if Path(str(src)).resolve() == Path(str(train_data)).resolve() else
+                    f"shares {len(shared)} file(s) with TRAIN {train_data} (first: {shared[0]})")
+            raise ValueError(f"{flag} {src} {what}: early stopping, the calibrator and the figures need rows the "
+                             "model did not train on (without --valid the last 10% is held out)")
+    va, te = parts(valid), parts(test)
+    if va and va == te and log:
+        log(f"warning: --valid and --test are the same file ({valid}): the test figures are those early stopping "
+            "and the calibrator were chosen on, and overstate what the model will do on new rows")
 
 
 def _train_member(model: str, spec: FeatureSpec, mcfg: Any, train_set: EncodedData, valid_set: EncodedData | None,
