@@ -128,7 +128,9 @@ def test_train_without_schema_explains(files: Path, tmp_path: Path) -> None:
     (["--set", "nosuch=1"], "unknown model settings ['nosuch']"), (["--embed-dim", "0"], "embed_dim must be >= 1"),
     (["--neg-sample-rate", "2"], "neg_sample_rate must be in (0, 1]"),
     (["--checkpoint-every", "-1"], "checkpoint_every must be >= 0, got -1"),
-    (["--pos-weight", "-2"], "pos_weight must be > 0, got -2.0"), (["--seed", "-1"], "seed must be >= 0, got -1")])
+    (["--pos-weight", "-2"], "pos_weight must be > 0, got -2.0"), (["--seed", "-1"], "seed must be >= 0, got -1"),
+    (["--model", "xgboost"], "unknown model 'xgboost'"), (["--batch-size", "0"], "epochs and batch_size must be >= 1"),
+    (["--lr", "-1"], "lr must be > 0")])
 def test_train_settings_are_checked_before_any_data_is_read(files: Path, trained: Path, tmp_path: Path,
                                                             option: list[str], said: str) -> None:
     """A mistyped setting is named at once, not after the encode of a log that may take minutes: the training file
