@@ -158,7 +158,8 @@ def test_train_refuses_a_valid_file_inside_its_training_folder(files: Path, trai
     data = tmp_path / "data"
     for flag, given, what in (("--valid", data / "valid.csv", f"shares 1 file(s) with TRAIN {data} (first: "
                                                              f"{data.resolve() / 'valid.csv'})"),
-                              ("--test", data, "is the training file")):
+                              ("--test", data, "is the training file"),
+                              ("--test", data / "v*.csv", f"shares 1 file(s) with TRAIN {data} (first: ")):
         res = runner.invoke(app, ["train", str(data), "--schema", str(files / "schema.yaml"), flag, str(given),
                                   "--out", str(tmp_path / "o")])
         assert res.exit_code == 2 and f"{flag} {given} {what}" in " ".join(res.output.split()), res.output

@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ctrkit.data.readers import (DataError, Prefetch, ReadReport, coerce_chunk, detect_format, iter_chunks,
-                                 libfm_schema, data_parts, read_frame, read_sample)
+from ctrkit.data.readers import (DataError, Prefetch, ReadReport, coerce_chunk, data_parts, dataset_root,
+                                 detect_format, iter_chunks, libfm_schema, read_frame, read_sample)
 from ctrkit.schema import Field, Schema
 
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
@@ -289,6 +289,37 @@ def test_a_folder_of_csv_parts_names_the_part_of_a_bad_line(tmp_path):
         f"{root}/day=2026-01-02/part-0.csv line 4: ")
     assert aside.read_text().splitlines()[1] == f"day=2026-01-02/part-0.csv:4\t{report.examples[0].split(': ', 1)[1]}" \
         "\trome,1,0,extra"
+
+
+def test_a_glob_pattern_reads_the_parts_it_matches(tmp_path, monkeypatch):
+    """``logs/day=2026-01-0[13]`` takes two of the three days' folders, Hive columns named from ``logs``; a pattern of
+    files and ``**`` work too; a pattern that matches nothing is named."""
+    root = _parts(tmp_path / "log")
+    (root / "day=2026-01-02").mkdir()
+    pl.DataFrame({"city": ["x"], "price": [1.0], "click": [0]}).write_parquet(root / "day=2026-01-02" / "p.parquet")
+    with_day = Schema(fields=[*SCHEMA.fields, Field("day")], label="click")
+    pattern = root / "day=2026-01-0[13]"
+    assert dataset_root(pattern) == root and dataset_root(root) == root and dataset_root(root / "x.csv") is None
+    df, rep = read_frame(pattern, with_day)
+    assert df["city"].to_list() == ["paris", "rome", None, "oslo"] and rep.rows == 4
+    assert df["day"].to_list() == ["2026-01-01"] * 3 + ["2026-01-03"]
+    assert [p.name for p in data_parts(root / "**" / "*.parquet")] == ["part-0.parquet", "p.parquet",
+                                                                       "part-0.parquet"]
+    assert detect_format(pattern) == "parquet" and read_sample(pattern).height == 4
+    monkeypatch.chdir(root)
+    assert dataset_root("day=*") == Path(".") and len(data_parts("day=*")) == 4
+    with pytest.raises(DataError, match=r"day=2027-\* matches no data files"):
+        read_frame("day=2027-*", SCHEMA)
+
+
+def test_rejected_rows_are_not_kept_inside_the_folder_being_read(tmp_path):
+    """A later read of the folder would take the kept rows (a .tsv) for a part of it."""
+    root = _parts(tmp_path / "log")
+    with pytest.raises(DataError, match="--bad-rows .*bad.tsv is inside .*log, the folder being read"):
+        read_frame(root, SCHEMA, bad_rows=root / "bad.tsv")
+    with pytest.raises(DataError, match="the folder being read"):
+        read_frame(root / "day=*", SCHEMA, bad_rows=root / "day=2026-01-01" / "bad.tsv")
+    assert read_frame(root, SCHEMA, bad_rows=tmp_path / "bad.tsv")[1].rows == 4
 
 
 def test_a_folder_without_parts_or_with_a_broken_one_is_named(tmp_path):

@@ -93,8 +93,8 @@ def _event_log_rows(path: Path, schema: Path | None) -> Any:
 @app.command()
 def train(
     train_file: Path = typer.Argument(..., metavar="TRAIN",
-                                      help="Training data (CSV/TSV/Parquet/libFM, .gz ok, a folder of such parts, or "
-                                           "a `ctrkit serve` event log)."),
+                                      help="Training data (CSV/TSV/Parquet/libFM, .gz ok, a folder of such parts or a "
+                                           "quoted glob pattern, or a `ctrkit serve` event log)."),
     valid: Optional[Path] = typer.Option(None, help="Validation file; if omitted, cut from TRAIN (by time if the schema has one)."),
     test: Optional[Path] = typer.Option(None, help="Test file, evaluated once at the end."),
     schema: Optional[Path] = typer.Option(None, help="Schema YAML (see `ctrkit schema infer`)."),

@@ -233,9 +233,12 @@ def _check_distinct_files(train_data: Source, valid: Source | None, test: Source
     figures need rows the model did not train on): the same file, or a file of a TRAIN folder of parts; the same
     file as both --valid and --test, a warning."""
     def parts(src: Source | None) -> set[Path]:
-        if not isinstance(src, (str, Path)) or not Path(src).exists():
-            return set()  # a frame, or a path that reading will name
-        return {p.resolve() for p in data_parts(src)}
+        if not isinstance(src, (str, Path)):
+            return set()
+        try:
+            return {p.resolve() for p in data_parts(src)}
+        except (OSError, DataError):  # the read names what is wrong with it
+            return set()
 
     tr = parts(train_data)
     for flag, src in (("--valid", valid), ("--test", test)):

@@ -11,8 +11,10 @@ aside in a file when asked, and the good rows go on.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
+import itertools
 import queue
 import threading
 import zlib
@@ -31,7 +33,7 @@ from ctrkit.schema import Field, Schema, SchemaError
 from ctrkit.validate import DataError, coerce_chunk, needed_columns
 
 __all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "has_header_line",
-           "data_parts", "iter_chunks", "libfm_schema", "needed_columns", "read_frame", "read_sample"]
+           "data_parts", "dataset_root", "iter_chunks", "libfm_schema", "needed_columns", "read_frame", "read_sample"]
 
 # Blocks under glibc's 32 MiB mmap ceiling are recycled from the heap instead of being mapped (and
 # page-faulted) afresh each time, which halves the cost of reading them; larger blocks make fitting cheaper.
@@ -125,7 +127,7 @@ class _BadRowSink:
 def detect_format(path: str | Path) -> str:
     """csv, tsv, parquet or libfm from the file name; a plain ``.txt`` is sniffed from its first line; a folder
     has the format of its parts."""
-    if Path(path).is_dir():
+    if dataset_root(path) is not None:
         return _part_format(data_parts(path)[0]) or "csv"  # data_parts keeps only files with a format
     name = Path(path).name.lower()
     if name.endswith(".gz"):
@@ -167,22 +169,41 @@ def _part_format(path: Path) -> str | None:
     return PART_SUFFIXES.get(name[name.rfind("."):]) if "." in name else None
 
 
+def _is_pattern(path: str | Path) -> bool:
+    return glob.has_magic(str(path)) and not Path(path).exists()
+
+
+def dataset_root(path: str | Path) -> Path | None:
+    """The folder a dataset of several parts lives in: ``path`` itself for a folder, the folder before the first
+    wildcard for a glob pattern (``logs/day=2026-01-0*``: ``logs``); None for one file."""
+    p = Path(path)
+    if _is_pattern(p):
+        plain = list(itertools.takewhile(lambda s: not glob.has_magic(s), p.parts[:-1]))
+        return Path(*plain) if plain else Path(".")
+    return p if p.is_dir() else None
+
+
 def data_parts(path: str | Path) -> list[Path]:
     """The files of a dataset: ``path`` itself when a file; for a folder (as Spark, DuckDB or Hive write one),
     every CSV, TSV or Parquet file below it (``.gz`` or not) in path order, leaving out hidden and
-    ``_``-prefixed entries (``_SUCCESS``, ``_temporary/``, ``.crc`` files). The parts must share one format."""
+    ``_``-prefixed entries (``_SUCCESS``, ``_temporary/``, ``.crc`` files); for a glob pattern (``**`` too), the
+    files it matches and the parts of the folders it matches. The parts must share one format."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or folder")
-    if not p.is_dir():
+    root = dataset_root(p)
+    if root is None:
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or folder")
         return [p]
-    parts = sorted(f for f in p.rglob("*") if _part_format(f) and f.is_file()
-                   and not any(s.startswith((".", "_")) for s in f.relative_to(p).parts))
+    found = [Path(m) for m in glob.glob(str(p), recursive=True)] if _is_pattern(p) else [p]
+    parts = sorted({f for m in found for f in ([m] if m.is_file() else m.rglob("*")) if _part_format(f)
+                    and f.is_file() and not any(s.startswith((".", "_")) for s in f.relative_to(root).parts)})
     if not parts:
-        raise DataError(f"{p} is a folder with no data files (*.parquet, *.csv, *.tsv, .gz or not) in it")
+        what = "matches" if _is_pattern(p) else "is a folder with"
+        raise DataError(f"{p} {what} no data files (*.parquet, *.csv, *.tsv, .gz or not)")
     formats = sorted({_part_format(f) or "" for f in parts})
     if len(formats) > 1:
-        first = {fmt: next(f for f in parts if _part_format(f) == fmt).relative_to(p).as_posix() for fmt in formats}
+        first = {fmt: next(f for f in parts if _part_format(f) == fmt).relative_to(root).as_posix()
+                 for fmt in formats}
         raise DataError(f"{p} holds parts of several formats ({', '.join(f'{k}: {v}' for k, v in first.items())}); "
                         "a folder is read as one dataset of one format")
     return parts
@@ -442,8 +463,13 @@ def iter_chunks(source: Source, schema: Schema, *, fmt: str | None = None, has_h
     """
     report = report if report is not None else ReadReport()
     report.source = report.source or (str(source) if not isinstance(source, pl.DataFrame) else "<frame>")
-    if bad_rows and not isinstance(source, pl.DataFrame) and Path(bad_rows).resolve() == Path(source).resolve():
-        raise DataError(f"--bad-rows {bad_rows} is the file being read: the first rejected row would empty it")
+    if bad_rows and not isinstance(source, pl.DataFrame):
+        if Path(bad_rows).resolve() == Path(source).resolve():
+            raise DataError(f"--bad-rows {bad_rows} is the file being read: the first rejected row would empty it")
+        root = dataset_root(source)
+        if root is not None and root.resolve() in Path(bad_rows).resolve().parents:
+            raise DataError(f"--bad-rows {bad_rows} is inside {root}, the folder being read: a later read of it "
+                            "would take the rejected rows for a part; keep them elsewhere")
     sink = _BadRowSink(bad_rows)
     report.bad_rows_path = str(bad_rows) if bad_rows else None
     # rows read = good rows + every rejected row, whether the parser or the type checks rejected it
@@ -495,12 +521,12 @@ def _raw_chunks(source: Source, schema: Schema, fmt: str | None, has_header: boo
             yield part.with_columns(pl.int_range(start + 1, start + 1 + part.height, dtype=pl.Int64)
                                     .alias("_line")), None
         return
-    if not Path(source).is_dir():
+    root = dataset_root(source)
+    if root is None:
         yield from _file_chunks(Path(source), schema, fmt, has_header, report, sink, block_bytes, chunk_rows,
                                 usecols)
         return
-    root = Path(source)
-    for file in data_parts(root):
+    for file in data_parts(source):
         report.part = sink.part = file.relative_to(root).as_posix()
         hive = {k: v for k, v in _hive_values(root, file).items() if k in usecols}
         for df, text_of in _file_chunks(file, schema, fmt, has_header, report, sink, block_bytes, chunk_rows,
@@ -626,8 +652,8 @@ def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
     """
     fmt = detect_format(path)
     try:
-        if Path(path).is_dir():
-            return _sample_parts(Path(path), n_rows)
+        if dataset_root(path) is not None:
+            return _sample_parts(path, n_rows)
         if fmt == "parquet":
             return pl.read_parquet(_existing_file(path), n_rows=n_rows)
         if fmt == "libfm":
@@ -658,10 +684,13 @@ def read_sample(path: str | Path, n_rows: int = 100_000) -> pl.DataFrame:
     return df
 
 
-def _sample_parts(root: Path, n_rows: int) -> pl.DataFrame:
-    """:func:`read_sample` of a folder: its first parts up to ``n_rows`` rows, with the Hive folder columns."""
+def _sample_parts(path: str | Path, n_rows: int) -> pl.DataFrame:
+    """:func:`read_sample` of a folder or pattern: its first parts up to ``n_rows`` rows, with the Hive folder
+    columns."""
+    root = dataset_root(path)
+    assert root is not None
     frames: list[pl.DataFrame] = []
-    for file in data_parts(root):
+    for file in data_parts(path):
         hive = _hive_values(root, file)
         df = read_sample(file, n_rows - sum(f.height for f in frames))
         frames.append(df.with_columns(pl.lit(v, pl.String).alias(k) for k, v in hive.items() if k not in df.columns))
