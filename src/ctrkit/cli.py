@@ -295,20 +295,37 @@ def predict(bundle: Path = typer.Argument(..., help="A bundle folder."),
 
 @app.command()
 def explain(bundle: Path = typer.Argument(..., help="A bundle folder."),
-            file: Path = typer.Argument(..., help="Records in the bundle's schema (the label is not needed)."),
+            file: Path = typer.Argument(..., help="Records in the bundle's schema (the label is needed for "
+                                                  "permutation importance)."),
+            method: str = typer.Option("auto", help="weights (what AutoInt, FAT, FiBiNET, DCN show), permutation "
+                                                    "(any model: AUC lost when a column is shuffled) or auto "
+                                                    "(weights where the model has them)."),
             rows: int = typer.Option(100_000, help="Explain the first ROWS rows."),
             top: int = typer.Option(10, help="How many field pairs to list."),
+            repeats: int = typer.Option(3, help="Shuffles per column (permutation)."),
+            seed: int = typer.Option(0, help="Seed of the shuffles (permutation)."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
             fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
     """Rank the fields (and field pairs) by what the model shows: AutoInt / FAT attention, FiBiNET's SENet
-    gates, DCN's cross weights."""
-    from ctrkit.evaluate.explain import explain_bundle
+    gates, DCN's cross weights; for any model, by the AUC it loses when a field is shuffled."""
+    from ctrkit.evaluate.explain import explain_bundle, permutation_importance, shows_weights
     from ctrkit.serve.bundle import Bundle
 
+    if method not in ("auto", "weights", "permutation"):
+        _fail(f"--method must be auto, weights or permutation, got {method!r}")
+    read = {"fmt": fmt} if fmt else {}
     try:
-        result = explain_bundle(Bundle.load(bundle), file, max_rows=rows, top=top, **({"fmt": fmt} if fmt else {}))
+        loaded = Bundle.load(bundle)
+        if method == "permutation" or (method == "auto" and not shows_weights(loaded.model)):
+            shuffled = permutation_importance(loaded, file, max_rows=rows, repeats=repeats, seed=seed, **read)
+        else:
+            result = explain_bundle(loaded, file, max_rows=rows, top=top, **read)
+            shuffled = None
     except USER_ERRORS as exc:
         _fail(str(exc))
+    if shuffled is not None:
+        _print_importance(shuffled, as_json)
+        return
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=1) + "\n")
         return
@@ -327,6 +344,23 @@ def explain(bundle: Path = typer.Argument(..., help="A bundle folder."),
         for rank, (a, b, score) in enumerate(result.pairs, 1):
             pairs.add_row(str(rank), f"{a} x {b}", f"{score:.6g}")
         Console().print(pairs)
+
+
+def _print_importance(result: Any, as_json: bool) -> None:
+    """A permutation importance as a table (or JSON): AUC drop and logloss rise per field, mean ± std."""
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=1) + "\n")
+        return
+    table = Table(title=f"{result.model}: permutation importance, {result.rows:,} rows, {result.repeats} shuffles "
+                        f"(AUC {result.auc:.5f}, logloss {result.logloss:.5f})")
+    table.add_column("rank", justify="right")
+    table.add_column("field")
+    table.add_column("AUC drop", justify="right")
+    table.add_column("logloss rise", justify="right")
+    for rank, r in enumerate(result.fields, 1):
+        table.add_row(str(rank), r["field"], f"{r['auc_drop']:.5f} ± {r['auc_drop_std']:.5f}",
+                      f"{r['logloss_rise']:.5f} ± {r['logloss_rise_std']:.5f}")
+    Console().print(table)
 
 
 @app.command()
