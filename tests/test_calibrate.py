@@ -157,6 +157,22 @@ def test_bundle_serves_calibrated_probabilities_and_recalibrates(files: Path, tm
         Bundle.load(tmp_path / "v2")
 
 
+def test_cold_start_rows_are_reported_beside_the_seen_ones(tmp_path: Path) -> None:
+    """Many users and few rows: a fifth of the test rows come from users training never saw."""
+    log, _ = make_click_log(n_rows=6000, n_users=3000, n_items=100, seed=5)
+    tr, va, te = split_by_time(log.drop("p_click"))
+    run = ctrkit.train(tr, schema=synth_schema(), valid=va, test=te, model="lr", out=tmp_path, progress=False,
+                       epochs=2)
+    cold = run.metrics["test"]["cold_start"]
+    assert list(cold)[0] == "user_id" and 0.1 < cold["user_id"]["share"] < 0.9
+    users = set(tr["user_id"].drop_nulls())
+    unseen = te["user_id"].is_not_null() & ~te["user_id"].is_in(list(users))
+    assert cold["user_id"]["unseen"]["rows"] >= int(unseen.sum())  # and those seen below min_count
+    assert cold["user_id"]["unseen"]["rows"] + cold["user_id"]["seen"]["rows"] == te.height
+    page = (tmp_path / "report.html").read_text()
+    assert "Cold start on the test rows" in page and "<td>user_id</td>" in page
+
+
 def test_report_has_every_plot_and_rerenders(files: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     _train(files, out, neg_sample_rate=0.2, report_by=["device"])
@@ -165,6 +181,8 @@ def test_report_has_every_plot_and_rerenders(files: Path, tmp_path: Path) -> Non
         assert f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,' in page
     assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
     assert "correction shift -1.6094" in page and "mobile" in page
+    assert json.loads((out / "metrics.json").read_text())["test"]["cold_start"] == {}  # 600 users, all seen
+    assert "Every value of every field was seen in training." in page
     (out / "report.html").unlink()
     res = runner.invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output

@@ -86,6 +86,18 @@ def test_unseen_and_missing_values():
     assert np.isnan(dense[0, 0]) and not np.isnan(dense[1, 0])
 
 
+def test_unseen_flags_the_rows_of_an_out_of_vocabulary_value_per_field():
+    """Cold-start rows: a value never seen ("zzz") or rarer than min_count ("z"); missing is not unseen, and the
+    hashed field ``h`` and the bucketized ``b`` have no vocabulary to miss."""
+    enc = _fit()
+    frame, _ = read_frame(pl.DataFrame({"c": ["zzz", None, "a", "b"], "d": ["z", "w", None, "q"],
+                                        "h": ["q", "", None, "a"], "x": [None, 1.0, 2.0, 3.0],
+                                        "b": [None, 100.0, -5.0, 2.0], "y": [0, 0, 0, 1]}), SCHEMA)
+    ids, _ = enc.transform_frame(frame)
+    got = {name: mask.tolist() for name, mask in enc.unseen(ids)}
+    assert got == {"c": [True, False, False, False], "d": [True, False, False, True]}
+
+
 def test_save_load_round_trip(tmp_path):
     enc = _fit()
     enc.save(tmp_path / "enc")

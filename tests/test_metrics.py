@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from sklearn.metrics import log_loss, roc_auc_score
 
-from ctrkit.evaluate.metrics import auc, calibration_bins, ece, evaluate, group_auc, logloss
+from ctrkit.evaluate.metrics import auc, calibration_bins, cold_start, ece, evaluate, group_auc, logloss
 
 
 @st.composite
@@ -228,3 +228,24 @@ def test_bad_weights_are_rejected() -> None:
         auc([0, 1], [0.2, 0.4], [1.0, -1.0])
     with pytest.raises(ValueError, match="weights and labels differ"):
         logloss([0, 1], [0.2, 0.4], [1.0])
+
+
+def test_cold_start_splits_each_field_into_unseen_and_seen_rows() -> None:
+    y = np.array([1, 0, 1, 0, 1, 0, 0, 1], dtype=float)
+    p = np.array([0.9, 0.2, 0.4, 0.6, 0.7, 0.1, 0.3, 0.8])
+    w = np.array([1, 2, 1, 1, 1, 1, 2, 1], dtype=float)
+    item = np.array([1, 1, 1, 0, 0, 0, 0, 0], dtype=bool)
+    user = np.array([0, 0, 0, 0, 0, 0, 0, 1], dtype=bool)
+    got = cold_start(y, p, [("user", user), ("item", item), ("never", np.zeros(8, bool))], w)
+    assert list(got) == ["item", "user"]  # most often cold first; a field without cold rows is left out
+    for name, m in (("item", item), ("user", user)):
+        assert got[name]["share"] == m.mean()
+        for part, rows in (("unseen", m), ("seen", ~m)):
+            r = got[name][part]
+            assert r["rows"] == rows.sum() and r["clicks"] == y[rows].sum()
+            assert r["logloss"] == pytest.approx(log_loss(y[rows], p[rows], sample_weight=w[rows], labels=[0, 1]))
+            if 0 < y[rows].sum() < rows.sum():
+                assert r["auc"] == pytest.approx(roc_auc_score(y[rows], p[rows], sample_weight=w[rows]))
+            else:
+                assert math.isnan(r["auc"])
+            assert r["pred_actual_ratio"] == pytest.approx(np.dot(w[rows], p[rows]) / np.dot(w[rows], y[rows]))

@@ -19,7 +19,7 @@ import torch
 
 from ctrkit.data.encode import encode_files
 from ctrkit.data.readers import Source, data_parts, libfm_schema
-from ctrkit.evaluate.metrics import evaluate, evaluate_heads
+from ctrkit.evaluate.metrics import cold_start, evaluate, evaluate_heads
 import ctrkit.models  # noqa: F401  (registers the model zoo)
 from ctrkit.models.base import SMALL_TABLE, CTRModel, build_model, default_config, model_class
 from ctrkit.models.ensemble import Ensemble
@@ -197,6 +197,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             log(f"calibration: {calibrator.method} (asked: {calibrate}), fitted on the validation rows")
         metrics: dict[str, Any] = {name: served_metrics(o, calibrator, spec.label_names)
                                    for name, o in outputs.items()}
+        for name, o in outputs.items():  # how new users, items, ... fare beside the rest (first head)
+            first = _first_head(o)
+            metrics[name]["cold_start"] = cold_start(first["label"], calibrator(first["logits"]),
+                                                     enc.encoder.unseen(o["ids"]), o["weight"])
         if "valid" in outputs:  # what live pCTR is compared with for drift (PSI): the served (first-head) pCTR
             metrics["pctr_reference"] = reference_distribution(calibrator(_first_head(outputs["valid"])["logits"]))
         metrics["train"] = {**_train_record(results), "rows": len(train_set), "config": configs[0].to_dict(),

@@ -369,6 +369,16 @@ class Encoder:
         """Dense field names, in the column order of ``dense``."""
         return [f.name for f in self.schema.dense_fields]
 
+    def unseen(self, ids: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        """Per categorical field with a vocabulary (crosses included), which rows of encoded ``ids`` hold a value
+        training did not keep (the field's OOV id: never seen, or seen fewer than ``min_count`` times): the
+        cold-start rows, one field's mask at a time. Hashed fields have no such id and are left out."""
+        self._check_fitted()
+        vocab = {f.name for f in self._vocab_fields()}
+        for j, name in enumerate(self.sparse_names):
+            if name in vocab:
+                yield name, np.asarray(ids[:, j]) == self.offsets[name] + OOV
+
     @property
     def seq_names(self) -> list[str]:
         """Multi and sequence field names, in the order of the blocks of ``seq``."""

@@ -6,6 +6,7 @@ a row of weight w counts as w rows. Without weights each row counts once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -166,3 +167,21 @@ def evaluate_heads(y: np.ndarray, p: np.ndarray, names: list[str] | tuple[str, .
     names = list(names) or [f"head{t}" for t in range(p.shape[1])]
     heads = {name: evaluate(y[:, t], p[:, t], group, weight) for t, name in enumerate(names)}
     return {**heads[names[0]], "heads": heads}
+
+
+def cold_start(y: np.ndarray, p: np.ndarray, unseen: Iterable[tuple[str, np.ndarray]],
+               weight: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """For each field with cold-start rows (``unseen``: (field, row mask) pairs, e.g. ``Encoder.unseen``), the
+    share of rows whose value training never kept, and AUC, logloss, pred/actual and clicks of those rows and of
+    the others, most frequently cold field first. What a model does for new users or items, next to the rest."""
+    y, p, w = _check(y, p, weight)
+
+    def part(m: np.ndarray) -> dict[str, Any]:
+        clicks = float(np.dot(w[m], y[m]))
+        return {"rows": int(m.sum()), "clicks": int(y[m].sum()), "auc": auc(y[m], p[m], w[m]),
+                "logloss": logloss(y[m], p[m], w[m]),
+                "pred_actual_ratio": float(np.dot(w[m], p[m]) / clicks) if clicks else float("nan")}
+
+    out = {name: {"share": float(m.mean()), "unseen": part(m), "seen": part(~m)}
+           for name, m in unseen if len(m) and m.any()}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["share"]))

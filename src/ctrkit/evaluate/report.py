@@ -224,6 +224,17 @@ def render_report(run: str | Path) -> Path:
             seg_html.append(f"<h3>{html.escape(field)}</h3>" + _img("segments", _segments_plot(field, rows), "")
                             + _table(rows, [field, "rows", "clicks", "AUC", "pred/actual"]))
     parts.append("<h2>Segments</h2>" + ("".join(seg_html) or "<p>No --report-by fields were named.</p>"))
+    cold = metrics.get(split, {}).get("cold_start") or {}
+    cold_rows = [[field, f"{c['share']:.1%}", c["unseen"]["rows"], c["unseen"]["clicks"], c["unseen"]["auc"],
+                  c["seen"]["auc"], c["unseen"]["pred_actual_ratio"], c["seen"]["pred_actual_ratio"],
+                  c["unseen"]["logloss"], c["seen"]["logloss"]] for field, c in cold.items()]
+    parts.append(f"<h2>Cold start on the {split} rows</h2><p>Rows whose value of a field training never kept "
+                 "(unseen, or rarer than its min_count: the field's out-of-vocabulary id) against the rows whose "
+                 "value it kept.</p>"
+                 + (_table(cold_rows, ["field", "share unseen", "unseen rows", "their clicks", "AUC unseen",
+                                       "AUC seen", "pred/actual unseen", "pred/actual seen", "logloss unseen",
+                                       "logloss seen"])
+                    if cold_rows else "<p>Every value of every field was seen in training.</p>"))
     cfg = tr.get("config", {})
     settings = [[k, v] for k, v in cfg.items()] + [[f"model.{k}", v] for k, v in
                                                    metrics.get("model", {}).get("config", {}).items()]
