@@ -202,6 +202,51 @@ def train(
 
 
 @app.command()
+def tune(train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training data, as for `ctrkit train`."),
+         valid: Optional[Path] = typer.Option(None, help="Validation file the trials are compared on; if omitted, "
+                                                         "cut from TRAIN as `ctrkit train` does."),
+         test: Optional[Path] = typer.Option(None, help="Test file, evaluated once, on the best settings only."),
+         schema: Optional[Path] = typer.Option(None, help="Schema YAML (see `ctrkit schema infer`)."),
+         model: str = typer.Option("deepfm", help="The model whose settings are searched."),
+         out: Path = typer.Option(..., help="Output folder: the best settings' bundle, metrics.json, report.html and "
+                                            "tune.json (every trial)."),
+         trials: int = typer.Option(20, help="Number of trials."),
+         timeout: Optional[float] = typer.Option(None, help="Stop starting trials after this many seconds."),
+         metric: str = typer.Option("auc", help="auc or logloss, on the validation rows."),
+         space: Optional[Path] = typer.Option(None, help="Search space YAML (name: [choices] or name: {low, high, "
+                                                         "log}); default: lr, embed_dim, emb_l2, dropout."),
+         epochs: Optional[int] = typer.Option(None, help="Maximum epochs of each trial (early stopping decides)."),
+         seed: int = typer.Option(0, help="Seed of the sampler and of every trial's model."),
+         device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+         fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm."),
+         quiet: bool = typer.Option(False, "--quiet", help="Only the final table.")) -> None:
+    """Search MODEL's settings on one encode of TRAIN (Optuna's TPE sampler), compare the trials on the validation
+    rows, and train the best into OUT; the test rows judge only the best."""
+    from ctrkit.tune import load_space, tune as run_tune
+
+    try:
+        result = run_tune(train_file, schema=schema, valid=valid, test=test, model=model, out=out, trials=trials,
+                          timeout=timeout, metric=metric, space=load_space(space) if space else None, seed=seed,
+                          device=device, epochs=epochs, fmt=fmt,
+                          log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
+    except (*USER_ERRORS, ImportError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"{model}: {len(result.trials)} trials, validation {metric} (best first)")
+    table.add_column("trial", justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("settings")
+    ranked = sorted(result.trials, key=lambda t: t[metric], reverse=metric == "auc")
+    for t in ranked[:10]:
+        table.add_row(str(t["number"] + 1), f"{t[metric]:.5f}",
+                      ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()))
+    Console().print(table)
+    assert result.run is not None
+    m = result.run.metrics
+    Console().print(_metrics_table({k: m[k] for k in ("valid", "test") if k in m}, f"{model}, best settings"))
+    err.print(f"bundle: {out / 'bundle'}   trials: {out / 'tune.json'}   report: {out / 'report.html'}")
+
+
+@app.command()
 def calibrate(bundle: Path = typer.Argument(..., help="A bundle folder."),
               data: Path = typer.Argument(..., help="Newer labelled data in the bundle's schema."),
               out: Path = typer.Option(..., help="Folder of the new bundle version."),

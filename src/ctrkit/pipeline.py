@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctrkit.data.encode import encode_files
+from ctrkit.data.encode import EncodeResult, encode_files
 from ctrkit.data.readers import Source, data_parts, libfm_schema
 from ctrkit.evaluate.metrics import cold_start, evaluate, evaluate_heads
 import ctrkit.models  # noqa: F401  (registers the model zoo)
@@ -72,7 +72,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
           loss: str = "bce", pos_weight: float | str = "auto", neg_sample_rate: float = 1.0,
           calibrate: str = "auto", split: str = "auto", report_by: list[str] | None = None,
           resume: bool = False, checkpoint_every: int = 0, embedding_backend: str = "plain",
-          ensemble: int = 1, log: Any = None) -> Run:
+          ensemble: int = 1, log: Any = None, encoded: EncodeResult | None = None) -> Run:
     """Encode ``train_data`` (fitting the encoder on it only), train ``model``, calibrate, evaluate, save.
 
     Without ``valid`` a validation part is cut from the training data (``split``: by time when the schema has
@@ -84,6 +84,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     no first-order fit, distributed checkpoints); the bundle holds them as plain tables.
     ``ensemble`` N > 1 trains N models one after another, with seeds ``seed`` .. ``seed + N - 1``, and serves
     the mean of their logits (:class:`~ctrkit.models.ensemble.Ensemble`); each has its own checkpoints.
+    ``encoded``: the :func:`~ctrkit.data.encode.encode_files` result of these sources, made earlier (by
+    :func:`ctrkit.tune.tune`, which trains many models on one encode); the sources then only name the data.
     """
     t0 = time.perf_counter()
     sch = _resolve_schema(schema, fmt, fields)
@@ -126,8 +128,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             "tomorrow's traffic; --split time is the honest choice for a click log")
     work = Path(tempfile.mkdtemp(prefix="ctrkit-data-", dir=str(out) if out else None))
     try:
-        enc = encode_files(sch, train_data, work, valid=valid, test=test, seed=seed, bad_rows=bad_rows,
-                           split=split, **read_kwargs)
+        enc = encoded or encode_files(sch, train_data, work, valid=valid, test=test, seed=seed, bad_rows=bad_rows,
+                                      split=split, **read_kwargs)
         if log:
             for name, rep in enc.reports.items():
                 log(f"{name}: {rep.summary()}")

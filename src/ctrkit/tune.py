@@ -1,0 +1,204 @@
+"""Hyperparameter search: many models of one kind trained on one encode of the data, chosen by validation AUC.
+
+:func:`tune` encodes the files once, runs Optuna's TPE sampler over the learning rate, the embedding size and
+the model's regularisation (or a space of your own), each trial a full :func:`ctrkit.pipeline.train` with early
+stopping on the validation rows and no calibration, then trains the best settings again into a bundle with the
+test rows evaluated once. The test rows take no part in the choice. Optuna is an optional dependency
+(``pip install 'ctrkit[tune]'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctrkit.data.encode import encode_files
+from ctrkit.data.readers import Source
+from ctrkit.models.base import default_config, model_class
+from ctrkit.pipeline import Run, _resolve_schema, train
+
+TRAIN_KEYS = ("lr", "embed_dim", "batch_size")  # arguments of train(); every other name is a model setting
+METRICS = {"auc": "maximize", "logloss": "minimize"}
+
+
+@dataclass
+class Param:
+    """One dimension of the search: ``choices``, or a range [``low``, ``high``] (``log``: sampled on a log scale;
+    ints when both ends are ints)."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.choices is not None:
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError(f"search space {self.name!r}: give a non-empty list of choices, or low and high")
+            return
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"search space {self.name!r}: needs low < high, got {self.low} and {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"search space {self.name!r}: a log scale needs low > 0, got {self.low}")
+
+    def suggest(self, trial: Any) -> Any:
+        """The trial's value of this parameter."""
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, self.choices)
+        if isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.low, bool):
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form :func:`load_space` reads."""
+        if self.choices is not None:
+            return {"choices": self.choices}
+        return {"low": self.low, "high": self.high, "log": self.log}
+
+
+def default_space(model: str) -> list[Param]:
+    """The learning rate and the L2 on the embeddings; the embedding size and the MLP's dropout where the model's
+    shipped defaults set them (LR has no embedding size, FM no MLP)."""
+    shipped = model_class(model).defaults
+    space = [Param("lr", 1e-4, 1e-2, log=True)]
+    if "embed_dim" in shipped:
+        space.append(Param("embed_dim", choices=[8, 16, 32]))
+    space.append(Param("emb_l2", 1e-8, 1e-3, log=True))
+    if "dropout" in shipped:
+        space.append(Param("dropout", 0.0, 0.5))
+    return space
+
+
+def load_space(path: str | Path) -> list[Param]:
+    """A search space from YAML: ``name: [a, b, c]`` (choices) or ``name: {low: x, high: y, log: true}``."""
+    doc = yaml.safe_load(Path(path).read_text())
+    if not isinstance(doc, dict) or not doc:
+        raise ValueError(f"{path}: a search space is a mapping of names to choices or ranges")
+    space = []
+    for name, spec in doc.items():
+        try:
+            if isinstance(spec, list):
+                space.append(Param(str(name), choices=spec))
+            elif isinstance(spec, dict) and set(spec) <= {"low", "high", "log", "choices"}:
+                space.append(Param(str(name), **spec))
+            else:
+                raise ValueError(f"search space {name!r}: expected a list of choices or {{low, high, log}}")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return space
+
+
+def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(train() arguments, model settings) of a trial's values."""
+    return ({k: v for k, v in params.items() if k in TRAIN_KEYS},
+            {k: v for k, v in params.items() if k not in TRAIN_KEYS})
+
+
+@dataclass
+class TuneResult:
+    """The trials (number, values, validation metric, seconds, state), the best trial and its run."""
+
+    model: str
+    metric: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    run: Run | None = None
+    space: list[Param] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (written as ``OUT/tune.json``)."""
+        test = self.run.metrics.get("test") if self.run is not None else None
+        return {"model": self.model, "metric": self.metric, "space": {p.name: p.to_dict() for p in self.space},
+                "best": self.best, "trials": self.trials,
+                "final": None if self.run is None else {
+                    "valid": {k: self.run.metrics["valid"].get(k) for k in ("auc", "logloss")},
+                    "test": None if test is None else {k: test.get(k) for k in ("auc", "logloss")}}}
+
+
+def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: Source | None = None,
+         model: str = "deepfm", out: str | Path | None = None, trials: int = 20, timeout: float | None = None,
+         metric: str = "auc", space: list[Param] | None = None, seed: int = 0, device: str = "cpu",
+         epochs: int | None = None, log: Any = None, **train_kwargs: Any) -> TuneResult:
+    """Search ``space`` (:func:`default_space` of ``model`` when None) for the settings with the best validation
+    ``metric`` ("auc" or "logloss") over ``trials`` trials or ``timeout`` seconds, whichever ends first; then train
+    the best into ``out`` (bundle, metrics.json with the test figures, report.html, tune.json)."""
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError("ctrkit tune needs Optuna: pip install 'ctrkit[tune]'") from None
+    if metric not in METRICS:
+        raise ValueError(f"--metric must be one of {tuple(METRICS)}, got {metric!r}")
+    if trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {trials}")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {timeout}")
+    space = space if space is not None else default_space(model)
+    names = [p.name for p in space]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the search space names a setting twice: {names}")
+    settings = {k for k in names if k not in TRAIN_KEYS}
+    given = set(train_kwargs.get("model_options") or {}) | {k for k in TRAIN_KEYS if train_kwargs.get(k) is not None}
+    if given & set(names):
+        raise ValueError(f"{sorted(given & set(names))} are both fixed and searched; leave them to the search")
+    # an unknown model setting is named before any encoding
+    default_config(model, **{p.name: p.choices[0] if p.choices else p.low for p in space if p.name in settings})
+    sch = _resolve_schema(schema, train_kwargs.get("fmt"), train_kwargs.get("fields"))
+    work = Path(tempfile.mkdtemp(prefix="ctrkit-tune-"))
+    try:
+        read = {"fmt": train_kwargs["fmt"]} if train_kwargs.get("fmt") else {}
+        enc = encode_files(sch, train_data, work, valid=valid, test=test, seed=seed,
+                           bad_rows=train_kwargs.get("bad_rows"), split=train_kwargs.get("split", "auto"), **read)
+        if log:
+            log(f"encoded {enc.rows:,} rows in {enc.seconds:.1f}s once for every trial")
+        blind = dataclasses.replace(enc, data={k: v for k, v in enc.data.items() if k != "test"})
+        common = {k: v for k, v in train_kwargs.items() if k not in ("bad_rows", "calibrate", "model_options")}
+        fixed_options = dict(train_kwargs.get("model_options") or {})
+        records: list[dict[str, Any]] = []
+
+        def objective(trial: Any) -> float:
+            params = {p.name: p.suggest(trial) for p in space}
+            args, options = _split(params)
+            t0 = time.perf_counter()
+            run = train(train_data, schema=sch, valid=valid, model=model, seed=seed, device=device, epochs=epochs,
+                        progress=False, calibrate="none", encoded=blind,
+                        model_options={**fixed_options, **options}, **{**common, **args})
+            value = float(run.metrics["valid"][metric])
+            records.append({"number": trial.number, "params": params, metric: value,
+                            "seconds": round(time.perf_counter() - t0, 2), "epochs": run.metrics["train"]["epochs"]})
+            if log:
+                shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+                log(f"trial {trial.number + 1}/{trials}: valid {metric} {value:.5f} ({shown})")
+            if not math.isfinite(value):
+                raise optuna.TrialPruned(f"valid {metric} is {value}")
+            return value
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction=METRICS[metric], sampler=optuna.samplers.TPESampler(seed=seed))
+        study.optimize(objective, n_trials=trials, timeout=timeout)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            raise RuntimeError(f"no trial finished with a finite validation {metric}")
+        best = study.best_trial
+        args, options = _split(best.params)
+        if log:
+            log(f"best: trial {best.number + 1}, valid {metric} {best.value:.5f}; training it again into {out}")
+        final = train(train_data, schema=sch, valid=valid, test=test, model=model, out=out, seed=seed, device=device,
+                      epochs=epochs, progress=False, encoded=enc, calibrate=train_kwargs.get("calibrate", "auto"),
+                      model_options={**fixed_options, **options}, **{**common, **args})
+        result = TuneResult(model=model, metric=metric, trials=records, run=final, space=space,
+                            best={"number": best.number, "params": best.params, metric: best.value})
+        if out:
+            (Path(out) / "tune.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""ctrkit tune: trials on one encode, compared on the validation rows only; the best trained again into a bundle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import ctrkit.pipeline
+from ctrkit.cli import app
+from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
+from ctrkit.tune import Param, default_space, load_space, tune
+
+SPACE = [Param("lr", 1e-3, 3e-2, log=True), Param("embed_dim", choices=[4, 8])]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tune")
+    log, _ = make_click_log(n_rows=4000, n_users=300, n_items=80, seed=11)
+    for name, part in zip(("train", "valid", "test"), split_by_time(log.drop("p_click"))):
+        part.write_csv(d / f"{name}.csv")
+    synth_schema().save(d / "schema.yaml")
+    return d
+
+
+def _tune(files: Path, **kw: object):  # type: ignore[no-untyped-def]
+    args = {"schema": files / "schema.yaml", "valid": files / "valid.csv", "model": "fm", "trials": 3, "epochs": 2,
+            "space": SPACE, **kw}
+    return tune(files / "train.csv", **args)  # type: ignore[arg-type]
+
+
+def test_the_best_trial_is_trained_again_and_the_test_rows_choose_nothing(files: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_encode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a trial encoded the data again")
+
+    monkeypatch.setattr(ctrkit.pipeline, "encode_files", no_encode)  # every trial reuses tune's one encode
+    result = _tune(files, test=files / "test.csv", out=tmp_path / "run")
+    aucs = [t["auc"] for t in result.trials]
+    assert len(aucs) == 3 and result.best["auc"] == max(aucs)
+    assert result.best["params"] == result.trials[aucs.index(max(aucs))]["params"]
+    assert set(result.best["params"]) == {"lr", "embed_dim"} and result.best["params"]["embed_dim"] in (4, 8)
+    final = result.run.metrics  # type: ignore[union-attr]
+    assert final["valid"]["auc_raw"] == pytest.approx(result.best["auc"], abs=1e-12)  # the same model, seeded
+    assert final["model"]["config"]["embed_dim"] == result.best["params"]["embed_dim"] and "test" in final
+    doc = json.loads((tmp_path / "run" / "tune.json").read_text())
+    assert doc["best"] == json.loads(json.dumps(result.best)) and len(doc["trials"]) == 3
+    assert doc["final"]["test"]["auc"] == pytest.approx(final["test"]["auc"])
+    assert (tmp_path / "run" / "bundle" / "manifest.json").exists() and (tmp_path / "run" / "report.html").exists()
+    blind = _tune(files)  # no test file at all: the same trials, the same choice
+    assert [t["auc"] for t in blind.trials] == aucs and blind.best == result.best
+
+
+def test_logloss_is_minimised(files: Path) -> None:
+    result = _tune(files, metric="logloss", trials=2)
+    assert result.best["logloss"] == min(t["logloss"] for t in result.trials)
+
+
+def test_spaces_from_yaml_and_their_mistakes(tmp_path: Path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text("lr: {low: 0.0001, high: 0.01, log: true}\nembed_dim: [8, 16]\nhidden_layers: {low: 1, high: 3}\n")
+    got = load_space(path)
+    assert [(p.name, p.low, p.high, p.log, p.choices) for p in got] == [
+        ("lr", 0.0001, 0.01, True, None), ("embed_dim", None, None, False, [8, 16]),
+        ("hidden_layers", 1, 3, False, None)]
+    for text, said in (("lr: {low: 1, high: 1}", "needs low < high"), ("lr: {low: 0, high: 1, log: true}",
+                                                                        "a log scale needs low > 0"),
+                       ("lr: []", "non-empty list of choices"), ("lr: 3", "expected a list of choices"),
+                       ("- lr", "a mapping of names"), ("lr: {low: 1, high: 2, step: 1}", "expected a list")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=said):
+            load_space(path)
+    assert [p.name for p in default_space("deepfm")] == ["lr", "embed_dim", "emb_l2", "dropout"]
+    assert [p.name for p in default_space("fm")] == ["lr", "embed_dim", "emb_l2"]
+    assert [p.name for p in default_space("lr")] == ["lr", "emb_l2"]
+
+
+def test_settings_are_checked_before_the_data_is_read(files: Path, tmp_path: Path) -> None:
+    nowhere = tmp_path / "nowhere.csv"
+    for kwargs, said in (({"space": [Param("depth", 1, 3)]}, "depth"), ({"metric": "gauc"}, "--metric must be one"),
+                         ({"trials": 0}, "--trials must be >= 1"), ({"timeout": 0}, "--timeout must be > 0"),
+                         ({"space": SPACE + [Param("lr", choices=[0.1])]}, "names a setting twice"),
+                         ({"lr": 0.1}, "both fixed and searched")):
+        with pytest.raises(ValueError, match=said):
+            tune(nowhere, schema=files / "schema.yaml", model="fm", **{"space": SPACE, **kwargs})  # type: ignore[arg-type]
+
+
+def test_a_missing_optuna_is_named(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(ImportError, match=r"pip install 'ctrkit\[tune\]'"):
+        _tune(files)
+
+
+def test_cli(files: Path, tmp_path: Path) -> None:
+    (tmp_path / "space.yaml").write_text("lr: {low: 0.001, high: 0.03, log: true}\n")
+    res = CliRunner().invoke(app, ["tune", str(files / "train.csv"), "--valid", str(files / "valid.csv"), "--test",
+                                   str(files / "test.csv"), "--schema", str(files / "schema.yaml"), "--model", "fm",
+                                   "--trials", "2", "--epochs", "1", "--space", str(tmp_path / "space.yaml"),
+                                   "--out", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "fm: 2 trials, validation auc (best first)" in said and "fm, best settings" in said
+    assert len(json.loads((tmp_path / "run" / "tune.json").read_text())["trials"]) == 2
+    res = CliRunner().invoke(app, ["tune", str(files / "train.csv"), "--schema", str(files / "schema.yaml"),
+                                   "--metric", "gauc", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--metric must be one of ('auc', 'logloss'), got 'gauc'" in res.output
