@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import ctrkit
 from ctrkit.cli import app
-from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
+from ctrkit.data.synth import make_click_log, split_by_time, synth_schema, write_splits
 from ctrkit.evaluate.calibrate import Calibrator, fit_calibrator
 from ctrkit.evaluate.metrics import ece, logloss
 from ctrkit.evaluate.report import PLOTS
@@ -111,11 +111,7 @@ def test_calibrator_json_round_trip_and_bad_input() -> None:
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2%-CTR synthetic log (train / valid / test CSVs) with its schema."""
     d = tmp_path_factory.mktemp("cal")
-    log, _ = make_click_log(n_rows=60_000, n_users=600, n_items=200, ctr=0.02, seed=3)
-    for name, part in zip(("train", "valid", "test"), split_by_time(log.drop("p_click"))):
-        part.write_csv(d / f"{name}.csv")
-    synth_schema().save(d / "schema.yaml")
-    return d
+    return write_splits(make_click_log(n_rows=60_000, n_users=600, n_items=200, ctr=0.02, seed=3)[0], d)
 
 
 def _train(files: Path, out: Path | None, **kw: object) -> ctrkit.pipeline.Run:

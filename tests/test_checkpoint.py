@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ctrkit.cli import app
 from ctrkit.data.dataset import EncodedData
-from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
+from ctrkit.data.synth import make_click_log, write_splits
 from ctrkit.models import build_model
 from ctrkit.nn.embedding import FeatureSpec
 from ctrkit.training import trainer
@@ -34,11 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3,000-row synthetic log in train / valid / test CSV files with its schema."""
     d = tmp_path_factory.mktemp("ckpt")
-    log, _ = make_click_log(n_rows=3000, n_users=150, n_items=80, seed=5)
-    for name, part in zip(("train", "valid", "test"), split_by_time(log.drop("p_click"))):
-        part.write_csv(d / f"{name}.csv")
-    synth_schema().save(d / "schema.yaml")
-    return d
+    return write_splits(make_click_log(n_rows=3000, n_users=150, n_items=80, seed=5)[0], d)
 
 
 def _cmd(files: Path, out: Path, *extra: str) -> list[str]:

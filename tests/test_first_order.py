@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 
 import ctrkit
 from ctrkit.data.dataset import Batch, EncodedData
-from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
+from ctrkit.data.synth import make_click_log, synth_schema, write_splits
 from ctrkit.models.base import ModelConfig, build_model
 from ctrkit.nn.embedding import FeatureLinear, FeatureSpec
 from ctrkit.pipeline import SMALL_LOG, adaptive_settings
@@ -159,9 +159,7 @@ def test_a_small_log_the_run_cannot_fit_gets_the_rows_rule_on_its_first_order_we
 
 
 def test_train_fits_the_first_order_term_of_a_small_log(tmp_path: Path) -> None:
-    log, _ = make_click_log(n_rows=4000, n_users=100, n_items=50, ctr=0.05, seed=4)
-    for name, part in zip(("train", "valid", "test"), split_by_time(log.drop("p_click"))):
-        part.write_csv(tmp_path / f"{name}.csv")
+    write_splits(make_click_log(n_rows=4000, n_users=100, n_items=50, ctr=0.05, seed=4)[0], tmp_path)
     kw = {"schema": synth_schema(), "valid": tmp_path / "valid.csv", "test": tmp_path / "test.csv",
           "model": "lr", "progress": False, "epochs": 2}
     run = ctrkit.train(tmp_path / "train.csv", **kw)

@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 
 from ctrkit.data.synth import (SynthConfig, examination_curve, make_click_log, solve_intercept, split_by_time,
-                               synth_schema, zipf_weights)
+                               synth_schema, write_splits, zipf_weights)
+from ctrkit.schema import Schema
 
 
 def test_same_seed_same_log():
@@ -56,3 +57,14 @@ def test_split_by_time():
     assert tr["timestamp"].max() <= va["timestamp"].min() <= te["timestamp"].min()
     with pytest.raises(ValueError):
         split_by_time(df, (0.5, 0.2, 0.2))
+
+
+def test_write_splits_cuts_by_time_and_leaves_the_truth_out(tmp_path) -> None:
+    log, _ = make_click_log(n_rows=1000, n_users=50, n_items=20, seed=2)
+    folder = write_splits(log, tmp_path / "data")
+    parts = {name: pl.read_csv(folder / f"{name}.csv", try_parse_dates=True) for name in ("train", "valid", "test")}
+    assert [p.height for p in parts.values()] == [800, 100, 100]
+    assert all("p_click" not in p.columns for p in parts.values())
+    assert parts["train"]["timestamp"].max() <= parts["valid"]["timestamp"].min()
+    assert parts["valid"]["timestamp"].max() <= parts["test"]["timestamp"].min()
+    assert Schema.load(folder / "schema.yaml").fingerprint() == synth_schema().fingerprint()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import ctrkit.pipeline
 from ctrkit.cli import app
-from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
+from ctrkit.data.synth import make_click_log, write_splits
 from ctrkit.tune import Param, default_space, load_space, tune
 
 SPACE = [Param("lr", 1e-3, 3e-2, log=True), Param("embed_dim", choices=[4, 8])]
@@ -20,11 +20,7 @@ SPACE = [Param("lr", 1e-3, 3e-2, log=True), Param("embed_dim", choices=[4, 8])]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tune")
-    log, _ = make_click_log(n_rows=4000, n_users=300, n_items=80, seed=11)
-    for name, part in zip(("train", "valid", "test"), split_by_time(log.drop("p_click"))):
-        part.write_csv(d / f"{name}.csv")
-    synth_schema().save(d / "schema.yaml")
-    return d
+    return write_splits(make_click_log(n_rows=4000, n_users=300, n_items=80, seed=11)[0], d)
 
 
 def _tune(files: Path, **kw: object):  # type: ignore[no-untyped-def]
@@ -42,11 +38,14 @@ def test_the_best_trial_is_trained_again_and_the_test_rows_choose_nothing(files:
     result = _tune(files, test=files / "test.csv", out=tmp_path / "run")
     aucs = [t["auc"] for t in result.trials]
     assert len(aucs) == 3 and result.best["auc"] == max(aucs)
+    assert result.trials[0]["params"] == {}  # the first trial: the adaptive defaults
+    assert all(set(t["params"]) == {"lr", "embed_dim"} and t["params"]["embed_dim"] in (4, 8)
+               for t in result.trials[1:])
     assert result.best["params"] == result.trials[aucs.index(max(aucs))]["params"]
-    assert set(result.best["params"]) == {"lr", "embed_dim"} and result.best["params"]["embed_dim"] in (4, 8)
     final = result.run.metrics  # type: ignore[union-attr]
     assert final["valid"]["auc_raw"] == pytest.approx(result.best["auc"], abs=1e-12)  # the same model, seeded
-    assert final["model"]["config"]["embed_dim"] == result.best["params"]["embed_dim"] and "test" in final
+    assert "test" in final and final["model"]["config"]["embed_dim"] == result.best["params"].get(
+        "embed_dim", final["model"]["config"]["embed_dim"])
     doc = json.loads((tmp_path / "run" / "tune.json").read_text())
     assert doc["best"] == json.loads(json.dumps(result.best)) and len(doc["trials"]) == 3
     assert doc["final"]["test"]["auc"] == pytest.approx(final["test"]["auc"])

@@ -238,7 +238,8 @@ def tune(train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training 
     ranked = sorted(result.trials, key=lambda t: t[metric], reverse=metric == "auc")
     for t in ranked[:10]:
         table.add_row(str(t["number"] + 1), f"{t[metric]:.5f}",
-                      ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()))
+                      ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+                      or "the defaults")
     Console().print(table)
     assert result.run is not None
     m = result.run.metrics

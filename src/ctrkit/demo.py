@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="cap on epochs per model")
     args = parser.parse_args(argv)
 
-    from ctrkit.data.synth import SynthConfig, make_click_log, split_by_time, synth_schema
+    from ctrkit.data.synth import SynthConfig, make_click_log, synth_schema, write_splits
     from ctrkit.pipeline import train
     from ctrkit.serve.bundle import Bundle
 
@@ -33,11 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     with console.status(f"generating a synthetic click log of {args.rows:,} impressions"):
         log, truth = make_click_log(SynthConfig(n_rows=args.rows, seed=7))
-        train_df, valid_df, test_df = split_by_time(log.drop("p_click"))
-        for name, part in (("train", train_df), ("valid", valid_df), ("test", test_df)):
-            part.write_csv(data_dir / f"{name}.csv")
+        write_splits(log, data_dir)
         schema = synth_schema()
-        schema.save(data_dir / "schema.yaml")
     console.print(f"[bold]data[/]: {log.height:,} impressions, CTR {log['click'].mean():.4f}, "
                   f"{log['user_id'].n_unique():,} users, {log['item_id'].n_unique():,} items; "
                   f"CSV files and schema.yaml in {data_dir}")

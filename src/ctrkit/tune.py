@@ -1,9 +1,9 @@
 """Hyperparameter search: many models of one kind trained on one encode of the data, chosen by validation AUC.
 
-:func:`tune` encodes the files once, runs Optuna's TPE sampler over the learning rate, the embedding size and
-the model's regularisation (or a space of your own), each trial a full :func:`ctrkit.pipeline.train` with early
-stopping on the validation rows and no calibration, then trains the best settings again into a bundle with the
-test rows evaluated once. The test rows take no part in the choice. Optuna is an optional dependency
+:func:`tune` encodes the files once, trains the adaptive defaults as its first trial, then runs Optuna's TPE
+sampler over the learning rate, the embedding size and the model's regularisation (or a space of your own), each
+trial a full :func:`ctrkit.pipeline.train` with early stopping on the validation rows and no calibration, then
+trains the best settings (the defaults, if none beat them) again into a bundle with the test rows evaluated once. The test rows take no part in the choice. Optuna is an optional dependency
 (``pip install 'ctrkit[tune]'``).
 """
 
@@ -130,8 +130,9 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
          metric: str = "auc", space: list[Param] | None = None, seed: int = 0, device: str = "cpu",
          epochs: int | None = None, log: Any = None, **train_kwargs: Any) -> TuneResult:
     """Search ``space`` (:func:`default_space` of ``model`` when None) for the settings with the best validation
-    ``metric`` ("auc" or "logloss") over ``trials`` trials or ``timeout`` seconds, whichever ends first; then train
-    the best into ``out`` (bundle, metrics.json with the test figures, report.html, tune.json)."""
+    ``metric`` ("auc" or "logloss") over ``trials`` trials (the first: the defaults, ``params`` {}) or ``timeout``
+    seconds, whichever ends first; then train the best into ``out`` (bundle, metrics.json with the test figures,
+    report.html, tune.json)."""
     try:
         import optuna
     except ImportError:
@@ -165,38 +166,47 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
         fixed_options = dict(train_kwargs.get("model_options") or {})
         records: list[dict[str, Any]] = []
 
-        def objective(trial: Any) -> float:
-            params = {p.name: p.suggest(trial) for p in space}
+        def run_trial(params: dict[str, Any]) -> float:
+            """Train ``params`` (none: the adaptive defaults) on the encode, record and return its figure."""
             args, options = _split(params)
             t0 = time.perf_counter()
             run = train(train_data, schema=sch, valid=valid, model=model, seed=seed, device=device, epochs=epochs,
                         progress=False, calibrate="none", encoded=blind,
                         model_options={**fixed_options, **options}, **{**common, **args})
             value = float(run.metrics["valid"][metric])
-            records.append({"number": trial.number, "params": params, metric: value,
+            records.append({"number": len(records), "params": params, metric: value,
                             "seconds": round(time.perf_counter() - t0, 2), "epochs": run.metrics["train"]["epochs"]})
             if log:
                 shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-                log(f"trial {trial.number + 1}/{trials}: valid {metric} {value:.5f} ({shown})")
+                log(f"trial {len(records)}/{trials}: valid {metric} {value:.5f} ({shown or 'the defaults'})")
+            return value
+
+        def objective(trial: Any) -> float:
+            value = run_trial({p.name: p.suggest(trial) for p in space})
             if not math.isfinite(value):
                 raise optuna.TrialPruned(f"valid {metric} is {value}")
             return value
 
+        started = time.perf_counter()
+        run_trial({})  # the first trial is the defaults: a search never ends below what it started from
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(direction=METRICS[metric], sampler=optuna.samplers.TPESampler(seed=seed))
-        study.optimize(objective, n_trials=trials, timeout=timeout)
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if not done:
+        left = None if timeout is None else max(timeout - (time.perf_counter() - started), 0.0)
+        if trials > 1 and left != 0.0:
+            study.optimize(objective, n_trials=trials - 1, timeout=left)
+        finite = [r for r in records if math.isfinite(r[metric])]
+        if not finite:
             raise RuntimeError(f"no trial finished with a finite validation {metric}")
-        best = study.best_trial
-        args, options = _split(best.params)
+        pick = max if METRICS[metric] == "maximize" else min
+        best = pick(finite, key=lambda r: r[metric])
+        args, options = _split(best["params"])
         if log:
-            log(f"best: trial {best.number + 1}, valid {metric} {best.value:.5f}; training it again into {out}")
+            log(f"best: trial {best['number'] + 1}, valid {metric} {best[metric]:.5f}; training it again into {out}")
         final = train(train_data, schema=sch, valid=valid, test=test, model=model, out=out, seed=seed, device=device,
                       epochs=epochs, progress=False, encoded=enc, calibrate=train_kwargs.get("calibrate", "auto"),
                       model_options={**fixed_options, **options}, **{**common, **args})
         result = TuneResult(model=model, metric=metric, trials=records, run=final, space=space,
-                            best={"number": best.number, "params": best.params, metric: best.value})
+                            best={k: best[k] for k in ("number", "params", metric)})
         if out:
             (Path(out) / "tune.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
         return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -195,3 +196,14 @@ def split_by_time(df: pl.DataFrame, fractions: tuple[float, float, float] = (0.8
     a = int(df.height * fractions[0])
     b = a + int(df.height * fractions[1])
     return df[:a], df[a:b], df[b:]
+
+
+def write_splits(log: pl.DataFrame, folder: str | Path) -> Path:
+    """``log`` (from :func:`make_click_log`) cut by time into ``train.csv``, ``valid.csv`` and ``test.csv`` in
+    ``folder``, without its ``p_click`` truth, beside ``schema.yaml`` (:func:`synth_schema`); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in zip(("train", "valid", "test"), split_by_time(log.drop("p_click", strict=False))):
+        part.write_csv(folder / f"{name}.csv")
+    synth_schema().save(folder / "schema.yaml")
+    return folder
