@@ -98,6 +98,15 @@ def prepare_movielens(folder: Path, examples: Path) -> dict:
     return {k: folder / f"{k}.csv" for k in ("train", "valid", "test")} | {"schema": folder / "schema.yaml"}
 
 
+def prepare(name: str, folder: Path, examples: Path) -> dict:
+    """The train / valid / test files and schema of the log ``name`` (criteo, obd or movielens), made in ``folder``."""
+    makers = {"criteo": lambda: prepare_criteo(folder), "obd": lambda: prepare_obd(folder),
+              "movielens": lambda: prepare_movielens(folder, examples)}
+    if name not in makers:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(makers)}")
+    return makers[name]()
+
+
 def _one_hot(data: object, n_ids: int, dense_mean: np.ndarray, dense_std: np.ndarray) -> object:
     from scipy import sparse
 
@@ -177,8 +186,7 @@ def main() -> None:
     print(f"{'dataset':10} {'learner':14} {'test AUC (mean; per seed)':44} {'logloss':>8} {'pred/act':>8} {'gap':>7}")
     for name in args.datasets.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"ctrkit-small-{name}-"))
-        files = {"criteo": lambda: prepare_criteo(work), "obd": lambda: prepare_obd(work),
-                 "movielens": lambda: prepare_movielens(work, args.examples)}[name]()
+        files = prepare(name, work, args.examples)
         ref = sklearn_reference(files, work)
         res = {"sklearn": ref}
         print(f"{name:10} {'sklearn LR':14} {ref['test_auc']:<44.4f} {ref['test_logloss']:8.4f} "

@@ -54,8 +54,7 @@ def main() -> None:
           f"{'s':>6}  best")
     for name in args.datasets.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"ctrkit-tune-{name}-"))
-        files = {"criteo": lambda: small.prepare_criteo(work), "obd": lambda: small.prepare_obd(work),
-                 "movielens": lambda: small.prepare_movielens(work, args.examples)}[name]()
+        files = small.prepare(name, work, args.examples)
         rows = []
         for seed in (int(s) for s in args.seeds.split(",")):
             data = {k: files[k] for k in ("valid", "test")}
