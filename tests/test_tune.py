@@ -107,3 +107,38 @@ def test_cli(files: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["tune", str(files / "train.csv"), "--schema", str(files / "schema.yaml"),
                                    "--metric", "gauc", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--metric must be one of ('auc', 'logloss'), got 'gauc'" in res.output
+
+
+def test_a_trial_behind_the_others_is_pruned(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a pruner that stops every trial at its first epoch, every trial after the defaults is recorded as
+    pruned, and the defaults are chosen."""
+    import optuna
+
+    monkeypatch.setattr(optuna.pruners, "MedianPruner",
+                        lambda **kw: optuna.pruners.ThresholdPruner(lower=1.1, n_warmup_steps=0))
+    result = _tune(files, trials=3)
+    assert [t.get("pruned", False) for t in result.trials] == [False, True, True]
+    assert result.best["params"] == {} and result.run is not None
+
+
+def test_the_default_space_leaves_a_small_logs_l2_to_its_first_order_fit(files: Path) -> None:
+    """On a log small enough for the exact first-order fit, a searched L2 would switch that fit off."""
+    result = _tune(files, trials=1, space=None, model="deepfm", epochs=1)
+    assert [p.name for p in result.space] == ["lr", "embed_dim", "dropout"]
+    assert result.run.metrics["train"]["auto"]["first_order"]  # type: ignore[union-attr]
+    assert [p.name for p in _tune(files, trials=1, space=None, model="fm", epochs=1).space] == [
+        "lr", "embed_dim", "emb_l2"]  # FM's batch L2 leaves no first-order fit to the pipeline
+
+
+def test_pipeline_hands_each_epoch_to_on_epoch_and_stops_when_it_raises(files: Path) -> None:
+    seen: list[dict] = []
+
+    def stop_at_two(record: dict) -> None:
+        seen.append(record)
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt("enough")
+
+    with pytest.raises(KeyboardInterrupt, match="enough"):
+        ctrkit.pipeline.train(files / "train.csv", schema=files / "schema.yaml", valid=files / "valid.csv",
+                              model="fm", epochs=5, progress=False, on_epoch=stop_at_two)
+    assert [r["epoch"] for r in seen] == [1, 2] and all("auc" in r["valid"] for r in seen)

@@ -231,11 +231,14 @@ def tune(train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training 
                           log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
     except (*USER_ERRORS, ImportError) as exc:
         _fail(str(exc))
-    table = Table(title=f"{model}: {len(result.trials)} trials, validation {metric} (best first)")
+    pruned = sum(1 for t in result.trials if t.get("pruned"))
+    table = Table(title=f"{model}: {len(result.trials)} trials{f' ({pruned} pruned)' if pruned else ''}, "
+                        f"validation {metric} (best first)")
     table.add_column("trial", justify="right")
     table.add_column(metric, justify="right")
     table.add_column("settings")
-    ranked = sorted(result.trials, key=lambda t: t[metric], reverse=metric == "auc")
+    ranked = sorted((t for t in result.trials if not t.get("pruned")), key=lambda t: t[metric],
+                    reverse=metric == "auc")
     for t in ranked[:10]:
         table.add_row(str(t["number"] + 1), f"{t[metric]:.5f}",
                       ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())

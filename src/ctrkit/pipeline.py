@@ -72,7 +72,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
           loss: str = "bce", pos_weight: float | str = "auto", neg_sample_rate: float = 1.0,
           calibrate: str = "auto", split: str = "auto", report_by: list[str] | None = None,
           resume: bool = False, checkpoint_every: int = 0, embedding_backend: str = "plain",
-          ensemble: int = 1, log: Any = None, encoded: EncodeResult | None = None) -> Run:
+          ensemble: int = 1, log: Any = None, encoded: EncodeResult | None = None,
+          on_epoch: Any = None) -> Run:
     """Encode ``train_data`` (fitting the encoder on it only), train ``model``, calibrate, evaluate, save.
 
     Without ``valid`` a validation part is cut from the training data (``split``: by time when the schema has
@@ -86,6 +87,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     the mean of their logits (:class:`~ctrkit.models.ensemble.Ensemble`); each has its own checkpoints.
     ``encoded``: the :func:`~ctrkit.data.encode.encode_files` result of these sources, made earlier (by
     :func:`ctrkit.tune.tune`, which trains many models on one encode); the sources then only name the data.
+    ``on_epoch`` gets each epoch's record (its "valid" figures among them), as the trainer writes it; what it
+    raises ends the run (a tuning trial pruned).
     """
     t0 = time.perf_counter()
     sch = _resolve_schema(schema, fmt, fields)
@@ -157,7 +160,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             pw = float(pos_weight)
         shift = logit_shift(neg_sample_rate, pw if loss == "weighted" else 1.0)
         torchrec = embedding_backend == "torchrec"
-        fit = loss != "focal" and neg_sample_rate == 1.0 and not torchrec and np.asarray(train_set.label).ndim == 1
+        fit = can_fit_first_order(loss, neg_sample_rate, embedding_backend, train_set)
         auto = adaptive_settings(model, len(train_set), int(labels.sum()), enc.encoder.n_ids, fit=fit)
         if "emb_l2" in (model_options or {}):
             auto["model"].pop("linear_l2", None)  # the user's L2 covers the first-order weights too
@@ -181,7 +184,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                 checkpoint_dir=str(Path(out) / "checkpoints" / (f"member{i}" if ensemble > 1 else "")) if out
                 else None, n_ids=enc.encoder.n_ids, fits=fits,
                 log=(lambda line, i=i: log(f"member {i + 1}/{ensemble}: {line}" if ensemble > 1 else line))
-                if log else None)
+                if log else None, on_epoch=on_epoch)
             members.append(net)
             results.append(result)
             configs.append(tcfg)
@@ -266,7 +269,7 @@ def _check_distinct_files(train_data: Source, valid: Source | None, test: Source
 def _train_member(model: str, spec: FeatureSpec, mcfg: Any, train_set: EncodedData, valid_set: EncodedData | None,
                   auto: dict[str, Any], topts: dict[str, Any], first_order: bool,
                   model_options: dict[str, Any] | None, *, n_ids: int, fits: list[Any], log: Any,
-                  **settings: Any) -> tuple[CTRModel, TrainConfig, TrainResult]:
+                  on_epoch: Any = None, **settings: Any) -> tuple[CTRModel, TrainConfig, TrainResult]:
     """Build and train one model (one member of an ensemble) with the seed and settings given; ``fits`` holds
     the run's first-order fit once a member has made it, which the next members start from."""
     seed = settings["seed"]
@@ -282,8 +285,14 @@ def _train_member(model: str, spec: FeatureSpec, mcfg: Any, train_set: EncodedDa
             and not getattr(net, "multi_head", False)
             and any(isinstance(m, FeatureLinear) for m in net.modules())):
         net = _fit_first_order(model, spec, mcfg, tcfg, train_set, auto, fits)
+    listeners = [f for f in ((lambda r: log(_epoch_line(r))) if log else None, on_epoch) if f is not None]
+
+    def each_epoch(record: dict[str, Any]) -> None:
+        for f in listeners:
+            f(record)
+
     # the batch iterator decides whether the data becomes resident or streams from the memory map
-    result = train_model(net, train_set, valid_set, tcfg, on_epoch=(lambda r: log(_epoch_line(r))) if log else None)
+    result = train_model(net, train_set, valid_set, tcfg, on_epoch=each_epoch if listeners else None)
     return net, tcfg, result
 
 
@@ -392,6 +401,13 @@ def recalibrate(bundle: str | Path, data: Source, out: str | Path, method: str =
                  {**b.info, "version": version, "parent": str(bundle)}, cal)
     new.save(out)
     return new
+
+
+def can_fit_first_order(loss: str, neg_sample_rate: float, embedding_backend: str, data: EncodedData) -> bool:
+    """Whether a run can fit the first-order term of a small log exactly: not with focal loss, downsampling,
+    sharded tables or several labels (see :func:`adaptive_settings`)."""
+    return (loss != "focal" and neg_sample_rate == 1.0 and embedding_backend != "torchrec"
+            and np.asarray(data.label).ndim == 1)
 
 
 def adaptive_settings(model: str, rows: int, positives: int, n_ids: int, fit: bool = True) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 :func:`tune` encodes the files once, trains the adaptive defaults as its first trial, then runs Optuna's TPE
 sampler over the learning rate, the embedding size and the model's regularisation (or a space of your own), each
-trial a full :func:`ctrkit.pipeline.train` with early stopping on the validation rows and no calibration, then
-trains the best settings (the defaults, if none beat them) again into a bundle with the test rows evaluated once. The test rows take no part in the choice. Optuna is an optional dependency
-(``pip install 'ctrkit[tune]'``).
+trial a full :func:`ctrkit.pipeline.train` with early stopping on the validation rows and no calibration, a trial
+far behind the median of the earlier ones at the same epoch stopped (Optuna's median pruner). The best settings
+(the defaults, if none beat them) are trained again into a bundle, and only then are the test rows scored: they
+take no part in the choice. Optuna is an optional dependency (``pip install 'ctrkit[tune]'``).
 """
 
 from __future__ import annotations
@@ -66,14 +67,17 @@ class Param:
         return {"low": self.low, "high": self.high, "log": self.log}
 
 
-def default_space(model: str) -> list[Param]:
+def default_space(model: str, first_order_fit: bool = False) -> list[Param]:
     """The learning rate and the L2 on the embeddings; the embedding size and the MLP's dropout where the model's
-    shipped defaults set them (LR has no embedding size, FM no MLP)."""
+    shipped defaults set them (LR has no embedding size, FM no MLP). ``first_order_fit``: the log is small enough
+    for the pipeline to fit the first-order weights and their L2 itself (docs/training.md), which an L2 of the
+    search would switch off, so none is searched."""
     shipped = model_class(model).defaults
     space = [Param("lr", 1e-4, 1e-2, log=True)]
     if "embed_dim" in shipped:
         space.append(Param("embed_dim", choices=[8, 16, 32]))
-    space.append(Param("emb_l2", 1e-8, 1e-3, log=True))
+    if not first_order_fit:
+        space.append(Param("emb_l2", 1e-8, 1e-3, log=True))
     if "dropout" in shipped:
         space.append(Param("dropout", 0.0, 0.5))
     return space
@@ -96,6 +100,20 @@ def load_space(path: str | Path) -> list[Param]:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None
     return space
+
+
+def _first_order_fit(model: str, enc: Any, train_kwargs: dict[str, Any]) -> bool:
+    """Whether the pipeline fits this log's first-order weights itself (:func:`ctrkit.pipeline.adaptive_settings`)."""
+    import numpy as np
+
+    from ctrkit.pipeline import adaptive_settings, can_fit_first_order
+
+    data = enc.data["train"]
+    fit = can_fit_first_order(train_kwargs.get("loss", "bce"), train_kwargs.get("neg_sample_rate", 1.0),
+                              train_kwargs.get("embedding_backend", "plain"), data)
+    labels = np.asarray(data.label)
+    labels = labels if labels.ndim == 1 else labels[:, 0]
+    return bool(adaptive_settings(model, len(labels), int(labels.sum()), enc.encoder.n_ids, fit=fit)["first_order_fit"])
 
 
 def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -143,8 +161,8 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
         raise ValueError(f"--trials must be >= 1, got {trials}")
     if timeout is not None and timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {timeout}")
-    space = space if space is not None else default_space(model)
-    names = [p.name for p in space]
+    searched = space if space is not None else default_space(model)
+    names = [p.name for p in searched]
     if len(set(names)) != len(names):
         raise ValueError(f"the search space names a setting twice: {names}")
     settings = {k for k in names if k not in TRAIN_KEYS}
@@ -152,7 +170,7 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
     if given & set(names):
         raise ValueError(f"{sorted(given & set(names))} are both fixed and searched; leave them to the search")
     # an unknown model setting is named before any encoding
-    default_config(model, **{p.name: p.choices[0] if p.choices else p.low for p in space if p.name in settings})
+    default_config(model, **{p.name: p.choices[0] if p.choices else p.low for p in searched if p.name in settings})
     sch = _resolve_schema(schema, train_kwargs.get("fmt"), train_kwargs.get("fields"))
     work = Path(tempfile.mkdtemp(prefix="ctrkit-tune-"))
     try:
@@ -161,17 +179,20 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
                            bad_rows=train_kwargs.get("bad_rows"), split=train_kwargs.get("split", "auto"), **read)
         if log:
             log(f"encoded {enc.rows:,} rows in {enc.seconds:.1f}s once for every trial")
+        if space is None:
+            searched = default_space(model, _first_order_fit(model, enc, train_kwargs))
+        space = searched
         blind = dataclasses.replace(enc, data={k: v for k, v in enc.data.items() if k != "test"})
         common = {k: v for k, v in train_kwargs.items() if k not in ("bad_rows", "calibrate", "model_options")}
         fixed_options = dict(train_kwargs.get("model_options") or {})
         records: list[dict[str, Any]] = []
 
-        def run_trial(params: dict[str, Any]) -> float:
+        def run_trial(params: dict[str, Any], on_epoch: Any = None) -> float:
             """Train ``params`` (none: the adaptive defaults) on the encode, record and return its figure."""
             args, options = _split(params)
             t0 = time.perf_counter()
             run = train(train_data, schema=sch, valid=valid, model=model, seed=seed, device=device, epochs=epochs,
-                        progress=False, calibrate="none", encoded=blind,
+                        progress=False, calibrate="none", encoded=blind, on_epoch=on_epoch,
                         model_options={**fixed_options, **options}, **{**common, **args})
             value = float(run.metrics["valid"][metric])
             records.append({"number": len(records), "params": params, metric: value,
@@ -182,7 +203,19 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
             return value
 
         def objective(trial: Any) -> float:
-            value = run_trial({p.name: p.suggest(trial) for p in space})
+            def report(record: dict[str, Any]) -> None:  # a trial far behind the others' same epoch stops
+                trial.report(float(record.get("valid", {}).get(metric, float("nan"))), record["epoch"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"epoch {record['epoch']}")
+
+            params = {p.name: p.suggest(trial) for p in space}
+            try:
+                value = run_trial(params, report)
+            except optuna.TrialPruned:
+                records.append({"number": len(records), "params": params, metric: float("nan"), "pruned": True})
+                if log:
+                    log(f"trial {len(records)}/{trials}: pruned, behind the median of earlier trials")
+                raise
             if not math.isfinite(value):
                 raise optuna.TrialPruned(f"valid {metric} is {value}")
             return value
@@ -190,7 +223,8 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
         started = time.perf_counter()
         run_trial({})  # the first trial is the defaults: a search never ends below what it started from
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction=METRICS[metric], sampler=optuna.samplers.TPESampler(seed=seed))
+        study = optuna.create_study(direction=METRICS[metric], sampler=optuna.samplers.TPESampler(seed=seed),
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
         left = None if timeout is None else max(timeout - (time.perf_counter() - started), 0.0)
         if trials > 1 and left != 0.0:
             study.optimize(objective, n_trials=trials - 1, timeout=left)
