@@ -73,7 +73,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
           calibrate: str = "auto", split: str = "auto", report_by: list[str] | None = None,
           resume: bool = False, checkpoint_every: int = 0, embedding_backend: str = "plain",
           ensemble: int = 1, log: Any = None, encoded: EncodeResult | None = None,
-          on_epoch: Any = None) -> Run:
+          on_epoch: Any = None, first_order_fits: list[Any] | None = None) -> Run:
     """Encode ``train_data`` (fitting the encoder on it only), train ``model``, calibrate, evaluate, save.
 
     Without ``valid`` a validation part is cut from the training data (``split``: by time when the schema has
@@ -88,7 +88,9 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     ``encoded``: the :func:`~ctrkit.data.encode.encode_files` result of these sources, made earlier (by
     :func:`ctrkit.tune.tune`, which trains many models on one encode); the sources then only name the data.
     ``on_epoch`` gets each epoch's record (its "valid" figures among them), as the trainer writes it; what it
-    raises ends the run (a tuning trial pruned).
+    raises ends the run (a tuning trial pruned). ``first_order_fits``: a list that holds, or will hold, the exact
+    first-order fit of this encode (it depends on the rows and the seed only), shared by runs that pass the same
+    list, as tuning's trials do.
     """
     t0 = time.perf_counter()
     sch = _resolve_schema(schema, fmt, fields)
@@ -175,7 +177,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         topts = {**cls.train_defaults, **auto["train"], **(train_options or {}), **explicit}
         valid_set = enc.data.get("valid")
         first_order = auto.pop("first_order_fit")
-        members, results, configs, fits = [], [], [], []
+        members, results, configs = [], [], []
+        fits = first_order_fits if first_order_fits is not None else []
         for i in range(ensemble):
             net, tcfg, result = _train_member(
                 model, spec, mcfg, train_set, valid_set, auto, topts, first_order, model_options,
@@ -313,9 +316,8 @@ def _fit_first_order(model: str, spec: FeatureSpec, mcfg: Any, tcfg: TrainConfig
                      auto: dict[str, Any], fits: list[Any]) -> torch.nn.Module:
     """The model rebuilt with its first-order weights and their L2 fitted exactly (``ctrkit.training.first_order``),
     the fit recorded in ``auto``; or with the fit in ``fits`` (an ensemble's later members share the first's, so
-    all members have one config)."""
-    first = not fits
-    if first:
+    all members have one config; tuning's trials share one too)."""
+    if not fits:
         fits.append(fit_first_order(spec, train_set, tcfg.pos_weight if tcfg.loss == "weighted" else 1.0,
                                     seed=tcfg.seed))
     fit = fits[0]
@@ -324,7 +326,7 @@ def _fit_first_order(model: str, spec: FeatureSpec, mcfg: Any, tcfg: TrainConfig
     load_first_order(net, fit.state)
     tcfg.init_bias = False  # the fitted bias is the right start
     tcfg.validate_start = True  # and the fit is kept when no epoch beats it (always so for `lr`, on most logs)
-    if first:
+    if "first_order" not in auto:
         auto["model"]["linear_l2"] = fit.l2
         auto["first_order"] = fit.path
         auto["reasons"].append(f"first-order weights and their L2 {fit.l2:.2g} ({fit.l2 * len(train_set):g} / "

@@ -186,6 +186,7 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
         common = {k: v for k, v in train_kwargs.items() if k not in ("bad_rows", "calibrate", "model_options")}
         fixed_options = dict(train_kwargs.get("model_options") or {})
         records: list[dict[str, Any]] = []
+        fits: list[Any] = []  # the exact first-order fit of a small log: the same for every trial, made once
 
         def run_trial(params: dict[str, Any], on_epoch: Any = None) -> float:
             """Train ``params`` (none: the adaptive defaults) on the encode, record and return its figure."""
@@ -193,6 +194,7 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
             t0 = time.perf_counter()
             run = train(train_data, schema=sch, valid=valid, model=model, seed=seed, device=device, epochs=epochs,
                         progress=False, calibrate="none", encoded=blind, on_epoch=on_epoch,
+                        first_order_fits=fits,
                         model_options={**fixed_options, **options}, **{**common, **args})
             value = float(run.metrics["valid"][metric])
             records.append({"number": len(records), "params": params, metric: value,
@@ -238,6 +240,7 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
             log(f"best: trial {best['number'] + 1}, valid {metric} {best[metric]:.5f}; training it again into {out}")
         final = train(train_data, schema=sch, valid=valid, test=test, model=model, out=out, seed=seed, device=device,
                       epochs=epochs, progress=False, encoded=enc, calibrate=train_kwargs.get("calibrate", "auto"),
+                      first_order_fits=fits,
                       model_options={**fixed_options, **options}, **{**common, **args})
         result = TuneResult(model=model, metric=metric, trials=records, run=final, space=space,
                             best={k: best[k] for k in ("number", "params", metric)})
