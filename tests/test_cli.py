@@ -150,6 +150,20 @@ def test_train_refuses_its_training_file_as_valid_or_test(files: Path, trained: 
     assert not (tmp_path / "o").exists()
 
 
+def test_train_into_a_folder_of_other_files_says_so(files: Path, trained: Path, tmp_path: Path) -> None:
+    """A run's files land beside what the folder holds; a rerun into its own folder is quiet."""
+    (tmp_path / "notes.txt").write_text("mine\n")
+    args = ["train", str(files / "train.csv"), "--schema", str(files / "schema.yaml"), "--valid",
+            str(files / "valid.csv"), "--model", "lr", "--epochs", "1"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path)])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and f"warning: --out {tmp_path} holds files that are not a run's (notes.txt)" in said
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0 and "holds files that are not a run's" not in res.output
+
+
 def test_train_refuses_a_valid_file_inside_its_training_folder(files: Path, trained: Path, tmp_path: Path) -> None:
     """A folder given as TRAIN is read whole: a --valid (or --test) file inside it would be trained on too."""
     (tmp_path / "data").mkdir()

@@ -48,6 +48,10 @@ class Run:
     reports: dict[str, Any] = field(default_factory=dict)
 
 
+RUN_FILES = {"bundle", "checkpoints", "metrics.json", "report.html", "report_data.npz", "report_segments.json",
+             "tune.json"}  # what a training run (or a search) writes into its --out
+
+
 def _resolve_schema(schema: Schema | str | Path | None, fmt: str | None, fields: list[str] | None) -> Schema:
     if isinstance(schema, Schema):
         return schema
@@ -120,6 +124,11 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     if out:
         if Path(out).exists() and not Path(out).is_dir():
             raise DataError(f"--out {out} exists and is not a folder")
+        others = sorted(p.name for p in Path(out).glob("*") if p.name not in RUN_FILES) if Path(out).is_dir() else []
+        if others and log:
+            log(f"warning: --out {out} holds files that are not a run's ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): the run's are written beside them, and a metrics.json or "
+                "report.html there is replaced; a folder of its own keeps runs apart")
         Path(out).mkdir(parents=True, exist_ok=True)
     if pos_weight != "auto" and loss != "weighted" and log:
         log(f"warning: --pos-weight {pos_weight} is not used: it weighs positives in --loss weighted, and the loss "
