@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from ctrkit.data.readers import (DataError, Prefetch, ReadReport, coerce_chunk, data_parts, dataset_root,
-                                 detect_format, iter_chunks, libfm_schema, read_frame, read_sample)
+                                 detect_format, iter_chunks, libfm_schema, read_frame, read_sample, would_read)
 from ctrkit.schema import Field, Schema
 
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
@@ -320,6 +320,11 @@ def test_rejected_rows_are_not_kept_inside_the_folder_being_read(tmp_path):
     with pytest.raises(DataError, match="the folder being read"):
         read_frame(root / "day=*", SCHEMA, bad_rows=root / "day=2026-01-01" / "bad.tsv")
     assert read_frame(root, SCHEMA, bad_rows=tmp_path / "bad.tsv")[1].rows == 4
+    # beside what a pattern matches is not inside it: log/bad.tsv is no day=* part
+    assert read_frame(root / "day=*", SCHEMA, bad_rows=root / "bad.tsv")[1].rows == 4
+    assert would_read(root / "day=*", root / "day=2027-01-01" / "x.csv")  # a folder the pattern will match
+    assert not would_read(root / "*.parquet", root / "day=2026-01-01" / "x.tsv") and not would_read(tmp_path / "f.csv",
+                                                                                                 tmp_path / "x")
 
 
 def test_a_folder_without_parts_or_with_a_broken_one_is_named(tmp_path):

@@ -11,6 +11,7 @@ aside in a file when asked, and the good rows go on.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import io
@@ -33,7 +34,8 @@ from ctrkit.schema import Field, Schema, SchemaError
 from ctrkit.validate import DataError, coerce_chunk, needed_columns
 
 __all__ = ["DataError", "ReadReport", "Prefetch", "coerce_chunk", "detect_format", "has_header_line",
-           "data_parts", "dataset_root", "iter_chunks", "libfm_schema", "needed_columns", "read_frame", "read_sample"]
+           "data_parts", "dataset_root", "iter_chunks", "libfm_schema", "needed_columns", "read_frame", "read_sample",
+           "would_read"]
 
 # Blocks under glibc's 32 MiB mmap ceiling are recycled from the heap instead of being mapped (and
 # page-faulted) afresh each time, which halves the cost of reading them; larger blocks make fitting cheaper.
@@ -181,6 +183,19 @@ def dataset_root(path: str | Path) -> Path | None:
         plain = list(itertools.takewhile(lambda s: not glob.has_magic(s), p.parts[:-1]))
         return Path(*plain) if plain else Path(".")
     return p if p.is_dir() else None
+
+
+def would_read(source: str | Path, path: str | Path) -> bool:
+    """Whether a later read of the folder or pattern ``source`` could take a file written at ``path`` for one of its
+    parts: ``path`` lies inside the folder, or it or a folder above it matches the pattern."""
+    root = dataset_root(source)
+    if root is None:
+        return False
+    target = Path(path).resolve()
+    if not _is_pattern(source):
+        return root.resolve() in target.parents
+    pattern = str(Path(source).resolve())
+    return any(fnmatch.fnmatchcase(str(p), pattern) for p in (target, *target.parents))
 
 
 def data_parts(path: str | Path) -> list[Path]:
@@ -466,10 +481,9 @@ def iter_chunks(source: Source, schema: Schema, *, fmt: str | None = None, has_h
     if bad_rows and not isinstance(source, pl.DataFrame):
         if Path(bad_rows).resolve() == Path(source).resolve():
             raise DataError(f"--bad-rows {bad_rows} is the file being read: the first rejected row would empty it")
-        root = dataset_root(source)
-        if root is not None and root.resolve() in Path(bad_rows).resolve().parents:
-            raise DataError(f"--bad-rows {bad_rows} is inside {root}, the folder being read: a later read of it "
-                            "would take the rejected rows for a part; keep them elsewhere")
+        if would_read(source, bad_rows):
+            raise DataError(f"--bad-rows {bad_rows} is inside {dataset_root(source)}, the folder being read: a later "
+                            "read of it would take the rejected rows for a part; keep them elsewhere")
     sink = _BadRowSink(bad_rows)
     report.bad_rows_path = str(bad_rows) if bad_rows else None
     # rows read = good rows + every rejected row, whether the parser or the type checks rejected it

@@ -26,7 +26,7 @@ import polars as pl
 import torch
 
 from ctrkit.data.dataset import Batch
-from ctrkit.data.readers import Prefetch, ReadReport, Source, dataset_root, iter_chunks
+from ctrkit.data.readers import Prefetch, ReadReport, Source, dataset_root, iter_chunks, would_read
 from ctrkit.devices import cpu_has_bf16, eval_rows
 from ctrkit.schema import Field, Schema
 from ctrkit.serve.bf16 import bf16_form, folded_bf16
@@ -262,10 +262,9 @@ class Scorer:
             raise ValueError(f"the output must end in .csv or .parquet, got {out.name}")
         if isinstance(source, (str, Path)) and out.resolve() == Path(source).resolve():
             raise ValueError(f"{out} is the file being scored: the scores would replace it; write them elsewhere")
-        root = dataset_root(source) if isinstance(source, (str, Path)) else None
-        if root is not None and root.resolve() in out.resolve().parents:
-            raise ValueError(f"{out} is inside {root}, the folder being scored: the next read of the folder would "
-                             "take the scores for a part of it; write them elsewhere")
+        if isinstance(source, (str, Path)) and would_read(source, out):
+            raise ValueError(f"{out} is inside {dataset_root(source)}, the folder being scored: the next read of the "
+                             "folder would take the scores for a part of it; write them elsewhere")
         report = ReadReport()
         chunks = iter_chunks(source, self.bundle._features, report=report, with_label=False, **read_kwargs)
         kept = _Rows(iter_chunks(source, _text_schema(keep, self.bundle.schema), with_label=False, **read_kwargs)
