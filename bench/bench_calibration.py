@@ -19,7 +19,6 @@ Prints tables and writes bench/results/calibration.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_small_logs  # noqa: E402
+from provenance import write_record  # noqa: E402
 
 ROOT = HERE.parent
 
@@ -157,9 +157,7 @@ def main() -> None:
               f"{r['served_by_default']['pred_actual_ratio']:.3f}, ECE {r['served_by_default']['ece']:.5f}, "
               f"AUC {r['served_by_default']['auc']:.4f} ({r['served_by_default']['positives']} test clicks)",
               flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1, default=float))
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import sys
 import tempfile
@@ -31,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import write_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -203,9 +205,7 @@ def main() -> None:
                   f"{np.mean([r['test_logloss'] for r in runs]):8.4f} "
                   f"{np.mean([r['test_pred_actual'] for r in runs]):8.3f} {mean - ref['test_auc']:+7.4f}", flush=True)
         record["datasets"][name] = res
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1, default=float))
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Prints a table and writes bench/results/tune.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_small_logs as small  # noqa: E402
-from provenance import source_commit  # noqa: E402
+from provenance import write_record  # noqa: E402
 
 
 def main() -> None:
@@ -47,8 +46,7 @@ def main() -> None:
     torch.set_num_threads(2)
     record: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                    "command": "python bench/bench_tune.py " + " ".join(sys.argv[1:]), "commit": source_commit(ROOT),
-                    "model": args.model,
+                    "command": "python bench/bench_tune.py " + " ".join(sys.argv[1:]), "model": args.model,
                     "trials": args.trials, "datasets": {}}
     print(f"{'dataset':10} {'seed':>4} {'default valid':>13} {'test':>7} {'s':>6}   {'tuned valid':>11} {'test':>7} "
           f"{'s':>6}  best")
@@ -76,9 +74,7 @@ def main() -> None:
                   f"{t['valid_auc']:11.4f} {t['test_auc']:7.4f} {t['seconds']:6.1f}  trial {tuned.best['number'] + 1}"
                   f"{' (the defaults)' if not tuned.best['params'] else ''}", flush=True)
         record["datasets"][name] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1, default=float))
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

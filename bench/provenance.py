@@ -1,4 +1,5 @@
-"""Which code a benchmark ran: the commit, marked when the tracked files differ from it.
+"""Which code a benchmark ran: the commit, marked when the tracked files differ from it; and the JSON record of a
+run, stamped with it.
 
 A benchmark run on another machine (the GPU machine gets a copy of the working tree beside an older ``.git``) would
 otherwise record a commit whose code it did not run. Then the tree id of the files it ran is recorded too: the
@@ -7,10 +8,12 @@ tree of the commit they were copied from, found with ``git log --all --format='%
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +50,12 @@ def source_commit(root: Path = ROOT) -> str:
         return head.stdout.strip()
     tree = working_tree_id(root)
     return head.stdout.strip() + "+changes" + (f", tree {tree}" if tree else "")
+
+
+def write_record(path: Path, record: dict[str, Any], root: Path = ROOT) -> None:
+    """Write a benchmark's JSON record to ``path`` (its folder made), with the commit it ran unless the record
+    names one, and say where."""
+    record.setdefault("commit", source_commit(root))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=float))
+    print(f"wrote {path}")
