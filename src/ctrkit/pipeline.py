@@ -142,8 +142,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             "tomorrow's traffic; --split time is the honest choice for a click log")
     work = Path(tempfile.mkdtemp(prefix="ctrkit-data-", dir=str(out) if out else None))
     try:
-        enc = encoded or encode_files(sch, train_data, work, valid=valid, test=test, seed=seed, bad_rows=bad_rows,
-                                      split=split, **read_kwargs)
+        enc = encoded if encoded is not None else encode_files(sch, train_data, work, valid=valid, test=test,
+                                                               seed=seed, bad_rows=bad_rows, split=split, **read_kwargs)
         if log:
             for name, rep in enc.reports.items():
                 log(f"{name}: {rep.summary()}")
