@@ -15,6 +15,7 @@ from ctrkit.data.readers import DataError
 from ctrkit.data.synth import make_click_log, synth_schema
 from ctrkit.measure.attribution import AttributionConfig
 from ctrkit.pipeline import train
+from ctrkit.schema import Schema
 from ctrkit.serve.events import EventLog
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -226,3 +227,23 @@ def test_retrain_keeps_the_ensemble_size_of_the_base(world: tuple[Path, pl.DataF
     assert res.candidate_path is not None
     candidate = Bundle.load(res.candidate_path)
     assert isinstance(candidate.model, Ensemble) and len(candidate.model.members) == 2
+
+
+def test_retrain_counts_rolling_stats_at_the_logged_impression_times(world: tuple[Path, pl.DataFrame],
+                                                                      tmp_path: Path) -> None:
+    out, df = world  # the schema's time column is `ts`; the server logs each impression's `timestamp`
+    schema = Schema.from_dict(synth_schema().to_dict() | {"time": "ts", "stats": ["user_id"]})
+    train(df.head(600).drop("p_click").rename({"timestamp": "ts"}), schema=schema, model="lr",
+          out=tmp_path / "base", epochs=1, progress=False)
+    _log_from(df.slice(600, 2400), tmp_path / "log")
+    res = CliRunner().invoke(app, ["retrain", "--events", str(tmp_path / "log"), "--base",
+                                   str(tmp_path / "base" / "bundle"), "--out", str(tmp_path / "new"), "--epochs", "2",
+                                   "--rule", "not_worse"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "new.retrain.json").read_text())["promoted"]
+    base, new = Bundle.load(tmp_path / "base" / "bundle"), Bundle.load(tmp_path / "new")
+    # the candidate fits on the older 80% of the log, of which the newest 10% validates: its counts end at the
+    # newest impression it trained on
+    trained = df.slice(600, 1920 - 192)
+    assert new.encoder.snapshot.end == trained["timestamp"].dt.epoch("us").max() + 1 > base.encoder.snapshot.end
+    assert new.metrics["encode"]["stats"]["stats"][0]["impressions"] == new.metrics["train"]["rows"]

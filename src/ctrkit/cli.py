@@ -275,6 +275,34 @@ def calibrate(bundle: Path = typer.Argument(..., help="A bundle folder."),
 
 
 @app.command()
+def refresh(bundle: Path = typer.Argument(..., help="A bundle folder whose schema has stats."),
+            data: Path = typer.Argument(..., help="The labelled log since training (or since the last refresh), in "
+                                                  "the bundle's schema."),
+            out: Path = typer.Option(..., help="Folder of the new bundle version."),
+            fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
+    """Roll BUNDLE's rolling click statistics forward over DATA and save a new bundle version at OUT (weights,
+    vocabularies and calibrator unchanged): served rows then see their history up to DATA's newest row."""
+    from ctrkit.pipeline import refresh_stats
+
+    try:
+        new = refresh_stats(bundle, data, out, **({"fmt": fmt} if fmt else {}))
+    except USER_ERRORS as exc:
+        _fail(str(exc))
+    r = new.metrics["stats_refresh"]
+    table = Table(title=f"stats of {bundle.name} rolled forward over {data.name} ({r['rows']:,} rows, "
+                        f"{r['bad_rows']:,} bad), version {new.info['version']}")
+    for col in ("stat", "window", "rows counted", "ids with history", "note"):
+        table.add_column(col)
+    for change, now in zip(r["stats"], r["snapshot"]["stats"]):
+        counted = change.get("rows_added", change.get("rows_in_window"))
+        table.add_row(change["columns"][0], now["window"] or "all history",
+                      f"{counted:,}" + (" added" if "rows_added" in change else " in window"),
+                      f"{now['ids_with_history']:,}", str(change.get("warning", "")))
+    Console().print(table)
+    err.print(f"bundle: {out}")
+
+
+@app.command()
 def report(run: Path = typer.Argument(..., help="A training run folder (the --out of ctrkit train).")) -> None:
     """Re-render RUN/report.html from the run's metrics.json and report_data.npz."""
     from ctrkit.evaluate.report import render_report
@@ -570,7 +598,7 @@ def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
 def models() -> None:
     """List the available models with their default settings."""
     import ctrkit.models  # noqa: F401
-    from ctrkit.models.base import default_config, model_class, model_names
+    from ctrkit.models.base import model_names
 
     table = Table(title="models (settings a run uses unless told otherwise)")
     table.add_column("name")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ctrkit.data.encode import EncodeResult, encode_files
-from ctrkit.data.readers import Source, data_parts, libfm_schema
+from ctrkit.data.readers import ReadReport, Source, data_parts, libfm_schema
 from ctrkit.evaluate.metrics import cold_start, evaluate, evaluate_heads
 import ctrkit.models  # noqa: F401  (registers the model zoo)
 from ctrkit.models.base import SMALL_TABLE, CTRModel, build_model, default_config, model_class
@@ -227,6 +227,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         metrics["encode"] = {"seconds": round(enc.seconds, 3), "rows": enc.rows, "n_ids": enc.encoder.n_ids,
                              "rows_per_s": round(enc.rows / enc.seconds, 1) if enc.seconds else None}
         metrics["data"] = {k: r.to_dict() for k, r in enc.reports.items()}
+        if enc.encoder.snapshot is not None:
+            metrics["encode"]["stats"] = enc.encoder.snapshot.describe()
         metrics["model"] = {"name": model, "config": net.config.to_dict(), "members": ensemble,
                             "parameters": int(sum(p.numel() for p in net.parameters()))}
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
@@ -394,9 +396,7 @@ def recalibrate(bundle: str | Path, data: Source, out: str | Path, method: str =
     """
     if method not in CALIBRATE_CHOICES:  # before the data is scored
         raise ValueError(f"--method must be one of {CALIBRATE_CHOICES}, got {method!r}")
-    if Path(out).resolve() == Path(bundle).resolve():
-        raise ValueError(f"--out {out} is the bundle itself: write the new version to a folder of its own (the "
-                         "server swaps it in with POST /admin/reload), so that this one stays to go back to")
+    _check_new_version(bundle, out)
     b = Bundle.load(bundle)
     if getattr(b.model, "multi_head", False):
         raise ValueError(f"{bundle}: a calibrator applies to one-head models; this one has "
@@ -410,6 +410,33 @@ def recalibrate(bundle: str | Path, data: Source, out: str | Path, method: str =
                                               "after_in_sample": served_metrics(d, cal)}}
     new = Bundle(b.schema, b.encoder, b.model, b.model_name, metrics,
                  {**b.info, "version": version, "parent": str(bundle)}, cal)
+    new.save(out)
+    return new
+
+
+def _check_new_version(bundle: str | Path, out: str | Path) -> None:
+    """A new bundle version goes to a folder of its own, never over the bundle it comes from."""
+    if Path(out).resolve() == Path(bundle).resolve():
+        raise ValueError(f"--out {out} is the bundle itself: write the new version to a folder of its own (the "
+                         "server swaps it in with POST /admin/reload), so that this one stays to go back to")
+
+
+def refresh_stats(bundle: str | Path, data: Source, out: str | Path, **read_kwargs: Any) -> Bundle:
+    """Roll the rolling statistics of ``bundle`` forward over newer labelled ``data`` (the log since training, or
+    since the last refresh) and save a new bundle version at ``out``: served rows then see their history up to
+    the newest row, as each training row saw its own. Weights, calibrator, vocabularies and scaling are unchanged.
+    """
+    _check_new_version(bundle, out)
+    b = Bundle.load(bundle)
+    report = ReadReport()
+    encoder, changes = b.encoder.rolled(data, report=report, **read_kwargs)
+    assert encoder.snapshot is not None and b.encoder.snapshot is not None
+    refresh = {"data": str(data) if isinstance(data, (str, Path)) else "frame", "rows": report.rows,
+               "bad_rows": report.bad_rows, "as_of_before": b.encoder.snapshot.end,
+               "as_of": encoder.snapshot.end, "stats": changes, "snapshot": encoder.snapshot.describe()}
+    metrics = {**b.metrics, "stats_refresh": refresh}
+    new = Bundle(b.schema, encoder, b.model, b.model_name, metrics,
+                 {**b.info, "version": int(b.info.get("version", 1)) + 1, "parent": str(bundle)}, b.calibrator)
     new.save(out)
     return new
 

@@ -32,6 +32,59 @@ class SchemaError(ValueError):
     """A schema, or data checked against it, is not valid; the message names the field."""
 
 
+_UNITS_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000,
+             "w": 604_800_000_000}
+
+
+def window_span(window: str) -> int:
+    """A stat's window in the time column's units: ``7d``, ``12h``, ``30m``, ``45s``, ``500ms``, ``2w`` in epoch
+    microseconds (how dates and epoch_s / epoch_ms times are read); a bare integer in the column's own units (a
+    typed column of plain numbers, read as they are)."""
+    m = re.fullmatch(r"([1-9][0-9]*)(us|ms|s|m|h|d|w)?", str(window).strip())
+    if m is None:
+        raise SchemaError(f"window must be a positive duration such as 7d, 12h, 30m, 45s or a whole number of the "
+                          f"time column's units, got {window!r}")
+    return int(m.group(1)) * _UNITS_US[m.group(2) or "us"]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A rolling click statistic of one categorical field (a user, an item, an ad; a cross too): for each row, the
+    impressions and clicks of the training rows with the same value strictly before the row's time (within
+    ``window`` when set), as two numeric features: the log-odds of the click rate smoothed by ``prior``
+    pseudo-impressions at the training rate, and log1p of the impressions. Valid, test and served rows read a
+    snapshot frozen at the end of training (:mod:`ctrkit.data.rolling`)."""
+
+    field: str
+    window: str | None = None
+    prior: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.field or not isinstance(self.field, str):
+            raise SchemaError(f"a stat needs a field name, got {self.field!r}")
+        if self.window is not None:
+            object.__setattr__(self, "window", str(self.window).strip())
+            window_span(self.window)
+        if isinstance(self.prior, bool) or not isinstance(self.prior, (int, float)) or not self.prior > 0:
+            raise SchemaError(f"stat of {self.field!r}: prior must be a positive number, got {self.prior!r}")
+        object.__setattr__(self, "prior", float(self.prior))
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        """The names of its two dense features: ``<field>_ctr`` and ``<field>_n``, with ``_<window>`` after."""
+        tail = f"_{self.window}" if self.window else ""
+        return f"{self.field}_ctr{tail}", f"{self.field}_n{tail}"
+
+    def to_dict(self) -> dict[str, Any] | str:
+        """The field's name alone at the defaults, else a mapping of what differs."""
+        out: dict[str, Any] = {"field": self.field}
+        if self.window:
+            out["window"] = self.window
+        if self.prior != 10.0:
+            out["prior"] = self.prior
+        return self.field if len(out) == 1 else out
+
+
 @dataclass
 class Field:
     """One feature column.
@@ -133,7 +186,8 @@ class Schema:
     it, ISO dates and times are parsed and plain integers kept as they are.
     ``labels`` names several 0/1 label columns for multi-task models (``label`` is then the first); ``crosses``
     lists groups of categorical fields whose combined value becomes one more categorical field, named
-    ``a_x_b``, encoded like any other.
+    ``a_x_b``, encoded like any other. ``stats`` lists rolling click statistics (:class:`Stat`) of categorical
+    fields or crosses, each two more dense features; they need the ``time`` column.
     """
 
     fields: list[Field]
@@ -147,9 +201,12 @@ class Schema:
     labels: list[str] | None = None
     crosses: list[list[str]] | None = None
     weight: str | None = None
+    stats: list[Stat] | None = None
 
     def __post_init__(self) -> None:
         self.fields = [f if isinstance(f, Field) else Field(**f) for f in self.fields]
+        if self.stats is not None:
+            self.stats = [_stat(s) for s in self.stats] or None
         if not self.fields:
             raise SchemaError("a schema needs at least one feature field")
         if self.labels is not None:
@@ -210,6 +267,20 @@ class Schema:
             if target is None or target.kind != "categorical" or target.hash_buckets is not None:
                 raise SchemaError(f"field {f.name!r}: share_vocab {f.share_vocab!r} must name a categorical "
                                   "field with a vocabulary (not hashed)")
+        if not self.stats:
+            return
+        if not self.time:
+            raise SchemaError("stats count each row's history before its time: the schema needs a `time` column")
+        vocab = {f.name for f in self.features if f.kind == "categorical" and f.hash_buckets is None}
+        taken = {f.name for f in self.features} | set(self.role_columns)
+        for st in self.stats:
+            if st.field not in vocab:
+                raise SchemaError(f"stat of {st.field!r}: not a categorical field with a vocabulary (not hashed) "
+                                  f"or a cross; those are {sorted(vocab)}")
+            clash = sorted(taken & set(st.columns))
+            if clash:
+                raise SchemaError(f"stat of {st.field!r}: its feature {clash[0]!r} is already a column name")
+            taken |= set(st.columns)
 
     # -- views -------------------------------------------------------------------------------------
     def field(self, name: str) -> Field:
@@ -233,6 +304,11 @@ class Schema:
     def dense_fields(self) -> list[Field]:
         """Numeric fields that stay continuous, in schema order."""
         return [f for f in self.fields if f.kind == "numeric" and not f.is_sparse]
+
+    @property
+    def stat_columns(self) -> list[str]:
+        """The dense features of ``stats``, two per stat, after the numeric fields in the dense block."""
+        return [c for st in self.stats or () for c in st.columns]
 
     @property
     def list_fields(self) -> list[Field]:
@@ -266,6 +342,8 @@ class Schema:
             out["columns"] = list(self.columns)
         if self.crosses:
             out["crosses"] = [list(c) for c in self.crosses]
+        if self.stats:
+            out["stats"] = [st.to_dict() for st in self.stats]
         if self.extra:
             out["extra"] = dict(self.extra)
         return out
@@ -276,7 +354,7 @@ class Schema:
         if not isinstance(data, dict):
             raise SchemaError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
         known = {"label", "labels", "time", "time_format", "position", "group", "weight", "fields", "columns",
-                 "extra", "crosses"}
+                 "extra", "crosses", "stats"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SchemaError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
@@ -310,6 +388,7 @@ class Schema:
             label=data.get("label") or "",
             labels=data.get("labels"),
             crosses=data.get("crosses"),
+            stats=data.get("stats"),
             time=data.get("time"),
             time_format=data.get("time_format"),
             position=data.get("position"),
@@ -356,8 +435,24 @@ class Schema:
             content["labels"] = self.labels
         if self.crosses:
             content["crosses"] = self.crosses
+        if self.stats:
+            content["stats"] = [asdict(st) for st in self.stats]
         payload = json.dumps(content, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _stat(item: Any) -> Stat:
+    """A :class:`Stat` from itself, a field name or a mapping (unknown keys named)."""
+    if isinstance(item, Stat):
+        return item
+    if isinstance(item, str):
+        return Stat(field=item)
+    if not isinstance(item, dict):
+        raise SchemaError(f"a stat is a field name or a mapping with field, window and prior, got {item!r}")
+    bad = sorted(set(item) - {"field", "window", "prior"})
+    if bad:
+        raise SchemaError(f"stat {item.get('field')!r} has unknown keys {bad}; known keys are field, window, prior")
+    return Stat(**item)
 
 
 # --- inference --------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ Dense (numeric) fields are scaled with statistics of the training split; a missi
 model gives it a learned embedding. Multi and sequence fields have an id block of their own laid out the same
 way (the items of every row are counted), or, with ``share_vocab``, use the block of the field they name,
 whose vocabulary is then fitted on both columns; each row's items become a padded block of ids with a length
-(see :mod:`ctrkit.data.dataset`). The encoder saves as ``encoder.json`` + ``vocab.parquet``: never pickle.
+(see :mod:`ctrkit.data.dataset`). The schema's ``stats`` add two dense columns each, after the numeric fields:
+training rows get them as of their own time, every other row from the snapshot the fit leaves
+(:mod:`ctrkit.data.rolling`). The encoder saves as ``encoder.json`` + ``vocab.parquet`` (+ ``stats.parquet``):
+never pickle.
 
 ``encode_files`` is the fast path from raw files to encoded datasets: each training row is parsed once.
 :meth:`Encoder.encode_records` and :meth:`Encoder.encode_json` are the fast path of scoring: plain records, dicts
@@ -20,6 +23,7 @@ integer hash table held in numpy arrays.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import shutil
@@ -38,6 +42,7 @@ import polars as pl
 
 from ctrkit.data.dataset import DatasetWriter, EncodedData
 from ctrkit.data.readers import Prefetch, ReadReport, Source, iter_chunks
+from ctrkit.data.rolling import History, Snapshot
 from ctrkit.schema import Field, Schema
 
 try:  # compiled at install where a C compiler is present; the reference path serves without it
@@ -357,6 +362,9 @@ class Encoder:
         self._cat_stats: dict[str, _CatStats] = {}
         self._num_stats: dict[str, _NumStats] = {}
         self._seed = 0
+        self.snapshot: Snapshot | None = None  # the stats' counts as of the end of training
+        self._history: History | None = None
+        self._as_of: np.ndarray | None = None  # training rows' unscaled stat features, in the order observed
 
     # -- shape ---------------------------------------------------------------------------------------
     @property
@@ -366,8 +374,8 @@ class Encoder:
 
     @property
     def dense_names(self) -> list[str]:
-        """Dense field names, in the column order of ``dense``."""
-        return [f.name for f in self.schema.dense_fields]
+        """Dense column names, in the column order of ``dense``: numeric fields, then the stats' features."""
+        return [f.name for f in self.schema.dense_fields] + self.schema.stat_columns
 
     def unseen(self, ids: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
         """Per categorical field with a vocabulary (crosses included), which rows of encoded ``ids`` hold a value
@@ -430,6 +438,7 @@ class Encoder:
         self._seed = int(seed)
         self._cat_stats = {f.name: _CatStats() for f in self._vocab_fields() + self._list_vocab_fields()}
         self._num_stats = {f.name: _NumStats() for f in self.schema.fields if f.kind == "numeric"}
+        self._history = History(self.schema.stats) if self.schema.stats else None
         self.train_rows = 0
 
     def _observe(self, chunk: pl.DataFrame, hashes: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -444,6 +453,9 @@ class Encoder:
         self.train_rows += chunk.height
         out = {f"i:{f.name}": self._cat_stats[f.name].add(hashes[f"h:{f.name}"].to_numpy(), chunk[f.name])
                for f in self._vocab_fields()}
+        if self._history is not None:
+            self._history.add(chunk[str(self.schema.time)], self.labels(chunk),
+                              {st.field: out[f"i:{st.field}"] for st in self.schema.stats or ()})
         for f in self.schema.list_fields:
             if f.hash_buckets is None:
                 items = _items(chunk[f.name])
@@ -516,6 +528,11 @@ class Encoder:
                 self.offsets[f.name] = self.offsets[f.share_vocab]
         self.n_ids = offset
         self._remap = {k: v + self.offsets[k] for k, v in remaps.items()}
+        if self._history is not None:
+            self._as_of, self.snapshot = self._history.finish(remaps, self.sizes)
+            self._history = None
+            for name, column in zip(self.schema.stat_columns, self._as_of.T.astype(np.float64)):
+                self.moments[name] = (float(column.mean()), float(column.std()) or 1.0)
         # until _drop_fit_state, values are looked up in the fitting tables (hash -> index) and remapped:
         # tables for the vocabulary alone would cost as much again to build, in time and memory
         self._fit_tables = {k: st.table for k, st in self._cat_stats.items()}
@@ -524,8 +541,9 @@ class Encoder:
         self.fitted = True
 
     def _drop_fit_state(self) -> None:
-        """Let go of what only the fitting pass needs (index remaps and hash tables of every value seen)."""
-        self._remap, self._fit_tables = {}, {}
+        """Let go of what only the fitting pass needs (index remaps, hash tables of every value seen, the
+        training rows' stat features)."""
+        self._remap, self._fit_tables, self._as_of = {}, {}, None
 
     def _lookup_table(self) -> tuple[_HashTable, dict[str, np.uint64]]:
         """One table from (field, value hash) to global id for every vocabulary, built on first use, and each
@@ -633,7 +651,7 @@ class Encoder:
         """The compiled plan's raw numbers (one column per numeric field) -> the bucketized fields' ids (in place)
         and the scaled dense block, as :meth:`transform_frame` computes them."""
         sparse = {f.name: j for j, f in enumerate(self.schema.sparse_fields)}
-        dense = np.empty((len(ids), len(self.schema.dense_fields)), np.float32)
+        dense = np.empty((len(ids), len(self.dense_names)), np.float32)
         j = 0
         for k, f in enumerate(f for f in self.schema.fields if f.kind == "numeric"):
             if f.name in sparse:
@@ -641,6 +659,7 @@ class Encoder:
             else:
                 dense[:, j] = _pre_transform(numbers[:, k], f.transform)
                 j += 1
+        self._snapshot_stats(ids, dense)
         self._scale(dense)
         return dense
 
@@ -697,6 +716,7 @@ class Encoder:
             else:
                 ids[:, j] = self._bin(f.name, _numeric(chunk, f.name)) + off
         dense = self._unscaled_dense(chunk, {})
+        self._snapshot_stats(ids, dense)
         self._scale(dense)
         return ids, dense
 
@@ -747,22 +767,39 @@ class Encoder:
 
     def _unscaled_dense(self, chunk: pl.DataFrame, found: dict[str, np.ndarray]) -> np.ndarray:
         """float32 [n, n_dense]: each dense field's values with the statistics-free part of its transform
-        (taken from ``found["t:<field>"]`` where ``_observe`` computed it)."""
-        dense = np.empty((chunk.height, len(self.schema.dense_fields)), np.float32)
+        (taken from ``found["t:<field>"]`` where ``_observe`` computed it); the stat columns are left at 0."""
+        dense = np.zeros((chunk.height, len(self.dense_names)), np.float32)
         for j, f in enumerate(self.schema.dense_fields):
             t = found.get(f"t:{f.name}")
             dense[:, j] = _pre_transform(_numeric(chunk, f.name), f.transform) if t is None else t
         return dense
 
+    def _snapshot_stats(self, ids: np.ndarray, dense: np.ndarray) -> None:
+        """Write the stats' features of the snapshot (the end of training) into their columns of ``dense``."""
+        if self.snapshot is None:
+            return
+        cols = {st.field for st in self.snapshot.stats}
+        local = {f: ids[:, self.sparse_names.index(f)] - self.offsets[f] for f in cols}
+        self.snapshot.fill(local, dense[:, len(self.schema.dense_fields):])
+
+    def _dense_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 mean and std per dense column: the fitted moments where the transform standardizes (numeric
+        fields asking for it, every stat column), 0 and 1 elsewhere."""
+        names = self.dense_names
+        mean, std = np.zeros(len(names), np.float32), np.ones(len(names), np.float32)
+        scaled = {f.name for f in self.schema.dense_fields if f.transform in ("log1p_standardize", "standardize")}
+        scaled.update(self.schema.stat_columns)
+        for j, name in enumerate(names):
+            if name in scaled:
+                mean[j], std[j] = self.moments[name]
+        return mean, std
+
     def _scale(self, dense: np.ndarray) -> None:
         """Standardize in place the columns of ``_unscaled_dense`` whose transform asks for it (the others see
         ``x - 0`` and ``x / 1``, which are exact); encoding and scoring share it, so their values are identical."""
-        if len(self.schema.dense_fields) == 0:
+        if dense.shape[1] == 0:
             return
-        mean, std = np.zeros(dense.shape[1], np.float32), np.ones(dense.shape[1], np.float32)
-        for j, f in enumerate(self.schema.dense_fields):
-            if f.transform in ("log1p_standardize", "standardize"):
-                mean[j], std[j] = self.moments[f.name]
+        mean, std = self._dense_moments()
         dense -= mean
         dense /= std
 
@@ -780,9 +817,10 @@ class Encoder:
                 ids[:, j] = _hash_buckets(chunk[f.name], int(f.hash_buckets or 1))
         return ids, self._unscaled_dense(chunk, found)
 
-    def _finish_ids(self, ids: np.ndarray, dense: np.ndarray, raw: pl.DataFrame | None) -> None:
+    def _finish_ids(self, ids: np.ndarray, dense: np.ndarray, raw: pl.DataFrame | None, first: int = 0) -> None:
         """Turn ``_fitting_ids`` output into final ids and dense values in place, now that the fit is done;
-        ``raw`` holds the chunk's bucketized numeric fields."""
+        ``raw`` holds the chunk's bucketized numeric fields, ``first`` the index of its first row among the training
+        rows observed (for the stats as of each row's time)."""
         for j, f in enumerate(self.schema.sparse_fields):
             if f.kind == "categorical" and f.hash_buckets is None:
                 ids[:, j] = self._remap[f.name][ids[:, j]]
@@ -791,7 +829,16 @@ class Encoder:
             else:
                 assert raw is not None
                 ids[:, j] = self._bin(f.name, _numeric(raw, f.name)) + self.offsets[f.name]
+        if self._as_of is not None:
+            dense[:, len(self.schema.dense_fields):] = self._as_of[first: first + len(ids)]
         self._scale(dense)
+
+    def _as_of_scaled(self, first: int, n: int) -> np.ndarray:
+        """The scaled stat features of the ``n`` training rows observed from row ``first`` on, as of their time."""
+        assert self._as_of is not None
+        k = len(self.schema.dense_fields)
+        mean, std = self._dense_moments()
+        return (self._as_of[first: first + n] - mean[k:]) / std[k:]
 
     def transform_frame(self, chunk: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Encode one typed chunk (see :mod:`ctrkit.data.readers`) in memory: (ids, dense)."""
@@ -827,13 +874,40 @@ class Encoder:
             raise
         return writer.close({"report": report.to_dict(), "encoder": self.fingerprint()})
 
+    def rolled(self, source: Source, report: ReadReport | None = None,
+               **read_kwargs: Any) -> tuple[Encoder, list[dict[str, object]]]:
+        """A copy of this encoder whose stats snapshot is rolled forward over the labelled, timed rows of
+        ``source`` (:meth:`ctrkit.data.rolling.Snapshot.rolled`), and per stat what changed. Vocabularies and
+        scaling stay as fitted, so the model reads its columns as it was trained to: each row as of its time."""
+        self._check_fitted()
+        if self.snapshot is None:
+            raise EncoderError("the schema has no stats to roll forward")
+        fields = sorted({st.field for st in self.snapshot.stats})
+        keys: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+        times, timed, labels = [], [], []
+        for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
+            for f in fields:
+                h = chunk.select(_hash(f).alias("h"))["h"].to_numpy()
+                keys[f].append(self._vocab_ids(f, h) - self.offsets[f])
+            t = chunk[str(self.schema.time)]
+            times.append(t.fill_null(0).to_numpy().astype(np.int64, copy=False))
+            timed.append(t.is_not_null().to_numpy())
+            labels.append(np.asarray(self.labels(chunk), np.float32).reshape(chunk.height, -1)[:, 0])
+        if not times:
+            raise EncoderError(f"{source}: no usable rows to roll the stats forward with")
+        snapshot, changes = self.snapshot.rolled({f: np.concatenate(v) for f, v in keys.items()},
+                                                 np.concatenate(times), np.concatenate(labels), np.concatenate(timed))
+        new = copy.copy(self)
+        new.snapshot = snapshot
+        return new, changes
+
     # -- persistence ---------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """Schema fingerprint plus the id space size: a bundle checks that its model matches."""
         return f"{self.schema.fingerprint()}-{self.n_ids}"
 
     def save(self, path: str | Path) -> None:
-        """Write ``encoder.json`` and ``vocab.parquet`` into the folder ``path``."""
+        """Write ``encoder.json`` and ``vocab.parquet`` (and the stats' ``stats.parquet``) into the folder ``path``."""
         self._check_fitted()
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
@@ -847,6 +921,8 @@ class Encoder:
             "moments": self.moments,
             "boundaries": {k: v.tolist() for k, v in self.boundaries.items()},
         }
+        if self.snapshot is not None:
+            meta["snapshot"] = self.snapshot.save(p)
         (p / "encoder.json").write_text(json.dumps(meta, indent=1))
         frames = [pl.DataFrame({"field": pl.Series([k] * len(v), dtype=pl.String), "value": v.rename("value"),
                                 "count": self.counts[k]}) for k, v in self.vocab.items()]
@@ -877,6 +953,13 @@ class Encoder:
                                    f"{enc.sizes[f.name] - 2}")
             enc.vocab[f.name] = part["value"].rename(f.name)
             enc.counts[f.name] = part["count"].to_numpy()
+        if enc.schema.stats:
+            if "snapshot" not in meta:
+                raise EncoderError(f"{meta_path}: the schema has stats but the encoder holds no snapshot of them")
+            try:
+                enc.snapshot = Snapshot.load(p, enc.schema.stats, meta["snapshot"], enc.sizes)
+            except ValueError as exc:
+                raise EncoderError(str(exc)) from None
         enc.fitted = True
         return enc
 
@@ -1081,10 +1164,12 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
         names = [k for k, _ in sources] + (["train", "valid"] if valid is None else [])
         writers.update({k: DatasetWriter(out / k, n_sparse, n_dense, bool(schema.group), **layout) for k in names})
         raw = parts.drain() if binned else None
+        done = [0, 0]  # training rows completed in place, training rows of the held parts written
 
         def finish(ids: np.ndarray, dense: np.ndarray) -> None:
             part = None if raw is None else next(raw)
-            enc._finish_ids(ids, dense, part)
+            enc._finish_ids(ids, dense, part, done[0])
+            done[0] += len(ids)
             if enc.seq_names:
                 assert part is not None
                 writers["train"].append_seq(*enc.sequences(part))
@@ -1096,6 +1181,10 @@ def encode_files(schema: Schema, train: Source, out_dir: str | Path, *, valid: S
             seq = enc.sequences(chunk) if enc.seq_names else None
             if name == "train" and valid is None:
                 m = chunk["_valid"].to_numpy()
+                if enc.schema.stats:  # the training rows' stats as of their own time, not the snapshot
+                    n_train = int(np.count_nonzero(~m))
+                    dense[~m, len(enc.schema.dense_fields):] = enc._as_of_scaled(done[1], n_train)
+                    done[1] += n_train
                 for k, sel in (("train", ~m), ("valid", m)):
                     writers[k].append(ids[sel], dense[sel], label[sel], None if group is None else group[sel],
                                       *(() if seq is None else (seq[0][sel], seq[1][sel])),

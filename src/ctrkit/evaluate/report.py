@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,17 @@ def render_report(run: str | Path) -> Path:
                  f"({tr.get('rows')} after sampling, {tr.get('positives')} clicks); "
                  f"ids {metrics.get('encode', {}).get('n_ids')}; "
                  f"{tr.get('epochs')} epochs in {tr.get('seconds')} s.</p>")
+    stats = metrics.get("encode", {}).get("stats")
+    if stats:
+        when = stats["as_of"]
+        iso = (datetime.fromtimestamp(when / 1e6, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+               if 6.3e14 < when < 4.1e15 else f"time {when}")  # epoch microseconds of 1990 .. 2100
+        rows = [[", ".join(s["columns"]), s["window"] or "all history", s["prior"], s["ids_with_history"],
+                 s["impressions"]] for s in stats["stats"]]
+        parts.append("<h2>Rolling statistics</h2>" + _table(rows, ["features", "window", "prior",
+                                                                   "ids with history", "impressions"])
+                     + f"<p>Training rows count only the rows before their own time; validation, test and served "
+                     f"rows read the counts as of {iso} (training click rate {stats['click_rate']:.4f}).</p>")
     style = ("body{font-family:sans-serif;max-width:1180px;margin:24px auto;color:#222}"
              "table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;text-align:right}th{background:#f2f2f2}figure{display:inline-block;margin:6px}"
