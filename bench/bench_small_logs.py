@@ -166,16 +166,23 @@ def ctrkit_run(files: dict, model: str, seed: int, work: Path) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def parser(doc: str | None, datasets: str, seeds: str, out: str) -> argparse.ArgumentParser:
+    """The options of every bench on these logs: --datasets, --seeds, --data (the shared datasets folder),
+    --examples (the folder of movielens_clicklog.py) and --out (under bench/results)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=datasets)
+    ap.add_argument("--seeds", default=seeds)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets", help="the shared datasets folder")
+    ap.add_argument("--examples", type=Path, default=ROOT / "examples", help="folder of movielens_clicklog.py")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / out)
+    return ap
+
+
 def main() -> None:
     """Run every dataset and write the JSON record."""
     global DATASETS
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="criteo,obd,movielens")
+    ap = parser(__doc__, "criteo,obd,movielens", "0,1,2", "small_logs.json")
     ap.add_argument("--models", default="lr,deepfm")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets", help="the shared datasets folder")
-    ap.add_argument("--examples", type=Path, default=ROOT / "examples", help="folder of movielens_clicklog.py")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "small_logs.json")
     args = ap.parse_args()
     DATASETS = args.data
     import torch

@@ -11,7 +11,6 @@ Prints a table and writes bench/results/tune.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -28,14 +27,9 @@ from provenance import write_record  # noqa: E402
 
 def main() -> None:
     """Run every log and seed, print the table and write the JSON record."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="criteo,obd,movielens")
+    ap = small.parser(__doc__, "criteo,obd,movielens", "0", "tune.json")
     ap.add_argument("--model", default="deepfm")
     ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets", help="the shared datasets folder")
-    ap.add_argument("--examples", type=Path, default=ROOT / "examples", help="folder of movielens_clicklog.py")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tune.json")
     args = ap.parse_args()
     small.DATASETS = args.data
     import torch

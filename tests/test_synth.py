@@ -30,6 +30,26 @@ def test_log_fits_its_schema_and_rates():
     assert np.all(np.diff(truth.examination) < 0)
 
 
+def test_item_drift_moves_each_items_rate_over_the_days_and_leaves_the_rest():
+    plain, _ = make_click_log(n_rows=30_000, n_items=50, seed=5)
+    steady, _ = make_click_log(n_rows=30_000, n_items=50, seed=5, item_drift=0.0)
+    assert plain.equals(steady)
+    drifting, _ = make_click_log(n_rows=30_000, n_items=50, seed=5, item_drift=0.5)
+    assert drifting.drop("p_click", "click").equals(plain.drop("p_click", "click"))
+    assert abs(drifting["p_click"].mean() - SynthConfig().ctr) < 0.01
+
+    def early_late_correlation(df: pl.DataFrame) -> float:
+        day = (pl.col("timestamp") - pl.col("timestamp").min()).dt.total_days()
+        rates = df.group_by("item_id").agg(pl.col("p_click").filter(day < 2).mean().alias("early"),
+                                           pl.col("p_click").filter(day >= 12).mean().alias("late")).drop_nulls()
+        return float(np.corrcoef(rates["early"], rates["late"])[0, 1])
+
+    assert early_late_correlation(plain) > 0.8
+    assert early_late_correlation(drifting) < early_late_correlation(plain) - 0.3
+    with pytest.raises(ValueError, match="item_drift"):
+        SynthConfig(item_drift=-1.0)
+
+
 def test_position_bias_is_visible():
     df, _ = make_click_log(n_rows=30_000, seed=2)
     by_pos = df.group_by("position").agg(pl.col("click").mean().alias("ctr")).sort("position")

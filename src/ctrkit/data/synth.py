@@ -75,6 +75,8 @@ class SynthConfig:
     main_effect_scale: float = 0.5
     missing_rate: float = 0.02
     days: int = 14
+    # std per day of a random walk in each item's relevance: a trend that ids fitted on the past cannot follow
+    item_drift: float = 0.0
     start: datetime = field(default_factory=lambda: datetime(2026, 1, 5, tzinfo=timezone.utc))
     seed: int = 0
 
@@ -83,6 +85,8 @@ class SynthConfig:
             raise ValueError("n_rows, n_users and n_items must be >= 1")
         if not 0.0 < self.ctr < 1.0:
             raise ValueError(f"ctr must be in (0, 1), got {self.ctr}")
+        if self.item_drift < 0.0:
+            raise ValueError(f"item_drift must be >= 0, got {self.item_drift}")
         if not 0.0 <= self.missing_rate < 1.0:
             raise ValueError(f"missing_rate must be in [0, 1), got {self.missing_rate}")
 
@@ -155,6 +159,10 @@ def make_click_log(config: SynthConfig | None = None, **overrides: object) -> tu
     price_effect = -0.15 * (np.log1p(item_price[items]) - 2.5)
     logit = (user_bias[users] + item_quality[items] + cfg.interaction_strength * xor
              + hour_effect + device_effect + price_effect)
+    if cfg.item_drift > 0:  # its own stream, so a log without drift is the same as before drift existed
+        walk = np.cumsum(np.random.default_rng([cfg.seed, 1]).normal(0.0, cfg.item_drift, (cfg.n_items, cfg.days)),
+                         axis=1)
+        logit += walk[items, np.minimum(offsets // 86400, cfg.days - 1).astype(np.int64)]
     exam = examination_curve(cfg.n_positions, cfg.examination_eta)
     b = solve_intercept(logit, exam[position - 1], cfg.ctr)
     p_click = exam[position - 1] * sigmoid(logit + b)
