@@ -299,3 +299,16 @@ def test_ctrkit_refresh_writes_a_new_bundle_version(tmp_path):
     assert res.exit_code != 0 and "is the bundle itself" in res.output
     res = CliRunner().invoke(app, ["refresh", str(bundle), str(tmp_path / "nope.csv"), "--out", str(tmp_path / "v3")])
     assert res.exit_code != 0 and "nope.csv" in res.output
+
+
+@pytest.mark.parametrize("min_count", [1, 2])
+def test_values_new_since_training_are_pooled_only_where_training_pooled_rare_values(tmp_path, min_count):
+    log = _log(400, 10)
+    old = log.head(300)
+    newer = log.tail(100).with_columns(pl.lit("new-user").alias("user"))
+    enc = encode_files(_schema(min_count), old, tmp_path / "enc", valid=old.head(5)).encoder
+    rolled, _ = enc.rolled(newer)
+    user = STATS[0]
+    oov_before, oov_after = enc.snapshot.tables[user][0][1], rolled.snapshot.tables[user][0][1]
+    # min_count 1: no training row had the OOV id, so a new user has no history; 2: rare users share it
+    assert oov_after - oov_before == (0 if min_count == 1 else 100)

@@ -878,17 +878,25 @@ class Encoder:
                **read_kwargs: Any) -> tuple[Encoder, list[dict[str, object]]]:
         """A copy of this encoder whose stats snapshot is rolled forward over the labelled, timed rows of
         ``source`` (:meth:`ctrkit.data.rolling.Snapshot.rolled`), and per stat what changed. Vocabularies and
-        scaling stay as fitted, so the model reads its columns as it was trained to: each row as of its time."""
+        scaling stay as fitted, so the model reads its columns as it was trained to: each row as of its time. Values
+        new since training are served the OOV id: where the field keeps every training value (``min_count`` 1) they
+        get no history, as every value had none before its first row in training; else they share the OOV counts,
+        with the rare values that training pooled there."""
         self._check_fitted()
         if self.snapshot is None:
             raise EncoderError("the schema has no stats to roll forward")
         fields = sorted({st.field for st in self.snapshot.stats})
+        # with min_count 1 no training row had the OOV id: values new since then are not pooled into one history
+        lone = {f: next(x for x in self.schema.features if x.name == f).min_count == 1 for f in fields}
         keys: dict[str, list[np.ndarray]] = {f: [] for f in fields}
         times, timed, labels = [], [], []
         for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
             for f in fields:
                 h = chunk.select(_hash(f).alias("h"))["h"].to_numpy()
-                keys[f].append(self._vocab_ids(f, h) - self.offsets[f])
+                k = self._vocab_ids(f, h) - self.offsets[f]
+                if lone[f]:  # a value training never saw has no history of its own, as none had in training
+                    k[k == OOV] = -1
+                keys[f].append(k)
             t = chunk[str(self.schema.time)]
             times.append(t.fill_null(0).to_numpy().astype(np.int64, copy=False))
             timed.append(t.is_not_null().to_numpy())

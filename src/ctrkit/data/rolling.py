@@ -62,8 +62,9 @@ def as_of(keys: np.ndarray, times: np.ndarray, labels: np.ndarray, timed: np.nda
 
 def totals(keys: np.ndarray, times: np.ndarray, labels: np.ndarray, timed: np.ndarray, size: int,
            since: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(impressions, clicks) of each key in ``[0, size)`` over the timed rows at or after ``since`` (all without)."""
-    sel = timed if since is None else timed & (times >= since)
+    """(impressions, clicks) of each key in ``[0, size)`` over the timed rows at or after ``since`` (all without);
+    a key of -1 counts for none."""
+    sel = (timed & (keys >= 0)) if since is None else timed & (keys >= 0) & (times >= since)
     return (np.bincount(keys[sel], minlength=size).astype(np.int64),
             np.bincount(keys[sel], weights=labels[sel].astype(np.float64), minlength=size))
 
@@ -129,6 +130,7 @@ class Snapshot:
         An all-history stat adds the rows at or after this snapshot's instant (earlier ones are counted already);
         a stat with a window is counted afresh from the rows inside the window that ends at the new instant, so
         the rows must hold every impression of that window (a warning says when they start after it begins).
+        A key of -1 counts for none.
         """
         end = max(self.end, int(times[timed].max()) + 1) if timed.any() else self.end
         first = int(times[timed].min()) if timed.any() else None
