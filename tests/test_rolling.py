@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrkit.data.encode import Encoder, EncoderError, _records, encode_files
+from ctrkit.data.encode import Encoder, EncoderError, _hash_buckets, _records, encode_files
 from ctrkit.data.readers import read_frame
 from ctrkit.data.rolling import STATS_FILE, as_of, features, totals
 from ctrkit.schema import Schema, SchemaError, Stat, window_span
@@ -81,9 +81,10 @@ def test_schema_stats_round_trip_and_errors():
     assert Schema.from_dict({"label": "y", "time": "t", "fields": ["u", "i"]}).fingerprint() != sch.fingerprint()
     assert window_span("7d") == 7 * DAY * 1_000_000 and window_span("90") == 90
     base = {"label": "y", "time": "t", "fields": ["u", {"name": "h", "hash_buckets": 8},
+                                                    {"name": "w", "hash_buckets": 1 << 25},
                                                     {"name": "x", "kind": "numeric"}, "x_ctr"]}
     for stats, said in [(["u"], "needs a `time` column"), (["x"], "not a categorical field"),
-                        (["h"], "not a categorical field"), ([{"field": "u", "window": "7 days"}], "window"),
+                        ([{"field": "w"}], "not a categorical field"), ([{"field": "u", "window": "7 days"}], "window"),
                         ([{"field": "u", "prior": 0}], "prior"), ([{"field": "u", "span": 3}], "unknown keys"),
                         (["u", "u"], "already a column"), ([3], "a field name or a mapping")]:
         data = dict(base, stats=stats)
@@ -113,18 +114,24 @@ def _log(n: int, seed: int) -> pl.DataFrame:
                          "x": np.arange(n, dtype=float), "ts": t, "click": (rng.random(n) < p).astype(int)})
 
 
-def _schema(min_count: int = 1) -> Schema:
+def _schema(min_count: int = 1, buckets: int | None = None) -> Schema:
+    user = {"name": "user", "min_count": min_count} | ({"hash_buckets": buckets} if buckets else {})
     return Schema.from_dict({"label": "click", "time": "ts", "time_format": "epoch_s",
-                             "fields": [{"name": "user", "min_count": min_count}, "item",
+                             "fields": [user, "item",
                                         {"name": "x", "kind": "numeric", "transform": "none"}],
                              "stats": [s.to_dict() for s in STATS]})
 
 
-def _reference(train: pl.DataFrame, rows: pl.DataFrame, as_of_own_time: bool, min_count: int) -> np.ndarray:
+def _reference(train: pl.DataFrame, rows: pl.DataFrame, as_of_own_time: bool, min_count: int,
+               buckets: int | None = None) -> np.ndarray:
     """Unscaled stat features of ``rows`` by a loop over ``train``: each row's history before its own time, or
     the whole of training up to its end (within the window) for held-out rows. Values rarer than ``min_count``
-    among the training users share one key, as the encoder's OOV id does."""
+    among the training users share one key, as the encoder's OOV id does; hashed users count per bucket."""
     kept = {u for u, n in train["user"].value_counts().iter_rows() if n >= min_count}
+    if buckets:
+        train = train.with_columns(pl.Series("user", _hash_buckets(train["user"], buckets)))
+        rows = rows.with_columns(pl.Series("user", _hash_buckets(rows["user"], buckets)))
+        kept = set(train["user"])
     rate = train["click"].mean()
     end = train["ts"].max() + 1
     out = []
@@ -152,14 +159,14 @@ def _unscale(enc: Encoder, dense: np.ndarray) -> np.ndarray:
     return np.asarray(dense[:, -len(cols):], np.float64) * std + mean
 
 
-@pytest.mark.parametrize("split", ["given", "time", "random"])
-def test_training_rows_see_their_past_and_held_out_rows_the_snapshot(tmp_path, split):
+@pytest.mark.parametrize("split, buckets", [("given", None), ("time", None), ("random", None), ("time", 7)])
+def test_training_rows_see_their_past_and_held_out_rows_the_snapshot(tmp_path, split, buckets):
     log, test = _log(400, 1), _log(60, 2).with_columns(pl.col("ts") + 20 * DAY)
     log.write_csv(tmp_path / "log.csv")
     test.write_csv(tmp_path / "test.csv")
     kwargs = {"valid": tmp_path / "test.csv"} if split == "given" else {"split": split, "valid_fraction": 0.2}
-    res = encode_files(_schema(min_count=2), tmp_path / "log.csv", tmp_path / "enc", test=tmp_path / "test.csv",
-                       seed=3, **kwargs)
+    res = encode_files(_schema(min_count=2, buckets=buckets), tmp_path / "log.csv", tmp_path / "enc",
+                       test=tmp_path / "test.csv", seed=3, **kwargs)
     enc = res.encoder
     assert enc.dense_names == ["x", "user_ctr", "user_n", "item_ctr_3d", "item_n_3d"]
     if split == "given":
@@ -170,10 +177,10 @@ def test_training_rows_see_their_past_and_held_out_rows_the_snapshot(tmp_path, s
         train = log[rows]
         valid_rows = log[np.asarray(res.data["valid"].dense[:, 0]).astype(int)]
         assert valid_rows.height > 50
-        np.testing.assert_allclose(_unscale(enc, res.data["valid"].dense), _reference(train, valid_rows, False, 2),
-                                   atol=2e-5)
-    np.testing.assert_allclose(_unscale(enc, res.data["train"].dense), _reference(train, train, True, 2), atol=2e-5)
-    np.testing.assert_allclose(_unscale(enc, res.data["test"].dense), _reference(train, test, False, 2), atol=2e-5)
+        np.testing.assert_allclose(_unscale(enc, res.data["valid"].dense),
+                                   _reference(train, valid_rows, False, 2, buckets), atol=2e-5)
+    for got, rows, own_time in ((res.data["train"], train, True), (res.data["test"], test, False)):
+        np.testing.assert_allclose(_unscale(enc, got.dense), _reference(train, rows, own_time, 2, buckets), atol=2e-5)
     # the training rows' columns are standardized with their own moments
     assert np.abs(np.asarray(res.data["train"].dense[:, 1:]).mean(axis=0)).max() < 1e-4
 
@@ -228,6 +235,16 @@ def test_a_bundle_serves_the_test_figures_of_its_run(tmp_path):
     np.testing.assert_array_equal(served, bundle.predict(test.drop("click", "ts").to_dicts()))
     assert roc_auc_score(test["click"], served) == pytest.approx(run.metrics["test"]["auc"], abs=1e-12)
     assert "Rolling statistics" in (tmp_path / "run" / "report.html").read_text()
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ctrkit.serve.app import ServerConfig, create_app
+
+    records = test.drop("click", "ts").head(60).to_dicts()
+    with TestClient(create_app(ServerConfig(bundle=tmp_path / "run" / "bundle"))) as client:
+        r = client.post("/score", json={"records": records})  # the server's JSON path reads the same snapshot
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["pctr"], served[:60], atol=1e-7)
 
 
 def _counts_by_id(enc: Encoder, field: str, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -312,3 +329,15 @@ def test_values_new_since_training_are_pooled_only_where_training_pooled_rare_va
     oov_before, oov_after = enc.snapshot.tables[user][0][1], rolled.snapshot.tables[user][0][1]
     # min_count 1: no training row had the OOV id, so a new user has no history; 2: rare users share it
     assert oov_after - oov_before == (0 if min_count == 1 else 100)
+
+
+def test_a_hashed_field_rolls_forward_per_bucket(tmp_path):
+    log = _log(500, 11)
+    old, newer = log.head(350), log.tail(150)
+    enc = encode_files(_schema(buckets=5), old, tmp_path / "enc", valid=old.head(5)).encoder
+    rolled, changes = enc.rolled(newer)
+    bucket = _hash_buckets(log["user"], 5)
+    assert changes[0]["rows_added"] == 150
+    np.testing.assert_array_equal(rolled.snapshot.tables[STATS[0]][0], np.bincount(bucket, minlength=6))
+    np.testing.assert_array_equal(rolled.snapshot.tables[STATS[0]][1],
+                                  np.bincount(bucket, weights=log["click"].to_numpy(), minlength=6))

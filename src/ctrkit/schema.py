@@ -32,6 +32,7 @@ class SchemaError(ValueError):
     """A schema, or data checked against it, is not valid; the message names the field."""
 
 
+STAT_BUCKETS = 1 << 24  # a stat's counts are arrays over its field's ids: a hashed field of at most this many
 _UNITS_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000,
              "w": 604_800_000_000}
 
@@ -49,7 +50,8 @@ def window_span(window: str) -> int:
 
 @dataclass(frozen=True)
 class Stat:
-    """A rolling click statistic of one categorical field (a user, an item, an ad; a cross too): for each row, the
+    """A rolling click statistic of one categorical field (a user, an item, an ad; a cross or a field hashed into at
+    most :data:`STAT_BUCKETS` buckets too; a hashed field counts per bucket): for each row, the
     impressions and clicks of the training rows with the same value strictly before the row's time (within
     ``window`` when set), as two numeric features: the log-odds of the click rate smoothed by ``prior``
     pseudo-impressions at the training rate, and log1p of the impressions. Valid, test and served rows read a
@@ -271,12 +273,12 @@ class Schema:
             return
         if not self.time:
             raise SchemaError("stats count each row's history before its time: the schema needs a `time` column")
-        vocab = {f.name for f in self.features if f.kind == "categorical" and f.hash_buckets is None}
+        keyed = {f.name for f in self.features if f.kind == "categorical" and (f.hash_buckets or 0) <= STAT_BUCKETS}
         taken = {f.name for f in self.features} | set(self.role_columns)
         for st in self.stats:
-            if st.field not in vocab:
-                raise SchemaError(f"stat of {st.field!r}: not a categorical field with a vocabulary (not hashed) "
-                                  f"or a cross; those are {sorted(vocab)}")
+            if st.field not in keyed:
+                raise SchemaError(f"stat of {st.field!r}: not a categorical field or a cross (hashed into at most "
+                                  f"{STAT_BUCKETS:,} buckets); those are {sorted(keyed)}")
             clash = sorted(taken & set(st.columns))
             if clash:
                 raise SchemaError(f"stat of {st.field!r}: its feature {clash[0]!r} is already a column name")

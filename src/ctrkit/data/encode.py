@@ -426,6 +426,10 @@ class Encoder:
         self._check_fitted()
         return [self.sizes[n] for n in self.sparse_names]
 
+    def _field(self, name: str) -> Field:
+        """The field (crosses included) called ``name``."""
+        return next(f for f in self.schema.features if f.name == name)
+
     def _vocab_fields(self) -> list[Field]:
         return [f for f in self.schema.features if f.kind == "categorical" and f.hash_buckets is None]
 
@@ -454,8 +458,10 @@ class Encoder:
         out = {f"i:{f.name}": self._cat_stats[f.name].add(hashes[f"h:{f.name}"].to_numpy(), chunk[f.name])
                for f in self._vocab_fields()}
         if self._history is not None:
-            self._history.add(chunk[str(self.schema.time)], self.labels(chunk),
-                              {st.field: out[f"i:{st.field}"] for st in self.schema.stats or ()})
+            self._history.add(chunk[str(self.schema.time)], self.labels(chunk), {
+                st.field: out[f"i:{st.field}"] if f"i:{st.field}" in out else
+                _hash_buckets(chunk[st.field], int(self._field(st.field).hash_buckets or 1))
+                for st in self.schema.stats or ()})
         for f in self.schema.list_fields:
             if f.hash_buckets is None:
                 items = _items(chunk[f.name])
@@ -529,7 +535,8 @@ class Encoder:
         self.n_ids = offset
         self._remap = {k: v + self.offsets[k] for k, v in remaps.items()}
         if self._history is not None:
-            self._as_of, self.snapshot = self._history.finish(remaps, self.sizes)
+            hashed = {f: np.arange(self.sizes[f]) for f in self._history.fields if f not in remaps}  # bucket = id
+            self._as_of, self.snapshot = self._history.finish({**remaps, **hashed}, self.sizes)
             self._history = None
             for name, column in zip(self.schema.stat_columns, self._as_of.T.astype(np.float64)):
                 self.moments[name] = (float(column.mean()), float(column.std()) or 1.0)
@@ -841,7 +848,8 @@ class Encoder:
         return (self._as_of[first: first + n] - mean[k:]) / std[k:]
 
     def transform_frame(self, chunk: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Encode one typed chunk (see :mod:`ctrkit.data.readers`) in memory: (ids, dense)."""
+        """Encode one typed chunk (see :mod:`ctrkit.data.readers`) in memory: (ids, dense). Stats come from the
+        snapshot, as served; training rows get theirs as of their own time from :func:`encode_files` only."""
         return self._encode(chunk)
 
     def group_ids(self, chunk: pl.DataFrame) -> np.ndarray | None:
@@ -887,11 +895,14 @@ class Encoder:
             raise EncoderError("the schema has no stats to roll forward")
         fields = sorted({st.field for st in self.snapshot.stats})
         # with min_count 1 no training row had the OOV id: values new since then are not pooled into one history
-        lone = {f: next(x for x in self.schema.features if x.name == f).min_count == 1 for f in fields}
+        lone = {f: self._field(f).min_count == 1 and self._field(f).hash_buckets is None for f in fields}
         keys: dict[str, list[np.ndarray]] = {f: [] for f in fields}
         times, timed, labels = [], [], []
         for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
             for f in fields:
+                if self._field(f).hash_buckets is not None:
+                    keys[f].append(_hash_buckets(chunk[f], int(self._field(f).hash_buckets or 1)))
+                    continue
                 h = chunk.select(_hash(f).alias("h"))["h"].to_numpy()
                 k = self._vocab_ids(f, h) - self.offsets[f]
                 if lone[f]:  # a value training never saw has no history of its own, as none had in training

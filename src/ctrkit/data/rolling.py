@@ -10,7 +10,7 @@ Training rows get their values as of their own time (:func:`as_of`); valid, test
 :class:`Snapshot` of the counts as of the end of training (just after the latest training time), the table a
 bundle carries. Evaluation therefore sees exactly what the scorer serves. A training row without a time neither
 gets nor gives history. Ids are the encoder's: a value kept out of the vocabulary (unseen, or rarer than
-``min_count``) counts as the field's OOV id, in training as in serving.
+``min_count``) counts as the field's OOV id, in training as in serving; a hashed field counts per bucket.
 """
 
 from __future__ import annotations
@@ -84,10 +84,16 @@ class History:
         self._times: list[np.ndarray] = []
         self._timed: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
-        self._index: dict[str, list[np.ndarray]] = {f: [] for f in {s.field for s in self.stats}}
+        self._index: dict[str, list[np.ndarray]] = {f: [] for f in self.fields}
+
+    @property
+    def fields(self) -> list[str]:
+        """The fields the stats count, each once."""
+        return sorted({s.field for s in self.stats})
 
     def add(self, times: pl.Series, labels: np.ndarray, index: dict[str, np.ndarray]) -> None:
-        """One observed chunk: its time column (Int64, nulls allowed), first label and fitting indexes."""
+        """One observed chunk: its time column (Int64, nulls allowed), first label and, per field, each row's
+        fitting index (a vocabulary field) or bucket (a hashed one)."""
         self._timed.append(times.is_not_null().to_numpy())
         self._times.append(times.fill_null(0).to_numpy().astype(np.int64, copy=False))
         self._labels.append(np.asarray(labels, np.float32).reshape(len(times), -1)[:, 0].copy())
@@ -95,7 +101,7 @@ class History:
             parts.append(np.asarray(index[f], np.int64))
 
     def finish(self, local_ids: dict[str, np.ndarray], sizes: dict[str, int]) -> tuple[np.ndarray, Snapshot]:
-        """Given each stat field's map from fitting index to its id within the field (index -1: unseen), the
+        """Given each stat field's map from fitting index (or bucket) to its id within the field, the
         training rows' unscaled features as of their own time, float32 [rows, 2 * stats], and the snapshot."""
         cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
         times, timed, labels = cat(self._times, np.int64), cat(self._timed, bool), cat(self._labels, np.float32)
