@@ -341,3 +341,31 @@ def test_a_hashed_field_rolls_forward_per_bucket(tmp_path):
     np.testing.assert_array_equal(rolled.snapshot.tables[STATS[0]][0], np.bincount(bucket, minlength=6))
     np.testing.assert_array_equal(rolled.snapshot.tables[STATS[0]][1],
                                   np.bincount(bucket, weights=log["click"].to_numpy(), minlength=6))
+
+
+def test_refresh_reads_the_servers_event_log(tmp_path):
+    """`ctrkit serve` logs each impression at the time it served it and the clicks after: a refresh counts them as
+    rows of the bundle's schema, whose time column is not the log's `timestamp`."""
+    import ctrkit
+    from ctrkit.pipeline import refresh_stats
+    from ctrkit.serve.events import EventLog
+
+    log = _log(700, 12)
+    old, served = log.head(500), log.tail(200)
+    ctrkit.train(old, schema=_schema(), model="lr", epochs=1, out=tmp_path / "run", progress=False)
+    events = []
+    for i, r in enumerate(served.to_dicts()):
+        record = {k: v for k, v in r.items() if k not in ("click", "ts")}
+        events.append({**record, "event_id": f"i{i}", "kind": "impression", "impression_id": f"i{i}",
+                       "request_id": f"r{i}", "position": 1, "timestamp": float(r["ts"])})
+        if r["click"]:
+            events.append({"event_id": f"c{i}", "kind": "click", "impression_id": f"i{i}",
+                           "timestamp": float(r["ts"]) + 5.0})
+    with EventLog(tmp_path / "events") as sink:
+        sink.append(events)
+    from_log = refresh_stats(tmp_path / "run" / "bundle", tmp_path / "events", tmp_path / "v2")
+    from_rows = refresh_stats(tmp_path / "run" / "bundle", served, tmp_path / "v2b")
+    for st in STATS:
+        np.testing.assert_array_equal(np.stack(from_log.encoder.snapshot.tables[st]),
+                                      np.stack(from_rows.encoder.snapshot.tables[st]))
+    assert from_log.metrics["stats_refresh"]["rows"] == 200

@@ -87,7 +87,8 @@ def _event_log_rows(path: Path, schema: Path | None) -> Any:
 
     if not is_event_log(path):
         return path
-    return attributed_impressions(path, label=Schema.load(schema).label if schema else "click")
+    sch = Schema.load(schema) if schema else None
+    return attributed_impressions(path, label=sch.label if sch else "click", time=sch.time if sch else None)
 
 
 @app.command()
@@ -277,7 +278,7 @@ def calibrate(bundle: Path = typer.Argument(..., help="A bundle folder."),
 @app.command()
 def refresh(bundle: Path = typer.Argument(..., help="A bundle folder whose schema has stats."),
             data: Path = typer.Argument(..., help="The labelled log since training (or since the last refresh), in "
-                                                  "the bundle's schema."),
+                                                  "the bundle's schema, or a `ctrkit serve` event log."),
             out: Path = typer.Option(..., help="Folder of the new bundle version."),
             fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm.")) -> None:
     """Roll BUNDLE's rolling click statistics forward over DATA and save a new bundle version at OUT (weights,

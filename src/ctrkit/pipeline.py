@@ -425,11 +425,17 @@ def refresh_stats(bundle: str | Path, data: Source, out: str | Path, **read_kwar
     """Roll the rolling statistics of ``bundle`` forward over newer labelled ``data`` (the log since training, or
     since the last refresh) and save a new bundle version at ``out``: served rows then see their history up to
     the newest row, as each training row saw its own. Weights, calibrator, vocabularies and scaling are unchanged.
+    ``data`` may be the event log of ``ctrkit serve``: its impressions with their attributed clicks, at the times
+    they were served.
     """
+    from ctrkit.serve.events import attributed_impressions, is_event_log
+
     _check_new_version(bundle, out)
     b = Bundle.load(bundle)
     report = ReadReport()
-    encoder, changes = b.encoder.rolled(data, report=report, **read_kwargs)
+    rows = attributed_impressions(data, label=b.schema.label, time=b.schema.time) \
+        if isinstance(data, (str, Path)) and is_event_log(data) else data
+    encoder, changes = b.encoder.rolled(rows, report=report, **read_kwargs)
     assert encoder.snapshot is not None and b.encoder.snapshot is not None
     refresh = {"data": str(data) if isinstance(data, (str, Path)) else "frame", "rows": report.rows,
                "bad_rows": report.bad_rows, "as_of_before": b.encoder.snapshot.end,

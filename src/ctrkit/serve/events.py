@@ -362,10 +362,12 @@ def measure_frames(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame | None,
 
 
 def attributed_impressions(path: str | Path, config: Any = None, label: str = "click",
-                           conversion: str | None = None) -> pl.DataFrame:
+                           conversion: str | None = None, time: str | None = None) -> pl.DataFrame:
     """Impressions that survive attribution (dedup, bot and window rules of ``ctrkit.measure``), each with
     ``label`` 0/1 (a click) joined from the click events by ``ctrkit.measure.attribution``; every feature column kept.
-    With ``conversion`` and conversion events in the log, also that column: 0/1, a conversion attributed."""
+    With ``conversion`` and conversion events in the log, also that column: 0/1, a conversion attributed. The
+    logged impression time is ``timestamp`` (UTC), and ``time`` too (a schema's time column) where the impressions
+    do not carry a column of that name."""
     from ctrkit.measure.attribution import Attribution
     from ctrkit.measure.engine import make_engine
 
@@ -383,4 +385,5 @@ def attributed_impressions(path: str | Path, config: Any = None, label: str = "c
     labels = [pl.col("_click").cast(pl.Int8).alias(label)]
     if conversion and convs is not None:
         labels.append(pl.col("_conv").cast(pl.Int8).alias(conversion))
-    return out.select([*keep, *labels]).with_columns(stamp.alias("timestamp"))
+    out = out.select([*keep, *labels]).with_columns(stamp.alias("timestamp"))
+    return out.with_columns(pl.col("timestamp").alias(time)) if time and time not in out.columns else out

@@ -264,9 +264,7 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
     base_bundle = Bundle.load(base)
     sch = base_bundle.schema
     label = sch.label
-    rows = attributed_impressions(events, attribution, label=label).sort("timestamp")
-    if sch.time and sch.time not in rows.columns:  # the time of the impression the server logged is the row's
-        rows = rows.with_columns(pl.col("timestamp").alias(sch.time))
+    rows = attributed_impressions(events, attribution, label=label, time=sch.time).sort("timestamp")
     cut = int(rows.height * (1.0 - holdout))
     fit, held = rows[:cut], rows[cut:]
     if fit.height == 0 or held.height == 0 or held[label].n_unique() < 2:
