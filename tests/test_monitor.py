@@ -7,12 +7,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctrkit.serve.events import EventLog
-from ctrkit.serve.monitor import LiveMonitor, html_report, monitor_log, psi, ratio_row, reference_distribution
+from ctrkit.serve.monitor import (LiveMonitor, feature_psi, feature_reference, html_report, monitor_log, psi,
+                                  ratio_row, reference_distribution)
 
 
 def test_psi_against_the_formula() -> None:
@@ -135,3 +137,55 @@ def test_monitor_log_checks_every_head_of_a_multi_task_bundle(tmp_path: Path) ->
     assert any(a.startswith("head conversion, window 1:") for a in res["alerts"])
     assert not any("head conversion, window 0" in a for a in res["alerts"])
     assert "head conversion" in html_report(res, tmp_path / "m.html").read_text()
+
+
+def test_feature_reference_and_psi_literal() -> None:
+    enc = SimpleNamespace(sparse_names=["u"], dense_names=["x"], oov_ids=lambda: {"u": 1})
+    ids = np.array([[5], [5], [5], [6], [7], [8], [5], [6], [9], [3]])
+    dense = np.array([[0.0], [1.0], [2.0], [3.0], [np.nan], [5.0], [6.0], [7.0], [8.0], [9.0]])
+    ref = feature_reference(enc, ids, dense, top=2, bins=3)
+    # the two most frequent ids, then the OOV id (none here), then the rest
+    assert ref["u"] == {"ids": [5, 6, 1], "shares": [0.4, 0.2, 0.0, 0.4]}
+    edges = np.quantile([0, 1, 2, 3, 5, 6, 7, 8, 9], [1 / 3, 2 / 3]).tolist()
+    assert ref["x"]["edges"] == edges
+    assert ref["x"]["shares"] == pytest.approx([0.3, 0.3, 0.3, 0.1])  # three bins, then missing
+    assert feature_psi(ref, ["u", "x"], np.column_stack([ids[:, 0], dense[:, 0]])) == {"u": 0.0, "x": 0.0}
+    live = np.array([[1, 0.0], [1, 0.0], [5, np.nan], [6, 9.0]])  # half at OOV (unseen values), half missing
+    got = feature_psi(ref, ["u", "x"], live)
+    want_u = sum((a - e) * math.log(a / e) for a, e in ((0.25, 0.4), (0.25, 0.2), (0.5, 1e-4), (1e-4, 0.4)))
+    want_x = sum((a - e) * math.log(a / e) for a, e in ((0.5, 0.3), (1e-4, 0.3), (0.25, 0.3), (0.25, 0.1)))
+    assert got["u"] == pytest.approx(want_u, rel=1e-12) and got["x"] == pytest.approx(want_x, rel=1e-12)
+    assert math.isnan(feature_psi(ref, ["u", "x"], live[:0])["u"])
+
+
+def test_monitor_log_names_the_input_that_moved(tmp_path: Path) -> None:
+    """The second half of the log is served items priced ten times higher: the price column's PSI is an alert in
+    that window only."""
+    from ctrkit.data.synth import make_click_log, synth_schema
+    from ctrkit.pipeline import train
+    from ctrkit.serve.bundle import Bundle
+
+    log, _ = make_click_log(n_rows=3000, n_users=100, n_items=60, seed=3)
+    log = log.drop("p_click")
+    train(log.head(2000), schema=synth_schema(), model="lr", epochs=1, out=tmp_path / "run", progress=False)
+    bundle = Bundle.load(tmp_path / "run" / "bundle")
+    assert set(bundle.metrics["feature_reference"]) == set(bundle.encoder.sparse_names + bundle.encoder.dense_names)
+    served = log.tail(1000).with_columns(pl.when(pl.int_range(pl.len()) >= 500).then(pl.col("price") * 10)
+                                         .otherwise(pl.col("price")).alias("price"))
+    events = []
+    for i, r in enumerate(served.drop("click").to_dicts()):
+        stamp = r.pop("timestamp").timestamp()
+        events.append({**r, "hour": str(r["hour"]), "weekday": str(r["weekday"]), "event_id": f"i{i}",
+                       "kind": "impression", "impression_id": f"i{i}", "timestamp": stamp})
+    with EventLog(tmp_path / "log") as sink:
+        sink.append(events)
+    res = monitor_log(tmp_path / "log", bundle, windows=2)
+    price = res["features"]["price"]
+    assert price["windows"][1] > 0.25 > price["windows"][0]
+    assert any(a.startswith("window 1: input price: PSI") for a in res["alerts"])
+    assert not any(a.startswith("window 0: input price") for a in res["alerts"])
+    # weekday moves too, for real: the served days fall on five weekdays, the training days on all seven
+    assert res["features"]["weekday"]["total"] > 0.25
+    assert all(f["total"] < 0.1 for n, f in res["features"].items() if n not in ("price", "weekday"))
+    page = html_report(res, tmp_path / "m.html").read_text()
+    assert "Inputs: PSI against the training rows" in page and "price" in page

@@ -28,7 +28,7 @@ from ctrkit.serve.bundle import Bundle
 from ctrkit.data.dataset import EncodedData
 from ctrkit.evaluate.calibrate import CHOICES as CALIBRATE_CHOICES, Calibrator, fit_calibrator
 from ctrkit.evaluate.report import render_report, save_report_data
-from ctrkit.serve.monitor import reference_distribution
+from ctrkit.serve.monitor import feature_reference, reference_distribution
 from ctrkit.training.distributed import world
 from ctrkit.training.sampling import check_rate, downsample_negatives, logit_shift
 from ctrkit.nn.embedding import FeatureLinear, FeatureSpec, tables_on
@@ -48,6 +48,7 @@ class Run:
     reports: dict[str, Any] = field(default_factory=dict)
 
 
+REFERENCE_ROWS = 200_000  # training rows sampled for the inputs' drift reference (monitor.feature_reference)
 RUN_FILES = {"bundle", "checkpoints", "metrics.json", "report.html", "report_data.npz", "report_segments.json",
              "tune.json"}  # what a training run (or a search) writes into its --out
 
@@ -220,6 +221,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                                                      enc.encoder.unseen(o["ids"]), o["weight"])
         if "valid" in outputs:  # what live pCTR is compared with for drift (PSI): the served (first-head) pCTR
             metrics["pctr_reference"] = reference_distribution(calibrator(_first_head(outputs["valid"])["logits"]))
+        rows = np.sort(np.random.default_rng(seed).choice(len(full_train), min(len(full_train), REFERENCE_ROWS),
+                                                          replace=False))
+        metrics["feature_reference"] = feature_reference(enc.encoder, np.asarray(full_train.ids)[rows],
+                                                         np.asarray(full_train.dense)[rows])
         metrics["train"] = {**_train_record(results), "rows": len(train_set), "config": configs[0].to_dict(),
                             "rows_before_sampling": len(full_train), "neg_sample_rate": neg_sample_rate,
                             "positives": int(labels.sum()), "auto": auto}

@@ -381,11 +381,15 @@ class Encoder:
         """Per categorical field with a vocabulary (crosses included), which rows of encoded ``ids`` hold a value
         training did not keep (the field's OOV id: never seen, or seen fewer than ``min_count`` times): the
         cold-start rows, one field's mask at a time. Hashed fields have no such id and are left out."""
-        self._check_fitted()
-        vocab = {f.name for f in self._vocab_fields()}
+        oov = self.oov_ids()
         for j, name in enumerate(self.sparse_names):
-            if name in vocab:
-                yield name, np.asarray(ids[:, j]) == self.offsets[name] + OOV
+            if name in oov:
+                yield name, np.asarray(ids[:, j]) == oov[name]
+
+    def oov_ids(self) -> dict[str, int]:
+        """The global OOV id of every vocabulary field (crosses included): where unseen values land."""
+        self._check_fitted()
+        return {f.name: self.offsets[f.name] + OOV for f in self._vocab_fields()}
 
     @property
     def seq_names(self) -> list[str]:

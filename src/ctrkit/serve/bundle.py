@@ -260,9 +260,10 @@ class Bundle:
             return np.zeros((0, self._heads) if self._heads > 1 else 0, dtype=np.float64)
         return self._score(good, batch_size)
 
-    def ids(self, records: Records) -> np.ndarray:
-        """The global categorical ids [n, F] of raw records, as the model sees them (the same checks as predict)."""
-        return self.encoder.transform_frame(self._frame(records))[0]
+    def encode(self, records: Records) -> tuple[np.ndarray, np.ndarray]:
+        """The global categorical ids [n, F] and dense columns [n, D] of raw records, as the model sees them (the
+        same checks as predict)."""
+        return self.encoder.transform_frame(self._frame(records))
 
     def _check_required(self, df: pl.DataFrame, where: str = "row") -> None:
         for f in self.schema.fields:

@@ -1,10 +1,13 @@
-"""Calibration and drift monitoring: rolling pred/actual overall and per segment, PSI of pCTR against training.
+"""Calibration and drift monitoring: rolling pred/actual overall and per segment, PSI of pCTR against training,
+and PSI of every input column against the training rows (what moved when pCTR moves).
 
 pred/actual is the sum of predicted click probabilities over the clicks that happened (1.0 is perfect
 calibration); a ratio outside the band [0.8, 1.2] is an alert once the window holds ``min_clicks`` clicks, so
 that a handful of clicks cannot raise one. PSI compares the distribution of live pCTR with the distribution of
 the bundle's validation pCTR over the reference's decile bins: sum (a - e) ln(a / e); the usual reading is
-< 0.1 stable, 0.1-0.25 a moderate shift, > 0.25 a major one.
+< 0.1 stable, 0.1-0.25 a moderate shift, > 0.25 a major one. An input column is compared the same way: a
+categorical field over its most frequent training ids, its OOV id (values training never kept) and the rest; a
+numeric or stat column over its training deciles and a bin for missing values.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ctrkit.data.readers import DataError
 
 BAND = (0.8, 1.2)
 PSI_FLOOR = 1e-4
+MAJOR = 0.25  # the usual reading of a PSI above this: a major shift
 
 
 def reference_distribution(p: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
@@ -41,10 +45,63 @@ def psi(reference: Mapping[str, Sequence[float]], p: np.ndarray) -> float:
     if len(p) == 0:
         return float("nan")
     edges = np.asarray(reference["edges"], dtype=np.float64)
-    expected = np.maximum(np.asarray(reference["shares"], dtype=np.float64), PSI_FLOOR)
-    actual = np.bincount(np.searchsorted(edges, p, side="right"), minlength=len(edges) + 1) / len(p)
-    actual = np.maximum(actual, PSI_FLOOR)
-    return float(np.sum((actual - expected) * np.log(actual / expected)))
+    return _psi(reference["shares"], np.bincount(np.searchsorted(edges, p, side="right"), minlength=len(edges) + 1)
+                / len(p))
+
+
+def _psi(expected: Sequence[float], actual: np.ndarray) -> float:
+    """sum (a - e) ln(a / e) over bins, shares floored at :data:`PSI_FLOOR`."""
+    e = np.maximum(np.asarray(expected, dtype=np.float64), PSI_FLOOR)
+    a = np.maximum(actual, PSI_FLOOR)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _column_shares(ref: Mapping[str, Any], column: np.ndarray) -> np.ndarray:
+    """Shares of ``column``'s rows in the bins of a :func:`feature_reference` entry: per id then "other" (a sparse
+    field), or per quantile bin then "missing" (a dense column)."""
+    if "ids" in ref:
+        ids = np.asarray(ref["ids"], dtype=np.int64)
+        order = np.argsort(ids)
+        pos = np.searchsorted(ids[order], column)
+        hit = (pos < len(ids)) & (ids[order][np.minimum(pos, len(ids) - 1)] == column) if len(ids) else \
+            np.zeros(len(column), bool)
+        slot = np.where(hit, order[np.minimum(pos, max(len(ids) - 1, 0))], len(ids))
+        return np.bincount(slot, minlength=len(ids) + 1) / max(len(column), 1)
+    x = np.asarray(column, dtype=np.float64)
+    edges = np.asarray(ref["edges"], dtype=np.float64)
+    slot = np.where(np.isnan(x), len(edges) + 1, np.searchsorted(edges, x, side="right"))
+    return np.bincount(slot, minlength=len(edges) + 2) / max(len(x), 1)
+
+
+def feature_reference(encoder: Any, ids: np.ndarray, dense: np.ndarray, top: int = 10,
+                      bins: int = 10) -> dict[str, dict[str, list[Any]]]:
+    """What live input columns are compared with, from encoded training rows: per sparse field the ids of its
+    ``top`` most frequent values and its OOV id (for a field with a vocabulary), each with its share, then the rest;
+    per dense column (numeric fields, stats) its inner decile edges, each bin's share, then the missing share."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    oov = encoder.oov_ids()
+    for j, name in enumerate(encoder.sparse_names):
+        col = np.asarray(ids[:, j], dtype=np.int64)
+        values, counts = np.unique(col, return_counts=True)
+        chosen = [int(v) for v in values[np.argsort(-counts, kind="stable")[:top]]]
+        if name in oov and oov[name] not in chosen:
+            chosen.append(oov[name])
+        ref: dict[str, list[Any]] = {"ids": chosen}
+        out[name] = {**ref, "shares": _column_shares(ref, col).tolist()}
+    for j, name in enumerate(encoder.dense_names):
+        x = np.asarray(dense[:, j], dtype=np.float64)
+        seen = x[~np.isnan(x)]
+        edges = np.unique(np.quantile(seen, np.linspace(0, 1, bins + 1)[1:-1])).tolist() if len(seen) else []
+        out[name] = {"edges": edges, "shares": _column_shares({"edges": edges}, x).tolist()}
+    return out
+
+
+def feature_psi(reference: Mapping[str, Mapping[str, Any]], names: Sequence[str], columns: np.ndarray
+                ) -> dict[str, float]:
+    """PSI of each column of ``columns`` (named ``names``, as a :func:`feature_reference` was made) against it;
+    NaN without rows."""
+    return {n: _psi(reference[n]["shares"], _column_shares(reference[n], columns[:, j])) if len(columns)
+            else float("nan") for j, n in enumerate(names) if n in reference}
 
 
 def ratio_row(pred: float, clicks: float, impressions: int, min_clicks: int,
@@ -141,8 +198,8 @@ def alerts(snapshot: Mapping[str, Any]) -> list[str]:
                 lines.append(f"{name}={value}: pred/actual {r['ratio']:.3f} is outside [{BAND[0]}, {BAND[1]}] "
                              f"({r['clicks']} clicks)")
     value = snapshot.get("psi")
-    if value is not None and value > 0.25:
-        lines.append(f"PSI {value:.3f} of live pCTR against training: a major shift (> 0.25)")
+    if value is not None and value > MAJOR:
+        lines.append(f"PSI {value:.3f} of live pCTR against training: a major shift (> {MAJOR})")
     return lines
 
 
@@ -152,7 +209,9 @@ def monitor_log(log: str | Path, bundle: Any, segments: Sequence[str] = (), wind
 
     Impressions and their clicks come from :func:`ctrkit.serve.events.attributed_impressions` (the attribution
     of ``ctrkit.measure``); the pCTR is the one logged when the item was served, or the bundle's score where
-    the log has none. The reference distribution for PSI is the bundle's validation pCTR. A multi-task bundle
+    the log has none. The reference distribution for PSI is the bundle's validation pCTR; where the bundle holds
+    its training rows' :func:`feature_reference`, every input column's PSI is reported too (``features``, a
+    column past 0.25 overall or in a window is an alert). A multi-task bundle
     (labels such as [click, conversion]) is also checked per head where the log has the label: the first head
     against clicks, the second against the conversions attributed to each impression (``heads``).
     """
@@ -210,8 +269,30 @@ def monitor_log(log: str | Path, bundle: Any, segments: Sequence[str] = (), wind
             lines += [f"head {name}: {a}" for a in alerts({"overall": per_head[name]["total"]})]
             lines += [f"head {name}, window {w}: {a}" for w, r in enumerate(per_head[name]["windows"])
                       for a in alerts({"overall": r})]
+    features = _feature_drift(bundle, data, which, windows)
+    for name, f in features.items():
+        if f["total"] > MAJOR:
+            lines.append(f"input {name}: PSI {f['total']:.3f} against training (major shift)")
+        lines += [f"window {w}: input {name}: PSI {v:.3f} against training (major shift)"
+                  for w, v in enumerate(f["windows"]) if v > MAJOR]
     return {"log": str(log), "impressions": len(p), "clicks": int(c.sum()), "band": list(BAND),
-            "reference": bool(reference), "total": overall, "windows": rows, "heads": per_head, "alerts": lines}
+            "reference": bool(reference), "total": overall, "windows": rows, "heads": per_head,
+            "features": features, "alerts": lines}
+
+
+def _feature_drift(bundle: Any, data: pl.DataFrame, which: np.ndarray, windows: int) -> dict[str, dict[str, Any]]:
+    """Per input column: PSI against the bundle's training rows over the whole log and per window, largest first
+    (empty for a bundle without a feature reference)."""
+    reference = bundle.metrics.get("feature_reference")
+    if not reference or len(data) == 0:
+        return {}
+    ids, dense = bundle.encode(data)
+    names = list(bundle.encoder.sparse_names) + list(bundle.encoder.dense_names)
+    columns = np.concatenate([ids.astype(np.float64), dense.astype(np.float64)], axis=1)
+    total = feature_psi(reference, names, columns)
+    per = [feature_psi(reference, names, columns[which == w]) for w in range(windows)]
+    out = {n: {"total": total[n], "windows": [p[n] for p in per]} for n in total}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["total"]))
 
 
 def html_report(result: Mapping[str, Any], path: str | Path) -> Path:
@@ -260,6 +341,15 @@ def html_report(result: Mapping[str, Any], path: str | Path) -> Path:
             [[w, r["impressions"], r["clicks"], r["pred"], r["ratio"], "ALERT" if r["alert"] else ""]
              for w, r in enumerate(h["windows"])])
         for name, h in list(result.get("heads", {}).items())[1:])
+    feats = result.get("features") or {}
+    def worst(values: list[float]) -> tuple[float | None, int | None]:
+        seen = [(v, w) for w, v in enumerate(values) if v == v]  # windows without rows have NaN
+        return max(seen) if seen else (None, None)
+
+    inputs = table(["input column", "PSI, whole log", "largest window PSI", "in window", "alert"],
+                   [[n, f["total"], *worst(f["windows"]),
+                     "ALERT" if f["total"] > MAJOR or any(v > MAJOR for v in f["windows"]) else ""]
+                    for n, f in feats.items()]) if feats else "<p>The bundle holds no reference of its inputs.</p>"
     al = "".join(f"<li>{esc.escape(a)}</li>" for a in result["alerts"]) or "<li>none</li>"
     t = result["total"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ctrkit monitor</title>
@@ -269,7 +359,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.alerts li{{color
 <p>{result['impressions']:,} impressions, {result['clicks']:,} clicks; overall pred/actual
 <b>{_fmt(t['overall']['ratio'])}</b>, PSI against the training pCTR <b>{_fmt(t['psi'])}</b>.</p>
 <h2>Alerts</h2><ul class="alerts">{al}</ul>
-{chart}<h2>Per window</h2>{win}{heads}<h2>Segments (whole log)</h2>{segs}</body></html>"""
+{chart}<h2>Per window</h2>{win}{heads}<h2>Segments (whole log)</h2>{segs}
+<h2>Inputs: PSI against the training rows</h2>{inputs}</body></html>"""
     out = Path(path)
     out.write_text(page)
     return out
