@@ -104,6 +104,16 @@ def test_cli(files: Path, tmp_path: Path) -> None:
     said = " ".join(res.output.split())
     assert "fm: 2 trials, validation auc (best first)" in said and "fm, best settings" in said
     assert len(json.loads((tmp_path / "run" / "tune.json").read_text())["trials"]) == 2
+    res = CliRunner().invoke(app, ["tune", str(files / "train.csv"), "--valid", str(files / "valid.csv"), "--schema",
+                                   str(files / "schema.yaml"), "--model", "fm", "--trials", "1", "--epochs", "1",
+                                   "--storage", str(tmp_path / "t.db"), "--study", "mine", "--out",
+                                   str(tmp_path / "r2")])
+    assert res.exit_code == 0, res.output
+    again = CliRunner().invoke(app, ["tune", str(files / "train.csv"), "--valid", str(files / "valid.csv"), "--schema",
+                                     str(files / "schema.yaml"), "--model", "fm", "--trials", "1", "--epochs", "1",
+                                     "--storage", str(tmp_path / "t.db"), "--study", "mine", "--out",
+                                     str(tmp_path / "r3")])
+    assert again.exit_code == 0 and "1 trials of study 'mine' found" in " ".join(again.output.split())
     res = CliRunner().invoke(app, ["tune", str(files / "train.csv"), "--schema", str(files / "schema.yaml"),
                                    "--metric", "gauc", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--metric must be one of ('auc', 'logloss'), got 'gauc'" in res.output
@@ -148,3 +158,23 @@ def test_pipeline_hands_each_epoch_to_on_epoch_and_stops_when_it_raises(files: P
         ctrkit.pipeline.train(files / "train.csv", schema=files / "schema.yaml", valid=files / "valid.csv",
                               model="fm", epochs=5, progress=False, on_epoch=stop_at_two)
     assert [r["epoch"] for r in seen] == [1, 2] and all("auc" in r["valid"] for r in seen)
+
+
+def test_a_stored_study_goes_on_where_it_stopped(files: Path, tmp_path: Path) -> None:
+    db = tmp_path / "studies" / "tune.db"
+    first = _tune(files, trials=3, storage=db)
+    lines: list[str] = []
+    more = _tune(files, trials=5, storage=db, log=lines.append)
+    assert [t["auc"] for t in more.trials[:3]] == [t["auc"] for t in first.trials]  # kept, not trained again
+    assert [t["params"] for t in more.trials[:3]] == [t["params"] for t in first.trials]
+    assert len(more.trials) == 5 and more.trials[0]["params"] == {}
+    assert sum(line.startswith("trial ") for line in lines) == 2  # only the two missing trials ran
+    assert any("3 trials of study 'ctrkit-fm-auc' found" in line for line in lines)
+    assert all(t["params"] not in [u["params"] for u in more.trials[:3]] for t in more.trials[3:])
+    assert more.best["auc"] == max(t["auc"] for t in more.trials)
+    done = _tune(files, trials=4, storage=db, log=lines.append)  # nothing left to run: the best is retrained
+    assert len(done.trials) == 5
+    with pytest.raises(ValueError, match=r"belongs to another search \(space differ\)"):
+        _tune(files, trials=6, storage=db, space=SPACE[:1])
+    with pytest.raises(ValueError, match=r"belongs to another search \(encoder, rows differ\)"):
+        _tune(files, trials=6, storage=db, valid=None)

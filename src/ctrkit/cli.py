@@ -220,6 +220,10 @@ def tune(train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training 
          seed: int = typer.Option(0, help="Seed of the sampler and of every trial's model."),
          device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
          fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv, parquet or libfm."),
+         storage: Optional[str] = typer.Option(None, help="Keep every finished trial in this SQLite file (or Optuna "
+                                                          "storage URL): run again, a stopped search goes on."),
+         study: Optional[str] = typer.Option(None, help="The study's name in --storage (default "
+                                                        "ctrkit-MODEL-METRIC)."),
          quiet: bool = typer.Option(False, "--quiet", help="Only the final table.")) -> None:
     """Search MODEL's settings on one encode of TRAIN (Optuna's TPE sampler), compare the trials on the validation
     rows, and train the best into OUT; the test rows judge only the best."""
@@ -228,7 +232,7 @@ def tune(train_file: Path = typer.Argument(..., metavar="TRAIN", help="Training 
     try:
         result = run_tune(train_file, schema=schema, valid=valid, test=test, model=model, out=out, trials=trials,
                           timeout=timeout, metric=metric, space=load_space(space) if space else None, seed=seed,
-                          device=device, epochs=epochs, fmt=fmt,
+                          device=device, epochs=epochs, fmt=fmt, storage=storage, study_name=study,
                           log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
     except (*USER_ERRORS, ImportError) as exc:
         _fail(str(exc))

@@ -5,7 +5,10 @@ sampler over the learning rate, the embedding size and the model's regularisatio
 trial a full :func:`ctrkit.pipeline.train` with early stopping on the validation rows and no calibration, a trial
 far behind the median of the earlier ones at the same epoch stopped (Optuna's median pruner). The best settings
 (the defaults, if none beat them) are trained again into a bundle, and only then are the test rows scored: they
-take no part in the choice. Optuna is an optional dependency (``pip install 'ctrkit[tune]'``).
+take no part in the choice. With ``storage`` (a SQLite file or an Optuna storage URL) every finished trial is
+kept there as it ends, so a search that was stopped goes on where it was when run again with the same data and
+settings; only the trials missing from ``trials`` are run. Optuna is an optional dependency
+(``pip install 'ctrkit[tune]'``).
 """
 
 from __future__ import annotations
@@ -143,14 +146,48 @@ class TuneResult:
                     "test": None if test is None else {k: test.get(k) for k in ("auc", "logloss")}}}
 
 
+def storage_url(storage: str | Path) -> str:
+    """An Optuna storage URL: a URL as it is, a file path as a SQLite database (its folder made)."""
+    text = str(storage)
+    if "://" in text:
+        return text
+    Path(text).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(text).expanduser().resolve()}"
+
+
+def _identity(model: str, metric: str, space: list[Param], seed: int, enc: Any, train_kwargs: dict[str, Any]
+              ) -> dict[str, Any]:
+    """What a stored study must match to be continued: the search and the data it ran on."""
+    rows = {k: len(d) for k, d in enc.data.items() if k != "test"}
+    fixed = {k: v for k, v in train_kwargs.items() if k not in ("bad_rows", "log")}
+    return json.loads(json.dumps({"model": model, "metric": metric, "seed": seed,
+                                  "space": {p.name: p.to_dict() for p in space}, "encoder": enc.encoder.fingerprint(),
+                                  "rows": rows, "settings": fixed}, default=str))
+
+
+def _stored_records(study: Any, metric: str) -> list[dict[str, Any]]:
+    """The trial records of a stored study's finished trials (complete or pruned), in the order they ended."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    done.sort(key=lambda t: t.datetime_complete)
+    return [{"number": i, "params": dict(t.params), metric: t.value if t.state == TrialState.COMPLETE else float("nan"),
+             **({"pruned": True} if t.state == TrialState.PRUNED else
+                {"seconds": t.user_attrs.get("seconds"), "epochs": t.user_attrs.get("epochs")})}
+            for i, t in enumerate(done)]
+
+
 def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: Source | None = None,
          model: str = "deepfm", out: str | Path | None = None, trials: int = 20, timeout: float | None = None,
          metric: str = "auc", space: list[Param] | None = None, seed: int = 0, device: str = "cpu",
-         epochs: int | None = None, log: Any = None, **train_kwargs: Any) -> TuneResult:
+         epochs: int | None = None, log: Any = None, storage: str | Path | None = None,
+         study_name: str | None = None, **train_kwargs: Any) -> TuneResult:
     """Search ``space`` (:func:`default_space` of ``model`` when None) for the settings with the best validation
     ``metric`` ("auc" or "logloss") over ``trials`` trials (the first: the defaults, ``params`` {}) or ``timeout``
     seconds, whichever ends first; then train the best into ``out`` (bundle, metrics.json with the test figures,
-    report.html, tune.json)."""
+    report.html, tune.json). With ``storage``, the trials of the study ``study_name`` (default
+    ``ctrkit-<model>-<metric>``) found there count towards ``trials``; a stored study of another search or other
+    data is refused, naming what differs."""
     try:
         import optuna
     except ImportError:
@@ -213,6 +250,8 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
             params = {p.name: p.suggest(trial) for p in space}
             try:
                 value = run_trial(params, report)
+                trial.set_user_attr("seconds", records[-1]["seconds"])
+                trial.set_user_attr("epochs", records[-1]["epochs"])
             except optuna.TrialPruned:
                 records.append({"number": len(records), "params": params, metric: float("nan"), "pruned": True})
                 if log:
@@ -223,13 +262,32 @@ def tune(train_data: Source, *, schema: Any, valid: Source | None = None, test: 
             return value
 
         started = time.perf_counter()
-        run_trial({})  # the first trial is the defaults: a search never ends below what it started from
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction=METRICS[metric], sampler=optuna.samplers.TPESampler(seed=seed),
-                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
+        study = optuna.create_study(direction=METRICS[metric],
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+                                    storage=None if storage is None else storage_url(storage),
+                                    study_name=study_name or f"ctrkit-{model}-{metric}", load_if_exists=True)
+        identity = _identity(model, metric, space, seed, enc, train_kwargs)
+        stored = study.user_attrs.get("ctrkit")
+        if stored is None:
+            study.set_user_attr("ctrkit", identity)
+        elif stored != identity:
+            differ = sorted(k for k in identity if stored.get(k) != identity[k])
+            raise ValueError(f"the study {study.study_name!r} in {storage} belongs to another search "
+                             f"({', '.join(differ)} differ); give another --study name or storage to start a new one")
+        records.extend(_stored_records(study, metric))
+        # a sampler seeded as at the start would draw the stored trials' settings again
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(records))
+        if records and log:
+            log(f"{len(records)} trials of study {study.study_name!r} found in {storage}; going on")
+        if not records:  # the first trial is the defaults: a search never ends below what it started from
+            value = run_trial({})
+            if math.isfinite(value):  # kept with the others, so a search that goes on does not run it again
+                study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}, user_attrs={
+                    k: records[-1][k] for k in ("seconds", "epochs")}))
         left = None if timeout is None else max(timeout - (time.perf_counter() - started), 0.0)
-        if trials > 1 and left != 0.0:
-            study.optimize(objective, n_trials=trials - 1, timeout=left)
+        if trials > len(records) and left != 0.0:
+            study.optimize(objective, n_trials=trials - len(records), timeout=left)
         finite = [r for r in records if math.isfinite(r[metric])]
         if not finite:
             raise RuntimeError(f"no trial finished with a finite validation {metric}")
