@@ -274,7 +274,7 @@ def test_rolling_forward_adds_newer_rows_and_recounts_each_window(tmp_path):
     in_window = log.filter(pl.col("ts") * 1_000_000 >= end - window_span(item.window))
     np.testing.assert_array_equal(np.stack(rolled.snapshot.tables[item]),
                                   np.stack(_counts_by_id(enc, "item", in_window)))
-    assert changes[0] == {"columns": list(user.columns), "rows_added": newer.height}
+    assert changes[0] == {"columns": list(user.columns), "rows_added": newer.height, "newcomers": 0}
     assert changes[1]["rows_in_window"] == in_window.height and "warning" not in changes[1]
     late = newer.filter(pl.col("ts") * 1_000_000 >= end - window_span(item.window) // 2)
     assert "not counted" in enc.rolled(late)[1][1]["warning"]  # the data starts inside the window
@@ -295,7 +295,9 @@ def test_ctrkit_refresh_writes_a_new_bundle_version(tmp_path):
     from ctrkit.serve.bundle import Bundle
 
     log = _log(1200, 9)
-    old, newer = log.head(900), log.tail(300)
+    old = log.head(900)
+    newer = log.tail(300).with_columns(pl.when(pl.int_range(pl.len()) % 6 == 0).then(pl.lit("fresh"))
+                                       .otherwise(pl.col("user")).alias("user"))  # a user new since training
     old.write_csv(tmp_path / "old.csv")
     newer.write_csv(tmp_path / "newer.csv")
     _schema().save(tmp_path / "schema.yaml")
@@ -312,6 +314,10 @@ def test_ctrkit_refresh_writes_a_new_bundle_version(tmp_path):
     assert r["rows"] == 300 and r["as_of"] == log["ts"].max() * 1_000_000 + 1
     probe = newer.drop("click").head(40)
     assert not np.allclose(v1.predict(probe), v2.predict(probe))
+    fresh = newer.filter(pl.col("user") == "fresh").drop("click", "ts").head(5)
+    served = v2.predict(fresh.to_dicts())  # the compiled path leaves a newcomer's rows to the frame path
+    np.testing.assert_array_equal(served, v2.predict(fresh))
+    assert not np.allclose(served, v1.predict(fresh))  # the new user's own clicks, not the training rate
     res = CliRunner().invoke(app, ["refresh", str(bundle), str(tmp_path / "newer.csv"), "--out", str(bundle)])
     assert res.exit_code != 0 and "is the bundle itself" in res.output
     res = CliRunner().invoke(app, ["refresh", str(bundle), str(tmp_path / "nope.csv"), "--out", str(tmp_path / "v3")])
@@ -319,16 +325,34 @@ def test_ctrkit_refresh_writes_a_new_bundle_version(tmp_path):
 
 
 @pytest.mark.parametrize("min_count", [1, 2])
-def test_values_new_since_training_are_pooled_only_where_training_pooled_rare_values(tmp_path, min_count):
+def test_values_new_since_training_count_by_themselves_where_training_pooled_none(tmp_path, min_count):
     log = _log(400, 10)
     old = log.head(300)
-    newer = log.tail(100).with_columns(pl.lit("new-user").alias("user"))
+    newer = log.tail(100).with_columns(pl.when(pl.int_range(pl.len()) < 60).then(pl.lit("new-user"))
+                                       .otherwise(pl.col("user")).alias("user"))
     enc = encode_files(_schema(min_count), old, tmp_path / "enc", valid=old.head(5)).encoder
-    rolled, _ = enc.rolled(newer)
+    rolled, changes = enc.rolled(newer)
     user = STATS[0]
     oov_before, oov_after = enc.snapshot.tables[user][0][1], rolled.snapshot.tables[user][0][1]
-    # min_count 1: no training row had the OOV id, so a new user has no history; 2: rare users share it
-    assert oov_after - oov_before == (0 if min_count == 1 else 100)
+    new = newer.head(60)
+    if min_count == 2:  # rare users were pooled at the OOV id in training: new ones join them
+        assert oov_after - oov_before == 60 and not rolled.snapshot.newcomers
+        return
+    # min_count 1: every training value had its own history, so the new user gets one too, read by its value
+    assert oov_after == oov_before == 0 and changes[0]["newcomers"] == 1
+    counts = rolled.snapshot.newcomers[user].row(0, named=True)
+    assert counts == {"value": "new-user", "impressions": 60, "clicks": float(new["click"].sum())}
+    probe = new.head(3).drop("click", "ts")
+    _, dense = rolled.transform_frame(read_frame(new.head(3), rolled.schema)[0])
+    want = features(np.array([60]), np.array([float(new["click"].sum())]), user.prior, rolled.snapshot.rate)[0]
+    np.testing.assert_allclose(_unscale(rolled, dense)[:, :2], np.tile(want, (3, 1)), atol=2e-5)
+    assert rolled.encode_records(probe.to_dicts()) is None  # the compiled path keeps no raw value: frames serve
+    assert rolled.encode_records(newer.tail(5).drop("click", "ts").to_dicts()) is not None or _records is None
+    rolled.save(tmp_path / "saved")
+    again = Encoder.load(tmp_path / "saved")
+    assert again.snapshot.newcomers[user].equals(rolled.snapshot.newcomers[user])
+    rolled_twice, changes = again.rolled(new.with_columns(pl.col("ts") + 20 * DAY))  # counted on, by value
+    assert rolled_twice.snapshot.newcomers[user].row(0, named=True)["impressions"] == 120
 
 
 def test_a_hashed_field_rolls_forward_per_bucket(tmp_path):

@@ -618,6 +618,8 @@ class Encoder:
         numbers = np.empty((len(rows), sum(f.kind == "numeric" for f in self.schema.fields)))
         if not plan.encode(rows, context or None, ids, numbers, None if extra is None else tuple(extra)):
             return None
+        if self._reads_values(ids):
+            return None
         return ids, self._from_numbers(ids, numbers)
 
     def encode_json(self, body: bytes, key: str, extra: Sequence[str] = (),
@@ -655,6 +657,8 @@ class Encoder:
         plan = self.records_plan()
         if records.missing.any() and not plan.fill_missing(records.missing, context or {}, records.ids,
                                                            records.numbers):
+            return None
+        if self._reads_values(records.ids):
             return None
         return records.ids, self._from_numbers(records.ids, records.numbers)
 
@@ -727,7 +731,7 @@ class Encoder:
             else:
                 ids[:, j] = self._bin(f.name, _numeric(chunk, f.name)) + off
         dense = self._unscaled_dense(chunk, {})
-        self._snapshot_stats(ids, dense)
+        self._snapshot_stats(ids, dense, chunk)
         self._scale(dense)
         return ids, dense
 
@@ -785,13 +789,23 @@ class Encoder:
             dense[:, j] = _pre_transform(_numeric(chunk, f.name), f.transform) if t is None else t
         return dense
 
-    def _snapshot_stats(self, ids: np.ndarray, dense: np.ndarray) -> None:
-        """Write the stats' features of the snapshot (the end of training) into their columns of ``dense``."""
+    def _snapshot_stats(self, ids: np.ndarray, dense: np.ndarray, chunk: pl.DataFrame | None = None) -> None:
+        """Write the stats' features of the snapshot (the end of training) into their columns of ``dense``; the
+        raw values of ``chunk`` serve the snapshot's newcomers (values new since training, counted by a refresh)."""
         if self.snapshot is None:
             return
         cols = {st.field for st in self.snapshot.stats}
         local = {f: ids[:, self.sparse_names.index(f)] - self.offsets[f] for f in cols}
-        self.snapshot.fill(local, dense[:, len(self.schema.dense_fields):])
+        values = None if chunk is None else {f: chunk[f] for f in cols if self.snapshot.reads_values(f)}
+        self.snapshot.fill(local, dense[:, len(self.schema.dense_fields):], values)
+
+    def _reads_values(self, ids: np.ndarray) -> bool:
+        """Whether some row of ``ids`` is at the OOV id of a field whose newcomers the snapshot reads by value:
+        the compiled paths, which keep no raw value, leave such rows to the frame path."""
+        snap = self.snapshot
+        return snap is not None and any(
+            snap.reads_values(f) and bool(np.any(ids[:, j] == self.offsets[f] + OOV))
+            for j, f in enumerate(self.sparse_names))
 
     def _dense_moments(self) -> tuple[np.ndarray, np.ndarray]:
         """float32 mean and std per dense column: the fitted moments where the transform standardizes (numeric
@@ -891,9 +905,9 @@ class Encoder:
         """A copy of this encoder whose stats snapshot is rolled forward over the labelled, timed rows of
         ``source`` (:meth:`ctrkit.data.rolling.Snapshot.rolled`), and per stat what changed. Vocabularies and
         scaling stay as fitted, so the model reads its columns as it was trained to: each row as of its time. Values
-        new since training are served the OOV id: where the field keeps every training value (``min_count`` 1) they
-        get no history, as every value had none before its first row in training; else they share the OOV counts,
-        with the rare values that training pooled there."""
+        new since training are served the OOV id: where the field keeps every training value (``min_count`` 1) each
+        is counted by itself (the snapshot's newcomers, read by value), as every value had its own history in
+        training; else they share the OOV counts, with the rare values that training pooled there."""
         self._check_fitted()
         if self.snapshot is None:
             raise EncoderError("the schema has no stats to roll forward")
@@ -901,6 +915,7 @@ class Encoder:
         # with min_count 1 no training row had the OOV id: values new since then are not pooled into one history
         lone = {f: self._field(f).min_count == 1 and self._field(f).hash_buckets is None for f in fields}
         keys: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+        newcomers: dict[str, list[pl.Series]] = {f: [] for f in fields if lone[f]}
         times, timed, labels = [], [], []
         for chunk in iter_chunks(source, self.schema, report=report, **read_kwargs):
             for f in fields:
@@ -909,8 +924,11 @@ class Encoder:
                     continue
                 h = chunk.select(_hash(f).alias("h"))["h"].to_numpy()
                 k = self._vocab_ids(f, h) - self.offsets[f]
-                if lone[f]:  # a value training never saw has no history of its own, as none had in training
-                    k[k == OOV] = -1
+                if lone[f]:  # a value training never saw is counted by itself, not pooled at the OOV id
+                    new = k == OOV
+                    newcomers[f].append(chunk.select(pl.when(pl.lit(pl.Series(new))).then(pl.col(f).cast(pl.String))
+                                                     .alias(f))[f])
+                    k[new] = -1
                 keys[f].append(k)
             t = chunk[str(self.schema.time)]
             times.append(t.fill_null(0).to_numpy().astype(np.int64, copy=False))
@@ -919,7 +937,8 @@ class Encoder:
         if not times:
             raise EncoderError(f"{source}: no usable rows to roll the stats forward with")
         snapshot, changes = self.snapshot.rolled({f: np.concatenate(v) for f, v in keys.items()},
-                                                 np.concatenate(times), np.concatenate(labels), np.concatenate(timed))
+                                                 np.concatenate(times), np.concatenate(labels), np.concatenate(timed),
+                                                 {f: pl.concat(v) for f, v in newcomers.items()})
         new = copy.copy(self)
         new.snapshot = snapshot
         return new, changes
@@ -930,7 +949,7 @@ class Encoder:
         return f"{self.schema.fingerprint()}-{self.n_ids}"
 
     def save(self, path: str | Path) -> None:
-        """Write ``encoder.json`` and ``vocab.parquet`` (and the stats' ``stats.parquet``) into the folder ``path``."""
+        """Write ``encoder.json`` and ``vocab.parquet`` (and the stats' snapshot) into the folder ``path``."""
         self._check_fitted()
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)

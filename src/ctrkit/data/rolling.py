@@ -10,7 +10,9 @@ Training rows get their values as of their own time (:func:`as_of`); valid, test
 :class:`Snapshot` of the counts as of the end of training (just after the latest training time), the table a
 bundle carries. Evaluation therefore sees exactly what the scorer serves. A training row without a time neither
 gets nor gives history. Ids are the encoder's: a value kept out of the vocabulary (unseen, or rarer than
-``min_count``) counts as the field's OOV id, in training as in serving; a hashed field counts per bucket.
+``min_count``) counts as the field's OOV id, in training as in serving; a hashed field counts per bucket. Where the
+field kept every training value (``min_count`` 1), a refresh counts each value new since training by itself (the
+snapshot's newcomers, looked up by value), as every value had a history of its own in training.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import polars as pl
 from ctrkit.schema import Stat, window_span
 
 STATS_FILE = "stats.parquet"
+NEWCOMERS_FILE = "stats_newcomers.parquet"
+_OOV = 1  # the OOV id within a field (ctrkit.data.encode.OOV)
+_COUNTS = {"value": pl.String, "impressions": pl.Int64, "clicks": pl.Float64}
 _CLIP = 1e-6
 
 
@@ -120,52 +125,93 @@ class History:
         return out, Snapshot(self.stats, rate, end, tables)
 
 
+def _value_counts(values: pl.Series, times: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> pl.DataFrame:
+    """Impressions and clicks per non-null value of ``values`` over the rows where ``rows`` is True."""
+    df = pl.DataFrame({"value": values.cast(pl.String), "y": labels.astype(np.float64)}).filter(
+        pl.Series(rows) & pl.col("value").is_not_null())
+    return df.group_by("value").agg(pl.len().cast(pl.Int64).alias("impressions"), pl.col("y").sum().alias("clicks"))
+
+
 class Snapshot:
     """Per stat, the impressions and clicks of every id of its field as of ``end`` (the instant after the latest
-    training time), and its features per id: what valid, test and served rows read."""
+    training time), and its features per id: what valid, test and served rows read. ``newcomers``: per stat, the
+    counts of values a refresh met outside the vocabulary (value, impressions, clicks), read for rows at the OOV
+    id by their value."""
 
     def __init__(self, stats: Sequence[Stat], rate: float, end: int,
-                 tables: dict[Stat, tuple[np.ndarray, np.ndarray]]) -> None:
+                 tables: dict[Stat, tuple[np.ndarray, np.ndarray]],
+                 newcomers: dict[Stat, pl.DataFrame] | None = None) -> None:
         self.stats, self.rate, self.end, self.tables = list(stats), float(rate), int(end), tables
+        self.newcomers = {st: df for st, df in (newcomers or {}).items() if df.height}
         self._features = [features(*tables[st], st.prior, self.rate) for st in self.stats]
 
-    def rolled(self, local_ids: dict[str, np.ndarray], times: np.ndarray, labels: np.ndarray, timed: np.ndarray
-               ) -> tuple[Snapshot, list[dict[str, object]]]:
+    def reads_values(self, field: str) -> bool:
+        """Whether rows of ``field`` at its OOV id need their raw value (a newcomer of some stat of it)."""
+        return any(st.field == field for st in self.newcomers)
+
+    def rolled(self, local_ids: dict[str, np.ndarray], times: np.ndarray, labels: np.ndarray, timed: np.ndarray,
+               newcomers: dict[str, pl.Series] | None = None) -> tuple[Snapshot, list[dict[str, object]]]:
         """The snapshot as of the instant after the latest of these newer rows, and per stat what changed.
 
         An all-history stat adds the rows at or after this snapshot's instant (earlier ones are counted already);
         a stat with a window is counted afresh from the rows inside the window that ends at the new instant, so
         the rows must hold every impression of that window (a warning says when they start after it begins).
-        A key of -1 counts for none.
+        A key of -1 counts for none; ``newcomers`` holds, per field, the raw value of each such row that is a
+        value new since training (null elsewhere), counted by value.
         """
         end = max(self.end, int(times[timed].max()) + 1) if timed.any() else self.end
         first = int(times[timed].min()) if timed.any() else None
-        tables, changes = {}, []
+        tables, new_values, changes = {}, {}, []
         for st in self.stats:
             keys, size = local_ids[st.field], len(self.tables[st][0])
+            values = (newcomers or {}).get(st.field)
             change: dict[str, object] = {"columns": list(st.columns)}
             if st.window is None:
                 new = totals(keys, times, labels, timed, size, since=self.end)
                 tables[st] = (self.tables[st][0] + new[0], self.tables[st][1] + new[1])
-                change["rows_added"] = int(new[0].sum())
+                if values is not None:
+                    old = self.newcomers.get(st, pl.DataFrame(schema=_COUNTS))
+                    counted = _value_counts(values, times, labels, timed & (times >= self.end))
+                    new_values[st] = pl.concat([old, counted.select(old.columns)]).group_by("value").agg(
+                        pl.col("impressions").sum(), pl.col("clicks").sum())
+                change["rows_added"] = int(new[0].sum()) + (int(counted["impressions"].sum())
+                                                            if values is not None else 0)
             else:
                 since = end - window_span(st.window)
                 tables[st] = totals(keys, times, labels, timed & (times < end), size, since=since)
-                change["rows_in_window"] = int(tables[st][0].sum())
+                if values is not None:
+                    new_values[st] = _value_counts(values, times, labels, timed & (times >= since) & (times < end))
+                change["rows_in_window"] = int(tables[st][0].sum()) + (int(new_values[st]["impressions"].sum())
+                                                                       if values is not None else 0)
                 if first is None or first > since:
                     change["warning"] = (f"the data starts after the {st.window} window of {st.columns[0]!r} "
                                          "begins: the rows before it are not counted")
+            if st in new_values:
+                change["newcomers"] = new_values[st].height
             changes.append(change)
-        return Snapshot(self.stats, self.rate, end, tables), changes
+        return Snapshot(self.stats, self.rate, end, tables, new_values), changes
 
-    def fill(self, local_ids: dict[str, np.ndarray], out: np.ndarray) -> None:
-        """Write each row's unscaled stat features into ``out`` [n, 2 * stats], given each field's ids within it."""
+    def fill(self, local_ids: dict[str, np.ndarray], out: np.ndarray,
+             values: dict[str, pl.Series] | None = None) -> None:
+        """Write each row's unscaled stat features into ``out`` [n, 2 * stats], given each field's ids within it;
+        a row at the OOV id of a field with newcomers is looked up by its raw value in ``values`` (the field's
+        column)."""
         for j, st in enumerate(self.stats):
             out[:, 2 * j: 2 * j + 2] = self._features[j][local_ids[st.field]]
+            table = self.newcomers.get(st)
+            if table is None or values is None or st.field not in values:
+                continue
+            rows = np.flatnonzero(local_ids[st.field] == _OOV)
+            if len(rows):
+                found = pl.DataFrame({"value": values[st.field].cast(pl.String).gather(rows)}).join(
+                    table, on="value", how="left", maintain_order="left").fill_null(0)
+                out[rows, 2 * j: 2 * j + 2] = features(found["impressions"].to_numpy(),
+                                                       found["clicks"].to_numpy().astype(np.float64), st.prior,
+                                                       self.rate)
 
     def save(self, folder: Path) -> dict[str, float | int]:
-        """Write the counts (ids with at least one impression) to ``stats.parquet``; returns what encoder.json
-        keeps of it."""
+        """Write the counts (ids with at least one impression) to ``stats.parquet`` and the newcomers' to
+        ``stats_newcomers.parquet``; returns what encoder.json keeps of it."""
         frames = []
         for j, st in enumerate(self.stats):
             imps, clicks = self.tables[st]
@@ -173,6 +219,11 @@ class Snapshot:
             frames.append(pl.DataFrame({"stat": pl.Series([j] * len(ids), dtype=pl.Int32), "id": ids,
                                         "impressions": imps[ids], "clicks": clicks[ids]}))
         pl.concat(frames).write_parquet(folder / STATS_FILE)
+        if self.newcomers:
+            pl.concat([df.select(list(_COUNTS)).with_columns(pl.lit(self.stats.index(st), pl.Int32).alias("stat"))
+                       for st, df in self.newcomers.items()]).write_parquet(folder / NEWCOMERS_FILE)
+        else:
+            (folder / NEWCOMERS_FILE).unlink(missing_ok=True)
         return {"rate": self.rate, "end": self.end}
 
     @classmethod
@@ -192,7 +243,11 @@ class Snapshot:
             imps, clicks = np.zeros(size, np.int64), np.zeros(size, np.float64)
             imps[ids], clicks[ids] = part["impressions"].to_numpy(), part["clicks"].to_numpy()
             tables[st] = (imps, clicks)
-        return cls(stats, float(meta["rate"]), int(meta["end"]), tables)
+        newcomers = {}
+        if (folder / NEWCOMERS_FILE).exists():
+            df = pl.read_parquet(folder / NEWCOMERS_FILE)
+            newcomers = {st: df.filter(pl.col("stat") == j).select(list(_COUNTS)) for j, st in enumerate(stats)}
+        return cls(stats, float(meta["rate"]), int(meta["end"]), tables, newcomers)
 
     def describe(self) -> dict[str, object]:
         """What a run records of the snapshot: its instant, the training click rate, and per stat its columns,
@@ -200,4 +255,6 @@ class Snapshot:
         return {"as_of": self.end, "click_rate": self.rate, "stats": [
             {"columns": list(st.columns), "window": st.window, "prior": st.prior,
              "ids_with_history": int(np.count_nonzero(self.tables[st][0])),
-             "impressions": int(self.tables[st][0].sum())} for st in self.stats]}
+             "newcomers": self.newcomers[st].height if st in self.newcomers else 0,
+             "impressions": int(self.tables[st][0].sum()) + (int(self.newcomers[st]["impressions"].sum())
+                                                             if st in self.newcomers else 0)} for st in self.stats]}
