@@ -98,6 +98,8 @@ def test_monitor_log_alerts_when_traffic_shifts(tmp_path: Path) -> None:
     assert any("segment=a" in a for a in res["alerts"])
     page = html_report(res, tmp_path / "m.html").read_text()
     assert "ALERT" in page and "data:image/png;base64" in page
+    psi_only = {**res, "windows": [{**w[0], "alert": False, "psi": 0.3}], "total": {**res["total"], "segments": {}}}
+    assert "ALERT" in html_report(psi_only, tmp_path / "p.html").read_text().split("Per window")[1].split("<h2>")[0]
     with pytest.raises(ValueError, match="no column 'nope'"):
         monitor_log(tmp_path / "log", bundle, segments=["nope"])
     with pytest.raises(ValueError, match="--windows must be >= 1, got 0"):

@@ -328,7 +328,7 @@ def html_report(result: Mapping[str, Any], path: str | Path) -> Path:
 
     win = table(["window", "impressions", "clicks", "pred", "pred/actual", "PSI", "alert"],
                 [[r["window"], r["impressions"], r["clicks"], r["pred"], r["ratio"], r["psi"],
-                  "ALERT" if r["alert"] else ""] for r in rows])
+                  "ALERT" if r["alert"] or (r["psi"] or 0.0) > MAJOR else ""] for r in rows])
     segs = "".join(
         f"<h3>by {esc.escape(name)}</h3>" + table(
             [name, "impressions", "clicks", "pred", "pred/actual", "alert"],
