@@ -3,6 +3,7 @@ the snapshot at the end of training; both against a literal loop over the rows."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -318,6 +319,15 @@ def test_ctrkit_refresh_writes_a_new_bundle_version(tmp_path):
     served = v2.predict(fresh.to_dicts())  # the compiled path leaves a newcomer's rows to the frame path
     np.testing.assert_array_equal(served, v2.predict(fresh))
     assert not np.allclose(served, v1.predict(fresh))  # the new user's own clicks, not the training rate
+    if importlib.util.find_spec("fastapi") is not None:  # the server hands the compiled body to the frame path
+        from fastapi.testclient import TestClient
+
+        from ctrkit.serve.app import ServerConfig, create_app
+
+        with TestClient(create_app(ServerConfig(bundle=tmp_path / "v2"))) as client:
+            r = client.post("/score", json={"records": fresh.to_dicts()})
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["pctr"], served, atol=1e-7)
     res = CliRunner().invoke(app, ["refresh", str(bundle), str(tmp_path / "newer.csv"), "--out", str(bundle)])
     assert res.exit_code != 0 and "is the bundle itself" in res.output
     res = CliRunner().invoke(app, ["refresh", str(bundle), str(tmp_path / "nope.csv"), "--out", str(tmp_path / "v3")])
