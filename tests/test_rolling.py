@@ -63,6 +63,19 @@ def test_as_of_literal_example():
     assert clicks.tolist() == [1, 0, 0, 1, 1, 0]
 
 
+def test_as_of_with_times_too_far_apart_for_one_int64_key():
+    """Four keys over times 2^61 apart: the (key, time) bisection falls back to time ranks, with the same answer."""
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 4, 60)
+    times = rng.integers(0, 4, 60) * (1 << 61) + rng.integers(0, 3, 60)
+    labels = rng.integers(0, 2, 60).astype(np.float32)
+    timed = np.ones(60, bool)
+    for window in (2, 1 << 61):
+        imps, clicks = as_of(keys, times, labels, timed, window)
+        want_imps, want_clicks = _literal_as_of(keys, times, labels, timed, window)
+        assert imps.tolist() == want_imps and clicks.tolist() == want_clicks
+
+
 def test_totals_and_features_literal():
     imps, clicks = totals(np.array([0, 2, 2, 2]), np.array([1, 2, 3, 4]), np.array([1, 0, 1, 1], np.float32),
                           np.array([True, True, True, False]), size=4, since=2)

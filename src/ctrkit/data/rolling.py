@@ -54,12 +54,17 @@ def as_of(keys: np.ndarray, times: np.ndarray, labels: np.ndarray, timed: np.nda
     run_start = np.maximum.accumulate(np.where(new_key | np.r_[True, ts[1:] != ts[:-1]], pos, 0))
     if window is None:
         lo = np.maximum.accumulate(np.where(new_key, pos, 0))
-    else:  # (key group, time rank) is sorted: the first row of the group at or after t - window, by bisection
+    else:  # (key group, time) is sorted: the first row of the group at or after t - window, by bisection
         group = np.cumsum(new_key) - 1
-        uniq = np.unique(ts)
-        width = len(uniq) + 1
-        sorted_keys = group * width + np.searchsorted(uniq, ts)
-        lo = np.searchsorted(sorted_keys, group * width + np.searchsorted(uniq, ts - window), side="left")
+        t0, span = int(ts[0] if len(ts) == 1 else ts.min()), int(ts.max()) - int(ts.min()) + 1
+        if int(group[-1] + 1) * span < 1 << 62:  # group * span + (t - t0) as one sorted int64
+            sorted_keys = group * span + (ts - t0)
+            lo = np.searchsorted(sorted_keys, group * span + np.maximum(ts - window - t0, 0), side="left")
+        else:  # times too far apart for that: their ranks instead
+            uniq = np.unique(ts)
+            width = len(uniq) + 1
+            sorted_keys = group * width + np.searchsorted(uniq, ts)
+            lo = np.searchsorted(sorted_keys, group * width + np.searchsorted(uniq, ts - window), side="left")
     imps[rows[order]] = run_start - lo
     clicks[rows[order]] = cum[run_start] - cum[lo]
     return imps, clicks
