@@ -50,3 +50,31 @@ def test_cuda_is_checked_against_the_devices_torch_sees(monkeypatch: pytest.Monk
     assert devices.check_device("cuda") == torch.device("cuda")
     with pytest.raises(ValueError, match="--device cuda:2: torch sees 2 CUDA device"):
         devices.check_device("cuda:2")
+
+
+@pytest.mark.parametrize("vendor, flags, setting, want", [
+    ("AuthenticAMD", "fpu avx2 avx512f", "auto", True), ("AuthenticAMD", "fpu avx2", "auto", False),
+    ("GenuineIntel", "fpu avx2 avx512f", "auto", False), ("GenuineIntel", "fpu avx2", "onednn", True),
+    ("AuthenticAMD", "fpu avx2 avx512f", "blas", False), ("AuthenticAMD", "fpu avx512f", " OneDNN ", True)])
+def test_float32_products_go_to_onednn_on_an_amd_cpu_with_avx512(monkeypatch: pytest.MonkeyPatch, vendor: str,
+                                                                flags: str, setting: str, want: bool) -> None:
+    """MKL takes its AVX2 kernels on a non-Intel CPU; the rule reads the hardware (or CTRKIT_CPU_GEMM)."""
+    text = f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {flags}\n"
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: io.StringIO(text))
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setenv("CTRKIT_CPU_GEMM", setting)
+    devices.onednn_fp32.cache_clear()
+    try:
+        assert devices.onednn_fp32() is (want and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    finally:
+        devices.onednn_fp32.cache_clear()
+
+
+def test_a_bad_cpu_gemm_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTRKIT_CPU_GEMM", "mkl")
+    devices.onednn_fp32.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="CTRKIT_CPU_GEMM must be one of .*'auto', 'onednn', 'blas'.*'mkl'"):
+            devices.onednn_fp32()
+    finally:
+        devices.onednn_fp32.cache_clear()

@@ -13,6 +13,7 @@ from torch import nn
 from ctrkit.data.dataset import Batch
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
 from ctrkit.nn.interactions import FactorizationMachine, pairwise_and_squares
+from ctrkit.nn import mlp as mlp_module
 from ctrkit.nn.mlp import MLP, Dropout, linear_relu
 
 SIZES = (4, 3, 5)
@@ -285,6 +286,77 @@ def test_linear_relu_under_bf16_autocast_is_the_autocast_layer() -> None:
     for g, w in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True):
         assert g.dtype == w.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                       and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+                                  reason="this torch has no oneDNN linear")
+
+
+@needs_onednn
+@settings(max_examples=15, deadline=None)
+@given(b=st.integers(1, 40), n_in=st.integers(1, 30), hidden=st.lists(st.integers(1, 30), min_size=1, max_size=3),
+       seed=st.integers(0, 2**31 - 1), sliced=st.booleans())
+def test_mlp_through_onednn_equals_the_layers_in_float64(b: int, n_in: int, hidden: list[int], seed: int,
+                                                          sliced: bool) -> None:
+    """With float32 products sent to oneDNN, the MLP's output and every gradient equal the layers' own in float64
+    to float32 precision (a slice of a wider input too: its rows are strided); the pre-activations are kept away
+    from 0 so that rounding cannot flip a ReLU."""
+    from ctrkit import devices
+
+    calls: list[str] = []
+    real = torch.ops.mkldnn._linear_pointwise
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("CTRKIT_CPU_GEMM", "onednn")
+        devices.onednn_fp32.cache_clear()
+        monkeypatch.setattr(mlp_module, "_onednn_linear",
+                            lambda *a: calls.append("dnn") or real(*a[:3], "relu" if a[3] else "none", [], ""))
+        gen = torch.Generator().manual_seed(seed)
+        net = MLP(n_in, hidden, out_dim=1)
+        with torch.no_grad():
+            for layer in net:
+                if isinstance(layer, nn.Linear):  # biases far from 0, weights positive: no pre-activation near 0
+                    layer.weight.uniform_(0.1, 1.0, generator=gen)
+                    layer.bias.copy_(torch.where(torch.rand(layer.bias.shape, generator=gen) < 0.5, -50.0, 1.0))
+        wide = torch.rand(b, n_in + 3, generator=gen) + 0.1
+        x = (wide[:, 2:2 + n_in] if sliced else wide[:, :n_in].contiguous()).requires_grad_()
+        grad = torch.randn(b, 1, generator=gen)
+        got = net(x)
+        assert calls == ["dnn"] * (len(hidden) + 1)
+        net64 = MLP(n_in, hidden, out_dim=1).double()
+        net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+        x64 = x.detach().double().requires_grad_()
+        want = nn.Sequential.forward(net64, x64)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        got_g = torch.autograd.grad(got, [x, *net.parameters()], grad)
+        want_g = torch.autograd.grad(want, [x64, *net64.parameters()], grad.double())
+        for g, w in zip(got_g, want_g, strict=True):
+            assert g.dtype == torch.float32 and g.shape == w.shape
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
+    devices.onednn_fp32.cache_clear()
+
+
+@needs_onednn
+def test_onednn_stays_out_of_bf16_float64_and_compiled_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN's float32 products serve float32 only, outside autocast, and not inside torch.compile (Inductor
+    chooses its own kernels): there the MLP gives what it gives with BLAS."""
+    from ctrkit import devices
+
+    monkeypatch.setenv("CTRKIT_CPU_GEMM", "onednn")
+    devices.onednn_fp32.cache_clear()
+    calls: list[int] = []
+    monkeypatch.setattr(mlp_module, "_onednn_linear", lambda *a: calls.append(1) / 0)
+    try:
+        net = MLP(6, (5,), out_dim=1)
+        x = torch.randn(4, 6)
+        with torch.autocast("cpu", torch.bfloat16):
+            net(x)
+        net.double()(x.double())
+        net.float()
+        torch.testing.assert_close(torch.compile(net)(x), nn.Sequential.forward(net, x))
+        assert calls == []
+    finally:
+        devices.onednn_fp32.cache_clear()
 
 
 @pytest.mark.parametrize("kwargs, match", [({"in_dim": 0, "hidden": (4,)}, "input size"),

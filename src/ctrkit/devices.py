@@ -1,24 +1,58 @@
-"""What the hardware offers, for training and serving alike: native bf16 on the CPU, and how many rows to score
-per forward pass. Kept apart from the trainer so that serving does not import it."""
+"""What the hardware offers, for training and serving alike: native bf16 on the CPU, which library multiplies
+float32 matrices on it, and how many rows to score per forward pass. Kept apart from the trainer so that serving
+does not import it."""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
 EVAL_ROWS_CPU, EVAL_ROWS_GPU = 8192, 65536
 
 
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
+CPU_GEMM = ("auto", "onednn", "blas")
+
+
+def _cpuinfo(key: str) -> str:
+    """The first /proc/cpuinfo line's value for ``key`` ("flags", "vendor_id"), or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return False
+    return ""
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
+    flags = set(_cpuinfo("flags").split())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def onednn_fp32() -> bool:
+    """Whether float32 matrix products on this CPU go through oneDNN rather than torch's BLAS (MKL).
+
+    MKL runs its AVX2 kernels on a non-Intel CPU: on a 2-core AVX-512 AMD EPYC an MLP's products ran at
+    about 190 GFLOP/s through it and 320-460 through oneDNN's, which choose their kernels by the instruction
+    set alone (bench/bench_criteo.py). So "auto" is oneDNN on an AMD CPU that has AVX-512, where torch has
+    oneDNN's fused linear; the environment variable ``CTRKIT_CPU_GEMM`` (``onednn`` / ``blas``) overrides it.
+    The rule reads the hardware, not a timing, so that two processes on one machine compute the same digits
+    (an interrupted run resumes exactly)."""
+    setting = os.environ.get("CTRKIT_CPU_GEMM", "auto").strip().lower()
+    if setting not in CPU_GEMM:
+        raise ValueError(f"CTRKIT_CPU_GEMM must be one of {CPU_GEMM}, got {setting!r}")
+    usable = (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if setting != "auto":
+        if setting == "onednn" and not usable:
+            raise ValueError("CTRKIT_CPU_GEMM=onednn, but this torch has no oneDNN linear")
+        return setting == "onednn"
+    return usable and _cpuinfo("vendor_id") == "AuthenticAMD" and "avx512f" in _cpuinfo("flags").split()
 
 
 def check_device(name: str) -> torch.device:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctrkit.devices import onednn_fp32
+
 
 class Dropout(nn.Module):
     """Inverted dropout whose CPU mask costs a quarter of the random draws of ``nn.Dropout``.
@@ -41,42 +43,71 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-class _LinearReLU(torch.autograd.Function):
-    """relu(x @ w.T + b) in one matrix product whose epilogue adds the bias and applies the ReLU (cuBLASLt's
-    on a GPU), so no separate pass reads and writes the layer's output; the backward masks by the saved output."""
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this product goes through oneDNN (:func:`~ctrkit.devices.onednn_fp32`): float32 on a CPU, outside
+    autocast, and outside torch.compile and exports, which must see plain torch operations (Inductor chooses
+    its own kernels)."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing() and onednn_fp32())
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``x @ weight.T (+ bias) (then ReLU)`` by oneDNN, bias and ReLU in the product's epilogue; ``x`` and
+    ``weight`` may be transposed views."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    """``x @ w.T + b``, then the ReLU if ``relu``, as one matrix product whose epilogue adds the bias and applies
+    the ReLU (cuBLASLt's on a GPU, oneDNN's on a CPU where :func:`_onednn`), so no separate pass reads and
+    writes the layer's output; the backward masks by the saved output and, with oneDNN, runs its two products
+    there too."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # the product in the autocast dtype, as nn.Linear's would be
-            dtype = torch.get_autocast_dtype(device)
-            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        with torch.autocast(device, enabled=False):
-            y = torch._addmm_activation(bias, x, weight.t())
-        ctx.save_for_backward(x, weight, y)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+        ctx.dtypes, ctx.relu = (x.dtype, weight.dtype, bias.dtype), relu
+        ctx.onednn = _onednn(x, weight)
+        if ctx.onednn:
+            y = _onednn_linear(x, weight, bias, relu)
+        else:
+            device = x.device.type
+            if torch.is_autocast_enabled(device):  # the product in the autocast dtype, as nn.Linear's would be
+                dtype = torch.get_autocast_dtype(device)
+                x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                y = torch._addmm_activation(bias, x, weight.t()) if relu else F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, y if relu else None)
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, None]:
         x, weight, y = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        g = torch.where(y > 0, grad.to(y.dtype), 0.0)
-        grad_x = (g @ weight).to(x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, (g.t() @ x).to(w_dtype), g.sum(0).to(b_dtype)
+        g = grad.to(weight.dtype)
+        if ctx.relu:
+            g = torch.where(y > 0, g, 0.0)
+        if ctx.onednn:
+            grad_x = _onednn_linear(g, weight.t(), None, False) if ctx.needs_input_grad[0] else None
+            grad_w = _onednn_linear(g.t(), x.t(), None, False)
+        else:
+            grad_x = (g @ weight).to(x_dtype) if ctx.needs_input_grad[0] else None
+            grad_w = g.t() @ x
+        return grad_x, grad_w.to(w_dtype), g.sum(0).to(b_dtype), None
 
 
 def linear_relu(x: torch.Tensor, layer: nn.Linear, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(layer(x))`` for a 2-D ``x`` and a ``layer`` with a bias, as one fused matrix product; ``weight``
     stands in for the layer's own (a folded form of it) where given."""
-    return _LinearReLU.apply(x, layer.weight if weight is None else weight, layer.bias)
+    return _Linear.apply(x, layer.weight if weight is None else weight, layer.bias, True)
 
 
 class MLP(nn.Sequential):
     """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden layer, then an optional output layer.
 
     ``layer(in, out)`` builds each hidden layer's map (``nn.Linear``; FinalNet passes its factorized interaction).
-    On a GPU, an ``nn.Linear`` followed directly by its ReLU runs as :func:`linear_relu`.
+    On a GPU, and on a CPU whose float32 products go through oneDNN, an ``nn.Linear`` followed directly by its
+    ReLU runs as :func:`linear_relu`; on such a CPU the other ``nn.Linear`` layers run through oneDNN too.
     """
 
     def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int | None = 1, dropout: float = 0.0,
@@ -115,15 +146,20 @@ class MLP(nn.Sequential):
         i = 0
         while i < len(layers):
             layer = layers[i]
-            weight = first_weight if i == 0 else None
-            if (h.is_cuda and h.dim() == 2 and type(layer) is nn.Linear and layer.bias is not None
-                    and i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU):
-                h = linear_relu(h, layer, weight)
+            if type(layer) is not nn.Linear:
+                h = layer(h)
+                i += 1
+                continue
+            w = first_weight if i == 0 and first_weight is not None else layer.weight
+            fused = layer.bias is not None and h.dim() == 2
+            relu = i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU
+            if fused and relu and (h.is_cuda or _onednn(h, w)):
+                h = _Linear.apply(h, w, layer.bias, True)
                 i += 2
-            elif type(layer) is nn.Linear:
-                h = F.linear(h, layer.weight if weight is None else weight, layer.bias)
+            elif fused and _onednn(h, w):
+                h = _Linear.apply(h, w, layer.bias, False)
                 i += 1
             else:
-                h = layer(h)
+                h = F.linear(h, w, layer.bias)
                 i += 1
         return h
