@@ -299,9 +299,9 @@ def _child_train(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = build_model("deepfm", spec, ModelConfig(embed_dim=16, hidden=(400, 400, 400), dropout=0.0,
                                                     batch_norm=False, emb_l2=1e-5))
-    # the harness counts a step's rows from the hooked module's tensor input: the MLP's first activation gets
-    # one per step (its first layer runs through FeatureEmbedding.project, not as a module call)
-    timer = StepTimer(model.mlp[1])
+    # the harness counts a step's rows from the hooked module's tensor input: the embedding table gets the batch's
+    # ids once per step (the MLP's layers run as fused products, not as module calls)
+    timer = StepTimer(model.embedding.table)
     cfg = TrainConfig(epochs=1, batch_size=4096, lr=1e-3, progress=False, precision=args.child_precision,
                       compile=args.child_compile or "auto")
     t0 = time.perf_counter()

@@ -85,8 +85,8 @@ class _Linear(torch.autograd.Function):
         x, weight, y = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         g = grad.to(weight.dtype)
-        if ctx.relu:
-            g = torch.where(y > 0, g, 0.0)
+        if ctx.relu:  # ReLU's own backward: one pass (on a CPU, torch.where with a scalar 0 took 20x longer)
+            g = torch.ops.aten.threshold_backward(g, y, 0)
         if ctx.onednn:
             grad_x = _onednn_linear(g, weight.t(), None, False) if ctx.needs_input_grad[0] else None
             grad_w = _onednn_linear(g.t(), x.t(), None, False)
