@@ -144,6 +144,35 @@ def test_drop_last(tmp_path, resident):
     assert len(set(_rows_seen(batches).tolist())) == 1000
 
 
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fill_last_fills_the_last_batch_with_the_epochs_first_rows(tmp_path, resident, shuffle):
+    data = _write(tmp_path / "d")
+    it = BatchIterator(data, batch_size=100, shuffle=shuffle, seed=3, resident=resident, block_rows=64,
+                       window_blocks=3, fill_last=True)
+    assert len(it) == 11 and it.repeated == 63
+    for _ in range(2):
+        batches = list(it)
+        assert [len(b.label) for b in batches] == [100] * 11
+        rows = _rows_seen(batches)
+        assert sorted(rows[:1037].tolist()) == list(range(1037))  # each row once, in the order without filling
+        np.testing.assert_array_equal(rows[1037:], rows[:63])  # then the epoch's first 63 rows again
+        last = batches[-1]
+        r = last.ids[:, 0].numpy() // 3
+        np.testing.assert_array_equal(last.label.numpy(), (r % 2).astype(np.float32))
+        np.testing.assert_allclose(last.dense[:, 0].numpy(), (2 * r / 7).astype(np.float32))
+    assert BatchIterator(data, batch_size=1037, fill_last=True).repeated == 0  # no partial batch
+    assert BatchIterator(data, batch_size=2000, fill_last=True).repeated == 0  # one batch: nothing to repeat
+
+
+def test_fill_last_is_for_one_process_keeping_every_row(tmp_path):
+    data = _write(tmp_path / "d")
+    with pytest.raises(ValueError, match="fill_last"):
+        BatchIterator(data, batch_size=100, fill_last=True, drop_last=True)
+    with pytest.raises(ValueError, match="fill_last"):
+        BatchIterator(data, batch_size=100, fill_last=True, rank=0, world_size=2)
+
+
 def test_bad_batch_size(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         BatchIterator(_write(tmp_path / "d"), batch_size=0)

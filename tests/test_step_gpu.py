@@ -128,3 +128,44 @@ def test_sorting_rows_on_a_stream_of_their_own_changes_no_weight() -> None:
     want = inline_model.state_dict()
     for k, v in aside_model.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_nonfinite_loss_is_read_without_a_sync_a_call_later() -> None:
+    """first_nonfinite(wait=False) returns the value copied at its previous call, so a divergence shows up a call
+    or two late; first_nonfinite() reads it at once."""
+    step = TrainStep(deepfm(), CUDA, lr=0.01)
+    bs = batches(WARMUP_STEPS + 4)
+    for b in bs[:WARMUP_STEPS + 2]:
+        step(b)
+    assert step.first_nonfinite(wait=False) is None  # the first call only queues a copy
+    bad = Batch(ids=bs[-2].ids, dense=bs[-2].dense.clone(), label=bs[-2].label)
+    bad.dense[0, 0] = float("inf")
+    step(bad)
+    step(bs[-1])
+    torch.cuda.synchronize()
+    assert step.first_nonfinite(wait=False) is None  # the copy queued before the bad step
+    torch.cuda.synchronize()
+    assert step.first_nonfinite(wait=False) == WARMUP_STEPS + 3
+    assert step.first_nonfinite() == WARMUP_STEPS + 3
+    step.close()
+
+
+def test_an_epochs_last_batch_is_filled_and_its_rows_are_counted_once() -> None:
+    """On a GPU the trainer fills the last batch up to the captured shape; an epoch still counts its own rows."""
+    from ctrkit.data.dataset import EncodedData
+    from ctrkit.training.trainer import TrainConfig, train
+
+    g = torch.Generator().manual_seed(1)
+    n = 1000
+    ids = torch.stack([torch.randint(0, 100, (n,), generator=g), torch.randint(100, 300, (n,), generator=g)], 1)
+    data = EncodedData(ids=ids.int().numpy(), dense=torch.randn(n, 2, generator=g).numpy(),
+                       label=(torch.rand(n, generator=g) < 0.3).float().numpy())
+    calls: list[int] = []
+    real = TrainStep.__call__
+    TrainStep.__call__ = lambda self, b: calls.append(len(b)) or real(self, b)  # type: ignore[method-assign]
+    try:
+        res = train(deepfm(), data, None, TrainConfig(batch_size=128, epochs=2, device="cuda", progress=False))
+    finally:
+        TrainStep.__call__ = real  # type: ignore[method-assign]
+    assert calls == [128] * 16  # 8 batches an epoch, the eighth filled from 104 rows
+    assert res.samples == 2 * n

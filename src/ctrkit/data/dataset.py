@@ -264,20 +264,30 @@ class BatchIterator:
     With ``world_size`` > 1 (data-parallel training) every rank draws the same order of global batches of
     ``batch_size`` rows and yields only its contiguous share of each (the first ``n % world_size`` ranks get one
     row more); a global batch too small to give every rank two rows is skipped by all of them.
+
+    ``fill_last`` fills an epoch's last, partial batch up to ``batch_size`` with the first rows of that epoch's
+    order (as torch's DistributedSampler pads), so that every batch has one shape: a GPU step captured for it
+    replays for the last batch too, where a batch of its own shape ran eagerly (8.5 ms against a 1.9 ms step
+    for DeepFM at 65,536 rows on an H100). Every row is still trained once an epoch, :attr:`repeated` of them
+    twice.
     """
 
     def __init__(self, data: EncodedData, batch_size: int = 4096, shuffle: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", drop_last: bool = False, block_rows: int = 1 << 16,
                  window_blocks: int = 16, resident: bool | None = None,
-                 resident_bytes: int | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 resident_bytes: int | None = None, rank: int = 0, world_size: int = 1,
+                 fill_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if fill_last and (drop_last or world_size > 1):
+            raise ValueError("fill_last fills one process's last batch: not with drop_last or several ranks")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         self.rank, self.world_size = rank, world_size
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
         self.device = torch.device(device)
         self.drop_last, self.block_rows, self.window_blocks = drop_last, block_rows, window_blocks
+        self.fill_last = fill_last
         self._rng = np.random.default_rng(seed)
         self._gen = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(seed)
         if resident_bytes is None:
@@ -292,6 +302,12 @@ class BatchIterator:
     def __len__(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def repeated(self) -> int:
+        """Rows an epoch trains twice: those that :attr:`fill_last` adds to its last batch."""
+        n, bs = len(self.data), self.batch_size
+        return (bs - n % bs) % bs if self.fill_last and n > bs else 0
 
     def __iter__(self) -> Iterator[Batch]:
         if self._tensors is not None:
@@ -309,6 +325,9 @@ class BatchIterator:
             if (share := self._share(start, min(start + bs, n))) is None:
                 continue
             idx = slice(*share) if order is None else order[share[0]:share[1]]
+            if start + bs > n and self.repeated:
+                head = torch.arange(self.repeated, device=self.device) if order is None else order[:self.repeated]
+                idx = torch.cat([torch.arange(start, n, device=self.device) if order is None else idx, head])
             yield Batch(**{k: v[idx] for k, v in t.items()})
 
     def _share(self, lo: int, hi: int) -> tuple[int, int] | None:
@@ -338,6 +357,7 @@ class BatchIterator:
         if self.shuffle:
             self._rng.shuffle(blocks)
         carry: dict[str, np.ndarray] | None = None
+        head: dict[str, np.ndarray] | None = None  # the epoch's first rows, for fill_last
         for w in range(0, len(blocks), self.window_blocks):
             chosen = blocks[w:w + self.window_blocks]
             if self.shuffle:
@@ -350,6 +370,8 @@ class BatchIterator:
             if carry is not None:
                 part = {k: np.concatenate([carry[k], v]) for k, v in part.items()}
                 carry = None
+            if head is None and self.repeated:
+                head = {k: v[:self.repeated].copy() for k, v in part.items()}
             m = len(part["label"])
             full = m - m % bs
             for start in range(0, full, bs):
@@ -358,6 +380,8 @@ class BatchIterator:
             if full < m:
                 carry = {k: v[full:] for k, v in part.items()}
         if carry is not None and len(carry["label"]) and not self.drop_last:
+            if head is not None:
+                carry = {k: np.concatenate([v, head[k]]) for k, v in carry.items()}
             if (b := self._to_batch(carry, slice(0, len(carry["label"])))) is not None:
                 yield b
 

@@ -237,6 +237,8 @@ class TrainStep:
         self._loss_n = 0
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
+        self._bad_host: torch.Tensor | None = None
+        self._bad_event: torch.cuda.Event | None = None
         self._pending = 0
         self._checked = False
         if want_compile:
@@ -597,12 +599,24 @@ class TrainStep:
             self._pending, self._loss_n = self._loss_n, 0
         return value
 
-    def first_nonfinite(self) -> int | None:
+    def first_nonfinite(self, wait: bool = True) -> int | None:
         """The first step (1-based, counted since this step was built) whose loss was NaN or infinite, or None.
 
-        Kept on the device and read here, with one sync: call it every few steps, not every step.
+        Kept on the device. ``wait``: read it now, with one sync (before a checkpoint, at an epoch's end). Else, on
+        a GPU, the value copied behind the steps queued at the previous such call, once that copy is done, and a
+        new copy is queued: a divergence is seen a call or two late, without the device ever waiting for the host.
         """
-        bad = int(self._bad)
+        if wait or not self.cuda:
+            bad = int(self._bad)
+            return bad if bad >= 0 else None
+        if self._bad_event is None:
+            self._bad_host = torch.full((), -1, dtype=torch.int64, pin_memory=True)
+            self._bad_event = torch.cuda.Event()
+        elif not self._bad_event.query():
+            return None
+        bad = int(self._bad_host)  # type: ignore[arg-type]
+        self._bad_host.copy_(self._bad, non_blocking=True)  # type: ignore[union-attr]
+        self._bad_event.record()
         return bad if bad >= 0 else None
 
     def state_dict(self) -> dict[str, Any]:

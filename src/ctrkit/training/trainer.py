@@ -321,6 +321,8 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     train_step = TrainStep(model, device, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                            bf16=precision == "bf16", rule=rule, compile="off" if torchrec else cfg.compile,
                            loss=loss_fn, ddp=world.distributed, embedding_backend=cfg.embedding_backend)
+    # a captured step replays for batches of its shape only: the last batch of an epoch is filled up to it
+    batches.fill_last = train_step.graphs
     valid_label = None if valid_data is None else np.asarray(valid_data.label)
     valid_batches: BatchIterator | None = None
     valid_y: torch.Tensor | None = None
@@ -407,12 +409,12 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                 first_epoch = cfg.epochs + 1  # the run had finished: only restore the best weights
             set_rng_states(resumed_rng)
     t_start = time.perf_counter()
-    check_every = 1 if device.type == "cpu" else 20  # a finiteness check costs a device sync
+    check_every = 1 if device.type == "cpu" else 20  # on a GPU, a read queued behind the steps (no sync)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not cfg.progress, transient=True)
 
-    def check_finite(epoch: int) -> None:
-        bad = train_step.first_nonfinite()
+    def check_finite(epoch: int, wait: bool = True) -> None:
+        bad = train_step.first_nonfinite(wait)
         if bad is not None:
             raise TrainingDiverged(f"the training loss is NaN or infinite at step {steps_before + bad} "
                                    f"(epoch {epoch}); "
@@ -486,7 +488,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                     global_step += 1
                     n_seen += len(batch.label)
                     if global_step % check_every == 0:
-                        check_finite(epoch)
+                        check_finite(epoch, wait=False)
                     if step % 20 == 0 and (mean := read_loss()) is not None:
                         progress.update(task, completed=step + 1, info=f"loss {mean:.4f}  "
                                         f"{n_seen / max(time.perf_counter() - t0, 1e-9):,.0f}/s")
@@ -496,6 +498,8 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                         checkpoint(epoch, step + 1, False)
                     if cfg.max_seconds is not None and broadcast(time.perf_counter() - t_start > cfg.max_seconds):
                         break
+                else:
+                    n_seen -= batches.repeated  # the rows of a filled last batch that the epoch had trained
                 skip = 0
                 read_loss()
                 check_finite(epoch)
