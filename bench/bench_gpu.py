@@ -23,6 +23,9 @@ one-time work and is not timed.
   show what each part of the rule does.
 * ``big``: ``--big-rows`` rows resampled from the training rows, one epoch, resident on the GPU, with the
   GPU's utilisation sampled by ``nvidia-smi`` every 100 ms.
+* ``profile``: where the time of an epoch goes at the largest batch size, for DeepFM and the zoo's DCNv2,
+  xDeepFM and FinalMLP (:func:`profile_step`): the step replayed alone and as fed, the last partial batch, the
+  finiteness checks, the validation pass, and the step's kernels by time.
 * ``--harness-ref`` runs ``../shared/peers/gpu_plain_ref.py`` (its own random ids) in a subprocess of the same
   invocation, to show the reference here is at least as fast as the harness's.
 * ``--fuxictr BUNDLE`` runs FuxiCTR 2.3.10's DeepFM on the same GPU in the same invocation, through the harness's
@@ -171,6 +174,84 @@ def ctrkit_run(name: str, train: Any, valid: Any, test: Any, spec: Any, batch_si
     return row, model
 
 
+def profile_step(name: str, data: dict[str, Any], spec: Any, batch_size: int, replays: int = 50) -> dict[str, Any]:
+    """Where an epoch's time goes, for ``name`` at ``batch_size`` with the trainer's settings: the captured
+    step replayed alone, an epoch of batches as the trainer feeds them (shuffle, gather, copy-in; the last
+    batch, filled or not, timed apart), the finiteness checks the trainer makes every 20 steps, the validation
+    pass (forward and metrics), and the step's GPU kernels by total time (``torch.profiler`` over 10 replays)."""
+    import torch
+
+    from ctrkit.data.dataset import BatchIterator
+    from ctrkit.evaluate import fast
+    from ctrkit.models import build_model
+    from ctrkit.training.step import TrainStep, large_batch_rule
+    from ctrkit.training.trainer import _valid_logits
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(name, spec, embed_dim=16, hidden=(400, 400, 400), dropout=0.0, batch_norm=False).to(dev)
+    batches = BatchIterator(data["train"], batch_size=batch_size, shuffle=True, device=dev)
+    step = TrainStep(model, dev, bf16=True, rule=large_batch_rule("auto", batch_size, dev, len(batches)),
+                     compile=RUN["compile"])
+    batches.fill_last = step.graphs  # as the trainer feeds it
+
+    def timed(fn: Any) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def epoch(check_every: int = 0) -> tuple[float, float, int]:
+        """(seconds of the batches before the last, seconds of the last, batches before the last), with the
+        trainer's finiteness check every ``check_every`` steps"""
+        last = len(batches) - 1
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i, b in enumerate(batches):
+            if i == last:
+                torch.cuda.synchronize()
+                return time.perf_counter() - t, timed(lambda b=b: step(b)), i
+            step(b)
+            if check_every and (i + 1) % check_every == 0:
+                step.first_nonfinite(wait=False)
+        raise AssertionError("unreachable")
+
+    model.train()
+    epoch()  # compiles, captures
+    full, tail, n = epoch()
+    checked, _, _ = epoch(check_every=20)
+    graph = step._graph
+    row: dict[str, Any] = {"lib": "ctrkit", "part": "profile", "model": name, "batch": batch_size,
+                           "compile": RUN["compile"], "graph": graph is not None,
+                           "fed_step_ms": 1e3 * full / n, "last_batch_rows": len(data["train"]) - n * batch_size,
+                           "last_batch_filled": batches.repeated > 0, "last_batch_ms": 1e3 * tail,
+                           "finite_checks_ms_per_epoch": 1e3 * (checked - full)}
+    if graph is not None:
+        row["replay_step_ms"] = 1e3 * timed(lambda: [graph.replay() for _ in range(replays)]) / replays
+    valid = BatchIterator(data["valid"], batch_size=65536, device=dev)
+    y = torch.tensor(np.asarray(data["valid"].label), device=dev)
+    _valid_logits(model, step, valid)
+    row["valid_rows"] = len(data["valid"])
+    row["valid_forward_ms"] = 1e3 * timed(lambda: _valid_logits(model, step, valid))
+    logits = _valid_logits(model, step, valid)
+    row["valid_metrics_ms"] = 1e3 * timed(lambda: fast.evaluate(y, torch.sigmoid(logits.double())))
+    row["randperm_ms"] = 1e3 * timed(lambda: torch.randperm(len(data["train"]), device=dev))
+    if graph is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize()
+        kernels = [(e.key, e.device_time_total / 10 / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+        kernels.sort(key=lambda k: -k[1])
+        row["kernels_ms"] = [[k[:90], round(ms, 4)] for k, ms in kernels[:25]]
+        row["kernels_total_ms"] = sum(ms for _, ms in kernels)
+    step.close()
+    return row
+
+
 def gpu_util_sampler() -> subprocess.Popen | None:
     """``nvidia-smi`` printing utilisation every 100 ms, or None where it is missing."""
     try:
@@ -248,7 +329,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000, help="training rows (validation and test: 10%% each)")
     ap.add_argument("--batch-sizes", default="4096,16384,65536")
     ap.add_argument("--parts", default="speed,zoo,big",
-                    help="speed, zoo, rules, big; none of them (e.g. 'none') with --fuxictr-ttq runs FuxiCTR alone")
+                    help="speed, zoo, rules, big, profile; none of them (e.g. 'none') with --fuxictr-ttq runs "
+                    "FuxiCTR alone")
     ap.add_argument("--epochs", type=int, default=8, help="most epochs of an early-stopping run")
     ap.add_argument("--big-rows", type=int, default=100_000_000)
     ap.add_argument("--harness-ref", action="store_true", help="also run the harness's gpu_plain_ref.py")
@@ -309,7 +391,7 @@ def main() -> None:
     if args.fuxictr is not None:
         for r in fuxictr_run(args.fuxictr, args.batch_sizes, args.fuxictr_seconds, args.device, args.fuxictr_python):
             emit(r)
-    if parts & {"speed", "zoo", "rules", "big"}:  # FuxiCTR's time to quality alone needs none of ctrkit's rows
+    if parts & {"speed", "zoo", "rules", "big", "profile"}:  # FuxiCTR's time to quality alone needs none of ctrkit's rows
         t = time.perf_counter()
         n_va = args.rows // 10
         total = args.rows + 2 * n_va
@@ -367,6 +449,10 @@ def main() -> None:
                                 precision="fp32")
             row["rule"] = "fp32"
             emit(row)
+    if "profile" in parts and cuda:
+        for name in ["deepfm", *[z for z in args.zoo.split(",") if z in ("dcnv2", "xdeepfm", "finalmlp")]]:
+            emit(profile_step(name, data, spec, sizes[-1]))
+            torch.cuda.empty_cache()
     if "big" in parts:
         rng = np.random.default_rng(1)
         t = time.perf_counter()
