@@ -213,6 +213,8 @@ def profile_step(name: str, data: dict[str, Any], spec: Any, batch_size: int, re
                 torch.cuda.synchronize()
                 return time.perf_counter() - t, timed(lambda b=b: step(b)), i
             step(b)
+            if batches.into is None and step.inputs is not None:
+                batches.into = step.inputs  # as the trainer feeds it
             if check_every and (i + 1) % check_every == 0:
                 step.first_nonfinite(wait=False)
         raise AssertionError("unreachable")

@@ -173,6 +173,23 @@ def test_fill_last_is_for_one_process_keeping_every_row(tmp_path):
         BatchIterator(data, batch_size=100, fill_last=True, rank=0, world_size=2)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_full_batches_are_gathered_into_the_given_batch(tmp_path, shuffle):
+    data = _write(tmp_path / "d")
+    plain = BatchIterator(data, batch_size=100, shuffle=shuffle, seed=3, resident=True)
+    it = BatchIterator(data, batch_size=100, shuffle=shuffle, seed=3, resident=True)
+    it.into = Batch(ids=torch.zeros(100, 3, dtype=torch.int32), dense=torch.zeros(100, 2),
+                    label=torch.zeros(100))
+    buffers = (it.into.ids, it.into.dense, it.into.label)
+    got_all = []
+    for b in it:  # compare each yielded batch before the next gather overwrites the buffers
+        got_all.append(Batch(ids=b.ids.clone(), dense=b.dense.clone(), label=b.label.clone()))
+        assert (b is it.into) == (len(b) == 100)
+    assert all(a is b for a, b in zip((it.into.ids, it.into.dense, it.into.label), buffers))  # written in place
+    for g, w in zip(got_all, plain, strict=True):
+        assert torch.equal(g.ids, w.ids) and torch.equal(g.dense, w.dense) and torch.equal(g.label, w.label)
+
+
 def test_bad_batch_size(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         BatchIterator(_write(tmp_path / "d"), batch_size=0)

@@ -23,7 +23,6 @@ A batch ``scale`` times larger than :data:`BASE_BATCH` gets a large-batch rule (
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import math
 import os
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctrkit.data.dataset import Batch
+from ctrkit.data.dataset import BATCH_FIELDS, Batch
 from ctrkit.models.base import CTRModel
 from ctrkit.training import rows_gpu, sharded
 from ctrkit.training.distributed import allreduce_sparse_, wrap
@@ -63,7 +62,6 @@ COMPILE = ("auto", "on", "off", "max")
 # masks into the winners (a minute more of compilation; its own CUDA graphs stay off, the step captures its own)
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
 WARMUP_STEPS = 3  # eager steps before a GPU step is captured: compilation and allocator warm-up happen here
-BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))  # every tensor a batch may hold
 
 
 @dataclass(frozen=True)
@@ -498,8 +496,9 @@ class TrainStep:
         if not self.graphs:
             self._run(batch)
             return
-        if self._static is not None and self._fits(batch):
-            self._copy_in(batch)
+        if self._static is not None and (batch is self._static or self._fits(batch)):
+            if batch is not self._static:  # a batch gathered into the step's inputs needs no copy
+                self._copy_in(batch)
             self._graph.replay()  # type: ignore[union-attr]
         elif self._static is None and self._calls > WARMUP_STEPS and len(batch) >= self._widest:
             self._capture(batch)  # the shape of a full batch, not of an epoch's last one
@@ -512,6 +511,12 @@ class TrainStep:
             torch.cuda.current_stream(self.device).wait_stream(side)
         else:  # a batch of another shape (the last of an epoch): eager, so that nothing recompiles
             self._run(batch, compiled=False)
+
+    @property
+    def inputs(self) -> Batch | None:
+        """The captured step's input tensors, once it is captured: a batch gathered into them (``BatchIterator.into``)
+        trains without the copy into them."""
+        return self._static
 
     def _fits(self, batch: Batch) -> bool:
         s = self._static

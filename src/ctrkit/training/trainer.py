@@ -485,6 +485,8 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
                     if len(batch.label) < 2:
                         continue  # a single row cannot be batch-normalised; it is one row of one epoch
                     train_step(batch)
+                    if batches.into is None and train_step.inputs is not None:
+                        batches.into = train_step.inputs  # from now on batches are gathered into the step's inputs
                     global_step += 1
                     n_seen += len(batch.label)
                     if global_step % check_every == 0:
