@@ -160,6 +160,33 @@ def test_feature_reference_and_psi_literal() -> None:
     assert math.isnan(feature_psi(ref, ["u", "x"], live[:0])["u"])
 
 
+def test_live_monitor_compares_the_last_scored_rows_inputs_with_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live input PSI is feature_psi over the last INPUT_ROWS scored rows (a literal check), its alerts name
+    the column, and a bundle without a reference (or rows of another width) leaves nothing kept."""
+    import ctrkit.serve.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "INPUT_ROWS", 6)
+    enc = SimpleNamespace(sparse_names=["u"], dense_names=["x"], oov_ids=lambda: {"u": 1})
+    ids = np.array([[5], [5], [5], [6], [7], [8], [5], [6], [9], [3]])
+    dense = np.array([[0.0], [1.0], [2.0], [3.0], [np.nan], [5.0], [6.0], [7.0], [8.0], [9.0]])
+    ref = feature_reference(enc, ids, dense, top=2, bins=3)
+    mon = LiveMonitor(window=100, features=ref, names=["u", "x"])
+    assert mon.watches_inputs and mon.snapshot()["inputs"] == {}
+    mon.inputs(ids[:4], dense[:4])
+    mon.inputs(np.array([[1], [1], [1], [1]]), np.array([[50.0], [50.0], [50.0], [50.0]]))  # unseen, far right
+    snap = mon.snapshot()
+    assert snap["input_rows"] == 6
+    last6 = np.column_stack([np.r_[ids[2:4, 0], [1, 1, 1, 1]], np.r_[dense[2:4, 0], [50.0] * 4]])
+    assert snap["inputs"] == feature_psi(ref, ["u", "x"], last6)
+    assert snap["inputs"]["u"] > 0.25 and snap["inputs"]["x"] > 0.25
+    assert f"input u: PSI {snap['inputs']['u']:.3f} against training (major shift)" in snap["alerts"]
+    mon.inputs(np.zeros((2, 3)), np.zeros((2, 1)))  # another bundle's rows, in flight during a swap: not kept
+    assert mon.snapshot()["inputs"] == snap["inputs"]
+    mon.watch_inputs(None, ())
+    mon.inputs(ids, dense)
+    assert not mon.watches_inputs and mon.snapshot()["inputs"] == {} and mon.snapshot()["input_rows"] == 0
+
+
 def test_monitor_log_names_the_input_that_moved(tmp_path: Path) -> None:
     """The second half of the log is served items priced ten times higher: the price column's PSI is an alert in
     that window only."""

@@ -197,6 +197,32 @@ def test_bad_rank_and_event_requests(client: TestClient) -> None:
     assert r.status_code == 422 and "event_id" in r.text
 
 
+def test_metrics_give_each_inputs_psi_against_the_training_rows(client: TestClient,
+                                                                 bundles: tuple[Path, Path, pl.DataFrame]) -> None:
+    """Records scored through the compiled path (/score) and through the frame path (/rank with records the
+    compiled path does not take) both count; prices ten times the held-out ones move the price column's PSI."""
+
+    def input_psi() -> dict[str, float]:
+        text = client.get("/metrics").text
+        return {m[1]: float(m[2]) for m in re.finditer(r'ctrkit_input_psi\{column="([^"]+)"\} (\S+)', text)}
+
+    recs = _records(bundles[2], 300)
+    client.post("/score", json={"records": recs})
+    before = input_psi()
+    bundle = Bundle.load(bundles[0])
+    assert set(before) == set(bundle.encoder.sparse_names + bundle.encoder.dense_names)
+    assert before["price"] < 0.25
+    shifted = [{**r, "price": None if r["price"] is None else r["price"] * 10} for r in recs]
+    odd = [{**r, "price": str(r["price"])} for r in shifted[:100] if r["price"] is not None]  # the frame path
+    assert client.post("/rank", json={"candidates": odd, "k": 3}).status_code == 200
+    framed = input_psi()
+    assert framed["price"] > before["price"] + 0.05
+    assert framed["user_id"] == pytest.approx(before["user_id"], abs=0.05)
+    for start in range(0, 300, 100):
+        client.post("/score", json={"records": shifted[start:start + 100]})
+    assert input_psi()["price"] > 0.25
+
+
 def test_health_metrics_and_reload(client: TestClient, bundles: tuple[Path, Path, pl.DataFrame]) -> None:
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["model"] == "deepfm" and h["events"]["stored"] == 0

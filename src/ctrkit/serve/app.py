@@ -242,6 +242,8 @@ class _Metrics:
         self.duplicates = Counter("ctrkit_event_duplicates", "Events whose id was already stored", registry=r)
         self.ratio = Gauge("ctrkit_pred_actual_ratio", "Rolling pred/actual over the monitor window", registry=r)
         self.psi = Gauge("ctrkit_pctr_psi", "PSI of live pCTR against the training distribution", registry=r)
+        self.input_psi = Gauge("ctrkit_input_psi", "PSI of a live input column against the training rows",
+                               ["column"], registry=r)
         self.reloads = Counter("ctrkit_reloads", "Bundle hot swaps", registry=r)
 
 
@@ -377,7 +379,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     live = _load(config.bundle, config.threads, device=config.device)
     check_segments(live.bundle, config.segments)
     log = None if not config.events else open_writer(config.events) if config.workers > 1 else EventLog(config.events)
-    monitor = LiveMonitor(config.monitor_window, config.segments, live.bundle.metrics.get("pctr_reference"))
+    monitor = LiveMonitor(config.monitor_window, config.segments, live.bundle.metrics.get("pctr_reference"),
+                          features=live.bundle.metrics.get("feature_reference"), names=_input_names(live.bundle))
     rng = np.random.default_rng(config.seed)
     state: dict[str, Any] = {"live": live, "started": time.time()}
     reload_lock = asyncio.Lock()
@@ -392,6 +395,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             state["live"] = new
             gc.freeze()  # the new bundle's objects join the ones the collector no longer walks
             monitor.reference = new.bundle.metrics.get("pctr_reference")
+            monitor.watch_inputs(new.bundle.metrics.get("feature_reference"), _input_names(new.bundle))
             metrics.reloads.inc()
         return old, new
 
@@ -452,12 +456,18 @@ def create_app(config: ServerConfig) -> FastAPI:
         if got is not None and got.n and got.rest == b"{}":  # the body holds the records and nothing else
             check_size(got.n, "records")
             encoded = cur.bundle.encoder.finish_json(got)
-        if encoded is not None:
-            p = cur.scorer.score_encoded(*encoded)
-        else:  # not plain, or no compiled path: the request models and the validation layer read it
+        if encoded is None:  # not plain, or no compiled path: the request models and the validation layer read it
             req = await _parse(request, _ScoreBody, ScoreRequest)
             check_size(len(req.records), "records")
-            p = cur.scorer.predict(req.records, extra=())
+            encoded = cur.bundle.encoder.encode_records(req.records, None, ())
+        if encoded is not None:
+            p = cur.scorer.score_encoded(*encoded)
+            monitor.inputs(*encoded)
+        else:
+            frame = cur.scorer.frame(req.records, extra=())
+            p = cur.scorer.score(frame)
+            if monitor.watches_inputs:
+                monitor.inputs(*cur.bundle.encoder.transform_frame(frame))
         first = p if p.ndim == 1 else p[:, 0]
         metrics.scored.inc(len(first))
         monitor.scored(first)
@@ -481,6 +491,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             check_size(cands.n, "candidates")
         bids, quality = cands.bids, cands.quality
         pctr = cur.scorer.score(cands.frame) if cands.encoded is None else cur.scorer.score_encoded(*cands.encoded)
+        if cands.encoded is not None:
+            monitor.inputs(*cands.encoded)
+        elif monitor.watches_inputs:
+            monitor.inputs(*cur.bundle.encoder.transform_frame(cands.frame))
         pctr = pctr if pctr.ndim == 1 else pctr[:, 0]  # a multi-task bundle ranks by its first (click) head
         metrics.scored.inc(len(pctr))
         monitor.scored(pctr)
@@ -541,11 +555,15 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
-        """Prometheus text: requests, latency, scored records, events, live pred/actual and PSI."""
+        """Prometheus text: requests, latency, scored records, events, live pred/actual and PSI (of pCTR, and of
+        each input column where the bundle holds its training rows' reference)."""
         snap = monitor.snapshot()
         ratio = snap["overall"]["ratio"]
         metrics.ratio.set(ratio if math.isfinite(ratio) else float("nan"))
         metrics.psi.set(snap["psi"] if snap["psi"] is not None else float("nan"))
+        metrics.input_psi.clear()  # the columns of the bundle served now, not of one swapped out
+        for column, value in snap["inputs"].items():
+            metrics.input_psi.labels(column).set(value)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")
@@ -604,6 +622,11 @@ def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
 def _logit(p: np.ndarray) -> np.ndarray:
     q = np.clip(p, 1e-7, 1.0 - 1e-7)
     return np.log(q / (1.0 - q))
+
+
+def _input_names(bundle: Bundle) -> list[str]:
+    """The encoded input columns a live monitor compares with the training rows: sparse fields, then dense."""
+    return list(bundle.encoder.sparse_names) + list(bundle.encoder.dense_names)
 
 
 @dataclass

@@ -121,13 +121,18 @@ class _Imp:
     clicked: bool = False
 
 
+INPUT_ROWS = 20_000  # scored rows the live input PSI reads: ten bins a column need thousands, not a window's 100k
+
+
 class LiveMonitor:
-    """The last ``window`` impressions served (pCTR, clicked or not) and the last ``window`` pCTRs scored;
-    thread-safe."""
+    """The last ``window`` impressions served (pCTR, clicked or not), the last ``window`` pCTRs scored and, with a
+    ``features`` reference (:func:`feature_reference`, columns ``names``), the encoded input columns of the last
+    :data:`INPUT_ROWS` scored rows; thread-safe."""
 
     def __init__(self, window: int = 100_000, segments: Sequence[str] = (),
                  reference: Mapping[str, Sequence[float]] | None = None, min_clicks: int = 30,
-                 band: tuple[float, float] = BAND) -> None:
+                 band: tuple[float, float] = BAND, features: Mapping[str, Mapping[str, Any]] | None = None,
+                 names: Sequence[str] = ()) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window, self.segments, self.reference = window, tuple(segments), reference
@@ -136,6 +141,36 @@ class LiveMonitor:
         self._scored = np.zeros(window)
         self._n_scored = 0
         self._lock = threading.Lock()
+        self.watch_inputs(features, names)
+
+    def watch_inputs(self, features: Mapping[str, Mapping[str, Any]] | None, names: Sequence[str]) -> None:
+        """Compare the scored rows' input columns ``names`` (sparse fields then dense columns, as encoded) with
+        ``features``, or stop where it is None (a bundle without one): the rows kept so far are let go."""
+        with self._lock:
+            self.features, self.names = (features or None), tuple(names)
+            self._inputs = np.zeros((0, len(self.names))) if self.features else None
+            self._n_inputs = 0
+
+    @property
+    def watches_inputs(self) -> bool:
+        """Whether :meth:`inputs` keeps anything (the caller may then skip encoding rows only for it)."""
+        return self.features is not None
+
+    def inputs(self, ids: np.ndarray, dense: np.ndarray) -> None:
+        """Remember the encoded input columns of scored rows (ids [n, sparse], dense [n, dense columns])."""
+        if self.features is None or len(ids) == 0:
+            return
+        cols = np.concatenate([np.asarray(ids, dtype=np.float64), np.asarray(dense, dtype=np.float64)], axis=1)
+        with self._lock:
+            buf = self._inputs
+            if buf is None or buf.shape[1] != cols.shape[1]:
+                return  # rows of another bundle than the one watched (a swap in flight)
+            if len(buf) < INPUT_ROWS:
+                buf = self._inputs = np.zeros((INPUT_ROWS, cols.shape[1]))
+            end = self._n_inputs + len(cols)
+            keep = min(len(cols), INPUT_ROWS)
+            buf[np.arange(end - keep, end) % INPUT_ROWS] = cols[len(cols) - keep:]
+            self._n_inputs = end
 
     def scored(self, pctr: np.ndarray) -> None:
         """Remember the pCTR of every scored record (shown or not): PSI compares these with training, since
@@ -169,6 +204,8 @@ class LiveMonitor:
         with self._lock:
             imps = list(self._imps.values())
             scored = self._scored[:min(self._n_scored, self.window)].copy()
+            columns = None if self._inputs is None else self._inputs[:min(self._n_inputs, INPUT_ROWS)].copy()
+            features, names = self.features, self.names
         p = np.fromiter((i.pctr for i in imps), np.float64, len(imps))
         c = np.fromiter((i.clicked for i in imps), np.float64, len(imps))
         out: dict[str, Any] = {"overall": ratio_row(p.sum(), c.sum(), len(imps), self.min_clicks, self.band),
@@ -181,6 +218,9 @@ class LiveMonitor:
                                      for v, ix in sorted(groups.items())}
         out["scored"] = len(scored)
         out["psi"] = psi(self.reference, scored) if self.reference and len(scored) else None
+        out["inputs"] = (feature_psi(features, names, columns) if features is not None and columns is not None
+                         and len(columns) else {})
+        out["input_rows"] = 0 if columns is None else len(columns)
         out["alerts"] = alerts(out)
         return out
 
@@ -200,6 +240,9 @@ def alerts(snapshot: Mapping[str, Any]) -> list[str]:
     value = snapshot.get("psi")
     if value is not None and value > MAJOR:
         lines.append(f"PSI {value:.3f} of live pCTR against training: a major shift (> {MAJOR})")
+    for name, v in sorted(snapshot.get("inputs", {}).items(), key=lambda kv: -kv[1]):
+        if v > MAJOR:
+            lines.append(f"input {name}: PSI {v:.3f} against training (major shift)")
     return lines
 
 
