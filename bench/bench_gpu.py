@@ -23,9 +23,9 @@ one-time work and is not timed.
   show what each part of the rule does.
 * ``big``: ``--big-rows`` rows resampled from the training rows, one epoch, resident on the GPU, with the
   GPU's utilisation sampled by ``nvidia-smi`` every 100 ms.
-* ``profile``: where the time of an epoch goes at the largest batch size, for DeepFM and the zoo's DCNv2,
-  xDeepFM and FinalMLP (:func:`profile_step`): the step replayed alone and as fed, the last partial batch, the
-  finiteness checks, the validation pass, and the step's kernels by time.
+* ``profile``: where the time of an epoch goes at the largest batch size, for the models of ``--profile``
+  (:func:`profile_step`): the step replayed alone and as fed, the last batch, the finiteness checks, the
+  validation pass, and the step's kernels by time.
 * ``--harness-ref`` runs ``../shared/peers/gpu_plain_ref.py`` (its own random ids) in a subprocess of the same
   invocation, to show the reference here is at least as fast as the harness's.
 * ``--fuxictr BUNDLE`` runs FuxiCTR 2.3.10's DeepFM on the same GPU in the same invocation, through the harness's
@@ -344,6 +344,7 @@ def main() -> None:
     ap.add_argument("--fuxictr-python", default=None,
                     help="an interpreter with FuxiCTR installed (a CPU check), instead of the bundle's wheels")
     ap.add_argument("--zoo", default=",".join(ZOO), help="models of the zoo part")
+    ap.add_argument("--profile", default="deepfm,xdeepfm", help="models of the profile part")
     ap.add_argument("--no-rule-compare", dest="rule_compare", action="store_false",
                     help="speed part: skip the large batch under CowClip's rule and under none")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -393,7 +394,7 @@ def main() -> None:
     if args.fuxictr is not None:
         for r in fuxictr_run(args.fuxictr, args.batch_sizes, args.fuxictr_seconds, args.device, args.fuxictr_python):
             emit(r)
-    if parts & {"speed", "zoo", "rules", "big", "profile"}:  # FuxiCTR's time to quality alone needs none of ctrkit's rows
+    if parts & {"speed", "zoo", "rules", "big", "profile"}:  # FuxiCTR's time to quality alone needs no rows of ours
         t = time.perf_counter()
         n_va = args.rows // 10
         total = args.rows + 2 * n_va
@@ -452,7 +453,7 @@ def main() -> None:
             row["rule"] = "fp32"
             emit(row)
     if "profile" in parts and cuda:
-        for name in ["deepfm", *[z for z in args.zoo.split(",") if z in ("dcnv2", "xdeepfm", "finalmlp")]]:
+        for name in args.profile.split(","):
             emit(profile_step(name, data, spec, sizes[-1]))
             torch.cuda.empty_cache()
     if "big" in parts:
