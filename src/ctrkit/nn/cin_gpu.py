@@ -11,8 +11,8 @@ comes back in the layout the embedding's backward pass reads.
 
 * forward: out[n, :] = sum over blocks of i: (X[n, i] * X0[n, j])_{(i, j)} @ Wp[(i, j), :];
 * input gradients: G_i = dOut @ Wp[i]^T for one i at a time, then dX[n, i] = sum_j G_i[n, j] X0[n, j] and
-  dX0[n, j] = sum_i G_i[n, j] X[n, i] (a block of i's at once, reshaped out of the product, cost 3.4 times
-  the forward pass on an H100: moving the product's result between register layouts);
+  dX0[n, j] = sum_i G_i[n, j] X[n, i], each in the product's own layout (a block of four i's reshaped out of
+  one product took 1.72 ms of xDeepFM's step at 65,536 rows on an H100, one i at a time 1.25 ms);
 * weight gradient: dWp = sum_n (X[n, i] * X0[n, j])^T dOut[n, :], split over row ranges and summed after.
 
 ``Wp`` is the weight laid out [Hp (padded to the block), m (padded to a power of two), H (padded)], zeros in the
