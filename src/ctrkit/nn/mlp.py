@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,9 +48,11 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this product goes through oneDNN (:func:`~ctrkit.devices.onednn_fp32`): float32 on a CPU, outside
     autocast, and outside torch.compile and exports, which must see plain torch operations (Inductor chooses
     its own kernels)."""
+    onnx = sys.modules.get("torch.onnx")  # not imported: no export runs (importing it costs 75 ms)
     return (x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing() and onednn_fp32())
+            and not (onnx is not None and onnx.is_in_onnx_export()) and not torch.jit.is_tracing()
+            and onednn_fp32())
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
