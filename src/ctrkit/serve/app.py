@@ -557,7 +557,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def prometheus() -> PlainTextResponse:
         """Prometheus text: requests, latency, scored records, events, live pred/actual and PSI (of pCTR, and of
         each input column where the bundle holds its training rows' reference)."""
-        snap = monitor.snapshot()
+        # tens of ms over the windows (the input columns' bins): off the event loop, which keeps serving meanwhile
+        snap = await asyncio.get_running_loop().run_in_executor(None, monitor.snapshot)
         ratio = snap["overall"]["ratio"]
         metrics.ratio.set(ratio if math.isfinite(ratio) else float("nan"))
         metrics.psi.set(snap["psi"] if snap["psi"] is not None else float("nan"))
