@@ -157,7 +157,7 @@ class MLP(nn.Sequential):
             fused = layer.bias is not None and h.dim() == 2
             relu = i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU
             if fused and relu and (h.is_cuda or _onednn(h, w)):
-                h = _Linear.apply(h, w, layer.bias, True)
+                h = linear_relu(h, layer, w)
                 i += 2
             elif fused and _onednn(h, w):
                 h = _Linear.apply(h, w, layer.bias, False)
