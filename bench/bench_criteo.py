@@ -233,16 +233,21 @@ def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
         report["fuxictr"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _print_table(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}")
+    from provenance import write_record
+
+    write_record(path, report)
     return report
 
 
 def _machine() -> dict[str, Any]:
+    """The machine and the libraries a run's figures depend on (float32 products: oneDNN or BLAS)."""
     import polars as pl
 
+    from ctrkit.devices import onednn_fp32
+
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "polars": pl.__version__, "loadavg_1m_start": _loadavg()}
+            "polars": pl.__version__, "cpu_gemm_fp32": "onednn" if onednn_fp32() else "blas",
+            "loadavg_1m_start": _loadavg()}
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -384,9 +389,10 @@ def stage_train(args: argparse.Namespace) -> dict[str, Any]:
                      f"{fx['test_logloss']:>8.4f} {fx['peak_rss_mb']:>8,.0f}")
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)
+    from provenance import write_record
+
     path = RESULTS / "criteo_train.json"
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}")
+    write_record(path, report)
     shutil.rmtree(enc_dir, ignore_errors=True)
     return report
 
