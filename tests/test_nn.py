@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import hypothesis.strategies as st
@@ -332,6 +333,38 @@ def test_mlp_through_onednn_equals_the_layers_in_float64(b: int, n_in: int, hidd
         want_g = torch.autograd.grad(want, [x64, *net64.parameters()], grad.double())
         for g, w in zip(got_g, want_g, strict=True):
             assert g.dtype == torch.float32 and g.shape == w.shape
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
+    devices.onednn_fp32.cache_clear()
+
+
+@needs_onednn
+@pytest.mark.parametrize("block", ["cross_v2", "factorized"])
+def test_other_blocks_linear_layers_go_through_onednn_with_the_layers_results(block: str) -> None:
+    """DCN-V2's cross layers and FinalNet's factorized interaction call ``linear``: with float32 products sent to
+    oneDNN they give their float64 results, gradients included, to float32 precision."""
+    from ctrkit import devices
+    from ctrkit.nn.gating import FactorizedInteraction
+    from ctrkit.nn.interactions import CrossNetV2
+
+    calls: list[int] = []
+    real = torch.ops.mkldnn._linear_pointwise
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("CTRKIT_CPU_GEMM", "onednn")
+        devices.onednn_fp32.cache_clear()
+        monkeypatch.setattr(mlp_module, "_onednn_linear",
+                            lambda *a: calls.append(1) or real(*a[:3], "relu" if a[3] else "none", [], ""))
+        torch.manual_seed(0)
+        net = CrossNetV2(12, 3) if block == "cross_v2" else FactorizedInteraction(12, 5)
+        x = torch.randn(33, 12, requires_grad=True)
+        got = net(x)
+        assert len(calls) == (3 if block == "cross_v2" else 1)
+        ref = copy.deepcopy(net).double()
+        x64 = x.detach().double().requires_grad_()
+        want = ref(x64)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(got)
+        for g, w in zip(torch.autograd.grad(got, [x, *net.parameters()], grad),
+                        torch.autograd.grad(want, [x64, *ref.parameters()], grad.double()), strict=True):
             torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
     devices.onednn_fp32.cache_clear()
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ctrkit.nn.mlp import MLP
+from ctrkit.nn.mlp import MLP, linear
 
 
 class FeatureGate(nn.Module):
@@ -68,5 +68,5 @@ class FactorizedInteraction(nn.Module):
         self.linear = nn.Linear(in_dim, 2 * out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h2, h1 = self.linear(x).chunk(2, dim=-1)
+        h2, h1 = linear(x, self.linear).chunk(2, dim=-1)
         return h2 + h1 * h2

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ctrkit.nn import cin_gpu
+from ctrkit.nn.mlp import linear
 
 
 class _PairwiseAndSquares(torch.autograd.Function):
@@ -173,7 +174,7 @@ class CrossNetV2(nn.Module):
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0
         for layer in self.layers:
-            x = x0 * layer(x) + x
+            x = x0 * linear(x, layer) + x
         return x
 
 

@@ -99,6 +99,14 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w.to(w_dtype), g.sum(0).to(b_dtype), None
 
 
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``, through oneDNN where :func:`_onednn` says so (a CPU's float32 products): for the linear
+    layers of other blocks than an MLP (DCN-V2's cross layers, FinalNet's factorized interactions)."""
+    if layer.bias is not None and _onednn(x, layer.weight):
+        return _Linear.apply(x, layer.weight, layer.bias, False)
+    return layer(x)
+
+
 def linear_relu(x: torch.Tensor, layer: nn.Linear, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(layer(x))`` for a 2-D ``x`` and a ``layer`` with a bias, as one fused matrix product; ``weight``
     stands in for the layer's own (a folded form of it) where given."""
