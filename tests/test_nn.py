@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 
 import hypothesis.strategies as st
 import pytest
@@ -12,9 +14,9 @@ from hypothesis import given, settings
 from torch import nn
 
 from ctrkit.data.dataset import Batch
+from ctrkit.nn import mlp as mlp_module
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
 from ctrkit.nn.interactions import FactorizationMachine, pairwise_and_squares
-from ctrkit.nn import mlp as mlp_module
 from ctrkit.nn.mlp import MLP, Dropout, linear_relu
 
 SIZES = (4, 3, 5)
@@ -294,6 +296,23 @@ needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
                                   reason="this torch has no oneDNN linear")
 
 
+@contextlib.contextmanager
+def through_onednn(calls: list[int]) -> Iterator[None]:
+    """Float32 products sent to oneDNN (``CTRKIT_CPU_GEMM=onednn``), each product appending to ``calls``."""
+    from ctrkit import devices
+
+    real = torch.ops.mkldnn._linear_pointwise
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("CTRKIT_CPU_GEMM", "onednn")
+        devices.onednn_fp32.cache_clear()
+        monkeypatch.setattr(mlp_module, "_onednn_linear",
+                            lambda *a: calls.append(1) or real(*a[:3], "relu" if a[3] else "none", [], ""))
+        try:
+            yield
+        finally:
+            devices.onednn_fp32.cache_clear()
+
+
 @needs_onednn
 @settings(max_examples=15, deadline=None)
 @given(b=st.integers(1, 40), n_in=st.integers(1, 30), hidden=st.lists(st.integers(1, 30), min_size=1, max_size=3),
@@ -303,15 +322,8 @@ def test_mlp_through_onednn_equals_the_layers_in_float64(b: int, n_in: int, hidd
     """With float32 products sent to oneDNN, the MLP's output and every gradient equal the layers' own in float64
     to float32 precision (a slice of a wider input too: its rows are strided); the pre-activations are kept away
     from 0 so that rounding cannot flip a ReLU."""
-    from ctrkit import devices
-
-    calls: list[str] = []
-    real = torch.ops.mkldnn._linear_pointwise
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("CTRKIT_CPU_GEMM", "onednn")
-        devices.onednn_fp32.cache_clear()
-        monkeypatch.setattr(mlp_module, "_onednn_linear",
-                            lambda *a: calls.append("dnn") or real(*a[:3], "relu" if a[3] else "none", [], ""))
+    calls: list[int] = []
+    with through_onednn(calls):
         gen = torch.Generator().manual_seed(seed)
         net = MLP(n_in, hidden, out_dim=1)
         with torch.no_grad():
@@ -323,7 +335,7 @@ def test_mlp_through_onednn_equals_the_layers_in_float64(b: int, n_in: int, hidd
         x = (wide[:, 2:2 + n_in] if sliced else wide[:, :n_in].contiguous()).requires_grad_()
         grad = torch.randn(b, 1, generator=gen)
         got = net(x)
-        assert calls == ["dnn"] * (len(hidden) + 1)
+        assert len(calls) == len(hidden) + 1
         net64 = MLP(n_in, hidden, out_dim=1).double()
         net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
         x64 = x.detach().double().requires_grad_()
@@ -334,7 +346,6 @@ def test_mlp_through_onednn_equals_the_layers_in_float64(b: int, n_in: int, hidd
         for g, w in zip(got_g, want_g, strict=True):
             assert g.dtype == torch.float32 and g.shape == w.shape
             torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
-    devices.onednn_fp32.cache_clear()
 
 
 @needs_onednn
@@ -342,17 +353,11 @@ def test_mlp_through_onednn_equals_the_layers_in_float64(b: int, n_in: int, hidd
 def test_other_blocks_linear_layers_go_through_onednn_with_the_layers_results(block: str) -> None:
     """DCN-V2's cross layers and FinalNet's factorized interaction call ``linear``: with float32 products sent to
     oneDNN they give their float64 results, gradients included, to float32 precision."""
-    from ctrkit import devices
     from ctrkit.nn.gating import FactorizedInteraction
     from ctrkit.nn.interactions import CrossNetV2
 
     calls: list[int] = []
-    real = torch.ops.mkldnn._linear_pointwise
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("CTRKIT_CPU_GEMM", "onednn")
-        devices.onednn_fp32.cache_clear()
-        monkeypatch.setattr(mlp_module, "_onednn_linear",
-                            lambda *a: calls.append(1) or real(*a[:3], "relu" if a[3] else "none", [], ""))
+    with through_onednn(calls):
         torch.manual_seed(0)
         net = CrossNetV2(12, 3) if block == "cross_v2" else FactorizedInteraction(12, 5)
         x = torch.randn(33, 12, requires_grad=True)
@@ -366,7 +371,6 @@ def test_other_blocks_linear_layers_go_through_onednn_with_the_layers_results(bl
         for g, w in zip(torch.autograd.grad(got, [x, *net.parameters()], grad),
                         torch.autograd.grad(want, [x64, *ref.parameters()], grad.double()), strict=True):
             torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
-    devices.onednn_fp32.cache_clear()
 
 
 @needs_onednn
