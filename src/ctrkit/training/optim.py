@@ -16,6 +16,7 @@ import torch
 
 RULES = ("adam", "adagrad", "rowwise_adagrad")
 MARK_ROWS = 1 << 24
+_NO_CORRECTION = torch.tensor(1e12)  # a step count whose bias corrections 1 - beta ** step are exactly 1
 
 
 def cowclip(grad: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, ratio: float = 1.0,
@@ -40,6 +41,18 @@ def update_rows_(p: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, state:
     each copy then writes the same values (the GPU path relies on this to keep shapes static).
     """
     w = p.index_select(0, rows)
+    if rule == "adam" and type(lr) is float and p.device.type == "cpu":
+        # torch's fused Adam over the gathered rows: one pass instead of eight (4.5 ms of a 13 ms update of 98k
+        # rows of 16 on a 2-core CPU). Its bias corrections are 1 - beta ** step, made exactly 1 by a step far
+        # past any real one: ``lr`` comes corrected.
+        m_all, v_all = state
+        m, v = m_all.index_select(0, rows), v_all.index_select(0, rows)
+        torch._fused_adam_([w], [grad], [m], [v], [], [_NO_CORRECTION], lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
+                           eps=eps, amsgrad=False, maximize=False)
+        m_all.index_copy_(0, rows, m)
+        v_all.index_copy_(0, rows, v)
+        p.index_copy_(0, rows, w)
+        return
     if rule == "adam":
         m_all, v_all = state
         m = m_all.index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
