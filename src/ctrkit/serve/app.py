@@ -442,6 +442,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.event_log = log
     app.state.monitor = monitor
 
+    def watch_inputs(cur: _Live, encoded: tuple[np.ndarray, np.ndarray] | None, frame: pl.DataFrame | None) -> None:
+        """Hand the scored rows' encoded inputs to the live monitor (a frame is encoded for it only when it keeps
+        them)."""
+        if encoded is not None:
+            monitor.inputs(*encoded)
+        elif frame is not None and monitor.watches_inputs:
+            monitor.inputs(*cur.bundle.encoder.transform_frame(frame))
+
     def check_size(n: int, what: str) -> None:
         if n > config.max_batch:
             raise DataError(f"{what}: {n} items exceed this server's limit of {config.max_batch} per request")
@@ -460,14 +468,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             req = await _parse(request, _ScoreBody, ScoreRequest)
             check_size(len(req.records), "records")
             encoded = cur.bundle.encoder.encode_records(req.records, None, ())
-        if encoded is not None:
-            p = cur.scorer.score_encoded(*encoded)
-            monitor.inputs(*encoded)
-        else:
-            frame = cur.scorer.frame(req.records, extra=())
-            p = cur.scorer.score(frame)
-            if monitor.watches_inputs:
-                monitor.inputs(*cur.bundle.encoder.transform_frame(frame))
+        frame = None if encoded is not None else cur.scorer.frame(req.records, extra=())
+        p = cur.scorer.score_encoded(*encoded) if frame is None else cur.scorer.score(frame)
+        watch_inputs(cur, encoded, frame)
         first = p if p.ndim == 1 else p[:, 0]
         metrics.scored.inc(len(first))
         monitor.scored(first)
@@ -491,10 +494,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             check_size(cands.n, "candidates")
         bids, quality = cands.bids, cands.quality
         pctr = cur.scorer.score(cands.frame) if cands.encoded is None else cur.scorer.score_encoded(*cands.encoded)
-        if cands.encoded is not None:
-            monitor.inputs(*cands.encoded)
-        elif monitor.watches_inputs:
-            monitor.inputs(*cur.bundle.encoder.transform_frame(cands.frame))
+        watch_inputs(cur, cands.encoded, cands.frame)
         pctr = pctr if pctr.ndim == 1 else pctr[:, 0]  # a multi-task bundle ranks by its first (click) head
         metrics.scored.inc(len(pctr))
         monitor.scored(pctr)
