@@ -34,13 +34,13 @@ FIELDS = "user,item,daytime,weekday,isweekend,homework,cost,weather,country,city
 TARGETS = {"deepfm": (0.9845, 0.155), "fm": (0.965, None), "lr": (0.93, None)}
 
 
-def run_ctrkit(model: str, work: Path, seed: int, ensemble: int = 1) -> dict:
-    """`ctrkit train` on Frappe with the model's defaults (``ensemble`` members: ``--ensemble N``); returns its
-    metrics and outside measurements."""
-    out = work / (model if ensemble == 1 else f"{model}-x{ensemble}")
+def run_ctrkit(model: str, out: Path, seed: int, ensemble: int = 1, distill: Path | None = None) -> dict:
+    """`ctrkit train` on Frappe into ``out`` with the model's defaults (``ensemble`` members: ``--ensemble N``;
+    ``distill``: a teacher bundle); returns its metrics and outside measurements."""
     cmd = [sys.executable, "-m", "ctrkit", "train", str(TRAIN), "--valid", str(VALID), "--test", str(TEST),
            "--format", "libfm", "--fields", FIELDS, "--model", model, "--out", str(out), "--seed", str(seed),
-           "--quiet", *(["--ensemble", str(ensemble)] if ensemble > 1 else [])]
+           "--quiet", *(["--ensemble", str(ensemble)] if ensemble > 1 else []),
+           *(["--distill", str(distill)] if distill is not None else [])]
     run = peers.run_peer(cmd, {"PYTHONPATH": str(ROOT / "src")}, cwd=ROOT)
     if run["returncode"] != 0:
         raise RuntimeError(f"ctrkit train {model} failed:\n{run['stdout_tail']}")
@@ -82,7 +82,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models.split(","):
-        rows.append(run_ctrkit(model, work, args.seed))
+        rows.append(run_ctrkit(model, work / model, args.seed))
         print(json.dumps(rows[-1]), flush=True)
     if not args.skip_peer:
         rows.append(run_fuxictr(work))

@@ -10,9 +10,12 @@ difference and training-time ratio, model for model (set up the peers first: ben
     python bench/bench_zoo.py                                  # every model, seeds 0 1 2
     python bench/bench_zoo.py --models deepfm,fibinet --seeds 0
     python bench/bench_zoo.py --models finalmlp*2              # an ensemble of two (`--ensemble 2`)
+    python bench/bench_zoo.py --models 'finalmlp*2,finalmlp<finalmlp*2'   # and a FinalMLP distilled from it
 
 A model written NAME*N is a deep ensemble of N models NAME (`ctrkit train --model NAME --ensemble N`, seeds S to
-S+N-1): a row of its own, whose step time is N times its members' (they train one after the other).
+S+N-1): a row of its own, whose step time is N times its members' (they train one after the other). NAME<TEACHER
+is NAME trained on the probabilities of the TEACHER entry's bundle of the same seed (`ctrkit train --model NAME
+--distill BUNDLE`), which an earlier entry of the list trains; its times leave the teacher's training out.
 
 Prints the table (test AUC / logloss mean and spread, parameters, seconds per epoch, training step time relative
 to DeepFM's, BARS target) and writes bench/results/zoo.json. The step times come from one interleaved timing at the
@@ -60,9 +63,18 @@ def bars_targets(datasets: Path) -> dict[str, float]:
 
 
 def members(entry: str) -> tuple[str, int]:
-    """A --models entry as (model, ensemble members): "finalmlp" -> ("finalmlp", 1), "finalmlp*2" -> (.., 2)."""
-    name, _, n = entry.partition("*")
+    """A --models entry as (model, ensemble members): "finalmlp" -> ("finalmlp", 1), "finalmlp*2" -> (.., 2);
+    "finalmlp<finalmlp*2" (distilled from a teacher) -> ("finalmlp", 1)."""
+    name, _, n = entry.partition("<")[0].partition("*")
     return name, int(n) if n else 1
+
+
+def folder(entry: str) -> str:
+    """The run folder of an entry under its seed's: "finalmlp", "finalmlp-x2", "finalmlp-from-finalmlp-x2"."""
+    student, _, teacher = entry.partition("<")
+    model, n = members(student)
+    name = model if n == 1 else f"{model}-x{n}"
+    return f"{name}-from-{folder(teacher)}" if teacher else name
 
 
 def step_seconds(row: dict) -> float:
@@ -75,9 +87,13 @@ def step_seconds(row: dict) -> float:
 def run_one(entry: str, seed: int, work: Path) -> dict:
     """One `ctrkit train` run with the extra fields the zoo table needs."""
     model, n = members(entry)
-    row = bench_frappe.run_ctrkit(model, work / f"seed{seed}", seed, ensemble=n)
-    folder = model if n == 1 else f"{model}-x{n}"
-    m = json.loads((work / f"seed{seed}" / folder / "metrics.json").read_text())
+    teacher = entry.partition("<")[2]
+    bundle = work / f"seed{seed}" / folder(teacher) / "bundle" if teacher else None
+    if bundle is not None and not bundle.is_dir():
+        raise RuntimeError(f"{entry}: no teacher bundle {bundle}; list {teacher!r} before {entry!r} in --models")
+    out = work / f"seed{seed}" / folder(entry)
+    row = bench_frappe.run_ctrkit(model, out, seed, ensemble=n, distill=bundle)
+    m = json.loads((out / "metrics.json").read_text())
     tr = m["train"]
     histories = [r["history"] for r in tr["members"]] if n > 1 else [tr["history"]]
     row.update(model=entry, seed=seed, parameters=m["model"]["parameters"], history=histories[0],

@@ -146,6 +146,11 @@ def train(
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints where a run stopped."),
     ensemble: int = typer.Option(1, help="Train N models of MODEL with seeds SEED..SEED+N-1 and serve the mean "
                                          "of their logits (N times the training and scoring time)."),
+    distill: Optional[Path] = typer.Option(None, help="A teacher bundle (an --ensemble run on the same TRAIN, "
+                                                      "schema and --seed): MODEL learns from its probabilities as "
+                                                      "well as the labels, and serves at one model's cost."),
+    distill_weight: float = typer.Option(1.0, help="--distill: the teacher's share of each training target "
+                                                   "(1: the teacher's probability alone; 0.5: half the label)."),
     quiet: bool = typer.Option(False, help="No progress bars; only the one-line report of rejected rows."),
 ) -> None:
     """Train MODEL on TRAIN and write a bundle, metrics.json and report.html to OUT."""
@@ -180,6 +185,7 @@ def train(
                         loss=loss, pos_weight=pw, neg_sample_rate=neg_sample_rate, calibrate=calibrate,
                         split=split, report_by=[f.strip() for f in report_by.split(",")] if report_by else None,
                         checkpoint_every=checkpoint_every, resume=resume, ensemble=ensemble,
+                        distill=distill, distill_weight=distill_weight,
                         log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
     except USER_ERRORS as exc:
         _fail(str(exc))

@@ -77,7 +77,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
           loss: str = "bce", pos_weight: float | str = "auto", neg_sample_rate: float = 1.0,
           calibrate: str = "auto", split: str = "auto", report_by: list[str] | None = None,
           resume: bool = False, checkpoint_every: int = 0, embedding_backend: str = "plain",
-          ensemble: int = 1, log: Any = None, encoded: EncodeResult | None = None,
+          ensemble: int = 1, distill: str | Path | None = None, distill_weight: float = 1.0,
+          log: Any = None, encoded: EncodeResult | None = None,
           on_epoch: Any = None, first_order_fits: list[Any] | None = None) -> Run:
     """Encode ``train_data`` (fitting the encoder on it only), train ``model``, calibrate, evaluate, save.
 
@@ -90,6 +91,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     no first-order fit, distributed checkpoints); the bundle holds them as plain tables.
     ``ensemble`` N > 1 trains N models one after another, with seeds ``seed`` .. ``seed + N - 1``, and serves
     the mean of their logits (:class:`~ctrkit.models.ensemble.Ensemble`); each has its own checkpoints.
+    ``distill``: a bundle trained on the same training rows with the same encoding (an ensemble, typically);
+    the model then learns ``(1 - distill_weight) * label + distill_weight * the teacher's probability`` of each
+    training row (knowledge distillation, :func:`distilled`): one network that serves at its own cost what the
+    teacher learned.
     ``encoded``: the :func:`~ctrkit.data.encode.encode_files` result of these sources, made earlier (by
     :func:`ctrkit.tune.tune`, which trains many models on one encode); the sources then only name the data.
     ``on_epoch`` gets each epoch's record (its "valid" figures among them), as the trainer writes it; what it
@@ -119,6 +124,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                 pos_weight=1.0 if pos_weight == "auto" else float(pos_weight), embedding_backend=embedding_backend)
     default_config(model, **{**(model_options or {}), **({"embed_dim": embed_dim} if embed_dim is not None else {})})
     check_rate(neg_sample_rate)
+    teacher = _teacher(distill, distill_weight) if distill is not None else None
     _check_distinct_files(train_data, valid, test, log)
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
     created = bool(out) and not Path(out).exists()
@@ -186,6 +192,11 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         mcfg = default_config(model, **mopts)
         topts = {**cls.train_defaults, **auto["train"], **(train_options or {}), **explicit}
         valid_set = enc.data.get("valid")
+        labelled = train_set  # the first-order fit of a small log stays the exact fit of the labels
+        if teacher is not None:
+            train_set = distilled(train_set, teacher, enc.encoder, shift, distill_weight, device)
+            if log:
+                log(f"distilling from {distill} ({_teacher_name(teacher)}), weight {distill_weight}")
         first_order = auto.pop("first_order_fit")
         members, results, configs = [], [], []
         fits = first_order_fits if first_order_fits is not None else []
@@ -195,7 +206,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                 seed=seed + i, device=device, progress=progress, loss=loss, pos_weight=pw, logit_shift=shift,
                 resume=resume, checkpoint_every=checkpoint_every, embedding_backend=embedding_backend,
                 checkpoint_dir=str(Path(out) / "checkpoints" / (f"member{i}" if ensemble > 1 else "")) if out
-                else None, n_ids=enc.encoder.n_ids, fits=fits,
+                else None, n_ids=enc.encoder.n_ids, fits=fits, labelled=labelled,
                 log=(lambda line, i=i: log(f"member {i + 1}/{ensemble}: {line}" if ensemble > 1 else line))
                 if log else None, on_epoch=on_epoch)
             members.append(net)
@@ -228,6 +239,10 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         metrics["train"] = {**_train_record(results), "rows": len(train_set), "config": configs[0].to_dict(),
                             "rows_before_sampling": len(full_train), "neg_sample_rate": neg_sample_rate,
                             "positives": int(labels.sum()), "auto": auto}
+        if teacher is not None:
+            metrics["train"]["distill"] = {"teacher": str(distill), "model": _teacher_name(teacher),
+                                           "weight": distill_weight,
+                                           "teacher_test_auc": teacher.metrics.get("test", {}).get("auc")}
         metrics["calibration"] = calibrator.to_dict()
         metrics["encode"] = {"seconds": round(enc.seconds, 3), "rows": enc.rows, "n_ids": enc.encoder.n_ids,
                              "rows_per_s": round(enc.rows / enc.seconds, 1) if enc.seconds else None}
@@ -287,10 +302,11 @@ def _check_distinct_files(train_data: Source, valid: Source | None, test: Source
 
 def _train_member(model: str, spec: FeatureSpec, mcfg: Any, train_set: EncodedData, valid_set: EncodedData | None,
                   auto: dict[str, Any], topts: dict[str, Any], first_order: bool,
-                  model_options: dict[str, Any] | None, *, n_ids: int, fits: list[Any], log: Any,
-                  on_epoch: Any = None, **settings: Any) -> tuple[CTRModel, TrainConfig, TrainResult]:
+                  model_options: dict[str, Any] | None, *, n_ids: int, fits: list[Any], labelled: EncodedData,
+                  log: Any, on_epoch: Any = None, **settings: Any) -> tuple[CTRModel, TrainConfig, TrainResult]:
     """Build and train one model (one member of an ensemble) with the seed and settings given; ``fits`` holds
-    the run's first-order fit once a member has made it, which the next members start from."""
+    the run's first-order fit once a member has made it, which the next members start from; ``labelled``: the
+    training rows with their labels, what that fit is made on (``train_set`` may hold a teacher's targets)."""
     seed = settings["seed"]
     torch.manual_seed(seed)
     # sharded tables larger than a small one are allocated only as shards, never whole in this process
@@ -303,7 +319,7 @@ def _train_member(model: str, spec: FeatureSpec, mcfg: Any, train_set: EncodedDa
     if (first_order and not {"emb_l2", "linear_l2"} & set(model_options or {})
             and not getattr(net, "multi_head", False)
             and any(isinstance(m, FeatureLinear) for m in net.modules())):
-        net = _fit_first_order(model, spec, mcfg, tcfg, train_set, auto, fits)
+        net = _fit_first_order(model, spec, mcfg, tcfg, labelled, auto, fits)
     listeners = [f for f in ((lambda r: log(_epoch_line(r))) if log else None, on_epoch) if f is not None]
 
     def each_epoch(record: dict[str, Any]) -> None:
@@ -356,6 +372,39 @@ def _outputs(net: torch.nn.Module, data: EncodedData, device: str) -> dict[str, 
     return {"logits": predict_logits(net, data, device=device), "label": np.asarray(data.label, np.float64),
             "weight": None if data.weight is None else np.asarray(data.weight, np.float64),
             "group": None if data.group is None else np.asarray(data.group), "ids": np.asarray(data.ids)}
+
+
+def _teacher(path: str | Path, weight: float) -> Bundle:
+    """The teacher bundle of ``--distill``, read before the data, so that a wrong path or weight fails at once."""
+    if not 0.0 < weight <= 1.0:
+        raise ValueError(f"--distill-weight must be in (0, 1], got {weight}")
+    teacher = Bundle.load(path)
+    if getattr(teacher.model, "multi_head", False):
+        raise ValueError(f"--distill {path}: the teacher has {len(teacher.model.spec.label_names)} heads; "
+                         "distillation takes a one-head teacher")
+    return teacher
+
+
+def _teacher_name(teacher: Bundle) -> str:
+    members = teacher.metrics.get("model", {}).get("members", 1)
+    return f"{teacher.model_name} x{members}" if members > 1 else teacher.model_name
+
+
+def distilled(data: EncodedData, teacher: Bundle, encoder: Any, shift: float, weight: float,
+              device: str = "cpu") -> EncodedData:
+    """``data`` whose labels are ``(1 - weight) * label + weight * q``, q the teacher's probability of each row
+    in the odds this run trains in (its served log-odds less ``shift``, the run's downsampling and class-weight
+    correction). The teacher must encode rows as ``encoder`` does (the same training rows, schema and seed), so
+    that it reads the run's encoded rows as its own."""
+    diff = teacher.encoder.difference(encoder)
+    if diff is not None:
+        raise DataError(f"--distill: the teacher's encoding is not this run's ({diff}); train the teacher on the "
+                        "same training rows with the same schema and --seed (the seed also draws the sample that "
+                        "scales numeric fields)")
+    z = predict_logits(teacher.model.to(device), data, device=device) + teacher.calibrator.shift - shift
+    label = np.asarray(data.label, dtype=np.float64)
+    soft = (1.0 - weight) * label + weight / (1.0 + np.exp(-z))
+    return replace(data, label=soft.astype(np.float32))
 
 
 def _fit_calibration(method: str, valid: dict[str, Any] | None, shift: float, seed: int) -> Calibrator:

@@ -948,6 +948,31 @@ class Encoder:
         """Schema fingerprint plus the id space size: a bundle checks that its model matches."""
         return f"{self.schema.fingerprint()}-{self.n_ids}"
 
+    def difference(self, other: Encoder) -> str | None:
+        """None when ``other`` gives every row the ids and numbers this encoder gives it (a model of one then
+        reads the other's encoded rows as its own), else the first thing that differs, in words."""
+        self._check_fitted()
+        other._check_fitted()
+        if self.schema.fingerprint() != other.schema.fingerprint():
+            return "the schemas differ"
+        for name, size in self.sizes.items():
+            if size != other.sizes.get(name):
+                return f"the ids of {name!r} differ: {size:,} here, {other.sizes.get(name, 0):,} in the other"
+        if self.offsets != other.offsets or self.n_ids != other.n_ids:
+            return "the id spaces differ"
+        if self.moments != other.moments:
+            return "the numeric fields' scaling differs"
+        if self.boundaries.keys() != other.boundaries.keys() or any(
+                not np.array_equal(v, other.boundaries[k]) for k, v in self.boundaries.items()):
+            return "the numeric fields' bin boundaries differ"
+        for name, values in self.vocab.items():
+            if not values.equals(other.vocab[name]):
+                return f"the vocabulary of {name!r} differs"
+        mine, theirs = (e.snapshot.describe() if e.snapshot is not None else None for e in (self, other))
+        if mine != theirs:
+            return "the rolling statistics differ"
+        return None
+
     def save(self, path: str | Path) -> None:
         """Write ``encoder.json`` and ``vocab.parquet`` (and the stats' snapshot) into the folder ``path``."""
         self._check_fitted()
