@@ -78,3 +78,33 @@ def test_a_bad_cpu_gemm_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> Non
             devices.onednn_fp32()
     finally:
         devices.onednn_fp32.cache_clear()
+
+
+def test_freed_memory_is_kept_on_linux_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import sys
+
+    devices.keep_freed_memory.cache_clear()
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert devices.keep_freed_memory() is True
+    assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD 32 MB, M_TRIM_THRESHOLD 1 GB
+    assert devices.keep_freed_memory() is True and len(calls) == 2  # once a process
+    devices.keep_freed_memory.cache_clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the user's own setting stays
+    assert devices.keep_freed_memory() is False and len(calls) == 2
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    devices.keep_freed_memory.cache_clear()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))  # not glibc
+    assert devices.keep_freed_memory() is False
+    devices.keep_freed_memory.cache_clear()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert devices.keep_freed_memory() is False
+    devices.keep_freed_memory.cache_clear()

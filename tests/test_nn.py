@@ -374,6 +374,30 @@ def test_other_blocks_linear_layers_go_through_onednn_with_the_layers_results(bl
 
 
 @needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_over_fields_goes_through_onednn_with_the_layers_results(bias: bool) -> None:
+    """``linear`` over [B, F, in] (AutoInt's projections, with no bias): the layer's float64 results and
+    gradients, through oneDNN; a narrow input's weight gradient through BLAS (``ONEDNN_WEIGHT_GRAD_MIN``)."""
+    for n_in in (5, mlp_module.ONEDNN_WEIGHT_GRAD_MIN):
+        calls: list[int] = []
+        with through_onednn(calls):
+            torch.manual_seed(0)
+            layer = nn.Linear(n_in, 7, bias=bias)
+            x = torch.randn(6, 4, n_in, requires_grad=True)
+            got = mlp_module.linear(x, layer)
+            assert got.shape == (6, 4, 7) and len(calls) == 1
+            ref = copy.deepcopy(layer).double()
+            x64 = x.detach().double().requires_grad_()
+            want = ref(x64)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+            grad = torch.randn_like(got)
+            for g, w in zip(torch.autograd.grad(got, [x, *layer.parameters()], grad),
+                            torch.autograd.grad(want, [x64, *ref.parameters()], grad.double()), strict=True):
+                torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
+            assert len(calls) == (3 if n_in >= mlp_module.ONEDNN_WEIGHT_GRAD_MIN else 2)
+
+
+@needs_onednn
 def test_onednn_stays_out_of_bf16_float64_and_compiled_code(monkeypatch: pytest.MonkeyPatch) -> None:
     """oneDNN's float32 products serve float32 only, outside autocast, and not inside torch.compile (Inductor
     chooses its own kernels): there the MLP gives what it gives with BLAS."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import hypothesis.strategies as st
@@ -288,3 +289,54 @@ def test_finalnet_block_pieces_equal_their_formulas() -> None:
     layers = [m for m in block if isinstance(m, FactorizedInteraction)]
     assert len(layers) == 2
     close(block(x), torch.relu(layers[1](torch.relu(layers[0](x)))))
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 9), f=st.integers(1, 6), heads=st.integers(1, 3), d=st.integers(2, 5),
+       scale=st.booleans(), norm=st.booleans(), identity=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cpu_float32_attention_is_the_float64_layer(b: int, f: int, heads: int, d: int, scale: bool, norm: bool,
+                                                    identity: bool, seed: int) -> None:
+    """The CPU's float32 training path (softmax and mixing by hand, q, k and v gradients written in place) gives
+    the outputs and every gradient of the plain float64 layer, to float32 precision (a layer norm over one value
+    would only compare float32 rounding: d >= 2)."""
+    d_in = heads * d if identity else 3
+    layer64 = randomised(FieldSelfAttention(d_in, d, heads, True, scale, norm, identity_residual=identity), seed)
+    layer = copy.deepcopy(layer64).float()
+    x64 = rand(b, f, d_in, seed=seed).requires_grad_()
+    x = x64.detach().float().requires_grad_()
+    got, none = layer(x, weights=False)
+    want, _ = layer64(x64)
+    assert none is None and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for a, w in zip(torch.autograd.grad(got, [x, *layer.parameters()], g.float()),
+                    torch.autograd.grad(want, [x64, *layer64.parameters()], g), strict=True):
+        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-5 * (1 + float(w.abs().max())))
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1),
+       spread=st.sampled_from([1.0, 30.0]))
+def test_cpu_softmax_is_torchs(shape: list[int], seed: int, spread: float) -> None:
+    """The hand-written CPU softmax over the last dimension: torch's values and gradients, large scores too."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * spread).requires_grad_()
+    got, want = attention.softmax(x), torch.softmax(x, dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    g = torch.randn(shape, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fat_attention_in_float32_is_the_float64_block() -> None:
+    layer64 = randomised(FieldAwareAttention(4, 6, heads=2, attn_dim=3, ffn_dim=5))
+    layer = copy.deepcopy(layer64).float()
+    x64 = rand(5, 4, 6).requires_grad_()
+    x = x64.detach().float().requires_grad_()
+    (got, a), (want, a64) = layer(x), layer64(x64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.double(), a64, rtol=1e-4, atol=1e-6)
+    g = rand(*want.shape, seed=3)
+    for u, w in zip(torch.autograd.grad(got, [x, *layer.parameters()], g.float()),
+                    torch.autograd.grad(want, [x64, *layer64.parameters()], g), strict=True):
+        torch.testing.assert_close(u.double(), w, rtol=1e-4, atol=1e-5 * (1 + float(w.abs().max())))

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctrkit.devices import keep_freed_memory
 from ctrkit.data.dataset import BATCH_FIELDS, Batch
 from ctrkit.models.base import CTRModel
 from ctrkit.training import rows_gpu, sharded
@@ -164,8 +165,10 @@ class TrainStep:
             compile, ddp = "off", False  # DistributedModelParallel puts the dense weights in DDP itself
         self.model, self.device, self.bf16, self.rule, self.loss = model, device, bf16, rule, loss
         self.cuda = device.type == "cuda"
-        if device.type == "cpu" and torch.get_num_threads() > cpu_threads():
-            torch.set_num_threads(cpu_threads())  # more threads than CPUs only adds switching
+        if device.type == "cpu":
+            keep_freed_memory()
+            if torch.get_num_threads() > cpu_threads():
+                torch.set_num_threads(cpu_threads())  # more threads than CPUs only adds switching
         if ddp and (graphs or row_updates):
             raise ValueError("under DDP the tables are updated from row-sparse gradients: no graphs, no row updates")
         self.ddp = ddp
