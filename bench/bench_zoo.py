@@ -14,8 +14,9 @@ difference and training-time ratio, model for model (set up the peers first: ben
 
 A model written NAME*N is a deep ensemble of N models NAME (`ctrkit train --model NAME --ensemble N`, seeds S to
 S+N-1): a row of its own, whose step time is N times its members' (they train one after the other). NAME<TEACHER
-is NAME trained on the probabilities of the TEACHER entry's bundle of the same seed (`ctrkit train --model NAME
---distill BUNDLE`), which an earlier entry of the list trains; its times leave the teacher's training out.
+is NAME trained on the probabilities of the TEACHER entry's bundle of the same seed S (`ctrkit train --model NAME
+--distill BUNDLE`), which an earlier entry of the list trains; its weights start from seed S+N, which none of the
+teacher's N members had; its times leave the teacher's training out.
 
 Prints the table (test AUC / logloss mean and spread, parameters, seconds per epoch, training step time relative
 to DeepFM's, BARS target) and writes bench/results/zoo.json. The step times come from one interleaved timing at the
@@ -92,7 +93,8 @@ def run_one(entry: str, seed: int, work: Path) -> dict:
     if bundle is not None and not bundle.is_dir():
         raise RuntimeError(f"{entry}: no teacher bundle {bundle}; list {teacher!r} before {entry!r} in --models")
     out = work / f"seed{seed}" / folder(entry)
-    row = bench_frappe.run_ctrkit(model, out, seed, ensemble=n, distill=bundle)
+    own_seed = seed + (members(teacher)[1] if teacher else 0)  # a distilled model: a seed no teacher member had
+    row = bench_frappe.run_ctrkit(model, out, own_seed, ensemble=n, distill=bundle)
     m = json.loads((out / "metrics.json").read_text())
     tr = m["train"]
     histories = [r["history"] for r in tr["members"]] if n > 1 else [tr["history"]]

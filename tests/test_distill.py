@@ -77,7 +77,21 @@ def test_a_student_learns_the_teacher(teacher: Path, splits: tuple[pl.DataFrame,
                                atol=1e-6)
 
 
-def test_a_teacher_of_other_rows_or_seed_is_refused(teacher: Path, splits: tuple[pl.DataFrame, ...],
+def test_a_student_of_any_seed_encodes_as_its_teacher(splits: tuple[pl.DataFrame, ...], tmp_path: Path) -> None:
+    """Without --valid the validation rows are cut at random by the seed, and so is the vocabulary: a student
+    with a seed of its own still reads its teacher's ids, since it encodes with the teacher's seed."""
+    tr = pl.concat(splits[:2])
+    kw = dict(schema=synth_schema(), model="deepfm", epochs=1, batch_size=512, split="random", progress=False,
+              calibrate="none", model_options={"emb_l2": 1e-4})
+    train(tr, out=tmp_path / "t", seed=1, **kw)  # type: ignore[arg-type]
+    own = train(tr, out=None, seed=8, **kw)  # type: ignore[arg-type]
+    assert Bundle.load(tmp_path / "t" / "bundle").encoder.difference(own.bundle.encoder) is not None
+    student = train(tr, out=None, seed=8, distill=tmp_path / "t" / "bundle", **kw)  # type: ignore[arg-type]
+    assert student.bundle.encoder.difference(Bundle.load(tmp_path / "t" / "bundle").encoder) is None
+    assert student.metrics["train"]["config"]["seed"] == 8
+
+
+def test_a_teacher_of_other_rows_is_refused(teacher: Path, splits: tuple[pl.DataFrame, ...],
                                                     tmp_path: Path) -> None:
     tr, va, te = splits
     with pytest.raises(DataError, match=r"teacher's encoding is not this run's \(the ids of 'user_id' differ"):

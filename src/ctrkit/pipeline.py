@@ -91,8 +91,9 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     no first-order fit, distributed checkpoints); the bundle holds them as plain tables.
     ``ensemble`` N > 1 trains N models one after another, with seeds ``seed`` .. ``seed + N - 1``, and serves
     the mean of their logits (:class:`~ctrkit.models.ensemble.Ensemble`); each has its own checkpoints.
-    ``distill``: a bundle trained on the same training rows with the same encoding (an ensemble, typically);
-    the model then learns ``(1 - distill_weight) * label + distill_weight * the teacher's probability`` of each
+    ``distill``: a bundle trained on the same training rows and schema (an ensemble, typically), whose seed the
+    encoding then takes (``seed`` still starts the weights: one that none of the teacher's members had is best);
+    the model learns ``(1 - distill_weight) * label + distill_weight * the teacher's probability`` of each
     training row (knowledge distillation, :func:`distilled`): one network that serves at its own cost what the
     teacher learned.
     ``encoded``: the :func:`~ctrkit.data.encode.encode_files` result of these sources, made earlier (by
@@ -149,8 +150,13 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
             "tomorrow's traffic; --split time is the honest choice for a click log")
     work = Path(tempfile.mkdtemp(prefix="ctrkit-data-", dir=str(out) if out else None))
     try:
+        # a student encodes as its teacher did (the seed draws the numeric fields' sample and a random validation
+        # cut), so that it reads the teacher's ids whatever seed its own weights start from
+        data_seed = seed if teacher is None else int(teacher.metrics.get("train", {}).get("config", {}).get("seed",
+                                                                                                           seed))
         enc = encoded if encoded is not None else encode_files(sch, train_data, work, valid=valid, test=test,
-                                                               seed=seed, bad_rows=bad_rows, split=split, **read_kwargs)
+                                                               seed=data_seed, bad_rows=bad_rows, split=split,
+                                                               **read_kwargs)
         if log:
             for name, rep in enc.reports.items():
                 log(f"{name}: {rep.summary()}")
@@ -394,13 +400,12 @@ def distilled(data: EncodedData, teacher: Bundle, encoder: Any, shift: float, we
               device: str = "cpu") -> EncodedData:
     """``data`` whose labels are ``(1 - weight) * label + weight * q``, q the teacher's probability of each row
     in the odds this run trains in (its served log-odds less ``shift``, the run's downsampling and class-weight
-    correction). The teacher must encode rows as ``encoder`` does (the same training rows, schema and seed), so
-    that it reads the run's encoded rows as its own."""
+    correction). The teacher must encode rows as ``encoder`` does (the same training rows and schema; the run
+    encodes with the teacher's seed), so that it reads the run's encoded rows as its own."""
     diff = teacher.encoder.difference(encoder)
     if diff is not None:
-        raise DataError(f"--distill: the teacher's encoding is not this run's ({diff}); train the teacher on the "
-                        "same training rows with the same schema and --seed (the seed also draws the sample that "
-                        "scales numeric fields)")
+        raise DataError(f"--distill: the teacher's encoding is not this run's ({diff}); a teacher is trained on "
+                        "the same training rows, with the same schema")
     z = predict_logits(teacher.model.to(device), data, device=device) + teacher.calibrator.shift - shift
     label = np.asarray(data.label, dtype=np.float64)
     soft = (1.0 - weight) * label + weight / (1.0 + np.exp(-z))
