@@ -348,6 +348,19 @@ def test_mlp_through_onednn_equals_the_layers_in_float64(b: int, n_in: int, hidd
             torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
 
 
+def assert_is_float64_result(net: nn.Module, x: torch.Tensor, got: torch.Tensor) -> None:
+    """``got`` = ``net(x)`` in float32 is what a float64 copy of ``net`` gives, and so are the gradients of ``x``
+    and of every parameter, to float32 precision."""
+    ref = copy.deepcopy(net).double()
+    x64 = x.detach().double().requires_grad_()
+    want = ref(x64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, [x, *net.parameters()], grad),
+                    torch.autograd.grad(want, [x64, *ref.parameters()], grad.double()), strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
+
+
 @needs_onednn
 @pytest.mark.parametrize("block", ["cross_v2", "factorized"])
 def test_other_blocks_linear_layers_go_through_onednn_with_the_layers_results(block: str) -> None:
@@ -363,14 +376,7 @@ def test_other_blocks_linear_layers_go_through_onednn_with_the_layers_results(bl
         x = torch.randn(33, 12, requires_grad=True)
         got = net(x)
         assert len(calls) == (3 if block == "cross_v2" else 1)
-        ref = copy.deepcopy(net).double()
-        x64 = x.detach().double().requires_grad_()
-        want = ref(x64)
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-        grad = torch.randn_like(got)
-        for g, w in zip(torch.autograd.grad(got, [x, *net.parameters()], grad),
-                        torch.autograd.grad(want, [x64, *ref.parameters()], grad.double()), strict=True):
-            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
+        assert_is_float64_result(net, x, got)
 
 
 @needs_onednn
@@ -386,14 +392,7 @@ def test_linear_over_fields_goes_through_onednn_with_the_layers_results(bias: bo
             x = torch.randn(6, 4, n_in, requires_grad=True)
             got = mlp_module.linear(x, layer)
             assert got.shape == (6, 4, 7) and len(calls) == 1
-            ref = copy.deepcopy(layer).double()
-            x64 = x.detach().double().requires_grad_()
-            want = ref(x64)
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-            grad = torch.randn_like(got)
-            for g, w in zip(torch.autograd.grad(got, [x, *layer.parameters()], grad),
-                            torch.autograd.grad(want, [x64, *ref.parameters()], grad.double()), strict=True):
-                torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * (1 + float(w.abs().max())))
+            assert_is_float64_result(layer, x, got)
             assert len(calls) == (3 if n_in >= mlp_module.ONEDNN_WEIGHT_GRAD_MIN else 2)
 
 
