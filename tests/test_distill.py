@@ -110,6 +110,15 @@ def test_bad_distill_settings_fail_before_any_data_is_read(teacher: Path, splits
         train(missing, schema=synth_schema(), model="deepfm", distill=tmp_path / "no-such-bundle")
 
 
+def test_a_log_of_several_labels_is_refused(teacher: Path, splits: tuple[pl.DataFrame, ...]) -> None:
+    """A one-head teacher's probability is a click's; a log of clicks and conversions is not distilled from it."""
+    sch = synth_schema()
+    sch.labels = ["click", "conversion"]
+    tr, va = (d.with_columns(conversion=pl.col("click") * (pl.col("price") > 0)) for d in splits[:2])
+    with pytest.raises(ValueError, match="--distill apply to logs with one label"):
+        train(tr, schema=sch, valid=va, model="esmm", epochs=1, progress=False, distill=teacher)
+
+
 def test_encoder_difference_names_what_differs(splits: tuple[pl.DataFrame, ...]) -> None:
     tr = splits[0]
     a = Encoder(synth_schema()).fit(tr)

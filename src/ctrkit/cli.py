@@ -146,9 +146,9 @@ def train(
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints where a run stopped."),
     ensemble: int = typer.Option(1, help="Train N models of MODEL with seeds SEED..SEED+N-1 and serve the mean "
                                          "of their logits (N times the training and scoring time)."),
-    distill: Optional[Path] = typer.Option(None, help="A teacher bundle (an --ensemble run on the same TRAIN, "
-                                                      "schema and --seed): MODEL learns from its probabilities as "
-                                                      "well as the labels, and serves at one model's cost."),
+    distill: Optional[Path] = typer.Option(None, help="A teacher bundle (an --ensemble run on the same TRAIN and "
+                                                      "schema): MODEL learns its probabilities of the training "
+                                                      "rows, and serves at one model's cost."),
     distill_weight: float = typer.Option(1.0, help="--distill: the teacher's share of each training target "
                                                    "(1: the teacher's probability alone; 0.5: half the label)."),
     quiet: bool = typer.Option(False, help="No progress bars; only the one-line report of rejected rows."),

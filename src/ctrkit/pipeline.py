@@ -170,8 +170,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                              part)
         spec = FeatureSpec.from_encoder(enc.encoder)
         full_train = enc.data["train"]
-        if np.asarray(full_train.label).ndim == 2 and (neg_sample_rate != 1.0 or loss != "bce"):
-            raise ValueError("--neg-sample-rate and --loss weighted/focal apply to logs with one label")
+        if np.asarray(full_train.label).ndim == 2 and (neg_sample_rate != 1.0 or loss != "bce" or teacher):
+            raise ValueError("--neg-sample-rate, --loss weighted/focal and --distill apply to logs with one label")
         train_set = downsample_negatives(full_train, neg_sample_rate, seed)
         labels = np.asarray(train_set.label, dtype=np.float64)
         labels = labels if labels.ndim == 1 else labels[:, 0]  # clicks: the first label
