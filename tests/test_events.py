@@ -179,3 +179,36 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path, workers:
     assert all(p.stat().st_size == 0 for p in segments)
     assert json.loads((log / "ctrkit-events.json").read_text())["format"] == 1
     assert any(p.is_dir() for p in log.glob("**/parquet"))
+
+
+def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --workers 2 every scrape, whichever worker answers it, counts the requests and records of both; the
+    live gauges come one per worker (label pid); the workers' shared metrics folder goes when the server stops."""
+    httpx = pytest.importorskip("httpx2", reason="the test client needs the 'test' extra")
+    from ctrkit.data.synth import make_click_log, synth_schema
+    from ctrkit.pipeline import train
+
+    df, _ = make_click_log(n_rows=1500, n_users=50, n_items=30, seed=2)
+    df = df.drop("p_click")
+    train(df, schema=synth_schema(), model="lr", out=tmp_path / "m", epochs=1, progress=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the server makes its metrics folder
+    (tmp_path / "tmp").mkdir()
+    port = free_port()
+    proc = start_server(tmp_path / "m" / "bundle", port, workers=2)
+    records = df.drop("click", "timestamp").head(3).to_dicts()
+    try:
+        assert [p.name for p in (tmp_path / "tmp").iterdir()][0].startswith("ctrkit-metrics-")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            for _ in range(40):
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:  # a new connection
+                    assert fresh.post("/score", json={"records": records}).status_code == 200
+            for _ in range(6):
+                text = c.get("/metrics").text
+                lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+                assert float(lines["ctrkit_scored_records_total"]) == 120
+                assert float(lines['ctrkit_requests_total{route="/score",status="200"}']) == 40
+                assert sum(k.startswith("ctrkit_pred_actual_ratio{pid=") for k in lines) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert not list((tmp_path / "tmp").iterdir())

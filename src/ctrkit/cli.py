@@ -472,6 +472,8 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
           log_level: str = typer.Option("warning", help="uvicorn log level.")) -> None:
     """Serve BUNDLE over HTTP: /score, /rank, /events, /health, /metrics, /admin/reload (docs at /docs)."""
     import os
+    import shutil
+    import tempfile
 
     # torch's OpenMP threads, idle between requests, sleep instead of spinning (read when torch loads): a spinning
     # thread took its core from the event log's writer and the next request, and one request in a hundred waited
@@ -504,11 +506,19 @@ def serve(bundle: Path = typer.Argument(..., help="A bundle folder."),
     if api is not None:
         uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False)
         return
-    from ctrkit.serve.app import ENV_CONFIG
+    from ctrkit.serve.app import ENV_CONFIG, METRICS_DIR_ENV
 
     os.environ[ENV_CONFIG] = config.to_env()
-    uvicorn.run("ctrkit.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
-                log_level=log_level, access_log=False)
+    # the workers' metrics meet in one folder, so that a scrape answered by any of them counts them all
+    own_dir = None if os.environ.get(METRICS_DIR_ENV) else tempfile.mkdtemp(prefix="ctrkit-metrics-")
+    if own_dir is not None:
+        os.environ[METRICS_DIR_ENV] = own_dir
+    try:
+        uvicorn.run("ctrkit.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
+                    log_level=log_level, access_log=False)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 @app.command()

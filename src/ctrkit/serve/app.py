@@ -41,7 +41,8 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+                                   multiprocess)
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
     from pydantic.json_schema import models_json_schema
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -229,8 +230,17 @@ class _Live:
     scorer: Scorer
 
 
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's shared folder of the workers' values
+
+
 class _Metrics:
+    """The server's Prometheus metrics. Under ``ctrkit serve --workers N`` (``$PROMETHEUS_MULTIPROC_DIR`` set) every
+    worker writes its values to that folder and a scrape, whichever worker answers it, reads them all: counters and
+    latency summed over the workers, the live monitor's gauges one series per worker (label ``pid``), each over
+    the rows that worker scored."""
+
     def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get(METRICS_DIR_ENV))
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ctrkit_requests", "HTTP requests by route and status", ["route", "status"],
@@ -240,11 +250,26 @@ class _Metrics:
         self.scored = Counter("ctrkit_scored_records", "Records scored (score and rank)", registry=r)
         self.events = Counter("ctrkit_events", "Events stored, by kind", ["kind"], registry=r)
         self.duplicates = Counter("ctrkit_event_duplicates", "Events whose id was already stored", registry=r)
-        self.ratio = Gauge("ctrkit_pred_actual_ratio", "Rolling pred/actual over the monitor window", registry=r)
-        self.psi = Gauge("ctrkit_pctr_psi", "PSI of live pCTR against the training distribution", registry=r)
+        self.ratio = Gauge("ctrkit_pred_actual_ratio", "Rolling pred/actual over the monitor window", registry=r,
+                           multiprocess_mode="liveall")
+        self.psi = Gauge("ctrkit_pctr_psi", "PSI of live pCTR against the training distribution", registry=r,
+                         multiprocess_mode="liveall")
         self.input_psi = Gauge("ctrkit_input_psi", "PSI of a live input column against the training rows",
-                               ["column"], registry=r)
+                               ["column"], registry=r, multiprocess_mode="liveall")
         self.reloads = Counter("ctrkit_reloads", "Bundle hot swaps", registry=r)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of this process, or of every worker's process."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """A worker that stops takes its live gauges out of the shared folder (its counts stay in the sums)."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class _Guard:
@@ -431,6 +456,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         loader.shutdown(wait=True)
         if log is not None:
             log.close()
+        metrics.close()
 
     app = FastAPI(title="ctrkit scorer", version=live.version, lifespan=lifespan,
                   description="Click probabilities, ranking with exploration, and the event log of what was shown.")
@@ -565,7 +591,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         metrics.input_psi.clear()  # the columns of the bundle served now, not of one swapped out
         for column, value in snap["inputs"].items():
             metrics.input_psi.labels(column).set(value)
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")
     async def reload(req: ReloadRequest | None = None) -> dict[str, Any]:
