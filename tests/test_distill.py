@@ -72,6 +72,8 @@ def test_a_student_learns_the_teacher(teacher: Path, splits: tuple[pl.DataFrame,
     assert m["train"]["distill"] == {"teacher": str(teacher), "model": "deepfm x2", "weight": 1.0,
                                      "teacher_test_auc": Bundle.load(teacher).metrics["test"]["auc"]}
     assert m["model"]["members"] == 1
+    report = (tmp_path / "student" / "report.html").read_text()
+    assert f"<td>distilled from</td><td>{teacher} (deepfm x2, test AUC " in report
     loaded = Bundle.load(tmp_path / "student" / "bundle")
     np.testing.assert_allclose(loaded.predict(test.head(50).to_dicts()), student.bundle.predict(test.head(50)),
                                atol=1e-6)

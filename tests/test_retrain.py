@@ -229,6 +229,20 @@ def test_retrain_keeps_the_ensemble_size_of_the_base(world: tuple[Path, pl.DataF
     assert isinstance(candidate.model, Ensemble) and len(candidate.model.members) == 2
 
 
+def test_retrain_of_a_distilled_base_says_the_candidate_learns_the_labels(world: tuple[Path, pl.DataFrame]) -> None:
+    """A teacher reads the ids of its own training rows only, so the candidate of a distilled base learns the
+    log's labels, and the retrain's reason says so."""
+    out, df = world
+    rows = df.head(300).drop("p_click")
+    train(rows, schema=synth_schema(), model="lr", out=out / "teacher3", epochs=1, ensemble=2, progress=False)
+    train(rows, schema=synth_schema(), model="lr", out=out / "student3", epochs=1, progress=False,
+          distill=out / "teacher3" / "bundle")
+    _log_from(df.slice(300, 1500), out / "log3")
+    res = retrain(out / "log3", out / "student3" / "bundle", out / "new3", epochs=1, keep_candidate=True)
+    assert f"the base was distilled from {out / 'teacher3' / 'bundle'}, the candidate learns the labels" in res.reason
+    assert "distill" not in Bundle.load(res.candidate_path).metrics["train"]  # type: ignore[arg-type]
+
+
 def test_retrain_counts_rolling_stats_at_the_logged_impression_times(world: tuple[Path, pl.DataFrame],
                                                                       tmp_path: Path) -> None:
     out, df = world  # the schema's time column is `ts`; the server logs each impression's `timestamp`

@@ -289,6 +289,9 @@ def retrain(events: str | Path, base: str | Path, out: str | Path, *, holdout: f
                   f"AUC {cand_m['auc']:.4f} vs {base_m['auc']:.4f}")
         if rule == "not_worse":
             reason += f"; paired logloss difference {gap:+.5f} (SE {gap_se:.5f})"
+        if (taught := base_bundle.metrics.get("train", {}).get("distill")) is not None:
+            # a teacher reads the ids of its own training rows only: the candidate learns the log's labels
+            reason += f"; the base was distilled from {taught['teacher']}, the candidate learns the labels"
         if candidates is not None:
             from ctrkit.measure.ope import bundle_top_slot_value
 
