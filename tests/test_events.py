@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from ctrkit.data.readers import DataError
-from ctrkit.serve.events import EventLog, EventLogError, measure_frames, open_writer, read_events
+from ctrkit.serve.events import EventLog, EventLogError, PeerClicks, measure_frames, open_writer, read_events
 from ctrkit.serve.process import free_port, start_server
 
 
@@ -181,12 +181,39 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path, workers:
     assert any(p.is_dir() for p in log.glob("**/parquet"))
 
 
+def test_peer_clicks_are_the_other_writers_new_complete_lines(tmp_path: Path) -> None:
+    root = tmp_path / "log"
+    a, b = open_writer(root), open_writer(root)
+    try:
+        b.append(_clicks(0, 3))  # before the feed starts: not read
+        feed = PeerClicks(root, a.path)
+        assert feed.read() == []
+        a.append(_clicks(10, 12))  # this writer's own clicks: not read
+        b.append(_clicks(3, 5) + [{"event_id": "imp9", "kind": "impression", "impression_id": "i9",
+                                   "timestamp": 1.7e9}])
+        assert feed.read() == ["i3", "i4"] and feed.read() == []
+        segment = next((b.path / "segments").glob("*.jsonl"))
+        line = json.dumps({"event_id": "e7", "kind": "click", "impression_id": "i7", "timestamp": 1.7e9})
+        with open(segment, "ab") as fh:  # a line being written: read once it is whole
+            fh.write(line[:20].encode())
+        assert feed.read() == []
+        with open(segment, "ab") as fh:
+            fh.write(line[20:].encode() + b"\n")
+        assert feed.read() == ["i7"]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --workers 2 every scrape, whichever worker answers it, counts the requests and records of both; the
-    live gauges come one per worker (label pid); the workers' shared metrics folder goes when the server stops."""
+    live gauges come one per worker (label pid), and a click posted to either worker counts where its impression
+    was served: with every shown item clicked, each worker's pred/actual is the item's pCTR. The workers' shared
+    metrics folder goes when the server stops."""
     httpx = pytest.importorskip("httpx2", reason="the test client needs the 'test' extra")
     from ctrkit.data.synth import make_click_log, synth_schema
     from ctrkit.pipeline import train
+    from ctrkit.serve.app import GAUGES_EVERY, PEER_CLICKS_EVERY
 
     df, _ = make_click_log(n_rows=1500, n_users=50, n_items=30, seed=2)
     df = df.drop("p_click")
@@ -194,7 +221,7 @@ def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the server makes its metrics folder
     (tmp_path / "tmp").mkdir()
     port = free_port()
-    proc = start_server(tmp_path / "m" / "bundle", port, workers=2)
+    proc = start_server(tmp_path / "m" / "bundle", port, tmp_path / "log", workers=2)
     records = df.drop("click", "timestamp").head(3).to_dicts()
     try:
         assert [p.name for p in (tmp_path / "tmp").iterdir()][0].startswith("ctrkit-metrics-")
@@ -202,12 +229,30 @@ def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch:
             for _ in range(40):
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:  # a new connection
                     assert fresh.post("/score", json={"records": records}).status_code == 200
-            for _ in range(6):
+            shown = []
+            for _ in range(30):  # the same candidates each time: the same item, at the same pCTR, on top
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
+                    shown += fresh.post("/rank", json={"candidates": records, "k": 1}).json()["items"]
+            for i, item in enumerate(shown):
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
+                    click = {"event_id": f"c{i}", "kind": "click", "impression_id": item["impression_id"],
+                             "timestamp": time.time()}
+                    assert fresh.post("/events", json={"events": [click]}).status_code == 200
+            def scrape() -> dict[str, str]:
                 text = c.get("/metrics").text
-                lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-                assert float(lines["ctrkit_scored_records_total"]) == 120
+                return dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+            def ratios(lines: dict[str, str]) -> list[float]:
+                return [float(v) for k, v in lines.items() if k.startswith("ctrkit_pred_actual_ratio{pid=")]
+
+            deadline = time.time() + 10 * (PEER_CLICKS_EVERY + GAUGES_EVERY)  # clicks handed over, gauges set
+            while ratios(scrape()) != pytest.approx([shown[0]["pctr"]] * 2, rel=1e-9) and time.time() < deadline:
+                time.sleep(0.5)
+            for _ in range(6):
+                lines = scrape()
+                assert float(lines["ctrkit_scored_records_total"]) == 40 * 3 + 30 * 3
                 assert float(lines['ctrkit_requests_total{route="/score",status="200"}']) == 40
-                assert sum(k.startswith("ctrkit_pred_actual_ratio{pid=") for k in lines) == 2
+                assert ratios(lines) == pytest.approx([shown[0]["pctr"]] * 2, rel=1e-9)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

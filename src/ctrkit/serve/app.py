@@ -52,13 +52,15 @@ from ctrkit.data.readers import DataError
 from ctrkit.devices import check_device
 from ctrkit.schema import SchemaError
 from ctrkit.serve.bundle import Bundle, BundleError
-from ctrkit.serve.events import EventLog, EventLogError, lowest_priority, open_writer
+from ctrkit.serve.events import EventLog, EventLogError, PeerClicks, lowest_priority, open_writer
 from ctrkit.serve.monitor import LiveMonitor
 from ctrkit.serve.rank import RESERVED, choose, laplace_sd, objective_scores, thompson
 from ctrkit.serve.scorer import Scorer
 from ctrkit.validate import plain_rows
 
 MAX_BATCH = 10_000
+PEER_CLICKS_EVERY = 1.0  # seconds between reads of the other workers' clicks (--workers N)
+GAUGES_EVERY = 5.0  # seconds between updates of a worker's live gauges (--workers N; a scrape updates its own)
 MAX_BODY_BYTES = 32 << 20
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROUTES = ("/score", "/rank", "/events", "/health", "/metrics", "/admin/reload", "/docs", "/openapi.json")
@@ -237,7 +239,8 @@ class _Metrics:
     """The server's Prometheus metrics. Under ``ctrkit serve --workers N`` (``$PROMETHEUS_MULTIPROC_DIR`` set) every
     worker writes its values to that folder and a scrape, whichever worker answers it, reads them all: counters and
     latency summed over the workers, the live monitor's gauges one series per worker (label ``pid``), each over
-    the rows that worker scored."""
+    the rows that worker scored and the impressions it served (their clicks stored by any worker:
+    :class:`~ctrkit.serve.events.PeerClicks`)."""
 
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get(METRICS_DIR_ENV))
@@ -424,6 +427,35 @@ def create_app(config: ServerConfig) -> FastAPI:
             metrics.reloads.inc()
         return old, new
 
+    def publish() -> None:
+        """Set the live gauges from the monitor's snapshot."""
+        snap = monitor.snapshot()
+        ratio = snap["overall"]["ratio"]
+        metrics.ratio.set(ratio if math.isfinite(ratio) else float("nan"))
+        metrics.psi.set(snap["psi"] if snap["psi"] is not None else float("nan"))
+        metrics.input_psi.clear()  # the columns of the bundle served now, not of one swapped out
+        for column, value in snap["inputs"].items():
+            metrics.input_psi.labels(column).set(value)
+
+    async def publish_often() -> None:
+        """Under ``--workers N``, keep this worker's gauges current: a scrape is answered by one worker and shows
+        the gauges every worker last set."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(GAUGES_EVERY)
+            await loop.run_in_executor(None, publish)
+
+    async def follow_peers() -> None:
+        """Under ``--workers N``, hand this worker's live monitor the clicks the other workers stored: a click
+        posted to another process than the one that served its impression counts where the impression is."""
+        assert log is not None and config.events is not None
+        feed = PeerClicks(config.events, log.path)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PEER_CLICKS_EVERY)
+            for impression_id in await loop.run_in_executor(None, feed.read):
+                monitor.click(impression_id)
+
     async def watch() -> None:
         """Reload the live bundle's folder once its files have changed and then stayed as they are for one
         interval (a copy in progress is not read); a folder that does not load leaves the live bundle serving."""
@@ -448,11 +480,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         watcher = asyncio.create_task(watch()) if config.watch > 0 else None
+        peers = asyncio.create_task(follow_peers()) if config.workers > 1 and log is not None else None
+        gauges = asyncio.create_task(publish_often()) if metrics.multiprocess else None
         gc.collect()
         gc.freeze()  # later collections skip what loading made: walking it all stalled a request 150-230 ms
         yield
-        if watcher is not None:
-            watcher.cancel()
+        for task in (watcher, peers, gauges):
+            if task is not None:
+                task.cancel()
         loader.shutdown(wait=True)
         if log is not None:
             log.close()
@@ -584,13 +619,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Prometheus text: requests, latency, scored records, events, live pred/actual and PSI (of pCTR, and of
         each input column where the bundle holds its training rows' reference)."""
         # tens of ms over the windows (the input columns' bins): off the event loop, which keeps serving meanwhile
-        snap = await asyncio.get_running_loop().run_in_executor(None, monitor.snapshot)
-        ratio = snap["overall"]["ratio"]
-        metrics.ratio.set(ratio if math.isfinite(ratio) else float("nan"))
-        metrics.psi.set(snap["psi"] if snap["psi"] is not None else float("nan"))
-        metrics.input_psi.clear()  # the columns of the bundle served now, not of one swapped out
-        for column, value in snap["inputs"].items():
-            metrics.input_psi.labels(column).set(value)
+        await asyncio.get_running_loop().run_in_executor(None, publish)
         return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")

@@ -310,6 +310,48 @@ def open_writer(path: str | Path, slots: int = 1024) -> EventLog:
     raise EventLogError(f"{root}: all {slots} writer slots are held by running processes")
 
 
+class PeerClicks:
+    """The clicks that the other writers of a shared log folder (``ctrkit serve --workers N``) appended since the
+    last :meth:`read`: the new complete lines of their open segments, from where the last read stopped (segments
+    that exist when this starts, from their end). A click on an impression that one worker served and another
+    stored reaches the serving worker's live monitor so. A segment compacted between two reads is not read again:
+    its last clicks reach ``ctrkit monitor`` only."""
+
+    def __init__(self, root: str | Path, own: str | Path) -> None:
+        self.root, self.own = Path(root), Path(own).resolve()
+        self._offsets = {seg: seg.stat().st_size for seg in self._segments()}
+
+    def _segments(self) -> list[Path]:
+        return [seg for seg in (self.root / "writers").glob("*/segments/*.jsonl")
+                if seg.parent.parent.resolve() != self.own]
+
+    def read(self) -> list[str]:
+        """The impression ids of the clicks appended by other writers since the last read."""
+        clicked = []
+        for seg in self._segments():
+            start = self._offsets.get(seg, 0)
+            try:
+                with open(seg, "rb") as fh:
+                    fh.seek(start)
+                    chunk = fh.read()
+            except FileNotFoundError:  # compacted meanwhile
+                continue
+            end = chunk.rfind(b"\n") + 1  # complete lines only: a line being written is read next time
+            for line in chunk[:end].splitlines():
+                if b"click" not in line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:  # a line its writer cut as torn after a crash
+                    continue
+                if event.get("kind") == "click" and event.get("impression_id"):
+                    clicked.append(str(event["impression_id"]))
+            self._offsets[seg] = start + end
+        live = set(self._segments())
+        self._offsets = {seg: off for seg, off in self._offsets.items() if seg in live}
+        return clicked
+
+
 def _drop_empty(df: pl.DataFrame, keep: tuple[str, ...] = ("event_id", "kind")) -> pl.DataFrame:
     """Without the columns that only other kinds of event fill."""
     return df.select([c for c in df.columns if c in keep or df[c].null_count() < df.height])
