@@ -135,3 +135,16 @@ def test_encoder_difference_names_what_differs(splits: tuple[pl.DataFrame, ...])
     other = synth_schema()
     other.fields = other.fields[:-1]
     assert a.difference(Encoder(other).fit(tr)) == "the schemas differ"
+
+
+def test_a_distilled_run_resumes_only_with_its_own_teacher(teacher: Path, splits: tuple[pl.DataFrame, ...],
+                                                           tmp_path: Path) -> None:
+    """The checkpoint names the training targets (a digest): the same rows and settings learning another
+    teacher's probabilities are another run, and --resume says so; its own teacher resumes."""
+    other = tmp_path / "other"
+    fit(splits, other, seed=9)  # one DeepFM: other probabilities of the same rows
+    student = tmp_path / "student"
+    fit(splits, student, seed=4, distill=teacher)
+    with pytest.raises(RuntimeError, match=r"belongs to another run.*training targets \(digest\)"):
+        fit(splits, student, seed=4, distill=other / "bundle", resume=True)
+    fit(splits, student, seed=4, distill=teacher, resume=True)

@@ -15,6 +15,7 @@ ranks), and the tables are gathered back into plain ones at the end.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -224,13 +225,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-def _run_identity(cfg: TrainConfig, model: torch.nn.Module) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it: the model and its settings, and the training
-    settings that decide which rows each step sees and how the weights move."""
+def _run_identity(cfg: TrainConfig, model: torch.nn.Module, targets: str) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: the model and its settings, the training
+    settings that decide which rows each step sees and how the weights move, and the training targets (a digest:
+    the same rows learning another teacher's probabilities are another run)."""
     config = getattr(model, "config", None)
     return {**{k: v for k, v in cfg.to_dict().items() if k in ("batch_size", "seed", "loss", "optimizer", "lr")},
             "model": getattr(model, "name", "") or type(model).__name__,
-            "model settings": config.to_dict() if hasattr(config, "to_dict") else None}
+            "model settings": config.to_dict() if hasattr(config, "to_dict") else None,
+            "training targets (digest)": targets}
 
 
 def _pairs(saved: Any, now: Any) -> list[tuple[str, Any, Any]]:
@@ -340,6 +343,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
     epoch_rng = batches.rng_state()  # the shuffling state at the start of the current epoch
     ckpt_dir = cfg.checkpoint_dir
     last_ckpt = "none"
+    targets = hashlib.sha1(np.ascontiguousarray(train_data.label)).hexdigest()[:16] if ckpt_dir else ""
 
     def checkpoint(epoch: int, step: int, done: bool) -> None:
         nonlocal last_ckpt
@@ -355,7 +359,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
             "result": {"history": result.history, "best_epoch": result.best_epoch,
                        "best_valid": result.best_valid, "epochs": result.epochs,
                        "train_seconds": result.train_seconds, "samples": result.samples},
-            "n_train": len(train_data), "config": _run_identity(cfg, model)}
+            "n_train": len(train_data), "config": _run_identity(cfg, model, targets)}
         if torchrec:  # the weights, fused optimizer state and best weights go to DCP, as shards
             save_sharded_checkpoint(ckpt_dir, {**state, "optimizers": train_step.state_dict(),
                                                "has_best_state": best_state is not None},
@@ -369,7 +373,7 @@ def train(model: CTRModel, train_data: EncodedData, valid_data: EncodedData | No
         state = load_checkpoint(ckpt_dir)  # type: ignore[arg-type]
         if state is not None:
             check_backend(ckpt_dir, state, cfg.embedding_backend)  # type: ignore[arg-type]
-            saved, now = state["config"], _run_identity(cfg, model)  # an older checkpoint names fewer settings
+            saved, now = state["config"], _run_identity(cfg, model, targets)  # an older one names fewer
             differ = {f"{k} {kk}" if kk else k: (a, b) for k in saved for kk, a, b in _pairs(saved[k], now.get(k))
                       if a != b}
             if state["n_train"] != len(train_data):
