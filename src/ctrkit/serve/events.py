@@ -327,8 +327,8 @@ class PeerClicks:
 
     def read(self) -> list[str]:
         """The impression ids of the clicks appended by other writers since the last read."""
-        clicked = []
-        for seg in self._segments():
+        clicked, segments = [], self._segments()
+        for seg in segments:
             start = self._offsets.get(seg, 0)
             try:
                 with open(seg, "rb") as fh:
@@ -347,8 +347,7 @@ class PeerClicks:
                 if event.get("kind") == "click" and event.get("impression_id"):
                     clicked.append(str(event["impression_id"]))
             self._offsets[seg] = start + end
-        live = set(self._segments())
-        self._offsets = {seg: off for seg, off in self._offsets.items() if seg in live}
+        self._offsets = {seg: self._offsets[seg] for seg in segments if seg in self._offsets}  # the live ones
         return clicked
 
 
