@@ -116,7 +116,7 @@ def test_scorer_folds_a_bundle_with_hashed_bucketized_and_crossed_fields(tmp_pat
     train(tr, schema=schema, valid=va, model="wide_deep", out=tmp_path / "m", epochs=1, batch_size=256,
           progress=False)
     bundle = Bundle.load(tmp_path / "m" / "bundle")
-    scorer = Scorer(bundle, rows=100, reps=1)
+    scorer = Scorer(bundle, rows=100, reps=1, keep_paths=True)
     assert FOLDED in scorer.timings_ms and FOLDED not in scorer.skipped
     scorer.backend = FOLDED
     records = te.select(schema.input_columns).head(200).to_dicts()

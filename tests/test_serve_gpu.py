@@ -126,7 +126,7 @@ def test_scorer_on_cuda_without_a_gpu_is_an_error(bundle_and_records: tuple[Path
 def test_scorer_on_cuda_gives_the_bundles_answers(bundle_and_records: tuple[Path, list[dict]]) -> None:
     path, records = bundle_and_records
     bundle = Bundle.load(path)
-    scorer = Scorer(bundle, path, device="cuda", reps=3)
+    scorer = Scorer(bundle, path, device="cuda", reps=3, keep_paths=True)
     assert GRAPHED in scorer.timings_ms and scorer.describe()["device"] == "cuda"
     want = bundle.predict(records)
     np.testing.assert_allclose(scorer.score(scorer.frame(records)), want, rtol=1e-4, atol=1e-5)
