@@ -205,6 +205,48 @@ def test_peer_clicks_are_the_other_writers_new_complete_lines(tmp_path: Path) ->
         b.close()
 
 
+def test_peer_clicks_finish_segments_compacted_between_reads(tmp_path: Path) -> None:
+    """A writer whose segments roll over and compact between two reads: every click appended after the first read
+    comes back once, from the Parquet files, the lines already read from a segment not again."""
+    root = tmp_path / "log"
+    a = open_writer(root)
+    b = EventLog(root / "writers" / "peer", segment_bytes=600)  # a few clicks a segment
+    try:
+        feed = PeerClicks(root, a.path)
+        b.append(_clicks(0, 2))
+        assert feed.read() == ["i0", "i1"]
+        for i in range(2, 30):
+            b.append(_clicks(i, i + 1))
+    finally:
+        b.close()  # compacts what is left; the closed segments are compacted by now
+        a.close()
+    assert not list((root / "writers" / "peer" / "segments").glob("*.jsonl"))
+    assert len(list((root / "writers" / "peer" / "parquet").glob("*.parquet"))) > 3
+    got = feed.read()
+    assert sorted(got, key=lambda s: int(s[1:])) == [f"i{i}" for i in range(2, 30)] and feed.read() == []
+
+
+def test_peer_clicks_read_a_segment_until_it_is_gone_then_its_parquet_rows_after_those_read(tmp_path: Path) -> None:
+    """The compactor renames the Parquet file into place before it deletes the segment: while both exist the
+    segment is read; once it is gone only the Parquet rows after the lines read count."""
+    root, own = tmp_path / "log", tmp_path / "log" / "writers" / "00"
+    seg = root / "writers" / "01" / "segments" / "000001.jsonl"
+    seg.parent.mkdir(parents=True)
+    (root / "writers" / "01" / "parquet").mkdir()
+    own.mkdir()
+    feed = PeerClicks(root, own)
+    events = _clicks(0, 5) + [{"event_id": "imp", "kind": "impression", "timestamp": 1.7e9}] + _clicks(5, 7)
+    lines = [json.dumps(e) + "\n" for e in events]
+    seg.write_text("".join(lines[:3]))
+    assert feed.read() == ["i0", "i1", "i2"]
+    with open(seg, "a") as fh:
+        fh.write("".join(lines[3:5]))
+    pl.from_dicts(events).write_parquet(seg.parent.parent / "parquet" / "000001.parquet")
+    assert feed.read() == ["i3", "i4"]  # the segment is still there
+    seg.unlink()
+    assert feed.read() == ["i5", "i6"] and feed.read() == []
+
+
 def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --workers 2 every scrape, whichever worker answers it, counts the requests and records of both; the
     live gauges come one per worker (label pid), and a click posted to either worker counts where its impression

@@ -25,6 +25,7 @@ stored twice; readers keep the first copy of each ``event_id``, so every acknowl
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -314,27 +315,38 @@ class PeerClicks:
     """The clicks that the other writers of a shared log folder (``ctrkit serve --workers N``) appended since the
     last :meth:`read`: the new complete lines of their open segments, from where the last read stopped (segments
     that exist when this starts, from their end). A click on an impression that one worker served and another
-    stored reaches the serving worker's live monitor so. A segment compacted between two reads is not read again:
-    its last clicks reach ``ctrkit monitor`` only."""
+    stored reaches the serving worker's live monitor so. A segment compacted since the last read is finished from
+    its Parquet file, which keeps the segment's lines in order: the rows after the lines already read."""
 
     def __init__(self, root: str | Path, own: str | Path) -> None:
         self.root, self.own = Path(root), Path(own).resolve()
-        self._offsets = {seg: seg.stat().st_size for seg in self._segments()}
+        self._read: dict[Path, tuple[int, int]] = {}  # segment -> (bytes, complete lines) read so far
+        for seg in self._segments():
+            with contextlib.suppress(FileNotFoundError):
+                data = seg.read_bytes()
+                end = data.rfind(b"\n") + 1
+                self._read[seg] = (end, data.count(b"\n", 0, end))
+        self._parts = set(self._parquet())  # compacted before this started: not read
+
+    def _others(self) -> list[Path]:
+        return [w for w in (self.root / "writers").glob("*") if w.is_dir() and w.resolve() != self.own]
 
     def _segments(self) -> list[Path]:
-        return [seg for seg in (self.root / "writers").glob("*/segments/*.jsonl")
-                if seg.parent.parent.resolve() != self.own]
+        return [seg for w in self._others() for seg in w.glob("segments/*.jsonl")]
+
+    def _parquet(self) -> list[Path]:
+        return [part for w in self._others() for part in w.glob("parquet/*.parquet")]
 
     def read(self) -> list[str]:
         """The impression ids of the clicks appended by other writers since the last read."""
-        clicked, segments = [], self._segments()
-        for seg in segments:
-            start = self._offsets.get(seg, 0)
+        clicked: list[str] = []
+        for seg in self._segments():
+            start, lines = self._read.get(seg, (0, 0))
             try:
                 with open(seg, "rb") as fh:
                     fh.seek(start)
                     chunk = fh.read()
-            except FileNotFoundError:  # compacted meanwhile
+            except FileNotFoundError:  # compacted meanwhile: its Parquet file is read below
                 continue
             end = chunk.rfind(b"\n") + 1  # complete lines only: a line being written is read next time
             for line in chunk[:end].splitlines():
@@ -346,9 +358,24 @@ class PeerClicks:
                     continue
                 if event.get("kind") == "click" and event.get("impression_id"):
                     clicked.append(str(event["impression_id"]))
-            self._offsets[seg] = start + end
-        self._offsets = {seg: self._offsets[seg] for seg in segments if seg in self._offsets}  # the live ones
+            self._read[seg] = (start + end, lines + chunk.count(b"\n", 0, end))
+        for part in set(self._parquet()) - self._parts:
+            seg = part.parent.parent / "segments" / f"{part.stem}.jsonl"
+            if seg.exists():  # renamed into place, the segment not yet deleted: read from the segment until then
+                continue
+            clicked += _clicks_after(part, self._read.pop(seg, (0, 0))[1])
+            self._parts.add(part)
+        self._read = {seg: n for seg, n in self._read.items() if n[1] or seg.exists()}  # gone empty: no Parquet
         return clicked
+
+
+def _clicks_after(part: Path, lines: int) -> list[str]:
+    """The impression ids of the clicks in a compacted segment's rows after its first ``lines``."""
+    if not {"kind", "impression_id"} <= set(pl.read_parquet_schema(part)):
+        return []
+    rows = pl.read_parquet(part, columns=["kind", "impression_id"]).slice(lines)
+    return rows.filter((pl.col("kind") == "click") & pl.col("impression_id").is_not_null())[
+        "impression_id"].cast(pl.String).to_list()
 
 
 def _drop_empty(df: pl.DataFrame, keep: tuple[str, ...] = ("event_id", "kind")) -> pl.DataFrame:
