@@ -127,7 +127,9 @@ def test_writers_of_one_log_are_read_as_one_with_each_event_once(tmp_path: Path)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path, workers: int) -> None:
+def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path: Path, workers: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the killed server cannot remove its workers' metrics folder
     httpx = pytest.importorskip("httpx2", reason="the test client needs the 'test' extra")
     from ctrkit.data.synth import make_click_log, synth_schema
     from ctrkit.pipeline import train
