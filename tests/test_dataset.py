@@ -208,3 +208,16 @@ def test_transfer_round_trips_and_refuses_a_short_file(tmp_path):
             _transfer(os.preadv, fd, np.empty(5, np.int32), 0)
     finally:
         os.close(fd)
+
+
+def test_concat_puts_the_other_rows_after_these_and_refuses_unlike_arrays() -> None:
+    a = EncodedData(ids=np.array([[1, 2]], np.int32), dense=np.array([[0.5]], np.float32),
+                    label=np.array([1.0], np.float32), weight=np.array([2.0], np.float32))
+    b = EncodedData(ids=np.array([[3, 4], [5, 6]], np.int32), dense=np.array([[1.5], [2.5]], np.float32),
+                    label=np.array([0.0, 0.25], np.float32), weight=np.array([1.0, 3.0], np.float32))
+    c = a.concat(b)
+    assert c.ids.tolist() == [[1, 2], [3, 4], [5, 6]] and c.dense.ravel().tolist() == [0.5, 1.5, 2.5]
+    assert c.label.tolist() == [1.0, 0.0, 0.25] and c.weight.tolist() == [2.0, 1.0, 3.0]
+    assert c.group is None and c.seq is None
+    with pytest.raises(ValueError, match="concat: the datasets hold different arrays"):
+        a.concat(EncodedData(ids=b.ids, dense=b.dense, label=b.label))

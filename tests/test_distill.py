@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ctrkit.data.encode import Encoder
 from ctrkit.data.synth import make_click_log, split_by_time, synth_schema
 from ctrkit.pipeline import Run, distilled, train
 from ctrkit.serve.bundle import Bundle
+from ctrkit.training.sampling import transfer_rows
 from ctrkit.validate import DataError
 
 
@@ -58,6 +61,77 @@ def test_targets_are_the_teachers_probabilities_in_the_runs_odds(teacher: Path, 
     assert not np.isin(got, (0.0, 1.0)).all()  # soft targets, not the labels
 
 
+def test_transfer_rows_follow_the_training_rows_and_take_the_teachers_probabilities(
+        teacher: Path, splits: tuple[pl.DataFrame, ...], tmp_path: Path) -> None:
+    """With transfer R the training rows keep their targets and R times as many transfer rows follow, each
+    targeted at the teacher's probability alone (its model read by hand, not through the training loader)."""
+    import torch
+
+    from ctrkit.data.dataset import Batch
+
+    b = Bundle.load(teacher)
+    data = b.encoder.transform(splits[0], tmp_path / "enc")
+    plain = distilled(data, b, b.encoder, 0.3, 0.7)
+    got = distilled(data, b, b.encoder, 0.3, 0.7, transfer=1.5, seed=4)
+    n = len(data)
+    assert len(got) == n + round(1.5 * n)
+    np.testing.assert_array_equal(got.label[:n], plain.label)
+    np.testing.assert_array_equal(got.ids[:n], data.ids)
+    extra = transfer_rows(data, round(1.5 * n), 0.3, seed=4)
+    np.testing.assert_array_equal(got.ids[n:], extra.ids)
+    with torch.no_grad():
+        z = b.model.eval()(Batch(torch.from_numpy(np.asarray(extra.ids)), torch.from_numpy(np.asarray(extra.dense))))
+    want = 1 / (1 + np.exp(-(z.double().numpy() + b.calibrator.shift - 0.3)))
+    np.testing.assert_allclose(got.label[n:], want, atol=2e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 30), rows=st.integers(0, 60), swap=st.sampled_from([0.0, 0.3, 1.0]),
+       seed=st.integers(0, 99), seqs=st.booleans())
+def test_each_transfer_column_comes_from_its_source_row_or_from_another_row(
+        n: int, rows: int, swap: float, seed: int, seqs: bool) -> None:
+    """Row i of the transfer set is a training row s_i whose every column holds s_i's value or, swapped, the
+    same column's value in some training row; swap 0 copies rows whole, and a row's weight and group are its
+    source's. A sequence moves with its length. Values are unique per (row, column) so the origin is readable."""
+    from ctrkit.data.dataset import EncodedData
+
+    ids = (np.arange(n * 3, dtype=np.int32).reshape(n, 3) * 10)
+    dense = np.arange(n * 2, dtype=np.float32).reshape(n, 2) + 0.5
+    seq = np.arange(n * 2 * 4, dtype=np.int32).reshape(n, 2, 4) if seqs else None
+    seq_len = (np.arange(n * 2, dtype=np.int32).reshape(n, 2) % 5) if seqs else None
+    data = EncodedData(ids=ids, dense=dense, label=np.ones(n, np.float32), group=np.arange(n) + 100,
+                       weight=np.arange(n, dtype=np.float32) + 1, seq=seq, seq_len=seq_len)
+    t = transfer_rows(data, rows, swap, seed)
+    assert len(t) == rows and t.ids.dtype == ids.dtype and (t.label == 0).all()
+    src = (t.group - 100).astype(int)
+    np.testing.assert_array_equal(t.weight, src + 1.0)
+    for mine, full in ((t.ids, ids), (t.dense, dense)):
+        for c in range(full.shape[1]):
+            assert np.isin(mine[:, c], full[:, c]).all()
+        if swap == 0.0:
+            np.testing.assert_array_equal(mine, full[src])
+    if seqs:
+        for i in range(rows):
+            for f in range(2):
+                donor = int(np.flatnonzero((seq[:, f] == t.seq[i, f]).all(axis=1))[0])
+                assert t.seq_len[i, f] == seq_len[donor, f]
+                assert swap > 0.0 or donor == src[i]
+    if swap == 1.0 and rows >= 10 and n > 1:  # every column from a random row: not all from their own
+        assert (t.ids != ids[src]).any()
+
+
+def test_transfer_rows_refuse_bad_settings() -> None:
+    from ctrkit.data.dataset import EncodedData
+
+    data = EncodedData(ids=np.zeros((0, 2), np.int32), dense=np.zeros((0, 0), np.float32),
+                       label=np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="there are none"):
+        transfer_rows(data, 5)
+    for rows, swap in ((-1, 0.3), (3, 1.5), (3, -0.1)):
+        with pytest.raises(ValueError, match="rows >= 0 and swap in"):
+            transfer_rows(data, rows, swap)
+
+
 def test_a_student_learns_the_teacher(teacher: Path, splits: tuple[pl.DataFrame, ...],
                                       tmp_path: Path) -> None:
     """The distilled model sits nearer the teacher than the same model, seed and data without it, and its run
@@ -69,11 +143,14 @@ def test_a_student_learns_the_teacher(teacher: Path, splits: tuple[pl.DataFrame,
     gap = lambda run: float(np.mean(np.abs(logit(run.bundle.predict(test)) - t)))  # noqa: E731
     assert gap(student) < 0.8 * gap(plain)
     m = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    rows = len(splits[0])
     assert m["train"]["distill"] == {"teacher": str(teacher), "model": "deepfm x2", "weight": 1.0,
-                                     "teacher_test_auc": Bundle.load(teacher).metrics["test"]["auc"]}
-    assert m["model"]["members"] == 1
+                                     "teacher_test_auc": Bundle.load(teacher).metrics["test"]["auc"],
+                                     "transfer_rows": rows, "transfer_swap": 0.3}
+    assert m["model"]["members"] == 1 and m["train"]["rows"] == rows  # the log's rows, not the transfer rows
     report = (tmp_path / "student" / "report.html").read_text()
     assert f"<td>distilled from</td><td>{teacher} (deepfm x2, test AUC " in report
+    assert f"share of each target 1.0, {rows:,} transfer rows</td>" in report
     loaded = Bundle.load(tmp_path / "student" / "bundle")
     np.testing.assert_allclose(loaded.predict(test.head(50).to_dicts()), student.bundle.predict(test.head(50)),
                                atol=1e-6)
@@ -108,6 +185,9 @@ def test_bad_distill_settings_fail_before_any_data_is_read(teacher: Path, splits
     for weight in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"--distill-weight must be in \(0, 1\]"):
             train(missing, schema=synth_schema(), model="deepfm", distill=teacher, distill_weight=weight)
+    for transfer in (-1.0, 11.0, float("nan")):
+        with pytest.raises(ValueError, match=r"--distill-transfer must be in \[0, 10\]"):
+            train(missing, schema=synth_schema(), model="deepfm", distill=teacher, distill_transfer=transfer)
     with pytest.raises(ValueError, match="no-such-bundle"):
         train(missing, schema=synth_schema(), model="deepfm", distill=tmp_path / "no-such-bundle")
 

@@ -151,6 +151,10 @@ def train(
                                                       "rows, and serves at one model's cost."),
     distill_weight: float = typer.Option(1.0, help="--distill: the teacher's share of each training target "
                                                    "(1: the teacher's probability alone; 0.5: half the label)."),
+    distill_transfer: float = typer.Option(1.0, help="--distill: transfer rows per training row, labelled by the "
+                                                     "teacher alone: training rows with 30% of their fields "
+                                                     "swapped between rows (0: none; each adds an epoch's worth "
+                                                     "of rows, held in memory)."),
     quiet: bool = typer.Option(False, help="No progress bars; only the one-line report of rejected rows."),
 ) -> None:
     """Train MODEL on TRAIN and write a bundle, metrics.json and report.html to OUT."""
@@ -185,7 +189,7 @@ def train(
                         loss=loss, pos_weight=pw, neg_sample_rate=neg_sample_rate, calibrate=calibrate,
                         split=split, report_by=[f.strip() for f in report_by.split(",")] if report_by else None,
                         checkpoint_every=checkpoint_every, resume=resume, ensemble=ensemble,
-                        distill=distill, distill_weight=distill_weight,
+                        distill=distill, distill_weight=distill_weight, distill_transfer=distill_transfer,
                         log=None if quiet else lambda line: err.print(line, markup=False, highlight=False))
     except USER_ERRORS as exc:
         _fail(str(exc))

@@ -30,7 +30,7 @@ from ctrkit.evaluate.calibrate import CHOICES as CALIBRATE_CHOICES, Calibrator, 
 from ctrkit.evaluate.report import render_report, save_report_data
 from ctrkit.serve.monitor import feature_reference, reference_distribution
 from ctrkit.training.distributed import world
-from ctrkit.training.sampling import check_rate, downsample_negatives, logit_shift
+from ctrkit.training.sampling import check_rate, downsample_negatives, logit_shift, transfer_rows
 from ctrkit.nn.embedding import FeatureLinear, FeatureSpec, tables_on
 from ctrkit.training.first_order import FOLDS, fit_first_order, load_first_order
 from ctrkit.training.trainer import TrainConfig, TrainResult, predict_logits, train as train_model
@@ -48,6 +48,8 @@ class Run:
     reports: dict[str, Any] = field(default_factory=dict)
 
 
+TRANSFER_SWAP = 0.3  # distillation's transfer rows: the chance that a field is another row's (Frappe_x1: 0.1-0.5)
+MAX_TRANSFER = 10  # transfer rows per training row at most: they are held in memory
 REFERENCE_ROWS = 200_000  # training rows sampled for the inputs' drift reference (monitor.feature_reference)
 RUN_FILES = {"bundle", "checkpoints", "metrics.json", "report.html", "report_data.npz", "report_segments.json",
              "tune.json"}  # what a training run (or a search) writes into its --out
@@ -78,7 +80,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
           calibrate: str = "auto", split: str = "auto", report_by: list[str] | None = None,
           resume: bool = False, checkpoint_every: int = 0, embedding_backend: str = "plain",
           ensemble: int = 1, distill: str | Path | None = None, distill_weight: float = 1.0,
-          log: Any = None, encoded: EncodeResult | None = None,
+          distill_transfer: float = 1.0, log: Any = None, encoded: EncodeResult | None = None,
           on_epoch: Any = None, first_order_fits: list[Any] | None = None) -> Run:
     """Encode ``train_data`` (fitting the encoder on it only), train ``model``, calibrate, evaluate, save.
 
@@ -95,7 +97,8 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
     encoding then takes (``seed`` still starts the weights: one that none of the teacher's members had is best);
     the model learns ``(1 - distill_weight) * label + distill_weight * the teacher's probability`` of each
     training row (knowledge distillation, :func:`distilled`): one network that serves at its own cost what the
-    teacher learned.
+    teacher learned. ``distill_transfer`` R adds R transfer rows per training row (training rows with fields
+    swapped between them, :func:`~ctrkit.training.sampling.transfer_rows`), labelled by the teacher alone.
     ``encoded``: the :func:`~ctrkit.data.encode.encode_files` result of these sources, made earlier (by
     :func:`ctrkit.tune.tune`, which trains many models on one encode); the sources then only name the data.
     ``on_epoch`` gets each epoch's record (its "valid" figures among them), as the trainer writes it; what it
@@ -125,7 +128,7 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                 pos_weight=1.0 if pos_weight == "auto" else float(pos_weight), embedding_backend=embedding_backend)
     default_config(model, **{**(model_options or {}), **({"embed_dim": embed_dim} if embed_dim is not None else {})})
     check_rate(neg_sample_rate)
-    teacher = _teacher(distill, distill_weight) if distill is not None else None
+    teacher = _teacher(distill, distill_weight, distill_transfer) if distill is not None else None
     _check_distinct_files(train_data, valid, test, log)
     read_kwargs: dict[str, Any] = {"fmt": fmt} if fmt else {}
     created = bool(out) and not Path(out).exists()
@@ -200,9 +203,11 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
         valid_set = enc.data.get("valid")
         labelled = train_set  # the first-order fit of a small log stays the exact fit of the labels
         if teacher is not None:
-            train_set = distilled(train_set, teacher, enc.encoder, shift, distill_weight, device)
+            train_set = distilled(train_set, teacher, enc.encoder, shift, distill_weight, device,
+                                  distill_transfer, seed)
             if log:
-                log(f"distilling from {distill} ({_teacher_name(teacher)}), weight {distill_weight}")
+                log(f"distilling from {distill} ({_teacher_name(teacher)}), weight {distill_weight}, "
+                    f"{len(train_set) - len(labelled):,} transfer rows")
         first_order = auto.pop("first_order_fit")
         members, results, configs = [], [], []
         fits = first_order_fits if first_order_fits is not None else []
@@ -242,12 +247,13 @@ def train(train_data: Source, *, schema: Schema | str | Path | None = None, vali
                                                           replace=False))
         metrics["feature_reference"] = feature_reference(enc.encoder, np.asarray(full_train.ids)[rows],
                                                          np.asarray(full_train.dense)[rows])
-        metrics["train"] = {**_train_record(results), "rows": len(train_set), "config": configs[0].to_dict(),
+        metrics["train"] = {**_train_record(results), "rows": len(labelled), "config": configs[0].to_dict(),
                             "rows_before_sampling": len(full_train), "neg_sample_rate": neg_sample_rate,
                             "positives": int(labels.sum()), "auto": auto}
         if teacher is not None:
             metrics["train"]["distill"] = {"teacher": str(distill), "model": _teacher_name(teacher),
-                                           "weight": distill_weight,
+                                           "weight": distill_weight, "transfer_rows": len(train_set) - len(labelled),
+                                           "transfer_swap": TRANSFER_SWAP,
                                            "teacher_test_auc": teacher.metrics.get("test", {}).get("auc")}
         metrics["calibration"] = calibrator.to_dict()
         metrics["encode"] = {"seconds": round(enc.seconds, 3), "rows": enc.rows, "n_ids": enc.encoder.n_ids,
@@ -380,10 +386,14 @@ def _outputs(net: torch.nn.Module, data: EncodedData, device: str) -> dict[str, 
             "group": None if data.group is None else np.asarray(data.group), "ids": np.asarray(data.ids)}
 
 
-def _teacher(path: str | Path, weight: float) -> Bundle:
-    """The teacher bundle of ``--distill``, read before the data, so that a wrong path or weight fails at once."""
+def _teacher(path: str | Path, weight: float, transfer: float) -> Bundle:
+    """The teacher bundle of ``--distill``, read before the data, so that a wrong path, weight or number of
+    transfer rows fails at once."""
     if not 0.0 < weight <= 1.0:
         raise ValueError(f"--distill-weight must be in (0, 1], got {weight}")
+    if not 0.0 <= transfer <= MAX_TRANSFER:
+        raise ValueError(f"--distill-transfer must be in [0, {MAX_TRANSFER}] (transfer rows per training row), "
+                         f"got {transfer}")
     teacher = Bundle.load(path)
     if getattr(teacher.model, "multi_head", False):
         raise ValueError(f"--distill {path}: the teacher has {len(teacher.model.spec.label_names)} heads; "
@@ -397,19 +407,24 @@ def _teacher_name(teacher: Bundle) -> str:
 
 
 def distilled(data: EncodedData, teacher: Bundle, encoder: Any, shift: float, weight: float,
-              device: str = "cpu") -> EncodedData:
+              device: str = "cpu", transfer: float = 0.0, seed: int = 0) -> EncodedData:
     """``data`` whose labels are ``(1 - weight) * label + weight * q``, q the teacher's probability of each row
     in the odds this run trains in (its served log-odds less ``shift``, the run's downsampling and class-weight
-    correction). The teacher must encode rows as ``encoder`` does (the same training rows and schema; the run
-    encodes with the teacher's seed), so that it reads the run's encoded rows as its own."""
+    correction), followed by ``transfer`` times as many transfer rows (:func:`transfer_rows`, drawn with
+    ``seed``) whose targets are q alone. The teacher must encode rows as ``encoder`` does (the same training rows
+    and schema; the run encodes with the teacher's seed), so that it reads the run's encoded rows as its own."""
     diff = teacher.encoder.difference(encoder)
     if diff is not None:
         raise DataError(f"--distill: the teacher's encoding is not this run's ({diff}); a teacher is trained on "
                         "the same training rows, with the same schema")
-    z = predict_logits(teacher.model.to(device), data, device=device) + teacher.calibrator.shift - shift
+    def q(rows: EncodedData) -> np.ndarray:
+        z = predict_logits(teacher.model.to(device), rows, device=device) + teacher.calibrator.shift - shift
+        return 1.0 / (1.0 + np.exp(-z))
+
     label = np.asarray(data.label, dtype=np.float64)
-    soft = (1.0 - weight) * label + weight / (1.0 + np.exp(-z))
-    return replace(data, label=soft.astype(np.float32))
+    out = replace(data, label=((1.0 - weight) * label + weight * q(data)).astype(np.float32))
+    extra = transfer_rows(data, round(transfer * len(data)), TRANSFER_SWAP, seed)
+    return out.concat(replace(extra, label=q(extra).astype(np.float32))) if len(extra) else out
 
 
 def _fit_calibration(method: str, valid: dict[str, Any] | None, shift: float, seed: int) -> Calibrator:

@@ -211,6 +211,19 @@ class EncodedData:
         """Rows at ``index`` as an in-memory dataset."""
         return self._map(lambda a: a[index])
 
+    def concat(self, other: EncodedData) -> EncodedData:
+        """``other``'s rows after these, in memory; both must hold the same arrays (a group, a weight, sequences)."""
+        mine, theirs = ((d.group, d.seq, d.seq_len, d.weight) for d in (self, other))
+        if any((a is None) != (b is None) for a, b in zip(mine, theirs)):
+            raise ValueError("concat: the datasets hold different arrays (group, seq, seq_len or weight)")
+
+        def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None or b is None else np.concatenate([np.asarray(a), np.asarray(b)])
+        return EncodedData(ids=np.concatenate([self.ids, other.ids]), dense=np.concatenate([self.dense, other.dense]),
+                           label=np.concatenate([self.label, other.label]), group=cat(self.group, other.group),
+                           meta=self.meta, seq=cat(self.seq, other.seq), seq_len=cat(self.seq_len, other.seq_len),
+                           weight=cat(self.weight, other.weight))
+
     def in_memory(self) -> EncodedData:
         """The same data read fully into RAM (fast random access for shuffling)."""
         return self._map(lambda a: np.asarray(a).copy())

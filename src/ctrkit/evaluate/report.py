@@ -243,8 +243,9 @@ def render_report(run: str | Path) -> Path:
                  ["adaptive defaults", json.dumps(tr.get("auto", {}).get("reasons", []))]]
     if (d := tr.get("distill")) is not None:  # trained on a teacher's probabilities, not on the labels alone
         auc = "" if d.get("teacher_test_auc") is None else f", test AUC {d['teacher_test_auc']:.5f}"
+        transfer = f", {d['transfer_rows']:,} transfer rows" if d.get("transfer_rows") else ""
         settings.append(["distilled from", f"{d['teacher']} ({d['model']}{auc}), teacher's share of each target "
-                                           f"{d['weight']}"])
+                                           f"{d['weight']}{transfer}"])
     data_rows = [[k, v.get("rows"), v.get("bad_rows")] for k, v in metrics.get("data", {}).items()]
     parts.append("<h2>Settings</h2>" + _table(settings, ["setting", "value"]))
     parts.append("<h2>Data</h2>" + _table(data_rows, ["file", "rows read", "bad rows"])

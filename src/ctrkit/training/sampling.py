@@ -4,6 +4,9 @@ Keeping every positive and a fraction W of the negatives multiplies the odds the
 weighting positives by ``pos_weight`` multiplies them by ``pos_weight``. Both are undone exactly by a shift
 of the logit, q = p / (p + (1 - p) / W), i.e. logit(q) = logit(p) + log W - log pos_weight, which the bundle
 applies before any calibrator.
+
+Distillation's transfer rows (:func:`transfer_rows`) are here too: rows drawn near the training rows for a teacher
+to label.
 """
 
 from __future__ import annotations
@@ -31,6 +34,40 @@ def downsample_negatives(data: EncodedData, rate: float, seed: int = 0) -> Encod
     label = np.asarray(data.label)
     keep = (label > 0.5) | (np.random.default_rng(seed).random(len(label)) < rate)
     return data.take(np.flatnonzero(keep))
+
+
+def transfer_rows(data: EncodedData, rows: int, swap: float = 0.3, seed: int = 0) -> EncodedData:
+    """``rows`` rows near ``data``'s, unlabelled (label 0), for a teacher to label: each is a random row of
+    ``data`` of which every categorical field, numeric value and sequence is, with probability ``swap``, that of
+    another random row (Bucila, Caruana and Niculescu-Mizil, 2006, "Model compression"; their MUNGE swaps with
+    a nearest neighbour). A teacher fits its own training rows nearly to their labels, so a student learns most
+    of what the teacher knows beyond them here. A row keeps its source row's weight and group."""
+    if rows < 0 or not 0.0 <= swap <= 1.0:
+        raise ValueError(f"transfer rows need rows >= 0 and swap in [0, 1], got {rows} and {swap}")
+    n = len(data)
+    if n == 0 and rows:
+        raise ValueError("transfer rows are drawn from the training rows; there are none")
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, n, rows)
+
+    def mixed(a: np.ndarray, width: int) -> np.ndarray:
+        """``a``'s source rows, each of the first ``width`` columns from a random other row with prob. ``swap``."""
+        out = np.asarray(a)[src]
+        r, c = np.nonzero(rng.random((rows, width)) < swap)
+        out[r, c] = np.asarray(a)[rng.integers(0, n, len(r)), c]
+        return out
+
+    seq = seq_len = None
+    if data.seq is not None and data.seq_len is not None:  # a sequence moves whole, with its length
+        r, c = np.nonzero(rng.random((rows, data.seq.shape[1])) < swap)
+        donor = rng.integers(0, n, len(r))
+        seq, seq_len = np.asarray(data.seq)[src], np.asarray(data.seq_len)[src]
+        seq[r, c], seq_len[r, c] = np.asarray(data.seq)[donor, c], np.asarray(data.seq_len)[donor, c]
+    label = np.zeros((rows, *np.shape(data.label)[1:]), dtype=np.float32)
+    return EncodedData(ids=mixed(data.ids, data.ids.shape[1]), dense=mixed(data.dense, data.dense.shape[1]),
+                       label=label, group=None if data.group is None else np.asarray(data.group)[src],
+                       meta=data.meta, seq=seq, seq_len=seq_len,
+                       weight=None if data.weight is None else np.asarray(data.weight)[src])
 
 
 def logit_shift(neg_sample_rate: float = 1.0, pos_weight: float = 1.0) -> float:
