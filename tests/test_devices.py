@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,12 @@ def test_freed_memory_is_kept_on_linux_unless_the_environment_says_otherwise(mon
     monkeypatch.setattr(sys, "platform", "darwin")
     assert devices.keep_freed_memory() is False
     devices.keep_freed_memory.cache_clear()
+
+
+def test_available_memory_is_memavailable_in_bytes(tmp_path: Path) -> None:
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       16384000 kB\nMemFree:         1000000 kB\nMemAvailable:    8000000 kB\n")
+    assert devices.available_memory(str(info)) == 8_000_000 * 1024
+    info.write_text("MemTotal:       16384000 kB\n")  # an old kernel: no estimate
+    assert devices.available_memory(str(info)) is None
+    assert devices.available_memory(str(tmp_path / "none")) is None

@@ -85,6 +85,19 @@ def test_transfer_rows_follow_the_training_rows_and_take_the_teachers_probabilit
     np.testing.assert_allclose(got.label[n:], want, atol=2e-6)
 
 
+def test_transfer_rows_that_would_fill_memory_are_refused(teacher: Path, splits: tuple[pl.DataFrame, ...],
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctrkit.pipeline
+
+    b = Bundle.load(teacher)
+    data = b.encoder.transform(splits[0], tmp_path / "enc")
+    monkeypatch.setattr(ctrkit.pipeline, "available_memory", lambda: 3 * data.nbytes)  # 2x fits, 2x + more not
+    assert len(distilled(data, b, b.encoder, 0.0, 1.0, transfer=0.5)) == len(data) + round(0.5 * len(data))
+    with pytest.raises(ValueError, match=r"--distill-transfer 2.0: the training rows and 8,000 transfer rows take "
+                                         r".* GiB in memory, more than half of the .* GiB available"):
+        distilled(data, b, b.encoder, 0.0, 1.0, transfer=2.0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 30), rows=st.integers(0, 60), swap=st.sampled_from([0.0, 0.3, 1.0]),
        seed=st.integers(0, 99), seqs=st.booleans())

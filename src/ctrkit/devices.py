@@ -29,6 +29,19 @@ def _cpuinfo(key: str) -> str:
     return ""
 
 
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes of memory the kernel says new allocations can take without swapping (MemAvailable), or None where
+    it does not say (not Linux)."""
+    try:
+        with open(meminfo) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
     flags = set(_cpuinfo("flags").split())

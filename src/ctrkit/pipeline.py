@@ -29,6 +29,7 @@ from ctrkit.data.dataset import EncodedData
 from ctrkit.evaluate.calibrate import CHOICES as CALIBRATE_CHOICES, Calibrator, fit_calibrator
 from ctrkit.evaluate.report import render_report, save_report_data
 from ctrkit.serve.monitor import feature_reference, reference_distribution
+from ctrkit.devices import available_memory
 from ctrkit.training.distributed import world
 from ctrkit.training.sampling import check_rate, downsample_negatives, logit_shift, transfer_rows
 from ctrkit.nn.embedding import FeatureLinear, FeatureSpec, tables_on
@@ -421,9 +422,15 @@ def distilled(data: EncodedData, teacher: Bundle, encoder: Any, shift: float, we
         z = predict_logits(teacher.model.to(device), rows, device=device) + teacher.calibrator.shift - shift
         return 1.0 / (1.0 + np.exp(-z))
 
+    rows = round(transfer * len(data))
+    need, free = data.nbytes * (len(data) + rows) // max(len(data), 1), available_memory()
+    if rows and free is not None and need > free // 2:  # both sets are held in memory while the run trains
+        raise ValueError(f"--distill-transfer {transfer}: the training rows and {rows:,} transfer rows take "
+                         f"{need / 2**30:.1f} GiB in memory, more than half of the {free / 2**30:.1f} GiB "
+                         "available; ask for fewer (0: none)")
     label = np.asarray(data.label, dtype=np.float64)
     out = replace(data, label=((1.0 - weight) * label + weight * q(data)).astype(np.float32))
-    extra = transfer_rows(data, round(transfer * len(data)), TRANSFER_SWAP, seed)
+    extra = transfer_rows(data, rows, TRANSFER_SWAP, seed)
     return out.concat(replace(extra, label=q(extra).astype(np.float32))) if len(extra) else out
 
 
