@@ -418,6 +418,7 @@ def distilled(data: EncodedData, teacher: Bundle, encoder: Any, shift: float, we
     if diff is not None:
         raise DataError(f"--distill: the teacher's encoding is not this run's ({diff}); a teacher is trained on "
                         "the same training rows, with the same schema")
+
     def q(rows: EncodedData) -> np.ndarray:
         z = predict_logits(teacher.model.to(device), rows, device=device) + teacher.calibrator.shift - shift
         return 1.0 / (1.0 + np.exp(-z))
