@@ -39,7 +39,7 @@ def downsample_negatives(data: EncodedData, rate: float, seed: int = 0) -> Encod
 def transfer_rows(data: EncodedData, rows: int, swap: float = 0.3, seed: int = 0) -> EncodedData:
     """``rows`` rows near ``data``'s, unlabelled (label 0), for a teacher to label: each is a random row of
     ``data`` of which every categorical field, numeric value and sequence is, with probability ``swap``, that of
-    another random row (Bucila, Caruana and Niculescu-Mizil, 2006, "Model compression"; their MUNGE swaps with
+    a random row (Bucila, Caruana and Niculescu-Mizil, 2006, "Model compression"; their MUNGE swaps with
     a nearest neighbour). A teacher fits its own training rows nearly to their labels, so a student learns most
     of what the teacher knows beyond them here. A row keeps its source row's weight and group."""
     if rows < 0 or not 0.0 <= swap <= 1.0:
@@ -51,7 +51,7 @@ def transfer_rows(data: EncodedData, rows: int, swap: float = 0.3, seed: int = 0
     src = rng.integers(0, n, rows)
 
     def mixed(a: np.ndarray, width: int) -> np.ndarray:
-        """``a``'s source rows, each of the first ``width`` columns from a random other row with prob. ``swap``."""
+        """``a``'s source rows, each of their ``width`` columns taken from a random row with probability ``swap``."""
         out = np.asarray(a)[src]
         r, c = np.nonzero(rng.random((rows, width)) < swap)
         out[r, c] = np.asarray(a)[rng.integers(0, n, len(r)), c]
