@@ -431,8 +431,10 @@ def distilled(data: EncodedData, teacher: Bundle, encoder: Any, shift: float, we
                          "available; ask for fewer (0: none)")
     label = np.asarray(data.label, dtype=np.float64)
     out = replace(data, label=((1.0 - weight) * label + weight * q(data)).astype(np.float32))
+    if not rows:
+        return out
     extra = transfer_rows(data, rows, TRANSFER_SWAP, seed)
-    return out.concat(replace(extra, label=q(extra).astype(np.float32))) if len(extra) else out
+    return out.concat(replace(extra, label=q(extra).astype(np.float32)))
 
 
 def _fit_calibration(method: str, valid: dict[str, Any] | None, shift: float, seed: int) -> Calibrator:
