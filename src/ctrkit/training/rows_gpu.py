@@ -6,9 +6,10 @@ thousands of positions on a few rows. The training step hands over the gradient 
 a radix sort), and :func:`update` sums each row's run of positions and updates the row, with one read and one
 write of each distinct row and no atomics:
 
-* ``_runs``: each block of sorted positions sums its runs of equal rows in registers (a running sum less its
-  value before each run) and updates every row whose run starts and ends inside the block. A run that crosses
-  the block's end leaves its partial sum and count with the block; the block where a row's run starts owns it.
+* ``_runs``: each block of sorted positions sums its runs of equal rows in registers (a segmented scan, which
+  restarts at each run's first position) and updates every row whose run starts and ends inside the block. A run
+  that crosses the block's end leaves its partial sum and count with the block; the block where a row's run
+  starts owns it.
 * ``_spans``: each owning block adds the partial sums of the blocks its run covers (hundreds for the hottest
   rows, read in chunks) and updates the row.
 
@@ -35,6 +36,11 @@ if AVAILABLE:
     @triton.jit
     def _max(a, b):  # type: ignore[no-untyped-def]
         return tl.maximum(a, b)
+
+    @triton.jit
+    def _segment_add(a, a_starts, b, b_starts):  # type: ignore[no-untyped-def]
+        # (sum, starts a run) pairs: a run that starts in the right operand drops what came before it
+        return tl.where(b_starts != 0, b, a + b), a_starts | b_starts
 
     @triton.jit
     def _apply(w_ptr, s1_ptr, s2_ptr, row, cols, g, cnt, m2, lr, dim, b1, b2, eps,  # type: ignore[no-untyped-def]
@@ -65,14 +71,37 @@ if AVAILABLE:
         tl.store(w_ptr + at, w, mask=m2)
 
     @triton.jit
-    def _runs(keys_ptr, perm_ptr, g_ptr, w_ptr, s1_ptr, s2_ptr, lr_ptr,  # type: ignore[no-untyped-def]
-              part_ptr, info_ptr, n, dim, g_fields, g_stride0, g_stride1, b1, b2, eps, clip_ratio, clip_floor,
-              lr_cap, lr_power,
-              ADAM: tl.constexpr, CLIP: tl.constexpr, COUNT_LR: tl.constexpr,
-              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _table_runs(g_ptr, w_ptr, s1_ptr, s2_ptr, part_ptr, pid, p, k, inb, start, done,  # type: ignore[no-untyped-def]
+                    crossing, head_last, cnt, lr, dim, g_fields, g_stride0, g_stride1, b1, b2, eps, clip_ratio,
+                    clip_floor, lr_cap, lr_power, ADAM: tl.constexpr, CLIP: tl.constexpr, COUNT_LR: tl.constexpr,
+                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one table's part of a block: sum its runs, update the rows whose run ends here, leave the partial sums
+        at_g = (p // g_fields) * g_stride0 + (p % g_fields) * g_stride1  # position p of a [n / F, F, dim] view
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = (cols < dim)[None, :]
+        g = tl.load(g_ptr + at_g[:, None] + cols[None, :], mask=inb[:, None] & col_ok, other=0.0).to(tl.float32)
+        # each run's sums so far: a segmented scan, restarted at each run's first position (in float64, so that a
+        # row's sum is its float32 sum however the scan groups the additions)
+        flag = tl.broadcast_to(start.to(tl.int32)[:, None], (BLOCK, BLOCK_D))
+        s, _ = tl.associative_scan((g.to(tl.float64), flag), 0, _segment_add)
+        s = s.to(tl.float32)
+        _apply(w_ptr, s1_ptr, s2_ptr, k.to(tl.int64), cols, s, cnt, done[:, None] & col_ok, lr, dim, b1, b2, eps,
+               clip_ratio, clip_floor, lr_cap, lr_power, ADAM, CLIP, COUNT_LR)
+        part_at = part_ptr + (pid * 2) * BLOCK_D + cols[None, :] + (k * 0)[:, None]
+        tl.store(part_at, s, mask=crossing[:, None])
+        tl.store(part_at + BLOCK_D, s, mask=head_last[:, None])
+
+    @triton.jit
+    def _runs(keys_ptr, perm_ptr, lr_ptr, info_ptr, n, b1, b2, eps,  # type: ignore[no-untyped-def]
+              clip_ratio, clip_floor, lr_cap, lr_power,
+              g_ptr, w_ptr, s1_ptr, s2_ptr, part_ptr, dim, g_fields, g_stride0, g_stride1,
+              g2_ptr, w2_ptr, s1b_ptr, s2b_ptr, part2_ptr, dim2, g2_fields, g2_stride0, g2_stride1,
+              ADAM: tl.constexpr, CLIP: tl.constexpr, COUNT_LR: tl.constexpr, TWO: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
         # info per block: [0] the row of a run that starts here and crosses the block's end (-1: none), [1] its
         # uses here; for a block that starts inside a run, [2] that run's uses here and [3] whether it ends here.
-        # part per block: [0] the crossing run's sum here, [1] the sum here of the run the block starts inside of.
+        # part per block and table: [0] the crossing run's sum here, [1] the sum here of the run the block starts
+        # inside of. The second table (TWO), looked up with the same ids, shares the sort and the runs.
         pid = tl.program_id(0)
         i = tl.arange(0, BLOCK)
         offs = pid.to(tl.int64) * BLOCK + i
@@ -83,48 +112,45 @@ if AVAILABLE:
         start = inb & (k != prev)
         end = inb & (k != nxt)
         p = tl.load(perm_ptr + offs, mask=inb, other=0).to(tl.int64)
-        at_g = (p // g_fields) * g_stride0 + (p % g_fields) * g_stride1  # position p of a [n / F, F, dim] view
-        cols = tl.arange(0, BLOCK_D)
-        col_ok = (cols < dim)[None, :]
-        g = tl.load(g_ptr + at_g[:, None] + cols[None, :], mask=inb[:, None] & col_ok, other=0.0).to(tl.float32)
         first = tl.associative_scan(tl.where(start | (i == 0), i, 0), 0, _max)  # where each run enters the block
-        # each run's sums: the block's running sum less its value before the run (in float64, where the
-        # difference of two long running sums keeps a float32 sum's digits)
-        c = tl.cumsum(g.to(tl.float64), 0)
-        before = tl.gather(c, tl.broadcast_to(tl.maximum(first - 1, 0)[:, None], (BLOCK, BLOCK_D)), 0)
-        s = (c - tl.where((first > 0)[:, None], before, 0.0)).to(tl.float32)
         cnt = (i - first + 1).to(tl.float32)
         block_start = pid.to(tl.int64) * BLOCK
         k0 = tl.load(keys_ptr + block_start)
         start0 = k0 != tl.load(keys_ptr + block_start - 1, mask=block_start > 0, other=-2)
         began = (first > 0) | start0  # the run started in this block, not before it
         done = end & began
-        lr = tl.load(lr_ptr).to(tl.float32)
-        _apply(w_ptr, s1_ptr, s2_ptr, k.to(tl.int64), cols, s, cnt, done[:, None] & col_ok, lr, dim, b1, b2, eps,
-               clip_ratio, clip_floor, lr_cap, lr_power, ADAM, CLIP, COUNT_LR)
-        # what _spans needs, each stored by the one position that holds it (no reductions across the block)
         last = i == BLOCK - 1
         crossing = last & inb & ~end
         head_last = (first == 0) & ~start0 & inb & (end | last)  # the end, here, of a run begun before the block
-        same = i * 0
-        part_at = part_ptr + (pid * 2) * BLOCK_D + cols[None, :] + same[:, None]
-        tl.store(part_at, s, mask=crossing[:, None])
-        tl.store(part_at + BLOCK_D, s, mask=head_last[:, None])
-        info_at = info_ptr + pid * 4 + same
+        lr = tl.load(lr_ptr).to(tl.float32)
+        _table_runs(g_ptr, w_ptr, s1_ptr, s2_ptr, part_ptr, pid, p, k, inb, start, done, crossing, head_last, cnt,
+                    lr, dim, g_fields, g_stride0, g_stride1, b1, b2, eps, clip_ratio, clip_floor, lr_cap, lr_power,
+                    ADAM, CLIP, COUNT_LR, BLOCK, BLOCK_D)
+        if TWO:
+            _table_runs(g2_ptr, w2_ptr, s1b_ptr, s2b_ptr, part2_ptr, pid, p, k, inb, start, done, crossing,
+                        head_last, cnt, lr, dim2, g2_fields, g2_stride0, g2_stride1, b1, b2, eps, clip_ratio,
+                        clip_floor, lr_cap, lr_power, ADAM, CLIP, COUNT_LR, BLOCK, BLOCK_D2)
+        # what _spans needs, each stored by the one position that holds it (no reductions across the block)
+        info_at = info_ptr + pid * 4 + i * 0
         tl.store(info_at, tl.where(crossing & began, k, -1), mask=last)
         tl.store(info_at + 1, i - first + 1, mask=crossing)
         tl.store(info_at + 2, i + 1, mask=head_last)
         tl.store(info_at + 3, end.to(tl.int32), mask=head_last)
 
     @triton.jit
-    def _spans(w_ptr, s1_ptr, s2_ptr, lr_ptr, part_ptr, info_ptr, n_blocks, dim,  # type: ignore[no-untyped-def]
-               b1, b2, eps, clip_ratio, clip_floor, lr_cap, lr_power, ADAM: tl.constexpr, CLIP: tl.constexpr,
-               COUNT_LR: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _spans(lr_ptr, info_ptr, n_blocks, b1, b2, eps, clip_ratio, clip_floor,  # type: ignore[no-untyped-def]
+               lr_cap, lr_power, w_ptr, s1_ptr, s2_ptr, part_ptr, dim, w2_ptr, s1b_ptr, s2b_ptr, part2_ptr, dim2,
+               ADAM: tl.constexpr, CLIP: tl.constexpr, COUNT_LR: tl.constexpr, TWO: tl.constexpr,
+               CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
         pid = tl.program_id(0)
         row = tl.load(info_ptr + pid * 4)
         if row >= 0:
             cols = tl.arange(0, BLOCK_D)
+            cols2 = tl.arange(0, BLOCK_D2)
             total = tl.load(part_ptr + (pid * 2) * BLOCK_D + cols)
+            total2 = tl.zeros([BLOCK_D2], tl.float32)
+            if TWO:
+                total2 = tl.load(part2_ptr + (pid * 2) * BLOCK_D2 + cols2)
             uses = tl.load(info_ptr + pid * 4 + 1).to(tl.float32)
             j = pid + 1
             open_run = row >= 0
@@ -134,17 +160,22 @@ if AVAILABLE:
                 closes = tl.load(info_ptr + b * 4 + 3, mask=there, other=1)
                 stop = tl.min(tl.where(closes != 0, b, j + CHUNK), axis=0)
                 take = there & (b <= stop)
-                heads = tl.load(part_ptr + (b * 2 + 1)[:, None] * BLOCK_D + cols[None, :], mask=take[:, None],
-                                other=0.0)
-                total += tl.sum(heads, axis=0)
+                total += tl.sum(tl.load(part_ptr + (b * 2 + 1)[:, None] * BLOCK_D + cols[None, :],
+                                        mask=take[:, None], other=0.0), axis=0)
+                if TWO:
+                    total2 += tl.sum(tl.load(part2_ptr + (b * 2 + 1)[:, None] * BLOCK_D2 + cols2[None, :],
+                                             mask=take[:, None], other=0.0), axis=0)
                 uses += tl.sum(tl.load(info_ptr + b * 4 + 2, mask=take, other=0), axis=0).to(tl.float32)
                 open_run = stop >= j + CHUNK
                 j += CHUNK
             lr = tl.load(lr_ptr).to(tl.float32)
             one = tl.full([1], 0, tl.int64) + row
-            _apply(w_ptr, s1_ptr, s2_ptr, one, cols, total[None, :], tl.full([1], 0.0, tl.float32) + uses,
-                   (cols < dim)[None, :], lr, dim, b1, b2, eps, clip_ratio, clip_floor, lr_cap, lr_power, ADAM,
-                   CLIP, COUNT_LR)
+            cnt = tl.full([1], 0.0, tl.float32) + uses
+            _apply(w_ptr, s1_ptr, s2_ptr, one, cols, total[None, :], cnt, (cols < dim)[None, :], lr, dim, b1, b2,
+                   eps, clip_ratio, clip_floor, lr_cap, lr_power, ADAM, CLIP, COUNT_LR)
+            if TWO:
+                _apply(w2_ptr, s1b_ptr, s2b_ptr, one, cols2, total2[None, :], cnt, (cols2 < dim2)[None, :], lr,
+                       dim2, b1, b2, eps, clip_ratio, clip_floor, lr_cap, lr_power, ADAM, CLIP, COUNT_LR)
 
 
 def sort_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,35 +184,53 @@ def sort_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, perm
 
 
-def update(weight: torch.Tensor, grad: torch.Tensor, state: tuple[torch.Tensor, ...], keys: torch.Tensor,
-           perm: torch.Tensor, lr: torch.Tensor, rule: str, b1: float, b2: float, eps: float,
-           clip: tuple[float, float] | None = None, row_lr: tuple[float, float] | None = None) -> None:
-    """Update ``weight`` [rows, dim] and its ``state`` once at each distinct row of the sorted ``keys`` (from
-    :func:`sort_rows`) with the sum of ``grad`` (the gradient at each looked-up position: [n, dim], or [B, F, dim]
-    with any strides but the last, such as a slice of a larger gradient) over the row's positions.
+Table = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]  # (weight, gradient at positions, state)
 
-    ``lr`` is a device scalar (Adam's already bias-corrected); ``clip`` = (ratio, floor) applies CowClip with each
-    row's uses in the batch; ``row_lr`` = (cap, power) multiplies a row's learning rate by min(uses, cap) ** power.
+
+def update(tables: list[Table], keys: torch.Tensor, perm: torch.Tensor, lr: torch.Tensor, rule: str, b1: float,
+           b2: float, eps: float, clip: tuple[float, float] | None = None,
+           row_lr: tuple[float, float] | None = None) -> None:
+    """Update each table's ``weight`` [rows, dim] and its ``state`` once at each distinct row of the sorted ``keys``
+    (from :func:`sort_rows`) with the sum of its ``grad`` (the gradient at each looked-up position: [n, dim], or
+    [B, F, dim] with any strides but the last, such as a slice of a larger gradient) over the row's positions.
+
+    The tables are looked up with the same ids (a model's embedding and its first-order weights): two at a time
+    share one pass over the sorted positions. ``lr`` is a device scalar (Adam's already bias-corrected); ``clip`` =
+    (ratio, floor) applies CowClip with each row's uses in the batch; ``row_lr`` = (cap, power) multiplies a row's
+    learning rate by min(uses, cap) ** power.
     """
-    if not (weight.is_contiguous() and all(s.is_contiguous() for s in state)):
-        raise ValueError("fused row updates need contiguous weight and state")
-    n, dim = keys.numel(), weight.shape[1]
-    if grad.dim() != 3 or grad.stride(2) != 1:
-        grad = grad.reshape(-1, 1, dim).contiguous()
-    if n == 0:
+    n = keys.numel()
+    prepared = []
+    for weight, grad, state in tables:
+        if not (weight.is_contiguous() and all(s.is_contiguous() for s in state)):
+            raise ValueError("fused row updates need contiguous weight and state")
+        dim = weight.shape[1]
+        if grad.dim() != 3 or grad.stride(2) != 1:
+            grad = grad.reshape(-1, 1, dim).contiguous()
+        if grad.shape[0] * grad.shape[1] != n:
+            raise ValueError(f"a table's gradient covers {grad.shape[0] * grad.shape[1]} positions, the sorted "
+                             f"ids {n}")
+        prepared.append((weight, grad, state, max(triton.next_power_of_2(dim), 2)))
+    if n == 0 or not prepared:
         return
-    block_d = max(triton.next_power_of_2(dim), 2)
     n_blocks = triton.cdiv(n, BLOCK_POSITIONS)
-    part = torch.empty(n_blocks * 2 * block_d, dtype=torch.float32, device=weight.device)
-    info = torch.empty(n_blocks * 4, dtype=torch.int64, device=weight.device)
+    info = torch.empty(n_blocks * 4, dtype=torch.int64, device=keys.device)
     adam = rule == "adam"
-    s1 = state[0]
-    s2 = state[1] if adam else s1
     ratio, floor = clip if clip is not None else (0.0, 0.0)
     cap, power = row_lr if row_lr is not None else (1.0, 0.0)
-    flags = {"ADAM": adam, "CLIP": clip is not None, "COUNT_LR": row_lr is not None, "BLOCK_D": block_d}
-    _runs[(n_blocks,)](keys, perm, grad, weight, s1, s2, lr, part, info, n, dim, grad.shape[1], grad.stride(0),
-                       grad.stride(1), b1, b2, eps, ratio, floor, cap, power, BLOCK=BLOCK_POSITIONS,
-                       num_warps=WARPS, **flags)
-    _spans[(n_blocks,)](weight, s1, s2, lr, part, info, n_blocks, dim, b1, b2, eps, ratio, floor, cap, power,
-                        CHUNK=SPAN_CHUNK, **flags)
+    flags = {"ADAM": adam, "CLIP": clip is not None, "COUNT_LR": row_lr is not None}
+    for pair in (prepared[i:i + 2] for i in range(0, len(prepared), 2)):
+        args = []
+        for weight, grad, state, block_d in pair + pair[:1] * (2 - len(pair)):  # a lone table fills both slots
+            part = torch.empty(n_blocks * 2 * block_d, dtype=torch.float32, device=weight.device)
+            s1 = state[0]
+            args.append((weight, grad, s1, state[1] if adam else s1, part, block_d))
+        (w, g, s1, s2, part, bd), (w2, g2, s1b, s2b, part2, bd2) = args
+        two = len(pair) == 2
+        _runs[(n_blocks,)](keys, perm, lr, info, n, b1, b2, eps, ratio, floor, cap, power,
+                           g, w, s1, s2, part, w.shape[1], g.shape[1], g.stride(0), g.stride(1),
+                           g2, w2, s1b, s2b, part2, w2.shape[1], g2.shape[1], g2.stride(0), g2.stride(1),
+                           TWO=two, BLOCK=BLOCK_POSITIONS, BLOCK_D=bd, BLOCK_D2=bd2, num_warps=WARPS, **flags)
+        _spans[(n_blocks,)](lr, info, n_blocks, b1, b2, eps, ratio, floor, cap, power,
+                            w, s1, s2, part, w.shape[1], w2, s1b, s2b, part2, w2.shape[1],
+                            TWO=two, CHUNK=SPAN_CHUNK, BLOCK_D=bd, BLOCK_D2=bd2, **flags)

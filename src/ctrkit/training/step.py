@@ -441,9 +441,8 @@ class TrainStep:
             keys, perm = order if order is not None else self._sort_rows(batch)
             if self._sorter is not None:
                 torch.cuda.current_stream(self.device).wait_stream(self._sorter)
-            for k, m, g in live:
-                rows_gpu.update(m.weight.detach(), g, self._row_state[k], keys, perm, lr,
-                                self.optimizer, b1, b2, self.eps, clip, row_lr)
+            rows_gpu.update([(m.weight.detach(), g, self._row_state[k]) for k, m, g in live], keys, perm, lr,
+                            self.optimizer, b1, b2, self.eps, clip, row_lr)
             return
         rows = self._row_ids(batch).long()
         counts = None
