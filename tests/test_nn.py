@@ -17,7 +17,7 @@ from ctrkit.data.dataset import Batch
 from ctrkit.nn import mlp as mlp_module
 from ctrkit.nn.embedding import FeatureEmbedding, FeatureLinear, FeatureSpec
 from ctrkit.nn.interactions import FactorizationMachine, pairwise_and_squares
-from ctrkit.nn.mlp import MLP, Dropout, linear_relu
+from ctrkit.nn.mlp import MLP, Dropout, _dot, _Linear, linear_relu
 
 SIZES = (4, 3, 5)
 
@@ -60,14 +60,15 @@ def test_fm_equals_double_loop_over_field_pairs(batch: int, n_fields: int, dim: 
     got = FactorizationMachine()(emb)
     assert got.shape == (batch,)
     torch.testing.assert_close(got, fm_loop(emb), rtol=0, atol=1e-9)
-    pair, squares = pairwise_and_squares(emb)
+    pair, squares, vectors = pairwise_and_squares(emb)
+    assert vectors is emb  # no copy asked for
     torch.testing.assert_close(pair, got, rtol=0, atol=0)
     torch.testing.assert_close(squares, emb.pow(2).sum(dim=(1, 2)), rtol=0, atol=1e-9)
 
 
 def test_pairwise_and_squares_gradient_matches_finite_differences() -> None:
     emb = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda e: pairwise_and_squares(e), (emb,))
+    assert torch.autograd.gradcheck(lambda e: pairwise_and_squares(e)[:2], (emb,))
     # either output alone (the other gets no gradient)
     assert torch.autograd.gradcheck(lambda e: pairwise_and_squares(e)[0], (emb,))
     assert torch.autograd.gradcheck(lambda e: pairwise_and_squares(e)[1], (emb,))
@@ -83,17 +84,17 @@ def test_pairwise_and_squares_with_fields_given_by_their_sums(batch: int, n_fiel
     gen = torch.Generator().manual_seed(seed)
     emb = torch.randn(batch, n_fields, dim, generator=gen, dtype=torch.float64, requires_grad=True)
     more = torch.randn(batch, n_extra, dim, generator=gen, dtype=torch.float64, requires_grad=True)
-    pair, squares = pairwise_and_squares(emb, (more.sum(dim=1), more.pow(2).sum(dim=(1, 2))))
+    pair, squares, _ = pairwise_and_squares(emb, (more.sum(dim=1), more.pow(2).sum(dim=(1, 2))))
     whole = torch.cat([emb, more], dim=1)
     torch.testing.assert_close(pair, fm_loop(whole.detach()), rtol=0, atol=1e-9)
     torch.testing.assert_close(squares, whole.pow(2).sum(dim=(1, 2)), rtol=0, atol=1e-9)
     w = torch.randn(2, batch, generator=gen, dtype=torch.float64)
     got = torch.autograd.grad((w[0] * pair + w[1] * squares).sum(), (emb, more))
-    want_pair, want_sq = pairwise_and_squares(torch.cat([emb, more], dim=1))
+    want_pair, want_sq, _ = pairwise_and_squares(torch.cat([emb, more], dim=1))
     want = torch.autograd.grad((w[0] * want_pair + w[1] * want_sq).sum(), (emb, more))
     for g, x in zip(got, want, strict=True):
         torch.testing.assert_close(g, x, rtol=0, atol=1e-9)
-    assert torch.autograd.gradcheck(lambda e, s, q: pairwise_and_squares(e, (s, q)),
+    assert torch.autograd.gradcheck(lambda e, s, q: pairwise_and_squares(e, (s, q))[:2],
                                     (emb, more.sum(dim=1).detach().requires_grad_(),
                                      more.pow(2).sum(dim=(1, 2)).detach().requires_grad_()))
 
@@ -101,7 +102,7 @@ def test_pairwise_and_squares_with_fields_given_by_their_sums(batch: int, n_fiel
 def test_pairwise_and_squares_stay_float32_under_bf16_autocast() -> None:
     emb = torch.randn(8, 5, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pair, squares = pairwise_and_squares(emb)
+        pair, squares, _ = pairwise_and_squares(emb)
     assert pair.dtype == squares.dtype == torch.float32
     torch.testing.assert_close(pair, FactorizationMachine()(emb))
 
@@ -272,6 +273,64 @@ def test_linear_relu_is_relu_of_the_layer_with_its_gradients(b: int, n_in: int, 
     assert torch.equal(got, want)
     for g, w in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 9), n_x=st.integers(1, 6), n_rest=st.integers(1, 4), relu=st.booleans(),
+       rest_grad=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_linear_with_rest_columns_is_the_layer_over_both(b: int, n_x: int, n_rest: int, relu: bool, rest_grad: bool,
+                                                         seed: int) -> None:
+    """_Linear over x and the columns ``rest`` after it equals the layer over their concatenation, with every
+    gradient; ``rest`` gets an input gradient only where it asks for one."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(n_x + n_rest, 5).double()
+    x = torch.randn(b, n_x, generator=gen, dtype=torch.float64, requires_grad=True)
+    rest = torch.randn(b, n_rest, generator=gen, dtype=torch.float64, requires_grad=rest_grad)
+    grad = torch.randn(b, 5, generator=gen, dtype=torch.float64)
+    want = layer(torch.cat([x, rest], 1))
+    want = torch.relu(want) if relu else want
+    got = _Linear.apply(x, layer.weight, layer.bias, relu, rest)
+    params = [x, layer.weight, layer.bias] + ([rest] if rest_grad else [])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_mlp_first_weight_with_rest_columns_on_every_path() -> None:
+    """with_first_weight(x, w, rest) equals the MLP over [x, rest] with w as its first weight, whether the first
+    layer runs fused, through oneDNN or plainly (an output layer alone, a layer without a bias)."""
+    torch.manual_seed(3)
+    for net in (MLP(7, (6, 4), out_dim=1), MLP(7, (), out_dim=2), MLP(7, (5,), out_dim=None, batch_norm=True)):
+        net = net.double().eval()
+        x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        rest = torch.randn(4, 2, dtype=torch.float64)
+        weight = torch.randn(net[0].out_features, 7, dtype=torch.float64, requires_grad=True)
+        got = net.with_first_weight(x, weight, rest)
+        ref = copy.deepcopy(net)
+        with torch.no_grad():
+            ref[0].weight.copy_(weight)
+        want = nn.Sequential.forward(ref, torch.cat([x, rest], 1))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        gx, = torch.autograd.grad(got.sum(), [x])
+        wx, = torch.autograd.grad(want.sum(), [x])
+        torch.testing.assert_close(gx, wx, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 9), n_in=st.integers(1, 9), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_dot_is_the_one_logit_layer_in_float32(b: int, n_in: int, bias: bool, seed: int) -> None:
+    """mlp._dot (a GPU MLP's one-logit output layer) is F.linear with its gradients; bf16 inputs give float32."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(n_in, 1, bias=bias).double()
+    x = torch.randn(b, n_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    got, want = _dot(x, layer.weight, layer.bias), layer(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    params = [x, *layer.parameters()]
+    grad = torch.randn(b, 1, generator=gen, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    half = _dot(x.detach().bfloat16(), layer.weight.float(), None)
+    assert half.dtype == torch.float32
 
 
 def test_linear_relu_under_bf16_autocast_is_the_autocast_layer() -> None:

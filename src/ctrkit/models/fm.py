@@ -26,14 +26,15 @@ class FM(CTRModel):
         self.embedding = FeatureEmbedding(spec, config.embed_dim, sparse=bool(config.sparse_grad),
                                           init_std=config.init_std)
 
-    def _fm_terms(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fm_terms(self, batch: Batch, copy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(first-order + pairwise logit, the field embeddings but the numeric fields' [B, Fs + Fq, D]), for this
         model and the ones built on it: the numeric fields enter the pairwise term through their sums
         (:meth:`~ctrkit.nn.embedding.FeatureEmbedding.numeric_sums`), so their [B, Fd, D] vectors, and the
-        concatenation with them, are never built."""
+        concatenation with them, are never built. ``copy``: the embeddings as an MLP over them reads them, from the
+        same pass on a GPU (see :func:`~ctrkit.nn.interactions.pairwise_and_squares`)."""
         emb = self.embedding.fields(batch, numeric=False)
         extra = self.embedding.numeric_sums(batch) if self.spec.n_dense else None
-        pairwise, squares = pairwise_and_squares(emb, extra)
+        pairwise, squares, emb = pairwise_and_squares(emb, extra, copy=copy)
         self._remember_penalty(squares)
         return self.linear(batch) + pairwise, emb
 
@@ -73,5 +74,5 @@ class DeepFM(FM):
         if not self.config.fm:
             logit, emb = self.linear(batch), self.embed_fields(batch)
             return logit if self.mlp is None else logit + self.mlp_over_fields(emb, batch).squeeze(-1)
-        logit, emb = self._fm_terms(batch)
+        logit, emb = self._fm_terms(batch, copy=self.mlp is not None)
         return logit if self.mlp is None else logit + self.mlp_over_fields(emb, batch, numeric=False).squeeze(-1)

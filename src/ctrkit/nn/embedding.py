@@ -190,11 +190,12 @@ class FeatureEmbedding(nn.Module):
         return total, squares
 
     def project_inputs(self, emb: torch.Tensor, batch: Batch, weight: torch.Tensor,
-                       numeric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs [B, K], weight [out, K]) whose product equals ``emb.flatten(1)`` times a first layer's
-        ``weight`` [out, F * dim], for the field vectors ``emb`` that :meth:`fields` gave for ``batch``
-        (``numeric=False``: given without the numeric fields), with each numeric field's ``dim`` columns folded
-        into two.
+                       numeric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(fields [B, K1], weight [out, K1 + K2], rest [B, K2] or None): the product of [fields, rest] and
+        ``weight`` equals ``emb.flatten(1)`` times a first layer's ``weight`` [out, F * dim], for the field vectors
+        ``emb`` that :meth:`fields` gave for ``batch`` (``numeric=False``: given without the numeric fields), with
+        each numeric field's ``dim`` columns folded into two. ``fields`` are the categorical and list fields'
+        vectors, ``rest`` the folded numeric inputs, which are data: they need no input gradient.
 
         A numeric field's vector is x * v (or the missing vector m), so its block of the layer is W_f (x v) =
         x (W_f v): the layer reads [x, missing] against [W_f v, W_f m] instead of dim columns. The result is the
@@ -205,7 +206,7 @@ class FeatureEmbedding(nn.Module):
         """
         fd, dim = self.spec.n_dense, self.dim
         if fd == 0 or (dim <= 2 and numeric):
-            return emb.flatten(1), weight
+            return emb.flatten(1), weight, None
         k = (emb.shape[1] - (fd if numeric else 0)) * dim
         blocks = weight[:, k:].reshape(weight.shape[0], fd, dim)
         pad = -(k + 2 * fd) % 8
@@ -213,13 +214,14 @@ class FeatureEmbedding(nn.Module):
                             torch.einsum("ofd,fd->of", blocks, self.dense_missing),
                             weight.new_zeros(weight.shape[0], pad)], dim=1)
         dense = batch.dense.to(emb.dtype)
-        inputs = torch.cat([(emb[:, :-fd] if numeric else emb).flatten(1), torch.nan_to_num(dense, nan=0.0),
-                            torch.isnan(dense).to(emb.dtype), emb.new_zeros(emb.shape[0], pad)], dim=1)
-        return inputs, folded
+        rest = torch.cat([torch.nan_to_num(dense, nan=0.0), torch.isnan(dense).to(emb.dtype),
+                          emb.new_zeros(emb.shape[0], pad)], dim=1)
+        return (emb[:, :-fd] if numeric else emb).flatten(1), folded, rest
 
     def project(self, emb: torch.Tensor, batch: Batch, layer: nn.Linear, numeric: bool = True) -> torch.Tensor:
         """``layer(emb.flatten(1))`` through :meth:`project_inputs`."""
-        return F.linear(*self.project_inputs(emb, batch, layer.weight, numeric=numeric), layer.bias)
+        fields, weight, rest = self.project_inputs(emb, batch, layer.weight, numeric=numeric)
+        return F.linear(fields if rest is None else torch.cat([fields, rest], dim=1), weight, layer.bias)
 
 
 class FeatureLinear(nn.Module):

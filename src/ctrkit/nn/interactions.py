@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ctrkit.nn import cin_gpu
+from ctrkit.nn import cin_gpu, fm_gpu
 from ctrkit.nn.mlp import linear
 
 
@@ -46,16 +46,24 @@ class _PairwiseAndSquares(torch.autograd.Function):
         return g_emb, g_s, g_sq - 0.5 * g_pair
 
 
-def pairwise_and_squares(emb: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FM pairwise term [B], squared norm of each sample's embeddings [B]) of emb [B, F, D], plus the fields
-    given by ``extra`` = (their vectors' sum [B, D], their squared norms' sum [B]) only.
+def pairwise_and_squares(emb: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         copy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(FM pairwise term [B], squared norm of each sample's embeddings [B], the vectors) of emb [B, F, D], plus
+    the fields given by ``extra`` = (their vectors' sum [B, D], their squared norms' sum [B]) only.
 
     The second output is what a per-sample L2 penalty on the looked-up rows needs, so a model with an FM
-    term gets its penalty without another pass over the embeddings.
+    term gets its penalty without another pass over the embeddings. The third is ``emb``, or with ``copy`` on a
+    GPU, ``emb`` in the dtype that autocast gives an MLP over it, written by the same pass
+    (:mod:`~ctrkit.nn.fm_gpu`): a DeepFM's MLP reads that copy.
     """
     total, squares = extra if extra is not None else (None, None)
-    return _PairwiseAndSquares.apply(emb, total, squares)  # type: ignore[no-any-return]
+    if emb.is_cuda and fm_gpu.AVAILABLE:
+        kind = emb.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else emb.dtype
+        pair, sq, _, vectors = fm_gpu.fm_terms(emb.contiguous(), total, squares, dtype if copy else None)
+        return pair, sq, vectors if copy else emb
+    pair, sq = _PairwiseAndSquares.apply(emb, total, squares)
+    return pair, sq, emb
 
 
 class FactorizationMachine(nn.Module):
