@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ctrkit.nn import cin_gpu, fm_gpu
-from ctrkit.nn.mlp import linear
+from ctrkit.nn.mlp import exporting, linear
 
 
 class _PairwiseAndSquares(torch.autograd.Function):
@@ -57,7 +57,7 @@ def pairwise_and_squares(emb: torch.Tensor, extra: tuple[torch.Tensor, torch.Ten
     (:mod:`~ctrkit.nn.fm_gpu`): a DeepFM's MLP reads that copy.
     """
     total, squares = extra if extra is not None else (None, None)
-    if emb.is_cuda and fm_gpu.AVAILABLE:
+    if emb.is_cuda and fm_gpu.AVAILABLE and not exporting():
         kind = emb.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else emb.dtype
         pair, sq, _, vectors = fm_gpu.fm_terms(emb.contiguous(), total, squares, dtype if copy else None)
@@ -138,7 +138,7 @@ class CIN(nn.Module):
         self.out_features = out
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        if x0.is_cuda and cin_gpu.AVAILABLE:  # the same layers without the outer product in memory
+        if x0.is_cuda and cin_gpu.AVAILABLE and not exporting():  # the same layers without the outer product in memory
             return cin_gpu.cin(x0, [conv.weight for conv in self.convs], self.split_half)
         b, m, d = x0.shape
         x, pooled = x0, []

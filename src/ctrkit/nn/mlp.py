@@ -47,12 +47,17 @@ class Dropout(nn.Module):
 ONEDNN_WEIGHT_GRAD_MIN = 128  # input width from which a weight gradient goes through oneDNN (below it: MKL)
 
 
+def exporting() -> bool:
+    """Whether an ONNX export or tracing is recording the operations, which must then be ops the export knows (no
+    custom GPU kernels)."""
+    onnx = sys.modules.get("torch.onnx")  # not imported: no export runs (importing it costs 75 ms)
+    return (onnx is not None and onnx.is_in_onnx_export()) or torch.jit.is_tracing()
+
+
 def traced() -> bool:
     """Whether torch.compile, an ONNX export or tracing is recording the operations, which must then be plain
     torch operations (Inductor chooses its own kernels; exports need ops they know)."""
-    onnx = sys.modules.get("torch.onnx")  # not imported: no export runs (importing it costs 75 ms)
-    return (torch.compiler.is_compiling() or (onnx is not None and onnx.is_in_onnx_export())
-            or torch.jit.is_tracing())
+    return torch.compiler.is_compiling() or exporting()
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
