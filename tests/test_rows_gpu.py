@@ -108,21 +108,23 @@ def test_update_reads_a_slice_of_a_wider_gradient(small_blocks: None, dim: int) 
 @pytest.mark.parametrize("dims", [(16, 1), (1, 16, 3)])
 def test_tables_looked_up_with_the_same_ids_update_together_as_alone(small_blocks: None,
                                                                       dims: tuple[int, ...]) -> None:
-    """Tables of any widths in one call (two share a pass; a third goes alone) get what each gets alone."""
+    """Tables of any widths in one call (two share a pass; a third goes alone) get what each gets alone, up to
+    float32 rounding: on a GPU the shared pass is compiled with other register layouts, so a row's norms and
+    updates may round differently (on an H200: at most 1.2e-7 apart, with or without CowClip)."""
     g = torch.Generator().manual_seed(len(dims))
     rows = (torch.rand(30 * 5, generator=g) ** 3 * 40).int()
     keys, perm = rows_gpu.sort_rows(rows.to(DEVICE))
     lr = torch.tensor(0.01, dtype=torch.float64, device=DEVICE)
     made = [(torch.randn(40, d, generator=g), torch.randn(30, 5, d, generator=g),
              (torch.rand(40, d, generator=g), torch.rand(40, d, generator=g))) for d in dims]
-    together = [(w.to(DEVICE), grad.to(DEVICE), tuple(s.to(DEVICE) for s in st_)) for w, grad, st_ in made]
-    alone = [(w.to(DEVICE), grad.to(DEVICE), tuple(s.to(DEVICE) for s in st_)) for w, grad, st_ in made]
+    together, alone = ([(w.to(DEVICE, copy=True), grad.to(DEVICE), tuple(s.to(DEVICE, copy=True) for s in st_))
+                        for w, grad, st_ in made] for _ in range(2))  # copies, also on a CPU
     rows_gpu.update(together, keys, perm, lr, "adam", 0.9, 0.999, 1e-8, (1.0, 1e-5), (4.0, 1.0))
     for table in alone:
         rows_gpu.update([table], keys, perm, lr, "adam", 0.9, 0.999, 1e-8, (1.0, 1e-5), (4.0, 1.0))
     for (w, _, st_), (w_alone, _, st_alone) in zip(together, alone, strict=True):
-        assert torch.equal(w, w_alone)
-        assert all(torch.equal(a, b) for a, b in zip(st_, st_alone, strict=True))
+        for got, want in zip((w, *st_), (w_alone, *st_alone), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_update_refuses_a_gradient_of_other_positions() -> None:
