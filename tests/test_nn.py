@@ -199,8 +199,16 @@ def test_numeric_sums_are_the_sums_of_the_numeric_fields_vectors(rows: int, n_de
     dense[torch.rand(rows, n_dense, generator=gen) < 0.3] = float("nan")
     vectors = layer(Batch(torch.zeros(rows, 0, dtype=torch.int64), dense))  # [rows, n_dense, dim]
     total, squares = layer.numeric_sums(Batch(torch.zeros(rows, 0, dtype=torch.int64), dense))
-    torch.testing.assert_close(total, vectors.sum(dim=1), rtol=0, atol=1e-12)
-    torch.testing.assert_close(squares, vectors.pow(2).sum(dim=(1, 2)), rtol=0, atol=1e-12)
+    want_total, want_squares = vectors.sum(dim=1), vectors.pow(2).sum(dim=(1, 2))
+    torch.testing.assert_close(total, want_total, rtol=0, atol=1e-12)
+    torch.testing.assert_close(squares, want_squares, rtol=0, atol=1e-12)
+    # the parameters' gradients too, for any weighting of the two results
+    a, b = torch.randn_like(total), torch.randn_like(squares)
+    params = [layer.dense_vec, layer.dense_missing]
+    got = torch.autograd.grad((a * total).sum() + (b * squares).sum(), params)
+    want = torch.autograd.grad((a * want_total).sum() + (b * want_squares).sum(), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
 
 
 def test_embedding_rejects_bad_dim() -> None:
