@@ -8,7 +8,7 @@ import math
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 from ctrkit.nn import attention
 from ctrkit.nn.attention import FieldAwareAttention, FieldSelfAttention
@@ -297,8 +297,10 @@ def test_finalnet_block_pieces_equal_their_formulas() -> None:
 def test_cpu_float32_attention_is_the_float64_layer(b: int, f: int, heads: int, d: int, scale: bool, norm: bool,
                                                     identity: bool, seed: int) -> None:
     """The CPU's float32 training path (softmax and mixing by hand, q, k and v gradients written in place) gives
-    the outputs and every gradient of the plain float64 layer, to float32 precision (a layer norm over one value
-    would only compare float32 rounding: d >= 2)."""
+    the outputs and every gradient of the plain float64 layer, to float32 precision. A layer norm over one value
+    would only compare float32 rounding, and over two its gradient scales with 1 / |a - b| (in 7 of 300 random
+    cases float32 rounding then exceeded the tolerance): with the norm, d >= 3."""
+    assume(d >= 3 or not norm)
     d_in = heads * d if identity else 3
     layer64 = randomised(FieldSelfAttention(d_in, d, heads, True, scale, norm, identity_residual=identity), seed)
     layer = copy.deepcopy(layer64).float()
