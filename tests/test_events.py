@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -249,6 +250,42 @@ def test_peer_clicks_read_a_segment_until_it_is_gone_then_its_parquet_rows_after
     assert feed.read() == ["i5", "i6"] and feed.read() == []
 
 
+def test_a_worker_that_ends_without_stopping_leaves_its_counts_but_not_its_live_gauges(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --workers N a worker killed by its supervisor (a missed health check) or by the kernel cannot mark
+    itself dead in the shared metrics folder; the next scrape drops its live gauges, keeps its counts in the sums,
+    and keeps a live worker's gauges."""
+    pytest.importorskip("prometheus_client", reason="the server's metrics need the 'serve' extra")
+    import subprocess
+    import sys
+
+    from ctrkit.serve.app import METRICS_DIR_ENV, _Metrics
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    worker = ("import os, sys, time; from prometheus_client import Counter, Gauge; "
+              "Gauge('ctrkit_pred_actual_ratio', 'r', multiprocess_mode='liveall').set(float(sys.argv[1])); "
+              "Counter('ctrkit_scored_records', 's').inc(3); print(os.getpid(), flush=True); "
+              "time.sleep(float(sys.argv[2]))")
+    env = {**os.environ, METRICS_DIR_ENV: str(folder)}
+    ended = subprocess.Popen([sys.executable, "-c", worker, "0.25", "0"], env=env, stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", worker, "0.5", "60"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert ended.stdout is not None and live.stdout is not None
+        ended_pid, live_pid = int(ended.stdout.readline()), int(live.stdout.readline())
+        assert ended.wait(timeout=30) == 0
+        assert len(list(folder.glob("gauge_live*.db"))) == 2
+        monkeypatch.setenv(METRICS_DIR_ENV, str(folder))
+        lines = dict(line.rsplit(" ", 1) for line in _Metrics().exposition().decode().splitlines()
+                     if line and not line.startswith("#"))
+        assert lines == {f'ctrkit_pred_actual_ratio{{pid="{live_pid}"}}': "0.5", "ctrkit_scored_records_total": "6.0"}
+        assert [p.name for p in folder.glob("gauge_live*.db")] == [f"gauge_liveall_{live_pid}.db"]
+        assert ended_pid != live_pid
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --workers 2 every scrape, whichever worker answers it, counts the requests and records of both; the
     live gauges come one per worker (label pid), and a click posted to either worker counts where its impression
@@ -270,18 +307,6 @@ def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch:
     try:
         assert [p.name for p in (tmp_path / "tmp").iterdir()][0].startswith("ctrkit-metrics-")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
-            for _ in range(40):
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:  # a new connection
-                    assert fresh.post("/score", json={"records": records}).status_code == 200
-            shown = []
-            for _ in range(30):  # the same candidates each time: the same item, at the same pCTR, on top
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
-                    shown += fresh.post("/rank", json={"candidates": records, "k": 1}).json()["items"]
-            for i, item in enumerate(shown):
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
-                    click = {"event_id": f"c{i}", "kind": "click", "impression_id": item["impression_id"],
-                             "timestamp": time.time()}
-                    assert fresh.post("/events", json={"events": [click]}).status_code == 200
             def scrape() -> dict[str, str]:
                 text = c.get("/metrics").text
                 return dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
@@ -289,6 +314,30 @@ def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch:
             def ratios(lines: dict[str, str]) -> list[float]:
                 return [float(v) for k, v in lines.items() if k.startswith("ctrkit_pred_actual_ratio{pid=")]
 
+            # /health was answered by one worker: wait until both serve, each having set its gauges once (a
+            # gauge starts at 0 when the worker builds its app; its first update, with nothing served, is NaN)
+            ready = time.time() + 60
+            while not (len(live := ratios(scrape())) == 2 and 0.0 not in live) and time.time() < ready:
+                time.sleep(0.2)
+
+            def post(path: str, body: dict) -> dict:
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:  # a new connection
+                    reply = fresh.post(path, json=body)
+                assert reply.status_code == 200
+                return reply.json()
+
+            def click(i: int, item: dict) -> dict:
+                return post("/events", {"events": [{"event_id": f"c{i}", "kind": "click", "timestamp": time.time(),
+                                                    "impression_id": item["impression_id"]}]})
+
+            # eight connections at a time, so that both workers take requests of each kind: one after another, the
+            # worker that answered last could take them all
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda _: post("/score", {"records": records}), range(40)))
+                # the same candidates each time: the same item, at the same pCTR, on top
+                shown = [item for reply in pool.map(lambda _: post("/rank", {"candidates": records, "k": 1}),
+                                                    range(30)) for item in reply["items"]]
+                list(pool.map(click, range(len(shown)), shown))
             deadline = time.time() + 10 * (PEER_CLICKS_EVERY + GAUGES_EVERY)  # clicks handed over, gauges set
             while ratios(scrape()) != pytest.approx([shown[0]["pctr"]] * 2, rel=1e-9) and time.time() < deadline:
                 time.sleep(0.5)

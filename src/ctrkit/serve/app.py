@@ -235,6 +235,30 @@ class _Live:
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's shared folder of the workers' values
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on Windows, where os.kill would end it, every process counts as alive)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _forget_dead_workers(folder: Path) -> None:
+    """Take out of the shared metrics ``folder`` the live gauges of worker processes that ended without stopping:
+    a worker that the supervisor killed (a missed health check) or the kernel did (out of memory) cannot mark
+    itself dead, and its last values would stay in every scrape beside its replacement's. Its counts stay in the
+    sums."""
+    for path in folder.glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), str(folder))
+
+
 class _Metrics:
     """The server's Prometheus metrics. Under ``ctrkit serve --workers N`` (``$PROMETHEUS_MULTIPROC_DIR`` set) every
     worker writes its values to that folder and a scrape, whichever worker answers it, reads them all: counters and
@@ -262,9 +286,10 @@ class _Metrics:
         self.reloads = Counter("ctrkit_reloads", "Bundle hot swaps", registry=r)
 
     def exposition(self) -> bytes:
-        """The Prometheus text of this process, or of every worker's process."""
+        """The Prometheus text of this process, or of every live worker's process (:func:`_forget_dead_workers`)."""
         if not self.multiprocess:
             return generate_latest(self.registry)
+        _forget_dead_workers(Path(os.environ[METRICS_DIR_ENV]))
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
