@@ -286,6 +286,37 @@ def test_a_worker_that_ends_without_stopping_leaves_its_counts_but_not_its_live_
         live.wait()
 
 
+def test_input_psi_of_a_swapped_out_bundle_goes_or_reads_nan_under_workers(tmp_path: Path) -> None:
+    """After a hot swap the input PSI gauges are the new bundle's columns: one process drops the old columns'
+    series; under --workers N (a shared metrics folder, where a series cannot be removed) they read NaN, with no
+    warning from prometheus-client."""
+    pytest.importorskip("prometheus_client", reason="the server's metrics need the 'serve' extra")
+    import subprocess
+    import sys
+
+    from ctrkit.serve.app import METRICS_DIR_ENV, _Metrics
+
+    def psi(text: str) -> dict[str, str]:
+        return dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("ctrkit_input_psi{"))
+
+    swap = [{"price": 0.1, "city": 0.2}, {"price": 0.3, "age": 0.05}]  # the PSIs of one bundle, then another's
+    m = _Metrics()
+    for values in swap:
+        m.set_input_psi(values)
+    assert psi(m.exposition().decode()) == {'ctrkit_input_psi{column="price"}': "0.3",
+                                            'ctrkit_input_psi{column="age"}': "0.05"}
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    code = (f"from ctrkit.serve.app import _Metrics; m = _Metrics()\nfor v in {swap!r}: m.set_input_psi(v)\n"
+            "print(m.exposition().decode())")
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], env={**os.environ, METRICS_DIR_ENV: str(folder)},
+                         capture_output=True, text=True, check=True)
+    pid = int(next(p.stem.rsplit("_", 1)[1] for p in folder.glob("gauge_liveall_*.db")))
+    assert psi(out.stdout) == {f'ctrkit_input_psi{{column="{c}",pid="{pid}"}}': v
+                               for c, v in (("price", "0.3"), ("city", "NaN"), ("age", "0.05"))}
+    assert "Clearing labels" not in out.stderr
+
+
 def test_metrics_of_several_workers_are_read_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --workers 2 every scrape, whichever worker answers it, counts the requests and records of both; the
     live gauges come one per worker (label pid), and a click posted to either worker counts where its impression

@@ -284,6 +284,20 @@ class _Metrics:
         self.input_psi = Gauge("ctrkit_input_psi", "PSI of a live input column against the training rows",
                                ["column"], registry=r, multiprocess_mode="liveall")
         self.reloads = Counter("ctrkit_reloads", "Bundle hot swaps", registry=r)
+        self._columns: set[str] = set()  # under --workers N: the input columns this process has set a PSI for
+
+    def set_input_psi(self, values: dict[str, float]) -> None:
+        """Set the input PSI gauges to ``values`` (column -> PSI), the columns of the bundle served now. A column
+        of a bundle swapped out goes from a one-process server's scrape; under ``--workers N``, where
+        prometheus-client cannot remove a series from the shared folder, it reads NaN."""
+        if self.multiprocess:
+            for column in self._columns - values.keys():
+                self.input_psi.labels(column).set(float("nan"))
+            self._columns |= values.keys()
+        else:
+            self.input_psi.clear()
+        for column, value in values.items():
+            self.input_psi.labels(column).set(value)
 
     def exposition(self) -> bytes:
         """The Prometheus text of this process, or of every live worker's process (:func:`_forget_dead_workers`)."""
@@ -458,9 +472,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         ratio = snap["overall"]["ratio"]
         metrics.ratio.set(ratio if math.isfinite(ratio) else float("nan"))
         metrics.psi.set(snap["psi"] if snap["psi"] is not None else float("nan"))
-        metrics.input_psi.clear()  # the columns of the bundle served now, not of one swapped out
-        for column, value in snap["inputs"].items():
-            metrics.input_psi.labels(column).set(value)
+        metrics.set_input_psi(snap["inputs"])
 
     async def publish_often() -> None:
         """Under ``--workers N``, keep this worker's gauges current: a scrape is answered by one worker and shows
