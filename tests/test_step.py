@@ -131,6 +131,17 @@ def test_row_updates_take_lookups_of_the_batch_ids_only() -> None:
     assert table(b.ids[:, :2]).requires_grad  # its own forward is back
 
 
+def test_a_table_used_outside_its_lookups_is_refused() -> None:
+    """Row updates see only the gradients at the looked-up positions: a table whose weight the loss also reads
+    another way would lose that gradient, so the first step says so."""
+    m = model()
+    forward, weight = m.forward, m.embedding.table.weight
+    m.forward = lambda batch: forward(batch) + 0.0 * weight.sum()
+    step = TrainStep(m, CPU, row_updates=True)
+    with pytest.raises(ValueError, match=r"embedding table \(72, 4\) gets gradients outside its lookups"):
+        step(batches(1, 16, seed=2)[0])
+
+
 def test_tables_get_sparse_gradients_back_after_close() -> None:
     m = model()
     step = TrainStep(m, CPU, row_updates=True)
