@@ -248,6 +248,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _worker_alive(pid: int) -> bool:
+    """Whether worker ``pid`` still runs: the process exists and, where ``/proc`` tells, it is a child of this
+    worker's own parent (the server's supervisor), not an unrelated process that was given the dead worker's pid."""
+    if not _alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:  # the process ended since, or there is no /proc (macOS): then existence is all we know
+        return not Path("/proc/self/stat").exists()
+    except OSError:
+        return True
+    return int(stat.rsplit(")", 1)[1].split()[1]) == os.getppid()  # the fields after the name: state, ppid
+
+
 def _forget_dead_workers(folder: Path) -> None:
     """Take out of the shared metrics ``folder`` the live gauges of worker processes that ended without stopping:
     a worker that the supervisor killed (a missed health check) or the kernel did (out of memory) cannot mark
@@ -255,7 +269,7 @@ def _forget_dead_workers(folder: Path) -> None:
     sums."""
     for path in folder.glob("gauge_live*_*.db"):
         pid = path.stem.rsplit("_", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _worker_alive(int(pid)):
             multiprocess.mark_process_dead(int(pid), str(folder))
 
 
