@@ -183,6 +183,7 @@ class TrainStep:
         table_ids = {id(m.weight) for m in tables}
         dense = (sharded.dense_parameters(self._sharded) if self._sharded is not None else
                  [p for p in model.parameters() if id(p) not in table_ids and p.requires_grad])
+        self._dense = dense
         self._base_lr, self._calls = lr, 0
         self._dense_lr = lr * self._warmup_factor(1)
         self._lr_dense: torch.Tensor | None = None
@@ -192,13 +193,14 @@ class TrainStep:
         self.row_updates = self.cuda and not ddp if row_updates is None else row_updates
         if self.row_updates:
             # a table's lookups give it no gradient: the gradient at each looked-up position reaches the row
-            # update through a zero-stride view added to the lookup (see _table_forward and _set_positions)
+            # update through a zero-stride view added to the lookup (see _table_forward and _backward_rows)
             self._tables = tables
             for k, m in enumerate(tables):
                 m.sparse = False
                 m.forward = functools.partial(self._table_forward, k)
             self._positions: list[dict[int, torch.Tensor]] = [{} for _ in tables]  # per table: ids rank -> view
             self._views: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # (table, ids shape) -> view
+            self._live: list[tuple[tuple[int, int], torch.Tensor]] = []  # this batch's ((table, ids rank), view)
             self._grad_at: dict[tuple[int, int], torch.Tensor | None] = {}  # (table, ids rank) -> gradient
             self._row_state = [self._new_row_state(m.weight) for m in tables]
             # float64 scalars: the bias correction 1 - 0.999 ** t loses digits in float32
@@ -253,8 +255,8 @@ class TrainStep:
             self._compiled = {"train": torch.compile(self._forward_loss, dynamic=False, mode=mode),
                               "eval": torch.compile(self._eval_logits, dynamic=False, mode=mode)}
             if self._foreach is not None:  # Inductor's kernels for the dense update: see _dense_optimizer
-                self._eager["dense"] = self._foreach.step
-                self._compiled["dense"] = torch.compile(self._foreach.step)
+                self._eager["dense"] = self._dense_step
+                self._compiled["dense"] = torch.compile(self._dense_step)
             if tables and not self.row_updates:  # inductor fails inside backward() on a sparse gradient
                 warnings.warn("torch.compile cannot differentiate into sparse embedding gradients: the training "
                               "step runs eagerly (validation stays compiled)", stacklevel=2)
@@ -375,8 +377,9 @@ class TrainStep:
         """The zero-stride tensors that collect the gradient at each looked-up position of ``batch``, one per table
         and id tensor (ids, seq), kept per shape so that a full batch always sees the same ones.
 
-        Each is a view of a one-element leaf; a hook keeps the gradient that reaches the view as it comes (no
-        copy into a leaf's ``.grad``, which would have to be contiguous) and passes zeros on to the leaf."""
+        Each is a view of a one-element leaf that :meth:`_backward_rows` asks for the gradient of: it gets the
+        gradient that reaches the view as it comes, and nothing flows on into the leaf."""
+        self._live = []
         for k, m in enumerate(self._tables):
             for x in (batch.ids, batch.seq):
                 if x is None:
@@ -386,13 +389,30 @@ class TrainStep:
                 if view is None:
                     leaf = torch.zeros(1, dtype=m.weight.dtype, device=m.weight.device, requires_grad=True)
                     view = self._views[key] = leaf.expand(*x.shape, m.weight.shape[1])
-                    view.register_hook(functools.partial(self._keep_grad, (k, x.dim())))
                 self._positions[k][x.dim()] = view
                 self._grad_at[(k, x.dim())] = None
+                self._live.append(((k, x.dim()), view))
 
-    def _keep_grad(self, key: tuple[int, int], grad: torch.Tensor) -> torch.Tensor:
-        self._grad_at[key] = grad
-        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand_as(grad)
+    def _backward_rows(self, total: torch.Tensor) -> None:
+        """The backward pass with row updates: the dense weights' gradients into their ``.grad`` and the gradients
+        at the looked-up positions kept for the row update, from one :func:`torch.autograd.grad` call. Asked for the
+        views' gradients directly, autograd stops at them, where a hook on each view (passing zeros on) cost a fill, a
+        sum of those zeros over every position and an accumulation into the leaf, per table and step. On the first
+        step the tables are asked too: a table must get its gradient through its lookups only, or the row update
+        would miss it."""
+        views = [v for _, v in self._live]
+        tables = [] if self._checked else [m.weight for m in self._tables]
+        grads = torch.autograd.grad(total, self._dense + views + tables, allow_unused=True)
+        n = len(self._dense)
+        for p, g in zip(self._dense, grads[:n], strict=True):  # in the weight's layout, as backward() leaves it
+            p.grad = g if g is None or g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+        for (key, _), g in zip(self._live, grads[n:n + len(views)], strict=True):
+            self._grad_at[key] = g
+        for m, g in zip(self._tables if tables else [], grads[n + len(views):], strict=True):
+            if g is not None:
+                raise ValueError(f"embedding table {tuple(m.weight.shape)} gets gradients outside its lookups of "
+                                 "the batch's ids; build it with sparse=False")
+        self._checked = True
 
     def _position_grads(self, k: int, batch: Batch) -> torch.Tensor | None:
         """Table ``k``'s gradient at each position of :meth:`_row_ids`, or None if nothing looked it up: [B, F, dim]
@@ -405,14 +425,6 @@ class TrainStep:
             return parts[0][1]
         return torch.cat([g.reshape(-1, dim) if g is not None else torch.zeros(x.numel(), dim, device=x.device)
                           for x, g in parts])
-
-    def _check_rows(self) -> None:
-        """Once: a table must get its gradient through its lookups only, or the row update would miss it."""
-        for m in self._tables:
-            if m.weight.grad is not None:
-                raise ValueError(f"embedding table {tuple(m.weight.shape)} gets gradients outside its lookups of "
-                                 "the batch's ids; build it with sparse=False")
-        self._checked = True
 
     def _sort_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`rows_gpu.sort_rows` of the batch's rows, queued on the sorting stream where there is one (the
@@ -427,13 +439,12 @@ class TrainStep:
         perm.record_stream(main)
         return keys, perm
 
-    def _update_tables(self, batch: Batch, order: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Lazy Adam / Adagrad at the batch's rows of every table, from the gradients at its positions; ``order``
-        is :meth:`_sort_rows`'s, queued before the backward pass."""
+    def _update_tables(self, batch: Batch, lr: torch.Tensor,
+                       order: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Lazy Adam / Adagrad at the batch's rows of every table with the rows' learning rate ``lr`` (from
+        :meth:`_advance`), from the gradients at its positions; ``order`` is :meth:`_sort_rows`'s, queued before the
+        backward pass."""
         b1, b2 = self.betas
-        self._t += 1
-        lr = (self._lr_rows * torch.sqrt(1 - b2 ** self._t) / (1 - b1 ** self._t) if self.optimizer == "adam"
-              else self._lr_rows)
         live = [(k, m, g) for k, m in enumerate(self._tables) if (g := self._position_grads(k, batch)) is not None]
         clip = self.rule.clip if self.rule is not None else None
         row_lr = self.rule.row_lr if self.rule is not None else None
@@ -461,6 +472,27 @@ class TrainStep:
                 grad = cowclip(grad, m.weight.index_select(0, rows), counts, *clip)
             update_rows_(m.weight, rows, grad, self._row_state[k], self.optimizer, lr, b1, b2, self.eps)
 
+    def _advance(self, loss: torch.Tensor, total: torch.Tensor) -> torch.Tensor | None:
+        """The step's bookkeeping on the device: the loss sum, the step count, the first non-finite step and, with
+        row updates, the rows' step count and learning rate (Adam's bias correction folded in), which it returns."""
+        self._loss_sum += loss
+        self._step_no += 1
+        self._bad.copy_(torch.where((self._bad < 0) & ~torch.isfinite(total), self._step_no, self._bad))
+        if not self._tables:
+            return None
+        self._t += 1
+        b1, b2 = self.betas
+        if self.optimizer == "adam":
+            return self._lr_rows * torch.sqrt(1 - b2 ** self._t) / (1 - b1 ** self._t)
+        return self._lr_rows
+
+    def _dense_step(self, loss: torch.Tensor, total: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`_advance` and the dense weights' Adam step, which the step compiles together: run eagerly, each
+        scalar operation of the bookkeeping is a kernel launch of its own."""
+        lr = self._advance(loss, total)
+        self._foreach.step()  # type: ignore[union-attr]
+        return lr
+
     def _run(self, batch: Batch, compiled: bool = True) -> None:
         """Forward, backward and every update, as plain device work (what the CUDA graph records)."""
         for o in self.opts:
@@ -471,22 +503,20 @@ class TrainStep:
             self._set_positions(batch)
         order = self._sort_rows(batch) if self.row_updates and self._fused else None
         loss, total = self._call_compiled("train", batch) if compiled else self._forward_loss(batch)
-        total.backward()
+        if self._tables:
+            self._backward_rows(total)
+        else:
+            total.backward()
         if self.ddp and self._sparse:
             allreduce_sparse_(self._sparse)
-        if not self._checked and self._tables:
-            self._check_rows()
         with torch.no_grad():
-            if self._tables:
-                self._update_tables(batch, order)
+            lr = (self._call_compiled("dense", loss, total.detach()) if self._foreach is not None
+                  else self._advance(loss, total.detach()))
             for o in self.opts:
-                if o is self._foreach:
-                    self._call_compiled("dense")
-                else:
+                if o is not self._foreach:
                     o.step()
-            self._loss_sum += loss
-            self._step_no += 1
-            self._bad.copy_(torch.where((self._bad < 0) & ~torch.isfinite(total.detach()), self._step_no, self._bad))
+            if self._tables:
+                self._update_tables(batch, lr, order)
 
     # ---- the public step ---------------------------------------------------------------------------------------
 
