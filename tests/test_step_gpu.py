@@ -68,12 +68,13 @@ def test_compiled_dense_adam_equals_fused_adam_on_the_same_gradients() -> None:
     twins = [p.detach().clone().requires_grad_() for p in params]
     fused = torch.optim.Adam(twins, lr=step._lr_dense, fused=True, capturable=True)
     g = torch.Generator(device=CUDA).manual_seed(0)
+    loss = torch.zeros((), device=CUDA)  # the bookkeeping compiled with the update reads the step's loss
     for _ in range(6):
         for p, q in zip(params, twins):
             p.grad = torch.randn(p.shape, device=CUDA, generator=g) * 10.0 ** float(torch.randint(-9, 1, ()))
             q.grad = p.grad.clone()
         with torch.no_grad():
-            step._call_compiled("dense")
+            step._call_compiled("dense", loss, loss)
             fused.step()
     assert "dense" in step._compiled_ok
     for p, q in zip(params, twins):
