@@ -10,7 +10,8 @@ gradients, one for the weight gradient. The tensors stay in the embeddings' [B, 
 (row n's column c at b * stride + c * D + e): nothing is transposed around the layer, and the gradient of x0
 comes back in the layout the embedding's backward pass reads.
 
-* forward: out[n, :] = sum over blocks of i: (X[n, i] * X0[n, j])_{(i, j)} @ Wp[(i, j), :];
+* forward: out[n, :] = sum over blocks of i: (X[n, i] * X0[n, j])_{(i, j)} @ Wp[(i, j), :], x0's columns as a
+  power-of-two block and a tail, two products (:func:`split_fields`);
 * input gradients: the same product with the roles turned, dX0[n, :] = (X[n, i] * dOut[n, h])_{(i, h)} @
   W[(i, h), :] and dX[n, :] = (X0[n, j] * dOut[n, h])_{(j, h)} @ W[(j, h), :], with Wp laid out for each. The
   sums over h and over the other side's columns both run on the tensor cores. (Computing G_i = dOut @ Wp[i]^T
@@ -21,9 +22,9 @@ comes back in the layout the embedding's backward pass reads.
   forward's blocks of (i, j) pairs do against H outputs, so each row's x0 and dOut tiles are read by half as many
   programs at xDeepFM's 39 fields and 32 maps.
 
-``Wp`` is the weight laid out [Hp (padded to the block), m (padded to a power of two), H (padded)], zeros in the
-padding. The op is a ``torch.library`` custom op with its own backward, so torch.compile and CUDA graphs treat it
-as one opaque call.
+``Wp`` is the weight laid out [Hp (padded to the block), m (padded to BP + TAIL, :func:`split_fields`),
+H (padded)], zeros in the padding. The op is a ``torch.library`` custom op with its own backward, so torch.compile
+and CUDA graphs treat it as one opaque call.
 """
 
 from __future__ import annotations
@@ -48,12 +49,24 @@ def _p2(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
+def split_fields(m: int) -> tuple[int, int]:
+    """(BP, TAIL): x0's m columns as a power-of-two block BP (at least 16) and a power-of-two tail for the rest (0
+    if none), each its own tensor-core product in the forward pass. Padding m to one power of two wastes the
+    rest: at 39 fields, 64 columns where 32 + 8 = 40 do (the products' k side padded 37.5% less)."""
+    bp = max(16, 1 << (max(m, 1).bit_length() - 1))
+    rest = m - bp
+    if rest <= 0:
+        return bp, 0
+    ib = max(1, 256 // bp)
+    return bp, max(1 << (rest - 1).bit_length(), -(-16 // ib))  # the tail's product is at least 16 deep
+
+
 def layout(m: int, hp: int, h: int) -> tuple[int, int, int, int]:
-    """(MP, IB, Hp padded, HP2): the padded field count, the i's per block, Hp rounded up to a whole block, and
-    the padded output width."""
-    mp = _p2(m)
-    ib = max(1, 256 // mp)
-    return mp, ib, -(-hp // ib) * ib, _p2(h)
+    """(MP, IB, Hp padded, HP2): the padded field count (BP + TAIL of :func:`split_fields`), the i's per block,
+    Hp rounded up to a whole block, and the padded output width."""
+    bp, tail = split_fields(m)
+    ib = max(1, 256 // bp)
+    return bp + tail, ib, -(-hp // ib) * ib, _p2(h)
 
 
 def pad_weight(weight: torch.Tensor, hp: int, m: int, dtype: torch.dtype) -> torch.Tensor:
@@ -88,23 +101,41 @@ if AVAILABLE:
         return i, at, tl.load(x_ptr + _at(rows, i, d, sbx), mask=at, other=0.0)
 
     @triton.jit
+    def _block_dot(acc, ab, b, w_ptr, w_rows, oo, IEEE: tl.constexpr, BN: tl.constexpr,  # type: ignore[no-untyped-def]
+                   K: tl.constexpr, OUTP: tl.constexpr):
+        """acc + (ab (x) b) @ W[w_rows, :]: a block's outer products [BN, K] against their rows of the weight."""
+        z = tl.reshape(ab[:, :, None] * b[:, None, :], (BN, K))
+        w = tl.load(w_ptr + w_rows[:, None] * OUTP + oo[None, :])
+        if IEEE:
+            acc += tl.dot(z, w, input_precision="ieee")
+        else:
+            acc += tl.dot(z, w)
+        return acc
+
+    @triton.jit
     def _products(a_ptr, b_ptr, w_ptr, out_ptr, n, a_cols, b_cols, out_cols, d,  # type: ignore[no-untyped-def]
-                  sa, sb, so, n_blocks, IEEE: tl.constexpr, BP: tl.constexpr, IB: tl.constexpr,
-                  OUTP: tl.constexpr, BN: tl.constexpr):
+                  sa, sb, so, n_blocks, IEEE: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr,
+                  IB: tl.constexpr, OUTP: tl.constexpr, BN: tl.constexpr):
         """out[n, :] = sum over blocks of IB of a's columns: (A[n, a] * B[n, b])_{(a, b)} @ W[(a, b), :], the outer
-        product formed in registers; A, B and out in the [B, columns, d] layout with batch strides sa, sb, so."""
+        product formed in registers; A, B and out in the [B, columns, d] layout with batch strides sa, sb, so.
+        B's columns are a block of BP and, if TAIL > 0, a tail of TAIL after it, each its own product; W's rows
+        are (a, b) with b over BP + TAIL."""
         rows, live, b = _x0_tile(b_ptr, tl.program_id(0) * BN, n, b_cols, d, sb, BN, BP)
         kk = tl.arange(0, IB * BP)
+        w_rows = (kk // BP) * (BP + TAIL) + kk % BP
         oo = tl.arange(0, OUTP)
+        if TAIL > 0:
+            tt = BP + tl.arange(0, TAIL)
+            b2 = tl.load(b_ptr + _at(rows, tt, d, sb), mask=live[:, None] & (tt < b_cols)[None, :], other=0.0)
+            k2 = tl.arange(0, IB * TAIL)
+            w2_rows = (k2 // TAIL) * (BP + TAIL) + BP + k2 % TAIL
         acc = tl.zeros((BN, OUTP), tl.float32)
         for ib in range(n_blocks):
             ab = _x_block(a_ptr, rows, live, a_cols, ib, d, sa, IB)[2]
-            z = tl.reshape(ab[:, :, None] * b[:, None, :], (BN, IB * BP))
-            w = tl.load(w_ptr + (ib * IB * BP + kk)[:, None] * OUTP + oo[None, :])
-            if IEEE:
-                acc += tl.dot(z, w, input_precision="ieee")
-            else:
-                acc += tl.dot(z, w)
+            base = ib * IB * (BP + TAIL)
+            acc = _block_dot(acc, ab, b, w_ptr, base + w_rows, oo, IEEE, BN, IB * BP, OUTP)
+            if TAIL > 0:
+                acc = _block_dot(acc, ab, b2, w_ptr, base + w2_rows, oo, IEEE, BN, IB * TAIL, OUTP)
         tl.store(out_ptr + _at(rows, oo, d, so), acc.to(out_ptr.dtype.element_ty),
                  mask=live[:, None] & (oo < out_cols)[None, :])
 
@@ -161,11 +192,12 @@ def cin_layer(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> to
     (:func:`pad_weight`) -> [B, h, D], in x's dtype (bf16 products accumulated in fp32; fp32 inputs multiply in
     full fp32). Every tensor keeps the embeddings' [B, fields, D] layout, so nothing is transposed around it."""
     n, hp, m, mp, ib, hp_pad, d = _check(x, x0, wp)
+    tail = split_fields(m)[1]
     out = torch.empty((x.shape[0], h, d), dtype=x.dtype, device=x.device)
     if n:
         bn = _rows(x.dtype)
         _products[(triton.cdiv(n, bn),)](x, x0, wp, out, n, hp, m, h, d, x.stride(0), x0.stride(0), h * d,
-                                         hp_pad // ib, IEEE=x.dtype == torch.float32, BP=mp, IB=ib,
+                                         hp_pad // ib, IEEE=x.dtype == torch.float32, BP=mp - tail, TAIL=tail, IB=ib,
                                          OUTP=wp.shape[2], BN=bn)
     return out
 
@@ -190,22 +222,24 @@ def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
     ib_h = max(1, 256 // hp2)
     hp_h = -(-hp // ib_h) * ib_h
     split = max(1, min(n_blocks, SPLIT_PROGRAMS // (hp_h // ib_h)))
-    part = torch.zeros((split, hp_h * hp2, mp), dtype=torch.float32, device=x.device)
+    mp2 = _p2(m)  # x0's columns as one power-of-two tile: the backward's products take no tail
+    part = torch.zeros((split, hp_h * hp2, mp2), dtype=torch.float32, device=x.device)
     if n:
         # dX0 = (X (x) dOut) @ W[(i, h), j] and dX = (X0 (x) dOut) @ W[(j, h), i]: the forward's product with
         # the roles turned, each weight laid out (and padded) for it
-        outp = _p2(hp)
-        w_dx0 = F.pad(wp[:hp].transpose(1, 2), (0, 0, 0, 0, 0, hp_h - hp)).contiguous()
-        w_dx = F.pad(wp[:hp].permute(1, 2, 0), (0, outp - hp)).contiguous()
+        outp, m_blocks = _p2(hp), -(-m // ib_h)
+        w = wp[:hp, :m]
+        w_dx0 = F.pad(w.transpose(1, 2), (0, mp2 - m, 0, 0, 0, hp_h - hp)).contiguous()
+        w_dx = F.pad(w.permute(1, 2, 0), (0, outp - hp, 0, 0, 0, m_blocks * ib_h - m)).contiguous()
         _products[(n_blocks,)](x, d_out, w_dx0, dx0, n, hp, h, m, d, x.stride(0), h * d, m * d, hp_h // ib_h,
-                               IEEE=ieee, BP=hp2, IB=ib_h, OUTP=mp, BN=bn)
-        _products[(n_blocks,)](x0, d_out, w_dx, dx, n, m, h, hp, d, x0.stride(0), h * d, hp * d, -(-m // ib_h),
-                               IEEE=ieee, BP=hp2, IB=ib_h, OUTP=outp, BN=bn)
+                               IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=mp2, BN=bn)
+        _products[(n_blocks,)](x0, d_out, w_dx, dx, n, m, h, hp, d, x0.stride(0), h * d, hp * d, m_blocks,
+                               IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=outp, BN=bn)
         _backward_weight[(hp_h // ib_h, split)](d_out, x, x0, part, n, hp, m, h, d, x.stride(0), x0.stride(0),
-                                                n_blocks, split, IEEE=ieee, MP=mp, IB=ib_h, HP2=hp2, BN=bn,
+                                                n_blocks, split, IEEE=ieee, MP=mp2, IB=ib_h, HP2=hp2, BN=bn,
                                                 KP=hp_h * hp2, num_warps=8)  # a 256 x MP fp32 accumulator
-    dw = part.sum(0).view(hp_h, hp2, mp).transpose(1, 2)  # [(i, h), j] -> [i, j, h]
-    return dx, dx0, F.pad(dw[:hp], (0, 0, 0, 0, 0, hp_pad - hp)).contiguous()
+    dw = part.sum(0).view(hp_h, hp2, mp2).transpose(1, 2)[:hp, :m]  # [(i, h), j] -> [i, j, h]
+    return dx, dx0, F.pad(dw, (0, 0, 0, mp - m, 0, hp_pad - hp)).contiguous()
 
 
 @cin_layer_backward.register_fake
