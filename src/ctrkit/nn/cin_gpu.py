@@ -20,7 +20,8 @@ comes back in the layout the embedding's backward pass reads.
 * weight gradient: dW[(i, h), j] = sum_n (X[n, i] * dOut[n, h]) X0[n, j], split over row ranges and summed
   after: with the (i, h) pairs on one side, a block of programs covers as many i's against x0's MP columns as the
   forward's blocks of (i, j) pairs do against H outputs, so each row's x0 and dOut tiles are read by half as many
-  programs at xDeepFM's 39 fields and 32 maps.
+  programs at xDeepFM's 39 fields and 32 maps. x0's columns are the forward's block and a tail of at least 16
+  (32 + 16 at 39 fields, not 64).
 
 ``Wp`` is the weight laid out [Hp (padded to the block), m (padded to BP + TAIL, :func:`split_fields`),
 H (padded)], zeros in the padding. The op is a ``torch.library`` custom op with its own backward, so torch.compile
@@ -101,16 +102,20 @@ if AVAILABLE:
         return i, at, tl.load(x_ptr + _at(rows, i, d, sbx), mask=at, other=0.0)
 
     @triton.jit
+    def _mma(acc, a, b, IEEE: tl.constexpr):  # type: ignore[no-untyped-def]
+        """acc + a @ b on the tensor cores (full fp32 products where IEEE)."""
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+        return acc
+
+    @triton.jit
     def _block_dot(acc, ab, b, w_ptr, w_rows, oo, IEEE: tl.constexpr, BN: tl.constexpr,  # type: ignore[no-untyped-def]
                    K: tl.constexpr, OUTP: tl.constexpr):
         """acc + (ab (x) b) @ W[w_rows, :]: a block's outer products [BN, K] against their rows of the weight."""
         z = tl.reshape(ab[:, :, None] * b[:, None, :], (BN, K))
-        w = tl.load(w_ptr + w_rows[:, None] * OUTP + oo[None, :])
-        if IEEE:
-            acc += tl.dot(z, w, input_precision="ieee")
-        else:
-            acc += tl.dot(z, w)
-        return acc
+        return _mma(acc, z, tl.load(w_ptr + w_rows[:, None] * OUTP + oo[None, :]), IEEE)
 
     @triton.jit
     def _products(a_ptr, b_ptr, w_ptr, out_ptr, n, a_cols, b_cols, out_cols, d,  # type: ignore[no-untyped-def]
@@ -141,27 +146,34 @@ if AVAILABLE:
 
     @triton.jit
     def _backward_weight(dout_ptr, x_ptr, x0_ptr, part_ptr, n, hp, m, h, d, sbx, sb0,  # type: ignore[no-untyped-def]
-                         n_blocks, split, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr,
-                         HP2: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr):
+                         n_blocks, split, IEEE: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr,
+                         IB: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr):
         # part[sp, (i, h), j] = sum over this program's rows of (X[n, i] * dOut[n, h]) X0[n, j], for a block of IB
-        # i's: with x0 as the product's other side, a block covers IB * HP2 (i, h) pairs against all MP j's
+        # i's: with x0 as the product's other side, a block covers IB * HP2 (i, h) pairs against x0's columns, a
+        # block of BP and a tail of TAIL (0 or at least 16) after it, each its own product
         ib = tl.program_id(0)
         sp = tl.program_id(1)
         kk = tl.arange(0, IB * HP2)
-        jj = tl.arange(0, MP)
+        jj = tl.arange(0, BP)
         hh = tl.arange(0, HP2)
-        acc = tl.zeros((IB * HP2, MP), tl.float32)
+        at = part_ptr + sp * KP * (BP + TAIL) + (ib * IB * HP2 + kk)[:, None] * (BP + TAIL)
+        acc = tl.zeros((IB * HP2, BP), tl.float32)
+        if TAIL > 0:
+            tt = BP + tl.arange(0, TAIL)
+            acc2 = tl.zeros((IB * HP2, TAIL), tl.float32)
         for nb in range(sp, n_blocks, split):
-            rows, live, x0 = _x0_tile(x0_ptr, nb * BN, n, m, d, sb0, BN, MP)
+            rows, live, x0 = _x0_tile(x0_ptr, nb * BN, n, m, d, sb0, BN, BP)
             d_out = tl.load(dout_ptr + _at(rows, hh, d, h * d), mask=live[:, None] & (hh < h)[None, :],
                             other=0.0)
             xb = _x_block(x_ptr, rows, live, hp, ib, d, sbx, IB)[2]
-            z = tl.reshape(xb[:, :, None] * d_out[:, None, :], (BN, IB * HP2))
-            if IEEE:
-                acc += tl.dot(tl.trans(z), x0, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(z), x0)
-        tl.store(part_ptr + sp * KP * MP + (ib * IB * HP2 + kk)[:, None] * MP + jj[None, :], acc)
+            z = tl.trans(tl.reshape(xb[:, :, None] * d_out[:, None, :], (BN, IB * HP2)))
+            acc = _mma(acc, z, x0, IEEE)
+            if TAIL > 0:
+                x0b = tl.load(x0_ptr + _at(rows, tt, d, sb0), mask=live[:, None] & (tt < m)[None, :], other=0.0)
+                acc2 = _mma(acc2, z, x0b, IEEE)
+        tl.store(at + jj[None, :], acc)
+        if TAIL > 0:
+            tl.store(at + tt[None, :], acc2)
 
 
 def _rows(dtype: torch.dtype) -> int:
@@ -222,8 +234,10 @@ def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
     ib_h = max(1, 256 // hp2)
     hp_h = -(-hp // ib_h) * ib_h
     split = max(1, min(n_blocks, SPLIT_PROGRAMS // (hp_h // ib_h)))
-    mp2 = _p2(m)  # x0's columns as one power-of-two tile: the backward's products take no tail
-    part = torch.zeros((split, hp_h * hp2, mp2), dtype=torch.float32, device=x.device)
+    mp2 = _p2(m)  # dX0's output as one power-of-two tile
+    bp, tail = split_fields(m)
+    tail_w = max(tail, 16) if tail else 0  # the weight gradient's x0 columns: block and tail, a product's side >= 16
+    part = torch.zeros((split, hp_h * hp2, bp + tail_w), dtype=torch.float32, device=x.device)
     if n:
         # dX0 = (X (x) dOut) @ W[(i, h), j] and dX = (X0 (x) dOut) @ W[(j, h), i]: the forward's product with
         # the roles turned, each weight laid out (and padded) for it
@@ -236,9 +250,10 @@ def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
         _products[(n_blocks,)](x0, d_out, w_dx, dx, n, m, h, hp, d, x0.stride(0), h * d, hp * d, m_blocks,
                                IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=outp, BN=bn)
         _backward_weight[(hp_h // ib_h, split)](d_out, x, x0, part, n, hp, m, h, d, x.stride(0), x0.stride(0),
-                                                n_blocks, split, IEEE=ieee, MP=mp2, IB=ib_h, HP2=hp2, BN=bn,
+                                                n_blocks, split, IEEE=ieee, BP=bp, TAIL=tail_w, IB=ib_h, HP2=hp2,
+                                                BN=bn,
                                                 KP=hp_h * hp2, num_warps=8)  # a 256 x MP fp32 accumulator
-    dw = part.sum(0).view(hp_h, hp2, mp2).transpose(1, 2)[:hp, :m]  # [(i, h), j] -> [i, j, h]
+    dw = part.sum(0).view(hp_h, hp2, bp + tail_w).transpose(1, 2)[:hp, :m]  # [(i, h), j] -> [i, j, h]
     return dx, dx0, F.pad(dw, (0, 0, 0, mp - m, 0, hp_pad - hp)).contiguous()
 
 
