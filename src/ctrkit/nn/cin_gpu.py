@@ -20,8 +20,8 @@ comes back in the layout the embedding's backward pass reads.
 * weight gradient: dW[(i, h), j] = sum_n (X[n, i] * dOut[n, h]) X0[n, j], split over row ranges and summed
   after: with the (i, h) pairs on one side, a block of programs covers as many i's against x0's MP columns as the
   forward's blocks of (i, j) pairs do against H outputs, so each row's x0 and dOut tiles are read by half as many
-  programs at xDeepFM's 39 fields and 32 maps. x0's columns are the forward's block and a tail of at least 16
-  (32 + 16 at 39 fields, not 64).
+  programs at xDeepFM's 39 fields and 32 maps. Here and in dX0's output, x0's columns are the forward's block
+  and a tail of at least 16 (32 + 16 at 39 fields, not 64).
 
 ``Wp`` is the weight laid out [Hp (padded to the block), m (padded to BP + TAIL, :func:`split_fields`),
 H (padded)], zeros in the padding. The op is a ``torch.library`` custom op with its own backward, so torch.compile
@@ -111,38 +111,50 @@ if AVAILABLE:
         return acc
 
     @triton.jit
-    def _block_dot(acc, ab, b, w_ptr, w_rows, oo, IEEE: tl.constexpr, BN: tl.constexpr,  # type: ignore[no-untyped-def]
-                   K: tl.constexpr, OUTP: tl.constexpr):
-        """acc + (ab (x) b) @ W[w_rows, :]: a block's outer products [BN, K] against their rows of the weight."""
-        z = tl.reshape(ab[:, :, None] * b[:, None, :], (BN, K))
-        return _mma(acc, z, tl.load(w_ptr + w_rows[:, None] * OUTP + oo[None, :]), IEEE)
+    def _block_dot(acc, acc2, z, w_ptr, w_rows, oo, o2, ws, IEEE: tl.constexpr,  # type: ignore[no-untyped-def]
+                   OUT_TAIL: tl.constexpr):
+        """(acc + z @ W[w_rows, oo], acc2 + z @ W[w_rows, o2] if OUT_TAIL): a block's outer products z against
+        their rows of the weight (row stride ws), the output's columns as a block and a tail."""
+        acc = _mma(acc, z, tl.load(w_ptr + w_rows[:, None] * ws + oo[None, :]), IEEE)
+        if OUT_TAIL > 0:
+            acc2 = _mma(acc2, z, tl.load(w_ptr + w_rows[:, None] * ws + o2[None, :]), IEEE)
+        return acc, acc2
 
     @triton.jit
     def _products(a_ptr, b_ptr, w_ptr, out_ptr, n, a_cols, b_cols, out_cols, d,  # type: ignore[no-untyped-def]
                   sa, sb, so, n_blocks, IEEE: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr,
-                  IB: tl.constexpr, OUTP: tl.constexpr, BN: tl.constexpr):
+                  IB: tl.constexpr, OUTP: tl.constexpr, OUT_TAIL: tl.constexpr, BN: tl.constexpr):
         """out[n, :] = sum over blocks of IB of a's columns: (A[n, a] * B[n, b])_{(a, b)} @ W[(a, b), :], the outer
         product formed in registers; A, B and out in the [B, columns, d] layout with batch strides sa, sb, so.
         B's columns are a block of BP and, if TAIL > 0, a tail of TAIL after it, each its own product; W's rows
-        are (a, b) with b over BP + TAIL."""
+        are (a, b) with b over BP + TAIL. The output's columns are a block of OUTP and, if OUT_TAIL > 0 (then at
+        least 16), a tail of OUT_TAIL, each its own product; W's rows are OUTP + OUT_TAIL wide."""
         rows, live, b = _x0_tile(b_ptr, tl.program_id(0) * BN, n, b_cols, d, sb, BN, BP)
         kk = tl.arange(0, IB * BP)
         w_rows = (kk // BP) * (BP + TAIL) + kk % BP
         oo = tl.arange(0, OUTP)
+        o2 = OUTP + tl.arange(0, OUT_TAIL + 16 * (OUT_TAIL == 0))  # the output's tail (16 unused columns if none)
         if TAIL > 0:
             tt = BP + tl.arange(0, TAIL)
             b2 = tl.load(b_ptr + _at(rows, tt, d, sb), mask=live[:, None] & (tt < b_cols)[None, :], other=0.0)
             k2 = tl.arange(0, IB * TAIL)
             w2_rows = (k2 // TAIL) * (BP + TAIL) + BP + k2 % TAIL
         acc = tl.zeros((BN, OUTP), tl.float32)
+        acc2 = tl.zeros((BN, OUT_TAIL + 16 * (OUT_TAIL == 0)), tl.float32)
+        ws = OUTP + OUT_TAIL
         for ib in range(n_blocks):
             ab = _x_block(a_ptr, rows, live, a_cols, ib, d, sa, IB)[2]
             base = ib * IB * (BP + TAIL)
-            acc = _block_dot(acc, ab, b, w_ptr, base + w_rows, oo, IEEE, BN, IB * BP, OUTP)
+            z = tl.reshape(ab[:, :, None] * b[:, None, :], (BN, IB * BP))
+            acc, acc2 = _block_dot(acc, acc2, z, w_ptr, base + w_rows, oo, o2, ws, IEEE, OUT_TAIL)
             if TAIL > 0:
-                acc = _block_dot(acc, ab, b2, w_ptr, base + w2_rows, oo, IEEE, BN, IB * TAIL, OUTP)
+                z2 = tl.reshape(ab[:, :, None] * b2[:, None, :], (BN, IB * TAIL))
+                acc, acc2 = _block_dot(acc, acc2, z2, w_ptr, base + w2_rows, oo, o2, ws, IEEE, OUT_TAIL)
         tl.store(out_ptr + _at(rows, oo, d, so), acc.to(out_ptr.dtype.element_ty),
                  mask=live[:, None] & (oo < out_cols)[None, :])
+        if OUT_TAIL > 0:
+            tl.store(out_ptr + _at(rows, o2, d, so), acc2.to(out_ptr.dtype.element_ty),
+                     mask=live[:, None] & (o2 < out_cols)[None, :])
 
     @triton.jit
     def _backward_weight(dout_ptr, x_ptr, x0_ptr, part_ptr, n, hp, m, h, d, sbx, sb0,  # type: ignore[no-untyped-def]
@@ -210,7 +222,7 @@ def cin_layer(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> to
         bn = _rows(x.dtype)
         _products[(triton.cdiv(n, bn),)](x, x0, wp, out, n, hp, m, h, d, x.stride(0), x0.stride(0), h * d,
                                          hp_pad // ib, IEEE=x.dtype == torch.float32, BP=mp - tail, TAIL=tail, IB=ib,
-                                         OUTP=wp.shape[2], BN=bn)
+                                         OUTP=wp.shape[2], OUT_TAIL=0, BN=bn)
     return out
 
 
@@ -234,21 +246,20 @@ def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
     ib_h = max(1, 256 // hp2)
     hp_h = -(-hp // ib_h) * ib_h
     split = max(1, min(n_blocks, SPLIT_PROGRAMS // (hp_h // ib_h)))
-    mp2 = _p2(m)  # dX0's output as one power-of-two tile
     bp, tail = split_fields(m)
-    tail_w = max(tail, 16) if tail else 0  # the weight gradient's x0 columns: block and tail, a product's side >= 16
+    tail_w = max(tail, 16) if tail else 0  # x0's columns as a block and a tail where a product's side: at least 16
     part = torch.zeros((split, hp_h * hp2, bp + tail_w), dtype=torch.float32, device=x.device)
     if n:
         # dX0 = (X (x) dOut) @ W[(i, h), j] and dX = (X0 (x) dOut) @ W[(j, h), i]: the forward's product with
         # the roles turned, each weight laid out (and padded) for it
         outp, m_blocks = _p2(hp), -(-m // ib_h)
         w = wp[:hp, :m]
-        w_dx0 = F.pad(w.transpose(1, 2), (0, mp2 - m, 0, 0, 0, hp_h - hp)).contiguous()
+        w_dx0 = F.pad(w.transpose(1, 2), (0, bp + tail_w - m, 0, 0, 0, hp_h - hp)).contiguous()
         w_dx = F.pad(w.permute(1, 2, 0), (0, outp - hp, 0, 0, 0, m_blocks * ib_h - m)).contiguous()
         _products[(n_blocks,)](x, d_out, w_dx0, dx0, n, hp, h, m, d, x.stride(0), h * d, m * d, hp_h // ib_h,
-                               IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=mp2, BN=bn)
+                               IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=bp, OUT_TAIL=tail_w, BN=bn)
         _products[(n_blocks,)](x0, d_out, w_dx, dx, n, m, h, hp, d, x0.stride(0), h * d, hp * d, m_blocks,
-                               IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=outp, BN=bn)
+                               IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=outp, OUT_TAIL=0, BN=bn)
         _backward_weight[(hp_h // ib_h, split)](d_out, x, x0, part, n, hp, m, h, d, x.stride(0), x0.stride(0),
                                                 n_blocks, split, IEEE=ieee, BP=bp, TAIL=tail_w, IB=ib_h, HP2=hp2,
                                                 BN=bn,
