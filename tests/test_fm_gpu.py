@@ -37,17 +37,22 @@ def pair_loop(emb: torch.Tensor) -> torch.Tensor:
 
 @settings(max_examples=15, deadline=None)
 @given(rows=st.integers(1, 40), fields=st.integers(1, 9), dim=st.integers(1, 7), extra=st.booleans(),
-       copy=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_fm_terms_equal_the_pair_loop_with_gradients(rows: int, fields: int, dim: int, extra: bool, copy: bool,
-                                                     seed: int) -> None:
-    """Values against the literal loop over field pairs (the extra fields given by their sums count as fields);
-    every gradient against the torch path's (float32)."""
+       strided=st.booleans(), copy=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fm_terms_equal_the_pair_loop_with_gradients(rows: int, fields: int, dim: int, extra: bool, strided: bool,
+                                                     copy: bool, seed: int) -> None:
+    """Values against the literal loop over field pairs (the extra fields given by their sums, contiguous or as
+    ``strided`` views of one wider tensor, count as fields); every gradient against the torch path's (float32)."""
     gen = torch.Generator().manual_seed(seed)
     emb = torch.randn(rows, fields, dim, generator=gen)
     more = torch.randn(rows, 2, dim, generator=gen)
     sums = (more.sum(1), more.pow(2).sum((1, 2))) if extra else (None, None)
     x = emb.to(DEVICE).requires_grad_()
-    ext = [None if t is None else t.to(DEVICE).requires_grad_() for t in sums]
+    if extra and strided:  # as numeric_sums gives them: columns of one [B, dim + 3] product
+        wide = torch.cat([sums[0], sums[1][:, None], torch.zeros(rows, 2)], dim=1).to(DEVICE)
+        ext = [wide[:, :dim].detach().requires_grad_(), wide[:, dim].detach().requires_grad_()]
+        assert ext[0].stride(0) == ext[1].stride(0) == dim + 3
+    else:
+        ext = [None if t is None else t.to(DEVICE).requires_grad_() for t in sums]
     pair, sq, s, vectors = fm_gpu.fm_terms(x, ext[0], ext[1], torch.float32 if copy else None)
     whole = torch.cat([emb, more], 1) if extra else emb
     torch.testing.assert_close(pair.cpu().double(), pair_loop(whole), rtol=1e-5, atol=1e-4)

@@ -342,3 +342,18 @@ def test_fat_attention_in_float32_is_the_float64_block() -> None:
     for u, w in zip(torch.autograd.grad(got, [x, *layer.parameters()], g.float()),
                     torch.autograd.grad(want, [x64, *layer64.parameters()], g), strict=True):
         torch.testing.assert_close(u.double(), w, rtol=1e-4, atol=1e-5 * (1 + float(w.abs().max())))
+
+
+@pytest.mark.parametrize(("m", "want"), [(39, (32, 8)), (5, (16, 0)), (16, (16, 0)), (17, (16, 1)), (48, (32, 16)),
+                                         (63, (32, 32)), (64, (64, 0)), (33, (32, 2)), (100, (64, 64))])
+def test_cin_fields_split_into_a_power_of_two_block_and_a_tail(m: int, want: tuple[int, int]) -> None:
+    """The fused CIN's forward multiplies x0's columns as a block and a tail, each a power of two: the block at
+    least 16 wide, the tail's product (the tail times the i's of a block) at least 16 deep, together no wider
+    than one power of two would be."""
+    from ctrkit.nn.cin_gpu import layout, split_fields
+
+    bp, tail = split_fields(m)
+    assert (bp, tail) == want
+    mp, ib, _, _ = layout(m, 7, 10)
+    assert mp == bp + tail >= m and ib * bp <= 256 and (tail == 0 or ib * tail >= 16)
+

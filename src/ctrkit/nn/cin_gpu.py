@@ -4,20 +4,28 @@ A CIN layer maps X^{k-1} [B, Hp, D] and X^0 [B, m, D] to X^k_h = sum_{i,j} W_{h,
 a 1x1 convolution it materialises the outer product [B, Hp * m, D]: 3.2 GB in bf16 for a batch of 65,536 Criteo
 rows (39 fields, 16 dims), written and read in the forward pass and again in the backward pass, which makes the
 layer memory-bound at a few percent of the GPU's matrix rate. Here, with every (row, embedding dim) pair as one
-row n = b * D + e of X [N = B * D, Hp] and X0 [N, m], three Triton kernels form the outer product block by block
-in registers and feed it straight to the tensor cores. The tensors stay in the embeddings' [B, fields, D] layout
+row n = b * D + e of X [N = B * D, Hp] and X0 [N, m], Triton kernels form the outer products block by block in
+registers and feed them straight to the tensor cores: one product kernel for the output and both input
+gradients, one for the weight gradient. The tensors stay in the embeddings' [B, fields, D] layout
 (row n's column c at b * stride + c * D + e): nothing is transposed around the layer, and the gradient of x0
 comes back in the layout the embedding's backward pass reads.
 
-* forward: out[n, :] = sum over blocks of i: (X[n, i] * X0[n, j])_{(i, j)} @ Wp[(i, j), :];
-* input gradients: G_i = dOut @ Wp[i]^T for one i at a time, then dX[n, i] = sum_j G_i[n, j] X0[n, j] and
-  dX0[n, j] = sum_i G_i[n, j] X[n, i], each in the product's own layout (a block of four i's reshaped out of
-  one product took 1.72 ms of xDeepFM's step at 65,536 rows on an H100, one i at a time 1.25 ms);
-* weight gradient: dWp = sum_n (X[n, i] * X0[n, j])^T dOut[n, :], split over row ranges and summed after.
+* forward: out[n, :] = sum over blocks of i: (X[n, i] * X0[n, j])_{(i, j)} @ Wp[(i, j), :], x0's columns as a
+  power-of-two block and a tail, two products (:func:`split_fields`);
+* input gradients: the same product with the roles turned, dX0[n, :] = (X[n, i] * dOut[n, h])_{(i, h)} @
+  W[(i, h), :] and dX[n, :] = (X0[n, j] * dOut[n, h])_{(j, h)} @ W[(j, h), :], with Wp laid out for each. The
+  sums over h and over the other side's columns both run on the tensor cores. (Computing G_i = dOut @ Wp[i]^T
+  one i at a time and reducing G_i * X0 and G_i * X[:, i] outside the tensor cores took 1.27 ms of a
+  65,536-row xDeepFM step on an H200.)
+* weight gradient: dW[(i, h), j] = sum_n (X[n, i] * dOut[n, h]) X0[n, j], split over row ranges and summed
+  after: with the (i, h) pairs on one side, a block of programs covers as many i's against x0's MP columns as the
+  forward's blocks of (i, j) pairs do against H outputs, so each row's x0 and dOut tiles are read by half as many
+  programs at xDeepFM's 39 fields and 32 maps. Here and in dX0's output, x0's columns are the forward's block
+  and a tail of at least 16 (32 + 16 at 39 fields, not 64).
 
-``Wp`` is the weight laid out [Hp (padded to the block), m (padded to a power of two), H (padded)], zeros in the
-padding. The op is a ``torch.library`` custom op with its own backward, so torch.compile and CUDA graphs treat it
-as one opaque call.
+``Wp`` is the weight laid out [Hp (padded to the block), m (padded to BP + TAIL, :func:`split_fields`),
+H (padded)], zeros in the padding. The op is a ``torch.library`` custom op with its own backward, so torch.compile
+and CUDA graphs treat it as one opaque call.
 """
 
 from __future__ import annotations
@@ -42,12 +50,24 @@ def _p2(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
+def split_fields(m: int) -> tuple[int, int]:
+    """(BP, TAIL): x0's m columns as a power-of-two block BP (at least 16) and a power-of-two tail for the rest (0
+    if none), each its own tensor-core product in the forward pass. Padding m to one power of two wastes the
+    rest: at 39 fields, 64 columns where 32 + 8 = 40 do (the products' k side padded 37.5% less)."""
+    bp = max(16, 1 << (max(m, 1).bit_length() - 1))
+    rest = m - bp
+    if rest <= 0:
+        return bp, 0
+    ib = max(1, 256 // bp)
+    return bp, max(1 << (rest - 1).bit_length(), -(-16 // ib))  # the tail's product is at least 16 deep
+
+
 def layout(m: int, hp: int, h: int) -> tuple[int, int, int, int]:
-    """(MP, IB, Hp padded, HP2): the padded field count, the i's per block, Hp rounded up to a whole block, and
-    the padded output width."""
-    mp = _p2(m)
-    ib = max(1, 256 // mp)
-    return mp, ib, -(-hp // ib) * ib, _p2(h)
+    """(MP, IB, Hp padded, HP2): the padded field count (BP + TAIL of :func:`split_fields`), the i's per block,
+    Hp rounded up to a whole block, and the padded output width."""
+    bp, tail = split_fields(m)
+    ib = max(1, 256 // bp)
+    return bp + tail, ib, -(-hp // ib) * ib, _p2(h)
 
 
 def pad_weight(weight: torch.Tensor, hp: int, m: int, dtype: torch.dtype) -> torch.Tensor:
@@ -82,68 +102,90 @@ if AVAILABLE:
         return i, at, tl.load(x_ptr + _at(rows, i, d, sbx), mask=at, other=0.0)
 
     @triton.jit
-    def _forward(x_ptr, x0_ptr, w_ptr, out_ptr, n, hp, m, h, d, sbx, sb0, n_ib,  # type: ignore[no-untyped-def]
-                 IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr):
-        rows, live, x0 = _x0_tile(x0_ptr, tl.program_id(0) * BN, n, m, d, sb0, BN, MP)
-        kk = tl.arange(0, IB * MP)
-        hh = tl.arange(0, HP2)
-        acc = tl.zeros((BN, HP2), tl.float32)
-        for ib in range(n_ib):
-            xb = _x_block(x_ptr, rows, live, hp, ib, d, sbx, IB)[2]
-            z = tl.reshape(xb[:, :, None] * x0[:, None, :], (BN, IB * MP))
-            w = tl.load(w_ptr + (ib * IB * MP + kk)[:, None] * HP2 + hh[None, :])
-            if IEEE:
-                acc += tl.dot(z, w, input_precision="ieee")
-            else:
-                acc += tl.dot(z, w)
-        tl.store(out_ptr + _at(rows, hh, d, h * d), acc.to(out_ptr.dtype.element_ty),
-                 mask=live[:, None] & (hh < h)[None, :])
+    def _mma(acc, a, b, IEEE: tl.constexpr):  # type: ignore[no-untyped-def]
+        """acc + a @ b on the tensor cores (full fp32 products where IEEE)."""
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+        return acc
 
     @triton.jit
-    def _backward_inputs(dout_ptr, x_ptr, x0_ptr, w_ptr, dx_ptr, dx0_ptr, n, hp, m, h, d,  # type: ignore[no-untyped-def]
-                         sbx, sb0, IEEE: tl.constexpr, MP: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr):
-        """One x column i at a time: G_i = dOut @ Wp[i]^T [BN, MP] straight from the tensor cores, then
-        dX[:, i] = sum_j G_i * X0 and dX0 += G_i * X[:, i], each in the layout the product left G_i in."""
-        rows, live, x0 = _x0_tile(x0_ptr, tl.program_id(0) * BN, n, m, d, sb0, BN, MP)
-        x0 = x0.to(tl.float32)
-        j = tl.arange(0, MP)
-        hh = tl.arange(0, HP2)
-        d_out = tl.load(dout_ptr + _at(rows, hh, d, h * d), mask=live[:, None] & (hh < h)[None, :], other=0.0)
-        at_x = (rows // d).to(tl.int64) * sbx + rows % d  # column 0 of x (and of dx, with its own batch stride)
-        at_dx = (rows // d).to(tl.int64) * (hp * d) + rows % d
-        acc0 = tl.zeros((BN, MP), tl.float32)
-        for i in range(hp):
-            w_t = tl.load(w_ptr + (i * MP + j)[None, :] * HP2 + hh[:, None])
-            if IEEE:
-                g = tl.dot(d_out, w_t, input_precision="ieee")
-            else:
-                g = tl.dot(d_out, w_t)
-            tl.store(dx_ptr + at_dx + i * d, tl.sum(g * x0, axis=1).to(dx_ptr.dtype.element_ty), mask=live)
-            xi = tl.load(x_ptr + at_x + i * d, mask=live, other=0.0).to(tl.float32)
-            acc0 += g * xi[:, None]
-        tl.store(dx0_ptr + _at(rows, j, d, m * d), acc0.to(dx0_ptr.dtype.element_ty),
-                 mask=live[:, None] & (j < m)[None, :])
+    def _block_dot(acc, acc2, z, w_ptr, w_rows, oo, o2, ws, IEEE: tl.constexpr,  # type: ignore[no-untyped-def]
+                   OUT_TAIL: tl.constexpr):
+        """(acc + z @ W[w_rows, oo], acc2 + z @ W[w_rows, o2] if OUT_TAIL): a block's outer products z against
+        their rows of the weight (row stride ws), the output's columns as a block and a tail."""
+        acc = _mma(acc, z, tl.load(w_ptr + w_rows[:, None] * ws + oo[None, :]), IEEE)
+        if OUT_TAIL > 0:
+            acc2 = _mma(acc2, z, tl.load(w_ptr + w_rows[:, None] * ws + o2[None, :]), IEEE)
+        return acc, acc2
+
+    @triton.jit
+    def _products(a_ptr, b_ptr, w_ptr, out_ptr, n, a_cols, b_cols, out_cols, d,  # type: ignore[no-untyped-def]
+                  sa, sb, so, n_blocks, IEEE: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr,
+                  IB: tl.constexpr, OUTP: tl.constexpr, OUT_TAIL: tl.constexpr, BN: tl.constexpr):
+        """out[n, :] = sum over blocks of IB of a's columns: (A[n, a] * B[n, b])_{(a, b)} @ W[(a, b), :], the outer
+        product formed in registers; A, B and out in the [B, columns, d] layout with batch strides sa, sb, so.
+        B's columns are a block of BP and, if TAIL > 0, a tail of TAIL after it, each its own product; W's rows
+        are (a, b) with b over BP + TAIL. The output's columns are a block of OUTP and, if OUT_TAIL > 0 (then at
+        least 16), a tail of OUT_TAIL, each its own product; W's rows are OUTP + OUT_TAIL wide."""
+        rows, live, b = _x0_tile(b_ptr, tl.program_id(0) * BN, n, b_cols, d, sb, BN, BP)
+        kk = tl.arange(0, IB * BP)
+        w_rows = (kk // BP) * (BP + TAIL) + kk % BP
+        oo = tl.arange(0, OUTP)
+        o2 = OUTP + tl.arange(0, OUT_TAIL + 16 * (OUT_TAIL == 0))  # the output's tail (16 unused columns if none)
+        if TAIL > 0:
+            tt = BP + tl.arange(0, TAIL)
+            b2 = tl.load(b_ptr + _at(rows, tt, d, sb), mask=live[:, None] & (tt < b_cols)[None, :], other=0.0)
+            k2 = tl.arange(0, IB * TAIL)
+            w2_rows = (k2 // TAIL) * (BP + TAIL) + BP + k2 % TAIL
+        acc = tl.zeros((BN, OUTP), tl.float32)
+        acc2 = tl.zeros((BN, OUT_TAIL + 16 * (OUT_TAIL == 0)), tl.float32)
+        ws = OUTP + OUT_TAIL
+        for ib in range(n_blocks):
+            ab = _x_block(a_ptr, rows, live, a_cols, ib, d, sa, IB)[2]
+            base = ib * IB * (BP + TAIL)
+            z = tl.reshape(ab[:, :, None] * b[:, None, :], (BN, IB * BP))
+            acc, acc2 = _block_dot(acc, acc2, z, w_ptr, base + w_rows, oo, o2, ws, IEEE, OUT_TAIL)
+            if TAIL > 0:
+                z2 = tl.reshape(ab[:, :, None] * b2[:, None, :], (BN, IB * TAIL))
+                acc, acc2 = _block_dot(acc, acc2, z2, w_ptr, base + w2_rows, oo, o2, ws, IEEE, OUT_TAIL)
+        tl.store(out_ptr + _at(rows, oo, d, so), acc.to(out_ptr.dtype.element_ty),
+                 mask=live[:, None] & (oo < out_cols)[None, :])
+        if OUT_TAIL > 0:
+            tl.store(out_ptr + _at(rows, o2, d, so), acc2.to(out_ptr.dtype.element_ty),
+                     mask=live[:, None] & (o2 < out_cols)[None, :])
 
     @triton.jit
     def _backward_weight(dout_ptr, x_ptr, x0_ptr, part_ptr, n, hp, m, h, d, sbx, sb0,  # type: ignore[no-untyped-def]
-                         n_blocks, split, IEEE: tl.constexpr, MP: tl.constexpr, IB: tl.constexpr,
-                         HP2: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr):
+                         n_blocks, split, IEEE: tl.constexpr, BP: tl.constexpr, TAIL: tl.constexpr,
+                         IB: tl.constexpr, HP2: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr):
+        # part[sp, (i, h), j] = sum over this program's rows of (X[n, i] * dOut[n, h]) X0[n, j], for a block of IB
+        # i's: with x0 as the product's other side, a block covers IB * HP2 (i, h) pairs against x0's columns, a
+        # block of BP and a tail of TAIL (0 or at least 16) after it, each its own product
         ib = tl.program_id(0)
         sp = tl.program_id(1)
-        kk = tl.arange(0, IB * MP)
+        kk = tl.arange(0, IB * HP2)
+        jj = tl.arange(0, BP)
         hh = tl.arange(0, HP2)
-        acc = tl.zeros((IB * MP, HP2), tl.float32)
+        at = part_ptr + sp * KP * (BP + TAIL) + (ib * IB * HP2 + kk)[:, None] * (BP + TAIL)
+        acc = tl.zeros((IB * HP2, BP), tl.float32)
+        if TAIL > 0:
+            tt = BP + tl.arange(0, TAIL)
+            acc2 = tl.zeros((IB * HP2, TAIL), tl.float32)
         for nb in range(sp, n_blocks, split):
-            rows, live, x0 = _x0_tile(x0_ptr, nb * BN, n, m, d, sb0, BN, MP)
+            rows, live, x0 = _x0_tile(x0_ptr, nb * BN, n, m, d, sb0, BN, BP)
             d_out = tl.load(dout_ptr + _at(rows, hh, d, h * d), mask=live[:, None] & (hh < h)[None, :],
                             other=0.0)
             xb = _x_block(x_ptr, rows, live, hp, ib, d, sbx, IB)[2]
-            z = tl.reshape(xb[:, :, None] * x0[:, None, :], (BN, IB * MP))
-            if IEEE:
-                acc += tl.dot(tl.trans(z), d_out, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(z), d_out)
-        tl.store(part_ptr + sp * KP * HP2 + (ib * IB * MP + kk)[:, None] * HP2 + hh[None, :], acc)
+            z = tl.trans(tl.reshape(xb[:, :, None] * d_out[:, None, :], (BN, IB * HP2)))
+            acc = _mma(acc, z, x0, IEEE)
+            if TAIL > 0:
+                x0b = tl.load(x0_ptr + _at(rows, tt, d, sb0), mask=live[:, None] & (tt < m)[None, :], other=0.0)
+                acc2 = _mma(acc2, z, x0b, IEEE)
+        tl.store(at + jj[None, :], acc)
+        if TAIL > 0:
+            tl.store(at + tt[None, :], acc2)
 
 
 def _rows(dtype: torch.dtype) -> int:
@@ -174,12 +216,13 @@ def cin_layer(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> to
     (:func:`pad_weight`) -> [B, h, D], in x's dtype (bf16 products accumulated in fp32; fp32 inputs multiply in
     full fp32). Every tensor keeps the embeddings' [B, fields, D] layout, so nothing is transposed around it."""
     n, hp, m, mp, ib, hp_pad, d = _check(x, x0, wp)
+    tail = split_fields(m)[1]
     out = torch.empty((x.shape[0], h, d), dtype=x.dtype, device=x.device)
     if n:
         bn = _rows(x.dtype)
-        _forward[(triton.cdiv(n, bn),)](x, x0, wp, out, n, hp, m, h, d, x.stride(0), x0.stride(0),
-                                        hp_pad // ib, IEEE=x.dtype == torch.float32, MP=mp, IB=ib,
-                                        HP2=wp.shape[2], BN=bn)
+        _products[(triton.cdiv(n, bn),)](x, x0, wp, out, n, hp, m, h, d, x.stride(0), x0.stride(0), h * d,
+                                         hp_pad // ib, IEEE=x.dtype == torch.float32, BP=mp - tail, TAIL=tail, IB=ib,
+                                         OUTP=wp.shape[2], OUT_TAIL=0, BN=bn)
     return out
 
 
@@ -192,22 +235,37 @@ def _(x: torch.Tensor, x0: torch.Tensor, wp: torch.Tensor, h: int) -> torch.Tens
 def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
                        wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx [B, Hp, D] contiguous, dx0, dwp) of :func:`cin_layer` given the gradient of its output."""
-    n, hp, m, mp, ib, hp_pad, d = _check(x, x0, wp)
+    n, hp, m, mp, _, hp_pad, d = _check(x, x0, wp)
     h, hp2 = d_out.shape[1], wp.shape[2]
     d_out = d_out.to(x.dtype).contiguous()
     dx, dx0 = x.new_empty(x.shape), torch.empty_like(x0)
-    n_ib = hp_pad // ib
     bn = _rows(x.dtype)
     n_blocks = triton.cdiv(n, bn) if n else 0
-    split = max(1, min(n_blocks, SPLIT_PROGRAMS // n_ib))
-    part = torch.zeros((split, hp_pad * mp, hp2), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
+    # every product here pairs a side's columns with dOut's: blocks of ib_h columns, (column, h) pairs
+    ib_h = max(1, 256 // hp2)
+    hp_h = -(-hp // ib_h) * ib_h
+    split = max(1, min(n_blocks, SPLIT_PROGRAMS // (hp_h // ib_h)))
+    bp, tail = split_fields(m)
+    tail_w = max(tail, 16) if tail else 0  # x0's columns as a block and a tail where a product's side: at least 16
+    part = torch.zeros((split, hp_h * hp2, bp + tail_w), dtype=torch.float32, device=x.device)
     if n:
-        _backward_inputs[(n_blocks,)](d_out, x, x0, wp, dx, dx0, n, hp, m, h, d, x.stride(0), x0.stride(0),
-                                      IEEE=ieee, MP=mp, HP2=hp2, BN=bn)
-        _backward_weight[(n_ib, split)](d_out, x, x0, part, n, hp, m, h, d, x.stride(0), x0.stride(0), n_blocks,
-                                        split, IEEE=ieee, MP=mp, IB=ib, HP2=hp2, BN=bn, KP=hp_pad * mp)
-    return dx, dx0, part.sum(0).view(hp_pad, mp, hp2)
+        # dX0 = (X (x) dOut) @ W[(i, h), j] and dX = (X0 (x) dOut) @ W[(j, h), i]: the forward's product with
+        # the roles turned, each weight laid out (and padded) for it
+        outp, m_blocks = _p2(hp), -(-m // ib_h)
+        w = wp[:hp, :m]
+        w_dx0 = F.pad(w.transpose(1, 2), (0, bp + tail_w - m, 0, 0, 0, hp_h - hp)).contiguous()
+        w_dx = F.pad(w.permute(1, 2, 0), (0, outp - hp, 0, 0, 0, m_blocks * ib_h - m)).contiguous()
+        _products[(n_blocks,)](x, d_out, w_dx0, dx0, n, hp, h, m, d, x.stride(0), h * d, m * d, hp_h // ib_h,
+                               IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=bp, OUT_TAIL=tail_w, BN=bn)
+        _products[(n_blocks,)](x0, d_out, w_dx, dx, n, m, h, hp, d, x0.stride(0), h * d, hp * d, m_blocks,
+                               IEEE=ieee, BP=hp2, TAIL=0, IB=ib_h, OUTP=outp, OUT_TAIL=0, BN=bn)
+        _backward_weight[(hp_h // ib_h, split)](d_out, x, x0, part, n, hp, m, h, d, x.stride(0), x0.stride(0),
+                                                n_blocks, split, IEEE=ieee, BP=bp, TAIL=tail_w, IB=ib_h, HP2=hp2,
+                                                BN=bn,
+                                                KP=hp_h * hp2, num_warps=8)  # a 256 x MP fp32 accumulator
+    dw = part.sum(0).view(hp_h, hp2, bp + tail_w).transpose(1, 2)[:hp, :m]  # [(i, h), j] -> [i, j, h]
+    return dx, dx0, F.pad(dw, (0, 0, 0, mp - m, 0, hp_pad - hp)).contiguous()
 
 
 @cin_layer_backward.register_fake

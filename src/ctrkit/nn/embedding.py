@@ -179,15 +179,25 @@ class FeatureEmbedding(nn.Module):
     def numeric_sums(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the numeric fields' vectors [B, dim], sum of their squared norms [B]) in the weights' precision
         (at least float32), without the [B, Fd, dim] vectors: x v_j sums to x @ V (plus the missing vectors m_j
-        where x is missing), and ||x v_j||^2 is x^2 ||v_j||^2."""
+        where x is missing), and ||x v_j||^2 is x^2 ||v_j||^2.
+
+        Both are views of one matrix product, [x, missing, x^2] @ [[V, 0], [M, |m|^2], [0, |v|^2]], its sides
+        padded to multiples of four values (16 bytes, the alignment a GPU's matrix kernels want). As four products
+        of Fd-column operands, a 65,536-row DeepFM step on an H200 ran two unaligned fp32 kernels (``align1``,
+        36 + 20 us) that the step of xDeepFM, which has no numeric sums, does not.
+        """
         dtype = torch.promote_types(self.dense_vec.dtype, torch.float32)
+        fd, dim = self.dense_vec.shape
+        k_pad, n_pad = -(3 * fd) % 4, -(dim + 1) % 4
         with torch.autocast(batch.dense.device.type, enabled=False):
             missing = torch.isnan(batch.dense).to(dtype)
             x = torch.nan_to_num(batch.dense.to(dtype), nan=0.0)
             vec, miss = self.dense_vec.to(dtype), self.dense_missing.to(dtype)
-            total = x @ vec + missing @ miss
-            squares = (x * x) @ vec.pow(2).sum(dim=1) + missing @ miss.pow(2).sum(dim=1)
-        return total, squares
+            inputs = F.pad(torch.cat([x, missing, x * x], dim=1), (0, k_pad))
+            weight = torch.cat([F.pad(vec, (0, 1)), torch.cat([miss, miss.pow(2).sum(1, keepdim=True)], dim=1),
+                                F.pad(vec.pow(2).sum(1, keepdim=True), (dim, 0))])
+            out = inputs @ F.pad(weight, (0, n_pad, 0, k_pad))
+        return out[:, :dim], out[:, dim]
 
     def project_inputs(self, emb: torch.Tensor, batch: Batch, weight: torch.Tensor,
                        numeric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -39,8 +39,8 @@ if AVAILABLE:
 
     @triton.jit
     def _forward(emb_ptr, extra_ptr, extra_sq_ptr, pair_ptr, sq_ptr, s_ptr, copy_ptr,  # type: ignore[no-untyped-def]
-                 n, f_count, d_count, emb_stride, HAS_EXTRA: tl.constexpr, COPY: tl.constexpr,
-                 FP: tl.constexpr, DP: tl.constexpr, BB: tl.constexpr):
+                 n, f_count, d_count, emb_stride, extra_stride, extra_sq_stride, HAS_EXTRA: tl.constexpr,
+                 COPY: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr, BB: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BB + tl.arange(0, BB)
         at, ok = _block(rows, n, f_count, d_count, FP, DP)
         e = tl.load(emb_ptr + rows[:, None, None] * emb_stride + at, mask=ok, other=0.0).to(tl.float32)
@@ -51,8 +51,8 @@ if AVAILABLE:
         sd = rows[:, None] * d_count + d[None, :]
         sd_ok = row_ok[:, None] & (d < d_count)[None, :]
         if HAS_EXTRA:
-            s += tl.load(extra_ptr + sd, mask=sd_ok, other=0.0).to(tl.float32)
-            sq += tl.load(extra_sq_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            s += tl.load(extra_ptr + rows[:, None] * extra_stride + d[None, :], mask=sd_ok, other=0.0).to(tl.float32)
+            sq += tl.load(extra_sq_ptr + rows * extra_sq_stride, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(pair_ptr + rows, 0.5 * (tl.sum(s * s, axis=1) - sq), mask=row_ok)
         tl.store(sq_ptr + rows, sq, mask=row_ok)
         tl.store(s_ptr + sd, s, mask=sd_ok)
@@ -104,9 +104,11 @@ def fm_terms(emb: torch.Tensor, extra: torch.Tensor | None, extra_sq: torch.Tens
     copy = emb.new_empty((n, f, d) if copy_dtype is not None else (0,), dtype=copy_dtype or emb.dtype)
     if n:
         has_extra = extra is not None and extra_sq is not None
-        _forward[(triton.cdiv(n, ROWS),)](emb, extra.contiguous() if has_extra else pair,
-                                          extra_sq.contiguous() if has_extra else pair, pair, sq, s, copy,
-                                          n, f, d, emb.stride(0), HAS_EXTRA=has_extra, COPY=copy_dtype is not None,
+        if has_extra:  # read with their row strides: views of one product (numeric_sums) need no copy
+            extra = extra if extra.stride(1) == 1 else extra.contiguous()
+        ex, ex_sq = (extra, extra_sq) if has_extra else (pair, pair)
+        _forward[(triton.cdiv(n, ROWS),)](emb, ex, ex_sq, pair, sq, s, copy, n, f, d, emb.stride(0), ex.stride(0),
+                                          ex_sq.stride(0), HAS_EXTRA=has_extra, COPY=copy_dtype is not None,
                                           FP=_p2(f), DP=_p2(d), BB=ROWS)
     return pair, sq, s, copy
 
