@@ -21,7 +21,10 @@ comes back in the layout the embedding's backward pass reads.
   after: with the (i, h) pairs on one side, a block of programs covers as many i's against x0's MP columns as the
   forward's blocks of (i, j) pairs do against H outputs, so each row's x0 and dOut tiles are read by half as many
   programs at xDeepFM's 39 fields and 32 maps. Here and in dX0's output, x0's columns are the forward's block
-  and a tail of at least 16 (32 + 16 at 39 fields, not 64).
+  and a tail of at least 16 (32 + 16 at 39 fields, not 64). Fewer reads did not make it faster: on an H100 at
+  65,536 rows it took 0.643 ms a step, the (i, j)-pairs kernel against dOut's columns before it 0.600 ms. The
+  input gradients with the roles turned did gain: with the forward, their products took 1.295 ms a step
+  against 1.776 ms for the kernels before them.
 
 ``Wp`` is the weight laid out [Hp (padded to the block), m (padded to BP + TAIL, :func:`split_fields`),
 H (padded)], zeros in the padding. The op is a ``torch.library`` custom op with its own backward, so torch.compile
