@@ -142,6 +142,23 @@ def test_a_table_used_outside_its_lookups_is_refused() -> None:
         step(batches(1, 16, seed=2)[0])
 
 
+@pytest.mark.parametrize("row_updates", [False, True])
+def test_a_frozen_table_stays_as_it_is_and_the_rest_trains(row_updates: bool) -> None:
+    """A table whose weight does not require a gradient (pretrained, frozen) is looked up, never updated, by either
+    update path; the first-order table beside it still trains."""
+    m = model()
+    m.embedding.table.weight.requires_grad_(False)
+    frozen = m.embedding.table.weight.detach().clone()
+    linear = m.linear.table.weight.detach().clone()
+    step = TrainStep(m, CPU, lr=0.05, row_updates=row_updates)
+    for b in batches(3, 32, seed=4):
+        step(b)
+    step.close()
+    assert torch.equal(m.embedding.table.weight, frozen)
+    assert not torch.equal(m.linear.table.weight, linear)
+    assert m.embedding.table.sparse and not m.embedding.table.weight.requires_grad
+
+
 def test_tables_get_sparse_gradients_back_after_close() -> None:
     m = model()
     step = TrainStep(m, CPU, row_updates=True)

@@ -127,8 +127,9 @@ def large_batch_rule(setting: str, batch_size: int, device: torch.device,
 
 
 def _tables(model: nn.Module) -> list[nn.Embedding]:
-    """Embedding tables the model wants updated row by row (those it built with sparse gradients)."""
-    return [m for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    """Embedding tables the model wants updated row by row: those it built with sparse gradients, unless frozen
+    (``weight.requires_grad`` False: such a table is looked up as it is and never updated)."""
+    return [m for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
 
 
 class TrainStep:
