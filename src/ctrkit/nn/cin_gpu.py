@@ -53,6 +53,11 @@ def _p2(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
+def per_block(width: int) -> int:
+    """How many blocks of ``width`` columns one product takes side by side: 256 columns (at least one block)."""
+    return max(1, 256 // width)
+
+
 def split_fields(m: int) -> tuple[int, int]:
     """(BP, TAIL): x0's m columns as a power-of-two block BP (at least 16) and a power-of-two tail for the rest (0
     if none), each its own tensor-core product in the forward pass. Padding m to one power of two wastes the
@@ -61,15 +66,14 @@ def split_fields(m: int) -> tuple[int, int]:
     rest = m - bp
     if rest <= 0:
         return bp, 0
-    ib = max(1, 256 // bp)
-    return bp, max(1 << (rest - 1).bit_length(), -(-16 // ib))  # the tail's product is at least 16 deep
+    return bp, max(1 << (rest - 1).bit_length(), -(-16 // per_block(bp)))  # the tail's product is at least 16 deep
 
 
 def layout(m: int, hp: int, h: int) -> tuple[int, int, int, int]:
     """(MP, IB, Hp padded, HP2): the padded field count (BP + TAIL of :func:`split_fields`), the i's per block,
     Hp rounded up to a whole block, and the padded output width."""
     bp, tail = split_fields(m)
-    ib = max(1, 256 // bp)
+    ib = per_block(bp)
     return bp + tail, ib, -(-hp // ib) * ib, _p2(h)
 
 
@@ -246,7 +250,7 @@ def cin_layer_backward(d_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
     n_blocks = triton.cdiv(n, bn) if n else 0
     ieee = x.dtype == torch.float32
     # every product here pairs a side's columns with dOut's: blocks of ib_h columns, (column, h) pairs
-    ib_h = max(1, 256 // hp2)
+    ib_h = per_block(hp2)
     hp_h = -(-hp // ib_h) * ib_h
     split = max(1, min(n_blocks, SPLIT_PROGRAMS // (hp_h // ib_h)))
     bp, tail = split_fields(m)
