@@ -178,14 +178,15 @@ def profile_step(name: str, data: dict[str, Any], spec: Any, batch_size: int, re
     """Where an epoch's time goes, for ``name`` at ``batch_size`` with the trainer's settings: the captured
     step replayed alone, an epoch of batches as the trainer feeds them (shuffle, gather, copy-in; the last
     batch, filled or not, timed apart), the finiteness checks the trainer makes every 20 steps, the validation
-    pass (forward and metrics), and the step's GPU kernels by total time (``torch.profiler`` over 10 replays)."""
+    pass (forward, and metrics once warm), the copy of the best epoch's weights, and the step's GPU kernels by
+    total time (``torch.profiler`` over 10 replays)."""
     import torch
 
     from ctrkit.data.dataset import BatchIterator
     from ctrkit.evaluate import fast
     from ctrkit.models import build_model
     from ctrkit.training.step import TrainStep, large_batch_rule
-    from ctrkit.training.trainer import _valid_logits
+    from ctrkit.training.trainer import _snapshot, _valid_logits
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -237,7 +238,9 @@ def profile_step(name: str, data: dict[str, Any], spec: Any, batch_size: int, re
     row["valid_rows"] = len(data["valid"])
     row["valid_forward_ms"] = 1e3 * timed(lambda: _valid_logits(model, step, valid))
     logits = _valid_logits(model, step, valid)
+    fast.evaluate(y, torch.sigmoid(logits.double()))  # one-time costs (52 ms on 200k rows, H100): not timed
     row["valid_metrics_ms"] = 1e3 * timed(lambda: fast.evaluate(y, torch.sigmoid(logits.double())))
+    row["snapshot_ms"] = 1e3 * timed(lambda: _snapshot(model, dev))  # the best epoch's copy of the weights
     row["randperm_ms"] = 1e3 * timed(lambda: torch.randperm(len(data["train"]), device=dev))
     if graph is not None:
         from torch.profiler import ProfilerActivity, profile
