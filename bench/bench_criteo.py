@@ -239,15 +239,41 @@ def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _machine() -> dict[str, Any]:
-    """The machine and the libraries a run's figures depend on (float32 products: oneDNN or BLAS)."""
+def _gemm_gflops(reps: int = 20) -> dict[str, float]:
+    """GFLOP/s of one 4096 x 400 x 400 product of the MLP (the step's commonest), median of ``reps``, in float32
+    (through ctrkit's CPU path: oneDNN or BLAS) and under bf16 autocast. The same code ran at half the rate on
+    this VM on different days; the probe puts each run's samples/s beside the host's rate at the time."""
+    import torch
+
+    from ctrkit.nn.mlp import linear
+
+    layer, x = torch.nn.Linear(400, 400), torch.randn(4096, 400)
+    rates = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        times = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for i in range(reps + 3):
+                t0 = time.perf_counter()
+                linear(x, layer)
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+        rates[name] = 2 * 4096 * 400 * 400 / median(times) / 1e9
+    return rates
+
+
+def _machine(gemm: bool = False) -> dict[str, Any]:
+    """The machine and the libraries a run's figures depend on (float32 products: oneDNN or BLAS); ``gemm``:
+    with the host's product rate now (:func:`_gemm_gflops`)."""
     import polars as pl
 
     from ctrkit.devices import onednn_fp32
 
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "polars": pl.__version__, "cpu_gemm_fp32": "onednn" if onednn_fp32() else "blas",
             "loadavg_1m_start": _loadavg()}
+    if gemm:
+        info["gemm_gflops"] = _gemm_gflops()
+    return info
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -343,7 +369,7 @@ def stage_train(args: argparse.Namespace) -> dict[str, Any]:
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = _files(data)
-    report: dict[str, Any] = {"stage": "train", "data": str(data), "machine": _machine(),
+    report: dict[str, Any] = {"stage": "train", "data": str(data), "machine": _machine(gemm=True),
                               "setup": "DeepFM emb 16, MLP 400-400-400, batch 4096, Adam 1e-3, emb L2 1e-5, "
                                        f"1 epoch on the first {TRAIN_ROWS:,} train rows, test on 200k rows"}
     enc_dir = out / "train_encoded"
@@ -387,6 +413,9 @@ def stage_train(args: argparse.Namespace) -> dict[str, Any]:
     if fx:
         lines.append(f"{'FuxiCTR 2.3.10':22s} {fx['train_samples_per_s']:>10,.0f} {1.0:>9.2f}x {fx['test_auc']:>9.4f} "
                      f"{fx['test_logloss']:>8.4f} {fx['peak_rss_mb']:>8,.0f}")
+    rate = report["machine"]["gemm_gflops"]
+    lines.append(f"host's 4096x400x400 product at the start: {rate['fp32']:.0f} GFLOP/s fp32, "
+                 f"{rate['bf16']:.0f} bf16")
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)
     from provenance import write_record
