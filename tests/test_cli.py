@@ -249,11 +249,35 @@ def test_train_libfm_with_fields_and_no_valid(tmp_path: Path) -> None:
     assert m["train"]["config"]["large_batch"] == "cowclip" and m["train"]["config"]["compile"] == "off"
 
 
-def test_models_command_lists_the_zoo() -> None:
-    res = runner.invoke(app, ["models"])
-    assert res.exit_code == 0
-    for name in ("lr", "fm", "deepfm"):
-        assert name in res.stdout
+def test_models_command_lists_the_zoo_a_line_each_and_a_models_defaults_by_name() -> None:
+    """``ctrkit models``: every model with the first sentence of its shipped settings' comment; ``models NAME``
+    (any case): each default setting; ``--json``: the same defaults for machines; an unknown name: one line."""
+    import ctrkit.models  # noqa: F401
+    from ctrkit.models.base import default_config, model_names, model_summary
+
+    def rows(args: list[str]) -> dict[str, str]:
+        res = runner.invoke(app, args, env={"COLUMNS": "400"})  # wide enough that no cell wraps
+        assert res.exit_code == 0, res.output
+        cells = [line.split("│") for line in res.stdout.splitlines() if line.count("│") == 3]
+        return {c[1].strip(): c[2].strip() for c in cells}
+
+    assert rows(["models"]) == {name: model_summary(name) for name in model_names()}
+    assert model_summary("deepfm") == ("DeepFM: FM and an MLP over one shared table; fm / deep switch a branch off "
+                                       "for ablations.")
+    assert model_summary("lr").startswith("Logistic regression: the first-order term alone")
+
+    deepfm = rows(["models", "DeepFM"])
+    assert deepfm["embed_dim"] == "16" and deepfm["hidden"] == "[400, 400]" and deepfm["optimizer"] == "adam"
+    assert deepfm["emb_l2"].startswith("0.05 on the whole table") and deepfm["fm"] == "true"
+
+    res = runner.invoke(app, ["models", "--json"])
+    doc = json.loads(res.stdout)
+    assert sorted(doc) == model_names()
+    assert doc["din"]["emb_l2"] == default_config("din").emb_l2 == 1e-3 and doc["din"]["hidden"] == [200, 80]
+    assert json.loads(runner.invoke(app, ["models", "din", "--json"]).stdout) == doc["din"]
+
+    res = runner.invoke(app, ["models", "nope"])
+    assert res.exit_code == 2 and "unknown model 'nope'" in res.output and "deepfm" in res.output
 
 
 def test_measure_is_mounted() -> None:

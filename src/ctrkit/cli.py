@@ -620,16 +620,35 @@ def export_cmd(bundle: Path = typer.Argument(..., help="A bundle folder."),
 
 
 @app.command()
-def models() -> None:
-    """List the available models with their default settings."""
+def models(name: Optional[str] = typer.Argument(None, help="A model: list every setting a run of it uses unless "
+                                                            "told otherwise."),
+           as_json: bool = typer.Option(False, "--json", help="The default settings as JSON: NAME's, or every "
+                                                               "model's by name.")) -> None:
+    """List the model zoo, a line each; NAME lists that model's default settings (--json: for machines)."""
     import ctrkit.models  # noqa: F401
-    from ctrkit.models.base import model_names
+    from ctrkit.models.base import model_class, model_names, model_summary
 
-    table = Table(title="models (settings a run uses unless told otherwise)")
-    table.add_column("name")
-    table.add_column("defaults")
-    for name in model_names():
-        table.add_row(name, json.dumps(resolved_defaults(name)))
+    if name is not None:
+        try:
+            name = model_class(name).name
+        except ValueError as exc:
+            _fail(str(exc))
+    if as_json:
+        doc = resolved_defaults(name) if name else {n: resolved_defaults(n) for n in model_names()}
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+        return
+    if name is None:
+        table = Table(title="models (`ctrkit models NAME`: its default settings)")
+        table.add_column("name", no_wrap=True)
+        table.add_column("model")
+        for n in model_names():
+            table.add_row(n, model_summary(n))
+    else:
+        table = Table(title=model_summary(name))
+        table.add_column("setting", no_wrap=True)
+        table.add_column("default (a run uses it unless told otherwise)")
+        for key, value in resolved_defaults(name).items():
+            table.add_row(key, value if isinstance(value, str) else json.dumps(value))
     Console().print(table)
 
 
