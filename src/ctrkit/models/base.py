@@ -220,14 +220,15 @@ def load_defaults(name: str) -> dict[str, Any] | None:
 def model_summary(name: str) -> str:
     """One sentence on model ``name``: the first of its shipped YAML's leading comment (which says what the
     model is and how it is set up), else the first line of its class docstring."""
-    path = resources.files("ctrkit.models") / "configs" / f"{model_class(name).name}.yaml"
+    cls = model_class(name)
+    path = resources.files("ctrkit.models") / "configs" / f"{cls.name}.yaml"
     comment = []
     if path.is_file():
         for line in path.read_text().splitlines():
             if not line.startswith("#"):
                 break
             comment.append(line.lstrip("#").strip())
-    text = " ".join(comment) or (model_class(name).__doc__ or "").strip().split("\n")[0]
+    text = " ".join(comment) or (cls.__doc__ or "").strip().split("\n")[0]
     end = text.find(". ")
     return text if end < 0 else text[:end + 1]
 
